@@ -1,0 +1,229 @@
+"""diffusion.py: the schedule, v-prediction identities, explicit uniform sampling (§3.3), and the
+samplers against diffusers' CogVideoX schedulers (the oracle) on a fixed v_fn and the same noise."""
+
+import math
+
+import pytest
+import torch
+
+import diffusion as D
+
+REF = {  # DESIGN §3 reference values of ā
+    3.0: {0: 0.997454, 250: 0.389054, 500: 0.0953281, 750: 0.0108389, 999: 0.0},
+    1.0: {0: 0.99915, 250: 0.652457, 500: 0.241019, 750: 0.0327991},
+}
+
+
+@pytest.mark.parametrize("shift", [3.0, 1.0])
+def test_schedule_reference_values(shift):
+    ac = D.alphas_cumprod(snr_shift_scale=shift)
+    assert ac.dtype == torch.float64 and ac.shape == (1000,)
+    for t, ref in REF[shift].items():
+        assert ac[t].item() == pytest.approx(ref, rel=2e-6, abs=1e-7), (shift, t)
+    assert ac[-1].item() == 0.0  # zero terminal SNR, exactly
+    assert torch.all(ac[1:] < ac[:-1])  # monotone: more noise at every step
+
+
+def _diffusers_sched(kind, shift, steps):
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+
+    cls = CogVideoXDDIMScheduler if kind == "ddim" else CogVideoXDPMScheduler
+    s = cls(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+            snr_shift_scale=shift, clip_sample=False, set_alpha_to_one=True, beta_schedule="scaled_linear",
+            beta_start=0.00085, beta_end=0.012)
+    s.set_timesteps(steps)
+    return s
+
+
+@pytest.mark.parametrize("shift", [3.0, 1.0])
+def test_schedule_equals_diffusers(shift):
+    s = _diffusers_sched("ddim", shift, 50)
+    ours = D.alphas_cumprod(snr_shift_scale=shift)
+    assert torch.equal(ours, s.alphas_cumprod.double())
+    assert torch.equal(D.sampling_timesteps(50), s.timesteps)  # 999, 979, …, 19
+    for n in (7, 13, 50, 1000):
+        assert torch.equal(D.sampling_timesteps(n), _diffusers_sched("ddim", shift, n).timesteps), n
+
+
+def test_v_prediction_identities():
+    g = torch.Generator().manual_seed(0)
+    ac = D.alphas_cumprod(snr_shift_scale=3.0)
+    x0 = torch.randn(6, 4, 3, 5, 5, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 1, 250, 500, 998, 999])
+    xt = D.q_sample(x0, t, eps, ac)
+    v = D.v_target(x0, eps, t, ac)
+    torch.testing.assert_close(D.x0_from_v(xt, v, t, ac), x0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(D.eps_from_v(xt, v, t, ac), eps, atol=1e-5, rtol=0)
+    # at t = 999 (ā = 0) x_t is pure noise and v = −x0: nothing to divide by zero
+    torch.testing.assert_close(xt[-1], eps[-1])
+    torch.testing.assert_close(v[-1], -x0[-1])
+    # MSE on v equals the official x0 loss weighted by 1/(1−ā) (for t < 999; there both are ‖x0‖²-like)
+    v_hat = v + 0.1 * torch.randn(v.shape, generator=g)
+    x0_hat = D.x0_from_v(xt, v_hat, t, ac)
+    a = ac[t].float().view(-1, 1, 1, 1, 1)
+    lhs = ((v_hat - v) ** 2).mean(dim=(1, 2, 3, 4))
+    rhs = (((x0_hat - x0) ** 2) / (1 - a)).mean(dim=(1, 2, 3, 4))
+    torch.testing.assert_close(lhs, rhs, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_arguments_raise_clear_errors():
+    ac = D.alphas_cumprod()
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="timesteps must lie"):
+        D.q_sample(x, torch.tensor([0, 1000]), x, ac)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        D.sample(lambda x, t: x, x, ac, sampler="euler")
+    with pytest.raises(ValueError, match="num_steps must be in"):
+        D.sample(lambda x, t: x, x, ac, num_steps=0)
+    with pytest.raises(ValueError, match="rank must be"):
+        D.explicit_uniform_timesteps(2, 3, 2)
+    with pytest.raises(ValueError, match="strata would be empty"):
+        D.explicit_uniform_timesteps(8, 0, 200)
+    with pytest.raises(ValueError, match="snr_shift_scale"):
+        D.alphas_cumprod(snr_shift_scale=0)
+
+
+# ----------------------------------------------------------------------------- §3.3 explicit uniform sampling
+
+
+def test_every_sample_in_its_own_stratum():
+    T = 1000
+    for world in range(1, 17):
+        for batch in range(1, 9):
+            n = world * batch
+            g = torch.Generator().manual_seed(world * 100 + batch)
+            for rank in range(world):
+                t = D.explicit_uniform_timesteps(batch, rank, world, T, generator=g)
+                assert t.shape == (batch,) and t.dtype == torch.long
+                for j, tj in enumerate(t.tolist()):
+                    i = rank * batch + j
+                    assert (i * T) // n <= tj < ((i + 1) * T) // n, (world, batch, rank, j, tj)
+
+
+def test_rank_slices_equal_the_global_draw():
+    # what makes DDP on w ranks == one process on the combined batch (train.py relies on it)
+    for world, batch in [(2, 3), (4, 1), (3, 5)]:
+        full = D.explicit_uniform_timesteps(world * batch, 0, 1, generator=torch.Generator().manual_seed(7))
+        parts = [D.explicit_uniform_timesteps(batch, r, world, generator=torch.Generator().manual_seed(7))
+                 for r in range(world)]
+        assert torch.equal(torch.cat(parts), full)
+
+
+def test_explicit_uniform_steadies_the_per_step_mean():
+    # §3.3's claim: the loss magnitude depends on t, so an uneven draw of t makes the per-step loss jump.
+    # Proxy for the loss magnitude: the official x0-loss weight's scale is set by ā; we measure the
+    # per-step mean of t and of ā over 8 ranks × 1 sample, explicit vs i.i.d.
+    g = torch.Generator().manual_seed(0)
+    ac = D.alphas_cumprod(snr_shift_scale=3.0)
+    steps, world = 2000, 8
+    exp_t = torch.stack([torch.cat([D.explicit_uniform_timesteps(1, r, world, generator=g) for r in range(world)])
+                         for _ in range(steps)])  # (steps, world)
+    iid_t = torch.stack([D.iid_timesteps(world, generator=g) for _ in range(steps)])  # (steps, world)
+    for f in (lambda t: t.double(), lambda t: ac[t]):
+        s_exp = f(exp_t).mean(1).std().item()
+        s_iid = f(iid_t).mean(1).std().item()
+        assert s_exp < 0.25 * s_iid, (s_exp, s_iid)
+    # both are unbiased: the overall mean of t is (T−1)/2
+    assert exp_t.double().mean().item() == pytest.approx(499.5, abs=3)
+
+
+# ----------------------------------------------------------------------------- samplers vs diffusers
+
+
+def _v_fn(x, t):
+    # a fixed, nonlinear, t-dependent stand-in for the model
+    return torch.tanh(0.7 * x + 0.3 * x.roll(1, dims=-1)) * (0.5 + t.float().view(-1, *[1] * (x.dim() - 1)) / 1000)
+
+
+@pytest.mark.parametrize("shift,steps", [(3.0, 50), (1.0, 50), (3.0, 7)])
+def test_ddim_matches_diffusers(shift, steps):
+    ac = D.alphas_cumprod(snr_shift_scale=shift)
+    x_T = torch.randn(2, 4, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    ours = D.sample(_v_fn, x_T.clone(), ac, num_steps=steps, sampler="ddim")
+    s = _diffusers_sched("ddim", shift, steps)
+    x = x_T.clone()
+    for t in s.timesteps:
+        x = s.step(_v_fn(x, t.repeat(x.shape[0])), t, x, return_dict=False)[0]
+    assert torch.isfinite(ours).all()
+    assert (ours - x).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("shift,steps", [(1.0, 50), (3.0, 50), (1.0, 7)])
+def test_dpm_matches_diffusers_with_the_same_noise(shift, steps):
+    ac = D.alphas_cumprod(snr_shift_scale=shift)
+    x_T = torch.randn(2, 4, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    s = _diffusers_sched("dpm", shift, steps)
+    # diffusers' loop (as in CogVideoXPipeline), drawing from a seeded generator
+    g = torch.Generator().manual_seed(123)
+    x, old = x_T.clone(), None
+    for i, t in enumerate(s.timesteps):
+        back = s.timesteps[i - 1] if i > 0 else None
+        x, old = s.step(_v_fn(x, t.repeat(x.shape[0])), old, t, back, x, generator=g, return_dict=False)
+    # replay the scheduler's draw order: one draw per step, two on the second-order steps (i > 0 and a
+    # previous timestep t − 1000//n >= 0; the first draw is discarded). With n = 7 the last t is 142 and
+    # its previous step is t = 0, so even the last step is second order there.
+    g = torch.Generator().manual_seed(123)
+    noise = []
+    for i, t in enumerate(s.timesteps.tolist()):
+        z = torch.randn(x_T.shape, generator=g)
+        if i > 0 and t - 1000 // steps >= 0:
+            z = torch.randn(x_T.shape, generator=g)
+        noise.append(z)
+    ours = D.sample(_v_fn, x_T.clone(), ac, num_steps=steps, sampler="dpm", noise=noise)
+    assert torch.isfinite(ours).all()
+    assert (ours - x).abs().max().item() <= 1e-5
+
+
+def test_samplers_are_finite_for_one_and_two_steps_and_seeded():
+    ac = D.alphas_cumprod()
+    x_T = torch.randn(1, 2, 4)
+    for sampler in D.SAMPLERS:
+        for n in (1, 2):
+            assert torch.isfinite(D.sample(_v_fn, x_T, ac, num_steps=n, sampler=sampler)).all()
+    a = D.sample(_v_fn, x_T, ac, 5, "dpm", generator=torch.Generator().manual_seed(3))
+    b = D.sample(_v_fn, x_T, ac, 5, "dpm", generator=torch.Generator().manual_seed(3))
+    c = D.sample(_v_fn, x_T, ac, 5, "dpm", generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_ddim_recovers_x0_for_the_oracle_v():
+    # if the model knows x0 exactly, v̂(x_t, t) = (√ā x_t − x0)/√(1−ā) and every sampler must land on x0
+    ac = D.alphas_cumprod(snr_shift_scale=3.0)
+    x0 = torch.rand(3, 2, 5) * 2 - 1
+
+    def oracle(x, t):
+        a = ac[t].float().view(-1, 1, 1)
+        return (a.sqrt() * x - x0) / (1 - a).sqrt()
+
+    for sampler in D.SAMPLERS:
+        out = D.sample(oracle, torch.randn(x0.shape), ac, num_steps=10, sampler=sampler, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- guidance and buckets
+
+
+def test_cfg_static_and_dynamic():
+    assert D.cfg_scale(6.0, 999) == 6.0
+    ts = D.sampling_timesteps(50).tolist()
+    w = [D.cfg_scale(6.0, t, 50, dynamic=True) for t in ts]
+    assert all(1.0 - 1e-9 <= x <= 7.0 + 1e-9 for x in w)
+    # the released quirk: w oscillates instead of ramping monotonically
+    diffs = [b - a for a, b in zip(w, w[1:])]
+    assert any(d > 0.1 for d in diffs) and any(d < -0.1 for d in diffs)
+    # the pipeline's own expression at one point (CogVideoXPipeline, use_dynamic_cfg)
+    t = 979
+    assert D.cfg_scale(6.0, t, 50, True) == pytest.approx(1 + 6.0 * (1 - math.cos(math.pi * ((50 - t) / 50) ** 5.0)) / 2)
+    vc, vu = torch.ones(2, 3), torch.zeros(2, 3)
+    v = D.guided(lambda x, t: (vc, vu), 6.0)(torch.zeros(2, 3), torch.tensor([999, 999]))
+    torch.testing.assert_close(v, torch.full((2, 3), 6.0))
+
+
+def test_loss_by_bucket():
+    loss = torch.tensor([1.0, 3.0, 10.0, 0.5])
+    t = torch.tensor([5, 99, 100, 999])
+    out = D.loss_by_bucket(loss, t, num_buckets=10)
+    assert out == {"t000-099": 2.0, "t100-199": 10.0, "t900-999": 0.5}
+    with pytest.raises(ValueError):
+        D.loss_by_bucket(loss, t[:2])
