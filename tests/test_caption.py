@@ -1,0 +1,332 @@
+"""Tests for caption.py (App. B, App. C): frame timestamps, the summary prompt, the JSONL manifest,
+resume, bad videos, missing model folders and the prompt upsampler.
+
+The models are tiny random ones built here and saved to a temp folder (a ViT + GPT-2
+VisionEncoderDecoder and a GPT-2 causal LM, sharing a word-level tokenizer trained on the fly). Random
+weights would emit BOS/UNK forever (empty captions), so each decoder is rigged to always emit one
+chosen word: its final LayerNorm outputs a constant vector equal to that word's (enlarged) embedding,
+and the tied output head then scores that word highest.
+"""
+import json
+import os
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import caption
+from caption import (PRESETS, SUMMARY_PROMPT, UPSAMPLER_PROMPT, BadVideo, FrameCaptioner, caption_videos, clean_caption,
+                     load_llm, read_frames, summary_prompt, upsample_prompt)
+
+WORDS = "<pad> <s> </s> <unk> a red blue green circle square moves left right up down the on of slowly".split()
+FPS = 4
+CFG = PRESETS["tiny"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def write_clip(path, n_frames, fps=FPS, size=32, step=6):
+    """A grey clip whose frame i has value step*i, so the picked frame can be read back from its pixels."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fps, options={"qp": "0"})
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p"
+        for i in range(n_frames):
+            f = av.VideoFrame.from_ndarray(np.full((size, size, 3), step * i, np.uint8), format="rgb24")
+            for pkt in s.encode(f):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    return path
+
+
+def _rig(gpt2, word):
+    """Make a GPT-2 decoder emit `word` at every step (see the module docstring)."""
+    wte, ln = gpt2.transformer.wte.weight, gpt2.transformer.ln_f
+    with torch.no_grad():
+        wte[WORDS.index(word)] *= 5
+        ln.weight.zero_()
+        ln.bias.copy_(wte[WORDS.index(word)])
+    assert gpt2.lm_head.weight.data_ptr() == wte.data_ptr()  # tied head: the rig relies on it
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models as tm, pre_tokenizers
+    from transformers import (GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, ViTConfig, ViTImageProcessor,
+                              VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
+
+    root = tmp_path_factory.mktemp("models")
+    tok = Tokenizer(tm.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()  # joins word tokens with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+
+    enc = ViTConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=37)
+    dec = GPT2Config(vocab_size=len(WORDS), n_positions=64, n_embd=32, n_layer=1, n_head=2, add_cross_attention=True,
+                     is_decoder=True, **ids)
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 1, 0, 2
+    ved = VisionEncoderDecoderModel(cfg)
+    _rig(ved.decoder, "circle")
+    frame_dir = root / "frame"
+    ved.save_pretrained(frame_dir)
+    tokenizer.save_pretrained(frame_dir)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(frame_dir)
+
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(WORDS), n_positions=1024, n_embd=32, n_layer=1, n_head=2, **ids))
+    _rig(lm, "red")
+    llm_dir = root / "llm"
+    lm.save_pretrained(llm_dir)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    tokenizer.save_pretrained(llm_dir)
+    return frame_dir, llm_dir
+
+
+class Spy:
+    """Wraps an LLM and records every (system, user) turn it is asked to continue."""
+
+    def __init__(self, llm):
+        self.llm, self.turns = llm, []
+
+    def generate(self, turns, max_new_tokens=256):
+        self.turns += turns
+        return self.llm.generate(turns, max_new_tokens) if self.llm else ["A red circle moves left."] * len(turns)
+
+
+def grey_captioner(frames):
+    """A stand-in frame captioner whose caption names the frame index encoded in the pixels."""
+    return [f"frame {round(float(f.mean()) / 6)}" for f in frames]
+
+
+# ----------------------------------------------------------------------------- frames every 2 s
+
+
+@pytest.mark.parametrize("n_frames, times", [(40, [0, 2, 4, 6, 8]),  # 10 s clip: 5 frames (App. C)
+                                              (42, [0, 2, 4, 6, 8, 10]),  # 10.5 s: the frame at 10 s exists
+                                              (3, [0])])  # shorter than 2 s: the first frame only
+def test_frames_every_two_seconds(tmp_path, n_frames, times):
+    got_t, frames = read_frames(write_clip(tmp_path / "c.mp4", n_frames), every=2.0)
+    assert got_t == [float(t) for t in times]
+    # the frame on screen at second s is frame s * FPS: its grey value is 6 * s * FPS
+    assert [round(float(f.mean()) / 6) for f in frames] == [t * FPS for t in times]
+    assert all(f.shape == (32, 32, 3) and f.dtype == np.uint8 for f in frames)
+
+
+def test_max_frames_and_bad_videos(tmp_path):
+    assert read_frames(write_clip(tmp_path / "c.mp4", 40), max_frames=2)[0] == [0.0, 2.0]
+    (tmp_path / "bad.mp4").write_bytes(os.urandom(2000))
+    with pytest.raises(BadVideo, match="bad.mp4"):
+        read_frames(tmp_path / "bad.mp4")
+
+
+# ----------------------------------------------------------------------------- prompts and cleaning
+
+
+def test_summary_prompt_has_every_caption_in_order():
+    caps = {4.0: "a dog runs", 0.0: "a dog sits", 2.0: "a dog stands up"}
+    text = summary_prompt(caps)
+    where = [text.index(repr(c)) for c in ["a dog sits", "a dog stands up", "a dog runs"]]
+    assert where == sorted(where)
+    assert "image_captions={0.0: 'a dog sits', 2.0: 'a dog stands up', 4.0: 'a dog runs'}" in text
+    assert "within 100 English words" in text and "Do not use introductory phrases" in text
+    assert "A video captioning model" not in text  # the short-caption line only when there is one
+    assert "'a dog in a park'" in summary_prompt(caps, short_caption="a dog in a park")
+
+
+def test_clean_caption():
+    assert clean_caption("The video shows a red circle\nmoving left.") == "A red circle moving left."
+    assert clean_caption("Throughout the video, a cat naps.") == "A cat naps."
+    assert clean_caption("This video of a cat is fine.") == "This video of a cat is fine."  # no verb: kept
+    long = " ".join(["word"] * 150)
+    assert len(clean_caption(long).split()) == 100
+    sent = "A cat sits. " * 40  # cut at the last whole sentence within 100 words
+    out = clean_caption(sent)
+    assert out.endswith(".") and len(out.split()) <= 100
+
+
+# ----------------------------------------------------------------------------- the pipeline and the manifest
+
+
+def test_pipeline_writes_manifest(tmp_path, models, capsys):
+    frame_dir, llm_dir = models
+    clips = tmp_path / "clips"
+    (clips / "sub").mkdir(parents=True)
+    write_clip(clips / "a.mp4", 40)  # 10 s
+    write_clip(clips / "sub" / "b.mp4", 16)  # 4 s
+    (clips / "broken.mp4").write_bytes(os.urandom(3000))
+    out = clips / "captions.jsonl"
+    stats = caption.main([str(clips), "--frame-model", str(frame_dir), "--summary-model", str(llm_dir),
+                          "--out", str(out), "--preset", "tiny"])
+    assert stats["written"] == 2 and len(stats["failed"]) == 1
+    assert "broken.mp4" in capsys.readouterr().err  # reported, and the run went on
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [e["path"] for e in lines] == ["a.mp4", os.path.join("sub", "b.mp4")]  # relative to the output folder
+    for e in lines:
+        assert (clips / e["path"]).is_file()
+        assert isinstance(e["caption"], str) and e["caption"] and len(e["caption"].split()) <= 100
+        assert set(e) == {"path", "caption", "frame_captions"}
+        assert all(c.startswith("circle") for c in e["frame_captions"].values())  # the rigged VED speaks
+    assert list(lines[0]["frame_captions"]) == ["0.0", "2.0", "4.0", "6.0", "8.0"]
+    assert list(lines[1]["frame_captions"]) == ["0.0", "2.0"]
+    assert lines[0]["caption"].startswith("Red red")  # the rigged LLM's reply, cleaned
+
+
+def test_manifest_readable_by_data(tmp_path):
+    data = pytest.importorskip("data")  # data.py lands separately; checks the shared manifest format
+    write_clip(tmp_path / "a.mp4", 8)
+    out = tmp_path / "m.jsonl"
+    caption_videos([tmp_path / "a.mp4"], out, CFG, grey_captioner, Spy(None), progress=False)
+    (entry,) = data.read_manifest(out)
+    assert os.path.abspath(entry["path"]) == os.path.abspath(tmp_path / "a.mp4")
+    assert entry["caption"] == "A red circle moves left." and entry["frame_captions"] == {"0.0": "frame 0"}
+
+
+def test_summary_prompt_through_pipeline(tmp_path, models):
+    """Every frame caption reaches the summariser, in time order, inside the App. C prompt; batched across videos."""
+    write_clip(tmp_path / "a.mp4", 40)
+    write_clip(tmp_path / "b.mp4", 24)
+    spy = Spy(load_llm(models[1]))
+    stats = caption_videos([tmp_path], tmp_path / "out.jsonl", CFG, grey_captioner, spy, progress=False)
+    assert stats["written"] == 2 and len(spy.turns) == 2
+    for (system, user), n in zip(spy.turns, [5, 3]):
+        assert system == "" and user.startswith(SUMMARY_PROMPT[:60])
+        where = [user.index(f"'frame {4 * k}'") for k in range(0, 2 * n, 2)]  # frame at second s is frame 4s
+        assert where == sorted(where)
+        assert f"'frame {4 * 2 * n}'" not in user  # no frame past the end
+
+
+def test_resume_skips_done_videos(tmp_path):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    write_clip(clips / "a.mp4", 8)
+    out = tmp_path / "out" / "captions.jsonl"  # outside the clips folder: absolute paths
+    seen = []
+
+    def counting(frames):
+        seen.append(len(frames))
+        return grey_captioner(frames)
+
+    assert caption_videos([clips], out, CFG, counting, Spy(None), progress=False)["written"] == 1
+    write_clip(clips / "b.mp4", 8)
+    with open(out, "a") as f:
+        f.write('{"path": "/torn/li')  # a crash mid-append leaves a partial last line
+    seen.clear()
+    stats = caption_videos([clips, clips / "a.mp4"], out, CFG, counting, Spy(None), progress=False)
+    assert stats == {"written": 1, "skipped": 1, "failed": []} and seen == [1]  # only b.mp4 captioned
+    paths = [json.loads(l)["path"] for l in out.read_text().splitlines()]
+    assert paths == [str((clips / "a.mp4").resolve()), str((clips / "b.mp4").resolve())]
+    assert caption_videos([clips], out, CFG, counting, Spy(None), progress=False)["written"] == 0
+
+
+def test_video_captioner_hook_and_short_captions(tmp_path):
+    """An end-to-end captioner replaces both models; a manifest's captions become short captions."""
+    write_clip(tmp_path / "a.mp4", 8)
+    (tmp_path / "old.jsonl").write_text(json.dumps({"path": "a.mp4", "caption": "a grey square"}) + "\n")
+    calls = []
+
+    def e2e(path, times, frames):
+        calls.append((os.path.basename(path), times))
+        return "The video shows a grey screen."
+
+    caption_videos([tmp_path / "old.jsonl"], tmp_path / "new.jsonl", CFG, video_captioner=e2e, progress=False)
+    (entry,) = [json.loads(l) for l in (tmp_path / "new.jsonl").read_text().splitlines()]
+    assert calls == [("a.mp4", [0.0])]
+    assert entry["caption"] == "A grey screen." and entry["short_caption"] == "a grey square"
+    spy = Spy(None)
+    caption_videos([tmp_path / "old.jsonl"], tmp_path / "new2.jsonl", CFG, grey_captioner, spy, progress=False)
+    assert "'a grey square'" in spy.turns[0][1]  # Figure 7: the short caption joins the summary prompt
+
+
+def test_frame_captioner_blip_and_chat_vlm(tmp_path):
+    """The two other processor paths: BLIP (unprompted) and a LLaVA-style chat VLM (prompt via chat template,
+    echoed prompt stripped): one caption per frame, at most max_new_tokens words each."""
+    from tokenizers import Tokenizer, decoders, models as tm, pre_tokenizers
+    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    torch.manual_seed(0)
+    frames = list(np.random.default_rng(0).integers(0, 255, (3, 40, 50, 3), dtype=np.uint8))
+    vocab = "[PAD] [UNK] [CLS] [SEP] [MASK] a red blue circle square moves left".split()
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    blip = tmp_path / "blip"
+    text = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                encoder_hidden_size=32, bos_token_id=2, sep_token_id=3, pad_token_id=0, max_position_embeddings=64)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32,
+                  patch_size=16)
+    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(blip)
+    BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}),
+                  BertTokenizerFast(str(tmp_path / "vocab.txt"))).save_pretrained(blip)
+    caps = FrameCaptioner(blip, max_new_tokens=3)(frames)
+    assert len(caps) == 3 and all(isinstance(c, str) and len(c.split()) <= 3 for c in caps)
+
+    words = WORDS + "<image> user assistant describe this image in detail . :".split()
+    tok = Tokenizer(tm.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+    ft = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                 unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    chat = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+            "{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    llava = tmp_path / "llava"
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                   tokenizer=ft, chat_template=chat, patch_size=16, vision_feature_select_strategy="full",
+                   num_additional_image_tokens=1, image_token="<image>").save_pretrained(llava)
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                     num_attention_heads=2, image_size=32, patch_size=16),
+                      text_config=LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=37,
+                                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                              bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                      image_token_index=words.index("<image>"), vision_feature_select_strategy="full",
+                      vision_feature_layer=-1)
+    LlavaForConditionalGeneration(cfg).save_pretrained(llava)
+    captioner = FrameCaptioner(llava, max_new_tokens=3)
+    assert captioner.processor.chat_template
+    caps = captioner(frames)
+    assert len(caps) == 3 and all(len(c.split()) <= 3 for c in caps)  # the ~10-word prompt is not echoed
+
+
+# ----------------------------------------------------------------------------- local models only
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path, models):
+    with pytest.raises(FileNotFoundError, match="frame captioner model folder .*nope.* never downloads"):
+        FrameCaptioner(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="LLM model folder"):
+        load_llm(tmp_path / "empty_dir_without_config")
+    with pytest.raises(ValueError, match="frame captioner and a summariser"):
+        caption_videos([tmp_path], tmp_path / "o.jsonl", CFG)
+    with pytest.raises(SystemExit):
+        caption.main([str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "--frame-model", str(models[0])])
+
+
+# ----------------------------------------------------------------------------- prompt upsampler (App. B)
+
+
+def test_upsample_prompt(models, capsys):
+    class Fixed:
+        def __init__(self, reply):
+            self.reply, self.turns = reply, []
+
+        def generate(self, turns, max_new_tokens=256):
+            self.turns += turns
+            return [self.reply]
+
+    llm = Fixed('Sure! [ A red circle glides slowly\n to the left across a black floor. ]')
+    assert upsample_prompt("a red circle moves left", llm) == "A red circle glides slowly to the left across a black floor."
+    assert llm.turns == [(UPSAMPLER_PROMPT, "a red circle moves left")]  # App. B system prompt + the user's prompt
+    assert "square brackets" in UPSAMPLER_PROMPT and "single video description" in UPSAMPLER_PROMPT
+    assert upsample_prompt("a cat", Fixed("  ")) == "a cat"  # empty reply: keep the user's prompt
+    real = load_llm(models[1])
+    assert upsample_prompt("a blue square", real, max_new_tokens=4) == "red red red red"
+    text = real._text(UPSAMPLER_PROMPT, "a blue square")  # the tokenizer's chat template is used
+    assert text.startswith("system: You are part of a team") and text.endswith("user: a blue square\nassistant:")
+    caption.main(["--upsample", "a blue square", "--summary-model", str(models[1]), "--preset", "tiny"])
+    assert capsys.readouterr().out.strip() == "red " * 15 + "red"  # the tiny preset's token budget
