@@ -1,0 +1,958 @@
+"""Data for CogVideoX: decoding, Frame Pack batching, progressive stages, filters and the shapes set.
+
+Paper (arXiv 2408.06072):
+  §3     images are 1-frame videos trained together with clips of 4k+1 frames
+  §3.1   Frame Pack: clips of different durations (and images) share one batch of fixed shape,
+         after Patch'n'Pack (NaViT): several samples per token row, attention kept inside a sample
+  §3.2   resolution-progressive training: low res -> high res -> fine-tune on the best 20%
+  §3.4   video filtering with negative labels; we give cheap, explainable scores instead of the
+         paper's Video-LLaMA classifiers, and a hook where a learned classifier plugs in
+  DESIGN §5  the synthetic "shapes" set ("a red circle moves to the left") and its checker
+
+Run:
+  python data.py shapes  --out shapes --n 400              # the toy set the demo trains on
+  python data.py inspect shapes/manifest.jsonl --height 32 --width 32 --frames 9
+  python data.py filter  shapes/manifest.jsonl --out shapes/filtered.jsonl   # + .top20.jsonl, .dropped.tsv
+  (no torchrun entry point: under torchrun train.py builds the samplers with its rank / world size)
+
+How train.py uses it (one process or torchrun; every rank builds the same objects):
+  entries = read_manifest("shapes/manifest.jsonl")
+  ds = VideoDataset(entries, STAGES["shapes"][0])                   # or mode="bucket"
+  sampler = FramePackSampler(ds.shapes, max_tokens=..., rows=..., text_len=..., tf=4, sf=4, p=2,
+                             seed=0, rank=rank, world_size=world)
+  loader = DataLoader(ds, batch_sampler=sampler, collate_fn=sampler.collate, num_workers=0)
+  sampler.set_epoch(epoch); for batch in loader: ...             # batch = THIS rank's slice
+The global batch (all ranks) is built identically everywhere from (seed, epoch) with
+rows * world_size rows, then cut into contiguous per-rank slices; a one-process run with
+rows * world_size rows sees exactly the union of the slices (tested). Each sample carries its `slot`
+in the global batch (0..n_global-1; -1 for a weight-0 filler) and a loss `weight` normalised over
+the global batch, so "2 DDP ranks == 1 process on the combined batch" needs, in train.py:
+  t = explicit_uniform_timesteps(batch["n_global"], 0, 1, generator=g)[batch["slot"].clamp(min=0)]
+      (g seeded per step, the same on every rank: draw for the global batch, slice by slot)
+  noise of sample i: a generator seeded from (seed, step, batch["index"][i]) - independent of the rank
+  loss = world_size * sum_i batch["weight"][i] * mse_i        (DDP averages gradients over ranks)
+
+Shape legend:
+  T frames (4k+1, an image is T = 1), H x W pixels, (3, T, H, W) one video in [-1, 1]
+  T' = (T - 1) // tf + 1 latent frames, h = H // (sf * p), w = W // (sf * p) patches
+  L text tokens, R rows per rank, M = max_tokens per row, S samples in this rank's batch
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+from collections import Counter, deque
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".gif", ".m4v")
+
+
+# ----- config: progressive stages (§3.2) and filter thresholds (§3.4) -----
+
+@dataclass
+class Stage:
+    """One stage of §3.2 progressive training: what shapes the loader produces.
+
+    resolutions: (H, W) buckets; each sample goes to the one nearest its aspect ratio
+    frames:      allowed 4k+1 frame counts for clips (a clip gets the largest that it can fill)
+    fps:         sampling rate in frames per second; None = every decoded frame (native rate)
+    subset:      None, or a fraction: keep only the top fraction by the filters' "quality" score
+                 (§3.2 "high-quality fine-tuning" on the best 20%)
+    """
+    resolutions: list
+    frames: list
+    fps: float = None
+    subset: float = None
+
+
+# Progressive schedules. "shapes" is the CPU demo (tiny VAE spatial factor 4 x patch 2 = 8, so every
+# side is a multiple of 8); "cogvideox" follows the paper's 256 -> 480 -> 768 (then best 20%).
+STAGES = {
+    "shapes": [Stage([(16, 16), (16, 24)], [1, 5, 9]),
+               Stage([(32, 32), (32, 48)], [1, 9, 13, 17])],
+    "cogvideox": [Stage([(256, 384), (256, 256), (384, 256)], [1, 17, 33, 49], fps=8),
+                  Stage([(480, 720), (480, 480), (720, 480)], [1, 17, 33, 49], fps=8),
+                  Stage([(768, 1360), (768, 768), (1360, 768)], [1, 49, 81], fps=8),
+                  Stage([(768, 1360), (768, 768), (1360, 768)], [1, 49, 81], fps=8, subset=0.2)],
+}
+
+
+@dataclass
+class FilterConfig:
+    """Thresholds of the explainable filters; every score is in the manifest so they can be re-tuned."""
+    fps: float = 4.0            # scores are computed on frames sampled at this rate ...
+    size: int = 64              # ... center-cropped to size x size
+    max_frames: int = 65        # ... at most this many (4k+1)
+    min_motion: float = 0.002   # mean |frame difference| in [0, 1] units below this = "no motion" (lecture-like)
+    static_eps: float = 0.0005  # a frame pair closer than this is a near-duplicate
+    max_static: float = 0.5     # more near-duplicate pairs than this fraction = frozen / slideshow
+    max_cut: float = 0.4        # a colour-histogram jump above this = scene cut ("lack of motion connectivity")
+    min_highlight: float = 0.15 # nothing in the frame brighter than this (98th pct of max(R,G,B)) = too dark
+    max_shadow: float = 0.94    # nothing darker than this (2nd pct of luma) = blown out, too bright
+    min_seconds: float = 1.0
+    max_negative: float = 0.5   # a learned classifier's negative-label probability above this drops the clip
+
+
+# ----- manifests -----
+
+def _is_image(path):
+    return str(path).lower().endswith(IMAGE_EXTS)
+
+
+def read_manifest(path):
+    """JSONL manifest or a folder -> list of dicts with an absolute "path", a "caption", extra fields kept.
+
+    JSONL: one {"path": ..., "caption": ...} per line, paths relative to the manifest's folder.
+    Folder: every video/image file, its caption in the same-named .txt beside it (missing -> "")."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        out = []
+        for root, _, files in sorted(os.walk(path)):
+            for name in sorted(files):
+                if name.lower().endswith(IMAGE_EXTS + VIDEO_EXTS):
+                    p = os.path.join(root, name)
+                    txt = os.path.splitext(p)[0] + ".txt"
+                    caption = open(txt, encoding="utf-8").read().strip() if os.path.exists(txt) else ""
+                    out.append({"path": p, "caption": caption})
+        return out
+    if not os.path.exists(path):
+        raise ValueError(f"manifest {path} does not exist; pass a .jsonl file or a folder of videos")
+    base, out = os.path.dirname(path), []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not JSON ({err}); one {{\"path\", \"caption\"}} object per line") from None
+            if not isinstance(e, dict) or "path" not in e:
+                raise ValueError(f"{path}:{n}: needs a \"path\" field")
+            e["path"] = os.path.normpath(os.path.join(base, e["path"]))
+            e.setdefault("caption", "")
+            out.append(e)
+    return out
+
+
+def write_manifest(entries, path):
+    """Atomic JSONL write; paths are stored relative to the manifest's folder so the set can move."""
+    path = os.path.abspath(path)
+    base = os.path.dirname(path)
+    os.makedirs(base, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for e in entries:
+            f.write(json.dumps(dict(e, path=os.path.relpath(e["path"], base))) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ----- decoding: frames -> (3, T, H, W) in [-1, 1] -----
+
+class BadVideo(Exception):
+    """A file that cannot give training frames; str(e) is the one-line reason ("zero-byte file", ...)."""
+
+
+def _cover_crop(x, height, width):
+    """(3, h, w) uint8 -> (3, H, W) float 0..255: resize to cover (aspect kept), then center crop."""
+    _, h, w = x.shape
+    s = max(height / h, width / w)
+    nh, nw = max(height, round(h * s)), max(width, round(w * s))
+    x = x.float()
+    if (nh, nw) != (h, w):
+        # antialias: downscaling without it aliases thin edges (and flicker between frames)
+        x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]  # (3, nh, nw)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return x[:, top:top + height, left:left + width]  # (3, H, W)
+
+
+def _frame_to_tensor(frame, height, width):
+    """av.VideoFrame -> (3, H, W) float 0..255, with the container's display rotation applied."""
+    if frame.format.name == "bgr0":  # lossless FFV1 of the shapes set: read the pixels, skip swscale (~400x faster)
+        plane = frame.planes[0]
+        rgb = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size // 4, 4)[:, :frame.width, 2::-1]
+    else:
+        rgb = frame.to_ndarray(format="rgb24")
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, h, w) uint8
+    k = round((frame.rotation or 0) / 90) % 4
+    if k:
+        # the display matrix says "rotate counterclockwise by k*90" (phones store landscape pixels);
+        # torch.rot90 over (h, w) is counterclockwise too
+        x = torch.rot90(x, k, dims=(1, 2))  # (3, w, h) when k is odd
+    return _cover_crop(x, height, width)
+
+
+def _open(path):
+    if not os.path.exists(path):
+        raise BadVideo("missing file")
+    if os.path.getsize(path) == 0:
+        raise BadVideo("zero-byte file")
+    try:
+        container = av.open(path)
+    except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
+        raise BadVideo(f"cannot open ({type(e).__name__}: {e})".replace("\n", " ")) from None
+    if not container.streams.video:
+        container.close()
+        raise BadVideo("no video stream")
+    return container
+
+
+def _load_image(path):
+    """png/jpg -> (3, h, w) uint8; EXIF orientation applied like the rotation of videos."""
+    from PIL import Image, ImageOps
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)  # (3, h, w)
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError ...)
+        raise BadVideo(f"unreadable image ({type(e).__name__}: {e})".replace("\n", " ")) from None
+
+
+def _decode(path, num_frames, height, width, fps, start):
+    """Decode only the frames needed -> list of (3, H, W) tensors (possibly fewer than num_frames).
+
+    fps=None: consecutive frames from `start`. fps given: target times start + i / fps, each filled by
+    the decoded frame nearest in time (uses timestamps, so variable frame rate works); decoding stops
+    after the last target."""
+    container = _open(path)
+    out = []
+    with container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        tb = stream.time_base
+        rate = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+        begin = t0 + (start or 0.0)
+        targets = [begin + i / fps for i in range(num_frames)] if fps else None
+        try:
+            if start:  # seek lands on the keyframe before `begin`; frames up to it are decoded and dropped
+                container.seek(int(begin / tb), stream=stream, backward=True)
+            prev = None  # [frame, time, tensor or None]: the latest frame before the next target
+
+            def conv(c):  # convert a decoded frame at most once, even when it fills several targets
+                if c[2] is None:
+                    c[2] = _frame_to_tensor(c[0], height, width)
+                return c[2]
+
+            for k, frame in enumerate(container.decode(stream)):
+                t = frame.time if frame.time is not None else t0 + k / rate
+                if targets is None:
+                    if t >= begin - 1e-6:
+                        out.append(_frame_to_tensor(frame, height, width))
+                        if len(out) == num_frames:
+                            break
+                    continue
+                cur = [frame, t, None]
+                while len(out) < num_frames and t >= targets[len(out)] - 1e-6:
+                    want = targets[len(out)]
+                    # nearest frame in time: the previous one or this one
+                    pick = prev if prev is not None and want - prev[1] < t - want else cur
+                    out.append(conv(pick))
+                if len(out) == num_frames:
+                    break
+                prev = cur
+            # targets past the last frame: the last frame covers half a frame interval after its time
+            while targets and prev is not None and len(out) < num_frames and targets[len(out)] <= prev[1] + 0.5 / rate:
+                out.append(conv(prev))
+        except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
+            raise BadVideo(f"decode error ({type(e).__name__}: {e})".replace("\n", " ")) from None
+    return out
+
+
+def load_video(path, num_frames, height, width, fps=None, start=None, pad="nearest"):
+    """Decode one clip (or image) as training sees it -> (3, T, H, W) float in [-1, 1].
+
+    num_frames: 4k+1 frames wanted (§3: the causal VAE maps 4k+1 frames to k+1 latents).
+    fps:        sampling rate; frames are spread in time at this rate (None = native, every frame).
+    start:      seconds from the beginning of the clip (seek; only what is needed is decoded).
+    pad:        a clip too short for num_frames gives T = the largest 4k+1 it can fill ("nearest",
+                Frame Pack keeps its real duration), or its last frame repeated up to num_frames
+                ("repeat", the released code's pad_last_frame - repeating, not black frames, so no
+                fake cut appears).
+    Images are 1-frame videos (T = 1) whatever num_frames is. Bad files raise BadVideo(reason)."""
+    if num_frames < 1 or (num_frames - 1) % 4:
+        raise ValueError(f"num_frames must be 4k+1 (1, 5, 9, 13, ...), got {num_frames}")
+    if pad not in ("nearest", "repeat"):
+        raise ValueError(f"pad must be 'nearest' or 'repeat', got {pad!r}")
+    path = str(path)
+    if _is_image(path):
+        if not os.path.exists(path) or os.path.getsize(path) == 0:
+            raise BadVideo("missing file" if not os.path.exists(path) else "zero-byte file")
+        frames = [_cover_crop(_load_image(path), height, width)]
+    else:
+        frames = _decode(path, num_frames, height, width, fps, start)
+        if not frames:
+            raise BadVideo("no frames decoded" + (f" after start={start}s" if start else ""))
+        if len(frames) < num_frames:
+            if pad == "nearest":
+                frames = frames[:(len(frames) - 1) // 4 * 4 + 1]
+            else:
+                frames = frames + [frames[-1]] * (num_frames - len(frames))
+    video = torch.stack(frames, dim=1)  # (3, T, H, W) 0..255 (antialiased bilinear never overshoots)
+    return video.div_(127.5).sub_(1)  # (3, T, H, W) in [-1, 1]
+
+
+def probe(path):
+    """Header facts without decoding a clip: {"height", "width", "frames", "fps", "seconds"} (after rotation).
+
+    webm/mkv store no frame count (stream.frames == 0): it is estimated from duration x rate."""
+    path = str(path)
+    if _is_image(path):
+        if not os.path.exists(path) or os.path.getsize(path) == 0:
+            raise BadVideo("missing file" if not os.path.exists(path) else "zero-byte file")
+        x = _load_image(path)  # (3, h, w)
+        return {"height": x.shape[1], "width": x.shape[2], "frames": 1, "fps": None, "seconds": 0.0}
+    container = _open(path)
+    with container:
+        s = container.streams.video[0]
+        rate = float(s.average_rate or s.guessed_rate or 0)
+        if s.duration is not None:
+            seconds = float(s.duration * s.time_base)
+        else:
+            seconds = (container.duration or 0) / av.time_base
+        try:
+            first = next(container.decode(s))  # one frame: for the rotation (phone clips) and true size
+        except (StopIteration, av.FFmpegError) as e:
+            raise BadVideo(f"no frames decoded ({e})") from None
+        h, w = first.height, first.width
+        if round((first.rotation or 0) / 90) % 2:
+            h, w = w, h
+        frames = s.frames or max(1, round(seconds * rate))
+        return {"height": h, "width": w, "frames": frames, "fps": rate or None, "seconds": seconds}
+
+
+# ----- per-sample shapes for a stage (§3.2) -----
+
+def nearest_4k1(n):
+    """Largest 4k+1 <= n (n >= 1)."""
+    return (n - 1) // 4 * 4 + 1
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Entries of a manifest seen through one Stage: each sample's planned (T, H, W) and its decoding.
+
+    mode="pack":   a clip gets the largest stage frame count it can fill (its real duration, §3.1);
+    mode="bucket": every clip gets max(stage.frames), short ones padded by repeating the last frame
+                   (the released code's simple mode). Images are T = 1 in both.
+    Planning uses the manifest fields height/width/frames/fps when present (make_shapes writes them),
+    else reads the file header (probe). `shapes[i]` is None for a file that failed: samplers skip it.
+    ds[key] decodes; a bad file gives None (collate drops it), is counted in .skipped and warned once."""
+
+    def __init__(self, entries, stage, mode="pack"):
+        if mode not in ("pack", "bucket"):
+            raise ValueError(f"mode must be 'pack' or 'bucket', got {mode!r}")
+        if stage.subset is not None:  # §3.2 high-quality fine-tune: the best fraction by filter score
+            if any("quality" not in e for e in entries):
+                raise ValueError("Stage.subset needs a 'quality' score per entry: run `python data.py filter` first")
+            entries = top_quality(entries, stage.subset)
+        self.entries, self.stage, self.mode = list(entries), stage, mode
+        self.skipped, self.bad = 0, {}
+        self.shapes = [self._plan(e) for e in self.entries]
+
+    def _plan(self, e):
+        try:
+            meta = e if all(k in e for k in ("height", "width", "frames")) else probe(e["path"])
+        except BadVideo as err:
+            self._warn(e["path"], str(err))
+            return None
+        h, w, n = meta["height"], meta["width"], meta["frames"]
+        # nearest aspect bucket (in log space, so 2:1 and 1:2 are equally far from 1:1)
+        H, W = min(self.stage.resolutions, key=lambda r: abs(math.log(r[1] / r[0]) - math.log(w / h)))
+        if n <= 1 or _is_image(e["path"]):
+            return (1, H, W)
+        if self.stage.fps and meta.get("fps"):  # frames available at the stage rate
+            n = int((n - 1) * self.stage.fps / meta["fps"] + 1e-6) + 1
+        clip_frames = [f for f in self.stage.frames if f > 1]
+        if self.mode == "bucket":
+            return (max(clip_frames), H, W)
+        fits = [f for f in clip_frames if f <= n]
+        return (max(fits) if fits else nearest_4k1(n), H, W)
+
+    def _warn(self, path, reason):
+        self.skipped += 1
+        if path not in self.bad:
+            self.bad[path] = reason
+            print(f"warning: skipping {path}: {reason}", file=sys.stderr)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, key):
+        """key: an index, or a sampler key (index, row, slot, weight, n_global)."""
+        index, *rest = key if isinstance(key, tuple) else (key,)
+        e, shape = self.entries[index], self.shapes[index]
+        if shape is None:
+            return None
+        T, H, W = shape
+        try:
+            # pad="repeat": the sampler counted T frames, so a clip one frame short of its header still
+            # fits the plan (bucket mode relies on it by design)
+            video = load_video(e["path"], T, H, W, fps=self.stage.fps, start=e.get("start"), pad="repeat")
+        except BadVideo as err:
+            self._warn(e["path"], str(err))
+            return None
+        item = {"video": video, "caption": e["caption"], "index": index}
+        if rest:
+            item.update(zip(("row", "slot", "weight", "n_global"), rest))
+        return item
+
+
+# ----- Frame Pack (§3.1) and bucket batch samplers -----
+
+def num_tokens(T, H, W, text_len, tf=4, sf=8, p=2):
+    """Tokens of one sample in the packed DiT: text + T' x h x w video patches (time is not patchified, §2.2)."""
+    return text_len + video_tokens(T, H, W, tf, sf, p)
+
+
+def video_tokens(T, H, W, tf=4, sf=8, p=2):
+    if H % (sf * p) or W % (sf * p):
+        raise ValueError(f"{H}x{W} is not a multiple of VAE spatial factor x patch = {sf * p}; fix Stage.resolutions")
+    return ((T - 1) // tf + 1) * (H // (sf * p)) * (W // (sf * p))
+
+
+class _GlobalBatchSampler:
+    """Shared by both samplers: build the epoch's GLOBAL batches from (seed, epoch), yield this rank's slice.
+
+    A global batch is a list of slots; slot j of the global batch is one real sample with its loss weight
+    (tokens_j / sum over the global batch). This rank's keys are (index, row, slot, weight, n_global).
+    A rank whose slice would be empty (only in the last batch) gets one copy of a real sample with
+    weight 0 and slot -1, so every rank runs the same number of steps and DDP never stalls."""
+
+    def __init__(self, shapes, seed, rank, world_size):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.shapes, self.seed, self.rank, self.world_size, self.epoch = shapes, seed, rank, world_size, 0
+        self.valid = [i for i, s in enumerate(shapes) if s is not None]
+        self._cache = {}
+
+    def set_epoch(self, epoch):
+        """Like DistributedSampler.set_epoch: a new deterministic order for each epoch."""
+        self.epoch = epoch
+
+    def _order(self, epoch):
+        order = list(self.valid)
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def global_batches(self, epoch=None):
+        """-> list of global batches; each a list over ranks of lists of keys (index, row, slot, weight, n_global)."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self._cache:
+            self._cache = {epoch: [self._split(b) for b in self._build(self._order(epoch), epoch)]}
+        return self._cache[epoch]
+
+    def _keys(self, groups):
+        """groups: list over rows of lists of dataset indices -> list over rows of keys with slots and weights."""
+        real = [i for g in groups for i in g]
+        tok = [video_tokens(*self.shapes[i], *self._factors) for i in real]
+        total, slot, rows = sum(tok), 0, []
+        for g in groups:
+            rows.append([])
+            for i in g:
+                rows[-1].append((i, len(rows) - 1, slot, tok[slot] / total, len(real)))
+                slot += 1
+        return rows
+
+    def __iter__(self):
+        for batch in self.global_batches():
+            yield batch[self.rank]
+
+    def __len__(self):
+        return len(self.global_batches())
+
+    def epoch_samples(self, epoch=None):
+        """Dataset indices with weight > 0 this rank sees in the epoch (for tests and logs)."""
+        return [k[0] for b in self.global_batches(epoch) for k in b[self.rank] if k[3] > 0]
+
+
+class FramePackSampler(_GlobalBatchSampler):
+    """§3.1 Frame Pack: samples of any duration (images too) and resolution share rows of max_tokens tokens.
+
+    Each rank gets `rows` rows; the global batch has rows * world_size rows, filled greedily
+    (first fit) from the shuffled epoch. A sample that fits no row waits (it starts the next batch);
+    after `lookahead` such misses, or when no row can take even the smallest sample, the batch is
+    closed. Samples are listed in row order, so a packer that fills rows in list order (first fit or
+    next fit) rebuilds exactly these rows. Per-sample tokens: text_len + T' * h * w with the VAE
+    factors tf (time), sf (space) and patch p passed in (no model import here).
+
+    Loss weight of sample j = its video tokens / all video tokens of the global batch: the mean over
+    real tokens, as if the global batch were one long sequence. With DDP (which averages gradients
+    over ranks) the per-rank loss is world_size * sum_j weight_j * mse_j."""
+
+    def __init__(self, shapes, max_tokens, rows=1, text_len=226, tf=4, sf=8, p=2, seed=0, rank=0,
+                 world_size=1, lookahead=16):
+        super().__init__(shapes, seed, rank, world_size)
+        self.max_tokens, self.rows, self.text_len, self.lookahead = max_tokens, rows, text_len, lookahead
+        self._factors = (tf, sf, p)
+        self.tokens = {i: num_tokens(*shapes[i], text_len, tf, sf, p) for i in self.valid}
+        big = [i for i in self.valid if self.tokens[i] > max_tokens]
+        if big:
+            raise ValueError(f"{len(big)} samples (e.g. index {big[0]}, shape {shapes[big[0]]}, "
+                             f"{self.tokens[big[0]]} tokens) exceed max_tokens={max_tokens}; raise max_tokens "
+                             f"or lower the stage's resolutions / frames")
+
+    def _build(self, order, epoch):
+        n_rows, M = self.rows * self.world_size, self.max_tokens
+        smallest = min(self.tokens.values(), default=0)
+        pending, batches = deque(order), []
+        while pending:
+            used, groups, waiting = [0] * n_rows, [[] for _ in range(n_rows)], []
+            while pending and len(waiting) < self.lookahead and M - min(used) >= smallest:
+                i = pending.popleft()
+                r = next((r for r in range(n_rows) if used[r] + self.tokens[i] <= M), None)
+                if r is None:
+                    waiting.append(i)
+                else:
+                    used[r] += self.tokens[i]
+                    groups[r].append(i)
+            pending.extendleft(reversed(waiting))  # the waiting samples open the next batch, in order
+            batches.append(groups)
+        return batches
+
+    def _split(self, groups):
+        R = self.rows
+        # rank r owns global rows [r*R, (r+1)*R); inside its batch they are rows 0..R-1
+        rows = [[(i, row % R, *rest) for i, row, *rest in keys] for keys in self._keys(groups)]
+        out = [rows[r * R:(r + 1) * R] for r in range(self.world_size)]
+        for rank_rows in out:
+            if not any(rank_rows):  # only in a last, nearly empty batch: a weight-0 filler keeps DDP in step
+                rank_rows[0] = [(groups[0][0], 0, -1, 0.0, rows[0][0][4])]
+        return [[k for row in rank_rows for k in row] for rank_rows in out]
+
+    def efficiency(self, epoch=None):
+        """Real tokens / row tokens over the epoch (what padding costs; 1.0 is perfect packing)."""
+        batches = self.global_batches(epoch)
+        real = sum(self.tokens[k[0]] for b in batches for ks in b for k in ks if k[3] > 0)
+        return real / max(1, len(batches) * self.rows * self.world_size * self.max_tokens)
+
+    def collate(self, items):
+        """Items of this rank -> the packed batch (rows of max_tokens tokens).
+
+        Returns a dict:
+          video: list of (3, T, H, W); caption: list[str]; index, slot, row, offset, tokens: (S,) long
+          weight: (S,) float (global normalisation, 0 for fillers); n_global: int
+          segment_ids: (R, M) long, the sample (0..S-1) of each token, -1 for padding (the block mask)
+          is_video: (R, M) bool; positions: (R, M, 3) long (t, h, w) latent-patch grid per video token, -1 else
+          efficiency: real tokens / (R * M) of this rank's rows
+        A sample is laid out as [its L text tokens, then its T' * h * w video tokens in (t, h, w) order]."""
+        items = [it for it in items if it is not None]  # bad files: dropped (their weight is lost)
+        R, M, L = self.rows, self.max_tokens, self.text_len
+        seg = torch.full((R, M), -1, dtype=torch.long)  # (R, M)
+        pos = torch.full((R, M, 3), -1, dtype=torch.long)  # (R, M, 3)
+        is_video = torch.zeros(R, M, dtype=torch.bool)  # (R, M)
+        used, offsets, tokens = [0] * R, [], []
+        tf, sf, p = self._factors
+        for s, it in enumerate(items):
+            _, T, H, W = it["video"].shape
+            t, h, w = (T - 1) // tf + 1, H // (sf * p), W // (sf * p)
+            n, r = L + t * h * w, it.get("row", 0)
+            if used[r] + n > M:
+                raise ValueError(f"row {r} overflows max_tokens={M}: the sampler's plan and the decoded shape differ")
+            o = used[r]
+            seg[r, o:o + n] = s
+            is_video[r, o + L:o + n] = True
+            grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), -1)  # (t, h, w, 3)
+            pos[r, o + L:o + n] = grid.reshape(-1, 3)  # (t*h*w, 3)
+            offsets.append(o)
+            tokens.append(n)
+            used[r] += n
+        col = lambda k, dt=torch.long: torch.tensor([it.get(k, 0) for it in items], dtype=dt)
+        return {"video": [it["video"] for it in items], "caption": [it["caption"] for it in items],
+                "index": col("index"), "slot": col("slot"), "row": col("row"), "weight": col("weight", torch.float32),
+                "offset": torch.tensor(offsets, dtype=torch.long), "tokens": torch.tensor(tokens, dtype=torch.long),
+                "n_global": items[0].get("n_global", len(items)) if items else 0,
+                "segment_ids": seg, "is_video": is_video, "positions": pos,
+                "efficiency": sum(tokens) / (R * M)}
+
+
+class BucketSampler(_GlobalBatchSampler):
+    """The simple mode: every batch has one shape (T, H, W), so it stacks into (B, 3, T, H, W).
+
+    A global batch holds batch_size * world_size samples of one bucket (its last batch fewer);
+    rank r takes the contiguous slots [r * batch_size, (r + 1) * batch_size), the layout
+    diffusion.explicit_uniform_timesteps(batch_size, rank, world_size) assumes."""
+
+    def __init__(self, shapes, batch_size, seed=0, rank=0, world_size=1):
+        super().__init__(shapes, seed, rank, world_size)
+        self.batch_size, self._factors = batch_size, (1, 1, 1)
+
+    def _build(self, order, epoch):
+        buckets, G = {}, self.batch_size * self.world_size
+        for i in order:  # the shuffled order, grouped by shape
+            buckets.setdefault(tuple(self.shapes[i]), []).append(i)
+        batches = [b[k:k + G] for b in buckets.values() for k in range(0, len(b), G)]
+        random.Random(self.seed * 1_000_003 + epoch + 1).shuffle(batches)  # interleave the buckets
+        return batches
+
+    def _split(self, batch):
+        keys = [k for row in self._keys([[i] for i in batch]) for k in row]
+        # full batches: batch_size per rank; the last one: as even as possible, fillers where empty
+        cuts = np.linspace(0, len(keys), self.world_size + 1).round().astype(int) if len(keys) < self.batch_size * self.world_size \
+            else [r * self.batch_size for r in range(self.world_size + 1)]
+        out = [keys[cuts[r]:cuts[r + 1]] for r in range(self.world_size)]
+        return [ks if ks else [(batch[0], 0, -1, 0.0, len(keys))] for ks in out]
+
+    def collate(self, items):
+        """-> {"video": (B, 3, T, H, W), "caption", "index", "slot", "weight", "n_global"}."""
+        items = [it for it in items if it is not None]
+        col = lambda k, dt=torch.long: torch.tensor([it.get(k, 0) for it in items], dtype=dt)
+        return {"video": torch.stack([it["video"] for it in items]) if items else torch.zeros(0),  # (B, 3, T, H, W)
+                "caption": [it["caption"] for it in items], "index": col("index"), "slot": col("slot"),
+                "weight": col("weight", torch.float32), "n_global": items[0].get("n_global", len(items)) if items else 0}
+
+
+# ----- filters (§3.4) -----
+
+def clip_scores(video, cfg=FilterConfig()):
+    """(3, T, H, W) in [-1, 1] -> explainable scores, each a cheap stand-in for one of §3.4's negative labels.
+
+    motion:     mean |x_t+1 - x_t| (0..1)  - "lecture type" / no dynamics have almost none
+    static:     fraction of near-duplicate consecutive frames - frozen clips, slideshows
+    cut:        largest colour-histogram jump between consecutive frames - "lack of motion connectivity"
+    highlight:  98th percentile of max(R, G, B) - too dark when low ("low quality"); a percentile,
+                not the mean, so a small bright object on black (the shapes set) is not "dark"
+    shadow:     2nd percentile of luma - blown out when high
+    contrast:   luma std - blank frames"""
+    x = (video.float() + 1) / 2  # (3, T, H, W) in [0, 1]
+    luma = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]  # (T, H, W)
+    s = {"highlight": x.amax(0).flatten().quantile(0.98).item(), "shadow": luma.flatten().quantile(0.02).item(),
+         "contrast": luma.std().item() if luma.numel() > 1 else 0.0}
+    T = x.shape[1]
+    if T > 1:
+        diff = (x[:, 1:] - x[:, :-1]).abs().mean(dim=(0, 2, 3))  # (T-1,)
+        hist = torch.stack([torch.stack([torch.histc(x[c, t], 16, 0, 1) for c in range(3)]) for t in range(T)])  # (T, 3, 16)
+        hist = hist / hist.sum(-1, keepdim=True)
+        jump = 0.5 * (hist[1:] - hist[:-1]).abs().sum(-1).mean(-1)  # (T-1,) in [0, 1]
+        s.update(motion=diff.mean().item(), static=(diff < cfg.static_eps).float().mean().item(), cut=jump.max().item())
+    return s
+
+
+def score_entry(entry, cfg=FilterConfig(), classifier=None):
+    """-> (scores, reasons): scores of one manifest entry and the list of reasons to drop it (empty = keep).
+
+    classifier: the hook for learned filters (the paper's Video-LLaMA negative-label classifiers):
+    a callable (3, T, H, W) -> {label: probability of that negative label}; each becomes a score and
+    drops the clip above cfg.max_negative."""
+    meta = probe(entry["path"])
+    clip = not _is_image(entry["path"])
+    video = load_video(entry["path"], cfg.max_frames, cfg.size, cfg.size, fps=cfg.fps, pad="nearest")
+    if clip and video.shape[1] < 5:  # too short to sample at cfg.fps: score every frame instead
+        video = load_video(entry["path"], cfg.max_frames, cfg.size, cfg.size, pad="nearest")
+    s = clip_scores(video, cfg)
+    s["seconds"] = meta["seconds"] or (meta["frames"] - 1) / (meta["fps"] or cfg.fps)
+    why = []
+    if s["highlight"] < cfg.min_highlight:
+        why.append(f"too dark (highlight {s['highlight']:.3f} < {cfg.min_highlight})")
+    if s["shadow"] > cfg.max_shadow:
+        why.append(f"too bright (shadow {s['shadow']:.3f} > {cfg.max_shadow})")
+    if clip and s["seconds"] < cfg.min_seconds:
+        why.append(f"too short ({s['seconds']:.2f}s < {cfg.min_seconds}s)")
+    if "motion" in s:  # clips of 2+ frames only: an image is a 1-frame video with no dynamics to judge
+        if s["cut"] > cfg.max_cut:
+            why.append(f"scene cut (histogram jump {s['cut']:.2f} > {cfg.max_cut})")
+        if s["static"] > cfg.max_static:
+            why.append(f"static frames ({s['static']:.0%} near-duplicates > {cfg.max_static:.0%})")
+        elif s["motion"] < cfg.min_motion:
+            why.append(f"no motion (frame difference {s['motion']:.4f} < {cfg.min_motion})")
+        # quality for the §3.2 fine-tune subset: enough motion, no frozen frames, no cut, each factor 0..1
+        s["quality"] = min(s["motion"] / (4 * cfg.min_motion), 1.0) * (1 - s["static"]) * (1 - s["cut"])
+    else:  # images: a blank frame is the only cheap sign of a bad one
+        s["quality"] = min(s["contrast"] / 0.25, 1.0) if not clip else 0.0
+    if classifier is not None:
+        neg = {k: float(v) for k, v in classifier(video).items()}
+        s.update({f"p_{k}": v for k, v in neg.items()})
+        why += [f"classifier: {k} {v:.2f} > {cfg.max_negative}" for k, v in neg.items() if v > cfg.max_negative]
+        s["quality"] *= 1 - max(neg.values(), default=0.0)
+    return s, why
+
+
+def top_quality(entries, fraction):
+    """The best `fraction` of clips and, separately, of images, by the "quality" score (§3.2)."""
+    out = []
+    for kind in (False, True):
+        group = sorted((e for e in entries if _is_image(e["path"]) == kind), key=lambda e: -e["quality"])
+        out += group[:max(1, math.ceil(fraction * len(group)))] if group else []
+    return out
+
+
+def filter_manifest(manifest, out, cfg=FilterConfig(), top=0.2, classifier=None):
+    """Score every entry, write the kept subset (entry["scores"], entry["quality"]) to `out`, the best `top` fraction to
+    <out>.top20.jsonl and the drops to <out>.dropped.tsv; returns (kept, dropped [(path, reasons)])."""
+    kept, dropped = [], []
+    for e in read_manifest(manifest):
+        try:
+            s, why = score_entry(e, cfg, classifier)
+        except BadVideo as err:
+            s, why = {}, [f"unreadable ({err})"]
+        if why:
+            dropped.append((e["path"], why))
+        else:
+            # scores nested (no clash with a manifest's own fields); quality on top for Stage.subset
+            kept.append(dict(e, scores={k: round(v, 5) for k, v in s.items()}, quality=round(s["quality"], 5)))
+    write_manifest(kept, out)
+    stem = os.path.splitext(os.path.abspath(out))[0]
+    write_manifest(top_quality(kept, top) if kept else [], f"{stem}.top{round(top * 100)}.jsonl")
+    with open(stem + ".dropped.tsv.tmp", "w", encoding="utf-8") as f:
+        f.write("path\treasons\n" + "".join(f"{p}\t{'; '.join(w)}\n" for p, w in dropped))
+    os.replace(stem + ".dropped.tsv.tmp", stem + ".dropped.tsv")
+    return kept, dropped
+
+
+# ----- latent and text-embedding cache -----
+
+class LatentCache:
+    """Encode once, reuse every epoch: one safetensors file per (content, model) key.
+
+    The key hashes the file's absolute path, mtime, size, the decoded shape and the model id, so an
+    edited file, a new stage shape or another VAE never reuses a stale latent. Captions are keyed by
+    their text and the text encoder's id. safetensors never unpickles anything."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        self.hits = self.misses = 0
+
+    def key(self, path, shape, model_id):
+        st = os.stat(path)
+        raw = f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{tuple(shape)}|{model_id}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+    def text_key(self, caption, model_id):
+        return hashlib.sha256(f"text|{caption}|{model_id}".encode()).hexdigest()[:32]
+
+    def _file(self, key):
+        return os.path.join(self.folder, key[:2], key + ".safetensors")
+
+    def get(self, key):
+        """-> dict of tensors, or None when not cached."""
+        from safetensors.torch import load_file
+        f = self._file(key)
+        return load_file(f) if os.path.exists(f) else None
+
+    def put(self, key, tensors):
+        from safetensors.torch import save_file
+        f = self._file(key)
+        os.makedirs(os.path.dirname(f), exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, f + ".tmp")
+        os.replace(f + ".tmp", f)  # atomic: a crash never leaves half a latent behind
+
+    def get_or_make(self, key, make):
+        """make() -> dict of tensors, called only on a miss."""
+        out = self.get(key)
+        if out is None:
+            self.misses += 1
+            out = make()
+            self.put(key, out)
+        else:
+            self.hits += 1
+        return out
+
+
+# ----- the shapes set (DESIGN §5) -----
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+SHAPES = ("circle", "square")
+MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downward
+# Held out of training: one motion per colour and one colour per motion, so every word is still
+# seen in training but these pairings never are; eval_prompts() asks for them to test composition.
+HELD_OUT = [("red", "up"), ("green", "left"), ("blue", "down"), ("yellow", "right")]
+
+
+def caption_of(colour, shape, motion=None):
+    if motion is None:
+        return f"a {colour} {shape}"
+    return f"a {colour} {shape} moves " + ("to the " if motion in ("left", "right") else "") + motion
+
+
+def eval_prompts():
+    """-> [(prompt, is_held_out)] every colour x shape x motion, held-out pairings included."""
+    return [(caption_of(c, s, m), (c, m) in HELD_OUT) for c in COLOURS for s in SHAPES for m in MOTIONS]
+
+
+def draw_shape(H, W, colour, shape, cx, cy, r):
+    """(H, W, 3) uint8: one hard-edged shape on black (hard edges keep colours pure for the checker)."""
+    yy, xx = np.mgrid[0:H, 0:W] + 0.5
+    if shape == "circle":
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    else:
+        mask = (np.abs(xx - cx) <= r * 0.9) & (np.abs(yy - cy) <= r * 0.9)
+    img = np.zeros((H, W, 3), np.uint8)
+    img[mask] = COLOURS[colour]
+    return img
+
+
+def write_clip(path, frames, fps=8):
+    """(T, H, W, 3) uint8 -> lossless FFV1 in .mkv (bgr0: no chroma subsampling, colours survive exactly)."""
+    tmp = path + ".tmp.mkv"
+    with av.open(tmp, "w") as c:
+        s = c.add_stream("ffv1", rate=fps)
+        s.height, s.width, s.pix_fmt = frames.shape[1], frames.shape[2], "bgr0"
+        for a in frames:
+            for pkt in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    os.replace(tmp, path)
+
+
+def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), fps=8, image_every=5):
+    """Write n captioned samples to `out` (clips .mkv, stills .png) and out/manifest.jsonl; returns its path.
+
+    Every image_every-th sample is a still image ("a red circle"); clips cycle through the training
+    (colour, shape, motion) combinations (HELD_OUT excluded) in a seeded order, each with a random
+    duration from `frames`, size from `sizes`, start position and radius. The shape moves
+    size/32 pixels per frame so it never leaves the frame. Deterministic from seed."""
+    rng = random.Random(seed)
+    os.makedirs(out, exist_ok=True)
+    combos = [(c, s, m) for c in COLOURS for s in SHAPES for m in MOTIONS if (c, m) not in HELD_OUT]
+    entries, queue = [], []
+    for i in range(n):
+        H, W = rng.choice(sizes)
+        r = min(H, W) * rng.uniform(0.18, 0.24)  # ~6-8 px at 32: big enough to learn (DESIGN §5 pitfall)
+        if i % image_every == image_every - 1:
+            colour, shape, motion, T = rng.choice(list(COLOURS)), rng.choice(SHAPES), None, 1
+            cx, cy = rng.uniform(r + 1, W - r - 1), rng.uniform(r + 1, H - r - 1)
+            path = os.path.join(out, f"{i:05d}.png")
+            from PIL import Image
+            Image.fromarray(draw_shape(H, W, colour, shape, cx, cy, r)).save(path)
+        else:
+            if not queue:
+                queue = rng.sample(combos, len(combos))
+            colour, shape, motion = queue.pop()
+            T = rng.choice(frames)
+            dx, dy = MOTIONS[motion]
+            step = min(H, W) / 32
+            span = step * (T - 1)  # total travel along the motion axis
+            lo_x, hi_x = r + 1 + max(0, -dx) * span, W - r - 1 - max(0, dx) * span
+            lo_y, hi_y = r + 1 + max(0, -dy) * span, H - r - 1 - max(0, dy) * span
+            cx, cy = rng.uniform(lo_x, max(lo_x, hi_x)), rng.uniform(lo_y, max(lo_y, hi_y))
+            clip = np.stack([draw_shape(H, W, colour, shape, cx + dx * step * t, cy + dy * step * t, r) for t in range(T)])
+            path = os.path.join(out, f"{i:05d}.mkv")
+            write_clip(path, clip, fps)
+        entries.append({"path": path, "caption": caption_of(colour, shape, motion), "colour": colour,
+                        "shape": shape, "motion": motion, "frames": T, "height": H, "width": W,
+                        "fps": fps if T > 1 else None})
+    return write_manifest(entries, os.path.join(out, "manifest.jsonl"))
+
+
+def shapes_follow(video, caption, min_area=0.015, min_travel=0.1):
+    """Does a (3, T, H, W) video in [-1, 1] show the caption's colour moving the caption's way?
+
+    Colour: each pixel is labelled with the nearest of the palette + black; the prompted colour must
+    cover >= min_area of the frame in at least half the frames and be the majority of the coloured
+    pixels. Motion: a line fitted to the colour's centroid over time must travel >= min_travel of the
+    frame along the prompted axis, in the prompted direction, more than along the other axis. A
+    caption without a motion asks for a still shape. The shape word is not checked (at 32x32 the
+    prototype's models did not separate circle from square; DESIGN §5)."""
+    words = caption.lower().replace(",", " ").replace(".", " ").split()
+    colour = next((w for w in words if w in COLOURS), None)
+    if colour is None:
+        raise ValueError(f"caption {caption!r} names none of the colours {list(COLOURS)}")
+    motion = next((w for w in words if w in MOTIONS), None)
+    x = (video.float().clamp(-1, 1) + 1) / 2  # (3, T, H, W) in [0, 1]
+    _, T, H, W = x.shape
+    palette = torch.tensor([COLOURS[c] for c in COLOURS] + [(0, 0, 0)], dtype=torch.float32) / 255  # (K+1, 3)
+    dist = ((x.permute(1, 2, 3, 0)[..., None, :] - palette) ** 2).sum(-1)  # (T, H, W, K+1)
+    label = dist.argmin(-1)  # (T, H, W)
+    k = list(COLOURS).index(colour)
+    mask = (label == k).float()  # (T, H, W)
+    area = mask.sum(dim=(1, 2))  # (T,)
+    coloured = (label < len(COLOURS)).float().sum()
+    present = area >= max(3.0, min_area * H * W)
+    if present.sum() < max(1, T / 2) or mask.sum() < 0.5 * coloured:
+        return False
+    if T == 1:
+        return motion is None  # a single frame cannot show motion
+    ys, xs = torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32)
+    t = torch.arange(T, dtype=torch.float32)[present]
+    cx = (mask.sum(1) * xs).sum(-1)[present] / area[present]  # (T_present,)
+    cy = (mask.sum(2) * ys).sum(-1)[present] / area[present]
+    if len(t) < 2:
+        return motion is None
+    tc = t - t.mean()
+    slope = lambda c: float((tc * (c - c.mean())).sum() / (tc * tc).sum())
+    travel_x, travel_y = slope(cx) * (T - 1), slope(cy) * (T - 1)  # pixels over the clip
+    if motion is None:
+        return abs(travel_x) < min_travel * W and abs(travel_y) < min_travel * H
+    dx, dy = MOTIONS[motion]
+    along, across, size = (travel_x * dx, travel_y, W) if dx else (travel_y * dy, travel_x, H)
+    return along >= min_travel * size and along > abs(across)
+
+
+# ----- command line -----
+
+def _inspect(args):
+    ok = bad = 0
+    for e in read_manifest(args.manifest):
+        try:
+            v = load_video(e["path"], args.frames, args.height, args.width, fps=args.fps, pad=args.pad)
+            print(f"{e['path']}: ok {tuple(v.shape)}")
+            ok += 1
+        except BadVideo as err:
+            print(f"{e['path']}: skip: {err}")
+            bad += 1
+    print(f"{ok} ok, {bad} skipped")
+
+
+def _filter(args):
+    cfg = FilterConfig(**{k: getattr(args, k) for k in ("min_motion", "max_cut", "max_static", "min_seconds")})
+    classifier = None
+    if args.classifier:  # "module:function", imported from the current directory
+        import importlib
+        mod, fn = args.classifier.split(":")
+        sys.path.insert(0, os.getcwd())
+        classifier = getattr(importlib.import_module(mod), fn)
+    kept, dropped = filter_manifest(args.manifest, args.out, cfg, args.top, classifier)
+    reasons = Counter(w.split(" (")[0] for _, ws in dropped for w in ws)
+    print(f"kept {len(kept)}, dropped {len(dropped)} -> {args.out}")
+    print(f"{'reason':<28}{'clips':>6}")
+    for r, c in reasons.most_common():
+        print(f"{r:<28}{c:>6}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("shapes", help="write the synthetic shapes set + manifest")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sizes", default="32x32,32x48", help="HxW list; multiples of VAE spatial factor x patch")
+    p.add_argument("--frames", default="9,13,17", help="4k+1 clip lengths")
+    p.add_argument("--fps", type=int, default=8)
+    p = sub.add_parser("inspect", help="decode every entry as training would; one line each")
+    p.add_argument("manifest")
+    p.add_argument("--height", type=int, required=True)
+    p.add_argument("--width", type=int, required=True)
+    p.add_argument("--frames", type=int, required=True)
+    p.add_argument("--fps", type=float, default=None)
+    p.add_argument("--pad", choices=("nearest", "repeat"), default="nearest")
+    p = sub.add_parser("filter", help="score clips (§3.4), write kept subset, top fraction and drop table")
+    p.add_argument("manifest")
+    p.add_argument("--out", required=True)
+    p.add_argument("--top", type=float, default=0.2, help="fraction kept for the high-quality stage (§3.2)")
+    p.add_argument("--classifier", default=None, help="module:function returning {negative label: prob}")
+    d = FilterConfig()
+    for k in ("min_motion", "max_cut", "max_static", "min_seconds"):
+        p.add_argument("--" + k.replace("_", "-"), dest=k, type=float, default=getattr(d, k))
+    args = ap.parse_args(argv)
+    if args.cmd == "shapes":
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+        print(make_shapes(args.out, args.n, args.seed, sizes, [int(f) for f in args.frames.split(",")], args.fps))
+    elif args.cmd == "inspect":
+        _inspect(args)
+    else:
+        _filter(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""data.py: decoding (codecs, containers, sizes, fps, audio, rotation, VFR, bad files), Frame Pack and
+bucket samplers (no sample lost or duplicated, rank sharding), stages, filters, cache, shapes set.
+
+Every clip is written here with PyAV; frame i is painted with grey level 10 + 12 i (or a known
+pattern) so the decoded frame order can be read back even through lossy codecs."""
+import fractions
+import json
+import os
+import random
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+# ----- helpers: write test clips -----
+
+def grey(i):
+    return 10 + 12 * i
+
+
+def write(path, T=9, H=32, W=48, fps=8, codec=None, audio=False, rotation=None, times=None, paint=None):
+    """Write a clip; frame i is uniform grey(i) unless `paint(i) -> (H, W, 3)` is given.
+    times: explicit presentation times in seconds (variable frame rate)."""
+    ext = os.path.splitext(path)[1]
+    codec = codec or {".mp4": "libx264", ".avi": "mpeg4", ".webm": "libvpx-vp9", ".mkv": "ffv1"}[ext]
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=fps)
+        s.height, s.width = H, W
+        s.pix_fmt = "yuv444p" if codec == "ffv1" else "yuv420p"
+        if codec == "libx264":
+            s.options = {"crf": "10"}
+        if rotation is not None:
+            s.set_display_rotation(rotation)  # DESIGN §8: PyAV 18 ignores metadata["rotate"]
+        if times is not None:
+            s.codec_context.time_base = fractions.Fraction(1, 1000)
+        a = c.add_stream("aac", rate=16000) if audio else None
+        for i in range(T):
+            img = paint(i) if paint else np.full((H, W, 3), grey(i), np.uint8)
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            if times is not None:
+                f.pts, f.time_base = round(times[i] * 1000), fractions.Fraction(1, 1000)
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+        if a is not None:
+            for k in range(int(16000 * T / fps) // 1024):
+                af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+                af.sample_rate, af.pts = 16000, k * 1024
+                for p in a.encode(af):
+                    c.mux(p)
+            for p in a.encode():
+                c.mux(p)
+    return str(path)
+
+
+def levels(video):
+    """(3, T, H, W) in [-1, 1] -> per-frame mean grey level 0..255."""
+    return ((video + 1) * 127.5).mean(dim=(0, 2, 3))
+
+
+def frame_ids(video):
+    return [round((g - 10) / 12) for g in levels(video).tolist()]
+
+
+# ----- decoding -----
+
+@pytest.mark.parametrize("ext,H,W", [(".mp4", 32, 48), (".avi", 33, 47), (".webm", 33, 47), (".mkv", 33, 47)])
+def test_codecs_containers_odd_sizes(tmp_path, ext, H, W):
+    p = write(tmp_path / f"c{ext}", T=17, H=H, W=W, fps=24)
+    v = data.load_video(p, 9, 16, 24)
+    assert v.shape == (3, 9, 16, 24) and v.dtype == torch.float32
+    assert v.min() >= -1 and v.max() <= 1
+    assert frame_ids(v) == list(range(9))  # native rate: consecutive frames
+    # fps 8 from a 24 fps clip: every third frame, uniformly spread in time
+    assert frame_ids(data.load_video(p, 5, 16, 16, fps=8)) == [0, 3, 6, 9, 12]
+    meta = data.probe(p)
+    assert (meta["height"], meta["width"], meta["frames"]) == (H, W, 17)  # webm/mkv: counted from duration
+
+
+def test_short_clips_nearest_and_repeat(tmp_path):
+    p = write(tmp_path / "short.mkv", T=7)
+    assert frame_ids(data.load_video(p, 9, 16, 16)) == [0, 1, 2, 3, 4]  # largest 4k+1 that fits
+    assert frame_ids(data.load_video(p, 9, 16, 16, pad="repeat")) == [0, 1, 2, 3, 4, 5, 6, 6, 6]
+    with pytest.raises(ValueError, match="4k\\+1"):
+        data.load_video(p, 8, 16, 16)
+
+
+def test_seek_start_and_fps(tmp_path):
+    p = write(tmp_path / "long.mp4", T=20, fps=10)
+    assert frame_ids(data.load_video(p, 5, 16, 16, start=1.0)) == [10, 11, 12, 13, 14]
+    assert frame_ids(data.load_video(p, 5, 16, 16, fps=5, start=0.2)) == [2, 4, 6, 8, 10]
+    # past the end: 20 frames at 10 fps sampled at 5 fps from 1.0 s give frames 10..18 only
+    assert frame_ids(data.load_video(p, 9, 16, 16, fps=5, start=1.0)) == [10, 12, 14, 16, 18]
+
+
+def test_audio_stream(tmp_path):
+    p = write(tmp_path / "a.mp4", T=9, audio=True)
+    with av.open(p) as c:
+        assert len(c.streams.audio) == 1
+    assert frame_ids(data.load_video(p, 9, 32, 32)) == list(range(9))
+
+
+def test_rotation_metadata(tmp_path):
+    def paint(i):  # stored landscape 48x32 with a red block in the top-left corner
+        img = np.zeros((32, 48, 3), np.uint8)
+        img[:8, :8] = (255, 0, 0)
+        return img
+    p = write(tmp_path / "rot.mp4", T=5, H=32, W=48, rotation=90, paint=paint)
+    meta = data.probe(p)
+    assert (meta["height"], meta["width"]) == (48, 32)  # displayed portrait
+    v = data.load_video(p, 5, 48, 32)
+    red = (v[0] > 0.5) & (v[1] < -0.5)  # (T, H, W)
+    # rotated 90 degrees counterclockwise: the top-left corner goes to the bottom-left
+    assert red[:, -8:, :8].all() and not red[:, :8, :].any()
+
+
+def test_variable_frame_rate(tmp_path):
+    times = [0.0, 0.05, 0.1, 0.4, 0.45, 0.5, 0.9, 1.0]
+    p = write(tmp_path / "vfr.mkv", T=len(times), times=times)
+    with av.open(p) as c:
+        assert [round(f.time, 2) for f in c.decode(video=0)] == times
+    # targets 0, .2, .4, .6, .8 -> nearest frames 0 (0.0), 2 (0.1), 3 (0.4), 5 (0.5), 6 (0.9)
+    assert frame_ids(data.load_video(p, 5, 16, 16, fps=5)) == [0, 2, 3, 5, 6]
+
+
+def test_images_and_cover_crop(tmp_path):
+    from PIL import Image
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, :20] = (255, 0, 0)
+    img[:, 20:] = (0, 0, 255)
+    for ext in (".png", ".jpg"):
+        Image.fromarray(img).save(tmp_path / f"im{ext}")
+        v = data.load_video(tmp_path / f"im{ext}", 9, 32, 32)  # images are 1-frame videos
+        assert v.shape == (3, 1, 32, 32)
+        # cover: 20x40 -> 32x64, center crop keeps columns 16..47: half red, half blue
+        assert (v[0, 0, :, :14] > 0.8).all() and (v[2, 0, :, 18:] > 0.8).all()
+        assert (v[2, 0, :, :14] < -0.8).all()
+
+
+def test_bad_files_and_inspect(tmp_path, capsys):
+    good = write(tmp_path / "good.mp4", T=9)
+    full = open(good, "rb").read()
+    (tmp_path / "trunc.mp4").write_bytes(full[: len(full) // 2])  # mp4 index (moov) is at the end
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "text.mp4").write_text("not a video at all\n" * 50)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    with av.open(str(tmp_path / "audio.mkv"), "w") as c:  # audio only: no video stream
+        a = c.add_stream("flac", rate=16000)
+        for k in range(4):
+            af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.int16), format="s16", layout="mono")
+            af.sample_rate, af.pts = 16000, k * 1024
+            for pk in a.encode(af):
+                c.mux(pk)
+        for pk in a.encode():
+            c.mux(pk)
+    bad = {"missing.mp4": "missing file", "empty.mp4": "zero-byte", "trunc.mp4": "cannot open",
+           "text.mp4": "cannot open", "bad.png": "unreadable image", "audio.mkv": "no video stream"}
+    for name, reason in bad.items():
+        with pytest.raises(data.BadVideo, match=reason):
+            data.load_video(tmp_path / name, 9, 16, 16)
+    m = data.write_manifest([{"path": str(tmp_path / n), "caption": "x"} for n in ["good.mp4", *bad]],
+                            tmp_path / "m.jsonl")
+    data.main(["inspect", m, "--height", "16", "--width", "16", "--frames", "9"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 + len(bad) + 1
+    assert lines[0].endswith("good.mp4: ok (3, 9, 16, 16)")
+    assert all(": skip: " in line for line in lines[1:-1])
+    assert lines[-1] == f"1 ok, {len(bad)} skipped"
+
+
+def test_manifests(tmp_path):
+    (tmp_path / "sub").mkdir()
+    a = write(tmp_path / "sub" / "a.mkv", T=5)
+    (tmp_path / "sub" / "a.txt").write_text("a clip\n")
+    from PIL import Image
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "sub" / "b.png")
+    folder = data.read_manifest(tmp_path / "sub")
+    assert [(os.path.basename(e["path"]), e["caption"]) for e in folder] == [("a.mkv", "a clip"), ("b.png", "")]
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "sub/a.mkv", "caption": "c", "score": 3}) + "\n\n")
+    (e,) = data.read_manifest(tmp_path / "m.jsonl")
+    assert e == {"path": a, "caption": "c", "score": 3}
+    out = data.write_manifest([e], tmp_path / "o" / "m2.jsonl")  # paths re-relativised to the new folder
+    assert json.loads(open(out).read())["path"] == "../sub/a.mkv"
+    assert data.read_manifest(out)[0]["path"] == a
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        data.read_manifest(tmp_path / "bad.jsonl")
+
+
+# ----- Frame Pack and bucket samplers -----
+
+def random_shapes(n, seed=0):
+    rng = random.Random(seed)
+    return [(rng.choice([1, 5, 9, 13, 17]), *rng.choice([(16, 16), (16, 24), (32, 32)])) for _ in range(n)]
+
+
+KW = dict(max_tokens=96, text_len=8, tf=4, sf=4, p=2)
+
+
+def test_frame_pack_every_sample_once_with_and_without_sharding():
+    shapes = random_shapes(203) + [None, None]  # None: a file that failed to probe is skipped
+    valid = sorted(i for i, s in enumerate(shapes) if s is not None)
+    for world in (1, 2, 3):
+        samplers = [data.FramePackSampler(shapes, rows=2, seed=5, rank=r, world_size=world, **KW) for r in range(world)]
+        for epoch in (0, 1):
+            seen = []
+            for s in samplers:
+                s.set_epoch(epoch)
+                seen += s.epoch_samples()
+            assert sorted(seen) == valid  # none lost, none duplicated
+            assert len({len(s) for s in samplers}) == 1  # every rank runs the same number of steps
+            for gb in samplers[0].global_batches():
+                keys = [k for ks in gb for k in ks if k[3] > 0]
+                assert abs(sum(k[3] for k in keys) - 1) < 1e-9  # weights normalised over the global batch
+                assert sorted(k[2] for k in keys) == list(range(len(keys))) == list(range(keys[0][4]))
+                for ks in gb:  # no row overflows, rows are local to the rank
+                    assert ks and all(0 <= k[1] < 2 for k in ks)
+                    for r in range(2):
+                        assert sum(samplers[0].tokens[k[0]] for k in ks if k[1] == r) <= KW["max_tokens"]
+    s = data.FramePackSampler(shapes, rows=2, seed=5, **KW)
+    assert s.global_batches(0) == s.global_batches(0)
+    assert data.FramePackSampler(shapes, rows=2, seed=5, **KW).global_batches(0) == s.global_batches(0)
+    assert s.global_batches(1) != s.global_batches(0)
+    assert s.efficiency(0) > 0.85, s.efficiency(0)
+
+
+def test_frame_pack_ranks_equal_one_process_on_global_batch():
+    shapes = random_shapes(120, seed=1)
+    one = data.FramePackSampler(shapes, rows=4, seed=3, **KW)
+    ranks = [data.FramePackSampler(shapes, rows=2, seed=3, rank=r, world_size=2, **KW) for r in range(2)]
+    for b1, r0, r1 in zip(one, *ranks):
+        merged = [(i, slot, w, n) for i, _, slot, w, n in r0 + r1 if w > 0]
+        assert sorted(merged, key=lambda k: k[1]) == [(i, slot, w, n) for i, _, slot, w, n in b1]
+    assert len(one) == len(ranks[0])
+
+
+def test_frame_pack_collate_layout():
+    shapes = [(9, 16, 16), (1, 16, 24), (5, 16, 24)]
+    s = data.FramePackSampler(shapes, rows=2, seed=0, max_tokens=32, text_len=4, tf=4, sf=4, p=2)
+    (keys,) = s.global_batches(0)[0:1]
+    items = [{"video": torch.zeros(3, *shapes[k[0]]), "caption": str(k[0]), "index": k[0],
+              **dict(zip(("row", "slot", "weight", "n_global"), k[1:]))} for k in keys[0]]
+    b = s.collate(items + [None])  # None: a file that failed to decode is dropped
+    assert sorted(b["index"].tolist()) == [0, 1, 2] and sorted(b["row"].tolist()) == [0, 0, 1]  # 16 + 10 | 16
+    assert b["tokens"].tolist() == [data.num_tokens(*shapes[i], 4, 4, 4, 2) for i in b["index"].tolist()]
+    for j, (r, o, n) in enumerate(zip(b["row"], b["offset"], b["tokens"])):
+        assert (b["segment_ids"][r, o:o + n] == j).all()
+        assert (b["segment_ids"] == j).sum() == n
+        assert not b["is_video"][r, o:o + 4].any() and b["is_video"][r, o + 4:o + n].all()
+        T, H, W = shapes[b["index"][j]]
+        grid = b["positions"][r, o + 4:o + n]  # (t, h, w) in token order
+        assert grid[-1].tolist() == [(T - 1) // 4, H // 8 - 1, W // 8 - 1] and grid[0].tolist() == [0, 0, 0]
+    assert b["efficiency"] == 42 / 64
+    assert abs(b["weight"].sum().item() - 1) < 1e-6
+
+
+def test_frame_pack_rejects_oversized_samples():
+    with pytest.raises(ValueError, match="max_tokens"):
+        data.FramePackSampler([(17, 32, 32)], rows=1, max_tokens=64, text_len=4, tf=4, sf=4, p=2)
+    with pytest.raises(ValueError, match="multiple"):
+        data.num_tokens(9, 20, 16, 4, tf=4, sf=4, p=2)
+
+
+def test_bucket_sampler_sharding():
+    shapes = random_shapes(101, seed=2)
+    for world in (1, 2, 4):
+        ranks = [data.BucketSampler(shapes, batch_size=3, seed=1, rank=r, world_size=world) for r in range(world)]
+        assert sorted(i for s in ranks for i in s.epoch_samples(0)) == list(range(101))
+        for gb in ranks[0].global_batches(0):
+            assert all(gb) and len({shapes[k[0]] for ks in gb for k in ks}) == 1  # one shape per batch
+            real = [k for ks in gb for k in ks if k[3] > 0]
+            if len(real) == 3 * world:  # full batch: rank r holds slots [3r, 3r + 3)
+                assert [[k[2] for k in ks] for ks in gb] == [[3 * r, 3 * r + 1, 3 * r + 2] for r in range(world)]
+    one = data.BucketSampler(shapes, batch_size=6, seed=1)
+    two = [data.BucketSampler(shapes, batch_size=3, seed=1, rank=r, world_size=2) for r in range(2)]
+    for b1, r0, r1 in zip(one, *two):
+        assert [k for k in r0 + r1 if k[3] > 0] == b1
+
+
+# ----- stages, dataset, loader -----
+
+@pytest.fixture(scope="module")
+def shapes_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    return data.make_shapes(str(out), 30, seed=0)
+
+
+def test_stage_dataset_and_loader(shapes_set, tmp_path):
+    entries = data.read_manifest(shapes_set)
+    entries.append({"path": str(tmp_path / "gone.mp4"), "caption": "missing"})
+    bad = write(tmp_path / "bad.mp4", T=9)
+    entries.append({"path": bad, "caption": "breaks later"})
+    low, high = data.STAGES["shapes"]
+    ds = data.VideoDataset(entries, low)
+    assert ds.shapes[-2] is None and ds.skipped == 1  # header probe failed: planned out
+    for e, (T, H, W) in zip(entries[:-2], ds.shapes[:-2]):
+        assert (H, W) == ((16, 16) if e["width"] == e["height"] else (16, 24))  # nearest aspect
+        assert T == (1 if e["frames"] == 1 else 9)  # the longest stage length each clip can fill
+    hi = data.VideoDataset(entries[:-2], high)
+    assert {T for T, _, _ in hi.shapes} <= {1, 9, 13, 17} and {e["frames"] for e in entries[:-2]} == {T for T, _, _ in hi.shapes}
+    os.truncate(bad, 100)  # the file breaks after planning: the loader skips it, counts it, warns once
+    s = data.FramePackSampler(ds.shapes, max_tokens=64, rows=2, text_len=4, tf=4, sf=4, p=2, seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=s, collate_fn=s.collate)
+    seen = []
+    for b in loader:
+        for v, i in zip(b["video"], b["index"].tolist()):
+            assert tuple(v.shape[1:]) == ds.shapes[i]
+        seen += b["index"].tolist()
+    assert sorted(seen) == list(range(len(entries) - 2)) and ds.skipped == 2 and bad in ds.bad
+    bucket = data.VideoDataset(entries[:-2], high, mode="bucket")
+    assert {T for T, _, _ in bucket.shapes} == {1, 17}  # clips padded to the stage length
+    bs = data.BucketSampler(bucket.shapes, batch_size=4, seed=0)
+    b = bs.collate([bucket[k] for k in next(iter(bs))])
+    assert b["video"].dim() == 5 and abs(b["weight"].sum().item() - 1) < 1e-6 or len(bs) > 1
+    short = next(i for i, e in enumerate(entries) if e["frames"] == 9)
+    v = bucket[short]["video"]  # 9 real frames + 8 copies of the last (released pad_last_frame)
+    assert v.shape[1] == 17 and torch.equal(v[:, 8], v[:, 16])
+
+
+def test_stage_subset_top_quality(shapes_set):
+    entries = data.read_manifest(shapes_set)
+    with pytest.raises(ValueError, match="data.py filter"):
+        data.VideoDataset(entries, data.Stage([(32, 32)], [9], subset=0.2))
+    for k, e in enumerate(entries):
+        e["quality"] = k / len(entries)
+    ds = data.VideoDataset(entries, data.Stage([(32, 32)], [9], subset=0.2))
+    clips = [e for e in entries if e["frames"] > 1]
+    assert len([e for e in ds.entries if e["frames"] > 1]) == 5 and max(e["quality"] for e in clips) in [e["quality"] for e in ds.entries]
+
+
+# ----- filters -----
+
+def test_filters_cli(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+
+    def moving(i):
+        img = np.zeros((32, 32, 3), np.uint8)
+        img[10:20, 2 + 2 * i:12 + 2 * i] = (255, 255, 255)
+        return img
+    still = np.full((32, 32, 3), 128, np.uint8)
+    clips = {"good.mkv": dict(paint=moving), "static.mkv": dict(paint=lambda i: still),
+             "cut.mkv": dict(paint=lambda i: np.full((32, 32, 3), (255, 0, 0) if i < 5 else (0, 0, 255), np.uint8)),
+             "dark.mkv": dict(paint=lambda i: (rng.random((32, 32, 3)) * 20).astype(np.uint8)),
+             "short.mkv": dict(paint=moving, T=5)}
+    entries = [{"path": write(tmp_path / n, **dict(dict(T=10, H=32, W=32, fps=8), **kw)), "caption": n} for n, kw in clips.items()]
+    entries.append({"path": str(tmp_path / "missing.mkv"), "caption": "gone"})
+    m = data.write_manifest(entries, tmp_path / "all.jsonl")
+    data.main(["filter", m, "--out", str(tmp_path / "kept.jsonl")])
+    out = capsys.readouterr().out
+    kept = data.read_manifest(tmp_path / "kept.jsonl")
+    assert [os.path.basename(e["path"]) for e in kept] == ["good.mkv"]
+    assert kept[0]["quality"] > 0.5 and kept[0]["scores"]["motion"] > 0.01
+    table = open(tmp_path / "kept.dropped.tsv").read()
+    for name, reason in [("static.mkv", "static frames"), ("cut.mkv", "scene cut"), ("dark.mkv", "too dark"),
+                         ("short.mkv", "too short"), ("missing.mkv", "unreadable")]:
+        assert any(line.startswith(str(tmp_path / name)) and reason in line for line in table.splitlines()), (name, table)
+        assert reason in out
+    assert len(data.read_manifest(tmp_path / "kept.top20.jsonl")) == 1
+    # the learned-classifier hook: its negative-label probabilities become scores and drop reasons
+    s, why = data.score_entry(entries[0], classifier=lambda v: {"lecture": 0.9, "editing": 0.1})
+    assert s["p_lecture"] == 0.9 and why == ["classifier: lecture 0.90 > 0.5"]
+
+
+# ----- latent cache -----
+
+def test_latent_cache(tmp_path):
+    p = write(tmp_path / "c.mkv", T=5)
+    cache = data.LatentCache(tmp_path / "cache")
+    calls = []
+    make = lambda: calls.append(1) or {"z": torch.randn(4, 2, 4, 4)}
+    k = cache.key(p, (5, 32, 32), "vae-a")
+    z1 = cache.get_or_make(k, make)["z"]
+    z2 = cache.get_or_make(k, make)["z"]
+    assert len(calls) == 1 and torch.equal(z1, z2) and (cache.hits, cache.misses) == (1, 1)
+    assert cache.key(p, (5, 32, 32), "vae-b") != k and cache.key(p, (5, 16, 16), "vae-a") != k
+    os.utime(p, ns=(1, 1))  # content changed (mtime): a new key, the stale latent is not reused
+    assert cache.key(p, (5, 32, 32), "vae-a") != k
+    assert cache.text_key("a red circle", "t5") != cache.text_key("a blue circle", "t5")
+    files = [f for _, _, fs in os.walk(tmp_path / "cache") for f in fs]
+    assert files == [k + ".safetensors"]
+
+
+# ----- the shapes set and its checker -----
+
+def test_shapes_set_deterministic_and_held_out(shapes_set, tmp_path):
+    entries = data.read_manifest(shapes_set)
+    again = data.read_manifest(data.make_shapes(str(tmp_path / "again"), 30, seed=0))
+    strip = lambda es: [dict(e, path=os.path.basename(e["path"])) for e in es]
+    assert strip(entries) == strip(again)
+    for a, b in zip(entries[:3], again[:3]):
+        assert torch.equal(data.load_video(a["path"], 9, 32, 32), data.load_video(b["path"], 9, 32, 32))
+    other = data.read_manifest(data.make_shapes(str(tmp_path / "other"), 30, seed=1))
+    assert strip(other) != strip(entries)
+    assert not any((e["colour"], e["motion"]) in data.HELD_OUT for e in entries)
+    assert {e["frames"] for e in entries} == {1, 9, 13, 17} and {(e["height"], e["width"]) for e in entries} == {(32, 32), (32, 48)}
+    words = {w for e in entries for w in e["caption"].split()}
+    assert len(words) <= 16, words
+    prompts = data.eval_prompts()
+    assert sum(h for _, h in prompts) == 2 * len(data.HELD_OUT) and len(prompts) == 32
+    assert ("a red circle moves up", True) in prompts and ("a red circle moves to the left", False) in prompts
+
+
+def test_shapes_follow_ground_truth_passes_wrong_fails(shapes_set):
+    entries = data.read_manifest(shapes_set)
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    for e in entries:
+        for H, W in [(e["height"], e["width"]), (16, 16 * e["width"] // e["height"])]:  # native and stage-1 size
+            v = data.load_video(e["path"], 17, H, W)
+            assert data.shapes_follow(v, e["caption"]), (e, H, W)
+            wrong_colour = next(c for c in data.COLOURS if c != e["colour"])
+            assert not data.shapes_follow(v, data.caption_of(wrong_colour, e["shape"], e["motion"]))
+            if e["motion"] is None:
+                assert not data.shapes_follow(v, data.caption_of(e["colour"], e["shape"], "left"))
+                continue
+            assert not data.shapes_follow(v, data.caption_of(e["colour"], e["shape"], opposite[e["motion"]]))
+            side = "up" if e["motion"] in ("left", "right") else "left"
+            assert not data.shapes_follow(v, data.caption_of(e["colour"], e["shape"], side))
+            assert not data.shapes_follow(v.flip(1), e["caption"])  # played backwards
+            assert not data.shapes_follow(v[:, :1].expand_as(v), e["caption"])  # frozen: no motion
+    black = -torch.ones(3, 9, 32, 32)
+    assert not data.shapes_follow(black, "a red circle moves up")
+    noise = torch.rand(3, 9, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert not any(data.shapes_follow(noise, p) for p, _ in data.eval_prompts())
+    with pytest.raises(ValueError, match="colours"):
+        data.shapes_follow(black, "a purple circle moves up")
