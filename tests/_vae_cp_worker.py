@@ -1,0 +1,100 @@
+"""torchrun worker for tests/test_vae.py: context-parallel VAE == one process (§2.1, Fig. 2b).
+
+  torchrun --standalone --nproc_per_node 2 tests/_vae_cp_worker.py [T H B [MODE]]
+
+MODE "check" (default): every rank builds the same tiny VAE and clip (seeded), runs the whole clip
+in one process, then its own share with cp_group, and checks that the latents (mean, logvar), the
+reconstruction, the input gradient and every parameter gradient (summed over ranks) equal the
+single-process run within 1e-5 (relative to the values' scale when that exceeds 1; float32
+rounding grows with magnitude). Exits 1 on a mismatch.
+MODE "cp" / "single": run only that forward+backward and print this process's peak memory (peak RSS
+above the RSS before the run, DESIGN §8); run "single" with --nproc_per_node 1. Separate processes,
+because a process that already ran once reuses its freed heap and under-reports the second run.
+"""
+import sys
+
+import torch
+import torch.distributed as dist
+
+from vae import VAE_PRESETS, CausalVAE, cp_gather, cp_split
+
+TOL = 1e-5
+
+
+def _status(key):  # MB from /proc/self/status
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1024
+
+
+def _peak_mb(fn):
+    """Run fn and return (result, peak RSS above the RSS at the start, in MB)."""
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets this process's peak RSS (VmHWM)
+        f.write("5")
+    base = _status("VmRSS")
+    out = fn()
+    return out, _status("VmHWM") - base
+
+
+def _loss(vae, x, wx, wz, group):
+    """A loss that touches every output: weighted sums of the reconstruction, the latent mean and the KL."""
+    post = vae.encode(x, cp_group=group)
+    y = vae.decode(post.mean, cp_group=group)
+    return (y * wx).sum() + (post.mean * wz).sum() + 1e-2 * post.kl().sum(), post, y
+
+
+def main():
+    args = sys.argv[1:] + ["9", "32", "1", "check"][len(sys.argv) - 1:]
+    T, H, B, mode = int(args[0]), int(args[1]), int(args[2]), args[3]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(list(range(world)))  # a non-default group: exercises the rank mapping
+    torch.manual_seed(0)
+    vae = CausalVAE(VAE_PRESETS["tiny"])
+    params = list(vae.parameters())
+    sf, tf = vae.cfg.spatial_factor, vae.cfg.temporal_factor
+    x = torch.randn(B, 3, T, H, H)
+    wx = torch.randn_like(x) / x.numel()  # keeps gradients O(1)
+    wz = torch.randn(B, vae.cfg.latent, (T - 1) // tf + 1, H // sf, H // sf) / x.numel()
+
+    def single():
+        xs = x.clone().requires_grad_()
+        loss, post, y = _loss(vae, xs, wx, wz, None)
+        return [t.detach() for t in (post.mean, post.logvar, y)], torch.autograd.grad(loss, params + [xs])
+
+    def parallel():
+        xl = cp_split(x, group, tf).clone().requires_grad_()
+        loss, post, y = _loss(vae, xl, cp_split(wx, group, tf), cp_split(wz, group, 1), group)
+        return [t.detach() for t in (post.mean, post.logvar, y)], torch.autograd.grad(loss, params + [xl])
+
+    if mode in ("cp", "single"):
+        _, mb = _peak_mb(parallel if mode == "cp" else single)
+        print(f"rank {rank}/{world} {mode} T={T} H=W={H} B={B} frames {cp_split(x, group, tf).shape[2]} | "
+              f"peak MB {mb:.1f}", flush=True)
+        dist.destroy_process_group()
+        return
+
+    (cp_out, cp_grads), (ref_out, ref_grads) = parallel(), single()
+    pg = torch.cat([g.flatten() for g in cp_grads[:-1]])
+    dist.all_reduce(pg, group=group)  # each rank holds its share of every parameter's gradient
+    pairs = {  # name: (ours under CP, the same part of the single-process run)
+        "mean": (cp_out[0], cp_split(ref_out[0], group, 1)),
+        "logvar": (cp_out[1], cp_split(ref_out[1], group, 1)),
+        "recon": (cp_out[2], cp_split(ref_out[2], group, tf)),
+        "recon_gathered": (cp_gather(cp_out[2], group), ref_out[2]),
+        "input_grad": (cp_grads[-1], cp_split(ref_grads[-1], group, tf)),
+        "param_grad": (pg, torch.cat([g.flatten() for g in ref_grads[:-1]])),
+    }
+    diff = {k: (a - b).abs().max().item() for k, (a, b) in pairs.items()}
+    scale = {k: max(1.0, b.abs().max().item()) for k, (a, b) in pairs.items()}
+    print(f"rank {rank}/{world} T={T} H=W={H} B={B} frames {cp_split(x, group, tf).shape[2]} | max abs diff "
+          + " ".join(f"{k} {v:.1e}" + (f" (scale {scale[k]:.1f})" if scale[k] > 1 else "") for k, v in diff.items()),
+          flush=True)
+    bad = {k: v for k, v in diff.items() if not v <= TOL * scale[k]}
+    dist.destroy_process_group()
+    if bad:
+        print(f"rank {rank}: MISMATCH {bad}", flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

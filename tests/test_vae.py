@@ -1,0 +1,314 @@
+"""Tests for vae.py (paper §2.1): architecture and presets, causality, parity with diffusers'
+AutoencoderKLCogVideoX on random weights (whole-sequence at T=1, 9; streaming at T=17, 33; sharded
+and fp16 folders), context parallel == one process under torchrun, losses, checkpoints, metrics, CLI.
+
+  python -m pytest -q tests/test_vae.py            (add -m slow for the 3-rank context-parallel case)
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vae
+from vae import VAE_PRESETS, CausalVAE, VAEConfig, cp_sizes, discriminator_loss, flicker, generator_loss, psnr
+
+HERE = Path(__file__).resolve().parent
+# A small config that still has every kind of layer of the released VAE: 4 levels (so a spatial-only
+# Down/Up), width changes (1×1×1 shortcuts), two time levels.
+DIFFUSERS_CFG = dict(block_out_channels=(8, 16, 16, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
+                     down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4)
+
+
+def _max(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    """A random diffusers AutoencoderKLCogVideoX and its save_pretrained folders (plain, sharded, fp16)."""
+    from diffusers import AutoencoderKLCogVideoX
+    torch.manual_seed(0)
+    d = AutoencoderKLCogVideoX(**DIFFUSERS_CFG, scaling_factor=0.7).eval()
+    root = tmp_path_factory.mktemp("diffusers_vae")
+    d.save_pretrained(root / "plain")
+    d.save_pretrained(root / "sharded", max_shard_size="50KB")
+    copy.deepcopy(d).half().save_pretrained(root / "fp16", variant="fp16")  # .half() is in place
+    return d, root
+
+
+# ----- architecture -----
+
+def test_presets_param_counts_and_shapes():
+    for name in ("cogvideox-2b", "cogvideox-5b"):
+        with torch.device("meta"):
+            m = CausalVAE(VAE_PRESETS[name])
+        assert sum(p.numel() for p in m.parameters()) == 215_583_907, name
+    assert VAE_PRESETS["cogvideox-2b"].scaling_factor == 1.15258426 and VAE_PRESETS["cogvideox-5b"].scaling_factor == 0.7
+    cfg = VAE_PRESETS["cogvideox-2b"]
+    assert (cfg.spatial_factor, cfg.temporal_factor) == (8, 4)
+    tiny = VAE_PRESETS["tiny"]
+    assert (tiny.spatial_factor, tiny.temporal_factor) == (4, 4)
+    m = CausalVAE(tiny).eval()
+    assert sum(p.numel() for p in m.parameters()) == 652_995  # the DESIGN §5 prototype's size
+    with torch.no_grad():
+        post = m.encode(torch.rand(1, 3, 9, 32, 32) * 2 - 1)
+        assert post.mean.shape == post.logvar.shape == (1, 8, 3, 8, 8)
+        assert m.decode(post.mean).shape == (1, 3, 9, 32, 32)
+        assert m.decode(post.mean[:, :, :1]).shape == (1, 3, 1, 32, 32)  # an image is a 1-frame video
+
+
+def test_bad_inputs_are_clear_errors():
+    m = CausalVAE(VAE_PRESETS["tiny"])
+    with pytest.raises(ValueError, match="4k\\+1"):
+        m.encode(torch.zeros(1, 3, 8, 32, 32))
+    with pytest.raises(ValueError, match="multiples of 4"):
+        m.encode(torch.zeros(1, 3, 9, 30, 32))
+    with pytest.raises(ValueError, match="expected"):
+        m.decode(torch.zeros(1, 3, 3, 8, 8))
+    with pytest.raises(ValueError, match="cannot be split"):
+        cp_sizes(11, 2)  # (T-1) must divide by 4·world
+    assert cp_sizes(17, 2) == [9, 8] and cp_sizes(5, 1, factor=1) == [5]
+    with pytest.raises(ValueError, match="groups"):
+        CausalVAE(VAEConfig(channels=(16, 24), groups=16))
+
+
+# ----- causality -----
+
+def test_causality_encoder_and_decoder():
+    """Changing frames after the first 1+4k never changes latent frames 0..k; changing latent frames
+    after k never changes pixel frames 0..4k. GroupNorm statistics span what is processed together,
+    so this is tested per stream chunk (one latent frame per chunk; the encoder's first chunk holds
+    latents 0 and 1, hence k >= 1 there)."""
+    torch.manual_seed(0)
+    m = CausalVAE(VAE_PRESETS["tiny"]).eval()
+    x = torch.rand(1, 3, 17, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = m.encode(x, stream=1).mean  # (1, 8, 5, 4, 4)
+        for k in (1, 2, 3):
+            x2 = x.clone()
+            x2[:, :, 1 + 4 * k:] = torch.rand_like(x2[:, :, 1 + 4 * k:])
+            z2 = m.encode(x2, stream=1).mean
+            assert torch.equal(z2[:, :, :k + 1], z[:, :, :k + 1]), k
+            assert not torch.allclose(z2[:, :, k + 1:], z[:, :, k + 1:])  # the change does reach later latents
+        # the default (diffusers) chunking: frames after the first chunk (9 frames -> 3 latents)
+        z_d = m.encode(x, stream=True).mean
+        x2 = x.clone()
+        x2[:, :, 9:] = 0
+        assert torch.equal(m.encode(x2, stream=True).mean[:, :, :3], z_d[:, :, :3])
+        y = m.decode(z, stream=1)  # (1, 3, 17, 16, 16)
+        for k in (0, 1, 2, 3):
+            z2 = z.clone()
+            z2[:, :, k + 1:] = torch.randn_like(z2[:, :, k + 1:])
+            y2 = m.decode(z2, stream=1)
+            assert torch.equal(y2[:, :, :1 + 4 * k], y[:, :, :1 + 4 * k]), k
+            assert not torch.allclose(y2[:, :, 1 + 4 * k:], y[:, :, 1 + 4 * k:])
+
+
+# ----- parity with diffusers on random weights (DESIGN §8) -----
+
+@pytest.mark.parametrize("folder", ["plain", "sharded", "fp16"])
+def test_from_diffusers_whole_sequence_parity(ref, folder):
+    """Whole-sequence mode equals diffusers when one chunk covers the clip: T = 1 and 9."""
+    d, root = ref
+    ours = CausalVAE.from_diffusers(root / folder).eval()
+    assert ours.cfg.scaling_factor == 0.7 and ours.cfg.channels == (8, 16, 16, 16)
+    if folder == "fp16":  # compare against the same fp16-rounded weights
+        from diffusers import AutoencoderKLCogVideoX
+        d = AutoencoderKLCogVideoX(**DIFFUSERS_CFG).eval()
+        d.load_state_dict({k: v.half().float() for k, v in ref[0].state_dict().items()})
+    torch.manual_seed(1)
+    for T in (1, 9):
+        x = torch.rand(2, 3, T, 32, 32) * 2 - 1
+        with torch.no_grad():
+            dist = d.encode(x).latent_dist
+            post = ours.encode(x)
+            assert _max(post.mean, dist.mean) <= 1e-4 and _max(post.logvar, dist.logvar) <= 1e-4
+            assert _max(ours.decode(dist.mean), d.decode(dist.mean).sample) <= 1e-4
+
+
+def test_streaming_matches_diffusers_chunking(ref):
+    """stream=True copies diffusers' chunks (encoder 8 frames, first 8 + T mod 8; decoder 2 latent
+    frames, first 2 + T' mod 2; GroupNorm per chunk; causal-conv cache across chunks)."""
+    d, root = ref
+    ours = CausalVAE.from_diffusers(root / "plain").eval()
+    torch.manual_seed(2)
+    for T in (17, 33):
+        x = torch.rand(1, 3, T, 16, 16) * 2 - 1
+        with torch.no_grad():
+            mean = d.encode(x).latent_dist.mean
+            z = ours.encode(x, stream=True).mean
+            assert z.shape == (1, 4, (T - 1) // 4 + 1, 2, 2)
+            assert _max(z, mean) <= 1e-4
+            y_ref = d.decode(mean).sample
+            y = ours.decode(mean, stream=True)
+            assert y.shape == y_ref.shape == (1, 3, T, 16, 16)
+            assert _max(y, y_ref) <= 1e-4
+            # the whole-sequence mode differs here (statistics over the whole clip), as documented
+            assert _max(ours.decode(mean), y_ref) > 1e-3
+
+
+def test_from_diffusers_key_errors(ref, tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, root = ref
+    sd = load_file(root / "plain" / "diffusion_pytorch_model.safetensors")
+    sd.pop("decoder.up_blocks.0.resnets.1.norm2.conv_y.conv.weight")
+    sd["encoder.extra.weight"] = torch.zeros(1)
+    (tmp_path / "bad").mkdir()
+    save_file(sd, tmp_path / "bad" / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "bad" / "config.json").write_text((root / "plain" / "config.json").read_text())
+    with pytest.raises(ValueError) as e:
+        CausalVAE.from_diffusers(tmp_path / "bad")
+    assert "decoder.up.0.blocks.1.norm2.conv_y.weight" in str(e.value) and "encoder.extra.weight" in str(e.value)
+    with pytest.raises(FileNotFoundError):
+        CausalVAE.from_diffusers(tmp_path / "bad", variant="bf16")
+
+
+# ----- context parallel (torchrun, 2 ranks, gloo) -----
+
+def test_context_parallel_equals_one_process(torchrun):
+    """Outputs, latents, input gradient and parameter gradients of a 2-rank CP run equal the
+    single-process whole-sequence run within 1e-5 (the worker asserts and exits 1 otherwise)."""
+    p = torchrun(HERE / "_vae_cp_worker.py", 9, 32, 2, "check", nproc=2)
+    assert p.stdout.count("max abs diff") == 2 and "MISMATCH" not in p.stdout
+
+
+@pytest.mark.slow
+def test_context_parallel_three_ranks(torchrun):
+    """3 ranks at T=13: ranks 1 and 2 hold one latent frame each, so rank 2's halo spans two ranks."""
+    p = torchrun(HERE / "_vae_cp_worker.py", 13, 32, 1, "check", nproc=3)
+    assert p.stdout.count("max abs diff") == 3
+
+
+# ----- tiling -----
+
+def test_tiling_blends_exactly():
+    x = torch.randn(1, 2, 3, 20, 28)
+    assert torch.allclose(vae._tiled(lambda v: v, x, 8, 4, 1), x, atol=1e-6)  # blend weights sum to 1
+    up = lambda v: v.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    assert torch.allclose(vae._tiled(up, x, 8, 2, 2), up(x), atol=1e-6)
+    m = CausalVAE(VAE_PRESETS["tiny"]).eval()
+    x = torch.rand(1, 3, 5, 32, 40) * 2 - 1
+    with torch.no_grad():
+        z = m.encode(x).mean
+        assert torch.equal(m.encode(x, tile=64).mean, z)  # one tile covers everything
+        assert m.encode(x, tile=24, overlap=8).mean.shape == z.shape
+        y = m.decode(z, tile=6, overlap=2)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+# ----- losses -----
+
+def _lpips_files(tmp_path):
+    """A VGG16 file in torchvision naming (.pth, with a classifier key the loader must ignore) and an
+    LPIPS linear-layer file (.safetensors) — random values: this tests loading, not LPIPS itself."""
+    from safetensors.torch import save_file
+    sd = {k: torch.randn_like(v) * 0.05 for k, v in vae.LPIPS().state_dict().items()}
+    vgg = {k: v for k, v in sd.items() if k.startswith("features.")}
+    vgg["classifier.0.weight"] = torch.zeros(2, 2)
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    save_file({k: v.abs() for k, v in sd.items() if k.startswith("lin")}, tmp_path / "lin.safetensors")
+    return f"{tmp_path / 'vgg16.pth'},{tmp_path / 'lin.safetensors'}", sd
+
+
+def test_lpips_loading(tmp_path, capsys):
+    assert vae.load_lpips(None) is None
+    assert "disabled" in capsys.readouterr().out
+    paths, sd = _lpips_files(tmp_path)
+    net = vae.load_lpips(paths)
+    assert torch.equal(net.features[28].weight, sd["features.28.weight"])
+    assert not any(p.requires_grad for p in net.parameters())
+    # the lpips package's full state dict names the backbone net.sliceK.N
+    slice_of = lambda n: 1 + sum(n > t for t in net.TAPS)  # slice1 = features 0..3, slice2 = 4..8, ...
+    full = {(f"net.slice{slice_of(int(k.split('.')[1]))}." + k.split(".", 1)[1]) if k.startswith("features.") else k: v
+            for k, v in sd.items()}
+    torch.save(full, tmp_path / "lpips_full.pth")
+    assert torch.equal(vae.load_lpips(str(tmp_path / "lpips_full.pth")).features[0].weight, sd["features.0.weight"])
+    with pytest.raises(ValueError, match="missing"):
+        vae.load_lpips(str(tmp_path / "lin.safetensors"))
+
+
+def test_losses_finite_with_grads_and_gan_start(tmp_path):
+    torch.manual_seed(0)
+    m = CausalVAE(VAE_PRESETS["tiny"])
+    disc = vae.Discriminator3D(ch=8)
+    lp = vae.load_lpips(_lpips_files(tmp_path)[0])
+    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    last = m.decoder.conv_out.weight
+    kw = dict(lpips=lp, disc=disc, disc_start=100, last_layer=last, recon="l2")
+    for step in (0, 100):
+        x_rec, post = m(x)
+        loss, parts = generator_loss(x, x_rec, post, step, **kw)
+        assert set(parts) >= {"loss", "recon", "perceptual", "kl", "gan", "gan_weight"}
+        assert all(torch.isfinite(v) for v in parts.values())
+        terms = ["recon", "perceptual", "kl"] + (["gan"] if step >= 100 else [])
+        for k in terms:  # every active term reaches the VAE's parameters
+            g = torch.autograd.grad(parts[k], list(m.parameters()), retain_graph=True, allow_unused=True)
+            assert any(gi is not None and gi.abs().sum() > 0 for gi in g), k
+        if step < 100:
+            assert parts["gan"] == 0 and parts["gan_weight"] == 0
+        else:
+            assert parts["gan_weight"] > 0 and parts["gan"] != 0
+        d_loss, d_parts = discriminator_loss(disc, x, x_rec, step, disc_start=100)
+        assert torch.isfinite(d_loss) and all(torch.isfinite(v) for v in d_parts.values())
+        d_loss.backward()  # a graph-connected zero before the start step, so train.py needn't special-case it
+        gd = [p.grad.abs().sum() for p in disc.parameters() if p.grad is not None]
+        assert (sum(gd) > 0) == (step >= 100)
+        disc.zero_grad()
+    l1, _ = generator_loss(x, x, post, 0)  # perfect reconstruction: only the KL remains
+    assert l1.item() == pytest.approx(1e-6 * post.kl().sum().item() / x.numel(), rel=1e-5)
+    with pytest.raises(ValueError, match="l1"):
+        generator_loss(x, x, post, recon="huber")
+
+
+def test_gaussian():
+    mean, logvar = torch.zeros(2, 4, 3, 2, 2), torch.zeros(2, 4, 3, 2, 2)
+    g = vae.Gaussian(mean, logvar)
+    assert torch.equal(g.kl(), torch.zeros(2))
+    a = g.sample(torch.Generator().manual_seed(0))
+    assert torch.equal(a, g.sample(torch.Generator().manual_seed(0))) and a.std() > 0.5
+    assert (vae.Gaussian(mean + 1, logvar - 1).kl() > 0).all()
+
+
+# ----- checkpoints, metrics, CLI -----
+
+def test_save_load_roundtrip(tmp_path):
+    cfg = VAEConfig(channels=(8, 16), layers=1, latent=4, groups=4, time_levels=1, scaling_factor=0.5)
+    m = CausalVAE(cfg).eval()
+    m.save(tmp_path / "ck")
+    assert sorted(os.listdir(tmp_path / "ck")) == ["config.json", "model.safetensors"]
+    m2 = CausalVAE.load(tmp_path / "ck")
+    assert m2.cfg == cfg
+    x = torch.rand(1, 3, 5, 8, 8) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(m.encode(x).mean, m2.encode(x).mean)
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({**json.loads((tmp_path / "ck" / "config.json").read_text()), "latent": 5}))
+    with pytest.raises(ValueError, match="missing .*unexpected .*wrong shape"):
+        CausalVAE.load(tmp_path / "ck")
+
+
+def test_psnr_and_flicker():
+    x = torch.rand(1, 3, 5, 8, 8) * 1.6 - 0.8
+    assert psnr(x, x + 0.1) == pytest.approx(10 * torch.log10(torch.tensor(400.0)).item(), abs=1e-3)
+    assert flicker(x, x) == 0 and flicker(x, x + 0.1) == pytest.approx(0, abs=1e-4)  # a constant offset does not flicker
+    y = x.clone()
+    y[:, :, 1::2] += 0.2  # every other frame brighter: flicker
+    assert flicker(x, y) > 5
+
+
+def test_cli_reconstruct(tmp_path):
+    torch.manual_seed(0)
+    clip = tmp_path / "clip.mp4"
+    vae.write_video(str(clip), torch.rand(3, 10, 32, 40) * 2 - 1, fps=8)
+    CausalVAE(VAE_PRESETS["tiny"]).save(tmp_path / "ck")
+    p = subprocess.run([sys.executable, str(HERE.parent / "vae.py"), "--reconstruct", str(clip), "--ckpt",
+                        str(tmp_path / "ck"), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "psnr" in p.stdout and "flicker" in p.stdout
+    out = tmp_path / "clip.recon.mp4"
+    v, _ = vae.read_video(str(out), 100)
+    assert v.shape == (3, 9, 32, 40)  # 10 frames trimmed to 4k+1

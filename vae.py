@@ -1,0 +1,858 @@
+"""nano-cogvideox · vae.py — the 3D causal VAE of CogVideoX (paper §2.1, Figure 2).
+
+A video (B, 3, T, H, W) in [-1, 1] with T = 4k+1 frames is compressed 4× in time and 8× in space
+(the released model) into a diagonal Gaussian over latents (B, 16, k+1, H/8, W/8). Everything here:
+
+  * causal 3D convolution (Fig. 2b): time padding only in front, so frame t never sees t+1..
+  * encoder / decoder exactly as released (same outputs as diffusers' `AutoencoderKLCogVideoX` up to
+    float rounding; see `from_diffusers` and DESIGN §8 for what "matches" means)
+  * three ways to run over time, all through the same modules:
+      whole sequence (default)  - GroupNorm statistics over the whole clip
+      stream=True               - chunks of latent frames with a causal-conv cache, GroupNorm per
+                                  chunk: this is what the diffusers port (and the released code) do
+      cp_group=g                - context parallel (§2.1, Fig. 2b): time split across ranks, each
+                                  causal conv sends its last k-1 frames to the next rank, GroupNorm
+                                  sums all-reduced; output AND gradients equal the whole sequence
+  * optional spatial tiling with blending (tile=...), for frames too large for memory
+  * the VAE training losses (§2.1 "L2 loss, LPIPS perceptual loss, GAN loss from a 3D
+    discriminator", plus the KL term of the Gaussian), PSNR and a flicker measure
+
+Causality, precisely: every convolution is causal (Fig. 2b), but GroupNorm statistics cover whatever
+is processed together (the clip, one stream chunk, or all CP ranks). So a stream chunk never depends
+on later frames, while in whole-sequence mode later frames can shift earlier outputs slightly
+through the norm statistics — true of the released model too (the paper does not discuss it).
+
+Deviations from the released code (all documented where they happen): the CP decoder all-reduces
+its GroupNorm sums and CP sends halo gradients back (both: exact CP); for T ≡ 5 (mod 8) the diffusers
+decoder chunks yield 4·T' frames, ours always 4·(T'-1)+1 (the causal design); GAN discriminator
+details (the paper gives none).
+
+Run:
+  python vae.py --help
+  python vae.py --reconstruct clip.mp4 --preset tiny          # smoke test with random weights
+  python vae.py --reconstruct clip.mp4 --ckpt runs/vae        # our checkpoint (CausalVAE.save)
+  python vae.py --reconstruct clip.mp4 --ckpt CogVideoX-2b/vae --device cuda   # released weights
+  python -m pytest -q tests/test_vae.py                       # parity, causality, CP, losses
+  torchrun --standalone --nproc_per_node 2 tests/_vae_cp_worker.py   # CP == one process (+ memory)
+
+Shape legend:
+  B batch · T pixel frames (4k+1) · T' latent frames (k+1) · H, W pixels · h, w latent pixels
+  C channels of a feature map · L latent channels · G GroupNorm groups · n causal halo (kernel-1)
+"""
+import argparse
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VAEConfig:
+    channels: tuple = (128, 256, 256, 512)  # encoder level widths; the decoder mirrors them
+    layers: int = 3              # resnet blocks per encoder level (the decoder has one more per level)
+    latent: int = 16             # latent channels L
+    groups: int = 32             # GroupNorm groups (must divide every width)
+    eps: float = 1e-6            # GroupNorm eps
+    time_levels: int = 2         # the first `time_levels` levels also halve time (frame 0 kept)
+    scaling_factor: float = 1.15258426  # the DiT sees z * scaling_factor (latent std ≈ 1)
+    stream_latents: int = 2      # stream=True: latent frames per chunk (diffusers' value)
+
+    @property
+    def spatial_factor(self):  # one 2× downsample after every level but the last
+        return 2 ** (len(self.channels) - 1)
+
+    @property
+    def temporal_factor(self):
+        return 2 ** self.time_levels
+
+
+VAE_PRESETS = {
+    # The shapes demo (DESIGN §5): 32×32×9 clips -> 8×3×8×8 latents, ~0.65M parameters, ~0.1 s per
+    # clip on a CPU. Its scaling factor is a placeholder: train.py sets it from the trained latents.
+    "tiny": VAEConfig(channels=(16, 32, 32), layers=1, latent=8, groups=8, scaling_factor=1.0),
+    # The released VAE of CogVideoX-2B and -5B: identical weights' shapes, different scaling factor.
+    "cogvideox-2b": VAEConfig(),
+    "cogvideox-5b": VAEConfig(scaling_factor=0.7),
+}
+
+# ----------------------------------------------------------------------------------------------
+# How one forward call sees time: whole clip, one chunk of a stream, or one rank's share (CP)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    first: bool = True   # this piece holds frame 0, so the frame-0 special cases apply to it
+    cache: dict = None   # stream=True: each causal conv's last n input frames, keyed by the conv
+    group: object = None  # context parallel process group (None = single process)
+
+
+def _peer(group, rank):  # send/recv take global ranks
+    return dist.get_global_rank(group, rank) if group is not None else rank
+
+
+class _Halo(torch.autograd.Function):
+    """§2.1 context parallel (Fig. 2b): prepend the previous rank's last n frames to x.
+
+    The ranks form a chain 0 -> 1 -> ... : rank r receives its halo, then forwards the last n frames
+    of (halo ++ x) to r+1. Chaining (instead of every rank sending its own tail at once, as released)
+    keeps the result exact when a rank holds fewer than n frames (e.g. 1 latent frame per rank).
+    Backward runs the chain in reverse and hands the halo's gradient back to where the frames came
+    from; the released code drops it, which makes CP gradients differ from one process."""
+
+    @staticmethod
+    def forward(ctx, x, n, group):  # x: (B, C, T_local, H, W) -> (B, C, n + T_local, H, W)
+        r, world = dist.get_rank(group), dist.get_world_size(group)
+        ctx.n, ctx.group, ctx.r, ctx.world = n, group, r, world
+        if r > 0:
+            head = x.new_empty(*x.shape[:2], n, *x.shape[3:])  # (B, C, n, H, W)
+            dist.recv(head, src=_peer(group, r - 1), group=group)
+            x = torch.cat([head, x], 2)
+        else:
+            x = x.clone()  # rank 0 already padded itself; return a fresh tensor, not the input
+        if r < world - 1:
+            dist.send(x[:, :, -n:].contiguous(), dst=_peer(group, r + 1), group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):  # g: (B, C, n + T_local, H, W)
+        n, group, r = ctx.n, ctx.group, ctx.r
+        g = g.contiguous().clone()
+        if r < ctx.world - 1:  # the frames we sent on were used by the next rank: add their grad
+            tail = torch.empty_like(g[:, :, -n:])
+            dist.recv(tail, src=_peer(group, r + 1), group=group)
+            g[:, :, -n:] += tail
+        if r > 0:  # the halo came from the previous rank: its gradient goes back there
+            dist.send(g[:, :, :n].contiguous(), dst=_peer(group, r - 1), group=group)
+            g = g[:, :, n:]
+        return g, None, None
+
+
+class _AllReduce(torch.autograd.Function):
+    """Differentiable sum over the group: the gradient of a sum is the sum of the gradients.
+    (= torch.distributed.nn.functional.all_reduce, which torch 2.13 deprecates with a warning.)"""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _AllReduce.apply(g, ctx.group), None
+
+
+def cp_sizes(T, world, factor=4):
+    """Frames per rank (§2.1 CP): rank 0 takes frame 0 plus an equal share of the rest, so that every
+    temporal downsample pairs the same frames as in one process. factor=4 for pixel frames (the
+    VAE's temporal factor), 1 for latent frames."""
+    if T < 1 or (T - 1) % (factor * world):
+        raise ValueError(f"context parallel: {T} frames cannot be split over {world} ranks; need "
+                         f"(T-1) divisible by {factor * world} (e.g. T={factor * world + 1}) — trim the clip "
+                         f"or use fewer ranks")
+    m = (T - 1) // world
+    return [m + 1] + [m] * (world - 1)
+
+
+def cp_split(x, group=None, factor=4):
+    """This rank's share of a whole clip (B, C, T, H, W) -> (B, C, T_local, H, W)."""
+    sizes = cp_sizes(x.shape[2], dist.get_world_size(group), factor)
+    r = dist.get_rank(group)
+    start = sum(sizes[:r])
+    return x[:, :, start:start + sizes[r]]
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):  # (B, C, T_local, H, W) -> (B, C, T, H, W) on every rank
+        r, world = dist.get_rank(group), dist.get_world_size(group)
+        m = x.shape[2] - (r == 0)  # frames per rank after frame 0
+        pad = F.pad(x, (0, 0, 0, 0, 0, int(r > 0)))  # equal sizes for all_gather: (B, C, m+1, H, W)
+        parts = [torch.empty_like(pad) for _ in range(world)]
+        dist.all_gather(parts, pad.contiguous(), group=group)
+        ctx.group, ctx.start, ctx.size = group, 0 if r == 0 else 1 + r * m, x.shape[2]
+        return torch.cat([parts[0]] + [p[:, :, :m] for p in parts[1:]], 2)
+
+    @staticmethod
+    def backward(ctx, g):  # every rank's loss may use every frame: sum, then keep our slice
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g[:, :, ctx.start:ctx.start + ctx.size], None
+
+
+def cp_gather(x, group=None):
+    """Inverse of cp_split (differentiable): every rank gets the whole clip. Backward sums every
+    rank's gradient of the gathered clip and hands each rank its own frames' share; so when every
+    rank computes the same loss on the gathered clip, averaging parameter gradients over the group
+    (as DDP does) gives exactly the one-process gradient."""
+    return _Gather.apply(x, group)
+
+
+# ----------------------------------------------------------------------------------------------
+# Causal convolution and GroupNorm (the two places where time crosses a chunk or rank boundary)
+# ----------------------------------------------------------------------------------------------
+
+
+def time_pad(x, n, run, key):
+    """§2.1 temporally causal padding: n frames in front only, never behind. (B, C, T, H, W) -> (B, C, n+T, H, W)
+
+    The first piece repeats frame 0 (released "first" pad mode; the paper's figure shows generic
+    padding); a later stream chunk uses the cached last n frames of the previous chunk; a CP rank
+    receives them from the previous rank."""
+    if n == 0:
+        return x
+    if run.group is not None:
+        if run.first:
+            x = torch.cat([x[:, :, :1]] * n + [x], 2)  # (B, C, n+T, H, W)
+        return _Halo.apply(x, n, run.group)
+    head = run.cache.get(key) if run.cache is not None else None
+    if head is None:
+        head = x[:, :, :1].expand(-1, -1, n, -1, -1)  # (B, C, n, H, W) copies of frame 0
+    x = torch.cat([head, x], 2)  # (B, C, n+T, H, W)
+    if run.cache is not None:
+        run.cache[key] = x[:, :, -n:].clone()  # clone: don't keep the whole chunk alive
+    return x
+
+
+class CausalConv3d(nn.Conv3d):
+    """k×k×k conv, zero padding in space, causal padding in time (Fig. 2b). Keeps T unchanged."""
+
+    def __init__(self, cin, cout, k=3):
+        super().__init__(cin, cout, k, padding=(0, k // 2, k // 2))
+
+    def forward(self, x, run):  # (B, Cin, T, H, W) -> (B, Cout, T, H, W)
+        return super().forward(time_pad(x, self.kernel_size[0] - 1, run, self))
+
+
+def group_norm(x, gn, run):
+    """GroupNorm over (C/G, T, H, W). Under CP the statistics must cover the whole clip (§2.1): each
+    rank sums x and x² per group (in float64, so the difference of the two sums stays accurate), one
+    all-reduce adds the sums, activations are never gathered. The released decoder does not
+    all-reduce (per-rank statistics, so its CP output depends on the rank count); we do, to be exact."""
+    if run.group is None:
+        return gn(x)  # torch's fused kernel: the same statistics, faster on one process
+    B, C = x.shape[:2]
+    xg = x.reshape(B, gn.num_groups, -1)  # (B, G, C/G*T*H*W)
+    count = torch.full_like(xg[..., 0], xg.shape[-1], dtype=torch.float64)  # (B, G)
+    s = torch.stack([xg.sum(-1, dtype=torch.float64), (xg * xg).sum(-1, dtype=torch.float64), count])  # (3, B, G)
+    s = _AllReduce.apply(s, run.group)  # summed over ranks (and so are its gradients)
+    mean = s[0] / s[2]  # (B, G)
+    rstd = torch.rsqrt(s[1] / s[2] - mean * mean + gn.eps)  # (B, G)
+    # fold normalisation and affine into one x * a + b per channel (cheaper than four passes)
+    a = rstd.repeat_interleave(C // gn.num_groups, 1).to(x.dtype) * gn.weight  # (B, C)
+    b = gn.bias - mean.repeat_interleave(C // gn.num_groups, 1).to(x.dtype) * a  # (B, C)
+    shape = (B, C) + (1,) * (x.dim() - 2)
+    return torch.addcmul(b.view(shape), x, a.view(shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks: spatial norm, resnet block, down/upsampling
+# ----------------------------------------------------------------------------------------------
+
+
+class SpatialNorm(nn.Module):
+    """Decoder norm conditioned on the latent (released code; MoVQ-style): GN(f)·conv_y(z↑) + conv_b(z↑)."""
+
+    def __init__(self, c, latent, cfg):
+        super().__init__()
+        self.norm = nn.GroupNorm(cfg.groups, c, cfg.eps)
+        self.conv_y = nn.Conv3d(latent, c, 1)
+        self.conv_b = nn.Conv3d(latent, c, 1)
+
+    def forward(self, f, z, run):  # f (B, C, T, H, W), z (B, L, T', h, w) -> (B, C, T, H, W)
+        T, H, W = f.shape[-3:]
+        if run.first and T > 1:  # latent frame 0 maps to pixel frame 0 alone; the rest spread evenly
+            z = torch.cat([F.interpolate(z[:, :, :1], size=(1, H, W)),
+                           F.interpolate(z[:, :, 1:], size=(T - 1, H, W))], 2)  # (B, L, T, H, W)
+        else:
+            z = F.interpolate(z, size=(T, H, W))  # (B, L, T, H, W) nearest
+        return group_norm(f, self.norm, run) * self.conv_y(z) + self.conv_b(z)
+
+
+class ResBlock(nn.Module):
+    """norm -> SiLU -> causal conv, twice, plus a 1×1×1 conv shortcut when the width changes.
+    latent > 0 makes the norms spatial norms (decoder)."""
+
+    def __init__(self, cin, cout, cfg, latent=0):
+        super().__init__()
+        norm = (lambda c: SpatialNorm(c, latent, cfg)) if latent else (lambda c: nn.GroupNorm(cfg.groups, c, cfg.eps))
+        self.norm1, self.conv1 = norm(cin), CausalConv3d(cin, cout)
+        self.norm2, self.conv2 = norm(cout), CausalConv3d(cout, cout)
+        self.shortcut = nn.Conv3d(cin, cout, 1) if cin != cout else None
+
+    def _norm(self, m, x, run, z):
+        return m(x, z, run) if isinstance(m, SpatialNorm) else group_norm(x, m, run)
+
+    def forward(self, x, run, z=None):  # (B, Cin, T, H, W) -> (B, Cout, T, H, W)
+        h = self.conv1(F.silu(self._norm(self.norm1, x, run, z)), run)
+        h = self.conv2(F.silu(self._norm(self.norm2, h, run, z)), run)
+        return h + (x if self.shortcut is None else self.shortcut(x))
+
+
+def _per_frame(conv, x):  # a 2D conv on every frame: (B, C, T, H, W) -> (B, C', T, H', W')
+    y = conv(x.transpose(1, 2).flatten(0, 1))  # (B*T, C', H', W')
+    return y.unflatten(0, (x.shape[0], -1)).transpose(1, 2)
+
+
+class Down(nn.Module):
+    """§2.1 compression step: (optionally) halve time, then a stride-2 3×3 conv per frame."""
+
+    def __init__(self, c, time):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+        self.time = time
+
+    def forward(self, x, run):  # (B, C, T, H, W) -> (B, C, T/2 (+1), H/2, W/2)
+        if self.time and x.shape[2] > 1:
+            # frame 0 is kept as is (an image is a 1-frame video), the rest are averaged in pairs
+            head, rest = (x[:, :, :1], x[:, :, 1:]) if run.first else (x[:, :, :0], x)
+            x = torch.cat([head, rest.unflatten(2, (-1, 2)).mean(3)], 2)  # (B, C, 1 + (T-1)/2, H, W)
+        x = F.pad(x, (0, 1, 0, 1))  # released: pad right/bottom only, then an unpadded stride-2 conv
+        return _per_frame(self.conv, x)
+
+
+class Up(nn.Module):
+    """Decoder mirror of Down: (optionally) double time keeping frame 0 single, nearest 2× in space, 3×3 conv."""
+
+    def __init__(self, c, time):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.time = time
+
+    def forward(self, x, run):  # (B, C, T, h, w) -> (B, C, 2T (-1), 2h, 2w)
+        if self.time:
+            head, rest = (x[:, :, :1], x[:, :, 1:]) if run.first else (x[:, :, :0], x)
+            x = torch.cat([head, rest.repeat_interleave(2, 2)], 2)  # (B, C, 1 + 2(T-1), h, w)
+        y = F.interpolate(x.transpose(1, 2).flatten(0, 1), scale_factor=2.0)  # (B*T, C, 2h, 2w) nearest
+        return self.conv(y).unflatten(0, (x.shape[0], -1)).transpose(1, 2)
+
+
+class Level(nn.Module):
+    """One resolution level: resnet blocks, then an optional Down/Up."""
+
+    def __init__(self, cin, cout, n, cfg, resample=None, latent=0):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResBlock(cin if i == 0 else cout, cout, cfg, latent) for i in range(n))
+        self.resample = resample
+
+    def forward(self, x, run, z=None):
+        for block in self.blocks:
+            x = block(x, run, z)
+        return x if self.resample is None else self.resample(x, run)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder, decoder, posterior
+# ----------------------------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    """§2.1 Fig. 2a: conv in, levels (with spatial and, early on, temporal downsampling), two mid
+    blocks, GN + SiLU, conv to mean and logvar. No attention (the paper's 3D VAE is all conv)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch, last = cfg.channels, len(cfg.channels) - 1
+        self.conv_in = CausalConv3d(3, ch[0])
+        self.down = nn.ModuleList(
+            Level(ch[max(i - 1, 0)], ch[i], cfg.layers, cfg, Down(ch[i], i < cfg.time_levels) if i < last else None)
+            for i in range(len(ch)))
+        self.mid = nn.ModuleList(ResBlock(ch[-1], ch[-1], cfg) for _ in range(2))
+        self.norm_out = nn.GroupNorm(cfg.groups, ch[-1], cfg.eps)
+        self.conv_out = CausalConv3d(ch[-1], 2 * cfg.latent)
+
+    def forward(self, x, run):  # (B, 3, T, H, W) -> (B, 2L, T', h, w)
+        h = self.conv_in(x, run)
+        for level in self.down:
+            h = level(h, run)
+        for block in self.mid:
+            h = block(h, run)
+        return self.conv_out(F.silu(group_norm(h, self.norm_out, run)), run)
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder; every norm is a spatial norm conditioned on the latent z."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch, last, L = cfg.channels[::-1], len(cfg.channels) - 1, cfg.latent
+        self.conv_in = CausalConv3d(L, ch[0])
+        self.mid = nn.ModuleList(ResBlock(ch[0], ch[0], cfg, L) for _ in range(2))
+        self.up = nn.ModuleList(
+            Level(ch[max(i - 1, 0)], ch[i], cfg.layers + 1, cfg, Up(ch[i], i < cfg.time_levels) if i < last else None, L)
+            for i in range(len(ch)))
+        self.norm_out = SpatialNorm(ch[-1], L, cfg)
+        self.conv_out = CausalConv3d(ch[-1], 3)
+
+    def forward(self, z, run):  # (B, L, T', h, w) -> (B, 3, T, H, W)
+        h = self.conv_in(z, run)
+        for block in self.mid:
+            h = block(h, run, z)
+        for level in self.up:
+            h = level(h, run, z)
+        return self.conv_out(F.silu(self.norm_out(h, z, run)), run)
+
+
+class Gaussian:
+    """The posterior q(z|x) = N(mean, exp(logvar)), per latent element (the "latent space regularizer" of Fig. 2a)."""
+
+    def __init__(self, mean, logvar):
+        self.mean, self.logvar = mean, logvar  # (B, L, T', h, w) each
+
+    def sample(self, generator=None):
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + torch.exp(0.5 * self.logvar) * eps
+
+    def kl(self):  # KL(q || N(0, I)) summed per sample: (B,)
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1 - self.logvar).flatten(1).sum(1)
+
+
+def _ramp(n, overlap, ref):  # blending weights along one axis: rises over the overlap, never 0
+    i = torch.arange(n, device=ref.device, dtype=ref.dtype)
+    return torch.clamp(torch.minimum(i + 1, n - i) / (overlap + 1), max=1)
+
+
+def _tiled(fn, x, tile, overlap, scale):
+    """Run fn on overlapping spatial tiles of x and blend the outputs with linear ramps (not in the
+    paper; the diffusers port tiles large frames the same way). scale = output size / input size."""
+    H, W = x.shape[-2:]
+    if H <= tile and W <= tile:
+        return fn(x)
+    starts = lambda n: [0] if n <= tile else list(range(0, n - tile, tile - overlap)) + [n - tile]
+    out = weight = None
+    for i in starts(H):
+        for j in starts(W):
+            y = fn(x[..., i:i + tile, j:j + tile])  # (B, C', T', th, tw)
+            if out is None:
+                out = y.new_zeros(*y.shape[:3], int(H * scale), int(W * scale))
+                weight = y.new_zeros(out.shape[-2:])
+            o = int(overlap * scale)
+            w = _ramp(y.shape[-2], o, y)[:, None] * _ramp(y.shape[-1], o, y)[None]  # (th, tw)
+            oi, oj, th, tw = int(i * scale), int(j * scale), y.shape[-2], y.shape[-1]
+            out[..., oi:oi + th, oj:oj + tw] += y * w
+            weight[oi:oi + th, oj:oj + tw] += w
+    return out / weight
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole VAE
+# ----------------------------------------------------------------------------------------------
+
+
+class CausalVAE(nn.Module):
+    """§2.1 3D causal VAE. encode(x) -> Gaussian (UNSCALED; the DiT sees z * cfg.scaling_factor),
+    decode(z) -> x. Keyword options (tile combines with either of the others; cp_group wins over stream):
+      stream=True   chunks of cfg.stream_latents latent frames with a causal cache (= diffusers);
+                    stream=n chunks of n latent frames (less memory, shorter GroupNorm windows)
+      cp_group=g    context parallel: x / z is this rank's share (cp_split), output is too
+      tile=N        spatial tiles of N pixels (encode) / N latent pixels (decode), blended over `overlap`
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        if not 0 <= cfg.time_levels < len(cfg.channels) or any(c % cfg.groups for c in cfg.channels):
+            raise ValueError(f"bad VAEConfig {cfg}: need time_levels < number of levels and groups dividing every width")
+        self.cfg = cfg = replace(cfg)  # a copy: train.py may set cfg.scaling_factor without touching the preset
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def _check(self, x, encoding, group, tile, overlap):
+        cfg, what = self.cfg, "encode" if encoding else "decode"
+        want = 3 if encoding else cfg.latent
+        if x.dim() != 5 or x.shape[1] != want:
+            raise ValueError(f"{what}: expected (B, {want}, T, H, W), got {tuple(x.shape)}")
+        T, tf, sf = x.shape[2], cfg.temporal_factor, cfg.spatial_factor
+        if encoding and (x.shape[-1] % sf or x.shape[-2] % sf):
+            raise ValueError(f"encode: H and W must be multiples of {sf} (the spatial factor), got "
+                             f"{tuple(x.shape[-2:])} — resize or crop the frames")
+        first = group is None or dist.get_rank(group) == 0
+        if encoding and (T - first) % tf:
+            raise ValueError(f"encode: got {T} frames; the causal VAE needs T = {tf}k+1 (e.g. {tf + 1}, "
+                             f"{2 * tf + 1}) — trim or pad the clip" if first else
+                             f"encode: context-parallel rank holds {T} frames, need a multiple of {tf}; "
+                             f"split the clip with cp_split")
+        if tile and encoding and (tile % sf or overlap % sf):
+            raise ValueError(f"encode: tile and overlap must be multiples of {sf}, got {tile}, {overlap}")
+
+    def _run(self, net, x, group, stream, chunk):
+        if group is not None:  # this rank's share of the clip; frame 0 lives on rank 0
+            return net(x, Run(first=dist.get_rank(group) == 0, group=group))
+        if not stream:
+            return net(x, Run())
+        # stream: the first chunk takes the remainder (T mod chunk) so every later chunk is full,
+        # exactly as the diffusers port does; GroupNorm statistics are per chunk in this mode
+        T, cache = x.shape[2], {}
+        n0 = chunk + T % chunk if T >= chunk else T
+        outs = [net(x[:, :, :n0], Run(first=True, cache=cache))]
+        for s in range(n0, T, chunk):
+            outs.append(net(x[:, :, s:s + chunk], Run(first=False, cache=cache)))
+        return torch.cat(outs, 2)  # (B, C', T_out, H', W')
+
+    def encode(self, x, cp_group=None, stream=False, tile=None, overlap=None):
+        """x (B, 3, T, H, W) in [-1, 1] -> Gaussian over (B, L, T', h, w)."""
+        sf = self.cfg.spatial_factor
+        overlap = overlap if overlap is not None else (tile or 0) // 4 // sf * sf
+        self._check(x, True, cp_group, tile, overlap)
+        n = self.cfg.stream_latents if stream is True else int(stream)
+        fn = lambda v: self._run(self.encoder, v, cp_group, stream, n * self.cfg.temporal_factor)
+        h = _tiled(fn, x, tile, overlap, 1 / sf) if tile else fn(x)  # (B, 2L, T', h, w)
+        mean, logvar = h.chunk(2, 1)
+        return Gaussian(mean, logvar.clamp(-30.0, 20.0))  # released clamp keeps exp(logvar) finite
+
+    def decode(self, z, cp_group=None, stream=False, tile=None, overlap=None):
+        """z (B, L, T', h, w) UNSCALED (divide DiT latents by scaling_factor first) -> (B, 3, T, H, W)."""
+        overlap = overlap if overlap is not None else (tile or 0) // 4
+        self._check(z, False, cp_group, tile, overlap)
+        n = self.cfg.stream_latents if stream is True else int(stream)
+        fn = lambda v: self._run(self.decoder, v, cp_group, stream, n)
+        return _tiled(fn, z, tile, overlap, self.cfg.spatial_factor) if tile else fn(z)
+
+    def forward(self, x, cp_group=None, sample=True, generator=None):
+        """Autoencode (what VAE training calls, e.g. through DDP): -> (reconstruction, posterior)."""
+        post = self.encode(x, cp_group=cp_group)
+        z = post.sample(generator) if sample else post.mean
+        return self.decode(z, cp_group=cp_group), post
+
+    # ----- checkpoints: ours, and the released weights in diffusers layout -----
+
+    def save(self, folder):
+        """config.json + model.safetensors, each written to a temp file then renamed (atomic)."""
+        from safetensors.torch import save_file
+        os.makedirs(folder, exist_ok=True)
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic(os.path.join(folder, "model.safetensors"), lambda p: save_file(sd, p))
+        _atomic(os.path.join(folder, "config.json"), lambda p: _write_text(p, json.dumps(asdict(self.cfg), indent=2)))
+
+    @classmethod
+    def load(cls, folder, device="cpu"):
+        from safetensors.torch import load_file
+        with open(os.path.join(folder, "config.json")) as f:
+            d = json.load(f)
+        unknown = set(d) - set(VAEConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{folder}/config.json has unknown VAEConfig fields {sorted(unknown)}; "
+                             f"for a diffusers folder use CausalVAE.from_diffusers")
+        model = cls(VAEConfig(**{**d, "channels": tuple(d["channels"])}))
+        _load_state(model, load_file(os.path.join(folder, "model.safetensors")), folder)
+        return model.to(device)
+
+    @classmethod
+    def from_diffusers(cls, folder, variant=None, device="cpu"):
+        """Load a diffusers AutoencoderKLCogVideoX folder (released CogVideoX `vae/`): config.json +
+        diffusion_pytorch_model[.variant].safetensors, or shards listed in *.safetensors.index*.json.
+        Weights are cast to float32 (fp16/bf16 files are fine)."""
+        with open(os.path.join(folder, "config.json")) as f:
+            d = json.load(f)
+        if d.get("use_quant_conv") or d.get("use_post_quant_conv"):
+            raise ValueError(f"{folder}: quant convs are not part of CogVideoX's VAE; not supported")
+        cfg = VAEConfig(
+            channels=tuple(d.get("block_out_channels", (128, 256, 256, 512))),
+            layers=d.get("layers_per_block", 3), latent=d.get("latent_channels", 16),
+            groups=d.get("norm_num_groups", 32), eps=d.get("norm_eps", 1e-6),
+            time_levels=int(math.log2(d.get("temporal_compression_ratio", 4))),
+            scaling_factor=d.get("scaling_factor", 1.15258426))
+        sd = {_diffusers_key(k): v.float() for k, v in _read_safetensors(folder, variant).items()}
+        model = cls(cfg)
+        _load_state(model, sd, folder)
+        return model.to(device)
+
+
+def _diffusers_key(k):
+    """diffusers name -> ours, e.g. encoder.down_blocks.0.resnets.1.conv1.conv.weight -> encoder.down.0.blocks.1.conv1.weight"""
+    k = k.replace("mid_block.resnets.", "mid.").replace("down_blocks.", "down.").replace("up_blocks.", "up.")
+    k = k.replace("resnets.", "blocks.").replace("downsamplers.0.", "resample.").replace("upsamplers.0.", "resample.")
+    k = k.replace("norm_layer.", "norm.").replace("conv_shortcut.", "shortcut.")
+    return re.sub(r"(conv_in|conv_out|conv1|conv2|conv_y|conv_b)\.conv\.", r"\1.", k)  # the causal-conv wrapper
+
+
+def _read_safetensors(folder, variant=None, stem="diffusion_pytorch_model"):
+    from safetensors.torch import load_file
+    names = os.listdir(folder)
+    v = f".{variant}" if variant else ""
+    single, index = f"{stem}{v}.safetensors", f"{stem}.safetensors.index{v}.json"
+    if variant is None and single not in names and index not in names:  # only a variant present: use it
+        found = sorted(n for n in names if re.fullmatch(rf"{stem}\.(\w+)\.safetensors|{stem}\.safetensors\.index\.(\w+)\.json", n))
+        if len(found) == 1:
+            single = index = found[0]
+    if single in names and single.endswith(".safetensors"):
+        return load_file(os.path.join(folder, single))
+    if index in names:
+        with open(os.path.join(folder, index)) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        sd = {}
+        for s in shards:
+            sd.update(load_file(os.path.join(folder, s)))
+        return sd
+    raise FileNotFoundError(f"{folder}: no {single} or {index} (files: {sorted(names)[:8]}); "
+                            f"pass variant='fp16' for variant files")
+
+
+def _load_state(model, sd, source):
+    """Strict load with an error that lists what does not fit."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        show = lambda l: f"{len(l)} {l[:12]}{' ...' if len(l) > 12 else ''}"
+        raise ValueError(f"{source}: weights do not match the model config: missing {show(missing)}; "
+                         f"unexpected {show(unexpected)}; wrong shape {show(shapes)}")
+    model.load_state_dict(sd)
+
+
+def _write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _atomic(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (§2.1: "a weighted combination of the L2 loss, LPIPS perceptual loss, and GAN loss from a
+# 3D discriminator", plus the KL term of the Gaussian; short clips first, then long clips with CP)
+# ----------------------------------------------------------------------------------------------
+
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+
+
+class _Lin(nn.Module):  # LPIPS' learned per-channel weights; the names give the file's `linK.model.1.weight`
+    def __init__(self, c):
+        super().__init__()
+        self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(c, 1, 1, bias=False))
+
+
+class LPIPS(nn.Module):
+    """LPIPS (Zhang et al. 2018) on a VGG16 backbone. Parameter names follow torchvision's
+    vgg16.features (`features.N.weight`) and the LPIPS linear layers (`linK.model.1.weight`), so the
+    public files load: torchvision's vgg16-*.pth + LPIPS' vgg.pth, or one full LPIPS state dict
+    (`net.sliceK.N.*`). Built only from such files (load_lpips): random weights are not LPIPS."""
+
+    TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in vgg16.features
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for v in _VGG16:
+            layers += [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+            c = c if v == "M" else v
+        self.features = nn.Sequential(*layers)
+        for i, c in enumerate((64, 128, 256, 512, 512)):
+            setattr(self, f"lin{i}", _Lin(c))
+        # LPIPS' input scaling (ImageNet statistics expressed for [-1, 1] inputs)
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x, y):  # (N, 3, H, W) twice, in [-1, 1] -> (N,) perceptual distance
+        h = (torch.cat([x, y]) - self.shift) / self.scale  # (2N, 3, H, W)
+        d, k = 0, 0
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in self.TAPS:
+                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit length over channels
+                fx, fy = f.chunk(2)
+                d = d + getattr(self, f"lin{k}").model((fx - fy).pow(2)).mean([1, 2, 3])  # (N,)
+                k += 1
+        return d
+
+
+def load_lpips(paths=None):
+    """LPIPS from local weight file(s) (.safetensors or .pth/.pt, comma-separated), frozen; None (and a
+    log line saying the perceptual term is off) when no file is given."""
+    if not paths:
+        print("vae: perceptual (LPIPS) loss disabled: no VGG16/LPIPS weight file given")
+        return None
+    from safetensors.torch import load_file
+    sd = {}
+    for p in (paths.split(",") if isinstance(paths, str) else paths):
+        part = load_file(p) if p.endswith(".safetensors") else torch.load(p, map_location="cpu", weights_only=True)
+        sd.update(part)
+    sd = {re.sub(r"^(net\.)?slice\d\.", "features.", k): v for k, v in sd.items()
+          if not k.startswith(("classifier.", "scaling_layer."))}  # the VGG head and LPIPS' constants are unused
+    net = LPIPS()
+    _load_state(net, {k: v.float() for k, v in sd.items()}, f"LPIPS weights {paths}")
+    print(f"vae: perceptual (LPIPS) loss on, weights from {paths}")
+    return net.eval().requires_grad_(False)
+
+
+class Discriminator3D(nn.Module):
+    """3D PatchGAN: strided 3D convs give one real/fake logit per space-time patch (§2.1 "GAN loss
+    from a 3D discriminator"). The LDM / CogVideo discriminators use BatchNorm; we use GroupNorm
+    (batches are tiny and it needs no synchronisation under DDP)."""
+
+    def __init__(self, ch=64, layers=3):
+        super().__init__()
+        k, c = (3, 4, 4), ch  # time kernel 3 (padding 1) so 1-frame images pass too
+        seq = [nn.Conv3d(3, ch, k, 2, 1), nn.LeakyReLU(0.2)]
+        for i in range(1, layers):
+            c2 = ch * min(2 ** i, 8)
+            seq += [nn.Conv3d(c, c2, k, 2, 1, bias=False), nn.GroupNorm(8, c2), nn.LeakyReLU(0.2)]
+            c = c2
+        seq += [nn.Conv3d(c, 1, k, 1, 1)]
+        self.net = nn.Sequential(*seq)
+        self.init_weights()
+
+    def init_weights(self):  # pix2pix / taming: N(0, 0.02) convs
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x):  # (B, 3, T, H, W) -> (B, 1, t, h, w) logits
+        return self.net(x)
+
+
+def adaptive_weight(nll, gan, last_layer):
+    """Taming-transformers' balance: scale the GAN term so its gradient at the decoder's last layer
+    is as large as the reconstruction's (clamped; a constant for the backward)."""
+    g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan, last_layer, retain_graph=True)[0]
+    return (g_nll.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def generator_loss(x, x_rec, posterior, step=0, *, recon="l1", kl_weight=1e-6, lpips=None, perceptual_weight=1.0,
+                   disc=None, disc_weight=0.5, disc_start=0, last_layer=None):
+    """VAE (generator) loss -> (loss, parts). x, x_rec (B, 3, T, H, W); posterior = encode(x).
+
+    recon "l1" or "l2" (the paper says L2; the prototype learned colours faster with L1). kl is the
+    per-sample KL sum divided by the pixel count, so kl_weight means what it does in LDM. The GAN term
+    (hinge: -D(x_rec)) is 0 before disc_start; with last_layer (the decoder's conv_out.weight) its
+    weight is adaptive. parts are graph-connected tensors (call float() to log)."""
+    if recon not in ("l1", "l2"):
+        raise ValueError(f"recon must be 'l1' or 'l2', got {recon!r}")
+    diff = x_rec - x
+    rec = diff.abs().mean() if recon == "l1" else diff.pow(2).mean()
+    zero = rec.new_zeros(())
+    per = zero
+    if lpips is not None:  # per frame: (B*T, 3, H, W)
+        frames = lambda v: v.transpose(1, 2).flatten(0, 1)
+        per = lpips(frames(x), frames(x_rec)).mean()
+    nll = rec + perceptual_weight * per
+    kl = posterior.kl().sum() / x.numel()
+    gan, w = zero, zero
+    if disc is not None and step >= disc_start:
+        gan = -disc(x_rec).mean()
+        if last_layer is not None and torch.is_grad_enabled():
+            w = disc_weight * adaptive_weight(nll, gan, last_layer)
+        else:
+            w = zero + disc_weight
+    loss = nll + kl_weight * kl + w * gan
+    return loss, {"loss": loss, "recon": rec, "perceptual": per, "kl": kl, "gan": gan, "gan_weight": w}
+
+
+def discriminator_loss(disc, x, x_rec, step=0, disc_start=0):
+    """Hinge loss for the 3D discriminator -> (loss, parts); a graph-connected 0 before disc_start."""
+    if step < disc_start:
+        zero = sum(p.sum() for p in disc.parameters()) * 0.0
+        return zero, {"disc": zero, "logits_real": zero.detach(), "logits_fake": zero.detach()}
+    real, fake = disc(x.detach()), disc(x_rec.detach())
+    loss = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+    return loss, {"disc": loss, "logits_real": real.mean().detach(), "logits_fake": fake.mean().detach()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reconstruction metrics (the paper reports PSNR 29.1 / flickering 85.5 on WebVid 17×256×256)
+# ----------------------------------------------------------------------------------------------
+
+
+def psnr(x, y):
+    """PSNR in dB of y against x, both in [-1, 1] (peak-to-peak 2), over the whole batch."""
+    mse = (x.float() - y.float()).pow(2).mean().clamp_min(1e-12)
+    return float(10 * torch.log10(4.0 / mse))
+
+
+def flicker(x, y):
+    """How much more (or less) y changes between consecutive frames than x does: mean over pixels of
+    | |y_t - y_t-1| - |x_t - x_t-1| |, in 8-bit pixel units (the paper does not define its metric
+    exactly; lower is better, 0 for a perfect reconstruction)."""
+    if x.shape[2] < 2:
+        raise ValueError("flicker needs at least 2 frames")
+    dx = (x[:, :, 1:] - x[:, :, :-1]).abs().float()
+    dy = (y[:, :, 1:] - y[:, :, :-1]).abs().float()
+    return float((dy - dx).abs().mean() * 127.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: reconstruct a video file
+# ----------------------------------------------------------------------------------------------
+
+
+def read_video(path, max_frames):
+    """Minimal PyAV reader -> ((3, T, H, W) in [-1, 1], fps), T trimmed to 4k+1."""
+    import av
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        fps = float(s.average_rate or 8)
+        frames = []
+        for fr in c.decode(s):
+            frames.append(torch.from_numpy(fr.to_ndarray(format="rgb24")))  # (H, W, 3) uint8
+            if len(frames) == max_frames:
+                break
+    if not frames:
+        raise ValueError(f"{path}: no video frames decoded")
+    v = torch.stack(frames[:(len(frames) - 1) // 4 * 4 + 1])  # (T, H, W, 3)
+    return v.permute(3, 0, 1, 2).float() / 127.5 - 1, fps
+
+
+def write_video(path, v, fps):
+    """(3, T, H, W) in [-1, 1] -> H.264 mp4, written to a temp file then renamed."""
+    import av
+    arr = ((v.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
+    tmp = f"{path}.tmp{os.getpid()}.mp4"
+    with av.open(tmp, "w") as c:
+        s = c.add_stream("libx264", rate=max(1, round(fps)))
+        s.width, s.height, s.pix_fmt = arr.shape[2], arr.shape[1], "yuv420p"
+        for a in arr:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")))
+        c.mux(s.encode())
+    os.replace(tmp, path)
+
+
+def main():
+    p = argparse.ArgumentParser(description="CogVideoX 3D causal VAE: reconstruct a video, print PSNR and flicker.")
+    p.add_argument("--reconstruct", metavar="VIDEO", required=True, help="input video; writes VIDEO_STEM.recon.mp4 next to it")
+    p.add_argument("--ckpt", help="folder from CausalVAE.save, or a diffusers AutoencoderKLCogVideoX folder")
+    p.add_argument("--preset", default="tiny", choices=sorted(VAE_PRESETS), help="random-weight model when --ckpt is not given")
+    p.add_argument("--frames", type=int, default=49, help="at most this many frames (trimmed to 4k+1)")
+    p.add_argument("--tile", type=int, default=None, help="spatial tile size in pixels (large frames)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args()
+
+    if a.ckpt:
+        with open(os.path.join(a.ckpt, "config.json")) as f:
+            is_diffusers = "_class_name" in json.load(f)
+        vae = (CausalVAE.from_diffusers if is_diffusers else CausalVAE.load)(a.ckpt)
+    else:
+        print(f"no --ckpt: random {a.preset} weights (a smoke test, not a reconstruction)")
+        vae = CausalVAE(VAE_PRESETS[a.preset])
+    vae = vae.to(a.device).eval()
+    x, fps = read_video(a.reconstruct, a.frames)
+    sf = vae.cfg.spatial_factor
+    H, W = x.shape[-2] // sf * sf, x.shape[-1] // sf * sf  # crop to whole latent pixels
+    x = x[:, :, :H, :W][None].to(a.device)  # (1, 3, T, H, W)
+    with torch.no_grad():
+        z = vae.encode(x, stream=True, tile=a.tile).mean
+        y = vae.decode(z, stream=True, tile=a.tile // sf if a.tile else None).clamp(-1, 1)
+    out = os.path.splitext(a.reconstruct)[0] + ".recon.mp4"
+    write_video(out, y[0], fps)
+    print(f"{tuple(x.shape)} -> latents {tuple(z.shape)} -> {out}")
+    print(f"psnr {psnr(x, y):.2f} dB | flicker {flicker(x, y):.2f}" if x.shape[2] > 1 else f"psnr {psnr(x, y):.2f} dB")
+
+
+if __name__ == "__main__":
+    main()
