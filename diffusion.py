@@ -277,6 +277,8 @@ def cfg_scale(scale, t, num_steps=50, dynamic=False):
     Quirk: (n − t)/n is a large negative number (≈ −19 at t = 999, n = 50), so the cosine does not
     ramp smoothly from 1 to 1 + scale; w oscillates between 1 and 1 + scale from step to step. The
     authors say this is intended (CogVideo issue 267); we reproduce it as released."""
+    if scale < 0:
+        raise ValueError(f"guidance scale must be >= 0 (got {scale}); 1 means no guidance, the released default is 6")
     if not dynamic:
         return float(scale)
     return 1.0 + scale * (1.0 - math.cos(math.pi * ((num_steps - float(t)) / num_steps) ** 5.0)) / 2.0
@@ -310,6 +312,10 @@ def loss_by_bucket(loss, t, num_buckets=10, num_steps=1000):
     loss, t = loss.detach().float().flatten().cpu(), torch.as_tensor(t).flatten().cpu()
     if loss.shape != t.shape:
         raise ValueError(f"loss and t must have one value per sample (got {tuple(loss.shape)} and {tuple(t.shape)})")
+    if len(t) and (t.min() < 0 or t.max() >= num_steps):
+        raise ValueError(f"timesteps must lie in [0, {num_steps - 1}] (got min {int(t.min())}, max {int(t.max())})")
+    if not 1 <= num_buckets <= num_steps:
+        raise ValueError(f"num_buckets must be in [1, {num_steps}] (got {num_buckets})")
     width = math.ceil(num_steps / num_buckets)
     idx = (t // width).clamp(max=num_buckets - 1)  # (B,) bucket of each sample
     out = {}
@@ -334,10 +340,14 @@ def main(argv=None):
     shift = cfg.snr_shift_scale if a.shift is None else a.shift
     steps = cfg.sample_steps if a.steps is None else a.steps
     sampler = a.sampler or cfg.sampler
-    ac = alphas_cumprod(cfg.num_steps, cfg.beta_start, cfg.beta_end, shift, cfg.zero_terminal_snr)
+    try:  # validate before printing anything: one clear line, not a traceback
+        ac = alphas_cumprod(cfg.num_steps, cfg.beta_start, cfg.beta_end, shift, cfg.zero_terminal_snr)
+        ts = sampling_timesteps(steps, cfg.num_steps)
+    except ValueError as e:
+        p.error(str(e))
     print(f"schedule: N={cfg.num_steps} shift={shift} zero_terminal_snr={cfg.zero_terminal_snr} sampler={sampler} steps={steps}")
     print(f"{'step':>4} {'t':>4} {'abar':>10} {'log10 SNR':>10}")
-    for i, t in enumerate(sampling_timesteps(steps, cfg.num_steps).tolist()):
+    for i, t in enumerate(ts.tolist()):
         a = ac[t].item()
         snr = "-inf" if a == 0 else f"{math.log10(a / (1 - a)):10.3f}"
         print(f"{i:>4} {t:>4} {a:>10.6f} {snr:>10}")

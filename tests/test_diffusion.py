@@ -212,9 +212,12 @@ def test_cfg_static_and_dynamic():
     # the released quirk: w oscillates instead of ramping monotonically
     diffs = [b - a for a, b in zip(w, w[1:])]
     assert any(d > 0.1 for d in diffs) and any(d < -0.1 for d in diffs)
-    # the pipeline's own expression at one point (CogVideoXPipeline, use_dynamic_cfg)
-    t = 979
-    assert D.cfg_scale(6.0, t, 50, True) == pytest.approx(1 + 6.0 * (1 - math.cos(math.pi * ((50 - t) / 50) ** 5.0)) / 2)
+    # reference values of the released expression (CogVideoXPipeline, use_dynamic_cfg), computed once in
+    # float64: ((50 − t)/50)^5 is −2,463,094.3 at t = 999, −2,214,259.7 at t = 979 and −5.0049 at t = 119
+    for t, ref in [(999, 2.291487), (979, 2.543503), (119, 6.999645)]:
+        assert D.cfg_scale(6.0, t, 50, True) == pytest.approx(ref, abs=2e-3), t
+    with pytest.raises(ValueError, match="guidance scale"):
+        D.cfg_scale(-1.0, 999)
     vc, vu = torch.ones(2, 3), torch.zeros(2, 3)
     v = D.guided(lambda x, t: (vc, vu), 6.0)(torch.zeros(2, 3), torch.tensor([999, 999]))
     torch.testing.assert_close(v, torch.full((2, 3), 6.0))
@@ -225,5 +228,20 @@ def test_loss_by_bucket():
     t = torch.tensor([5, 99, 100, 999])
     out = D.loss_by_bucket(loss, t, num_buckets=10)
     assert out == {"t000-099": 2.0, "t100-199": 10.0, "t900-999": 0.5}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="one value per sample"):
         D.loss_by_bucket(loss, t[:2])
+    with pytest.raises(ValueError, match="timesteps must lie"):
+        D.loss_by_bucket(loss, torch.tensor([5, 99, 100, 1000]))
+
+
+def test_cli_prints_the_schedule_and_rejects_bad_arguments():
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "diffusion.py", "--preset", "cogvideox-2b", "--steps", "5"],
+                        capture_output=True, text=True, cwd=D.__file__.rsplit("/", 1)[0])
+    assert ok.returncode == 0 and " 999 " in ok.stdout and "0.000000" in ok.stdout
+    for bad in (["--steps", "0"], ["--shift", "-1"]):
+        r = subprocess.run([sys.executable, "diffusion.py", *bad], capture_output=True, text=True,
+                           cwd=D.__file__.rsplit("/", 1)[0])
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr, bad
