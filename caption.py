@@ -29,7 +29,11 @@ Output: JSONL, one line per video, the manifest format data.py reads:
   {"path": ..., "caption": ..., "frame_captions": {"0.0": ..., "2.0": ...}, "short_caption": ...?}
 "path" is relative to the output file's folder when the video lies inside that folder (the folder can
 then move as a whole), absolute otherwise. Re-running skips videos already in the output (resume);
-a video that cannot be decoded is reported on stderr and skipped (it is retried on the next run).
+a video that cannot be decoded, or on which a captioning model raises, is reported on stderr and
+skipped (it is retried on the next run). A video longer than max_frames x every seconds is captioned
+from its first max_frames frames only, with a warning. Bad input (a missing VIDEOS path, an input
+manifest line that is not JSON or has no "path") stops the CLI before any model loads, with a
+one-line error naming the file and line (exit code 2).
 
 Shape legend:  N frames picked per video · H, W frame height, width · a frame is (H, W, 3) uint8 RGB
 """
@@ -40,6 +44,7 @@ import json
 import os
 import re
 import sys
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -158,7 +163,8 @@ def read_frames(path, every=2.0, max_frames=None):
     """Decode `path` and return (times, frames): the frame on screen at 0, every, 2*every, ... seconds.
 
     times: list of floats [0.0, 2.0, ...]; frames: list of N arrays (H, W, 3) uint8. A 10 s clip gives
-    5 frames (0..8 s). Raises BadVideo(reason) when the file cannot be decoded."""
+    5 frames (0..8 s). At most max_frames frames: a longer video is cut there, with a warning on stderr
+    (its later content never reaches the caption). Raises BadVideo(reason) when the file cannot be decoded."""
     import av  # local import: the upsampler path (sample.py) must not need PyAV
 
     try:
@@ -175,7 +181,7 @@ def read_frames(path, every=2.0, max_frames=None):
         # captioning models cost far more per picked frame than decoding the frames in between
         rate = float(stream.average_rate or stream.guessed_rate or 0) or 25.0  # only used when frames lack pts
         half = 0.5 / rate  # timestamps are rounded to the frame grid: accept a frame half a frame early
-        start, prev, t = None, None, 0.0
+        start, prev, t, cut = None, None, 0.0, False
         full = lambda: bool(max_frames) and len(times) >= max_frames  # noqa: E731
         try:
             for i, frame in enumerate(container.decode(stream)):
@@ -184,21 +190,28 @@ def read_frames(path, every=2.0, max_frames=None):
                 t -= start  # seconds from the first frame (streams may start at pts != 0)
                 # the frame on screen at second s is the last one whose time is <= s; when this frame comes
                 # later than the next target, the previous one was on screen then (handles gaps, GIFs)
-                while prev is not None and t > len(times) * every + half and not full():
-                    times.append(len(times) * every)
-                    frames.append(_to_rgb(prev))
-                prev = frame
-                if full():
+                while prev is not None and t > len(times) * every + half and not cut:
+                    cut = full()  # one more target exists past the cap: the video is cut here
+                    if not cut:
+                        times.append(len(times) * every)
+                        frames.append(_to_rgb(prev))
+                if cut:
                     break
+                prev = frame
         except av.FFmpegError as e:
             if prev is None:
                 raise BadVideo(f"{path}: cannot decode ({e})") from e
-            print(f"warning: {path}: decoding stopped early ({e})", file=sys.stderr)  # keep what decoded
+            tqdm.write(f"warning: {path}: decoding stopped early ({e})", file=sys.stderr)  # keep what decoded
         if prev is None:
             raise BadVideo(f"{path}: no decodable frames")
-        if not full() and t + half >= len(times) * every:
-            times.append(len(times) * every)  # the last frame is still on screen at the last target
-            frames.append(_to_rgb(prev))
+        if not cut and t + half >= len(times) * every:  # the last frame is still on screen at the last target
+            cut = full()
+            if not cut:
+                times.append(len(times) * every)
+                frames.append(_to_rgb(prev))
+    if cut:
+        tqdm.write(f"warning: {path}: captioning its first {len(times)} frames (0-{times[-1]:g} s) only; the rest "
+                   f"is cut by max_frames={max_frames} (raise --max-frames)", file=sys.stderr)
     return times, frames
 
 
@@ -212,10 +225,16 @@ def find_videos(inputs):
         if item.is_dir():
             found += [(p, None) for p in sorted(item.rglob("*")) if p.suffix.lower() in VIDEO_EXTS and p.is_file()]
         elif item.suffix == ".jsonl" and item.is_file():
-            for line in item.read_text().splitlines():
-                if line.strip():
+            for n, line in enumerate(item.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:  # a bad line stops the run (naming file and line) rather than silently losing videos
                     e = json.loads(line)
-                    found.append((item.parent / e["path"], e.get("short_caption") or e.get("caption")))
+                except ValueError as err:
+                    raise ValueError(f"{item}:{n}: not JSON ({err}); one {{\"path\": ...}} object per line") from None
+                if not isinstance(e, dict) or not isinstance(e.get("path"), str):
+                    raise ValueError(f"{item}:{n}: needs a \"path\" field (the video, relative to the manifest)")
+                found.append((item.parent / e["path"], e.get("short_caption") or e.get("caption")))
         elif item.exists():
             found.append((item, None))  # any extension: a non-video file is reported as bad, not ignored
         else:
@@ -354,6 +373,29 @@ def upsample_prompt(prompt, llm, max_new_tokens=256):
 # ----------------------------------------------------------------------------- the dense caption pipeline (Figure 7)
 
 
+def _failed(path, what, e):
+    """A failure reason for the report: the file, the stage that failed and the error, on one line."""
+    return path, " ".join(f"{path}: {what} raised {type(e).__name__}: {e}".split())
+
+
+def _isolate(group, fn, what, failures):
+    """fn(group) runs batched across videos; if it raises, rerun one video at a time, so only the
+    video(s) that break the model fail (reported) and the rest of the group is still captioned.
+    -> the videos that succeeded."""
+    try:
+        fn(group)
+        return group
+    except Exception:  # noqa: BLE001 - any model error: find the culprit below
+        ok = []
+        for g in group:
+            try:
+                fn([g])
+                ok.append(g)
+            except Exception as e:  # noqa: BLE001 - report and skip this video, the run goes on
+                failures.append(_failed(g["path"], what, e))
+        return ok
+
+
 def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_captioner=None, short_captioner=None):
     """Caption a group of videos; returns (entries, failures).
 
@@ -362,36 +404,49 @@ def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_capt
     frame_captioner(frames) -> captions and summariser.generate(turns, max_new_tokens) -> replies are
     duck-typed (FrameCaptioner / LLM above); video_captioner(path, times, frames) -> caption replaces
     both (the paper's CogVLM2-Caption stage); short_captioner(path, times, frames) -> short caption
-    stands in for Panda-70M when a video has no short caption."""
+    stands in for Panda-70M when a video has no short caption. Any exception on one video (decoding or
+    a model) fails that video only: it is listed in failures and the others go on."""
     good, failures = [], []
     for path, short in videos:
         try:
             times, frames = read_frames(path, cfg.every, cfg.max_frames)  # App. C: one frame every 2 s
+            if short is None and short_captioner is not None:
+                short = short_captioner(path, times, frames)  # Figure 7: Panda-70M short video caption
         except BadVideo as e:
             failures.append((path, str(e)))
             continue
-        if short is None and short_captioner is not None:
-            short = short_captioner(path, times, frames)  # Figure 7: Panda-70M short video caption
+        except Exception as e:  # noqa: BLE001 - e.g. a decoder crash or the short captioner raising
+            failures.append(_failed(path, "reading / short captioning", e))
+            continue
         good.append(dict(path=path, short=short, times=times, frames=frames))
-    if video_captioner is not None:  # §3.4: one end-to-end model replaces frame captions + summary
-        for g in good:
-            g["caption"], g["frame_captions"] = video_captioner(g["path"], g["times"], g["frames"]), {}
-    else:
-        flat = [f for g in good for f in g["frames"]]  # all frames of the group, batched across videos
-        caps = []
+
+    def frame_captions(gs):  # Figure 7: dense image caption per frame, batched across the videos
+        flat, caps = [f for g in gs for f in g["frames"]], []
         for i in range(0, len(flat), cfg.batch_size):
-            caps += frame_captioner(flat[i:i + cfg.batch_size])  # Figure 7: dense image caption per frame
-        for g in good:
+            caps += frame_captioner(flat[i:i + cfg.batch_size])
+        for g in gs:
             n = len(g["frames"])
             g["frame_captions"], caps = dict(zip(g["times"], caps[:n])), caps[n:]  # {second: caption}
-        turns = [("", summary_prompt(g["frame_captions"], g["short"])) for g in good]  # App. C prompt as the user turn
+
+    def summaries(gs):  # App. C prompt as the user turn, batched across the videos
+        turns = [("", summary_prompt(g["frame_captions"], g["short"])) for g in gs]
         for i in range(0, len(turns), cfg.batch_size):
             replies = summariser.generate(turns[i:i + cfg.batch_size], max_new_tokens=cfg.summary_tokens)
-            for g, r in zip(good[i:i + cfg.batch_size], replies):
+            for g, r in zip(gs[i:i + cfg.batch_size], replies):
                 g["caption"] = r
+
+    def end_to_end(gs):  # §3.4: one video captioner replaces frame captions + summary
+        for g in gs:
+            g["caption"], g["frame_captions"] = video_captioner(g["path"], g["times"], g["frames"]), {}
+
+    if video_captioner is not None:
+        good = _isolate(good, end_to_end, "the video captioner", failures)
+    else:
+        good = _isolate(good, frame_captions, "the frame captioner", failures)
+        good = _isolate(good, summaries, "the summariser", failures)
     entries = []
     for g in good:
-        caption = clean_caption(g["caption"], cfg.max_words)
+        caption = clean_caption(str(g["caption"]), cfg.max_words)
         if not caption:  # never write an empty caption into a training manifest
             failures.append((g["path"], f"{g['path']}: the captioner returned an empty caption"))
             continue
@@ -409,15 +464,18 @@ def _done(out):
     text = out.read_text()
     if text and not text.endswith("\n"):  # crash mid-append: rewrite without the partial line (atomically)
         text = text[:text.rfind("\n") + 1]
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out)
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}_{uuid.uuid4().hex[:8]}")  # unique: no two runs share it
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     done = set()
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 done.add(os.path.abspath(out.parent / json.loads(line)["path"]))
-            except (ValueError, KeyError) as e:
+            except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{out}:{n} is not a manifest line ({e}): fix or delete it, then re-run") from e
     return done
 
@@ -505,8 +563,13 @@ def main(argv=None):
         return None
     if not a.videos or not a.out:
         p.error("give VIDEOS and --out (or --upsample PROMPT)")
-    video_fn = _import_fn(a.video_captioner) if a.video_captioner else None
-    short_fn = _import_fn(a.short_captioner) if a.short_captioner else None
+    try:  # bad input: one line (exit code 2) before any model loads, never a traceback
+        find_videos(a.videos)  # a missing path, a manifest line that is not JSON or has no "path"
+        _done(Path(a.out))  # an --out file whose lines are not manifest lines
+        video_fn = _import_fn(a.video_captioner) if a.video_captioner else None
+        short_fn = _import_fn(a.short_captioner) if a.short_captioner else None
+    except (OSError, ValueError, ImportError, AttributeError) as e:
+        p.error(" ".join(str(e).split()))
     if video_fn is None and not (a.frame_model and a.summary_model):
         p.error("give --frame-model DIR and --summary-model DIR, or --video-captioner module:function")
     try:

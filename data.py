@@ -14,6 +14,8 @@ Run:
   python data.py inspect shapes/manifest.jsonl --height 32 --width 32 --frames 9
   python data.py filter  shapes/manifest.jsonl --out shapes/filtered.jsonl   # + .top20.jsonl, .dropped.tsv
   (no torchrun entry point: under torchrun train.py builds the samplers with its rank / world size)
+Everything here runs on the CPU (decoding, resizing, scoring), so the CLI has no --device; bad input
+(a missing manifest, a frame count that is not 4k+1, ...) is a one-line error, exit code 2.
 
 How train.py uses it (one process or torchrun; every rank builds the same objects):
   entries = read_manifest("shapes/manifest.jsonl")
@@ -44,6 +46,7 @@ import math
 import os
 import random
 import sys
+import uuid
 from collections import Counter, deque
 from dataclasses import dataclass
 
@@ -51,6 +54,7 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".gif", ".m4v")
@@ -143,16 +147,30 @@ def read_manifest(path):
     return out
 
 
+def _atomic(path, write, suffix=""):
+    """write(tmp) then rename over path, so readers never see half a file. The temp name is unique per
+    process and call (two ranks or runs writing the same file never share one) and removed on error."""
+    tmp = f"{path}.tmp{os.getpid()}_{uuid.uuid4().hex[:8]}{suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_manifest(entries, path):
     """Atomic JSONL write; paths are stored relative to the manifest's folder so the set can move."""
     path = os.path.abspath(path)
     base = os.path.dirname(path)
     os.makedirs(base, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for e in entries:
-            f.write(json.dumps(dict(e, path=os.path.relpath(e["path"], base))) + "\n")
-    os.replace(tmp, path)
+    lines = [json.dumps(dict(e, path=os.path.relpath(e["path"], base))) + "\n" for e in entries]
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+    _atomic(path, write)
     return path
 
 
@@ -684,11 +702,11 @@ def top_quality(entries, fraction):
     return out
 
 
-def filter_manifest(manifest, out, cfg=FilterConfig(), top=0.2, classifier=None):
+def filter_manifest(manifest, out, cfg=FilterConfig(), top=0.2, classifier=None, progress=False):
     """Score every entry, write the kept subset (entry["scores"], entry["quality"]) to `out`, the best `top` fraction to
     <out>.top20.jsonl and the drops to <out>.dropped.tsv; returns (kept, dropped [(path, reasons)])."""
     kept, dropped = [], []
-    for e in read_manifest(manifest):
+    for e in tqdm(read_manifest(manifest), desc="filter", unit="clip", disable=not progress):
         try:
             s, why = score_entry(e, cfg, classifier)
         except BadVideo as err:
@@ -701,9 +719,11 @@ def filter_manifest(manifest, out, cfg=FilterConfig(), top=0.2, classifier=None)
     write_manifest(kept, out)
     stem = os.path.splitext(os.path.abspath(out))[0]
     write_manifest(top_quality(kept, top) if kept else [], f"{stem}.top{round(top * 100)}.jsonl")
-    with open(stem + ".dropped.tsv.tmp", "w", encoding="utf-8") as f:
-        f.write("path\treasons\n" + "".join(f"{p}\t{'; '.join(w)}\n" for p, w in dropped))
-    os.replace(stem + ".dropped.tsv.tmp", stem + ".dropped.tsv")
+    table = "path\treasons\n" + "".join(f"{p}\t{'; '.join(w)}\n" for p, w in dropped)
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(table)
+    _atomic(stem + ".dropped.tsv", write)
     return kept, dropped
 
 
@@ -712,8 +732,9 @@ def filter_manifest(manifest, out, cfg=FilterConfig(), top=0.2, classifier=None)
 class LatentCache:
     """Encode once, reuse every epoch: one safetensors file per (content, model) key.
 
-    The key hashes the file's absolute path, mtime, size, the decoded shape and the model id, so an
-    edited file, a new stage shape or another VAE never reuses a stale latent. Captions are keyed by
+    The key hashes the file's absolute path, mtime, size, every decoding parameter (shape, fps, start,
+    pad mode), what is stored (the posterior, its mean, or one sample) and the model id, so an edited
+    file, a new stage, another VAE or another use never reuses a stale latent. Captions are keyed by
     their text and the text encoder's id. safetensors never unpickles anything."""
 
     def __init__(self, folder):
@@ -721,9 +742,15 @@ class LatentCache:
         os.makedirs(folder, exist_ok=True)
         self.hits = self.misses = 0
 
-    def key(self, path, shape, model_id):
+    def key(self, path, shape, model_id, fps=None, start=None, pad="repeat", latent="posterior"):
+        """shape (T, H, W), fps, start and pad as passed to load_video (the defaults are VideoDataset's
+        for a stage without fps); latent: "posterior" (mean + logvar), "mean" or "sample"."""
+        if latent not in ("posterior", "mean", "sample"):
+            raise ValueError(f"latent must be 'posterior', 'mean' or 'sample', got {latent!r}")
         st = os.stat(path)
-        raw = f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{tuple(shape)}|{model_id}"
+        fps, start = (None if v is None else float(v) for v in (fps, start))  # 8 and 8.0 decode alike
+        raw = (f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{tuple(shape)}|fps={fps}|start={start}|"
+               f"pad={pad}|{latent}|{model_id}")
         return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
     def text_key(self, caption, model_id):
@@ -742,8 +769,8 @@ class LatentCache:
         from safetensors.torch import save_file
         f = self._file(key)
         os.makedirs(os.path.dirname(f), exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, f + ".tmp")
-        os.replace(f + ".tmp", f)  # atomic: a crash never leaves half a latent behind
+        sd = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        _atomic(f, lambda tmp: save_file(sd, tmp))  # a crash never leaves half a latent behind
 
     def get_or_make(self, key, make):
         """make() -> dict of tensors, called only on a miss."""
@@ -792,19 +819,20 @@ def draw_shape(H, W, colour, shape, cx, cy, r):
 
 def write_clip(path, frames, fps=8):
     """(T, H, W, 3) uint8 -> lossless FFV1 in .mkv (bgr0: no chroma subsampling, colours survive exactly)."""
-    tmp = path + ".tmp.mkv"
-    with av.open(tmp, "w") as c:
-        s = c.add_stream("ffv1", rate=fps)
-        s.height, s.width, s.pix_fmt = frames.shape[1], frames.shape[2], "bgr0"
-        for a in frames:
-            for pkt in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24")):
+    def write(tmp):
+        with av.open(tmp, "w", format="matroska") as c:
+            s = c.add_stream("ffv1", rate=fps)
+            s.height, s.width, s.pix_fmt = frames.shape[1], frames.shape[2], "bgr0"
+            for a in frames:
+                for pkt in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24")):
+                    c.mux(pkt)
+            for pkt in s.encode():
                 c.mux(pkt)
-        for pkt in s.encode():
-            c.mux(pkt)
-    os.replace(tmp, path)
+    _atomic(path, write)
 
 
-def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), fps=8, image_every=5):
+def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), fps=8, image_every=5,
+                progress=False):
     """Write n captioned samples to `out` (clips .mkv, stills .png) and out/manifest.jsonl; returns its path.
 
     Every image_every-th sample is a still image ("a red circle"); clips cycle through the training
@@ -815,7 +843,7 @@ def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), 
     os.makedirs(out, exist_ok=True)
     combos = [(c, s, m) for c in COLOURS for s in SHAPES for m in MOTIONS if (c, m) not in HELD_OUT]
     entries, queue = [], []
-    for i in range(n):
+    for i in tqdm(range(n), desc="shapes", unit="clip", disable=not progress):
         H, W = rng.choice(sizes)
         r = min(H, W) * rng.uniform(0.18, 0.24)  # ~6-8 px at 32: big enough to learn (DESIGN §5 pitfall)
         if i % image_every == image_every - 1:
@@ -890,9 +918,9 @@ def shapes_follow(video, caption, min_area=0.015, min_travel=0.1):
 
 # ----- command line -----
 
-def _inspect(args):
+def _inspect(entries, args):
     ok = bad = 0
-    for e in read_manifest(args.manifest):
+    for e in entries:
         try:
             v = load_video(e["path"], args.frames, args.height, args.width, fps=args.fps, pad=args.pad)
             print(f"{e['path']}: ok {tuple(v.shape)}")
@@ -903,20 +931,68 @@ def _inspect(args):
     print(f"{ok} ok, {bad} skipped")
 
 
-def _filter(args):
+def _filter(args, classifier):
     cfg = FilterConfig(**{k: getattr(args, k) for k in ("min_motion", "max_cut", "max_static", "min_seconds")})
-    classifier = None
-    if args.classifier:  # "module:function", imported from the current directory
-        import importlib
-        mod, fn = args.classifier.split(":")
-        sys.path.insert(0, os.getcwd())
-        classifier = getattr(importlib.import_module(mod), fn)
-    kept, dropped = filter_manifest(args.manifest, args.out, cfg, args.top, classifier)
+    kept, dropped = filter_manifest(args.manifest, args.out, cfg, args.top, classifier, progress=True)
     reasons = Counter(w.split(" (")[0] for _, ws in dropped for w in ws)
     print(f"kept {len(kept)}, dropped {len(dropped)} -> {args.out}")
     print(f"{'reason':<28}{'clips':>6}")
     for r, c in reasons.most_common():
         print(f"{r:<28}{c:>6}")
+
+
+def _load_classifier(spec):
+    """'module:function', imported from the current directory -> the function."""
+    import importlib
+    mod, _, fn = spec.partition(":")
+    if not (mod and fn):
+        raise ValueError(f"--classifier expects module:function, got {spec!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--classifier {spec}: {e}") from None
+
+
+# the tiny VAE's spatial factor (4) x the DiT patch (2): the smallest multiple any stage size needs
+# (the released VAE needs 16); checked on the command line only, the functions accept any size
+SIZE_MULTIPLE = 8
+
+
+def _check_args(args):
+    """Every bad argument as one line (ValueError) before any work starts."""
+    def frames_ok(f, what, clip=False):
+        if f < 1 or (f - 1) % 4 or (clip and f == 1):
+            raise ValueError(f"{what} must be 4k+1 frames ({'5, 9, 13' if clip else '1, 5, 9'}, ...), got {f}: "
+                             f"the causal VAE maps 4k+1 frames to k+1 latents")
+
+    def size_ok(h, w, what):
+        if h <= 0 or w <= 0 or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+            raise ValueError(f"{what} {h}x{w}: height and width must be positive multiples of {SIZE_MULTIPLE} "
+                             f"(VAE spatial factor x patch)")
+    if args.cmd == "shapes":
+        try:
+            args.sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+            args.frames = [int(f) for f in args.frames.split(",")]
+        except ValueError:
+            raise ValueError(f"--sizes is a list like 32x32,32x48 and --frames like 9,13,17; got "
+                             f"{args.sizes!r}, {args.frames!r}") from None
+        for hw in args.sizes:
+            if len(hw) != 2:
+                raise ValueError(f"--sizes entries are HxW, got {'x'.join(map(str, hw))}")
+            size_ok(*hw, "--sizes")
+        for f in args.frames:
+            frames_ok(f, "--frames", clip=True)
+        if args.n < 1 or args.fps < 1:
+            raise ValueError(f"--n and --fps must be >= 1, got {args.n}, {args.fps}")
+        return
+    if args.cmd == "inspect":
+        frames_ok(args.frames, "--frames")
+        size_ok(args.height, args.width, "--height x --width")
+        if args.fps is not None and args.fps <= 0:
+            raise ValueError(f"--fps must be > 0, got {args.fps}")
+    elif not 0 < args.top <= 1:
+        raise ValueError(f"--top is a fraction in (0, 1], got {args.top}")
 
 
 def main(argv=None):
@@ -926,18 +1002,18 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sizes", default="32x32,32x48", help="HxW list; multiples of VAE spatial factor x patch")
+    p.add_argument("--sizes", default="32x32,32x48", help=f"HxW list; multiples of {SIZE_MULTIPLE} (VAE spatial factor x patch)")
     p.add_argument("--frames", default="9,13,17", help="4k+1 clip lengths")
     p.add_argument("--fps", type=int, default=8)
     p = sub.add_parser("inspect", help="decode every entry as training would; one line each")
-    p.add_argument("manifest")
+    p.add_argument("manifest", help=".jsonl manifest or a folder of videos")
     p.add_argument("--height", type=int, required=True)
     p.add_argument("--width", type=int, required=True)
-    p.add_argument("--frames", type=int, required=True)
+    p.add_argument("--frames", type=int, required=True, help="4k+1")
     p.add_argument("--fps", type=float, default=None)
     p.add_argument("--pad", choices=("nearest", "repeat"), default="nearest")
     p = sub.add_parser("filter", help="score clips (§3.4), write kept subset, top fraction and drop table")
-    p.add_argument("manifest")
+    p.add_argument("manifest", help=".jsonl manifest or a folder of videos")
     p.add_argument("--out", required=True)
     p.add_argument("--top", type=float, default=0.2, help="fraction kept for the high-quality stage (§3.2)")
     p.add_argument("--classifier", default=None, help="module:function returning {negative label: prob}")
@@ -945,13 +1021,18 @@ def main(argv=None):
     for k in ("min_motion", "max_cut", "max_static", "min_seconds"):
         p.add_argument("--" + k.replace("_", "-"), dest=k, type=float, default=getattr(d, k))
     args = ap.parse_args(argv)
+    try:  # bad input -> one line (argparse's error, exit code 2), never a traceback
+        _check_args(args)
+        entries = read_manifest(args.manifest) if args.cmd != "shapes" else None  # a missing manifest, a bad line
+        classifier = _load_classifier(args.classifier) if args.cmd == "filter" and args.classifier else None
+    except ValueError as e:
+        ap.error(str(e))
     if args.cmd == "shapes":
-        sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-        print(make_shapes(args.out, args.n, args.seed, sizes, [int(f) for f in args.frames.split(",")], args.fps))
+        print(make_shapes(args.out, args.n, args.seed, args.sizes, args.frames, args.fps, progress=True))
     elif args.cmd == "inspect":
-        _inspect(args)
+        _inspect(entries, args)
     else:
-        _filter(args)
+        _filter(args, classifier)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import json
 import math
 import os
 import re
+import uuid
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -412,7 +413,10 @@ class Gaussian:
         self.mean, self.logvar = mean, logvar  # (B, L, T', h, w) each
 
     def sample(self, generator=None):
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        # draw where the generator lives (a CPU generator cannot fill a CUDA tensor), then move: the same
+        # seed gives the same latent on every device
+        dev = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=dev, dtype=self.mean.dtype).to(self.mean.device)
         return self.mean + torch.exp(0.5 * self.logvar) * eps
 
     def kl(self):  # KL(q || N(0, I)) summed per sample: (B,)
@@ -528,18 +532,21 @@ class CausalVAE(nn.Module):
     # ----- checkpoints: ours, and the released weights in diffusers layout -----
 
     def save(self, folder):
-        """config.json + model.safetensors, each written to a temp file then renamed (atomic)."""
+        """config.json + model.safetensors, each written to a temp file then renamed (atomic).
+
+        The config goes first: a crash between the two renames leaves the new config with the old
+        weights (load() then fails loudly if the shapes differ), never new weights under an old config
+        (e.g. a stale scaling_factor that would load silently)."""
         from safetensors.torch import save_file
         os.makedirs(folder, exist_ok=True)
         sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic(os.path.join(folder, "model.safetensors"), lambda p: save_file(sd, p))
         _atomic(os.path.join(folder, "config.json"), lambda p: _write_text(p, json.dumps(asdict(self.cfg), indent=2)))
+        _atomic(os.path.join(folder, "model.safetensors"), lambda p: save_file(sd, p))
 
     @classmethod
     def load(cls, folder, device="cpu"):
         from safetensors.torch import load_file
-        with open(os.path.join(folder, "config.json")) as f:
-            d = json.load(f)
+        d = _read_config(folder, "CausalVAE.save")
         unknown = set(d) - set(VAEConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{folder}/config.json has unknown VAEConfig fields {sorted(unknown)}; "
@@ -553,8 +560,11 @@ class CausalVAE(nn.Module):
         """Load a diffusers AutoencoderKLCogVideoX folder (released CogVideoX `vae/`): config.json +
         diffusion_pytorch_model[.variant].safetensors, or shards listed in *.safetensors.index*.json.
         Weights are cast to float32 (fp16/bf16 files are fine)."""
-        with open(os.path.join(folder, "config.json")) as f:
-            d = json.load(f)
+        d = _read_config(folder, "a diffusers AutoencoderKLCogVideoX save_pretrained")
+        if d.get("_class_name") != "AutoencoderKLCogVideoX":  # e.g. the transformer/ folder next to vae/
+            raise ValueError(f"{folder}: config.json describes {d.get('_class_name', 'no diffusers model')!r}, not "
+                             f"'AutoencoderKLCogVideoX'; pass the released model's vae/ folder (our own "
+                             f"checkpoints load with CausalVAE.load)")
         if d.get("use_quant_conv") or d.get("use_post_quant_conv"):
             raise ValueError(f"{folder}: quant convs are not part of CogVideoX's VAE; not supported")
         cfg = VAEConfig(
@@ -567,6 +577,19 @@ class CausalVAE(nn.Module):
         model = cls(cfg)
         _load_state(model, sd, folder)
         return model.to(device)
+
+
+def _read_config(folder, what):
+    """folder/config.json as a dict, or a one-line error naming what the folder should be."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        why = "does not exist" if not os.path.isdir(folder) else "has no config.json"
+        raise FileNotFoundError(f"VAE folder {folder} {why}: pass a folder written by {what}")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
 def _diffusers_key(k):
@@ -617,9 +640,16 @@ def _write_text(path, text):
 
 
 def _atomic(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    """write(tmp) then rename over path: readers see the old file or the new one, never half of one.
+    The temp name is unique per process and call; it is removed if writing fails."""
+    tmp = f"{path}.tmp{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -793,16 +823,27 @@ def flicker(x, y):
 
 
 def read_video(path, max_frames):
-    """Minimal PyAV reader -> ((3, T, H, W) in [-1, 1], fps), T trimmed to 4k+1."""
+    """Minimal PyAV reader -> ((3, T, H, W) in [-1, 1], fps), T trimmed to 4k+1, frames turned upright
+    by the stream's display rotation (phones store landscape pixels plus a rotation, like data.py
+    handles; kept local so vae.py stands alone). Unreadable files raise ValueError(one line)."""
     import av
-    with av.open(path) as c:
-        s = c.streams.video[0]
-        fps = float(s.average_rate or 8)
-        frames = []
-        for fr in c.decode(s):
-            frames.append(torch.from_numpy(fr.to_ndarray(format="rgb24")))  # (H, W, 3) uint8
-            if len(frames) == max_frames:
-                break
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    frames = []
+    try:
+        with av.open(path) as c:
+            if not c.streams.video:
+                raise ValueError(f"{path}: no video stream")
+            s = c.streams.video[0]
+            fps = float(s.average_rate or 8)
+            for fr in c.decode(s):
+                x = torch.from_numpy(fr.to_ndarray(format="rgb24"))  # (H, W, 3) uint8
+                k = round((fr.rotation or 0) / 90) % 4  # degrees counterclockwise, as torch.rot90 turns
+                frames.append(torch.rot90(x, k, dims=(0, 1)) if k else x)  # (W, H, 3) when k is odd
+                if len(frames) == max_frames:
+                    break
+    except av.FFmpegError as e:  # not a video, truncated, unknown codec ...
+        raise ValueError(f"{path}: cannot decode ({type(e).__name__}: {e})".replace("\n", " ")) from None
     if not frames:
         raise ValueError(f"{path}: no video frames decoded")
     v = torch.stack(frames[:(len(frames) - 1) // 4 * 4 + 1])  # (T, H, W, 3)
@@ -813,37 +854,46 @@ def write_video(path, v, fps):
     """(3, T, H, W) in [-1, 1] -> H.264 mp4, written to a temp file then renamed."""
     import av
     arr = ((v.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
-    tmp = f"{path}.tmp{os.getpid()}.mp4"
-    with av.open(tmp, "w") as c:
-        s = c.add_stream("libx264", rate=max(1, round(fps)))
-        s.width, s.height, s.pix_fmt = arr.shape[2], arr.shape[1], "yuv420p"
-        for a in arr:
-            c.mux(s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")))
-        c.mux(s.encode())
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with av.open(tmp, "w", format="mp4") as c:
+            s = c.add_stream("libx264", rate=max(1, round(fps)))
+            s.width, s.height, s.pix_fmt = arr.shape[2], arr.shape[1], "yuv420p"
+            for a in arr:
+                c.mux(s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")))
+            c.mux(s.encode())
+    _atomic(path, write)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description="CogVideoX 3D causal VAE: reconstruct a video, print PSNR and flicker.")
     p.add_argument("--reconstruct", metavar="VIDEO", required=True, help="input video; writes VIDEO_STEM.recon.mp4 next to it")
     p.add_argument("--ckpt", help="folder from CausalVAE.save, or a diffusers AutoencoderKLCogVideoX folder")
     p.add_argument("--preset", default="tiny", choices=sorted(VAE_PRESETS), help="random-weight model when --ckpt is not given")
     p.add_argument("--frames", type=int, default=49, help="at most this many frames (trimmed to 4k+1)")
-    p.add_argument("--tile", type=int, default=None, help="spatial tile size in pixels (large frames)")
+    p.add_argument("--tile", type=int, default=None, help="spatial tile size in pixels, a multiple of the spatial factor (large frames)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = p.parse_args()
-
-    if a.ckpt:
-        with open(os.path.join(a.ckpt, "config.json")) as f:
-            is_diffusers = "_class_name" in json.load(f)
-        vae = (CausalVAE.from_diffusers if is_diffusers else CausalVAE.load)(a.ckpt)
-    else:
-        print(f"no --ckpt: random {a.preset} weights (a smoke test, not a reconstruction)")
-        vae = CausalVAE(VAE_PRESETS[a.preset])
+    a = p.parse_args(argv)
+    if a.frames < 1:
+        p.error(f"--frames must be >= 1, got {a.frames}")
+    # bad input is a one-line error (exit code 2), never a traceback
+    try:
+        if a.ckpt:
+            is_diffusers = "_class_name" in _read_config(a.ckpt, "CausalVAE.save or diffusers save_pretrained")
+            vae = (CausalVAE.from_diffusers if is_diffusers else CausalVAE.load)(a.ckpt)
+        else:
+            print(f"no --ckpt: random {a.preset} weights (a smoke test, not a reconstruction)")
+            vae = CausalVAE(VAE_PRESETS[a.preset])
+        sf = vae.cfg.spatial_factor
+        if a.tile is not None and (a.tile <= 0 or a.tile % sf):
+            raise ValueError(f"--tile must be a positive multiple of the spatial factor {sf}, got {a.tile}")
+        x, fps = read_video(a.reconstruct, a.frames)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
     vae = vae.to(a.device).eval()
-    x, fps = read_video(a.reconstruct, a.frames)
-    sf = vae.cfg.spatial_factor
     H, W = x.shape[-2] // sf * sf, x.shape[-1] // sf * sf  # crop to whole latent pixels
+    if H == 0 or W == 0:
+        p.error(f"{a.reconstruct}: frames of {tuple(x.shape[-2:])} pixels are smaller than the spatial factor {sf}")
     x = x[:, :, :H, :W][None].to(a.device)  # (1, 3, T, H, W)
     with torch.no_grad():
         z = vae.encode(x, stream=True, tile=a.tile).mean

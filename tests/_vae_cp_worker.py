@@ -4,9 +4,10 @@
 
 MODE "check" (default): every rank builds the same tiny VAE and clip (seeded), runs the whole clip
 in one process, then its own share with cp_group, and checks that the latents (mean, logvar), the
-reconstruction, the input gradient and every parameter gradient (summed over ranks) equal the
-single-process run within 1e-5 (relative to the values' scale when that exceeds 1; float32
-rounding grows with magnitude). Exits 1 on a mismatch.
+reconstruction and every parameter gradient (summed over ranks) equal the single-process run
+within 1e-5 absolute (DESIGN §8), and the input gradient, whose entries are tiny (the loss weights
+are divided by the clip size), within 1e-5 absolute AND 1e-5 of its largest entry (an absolute
+bound alone would pass any error at that scale). Exits 1 on a mismatch.
 MODE "cp" / "single": run only that forward+backward and print this process's peak memory (peak RSS
 above the RSS before the run, DESIGN §8); run "single" with --nproc_per_node 1. Separate processes,
 because a process that already ran once reuses its freed heap and under-reports the second run.
@@ -85,11 +86,11 @@ def main():
         "param_grad": (pg, torch.cat([g.flatten() for g in ref_grads[:-1]])),
     }
     diff = {k: (a - b).abs().max().item() for k, (a, b) in pairs.items()}
-    scale = {k: max(1.0, b.abs().max().item()) for k, (a, b) in pairs.items()}
+    g_max = pairs["input_grad"][1].abs().max().item()  # the reference input gradient's largest entry
+    limit = {k: TOL * min(1.0, g_max) if k == "input_grad" else TOL for k in pairs}
     print(f"rank {rank}/{world} T={T} H=W={H} B={B} frames {cp_split(x, group, tf).shape[2]} | max abs diff "
-          + " ".join(f"{k} {v:.1e}" + (f" (scale {scale[k]:.1f})" if scale[k] > 1 else "") for k, v in diff.items()),
-          flush=True)
-    bad = {k: v for k, v in diff.items() if not v <= TOL * scale[k]}
+          + " ".join(f"{k} {v:.1e}" for k, v in diff.items()) + f" | input_grad max {g_max:.1e}", flush=True)
+    bad = {k: v for k, v in diff.items() if not v <= limit[k]}
     dist.destroy_process_group()
     if bad:
         print(f"rank {rank}: MISMATCH {bad}", flush=True)

@@ -120,8 +120,16 @@ def test_frames_every_two_seconds(tmp_path, n_frames, times):
     assert all(f.shape == (32, 32, 3) and f.dtype == np.uint8 for f in frames)
 
 
-def test_max_frames_and_bad_videos(tmp_path):
+def test_max_frames_and_bad_videos(tmp_path, capsys):
     assert read_frames(write_clip(tmp_path / "c.mp4", 40), max_frames=2)[0] == [0.0, 2.0]
+    err = capsys.readouterr().err  # a cut video says so: its later content never reaches the caption
+    assert "c.mp4: captioning its first 2 frames (0-2 s) only" in err and "--max-frames" in err
+    for n_frames, cap in [(40, 5), (40, None), (9, 2), (7, 1)]:  # exactly fits, no cap, 0 and 2 s, < 2 s
+        times, _ = read_frames(write_clip(tmp_path / "d.mp4", n_frames), max_frames=cap)
+        assert len(times) == (cap or 5) and capsys.readouterr().err == "", (n_frames, cap)
+    assert read_frames(tmp_path / "d.mp4", max_frames=1)[0] == [0.0]  # 7 frames = 1.75 s: nothing cut
+    assert read_frames(write_clip(tmp_path / "e.mp4", 9), max_frames=1)[0] == [0.0]  # 9 frames: a frame at 2 s is cut
+    assert "e.mp4: captioning its first 1 frames" in capsys.readouterr().err
     (tmp_path / "bad.mp4").write_bytes(os.urandom(2000))
     with pytest.raises(BadVideo, match="bad.mp4"):
         read_frames(tmp_path / "bad.mp4")
@@ -291,6 +299,78 @@ def test_frame_captioner_blip_and_chat_vlm(tmp_path):
     assert captioner.processor.chat_template
     caps = captioner(frames)
     assert len(caps) == 3 and all(len(c.split()) <= 3 for c in caps)  # the ~10-word prompt is not echoed
+
+
+def test_a_model_raising_on_one_video_does_not_stop_the_run(tmp_path, capsys):
+    """Any exception on one video (not only BadVideo) fails that video alone: reported, skipped, the rest written."""
+    for name, n in [("a.mp4", 8), ("b.mp4", 12), ("c.mp4", 20)]:  # frames at 0 s | 0, 2 s | 0, 2, 4 s
+        write_clip(tmp_path / name, n)
+
+    def e2e(path, times, frames):
+        if path.name == "b.mp4":
+            raise RuntimeError("CUDA out of memory")
+        return "A grey screen."
+    stats = caption_videos([tmp_path], tmp_path / "o1.jsonl", CFG, video_captioner=e2e, progress=False)
+    assert stats["written"] == 2 and [os.path.basename(p) for p, _ in stats["failed"]] == ["b.mp4"]
+    assert "b.mp4: the video captioner raised RuntimeError: CUDA out of memory" in capsys.readouterr().err
+
+    calls = []
+
+    def frames_fail_on_c(frames):  # batched across videos: the batch with c.mp4's frame 16 (at 4 s) breaks
+        calls.append(len(frames))
+        if any(round(float(f.mean()) / 6) == 16 for f in frames):
+            raise ValueError("bad frame")
+        return grey_captioner(frames)
+    stats = caption_videos([tmp_path], tmp_path / "o2.jsonl", CFG, frames_fail_on_c, Spy(None), progress=False)
+    assert stats["written"] == 2 and [os.path.basename(p) for p, _ in stats["failed"]] == ["c.mp4"]
+    assert calls[:2] == [4, 2] and "c.mp4: the frame captioner raised ValueError: bad frame" in capsys.readouterr().err
+    lines = [json.loads(l) for l in (tmp_path / "o2.jsonl").read_text().splitlines()]
+    assert [l["path"] for l in lines] == ["a.mp4", "b.mp4"] and lines[1]["frame_captions"] == {"0.0": "frame 0", "2.0": "frame 8"}
+
+    class FailingLLM:
+        def generate(self, turns, max_new_tokens=256):
+            if any("'frame 8'" in u for _, u in turns):
+                raise KeyError("tokenizer")
+            return ["A red circle."] * len(turns)
+    stats = caption_videos([tmp_path], tmp_path / "o3.jsonl", CFG, grey_captioner, FailingLLM(), progress=False)
+    assert stats["written"] == 1 and sorted(os.path.basename(p) for p, _ in stats["failed"]) == ["b.mp4", "c.mp4"]
+
+
+def test_cli_bad_input_one_line_errors(tmp_path, capsys):
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "caption.py")
+    p = subprocess.run([sys.executable, script, "/nonexistent.mp4", "--out", str(tmp_path / "o.jsonl"),
+                        "--video-captioner", "no_such_module:fn"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    last = p.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in p.stderr and ": error: /nonexistent.mp4 does not exist" in last, p.stderr
+    write_clip(tmp_path / "a.mp4", 8)
+    (tmp_path / "notjson.jsonl").write_text(json.dumps({"path": "a.mp4"}) + "\n{oops\n")
+    (tmp_path / "nopath.jsonl").write_text(json.dumps({"caption": "x"}) + "\n")
+    (tmp_path / "done.jsonl").write_text('["a list"]\n')
+    cases = [([str(tmp_path / "notjson.jsonl")], "notjson.jsonl:2: not JSON"),
+             ([str(tmp_path / "nopath.jsonl")], 'nopath.jsonl:1: needs a "path"'),
+             ([str(tmp_path / "a.mp4"), "--video-captioner", "no_such_module:fn"], "no_such_module"),
+             ([str(tmp_path / "a.mp4"), "--video-captioner", "nocolon"], "module:function")]
+    for argv, text in cases:
+        with pytest.raises(SystemExit) as e:
+            caption.main(argv + ["--out", str(tmp_path / "o.jsonl")])
+        assert e.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and text in err.strip().splitlines()[-1], (argv, err)
+    with pytest.raises(SystemExit):  # an --out file that is not a manifest: named with its line
+        caption.main([str(tmp_path / "a.mp4"), "--out", str(tmp_path / "done.jsonl"), "--video-captioner", "x:y"])
+    assert "done.jsonl:1 is not a manifest line" in capsys.readouterr().err
+
+
+def test_torn_line_rewrite_uses_a_unique_temp_file(tmp_path, monkeypatch):
+    out = tmp_path / "o.jsonl"
+    out.write_text(json.dumps({"path": "a.mp4", "caption": "x"}) + '\n{"path": "b')
+    renamed, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: renamed.append(str(a)) or replace(a, b))
+    assert caption._done(out) == {str(tmp_path / "a.mp4")}
+    assert len(renamed) == 1 and f".tmp{os.getpid()}_" in renamed[0] and sorted(os.listdir(tmp_path)) == ["o.jsonl"]
 
 
 # ----------------------------------------------------------------------------- local models only

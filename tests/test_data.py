@@ -315,8 +315,14 @@ def test_stage_dataset_and_loader(shapes_set, tmp_path):
     bucket = data.VideoDataset(entries[:-2], high, mode="bucket")
     assert {T for T, _, _ in bucket.shapes} == {1, 17}  # clips padded to the stage length
     bs = data.BucketSampler(bucket.shapes, batch_size=4, seed=0)
-    b = bs.collate([bucket[k] for k in next(iter(bs))])
-    assert b["video"].dim() == 5 and abs(b["weight"].sum().item() - 1) < 1e-6 or len(bs) > 1
+    assert len(bs) > 1
+    for (keys,) in bs.global_batches(0):  # one rank: its batch is the whole global batch
+        assert 1 <= len(keys) <= 4 and len({bucket.shapes[k[0]] for k in keys}) == 1
+        assert abs(sum(k[3] for k in keys) - 1) < 1e-9  # loss weights sum to 1 per global batch
+    keys = next(iter(bs))
+    b = bs.collate([bucket[k] for k in keys])
+    assert b["video"].shape == (len(keys), 3, *bucket.shapes[keys[0][0]])  # (B, 3, T, H, W)
+    assert abs(b["weight"].sum().item() - 1) < 1e-6
     short = next(i for i, e in enumerate(entries) if e["frames"] == 9)
     v = bucket[short]["video"]  # 9 real frames + 8 copies of the last (released pad_last_frame)
     assert v.shape[1] == 17 and torch.equal(v[:, 8], v[:, 16])
@@ -351,7 +357,8 @@ def test_filters_cli(tmp_path, capsys):
     entries.append({"path": str(tmp_path / "missing.mkv"), "caption": "gone"})
     m = data.write_manifest(entries, tmp_path / "all.jsonl")
     data.main(["filter", m, "--out", str(tmp_path / "kept.jsonl")])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "filter: 100%" in err and f"{len(entries)}/{len(entries)}" in err  # the tqdm bar
     kept = data.read_manifest(tmp_path / "kept.jsonl")
     assert [os.path.basename(e["path"]) for e in kept] == ["good.mkv"]
     assert kept[0]["quality"] > 0.5 and kept[0]["scores"]["motion"] > 0.01
@@ -378,6 +385,14 @@ def test_latent_cache(tmp_path):
     z2 = cache.get_or_make(k, make)["z"]
     assert len(calls) == 1 and torch.equal(z1, z2) and (cache.hits, cache.misses) == (1, 1)
     assert cache.key(p, (5, 32, 32), "vae-b") != k and cache.key(p, (5, 16, 16), "vae-a") != k
+    # every decoding parameter and what is stored is part of the key
+    assert cache.key(p, (5, 32, 32), "vae-a", fps=None, start=None, pad="repeat", latent="posterior") == k
+    other = [dict(fps=8), dict(fps=4), dict(start=0.5), dict(pad="nearest"), dict(latent="mean"), dict(latent="sample")]
+    keys = {cache.key(p, (5, 32, 32), "vae-a", **kw) for kw in other}
+    assert len(keys) == len(other) and k not in keys
+    assert cache.key(p, (5, 32, 32), "vae-a", fps=8) == cache.key(p, (5, 32, 32), "vae-a", fps=8.0)
+    with pytest.raises(ValueError, match="latent"):
+        cache.key(p, (5, 32, 32), "vae-a", latent="z")
     os.utime(p, ns=(1, 1))  # content changed (mtime): a new key, the stale latent is not reused
     assert cache.key(p, (5, 32, 32), "vae-a") != k
     assert cache.text_key("a red circle", "t5") != cache.text_key("a blue circle", "t5")
@@ -428,3 +443,60 @@ def test_shapes_follow_ground_truth_passes_wrong_fails(shapes_set):
     assert not any(data.shapes_follow(noise, p) for p, _ in data.eval_prompts())
     with pytest.raises(ValueError, match="colours"):
         data.shapes_follow(black, "a purple circle moves up")
+
+
+def test_atomic_writes_use_unique_temp_names_and_clean_up(tmp_path, monkeypatch):
+    renamed, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: renamed.append((str(a), str(b))) or replace(a, b))
+    m = str(tmp_path / "m.jsonl")
+    data.write_manifest([{"path": m, "caption": "x"}], m)
+    data.write_manifest([{"path": m, "caption": "y"}], m)
+    cache = data.LatentCache(tmp_path / "cache")
+    cache.put("ab" * 16, {"z": torch.zeros(2)})
+    tmps = [a for a, _ in renamed]
+    assert len(set(tmps)) == 3 and all(f".tmp{os.getpid()}_" in t for t in tmps)  # per process and per call
+    assert [b for _, b in renamed[:2]] == [m, m]
+    with pytest.raises(Exception):
+        cache.put("cd" * 16, {"z": "not a tensor"})  # safetensors refuses: nothing half-written remains
+    assert sorted(f for _, _, fs in os.walk(tmp_path / "cache") for f in fs) == ["ab" * 16 + ".safetensors"]
+    assert json.loads(open(m).read())["caption"] == "y"
+
+
+def _one_line_error(err, text):
+    """argparse's error: usage, then one `data.py ...: error: ...` line naming the problem; no traceback."""
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and ": error: " in last and text in last, err
+
+
+def test_cli_bad_input_one_line_errors(tmp_path, capsys):
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
+    p = subprocess.run([sys.executable, script, "inspect", "/nonexistent.jsonl", "--height", "16", "--width", "16",
+                        "--frames", "9"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    _one_line_error(p.stderr, "/nonexistent.jsonl does not exist")
+    m = data.write_manifest([], tmp_path / "empty.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"caption": "no path"}\n')
+    cases = [(["filter", "/nonexistent.jsonl", "--out", str(tmp_path / "o.jsonl")], "does not exist"),
+             (["filter", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o.jsonl")], 'bad.jsonl:1: needs a "path"'),
+             (["filter", m, "--out", str(tmp_path / "o.jsonl"), "--top", "0"], "--top"),
+             (["filter", m, "--out", str(tmp_path / "o.jsonl"), "--classifier", "no_such_module_x:f"], "no_such_module_x"),
+             (["inspect", m, "--height", "16", "--width", "16", "--frames", "8"], "--frames must be 4k+1"),
+             (["inspect", m, "--height", "20", "--width", "16", "--frames", "9"], "multiples of 8"),
+             (["shapes", "--out", str(tmp_path / "s"), "--sizes", "30x30"], "multiples of 8"),
+             (["shapes", "--out", str(tmp_path / "s"), "--sizes", "32by32"], "--sizes"),
+             (["shapes", "--out", str(tmp_path / "s"), "--frames", "9,8"], "--frames must be 4k+1")]
+    for argv, text in cases:
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        assert e.value.code == 2, argv
+        _one_line_error(capsys.readouterr().err, text)
+    assert not (tmp_path / "s").exists()  # checked before any work
+
+
+def test_shapes_cli_progress(tmp_path, capsys):
+    data.main(["shapes", "--out", str(tmp_path / "s"), "--n", "3", "--sizes", "16x16"])
+    out, err = capsys.readouterr()
+    assert out.strip() == str(tmp_path / "s" / "manifest.jsonl") and "shapes: 100%" in err and "3/3" in err
+    assert len(data.read_manifest(out.strip())) == 3

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,24 @@ def test_from_diffusers_key_errors(ref, tmp_path):
         CausalVAE.from_diffusers(tmp_path / "bad", variant="bf16")
 
 
+def test_from_diffusers_wrong_or_missing_folder(ref, tmp_path):
+    """A transformer folder, our own checkpoint or a missing folder: a clear error naming the fix."""
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "CogVideoXTransformer3DModel"}))
+    with pytest.raises(ValueError, match="CogVideoXTransformer3DModel.*not 'AutoencoderKLCogVideoX'.*vae/"):
+        CausalVAE.from_diffusers(tmp_path / "transformer")
+    CausalVAE(VAE_PRESETS["tiny"]).save(tmp_path / "ours")
+    with pytest.raises(ValueError, match="CausalVAE.load"):
+        CausalVAE.from_diffusers(tmp_path / "ours")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CausalVAE.from_diffusers(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        CausalVAE.load(tmp_path / "empty")
+    with pytest.raises(ValueError, match="from_diffusers"):
+        CausalVAE.load(ref[1] / "plain")
+
+
 # ----- context parallel (torchrun, 2 ranks, gloo) -----
 
 def test_context_parallel_equals_one_process(torchrun):
@@ -265,13 +284,19 @@ def test_losses_finite_with_grads_and_gan_start(tmp_path):
         generator_loss(x, x, post, recon="huber")
 
 
-def test_gaussian():
+def test_gaussian(monkeypatch):
     mean, logvar = torch.zeros(2, 4, 3, 2, 2), torch.zeros(2, 4, 3, 2, 2)
     g = vae.Gaussian(mean, logvar)
     assert torch.equal(g.kl(), torch.zeros(2))
     a = g.sample(torch.Generator().manual_seed(0))
     assert torch.equal(a, g.sample(torch.Generator().manual_seed(0))) and a.std() > 0.5
     assert (vae.Gaussian(mean + 1, logvar - 1).kl() > 0).all()
+    # the noise is drawn on the generator's device, then moved to the mean's (a CPU generator with a
+    # CUDA mean; here a "meta" mean stands in for the other device on a CPU-only machine)
+    drawn, randn = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: drawn.append(k.get("device")) or randn(*a, **k))
+    out = vae.Gaussian(mean.to("meta"), logvar.to("meta")).sample(torch.Generator().manual_seed(0))
+    assert out.device.type == "meta" and [torch.device(d).type for d in drawn] == ["cpu"]
 
 
 # ----- checkpoints, metrics, CLI -----
@@ -289,6 +314,29 @@ def test_save_load_roundtrip(tmp_path):
     (tmp_path / "ck" / "config.json").write_text(json.dumps({**json.loads((tmp_path / "ck" / "config.json").read_text()), "latent": 5}))
     with pytest.raises(ValueError, match="missing .*unexpected .*wrong shape"):
         CausalVAE.load(tmp_path / "ck")
+
+
+def test_atomic_writes_clean_up_and_save_writes_config_first(tmp_path, monkeypatch):
+    def broken(p):
+        open(p, "w").write("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        vae._atomic(str(tmp_path / "f.bin"), broken)
+    assert os.listdir(tmp_path) == []  # no temp file left behind
+    old = CausalVAE(VAEConfig(channels=(8, 16), layers=1, latent=4, groups=4, time_levels=1, scaling_factor=0.5))
+    old.save(tmp_path / "ck")
+    new = CausalVAE(replace(old.cfg, scaling_factor=0.9))
+    torch.nn.init.zeros_(new.encoder.conv_in.weight)
+
+    def crash(p, text):
+        raise OSError("crash while writing the config")
+    monkeypatch.setattr(vae, "_write_text", crash)
+    with pytest.raises(OSError, match="crash"):
+        new.save(tmp_path / "ck")
+    # a crash at the config leaves the old pair intact: new weights never sit under the old config
+    back = CausalVAE.load(tmp_path / "ck")
+    assert back.cfg.scaling_factor == 0.5 and torch.equal(back.encoder.conv_in.weight, old.encoder.conv_in.weight)
+    assert sorted(os.listdir(tmp_path / "ck")) == ["config.json", "model.safetensors"]
 
 
 def test_psnr_and_flicker():
@@ -312,3 +360,56 @@ def test_cli_reconstruct(tmp_path):
     out = tmp_path / "clip.recon.mp4"
     v, _ = vae.read_video(str(out), 100)
     assert v.shape == (3, 9, 32, 40)  # 10 frames trimmed to 4k+1
+
+
+def _write_rotated(path, H=32, W=48, T=5):
+    """A landscape clip with a red block top-left, stored with a 90° display rotation (a phone clip)."""
+    import av
+    import numpy as np
+    img = np.zeros((H, W, 3), np.uint8)
+    img[:8, :8] = (255, 0, 0)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=8)
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        s.set_display_rotation(90)  # DESIGN §8: PyAV 18 ignores metadata["rotate"]
+        for _ in range(T):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(s.encode())
+
+
+def test_read_video_rotation_and_bad_files(tmp_path):
+    _write_rotated(tmp_path / "rot.mp4")
+    v, fps = vae.read_video(str(tmp_path / "rot.mp4"), 100)
+    assert v.shape == (3, 5, 48, 32) and fps == 8  # displayed portrait
+    red = (v[0] > 0.5) & (v[1] < -0.5)  # (T, H, W)
+    assert red[:, -8:, :8].all() and not red[:, :8, :].any()  # 90° counterclockwise: top-left -> bottom-left
+    (tmp_path / "notes.mp4").write_text("not a video\n" * 20)
+    with pytest.raises(ValueError, match="notes.mp4: cannot decode"):
+        vae.read_video(str(tmp_path / "notes.mp4"), 9)
+    with pytest.raises(ValueError, match="no such file"):
+        vae.read_video(str(tmp_path / "gone.mp4"), 9)
+
+
+def _one_line_error(err, text):
+    """argparse's error: the usage, then one `prog: error: ...` line naming the problem; no traceback."""
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and ": error: " in last and text in last, err
+
+
+def test_cli_bad_input_one_line_errors(tmp_path, capsys):
+    p = subprocess.run([sys.executable, str(HERE.parent / "vae.py"), "--reconstruct", "/nonexistent.mp4",
+                        "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    _one_line_error(p.stderr, "/nonexistent.mp4: no such file")
+    clip = tmp_path / "clip.mp4"
+    vae.write_video(str(clip), torch.zeros(3, 5, 16, 16), fps=8)
+    (tmp_path / "notes.mp4").write_text("not a video\n" * 20)
+    cases = [(["--reconstruct", str(tmp_path / "notes.mp4")], "cannot decode"),
+             (["--reconstruct", str(clip), "--ckpt", str(tmp_path / "no_ckpt")], "no_ckpt does not exist"),
+             (["--reconstruct", str(clip), "--tile", "6"], "multiple of the spatial factor 4"),
+             (["--reconstruct", str(clip), "--frames", "0"], "--frames")]
+    for argv, text in cases:
+        with pytest.raises(SystemExit) as e:
+            vae.main(argv + ["--device", "cpu"])
+        assert e.value.code == 2, argv
+        _one_line_error(capsys.readouterr().err, text)
