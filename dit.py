@@ -113,12 +113,12 @@ def rope_positions(T, gh, gw, cfg):
 
 
 def rope_table(T, gh, gw, cfg):
-    """(n, d) cos and signed sin for the video tokens in (t, h, w) order.
+    """(n, d/2) complex rotations e^{i angle} for the video tokens in (t, h, w) order.
 
     §2.2 3D-RoPE: the head dim is split t : h : w = 2/8 : 3/8 : 3/8 and each part rotates by its own axis
     (the paper lists x, y : 3/8 each and t : 2/8; the released order of the parts is [t | h | w]). Rotation
-    acts on interleaved pairs (x0, x1), (x2, x3), ... The sin is stored with sign (-s, +s) per pair so the
-    rotation is x * cos + swap_pairs(x) * sin (one flip instead of a stack of negated halves)."""
+    acts on interleaved pairs (x0, x1), (x2, x3), ..., i.e. on the complex numbers x0 + i x1, ...: one complex
+    multiply per pair (the release's cos/sin with a stacked, negated copy is the same rotation in more passes)."""
     d = cfg.head_dim
     dims = (d // 4, d // 8 * 3, d // 8 * 3)
     angles = []
@@ -129,16 +129,15 @@ def rope_table(T, gh, gw, cfg):
     grid = torch.cat([at[:, None, None].expand(-1, gh, gw, -1),      # (T, gh, gw, d/2)
                       ah[None, :, None].expand(T, -1, gw, -1),
                       aw[None, None, :].expand(T, gh, -1, -1)], dim=-1).reshape(T * gh * gw, d // 2)
-    cos = grid.cos().repeat_interleave(2, dim=-1)                    # (n, d)
-    sin = grid.sin().repeat_interleave(2, dim=-1) * torch.tensor([-1.0, 1.0]).repeat(d // 2)  # (n, d)
-    return cos, sin
+    return torch.polar(torch.ones_like(grid), grid)                  # (n, d/2) complex64: cos + i sin
 
 
-def apply_rope(x, cos, sin):
-    """x (R, N, H, d); cos, sin (R|1, N, 1, d). Text tokens carry cos = 1, sin = 0 (RoPE only on video, §2.2).
-    Computed in fp32 like the release, so bf16 activations do not lose the phase."""
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)          # (R, N, H, d): (x1, x0, x3, x2, ...)
-    return (x.float() * cos + swapped.float() * sin).to(x.dtype)
+def apply_rope(x, rot):
+    """x (R, N, H, d); rot (R|1, N, 1, d/2) complex. Text tokens carry rot = 1 (RoPE only on video, §2.2).
+    Computed in fp32 like the release, so bf16 activations do not lose the phase. One complex multiply
+    forward and one backward, instead of a swap, two products and a sum each way."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))     # (R, N, H, d/2) pairs as complex
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)     # (R, N, H, d)
 
 
 # ----- 3D sin-cos table (released 2B) -----
@@ -172,8 +171,7 @@ class Seq(NamedTuple):
     Packed rows:   idx (R, M) picks each token's modulation row 2*s + (0 video | 1 text) of sample s."""
     text_len: int
     idx: torch.Tensor = None
-    cos: torch.Tensor = None    # (R|1, M, 1, d) RoPE; None for the sin-cos model
-    sin: torch.Tensor = None
+    rot: torch.Tensor = None    # (R|1, M, 1, d/2) complex RoPE rotations; None for the sin-cos model
     mask: object = None         # None (full attention) or what pack_mask returned
 
 
@@ -234,8 +232,8 @@ class Block(nn.Module):
         R, N, D = h.shape
         q, k, v = self.qkv(h).view(R, N, 3, self.H, self.d).unbind(2)  # each (R, N, H, d)
         q, k = self.q_norm(q), self.k_norm(k)                          # QK-norm before RoPE, as released
-        if seq.cos is not None:
-            q, k = apply_rope(q, seq.cos, seq.sin), apply_rope(k, seq.cos, seq.sin)
+        if seq.rot is not None:
+            q, k = apply_rope(q, seq.rot), apply_rope(k, seq.rot)
         o = attention(q.to(v.dtype), k.to(v.dtype), v, seq.mask)      # (R, N, H, d)
         return self.proj(o.reshape(R, N, D))                          # (R, N, D)
 
@@ -333,15 +331,14 @@ class ExpertDiT(nn.Module):
 
     def _table(self, kind, L, T, gh, gw, device):
         """Cached per grid size, so sampling and training never rebuild them.
-        "rope": (cos, sin) each (L + n, d) for one sample's [text; video] tokens; the text rows are the
-        identity rotation (cos 1, sin 0), which applies RoPE to video positions only without slicing q, k.
+        "rope": (L + n, d/2) complex rotations for one sample's [text; video] tokens; the text rows are the
+        identity rotation (1 + 0i), which applies RoPE to video positions only without slicing q, k.
         "sincos": (n, D) table for the video tokens (the text slots get nothing added)."""
         key = (kind, L, T, gh, gw, device)
         if key not in self._tables:
             if kind == "rope":
-                cos, sin = rope_table(T, gh, gw, self.cfg)             # (n, d) each
-                cos, sin = torch.cat([torch.ones(L, cos.shape[1]), cos]), torch.cat([torch.zeros(L, cos.shape[1]), sin])
-                self._tables[key] = (cos.to(device), sin.to(device))    # (L + n, d) each
+                rot = rope_table(T, gh, gw, self.cfg)                  # (n, d/2)
+                self._tables[key] = torch.cat([torch.ones(L, rot.shape[1], dtype=rot.dtype), rot]).to(device)  # (L + n, d/2)
             else:
                 self._tables[key] = sincos_table(T, gh, gw, self.cfg).to(device)  # (n, D)
         return self._tables[key]
@@ -409,8 +406,8 @@ class ExpertDiT(nn.Module):
             seqx = torch.cat([self._text_embed(text), self._video_embed(x, L)], dim=1)  # (B, N, D)
             seq = Seq(L)
             if self.cfg.pos != "sincos":         # the 2B has no RoPE: its positions are already in the tokens
-                cos, sin = self._table("rope", L, T, h // p, w // p, x.device)  # (N, d) each
-                seq = Seq(L, None, cos[None, :, None], sin[None, :, None])      # (1, N, 1, d): broadcast over B, H
+                rot = self._table("rope", L, T, h // p, w // p, x.device)      # (N, d/2)
+                seq = Seq(L, None, rot[None, :, None])                          # (1, N, 1, d/2): broadcast over B, H
             seqx = self._blocks(seqx, e, seq)
             m = self.mod_out(e).view(B, 1, 2, -1)                      # (B, 1, [shift, scale], D)
             out = self._final(seqx[:, L:], m)                          # (B, n, p*p*C_out)
@@ -468,11 +465,8 @@ class ExpertDiT(nn.Module):
             seq = Seq(L, idx, mask=pack_mask(seg, self.flex))
             if self.cfg.pos != "sincos":     # per-sample positions: every sample starts at (0, 0, 0), as if alone
                 tabs = [self._table("rope", L, *g, dev) for g in grids]
-                d = self.cfg.head_dim           # row 0: identity rotation for the padding
-                cos = torch.cat([torch.ones(1, d, device=dev)] + [c for c, _ in tabs])   # (1 + S*L + sum n, d)
-                sin = torch.cat([torch.zeros(1, d, device=dev)] + [s for _, s in tabs])
-                rid = as_t(rid)
-                seq = seq._replace(cos=cos[rid][:, :, None], sin=sin[rid][:, :, None])  # (R, M, 1, d)
+                rot = torch.cat([torch.ones_like(tabs[0][:1])] + tabs)  # (1 + S*L + sum n, d/2); row 0: padding, identity
+                seq = seq._replace(rot=rot[as_t(rid)][:, :, None])       # (R, M, 1, d/2)
             x = self._blocks(x, e, seq)
             sid = torch.repeat_interleave(torch.arange(S, device=dev), torch.tensor(nv, device=dev))  # (sum n,)
             m = self.mod_out(e).view(S, 2, -1)[sid]                    # (sum n, 2, D)

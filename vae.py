@@ -234,7 +234,13 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(cin, cout, k, padding=(0, k // 2, k // 2))
 
     def forward(self, x, run):  # (B, Cin, T, H, W) -> (B, Cout, T, H, W)
-        return super().forward(time_pad(x, self.kernel_size[0] - 1, run, self))
+        x = time_pad(x, self.kernel_size[0] - 1, run, self)  # (B, Cin, T+k-1, H, W)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            # Speed only, same math: PyTorch's CPU dispatch sends small batch-1 3D convs (the tiny preset,
+            # short stream chunks, one context-parallel rank's slice) to a generic fallback 3-10x slower than
+            # oneDNN. Calling oneDNN directly is differentiable and equal to the default path to ~1e-5.
+            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
+        return super().forward(x)
 
 
 def group_norm(x, gn, run):
