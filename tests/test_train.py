@@ -1,0 +1,261 @@
+"""train.py: DiT / VAE steps in one process and under torchrun, DDP == one process, context-parallel VAE,
+FSDP, resume == uninterrupted, overfitting, NaN handling, bad files, bad settings (exit code 2), the demo.
+
+Everything runs on CPU with the tiny presets at 16x16 pixels; run: python -m pytest -q tests/test_train.py"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import dit
+import train
+import vae
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A small shapes set (clips + stills), a random tiny VAE, a tiny T5, and a shared latent cache."""
+    root = tmp_path_factory.mktemp("train")
+    manifest = data.make_shapes(str(root / "data"), 8, seed=0, frames=(9,), image_every=4)
+    clips = data.make_shapes(str(root / "clips"), 4, seed=1, frames=(9,), image_every=100)  # no stills (CP)
+    torch.manual_seed(0)
+    ae = vae.CausalVAE(vae.VAE_PRESETS["tiny"])
+    with torch.no_grad():  # like a trained VAE: a sharp posterior (random weights give logvar ~ 0, z ~ noise)
+        ae.encoder.conv_out.bias[ae.cfg.latent:] = -12.0
+    ae.save(str(root / "vae"))
+    caps = [e["caption"] for e in data.read_manifest(manifest)] + [p for p, _ in data.eval_prompts()]
+    dit.build_tiny_t5(str(root / "t5"), caps, d_model=dit.DIT_PRESETS["tiny"].text_dim)
+    return {"root": root, "manifest": manifest, "clips": clips, "vae": str(root / "vae"), "t5": str(root / "t5"),
+            "cache": str(root / "cache")}
+
+
+SMALL = ["--size", "16x16", "--frames", "1,5,9"]  # every stage at 16 px: a few tokens per sample
+
+
+def dit_args(a, out, *extra):
+    return ["--stage", "dit", "--preset", "tiny", "--data", a["manifest"], "--vae", a["vae"], "--text-encoder", a["t5"],
+            "--cache", a["cache"], "--out", str(out), *extra]
+
+
+def vae_args(manifest, out, *extra):
+    return ["--stage", "vae", "--preset", "tiny", "--data", manifest, "--out", str(out), *extra]
+
+
+def log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+# ----- one process -----
+
+def test_dit_two_progressive_stages_one_process(assets, tmp_path, capsys):
+    """Default tiny schedule: stage 0 at 16 px, stage 1 at 32 px (RoPE extrapolates), Frame Pack, logs, export."""
+    res = train.main(dit_args(assets, tmp_path, "--steps", "2,2"))
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 4 and all(" | loss " in ln and " | lr " in ln and " ms | tok/s " in ln for ln in lines)
+    assert "stage 1: [(32, 32), (32, 48)]" in out and "Frame Pack rows of" in out
+    recs = log(tmp_path)
+    assert [r["stage"] for r in recs] == [0, 0, 1, 1]
+    assert all(math.isfinite(r["loss"]) and r["loss_by_t"] and 0 < r["packing"] <= 1 for r in recs)
+    assert res["losses"] == [r["loss"] for r in recs]
+    net = dit.ExpertDiT.load(str(tmp_path / "dit"))  # exported for sample.py, with vae/, text_encoder/, sample.json
+    assert net.cfg == dit.DIT_PRESETS["tiny"]
+    assert (tmp_path / "vae" / "model.safetensors").exists() and (tmp_path / "text_encoder").is_dir()
+    assert json.load(open(tmp_path / "sample.json"))["height"] == 32
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_0000004"
+
+
+def test_vae_steps_one_process_with_discriminator(assets, tmp_path, capsys):
+    """Tiny VAE: 4 steps, the discriminator (own optimizer) switches on at step 2; scaling factor fitted."""
+    train.main(vae_args(assets["manifest"], tmp_path, "--steps", "4", "--size", "16x16"))
+    recs = log(tmp_path)
+    assert len(recs) == 4 and all(math.isfinite(r["loss"]) for r in recs)
+    assert recs[0]["gan"] == 0 and "disc" not in recs[0] and "disc" in recs[3]  # disc_start = 2 in "tiny"
+    ae = vae.CausalVAE.load(str(tmp_path / "vae"))
+    assert ae.cfg.scaling_factor != 1.0 and math.isfinite(ae.cfg.scaling_factor)
+    assert "px/s" in capsys.readouterr().out
+
+
+def test_i2v_and_bucket_modes(assets, tmp_path):
+    """--i2v: the DiT takes [noisy; image] latents (2C channels); --bucket: the released one-shape batches."""
+    train.main(dit_args(assets, tmp_path / "i2v", *SMALL, "--steps", "1", "--i2v"))
+    net = dit.ExpertDiT.load(str(tmp_path / "i2v" / "dit"))
+    assert net.cfg.in_channels == 2 * net.cfg.out_channels
+    train.main(dit_args(assets, tmp_path / "bucket", *SMALL, "--steps", "1", "--bucket", "--batch", "2",
+                        "--grad-checkpoint"))
+    assert all("packing" not in r and math.isfinite(r["loss"]) for r in log(tmp_path / "bucket"))
+
+
+def test_overfitting_one_batch_lowers_the_loss(assets, tmp_path):
+    """The same clip 4 times (one global batch, stratified t): the loss must fall well below its start."""
+    e = data.read_manifest(assets["clips"])[0]
+    data.write_manifest([e] * 4, str(tmp_path / "one.jsonl"))
+    a = dict(assets, manifest=str(tmp_path / "one.jsonl"))
+    res = train.main(dit_args(a, tmp_path / "run", "--size", "16x16", "--frames", "9", "--steps", "25,1",
+                              "--rows", "1", "--max-tokens", "96", "--lr", "3e-3"))
+    first, last = sum(res["losses"][:4]) / 4, sum(res["losses"][-5:-1]) / 4
+    assert last < 0.5 * first, res["losses"]
+
+
+# ----- resume -----
+
+def test_resume_equals_uninterrupted(assets, tmp_path):
+    """Stop after step 4 (inside stage 1, as on SIGTERM), --resume: steps 5-6 and the final EMA weights are exact."""
+    common = [*SMALL, "--steps", "3,3", "--ema", "0.5"]
+    full = train.main(dit_args(assets, tmp_path / "full", *common))
+    part = train.main(dit_args(assets, tmp_path / "part", *common, "--stop-at", "4"))
+    assert part["step"] == 4 and part["losses"] == full["losses"][:4]
+    assert not (tmp_path / "part" / "dit").exists()  # not finished: nothing exported yet
+    rest = train.main(dit_args(assets, tmp_path / "part", *common, "--resume"))
+    assert rest["losses"] == full["losses"][4:]  # bit-exact
+    a, b = weights(tmp_path / "full" / "dit"), weights(tmp_path / "part" / "dit")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    st = torch.load(tmp_path / "part" / "ckpt" / "step_0000006" / "state.pt", weights_only=True)
+    assert set(st) == {"opt", "rng"}
+
+
+def test_sigterm_writes_a_checkpoint_and_stops(assets, tmp_path):
+    """SIGTERM mid-run: the step finishes, a checkpoint is written atomically, the process exits cleanly."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(train.__file__), PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, train.__file__, *dit_args(assets, tmp_path, *SMALL, "--steps", "5000")],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        if line.startswith("step 2/"):
+            p.send_signal(signal.SIGTERM)
+            break
+    rest, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, rest
+    stopped = int(rest.split("stopped at step ")[1].split()[0])
+    assert stopped >= 2 and "signal 15" in rest
+    latest = (tmp_path / "ckpt" / "latest").read_text()
+    assert json.load(open(tmp_path / "ckpt" / latest / "train.json"))["step"] == stopped
+    assert not list((tmp_path / "ckpt").glob(".tmp*"))
+
+
+# ----- faults and bad input -----
+
+@pytest.mark.parametrize("extra, words", [
+    (["--frames", "1,10"], "4k+1"),
+    (["--size", "20x20"], "multiple of 8"),
+    (["--data", "/nonexistent/manifest.jsonl"], "not found"),
+    (["--preset", "nope"], "invalid choice"),
+    (["--steps", "1,2,3"], "one or 2"),
+])
+def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
+    args = dit_args(assets, tmp_path, *extra)
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert words in err[-1]
+
+
+def test_dit_needs_vae_and_text_encoder(assets, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "dit", "--data", assets["manifest"], "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--vae" in capsys.readouterr().err
+
+
+def test_nan_loss_skips_the_step_then_stops(assets, tmp_path, monkeypatch, capsys):
+    real = train.dit_loss
+
+    def flaky(*a, **k):  # step index 1 (the 2nd step) gives NaN
+        out = real(*a, **k)
+        return (out[0] * float("nan"), out[1] * float("nan"), *out[2:]) if a[5] == 1 else out
+
+    monkeypatch.setattr(train, "dit_loss", flaky)
+    res = train.main(dit_args(assets, tmp_path / "a", *SMALL, "--steps", "2"))
+    assert res["step"] == 4 and math.isnan(res["losses"][1]) and all(math.isfinite(v) for v in res["losses"][2:])
+    assert "update skipped (1 in a row)" in capsys.readouterr().err
+    monkeypatch.setattr(train, "dit_loss", lambda *a, **k: (lambda o: (o[0] * float("nan"), o[1] * float("nan"), *o[2:]))(real(*a, **k)))
+    with pytest.raises(RuntimeError, match="2 non-finite losses in a row"):
+        train.main(dit_args(assets, tmp_path / "b", *SMALL, "--steps", "3", "--max-bad-steps", "2"))
+
+
+def test_bad_files_are_skipped_and_counted(assets, tmp_path):
+    entries = data.read_manifest(assets["manifest"])
+    bad = tmp_path / "broken.mkv"
+    bad.write_bytes(b"")  # zero bytes: data.BadVideo("zero-byte file")
+    entries.append(dict(entries[0], path=str(bad)))
+    data.write_manifest(entries, str(tmp_path / "m.jsonl"))
+    a = dict(assets, manifest=str(tmp_path / "m.jsonl"))
+    res = train.main(dit_args(a, tmp_path / "run", *SMALL, "--steps", "8"))  # > one epoch per stage
+    assert res["step"] == 16 and all(math.isfinite(v) for v in res["losses"])
+    assert log(tmp_path / "run")[-1]["bad_files"] >= 1
+
+
+# ----- torchrun, 2 ranks -----
+
+PAR = [*SMALL, "--steps", "2,1"]
+
+
+@pytest.fixture(scope="module")
+def one_process(assets, tmp_path_factory):
+    """The reference for the 2-rank runs: one process with both ranks' rows (= their combined global batch)."""
+    out = tmp_path_factory.mktemp("one")
+    return train.main(dit_args(assets, out, *PAR, "--rows", "2")), out
+
+
+def test_ddp_two_ranks_equals_one_process(assets, tmp_path, torchrun, one_process):
+    """2 ranks x 1 Frame Pack row == 1 process x 2 rows (the same global batch): same losses, same weights."""
+    one, ref = one_process
+    p = torchrun(train.__file__, *dit_args(assets, tmp_path / "two", *PAR, "--rows", "1"))
+    assert "world 2 ddp" in p.stdout
+    two = [r["loss"] for r in log(tmp_path / "two")]
+    assert two == pytest.approx(one["losses"], rel=1e-5, abs=1e-7)
+    a, b = weights(ref / "dit"), weights(tmp_path / "two" / "dit")
+    assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
+
+
+def test_fsdp_two_ranks_equals_one_process(assets, tmp_path, torchrun, one_process):
+    """--fsdp (FSDP2 fully_shard on gloo): the same update as one process; checkpoint gathered to full weights."""
+    one, ref = one_process
+    p = torchrun(train.__file__, *dit_args(assets, tmp_path / "two", *PAR, "--rows", "1", "--fsdp", "--ema", "0.5"))
+    assert "world 2 fsdp" in p.stdout
+    assert [r["loss"] for r in log(tmp_path / "two")] == pytest.approx(one["losses"], rel=1e-5, abs=1e-7)
+    raw = lambda out: weights(out / "ckpt" / "step_0000003" / "dit")  # the checkpoint keeps the raw weights
+    a, b = raw(ref), raw(tmp_path / "two")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
+    ema = load_file(tmp_path / "two" / "ckpt" / "step_0000003" / "ema.safetensors")  # sharded EMA, gathered
+    assert ema.keys() == {k for k in b if k in ema} and all(ema[k].shape == b[k].shape for k in ema)
+    assert torch.equal(weights(tmp_path / "two" / "dit")["patch.weight"], ema["patch.weight"])  # export = EMA
+
+
+def test_context_parallel_vae_two_ranks_equals_one_process(assets, tmp_path, torchrun):
+    """--cp 2: both ranks share each 9-frame clip (split in time); before the GAN starts the losses equal one
+    process; the discriminator steps (its own optimizer, DDP over the ranks) then run too."""
+    common = ["--steps", "3", "--size", "16x16", "--frames", "9", "--batch", "1"]
+    one = train.main(vae_args(assets["clips"], tmp_path / "one", *common))
+    p = torchrun(train.__file__, *vae_args(assets["clips"], tmp_path / "two", *common, "--cp", "2"))
+    assert "(cp 2)" in p.stdout
+    two = log(tmp_path / "two")
+    assert [r["loss"] for r in two[:2]] == pytest.approx(one["losses"][:2], rel=1e-5)  # disc_start = 2
+    assert math.isfinite(two[2]["loss"]) and "disc" in two[2]
+    assert (tmp_path / "two" / "vae" / "model.safetensors").exists()
+
+
+# ----- the shapes demo (issue 8) -----
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path, capsys):
+    """`python train.py --quick`: the whole pipeline in a few steps; the checker is applied to every prompt."""
+    res = train.main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    n_seen = sum(not h for _, h in data.eval_prompts())
+    assert f"/{n_seen} follow their prompt, held-out" in out
+    assert res["seen"][1] == n_seen and res["held"][1] == len(data.eval_prompts()) - n_seen
+    assert len(list((tmp_path / "samples").glob("*.png"))) == len(data.eval_prompts())
