@@ -228,20 +228,25 @@ class Block(nn.Module):
         self.fc1 = nn.Linear(D, 4 * D)
         self.fc2 = nn.Linear(4 * D, D)
 
-    def attn(self, h, seq):
+    def attn(self, h, seq, q_from=0):
+        """(R, N, D) -> (R, N - q_from, D): q_from > 0 computes the outputs of tokens q_from.. only (their
+        queries attend to every token's keys and values)."""
         R, N, D = h.shape
         q, k, v = self.qkv(h).view(R, N, 3, self.H, self.d).unbind(2)  # each (R, N, H, d)
+        q = q[:, q_from:]                                              # (R, N - q_from, H, d)
         q, k = self.q_norm(q), self.k_norm(k)                          # QK-norm before RoPE, as released
         if seq.rot is not None:
-            q, k = apply_rope(q, seq.rot), apply_rope(k, seq.rot)
-        o = attention(q.to(v.dtype), k.to(v.dtype), v, seq.mask)      # (R, N, H, d)
-        return self.proj(o.reshape(R, N, D))                          # (R, N, D)
+            q, k = apply_rope(q, seq.rot[:, q_from:]), apply_rope(k, seq.rot)
+        o = attention(q.to(v.dtype), k.to(v.dtype), v, seq.mask)      # (R, N - q_from, H, d)
+        return self.proj(o.reshape(R, N - q_from, D))                 # (R, N - q_from, D)
 
     def mlp(self, h):
         return self.fc2(F.gelu(self.fc1(h), approximate="tanh"))      # (R, N, D)
 
-    def sub(self, x, e, seq, norm, mod, fn):
-        """x + gate * fn(LN(x) * (1 + scale) + shift), with (shift, scale, gate) of the token's expert."""
+    def sub(self, x, e, seq, norm, mod, fn, q_from=0):
+        """x + gate * fn(LN(x) * (1 + scale) + shift), with (shift, scale, gate) of the token's expert.
+        Unpacked rows hold seq.text_len text tokens, then video. q_from = text_len: fn returns the video
+        rows only, and so does sub."""
         m = mod(e).view(-1, 2, 3, x.shape[-1])  # (S, [video, text], [shift, scale, gate], D); released chunk order
         h = norm(x)                                                    # (R, N, D)
         # The released code carries text and video as two tensors and concatenates them for every attention
@@ -249,19 +254,28 @@ class Block(nn.Module):
         # on it, and only the cheap element-wise modulation looks at which expert a token belongs to.
         if seq.idx is None:                     # unpacked: [L text; n video] in every row
             sizes = [seq.text_len, x.shape[1] - seq.text_len]
-            (vs, vc, vg), (ts, tc, tg) = m[:, 0, :, None].unbind(1), m[:, 1, :, None].unbind(1)  # each (B, 1, D)
+            (vs, vc, vg), (ts, tc, tg) = (z.unbind(1) for z in m[:, :, :, None].unbind(1))  # each (B, 1, D)
+            if sizes[0] == 0:                   # video rows only (the last block's MLP)
+                return torch.addcmul(x, fn(torch.addcmul(vs, h, 1 + vc), seq), vg)  # (B, n, D)
             # split (not two slices): its backward is one concatenation instead of zero-filled full-size grads
             ht, hv = h.split(sizes, dim=1)                             # (B, L, D), (B, n, D)
             y = fn(torch.cat([torch.addcmul(ts, ht, 1 + tc), torch.addcmul(vs, hv, 1 + vc)], dim=1), seq)
+            if q_from:                          # y: the video rows only
+                return torch.addcmul(x[:, q_from:], y, vg)             # (B, n, D)
             yt, yv = y.split(sizes, dim=1)
             return x + torch.cat([yt * tg, yv * vg], dim=1)            # (B, N, D)
         # packed: per-token modulation, gathered from each token's (sample, expert) row (§3.1: own timestep)
         s, c, g = m.flatten(0, 1)[seq.idx].unbind(2)                   # each (R, M, D)
         return torch.addcmul(x, fn(torch.addcmul(s, h, 1 + c), seq), g)
 
-    def forward(self, x, e, seq):
+    def forward(self, x, e, seq, video_only=False):
+        """video_only (the last block of an unpacked forward): nobody reads the text rows of its output, so
+        their queries, attention output, projection and MLP are skipped; returns (B, n, D) video rows."""
         # e = SiLU(time embedding), per sample; each sub-layer has its own expert modulation (Fig. 1).
-        x = self.sub(x, e, seq, self.norm1, self.mod1, self.attn)
+        q_from = seq.text_len if video_only else 0
+        x = self.sub(x, e, seq, self.norm1, self.mod1, lambda h, s: self.attn(h, s, q_from), q_from)
+        if video_only:
+            seq = seq._replace(text_len=0)      # only video rows are left
         return self.sub(x, e, seq, self.norm2, self.mod2, lambda h, _: self.mlp(h))
 
 
@@ -374,12 +388,14 @@ class ExpertDiT(nn.Module):
         h = self.norm_out(self.norm_final(x))
         return self.proj_out(h * (1 + m[..., 1, :]) + m[..., 0, :])
 
-    def _blocks(self, x, e, seq):
-        for blk in self.blocks:
+    def _blocks(self, x, e, seq, video_only=False):
+        """video_only: the last block returns only the video rows (unpacked rows: [L text; n video])."""
+        for i, blk in enumerate(self.blocks):
+            last = video_only and i == len(self.blocks) - 1
             if self.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, e, seq, use_reentrant=False)   # keep only block inputs; recompute in backward
+                x = checkpoint(blk, x, e, seq, last, use_reentrant=False)  # keep only block inputs; recompute in backward
             else:
-                x = blk(x, e, seq)
+                x = blk(x, e, seq, last)
         return x
 
     def _amp(self, device):
@@ -408,9 +424,9 @@ class ExpertDiT(nn.Module):
             if self.cfg.pos != "sincos":         # the 2B has no RoPE: its positions are already in the tokens
                 rot = self._table("rope", L, T, h // p, w // p, x.device)      # (N, d/2)
                 seq = Seq(L, None, rot[None, :, None])                          # (1, N, 1, d/2): broadcast over B, H
-            seqx = self._blocks(seqx, e, seq)
+            vid = self._blocks(seqx, e, seq, video_only=True)          # (B, n, D): the text outputs are never read
             m = self.mod_out(e).view(B, 1, 2, -1)                      # (B, 1, [shift, scale], D)
-            out = self._final(seqx[:, L:], m)                          # (B, n, p*p*C_out)
+            out = self._final(vid, m)                                  # (B, n, p*p*C_out)
         return rearrange(out.to(x.dtype), "b (t gh gw) (c ph pw) -> b c t (gh ph) (gw pw)",
                          t=T, gh=h // p, ph=p, pw=p)
 
@@ -618,8 +634,15 @@ class TextEncoder:
 
     def __init__(self, folder, device="cpu", dtype=None, max_length=226):
         from transformers import T5EncoderModel, T5Tokenizer
-        self.tok = T5Tokenizer.from_pretrained(str(_sub(folder, "tokenizer")))
-        self.model = T5EncoderModel.from_pretrained(str(_sub(folder, "text_encoder")), dtype=dtype).to(device).eval()
+        tok, enc = _sub(folder, "tokenizer"), _sub(folder, "text_encoder")
+        # Offline only: a missing folder must not turn into a hub lookup of a repo id of that name.
+        if not (enc / "config.json").is_file():
+            raise FileNotFoundError(f"T5 text encoder folder {enc} not found (no config.json): pass a local folder "
+                                    "holding a T5 encoder + tokenizer (a released model's root, or dit.build_tiny_t5's output)")
+        if not (tok / "spiece.model").is_file() and not (tok / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"T5 tokenizer not found in {tok} (no spiece.model / tokenizer.json)")
+        self.tok = T5Tokenizer.from_pretrained(str(tok), local_files_only=True)
+        self.model = T5EncoderModel.from_pretrained(str(enc), dtype=dtype, local_files_only=True).to(device).eval()
         self.model.requires_grad_(False)
         self.device, self.max_length, self.dim = torch.device(device), max_length, self.model.config.d_model
 

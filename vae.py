@@ -227,6 +227,31 @@ def time_pad(x, n, run, key):
     return x
 
 
+class _OneDNNConv3d(torch.autograd.Function):
+    """Speed and memory only, same math (to float rounding): a CPU fp32 stride-1 3D conv whose forward AND
+    backward run on oneDNN. PyTorch picks its backend from the input's sizes (Convolution.cpp,
+    ConvParams::use_mkldnn): a batch-1 input with C*T*H <= 20480, e.g. one context-parallel rank's slice or
+    a stream chunk, goes to a generic kernel that is 3-10x slower and whose backward unfolds the input into
+    a C*27-times larger column buffer (over 100 MB for one 64x64 decoder layer). The forward calls oneDNN
+    directly; the backward sees (B, C, T, H, W) as (B, C, W, H, T) -- the same convolution with the
+    kernel's axes swapped -- which PyTorch's size rule then sends to oneDNN as well."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, padding):  # x (B, Cin, T+k-1, H, W) already time-padded
+        ctx.save_for_backward(x, w)
+        ctx.padding = padding
+        return torch.mkldnn_convolution(x, w, b, padding, (1, 1, 1), (1, 1, 1), 1)  # (B, Cout, T, H, W)
+
+    @staticmethod
+    def backward(ctx, g):  # g (B, Cout, T, H, W)
+        x, w = ctx.saved_tensors
+        t = lambda v: v.transpose(2, 4) if v is not None else None  # (.., T, H, W) <-> (.., W, H, T), a view
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            t(g), t(x), t(w), [w.shape[0]], [1, 1, 1], list(ctx.padding[::-1]), [1, 1, 1], False, [0, 0, 0], 1,
+            list(ctx.needs_input_grad[:3]))
+        return t(gx), t(gw), gb, None
+
+
 class CausalConv3d(nn.Conv3d):
     """k×k×k conv, zero padding in space, causal padding in time (Fig. 2b). Keeps T unchanged."""
 
@@ -235,11 +260,10 @@ class CausalConv3d(nn.Conv3d):
 
     def forward(self, x, run):  # (B, Cin, T, H, W) -> (B, Cout, T, H, W)
         x = time_pad(x, self.kernel_size[0] - 1, run, self)  # (B, Cin, T+k-1, H, W)
-        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            # Speed only, same math: PyTorch's CPU dispatch sends small batch-1 3D convs (the tiny preset,
-            # short stream chunks, one context-parallel rank's slice) to a generic fallback 3-10x slower than
-            # oneDNN. Calling oneDNN directly is differentiable and equal to the default path to ~1e-5.
-            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
+        B, C, T, H = x.shape[:4]
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+                and B * C * T * H <= 20480):  # what PyTorch would send to its slow generic kernel (see _OneDNNConv3d)
+            return _OneDNNConv3d.apply(x, self.weight, self.bias, self.padding)
         return super().forward(x)
 
 

@@ -14,7 +14,7 @@ machine, the same random weights on both sides (a diffusers model is saved, ours
   cp      context-parallel VAE training step (encode+decode+backward) on 2 ranks (torchrun, gloo) vs one
           process of the same whole-sequence computation: time and per-rank peak memory
 
-Run (about 4-6 minutes on 2 idle cores; timings are meaningless on a loaded machine, see --max-load):
+Run (about 3-5 minutes on 2 cores; timings are meaningless on a loaded machine, see --max-load):
   python tests/bench.py --out bench.json
   python tests/bench.py --only dit,mfu --reps 15        # a subset
   python tests/bench.py --threads 1                     # what a shared machine can still measure

@@ -315,3 +315,15 @@ def test_tiny_t5_word_level_and_text_encoder(tmp_path):
     m = ExpertDiT(small())                          # the tiny DiT consumes it directly
     x, t, _ = inputs(m.cfg)
     assert m(x, t, enc.encode(["a", "b"])).shape == x.shape
+
+
+def test_text_encoder_is_offline_and_names_a_missing_folder(tmp_path):
+    # a repo-id-like string or a typo must be a clear local error, never a hub lookup
+    for bad in (tmp_path / "nope", "google/t5-v1_1-xxl"):
+        with pytest.raises(FileNotFoundError, match="text encoder folder"):
+            dit.TextEncoder(bad)
+    dit.build_tiny_t5(tmp_path / "t5", CAPTIONS, d_model=64)
+    (tmp_path / "t5" / "spiece.model").unlink()  # encoder present, tokenizer gone
+    (tmp_path / "t5" / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer not found"):
+        dit.TextEncoder(tmp_path / "t5")
