@@ -426,7 +426,14 @@ def main(argv=None):
     p.add_argument("--offload", action="store_true", help="keep models on the CPU except during their stage")
     p.add_argument("--stream", action="store_true", help="decode the latent in chunks (low memory)")
     a = p.parse_args(argv)
+    try:  # bad input (missing folder, wrong frame count or size, non-I2V model with --image): one line, exit 2
+        run(a, p)
+    except (ValueError, OSError) as e:
+        p.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
+
+def run(a, p):
+    """The CLI body: load, optionally upsample the prompts, generate in batches, write .mp4 + .png."""
     prompts = list(a.prompt)
     if a.prompts_file:
         with open(a.prompts_file) as f:
