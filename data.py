@@ -443,12 +443,14 @@ class _GlobalBatchSampler:
     A global batch is a list of slots; slot j of the global batch is one real sample with its loss weight
     (tokens_j / sum over the global batch). This rank's keys are (index, row, slot, weight, n_global).
     A rank whose slice would be empty (only in the last batch) gets one copy of a real sample with
-    weight 0 and slot -1, so every rank runs the same number of steps and DDP never stalls."""
+    weight 0 and slot -1, so every rank runs the same number of steps and DDP never stalls.
+    drop_last=True leaves out the epoch's partial batches instead (see each sampler's _full)."""
 
-    def __init__(self, shapes, seed, rank, world_size):
+    def __init__(self, shapes, seed, rank, world_size, drop_last=False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.shapes, self.seed, self.rank, self.world_size, self.epoch = shapes, seed, rank, world_size, 0
+        self.drop_last = drop_last
         self.valid = [i for i, s in enumerate(shapes) if s is not None]
         self._cache = {}
 
@@ -465,7 +467,12 @@ class _GlobalBatchSampler:
         """-> list of global batches; each a list over ranks of lists of keys (index, row, slot, weight, n_global)."""
         epoch = self.epoch if epoch is None else epoch
         if epoch not in self._cache:
-            self._cache = {epoch: [self._split(b) for b in self._build(self._order(epoch), epoch)]}
+            built = self._build(self._order(epoch), epoch)
+            if self.drop_last:  # like DataLoader's drop_last: a step on a nearly empty tail batch is a noisy,
+                # wasted step (a small dataset's last Frame Pack batch can be 5% full); the dropped samples are
+                # seen in other epochs (each epoch reshuffles). Never drop everything (a set smaller than a batch).
+                built = [b for b in built if self._full(b)] or built
+            self._cache = {epoch: [self._split(b) for b in built]}
         return self._cache[epoch]
 
     def _keys(self, groups):
@@ -507,8 +514,8 @@ class FramePackSampler(_GlobalBatchSampler):
     over ranks) the per-rank loss is world_size * sum_j weight_j * mse_j."""
 
     def __init__(self, shapes, max_tokens, rows=1, text_len=226, tf=4, sf=8, p=2, seed=0, rank=0,
-                 world_size=1, lookahead=16):
-        super().__init__(shapes, seed, rank, world_size)
+                 world_size=1, lookahead=16, drop_last=False):
+        super().__init__(shapes, seed, rank, world_size, drop_last)
         self.max_tokens, self.rows, self.text_len, self.lookahead = max_tokens, rows, text_len, lookahead
         self._factors = (tf, sf, p)
         self.tokens = {i: num_tokens(*shapes[i], text_len, tf, sf, p) for i in self.valid}
@@ -535,6 +542,11 @@ class FramePackSampler(_GlobalBatchSampler):
             pending.extendleft(reversed(waiting))  # the waiting samples open the next batch, in order
             batches.append(groups)
         return batches
+
+    def _full(self, groups):
+        """drop_last keeps a global batch whose rows are at least half full (only the epoch's tail is not)."""
+        used = sum(self.tokens[i] for g in groups for i in g)
+        return 2 * used >= self.rows * self.world_size * self.max_tokens
 
     def _split(self, groups):
         R = self.rows
@@ -599,8 +611,8 @@ class BucketSampler(_GlobalBatchSampler):
     rank r takes the contiguous slots [r * batch_size, (r + 1) * batch_size), the layout
     diffusion.explicit_uniform_timesteps(batch_size, rank, world_size) assumes."""
 
-    def __init__(self, shapes, batch_size, seed=0, rank=0, world_size=1):
-        super().__init__(shapes, seed, rank, world_size)
+    def __init__(self, shapes, batch_size, seed=0, rank=0, world_size=1, drop_last=False):
+        super().__init__(shapes, seed, rank, world_size, drop_last)
         self.batch_size, self._factors = batch_size, (1, 1, 1)
 
     def _build(self, order, epoch):
@@ -610,6 +622,10 @@ class BucketSampler(_GlobalBatchSampler):
         batches = [b[k:k + G] for b in buckets.values() for k in range(0, len(b), G)]
         random.Random(self.seed * 1_000_003 + epoch + 1).shuffle(batches)  # interleave the buckets
         return batches
+
+    def _full(self, batch):
+        """drop_last keeps only full global batches (each bucket's remainder is dropped)."""
+        return len(batch) == self.batch_size * self.world_size
 
     def _split(self, batch):
         keys = [k for row in self._keys([[i] for i in batch]) for k in row]

@@ -68,6 +68,7 @@ class TrainConfig:
     max_tokens: object = 0            # Frame Pack row length (an int, or a list: one per stage); 0 = the largest sample
     rows: int = 8                     # Frame Pack rows per rank and micro-batch
     batch: int = 4                    # samples per rank (VAE, and the DiT's bucket mode)
+    drop_last: bool = False           # skip each epoch's partial batches (data samplers' drop_last)
     accum: int = 1                    # micro-batches per optimizer step
     lr: float = 1e-4                  # not given in the paper; a usual DiT value
     warmup: int = 100
@@ -100,12 +101,17 @@ PRESETS = {
                         lr=1e-3, warmup=2, disc_start=2, disc_ch=8, save_every=0),
     # The shapes demo (DESIGN §5). Stage one of the DiT at 16 px, stage two at 32 px (the sampling size).
     # The VAE sees 5-frame clips (one temporal compression step each way) and stills: the cheapest data that
-    # trains every part of it; the DiT then encodes 9-17 frames with it (the causal VAE is length-agnostic).
+    # trains every part of it; the DiT then encodes longer clips with it (the causal VAE is length-agnostic).
     # L2 as in §2.1: measured here, L1 at batch 8 was still reconstructing black frames after 250 steps
     # (0/24 clips kept their colour) while L2 at batch 2 kept every colour after 200 (DESIGN §5's pitfall).
-    "shapes": TrainConfig(vae_stages=[S([(32, 32)], [1, 5])], vae_steps=[400], dit_steps=[300, 700], recon="l2",
-                          rows=12, max_tokens=[96, 256], batch=2, lr=1e-3, warmup=50, vae_lr=2e-3, disc_start=10**9,
-                          disc_ch=16, save_every=250),
+    # Stage two packs stills with the clips cut to the sampled length: measured here, the same steps on
+    # 9/13/17-frame clips followed 13/24 seen and 3/8 held-out prompts, on 9-frame clips 23/24 and 6/8
+    # (motion is learned after colour, and short clips put ~2x more samples in each step). drop_last: the
+    # last Frame Pack batch of an epoch is nearly empty, a wasted and noisy step.
+    "shapes": TrainConfig(vae_stages=[S([(32, 32)], [1, 5])], vae_steps=[400], recon="l2",
+                          dit_stages=[data.STAGES["shapes"][0], S([(32, 32), (32, 48)], [1, 9])],
+                          dit_steps=[300, 1700], rows=12, max_tokens=[96, 256], batch=2, lr=1e-3, warmup=50,
+                          vae_lr=2e-3, disc_start=10**9, disc_ch=16, save_every=250, drop_last=True),
     # Full scale (GPU clusters). The paper gives no optimizer numbers beyond the issue's AdamW settings.
     "cogvideox-2b": TrainConfig(vae="cogvideox-2b", dit="cogvideox-2b", snr_shift=3.0, fit_scale=False,
                                 vae_stages=[S([(256, 256)], [17], fps=8), S([(256, 256)], [49], fps=8)],
@@ -343,6 +349,9 @@ def batches(make_loader, sampler, pos):
     while True:
         sampler.set_epoch(pos["epoch"])
         keys = list(sampler)
+        if not keys:  # nothing readable at this stage's sizes: stop instead of spinning over empty epochs
+            raise SettingsError("no readable sample fits this stage (see the skipped files above); check --data, "
+                                "--size and --frames with `python data.py inspect`")
         if pos["batch"] < len(keys):
             for b in make_loader(keys[pos["batch"]:]):
                 pos["batch"] += 1
@@ -384,7 +393,8 @@ def dit_loss(net, cfg, batch, tc, ac, step, micro, iid, i2v, max_tokens, sf, dev
             c[:, :1] = z[:, :1] + sigma_all[slot[j]] * noise(z[:, :1].shape, *key, 3).to(device)
             zt[-1] = torch.cat([zt[-1], c])  # (2C, T', h, w)
     if not items:  # every file of this micro-batch was bad: a zero loss that still syncs gradients
-        zero = sum(p.sum() for p in net.parameters()) * 0.0
+        # through net's forward, so DDP/FSDP run their gradient hooks on this rank too (else the others hang)
+        zero = net(lambda m: sum(p.sum() for p in m.parameters()) * 0.0)
         return zero, *(torch.zeros(0, device=device) for _ in range(4))
     text = torch.stack([it["text"] for it in items]).to(device)  # (S, L, D)
     keep = (~drop_all[slot]).to(device, text.dtype)  # (S,)
@@ -651,8 +661,13 @@ def train(args):
     elif args.resume:
         say(f"--resume: no checkpoint in {args.out}/ckpt yet, starting from scratch")
 
-    stop = {"sig": 0}  # SIGTERM / SIGINT: finish the step, write a checkpoint, exit
-    before = {s: signal.signal(s, lambda num, _: stop.update(sig=num)) for s in (signal.SIGTERM, signal.SIGINT)}
+    stop = {"sig": 0}  # SIGTERM / SIGINT: finish the step, write a checkpoint, exit; a second signal kills at once
+
+    def on_signal(num, _):
+        stop.update(sig=num)
+        signal.signal(num, signal.SIG_DFL)
+
+    before = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
     total, ends = sum(steps), [sum(steps[:i + 1]) for i in range(len(steps))]
@@ -675,6 +690,9 @@ def train(args):
             ds = data.VideoDataset(entries, stage, mode="bucket" if (args.bucket or not is_dit) else "pack")
             if not is_dit and args.cp > 1:  # a CP group splits time: images and too-short clips cannot be split
                 ds.shapes = [s if s and s[0] > 1 and (s[0] - 1) % (4 * args.cp) == 0 else None for s in ds.shapes]
+            if not any(ds.shapes):
+                raise SettingsError(f"stage {stage_i}: no readable sample in --data fits {stage.resolutions} x frames "
+                                    f"{stage.frames} ({len(ds.bad)} unreadable); check with `python data.py inspect`")
             if is_dit and not args.bucket:  # §3.1 Frame Pack: rows of max_tokens, any mix of durations and images
                 sizes = [s for s in ds.shapes if s]
                 need = max(data.num_tokens(*s, cfg.text_len, vcfg.temporal_factor, vcfg.spatial_factor, cfg.patch)
@@ -682,10 +700,11 @@ def train(args):
                 max_tokens = (tc.max_tokens[stage_i] if isinstance(tc.max_tokens, list) else tc.max_tokens) or need
                 sampler = data.FramePackSampler(ds.shapes, max_tokens, tc.rows, cfg.text_len, vcfg.temporal_factor,
                                                 vcfg.spatial_factor, cfg.patch, seed=tc.seed, rank=dp_rank,
-                                                world_size=dp_world)
+                                                world_size=dp_world, drop_last=tc.drop_last)
             else:  # one shape per batch: the VAE (whole clips), or the DiT in the released code's padded mode
                 max_tokens = 0
-                sampler = data.BucketSampler(ds.shapes, tc.batch, seed=tc.seed, rank=dp_rank, world_size=dp_world)
+                sampler = data.BucketSampler(ds.shapes, tc.batch, seed=tc.seed, rank=dp_rank, world_size=dp_world,
+                                             drop_last=tc.drop_last)
             src = Prepared(ds, ae, text, cache, ids) if is_dit else ds
             if is_dit and cache is not None:  # fill the cache first, each rank its share, then everyone reads it
                 src.fill([i for i, s in enumerate(ds.shapes) if s and i % world == rank], rank == 0, stage_i)
@@ -746,7 +765,7 @@ def train(args):
             say(f"warning: step {step}: non-finite loss {gloss} / grad norm {gnorm}, update skipped "
                 f"({consec_bad} in a row)", file=sys.stderr)
             if consec_bad >= args.max_bad_steps:
-                raise RuntimeError(f"{consec_bad} non-finite losses in a row: lower --lr, check the data, or resume "
+                raise SettingsError(f"{consec_bad} non-finite losses in a row: lower --lr, check the data, or resume "
                                    f"from an earlier checkpoint")
         else:
             consec_bad = 0
@@ -756,14 +775,16 @@ def train(args):
                     torch._foreach_lerp_(list(ema.values()), [p.detach() for p in model.parameters()], 1 - tc.ema)
         # §2.1 GAN: after disc_start the 3D discriminator takes its own hinge-loss step on this step's last
         # micro-batch (real clips vs detached reconstructions), with its own AdamW and learning rate.
-        if disc is not None and step >= tc.disc_start:
+        # Not after a skipped (non-finite) step: a NaN reconstruction would poison the discriminator's weights.
+        if disc is not None and step >= tc.disc_start and consec_bad == 0:
             for g in dopt.param_groups:
                 g["lr"] = lr_at(tc, tc.disc_lr, step - max(start, tc.disc_start), steps[stage_i])
             dopt.zero_grad(set_to_none=True)
             dloss, dparts = vae.discriminator_loss(dnet, x, rec.detach(), step, tc.disc_start)
             dloss.backward()
-            torch.nn.utils.clip_grad_norm_(disc.parameters(), tc.clip)
-            dopt.step()
+            dnorm = torch.nn.utils.clip_grad_norm_(disc.parameters(), tc.clip)
+            if math.isfinite(float(dloss)) and math.isfinite(float(local(dnorm))):
+                dopt.step()
             parts_log.update({k: float(v.detach()) for k, v in dparts.items()})
         bad_files += int(red[2])
         step += 1
@@ -852,6 +873,15 @@ def demo(args):
 
     t0 = time.time()
     out, q = args.out or "out/shapes", args.quick
+    # The time target is for an idle machine. When other processes already keep a core busy, two OpenMP threads
+    # spin-wait on each other and run 10-100x slower than one, so take one thread then (an explicit
+    # OMP_NUM_THREADS / torch.set_num_threads choice of the user is left alone).
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
+    if busy and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+        print(f"demo: the machine is busy (load {os.getloadavg()[0]:.1f}): one thread, expect it to run slower")
+    times = {}
+    lap = lambda name: times.update({name: time.time() - t0 - sum(times.values())})
     scale = args.demo_scale if args.demo_scale else (0.01 if q else 1.0)
     tc = PRESETS["shapes"]
     n = 60 if q else 400
@@ -859,6 +889,7 @@ def demo(args):
     if not os.path.exists(manifest):
         print(f"demo: writing {n} shapes samples to {out}/data")
         data.make_shapes(os.path.join(out, "data"), n, seed=0)
+    lap("data")
     # (1) §2.1 the VAE
     common = dict(preset="shapes", data=manifest, device=args.device, fsdp=False, cp=1, resume=args.resume,
                   lr=None, accum=None, rows=None, batch=None, ema=None, save_every=None, seed=None, workers=0,
@@ -871,6 +902,7 @@ def demo(args):
                     cache=None))["stopped"]:
             return print("demo: stopped during VAE training; `python train.py --resume` continues") or {}
     vdir = os.path.join(out, "vae", "vae")
+    lap("vae")
     # (2) the tiny T5 over every caption and prompt (word-level tokenizer, DESIGN §5 pitfall)
     t5 = os.path.join(out, "t5")
     if not os.path.exists(os.path.join(t5, "config.json")):
@@ -882,6 +914,7 @@ def demo(args):
                    cache=os.path.join(out, "cache")))
     if res["stopped"]:
         return print("demo: stopped during DiT training; `python train.py --resume` continues") or {}
+    lap("dit")
     # (4) sample one video per evaluation prompt and check it
     net, ae, text, scfg = sample.load_ckpt(os.path.join(out, "dit"))
     prompts = data.eval_prompts()
@@ -896,11 +929,13 @@ def demo(args):
         name = os.path.join(out, "samples", f"{i:02d}_{'held_' if held else ''}{p.replace(' ', '_')}")
         sample.write_mp4(v, name + ".mp4", 8)
         sample.contact_sheet(v, name + ".png")
+    lap("sample")
     mins = (time.time() - t0) / 60
+    print("demo: minutes per phase: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()))
     line = (f"shapes: seen {ok[False][0]}/{ok[False][1]} follow their prompt, held-out {ok[True][0]}/{ok[True][1]} "
             f"({mins:.1f} min; videos and contact sheets in {out}/samples)")
     print(line)
-    return {"seen": ok[False], "held": ok[True], "minutes": mins, "dit_losses": res["losses"]}
+    return {"seen": ok[False], "held": ok[True], "minutes": mins, "times": times, "dit_losses": res["losses"]}
 
 
 # ----- CLI -----
@@ -944,11 +979,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         if args.stage is None:
-            return demo(args)
+            threads = torch.get_num_threads()  # demo() may drop to one thread on a busy machine: restore it after
+            try:
+                return demo(args)
+            finally:
+                torch.set_num_threads(threads)
         if not args.out:
             raise SettingsError("--out DIR is required with --stage (where checkpoints and logs go)")
         return train(args)
-    except SettingsError as e:
+    except (SettingsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

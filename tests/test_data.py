@@ -282,6 +282,22 @@ def test_bucket_sampler_sharding():
         assert [k for k in r0 + r1 if k[3] > 0] == b1
 
 
+def test_samplers_drop_last():
+    shapes = random_shapes(203) + [None]
+    pack = lambda **k: data.FramePackSampler(shapes, rows=2, seed=5, **KW, **k)
+    bucket = lambda **k: data.BucketSampler(shapes, batch_size=3, seed=1, **k)
+    full_pack = lambda s, b: 2 * sum(s.tokens[k[0]] for ks in b for k in ks if k[3] > 0) >= 2 * KW["max_tokens"]
+    full_bucket = lambda s, b: sum(k[3] > 0 for ks in b for k in ks) == 3
+    for make, is_full in ((pack, full_pack), (bucket, full_bucket)):
+        keep, drop = make(), make(drop_last=True)
+        full = [b for b in keep.global_batches(0) if is_full(keep, b)]
+        assert drop.global_batches(0) == full and 0 < len(full) < len(keep)  # only the partial batches go
+        seen = drop.epoch_samples(0)
+        assert len(seen) == len(set(seen)) < len(keep.epoch_samples(0))
+    tiny = data.BucketSampler([(1, 8, 8)], batch_size=3, drop_last=True)
+    assert len(tiny) == 1  # a set smaller than one batch still yields it
+
+
 # ----- stages, dataset, loader -----
 
 @pytest.fixture(scope="module")

@@ -182,8 +182,16 @@ def test_nan_loss_skips_the_step_then_stops(assets, tmp_path, monkeypatch, capsy
     assert res["step"] == 4 and math.isnan(res["losses"][1]) and all(math.isfinite(v) for v in res["losses"][2:])
     assert "update skipped (1 in a row)" in capsys.readouterr().err
     monkeypatch.setattr(train, "dit_loss", lambda *a, **k: (lambda o: (o[0] * float("nan"), o[1] * float("nan"), *o[2:]))(real(*a, **k)))
-    with pytest.raises(RuntimeError, match="2 non-finite losses in a row"):
+    with pytest.raises(SystemExit) as e:  # stops with one line naming the fix, exit code 2
         train.main(dit_args(assets, tmp_path / "b", *SMALL, "--steps", "3", "--max-bad-steps", "2"))
+    assert e.value.code == 2 and "2 non-finite losses in a row" in capsys.readouterr().err
+
+
+def test_no_readable_data_is_a_clear_error_not_a_hang(tmp_path, capsys):
+    (tmp_path / "m.jsonl").write_text('{"path": "missing.mkv", "caption": "a red circle"}\n')
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "vae", "--preset", "tiny", "--data", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "no readable sample" in capsys.readouterr().err
 
 
 def test_bad_files_are_skipped_and_counted(assets, tmp_path):
