@@ -761,8 +761,9 @@ class LatentCache:
     def key(self, path, shape, model_id, fps=None, start=None, pad="repeat", latent="posterior"):
         """shape (T, H, W), fps, start and pad as passed to load_video (the defaults are VideoDataset's
         for a stage without fps); latent: "posterior" (mean + logvar), "mean" or "sample"."""
-        if latent not in ("posterior", "mean", "sample"):
-            raise ValueError(f"latent must be 'posterior', 'mean' or 'sample', got {latent!r}")
+        kinds = ("posterior", "posterior+frame0", "mean", "sample")  # +frame0: also the first frame's own
+        if latent not in kinds:                                        # posterior (train.py's I2V condition)
+            raise ValueError(f"latent must be one of {kinds}, got {latent!r}")
         st = os.stat(path)
         fps, start = (None if v is None else float(v) for v in (fps, start))  # 8 and 8.0 decode alike
         raw = (f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{tuple(shape)}|fps={fps}|start={start}|"

@@ -281,8 +281,7 @@ class Prepared(torch.utils.data.Dataset):
             if item is None:
                 raise data.BadVideo(self.ds.bad.get(e["path"], "unreadable"))
             x = item["video"][None].to(self.ae_device, self.ae_dtype)  # (1, 3, T, H, W)
-            post = self.ae.encode(x)
-            return {"mean": post.mean[0].float(), "logvar": post.logvar[0].float()}  # (C, T', h, w) each
+            return {k: v[0] for k, v in self.posteriors(x).items()}
 
         def embed():
             return {"text": self.text.encode([e["caption"]])[0].float()}  # (L, D)
@@ -291,7 +290,7 @@ class Prepared(torch.utils.data.Dataset):
             if self.cache is None:
                 out.update(encode())
             else:
-                out.update(self.cache.get_or_make(self.cache.key(e["path"], shape, self.ids[0]), encode))
+                out.update(self.cache.get_or_make(self.key(e["path"], shape), encode))
         except (data.BadVideo, OSError):  # counted by collate, reason warned by data.VideoDataset
             return None
         out.update(embed() if self.cache is None else
@@ -307,7 +306,7 @@ class Prepared(torch.utils.data.Dataset):
         for i in indices:
             e = self.ds.entries[i]
             try:
-                k = self.cache.key(e["path"], self.ds.shapes[i], self.ids[0])
+                k = self.key(e["path"], self.ds.shapes[i])
             except OSError:
                 continue  # a missing file: skipped (and counted) when training reaches it
             if self.cache.get(k) is None:
@@ -318,13 +317,26 @@ class Prepared(torch.utils.data.Dataset):
             items = [(it, k) for it, k in items if it is not None]
             if items:
                 x = torch.stack([it["video"] for it, _ in items]).to(self.ae_device, self.ae_dtype)  # (B, 3, T, H, W)
-                post = self.ae.encode(x)  # GroupNorm is per sample: the same latents as one by one (up to rounding)
+                post = self.posteriors(x)  # GroupNorm is per sample: the same latents as one by one (up to rounding)
                 for j, (_, k) in enumerate(items):
-                    self.cache.put(k, {"mean": post.mean[j].float(), "logvar": post.logvar[j].float()})
+                    self.cache.put(k, {name: v[j] for name, v in post.items()})
         for i in indices:  # captions: the T5 embedding of each distinct caption once
             c = self.ds.entries[i]["caption"]
             self.cache.get_or_make(self.cache.text_key(c, self.ids[1]),
                                    lambda: {"text": self.text.encode([c])[0].float()})
+
+    def key(self, path, shape):
+        # "+frame0": the entry also holds the first frame's own posterior (App. A's image condition)
+        return self.cache.key(path, shape, self.ids[0], fps=self.ds.stage.fps, latent="posterior+frame0")
+
+    def posteriors(self, x):
+        """x (B, 3, T, H, W) -> the clip's posterior and the first frame's own, each (B, C, T' or 1, h, w).
+
+        The I2V condition (App. A) is encode(first frame), exactly what sample.py feeds at inference. It is not
+        latent frame 0 of the whole clip: the whole-clip GroupNorm statistics see the later frames."""
+        post, img = self.ae.encode(x), self.ae.encode(x[:, :, :1])
+        return {"mean": post.mean.float(), "logvar": post.logvar.float(),
+                "img_mean": img.mean.float(), "img_logvar": img.logvar.float()}
 
     @property
     def ae_device(self):
@@ -390,7 +402,9 @@ def dit_loss(net, cfg, batch, tc, ac, step, micro, iid, i2v, max_tokens, sf, dev
         target.append(diffusion.v_target(z[None], e[None], t[j:j + 1], ac)[0])  # §3 v-prediction
         if i2v:  # App. A: [noisy latent; image latent] along channels; frame 0 = noised image latent, rest zeros
             c = torch.zeros_like(z)
-            c[:, :1] = z[:, :1] + sigma_all[slot[j]] * noise(z[:, :1].shape, *key, 3).to(device)
+            img = (it["img_mean"].to(device) + (0.5 * it["img_logvar"].to(device)).exp() * noise(
+                it["img_mean"].shape, *key, 4).to(device)) * sf  # (C, 1, h, w): encode(first frame), as sampled
+            c[:, :1] = img + sigma_all[slot[j]] * noise(img.shape, *key, 3).to(device)
             zt[-1] = torch.cat([zt[-1], c])  # (2C, T', h, w)
     if not items:  # every file of this micro-batch was bad: a zero loss that still syncs gradients
         # through net's forward, so DDP/FSDP run their gradient hooks on this rank too (else the others hang)

@@ -267,3 +267,18 @@ def test_demo_quick(tmp_path, capsys):
     assert f"/{n_seen} follow their prompt, held-out" in out
     assert res["seen"][1] == n_seen and res["held"][1] == len(data.eval_prompts()) - n_seen
     assert len(list((tmp_path / "samples").glob("*.png"))) == len(data.eval_prompts())
+
+
+def test_i2v_condition_is_the_first_frame_encoded_alone():
+    # App. A: the image condition is encode(first frame), what sample.py feeds at inference — not latent frame 0
+    # of the whole clip, whose GroupNorm statistics also see the later frames
+    ae = vae.CausalVAE(vae.VAE_PRESETS["tiny"]).eval()
+    x = torch.rand(2, 3, 9, 32, 32) * 2 - 1
+    prep = train.Prepared(None, ae, None, None, None)
+    with torch.no_grad():
+        post = prep.posteriors(x)
+        alone = ae.encode(x[:, :, :1])
+    assert post["img_mean"].shape == (2, 8, 1, 8, 8) and post["mean"].shape == (2, 8, 3, 8, 8)
+    torch.testing.assert_close(post["img_mean"], alone.mean)
+    torch.testing.assert_close(post["img_logvar"], alone.logvar)
+    assert (post["img_mean"] - post["mean"][:, :, :1]).abs().max() > 1e-4
