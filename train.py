@@ -507,8 +507,12 @@ def save_checkpoint(out, step, rank, parts, opts, ema, state, keep):
     torch.save({"opt": osds, "rng": rng}, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "train.json"), "w") as f:
         json.dump(state, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
+    trash = final + ".old"  # a checkpoint of this step already there (e.g. a signal right after a save): swap it
+    if os.path.exists(final):  # out by renames only, so `latest` never names a half-deleted folder
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
     os.replace(tmp, final)
+    shutil.rmtree(trash, ignore_errors=True)
     with open(os.path.join(root, "latest.tmp"), "w") as f:
         f.write(os.path.basename(final))
     os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
