@@ -801,7 +801,7 @@ def train(args):
             dloss, dparts = vae.discriminator_loss(dnet, x, rec.detach(), step, tc.disc_start)
             dloss.backward()
             dnorm = torch.nn.utils.clip_grad_norm_(disc.parameters(), tc.clip)
-            if math.isfinite(float(dloss)) and math.isfinite(float(local(dnorm))):
+            if math.isfinite(float(dloss.detach())) and math.isfinite(float(local(dnorm))):
                 dopt.step()
             parts_log.update({k: float(v.detach()) for k, v in dparts.items()})
         bad_files += int(red[2])
