@@ -1,46 +1,41 @@
-"""Data for CogVideoX: decoding, Frame Pack batching, progressive stages, filters and the shapes set.
+"""data.py — video I/O, Frame Pack, progressive stages and data filters (paper §3, §3.1-§3.4).
 
-Paper (arXiv 2408.06072):
-  §3     images are 1-frame videos trained together with clips of 4k+1 frames
-  §3.1   Frame Pack: clips of different durations (and images) share one batch of fixed shape,
-         after Patch'n'Pack (NaViT): several samples per token row, attention kept inside a sample
-  §3.2   resolution-progressive training: low res -> high res -> fine-tune on the best 20%
-  §3.4   video filtering with negative labels; we give cheap, explainable scores instead of the
-         paper's Video-LLaMA classifiers, and a hook where a learned classifier plugs in
-  DESIGN §5  the synthetic "shapes" set ("a red circle moves to the left") and its checker
+Smallest piece first: the one video reader (`load_video`: any file -> (3, T, H, W) in [-1, 1], one
+rotation rule, images are 1-frame videos as in §3) and writer (`write_video`, `contact_sheet`,
+`atomic_write`); manifests; `VideoDataset`, which plans each sample's shape for a §3.2 `Stage`; the
+§3.1 Frame Pack and bucket samplers, which number the GLOBAL batch; the §3.4 filters (cheap,
+explainable scores in place of the paper's Video-LLaMA classifiers, plus a hook for a learned one);
+`LatentCache` and `Prepared`, the DiT's dataset (cached VAE posterior + T5 text); the synthetic
+shapes set the demo trains on ("a red circle moves to the left") and its checker `shapes_follow`.
+The released code pads short clips to one length (pad_last_frame): that is mode="bucket" here.
+
+How train.py uses it (every rank builds the same objects): VideoDataset(read_manifest(...), stage)
+plans the shapes; FramePackSampler (or BucketSampler) yields this rank's keys (index, row, slot,
+weight, n_global): slot numbers the global batch (0..n_global-1, -1 for a weight-0 filler), row is
+the Frame Pack row that dit.forward_packed uses as is. The loader is DataLoader(Prepared(...),
+batch_sampler=keys, collate_fn=collate). train.draws draws every per-sample random quantity
+(timesteps via diffusion.explicit_uniform_timesteps(n_global, 0, 1), shuffled over the slots; text
+dropout; the App. A condition noise) for the whole global batch from a generator seeded by (seed,
+step, micro-batch), and each rank takes its slots; noise tensors come from a generator keyed by
+(seed, step, micro-batch, slot, kind). The loss is world_size * sum(weight * mse), so 2 DDP ranks
+equal one process on the combined batch (tested).
 
 Run:
   python data.py shapes  --out shapes --n 400              # the toy set the demo trains on
   python data.py inspect shapes/manifest.jsonl --height 32 --width 32 --frames 9
-  python data.py filter  shapes/manifest.jsonl --out shapes/filtered.jsonl   # + .top20.jsonl, .dropped.tsv
-  (no torchrun entry point: under torchrun train.py builds the samplers with its rank / world size)
-Everything here runs on the CPU (decoding, resizing, scoring), so the CLI has no --device; bad input
-(a missing manifest, a frame count that is not 4k+1, ...) is a one-line error, exit code 2.
-
-How train.py uses it (one process or torchrun; every rank builds the same objects):
-  entries = read_manifest("shapes/manifest.jsonl")
-  ds = VideoDataset(entries, STAGES["shapes"][0])                   # or mode="bucket"
-  sampler = FramePackSampler(ds.shapes, max_tokens=..., rows=..., text_len=..., tf=4, sf=4, p=2,
-                             seed=0, rank=rank, world_size=world)
-  loader = DataLoader(ds, batch_sampler=sampler, collate_fn=sampler.collate, num_workers=0)
-  sampler.set_epoch(epoch); for batch in loader: ...             # batch = THIS rank's slice
-The global batch (all ranks) is built identically everywhere from (seed, epoch) with
-rows * world_size rows, then cut into contiguous per-rank slices; a one-process run with
-rows * world_size rows sees exactly the union of the slices (tested). Each sample carries its `slot`
-in the global batch (0..n_global-1; -1 for a weight-0 filler) and a loss `weight` normalised over
-the global batch, so "2 DDP ranks == 1 process on the combined batch" needs, in train.py:
-  t = explicit_uniform_timesteps(batch["n_global"], 0, 1, generator=g)[batch["slot"].clamp(min=0)]
-      (g seeded per step, the same on every rank: draw for the global batch, slice by slot)
-  noise of sample i: a generator seeded from (seed, step, batch["index"][i]) - independent of the rank
-  loss = world_size * sum_i batch["weight"][i] * mse_i        (DDP averages gradients over ranks)
+  python data.py filter  shapes/manifest.jsonl --out shapes/kept.jsonl  # + .top20, .dropped.tsv
+  python -m pytest -q tests/test_data.py
+Everything runs on the CPU (no --device; under torchrun, train.py gives the samplers its rank).
+Bad input (a missing manifest, a frame count that is not 4k+1, ...) is one line, exit code 2.
 
 Shape legend:
   T frames (4k+1, an image is T = 1), H x W pixels, (3, T, H, W) one video in [-1, 1]
-  T' = (T - 1) // tf + 1 latent frames, h = H // (sf * p), w = W // (sf * p) patches
-  L text tokens, R rows per rank, M = max_tokens per row, S samples in this rank's batch
+  T' = (T - 1) // tf + 1 latent frames, h = H // (sf * p), w = W // (sf * p), C latent channels
+  L text tokens, D text width, R rows per rank, M = max_tokens per row, S samples on this rank
 """
 import argparse
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -48,16 +43,22 @@ import random
 import sys
 import uuid
 from collections import Counter, deque
+from contextlib import closing
 from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".gif", ".m4v")
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".gif", ".m4v", ".mpg", ".mpeg", ".wmv",
+              ".flv", ".ts")
 
 
 # ----- config: progressive stages (§3.2) and filter thresholds (§3.4) -----
@@ -81,8 +82,7 @@ class Stage:
 # Progressive schedules. "shapes" is the CPU demo (tiny VAE spatial factor 4 x patch 2 = 8, so every
 # side is a multiple of 8); "cogvideox" follows the paper's 256 -> 480 -> 768 (then best 20%).
 STAGES = {
-    "shapes": [Stage([(16, 16), (16, 24)], [1, 5, 9]),
-               Stage([(32, 32), (32, 48)], [1, 9, 13, 17])],
+    "shapes": [Stage([(16, 16), (16, 24)], [1, 5, 9]), Stage([(32, 32), (32, 48)], [1, 9, 13, 17])],
     "cogvideox": [Stage([(256, 384), (256, 256), (384, 256)], [1, 17, 33, 49], fps=8),
                   Stage([(480, 720), (480, 480), (720, 480)], [1, 17, 33, 49], fps=8),
                   Stage([(768, 1360), (768, 768), (1360, 768)], [1, 49, 81], fps=8),
@@ -92,28 +92,55 @@ STAGES = {
 
 @dataclass
 class FilterConfig:
-    """Thresholds of the explainable filters; every score is in the manifest so they can be re-tuned."""
-    fps: float = 4.0            # scores are computed on frames sampled at this rate ...
-    size: int = 64              # ... center-cropped to size x size
-    max_frames: int = 65        # ... at most this many (4k+1)
-    min_motion: float = 0.002   # mean |frame difference| in [0, 1] units below this = "no motion" (lecture-like)
-    static_eps: float = 0.0005  # a frame pair closer than this is a near-duplicate
-    max_static: float = 0.5     # more near-duplicate pairs than this fraction = frozen / slideshow
-    max_cut: float = 0.4        # a colour-histogram jump above this = scene cut ("lack of motion connectivity")
-    min_highlight: float = 0.15 # nothing in the frame brighter than this (98th pct of max(R,G,B)) = too dark
-    max_shadow: float = 0.94    # nothing darker than this (2nd pct of luma) = blown out, too bright
+    """Thresholds of the explainable filters (each score is kept in the manifest: re-tune freely).
+
+    Scores are computed on frames sampled at `fps`, center-cropped to size x size, at most
+    max_frames (4k+1). Units: frame differences and brightness in [0, 1]."""
+    fps: float = 4.0
+    size: int = 64
+    max_frames: int = 65
+    # mean |frame difference| below this = "no motion" (lecture-like)
+    min_motion: float = 0.002
+    # a frame pair closer than this is a near-duplicate; more such pairs than max_static = frozen
+    static_eps: float = 0.0005
+    max_static: float = 0.5
+    # a colour-histogram jump above this = scene cut (the paper's "lack of motion connectivity")
+    max_cut: float = 0.4
+    # nothing brighter than this (98th pct of max(R,G,B)) = too dark; nothing darker than
+    # max_shadow (2nd pct of luma) = blown out
+    min_highlight: float = 0.15
+    max_shadow: float = 0.94
     min_seconds: float = 1.0
-    max_negative: float = 0.5   # a learned classifier's negative-label probability above this drops the clip
+    # a learned classifier's negative-label probability above this drops the clip
+    max_negative: float = 0.5
 
 
-# ----- manifests -----
+# ----- atomic writes and manifests -----
+
+def atomic_write(path, write):
+    """write(tmp), then rename tmp over path: readers see the old file or the new one, never half.
+
+    The temp name is unique per process and call (two ranks or runs writing the same file never
+    share one) and the temp file is removed if writing fails."""
+    tmp = f"{path}.tmp{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:  # after a failure only: a replaced temp file no longer exists
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_text(path, text):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
 
 def _is_image(path):
     return str(path).lower().endswith(IMAGE_EXTS)
 
 
 def read_manifest(path):
-    """JSONL manifest or a folder -> list of dicts with an absolute "path", a "caption", extra fields kept.
+    """JSONL manifest or a folder -> list of dicts: absolute "path", "caption", any extra fields.
 
     JSONL: one {"path": ..., "caption": ...} per line, paths relative to the manifest's folder.
     Folder: every video/image file, its caption in the same-named .txt beside it (missing -> "")."""
@@ -125,11 +152,11 @@ def read_manifest(path):
                 if name.lower().endswith(IMAGE_EXTS + VIDEO_EXTS):
                     p = os.path.join(root, name)
                     txt = os.path.splitext(p)[0] + ".txt"
-                    caption = open(txt, encoding="utf-8").read().strip() if os.path.exists(txt) else ""
-                    out.append({"path": p, "caption": caption})
+                    caption = Path(txt).read_text(encoding="utf-8") if os.path.exists(txt) else ""
+                    out.append({"path": p, "caption": caption.strip()})
         return out
     if not os.path.exists(path):
-        raise ValueError(f"manifest {path} does not exist; pass a .jsonl file or a folder of videos")
+        raise ValueError(f"manifest {path} does not exist; pass a .jsonl file or a video folder")
     base, out = os.path.dirname(path), []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -138,7 +165,8 @@ def read_manifest(path):
             try:
                 e = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not JSON ({err}); one {{\"path\", \"caption\"}} object per line") from None
+                raise ValueError(f"{path}:{n}: not JSON ({err}); one {{\"path\", \"caption\"}} "
+                                 "object per line") from None
             if not isinstance(e, dict) or "path" not in e:
                 raise ValueError(f"{path}:{n}: needs a \"path\" field")
             e["path"] = os.path.normpath(os.path.join(base, e["path"]))
@@ -147,149 +175,156 @@ def read_manifest(path):
     return out
 
 
-def _atomic(path, write, suffix=""):
-    """write(tmp) then rename over path, so readers never see half a file. The temp name is unique per
-    process and call (two ranks or runs writing the same file never share one) and removed on error."""
-    tmp = f"{path}.tmp{os.getpid()}_{uuid.uuid4().hex[:8]}{suffix}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_manifest(entries, path):
-    """Atomic JSONL write; paths are stored relative to the manifest's folder so the set can move."""
+    """Atomic JSONL write; paths relative to the manifest's folder, so the set can move."""
     path = os.path.abspath(path)
     base = os.path.dirname(path)
     os.makedirs(base, exist_ok=True)
-    lines = [json.dumps(dict(e, path=os.path.relpath(e["path"], base))) + "\n" for e in entries]
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-    _atomic(path, write)
+    _write_text(path, "".join(json.dumps(dict(e, path=os.path.relpath(e["path"], base))) + "\n"
+                              for e in entries))
     return path
 
 
-# ----- decoding: frames -> (3, T, H, W) in [-1, 1] -----
+# ----- reading video: one decoder, one rotation rule -----
 
 class BadVideo(Exception):
-    """A file that cannot give training frames; str(e) is the one-line reason ("zero-byte file", ...)."""
+    """A file that cannot give frames; str(e) is the one-line reason ("zero-byte file", ...)."""
 
 
-def _cover_crop(x, height, width):
-    """(3, h, w) uint8 -> (3, H, W) float 0..255: resize to cover (aspect kept), then center crop."""
-    _, h, w = x.shape
-    s = max(height / h, width / w)
-    nh, nw = max(height, round(h * s)), max(width, round(w * s))
-    x = x.float()
-    if (nh, nw) != (h, w):
-        # antialias: downscaling without it aliases thin edges (and flicker between frames)
-        x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]  # (3, nh, nw)
-    top, left = (nh - height) // 2, (nw - width) // 2
-    return x[:, top:top + height, left:left + width]  # (3, H, W)
+def _bad(what, e):
+    return BadVideo(f"{what} ({type(e).__name__}: {e})".replace("\n", " "))
 
 
-def _frame_to_tensor(frame, height, width):
-    """av.VideoFrame -> (3, H, W) float 0..255, with the container's display rotation applied."""
-    if frame.format.name == "bgr0":  # lossless FFV1 of the shapes set: read the pixels, skip swscale (~400x faster)
-        plane = frame.planes[0]
-        rgb = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size // 4, 4)[:, :frame.width, 2::-1]
-    else:
-        rgb = frame.to_ndarray(format="rgb24")
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, h, w) uint8
-    k = round((frame.rotation or 0) / 90) % 4
-    if k:
-        # the display matrix says "rotate counterclockwise by k*90" (phones store landscape pixels);
-        # torch.rot90 over (h, w) is counterclockwise too
-        x = torch.rot90(x, k, dims=(1, 2))  # (3, w, h) when k is odd
-    return _cover_crop(x, height, width)
-
-
-def _open(path):
+def _check_file(path):
     if not os.path.exists(path):
         raise BadVideo("missing file")
     if os.path.getsize(path) == 0:
         raise BadVideo("zero-byte file")
+
+
+def _open(path):
+    _check_file(path)
     try:
-        container = av.open(path)
+        container = av.open(str(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
-        raise BadVideo(f"cannot open ({type(e).__name__}: {e})".replace("\n", " ")) from None
+        raise _bad("cannot open", e) from None
     if not container.streams.video:
         container.close()
         raise BadVideo("no video stream")
     return container
 
 
+def _frames(path, start=None):
+    """The one decoder: path -> (frame rate, iterator of (seconds, av.VideoFrame)), in order.
+
+    Seconds count from the stream's start; a frame without a timestamp gets its place on the rate
+    grid. start: seek there first (to the keyframe before it: the caller drops what it does not
+    need). Open and decode errors raise BadVideo."""
+    container = _open(path)
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    tb = stream.time_base
+    rate = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+    t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+
+    def frames():
+        with container:
+            try:
+                if start:
+                    container.seek(int((t0 + start) / tb), stream=stream, backward=True)
+                for k, frame in enumerate(container.decode(stream)):
+                    yield (frame.time if frame.time is not None else t0 + k / rate) - t0, frame
+            except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
+                raise _bad("decode error", e) from None
+    return rate, frames()
+
+
+def _rgb(frame):
+    """The one rotation rule: av.VideoFrame -> (3, h, w) uint8, upright.
+
+    The display matrix says "rotate counterclockwise by k*90" (phones store landscape pixels and a
+    rotation); torch.rot90 over (h, w) turns counterclockwise too."""
+    try:
+        if frame.format.name == "bgr0":  # FFV1 of the shapes set: skip swscale, ~400x faster
+            plane = frame.planes[0]
+            rgb = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size // 4, 4)
+            rgb = rgb[:, :frame.width, 2::-1]  # (h, w, 3) BGRx -> RGB
+        else:
+            rgb = frame.to_ndarray(format="rgb24")  # (h, w, 3)
+    except (av.FFmpegError, ValueError) as e:
+        raise _bad("decode error", e) from None
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, h, w) uint8
+    k = round((frame.rotation or 0) / 90) % 4
+    return torch.rot90(x, k, dims=(1, 2)) if k else x  # (3, w, h) when k is odd
+
+
 def _load_image(path):
     """png/jpg -> (3, h, w) uint8; EXIF orientation applied like the rotation of videos."""
-    from PIL import Image, ImageOps
+    _check_file(path)
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
             return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)  # (3, h, w)
-    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError ...)
-        raise BadVideo(f"unreadable image ({type(e).__name__}: {e})".replace("\n", " ")) from None
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, ...)
+        raise _bad("unreadable image", e) from None
+
+
+def _cover_crop(x, height, width):
+    """(3, h, w) uint8 -> (3, H, W) float 0..255: resize to cover (aspect kept), then center crop.
+    A side given as None keeps its native size."""
+    _, h, w = x.shape
+    height, width = height or h, width or w
+    s = max(height / h, width / w)
+    nh, nw = max(height, round(h * s)), max(width, round(w * s))
+    x = x.float()
+    if (nh, nw) != (h, w):
+        # antialias: downscaling without it aliases thin edges (and flicker between frames)
+        x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True,
+                          align_corners=False)[0]  # (3, nh, nw)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return x[:, top:top + height, left:left + width]  # (3, H, W)
 
 
 def _decode(path, num_frames, height, width, fps, start):
     """Decode only the frames needed -> list of (3, H, W) tensors (possibly fewer than num_frames).
 
-    fps=None: consecutive frames from `start`. fps given: target times start + i / fps, each filled by
-    the decoded frame nearest in time (uses timestamps, so variable frame rate works); decoding stops
-    after the last target."""
-    container = _open(path)
-    out = []
-    with container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        tb = stream.time_base
-        rate = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-        t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
-        begin = t0 + (start or 0.0)
-        targets = [begin + i / fps for i in range(num_frames)] if fps else None
-        try:
-            if start:  # seek lands on the keyframe before `begin`; frames up to it are decoded and dropped
-                container.seek(int(begin / tb), stream=stream, backward=True)
-            prev = None  # [frame, time, tensor or None]: the latest frame before the next target
+    fps=None: consecutive frames from `start`. fps given: target times start + i / fps, each filled
+    by the decoded frame nearest in time (timestamps, so variable frame rate works); decoding stops
+    after the last target. Past the last frame, it covers half a frame interval after its time."""
+    rate, frames = _frames(path, start)
+    begin, out = start or 0.0, []
+    targets = [begin + i / fps for i in range(num_frames)] if fps else None
+    prev = None  # [time, frame, tensor or None]: the latest frame before the next target
 
-            def conv(c):  # convert a decoded frame at most once, even when it fills several targets
-                if c[2] is None:
-                    c[2] = _frame_to_tensor(c[0], height, width)
-                return c[2]
+    def conv(c):  # convert a decoded frame at most once, even when it fills several targets
+        if c[2] is None:
+            c[2] = _cover_crop(_rgb(c[1]), height, width)
+        return c[2]
 
-            for k, frame in enumerate(container.decode(stream)):
-                t = frame.time if frame.time is not None else t0 + k / rate
-                if targets is None:
-                    if t >= begin - 1e-6:
-                        out.append(_frame_to_tensor(frame, height, width))
-                        if len(out) == num_frames:
-                            break
-                    continue
-                cur = [frame, t, None]
-                while len(out) < num_frames and t >= targets[len(out)] - 1e-6:
-                    want = targets[len(out)]
-                    # nearest frame in time: the previous one or this one
-                    pick = prev if prev is not None and want - prev[1] < t - want else cur
-                    out.append(conv(pick))
-                if len(out) == num_frames:
-                    break
-                prev = cur
-            # targets past the last frame: the last frame covers half a frame interval after its time
-            while targets and prev is not None and len(out) < num_frames and targets[len(out)] <= prev[1] + 0.5 / rate:
-                out.append(conv(prev))
-        except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
-            raise BadVideo(f"decode error ({type(e).__name__}: {e})".replace("\n", " ")) from None
+    with closing(frames):
+        for t, frame in frames:
+            cur = [t, frame, None]
+            if targets is None and t >= begin - 1e-6:
+                out.append(conv(cur))
+            while targets and len(out) < num_frames and t >= targets[len(out)] - 1e-6:
+                want = targets[len(out)]
+                # nearest frame in time: the previous one or this one
+                out.append(conv(prev if prev is not None and want - prev[0] < t - want else cur))
+            if len(out) == num_frames:
+                break
+            prev = cur
+        # targets past the last frame: it covers half a frame interval after its time
+        while (targets and prev is not None and len(out) < num_frames
+               and targets[len(out)] <= prev[0] + 0.5 / rate):
+            out.append(conv(prev))
     return out
 
 
-def load_video(path, num_frames, height, width, fps=None, start=None, pad="nearest"):
+def load_video(path, num_frames, height=None, width=None, fps=None, start=None, pad="nearest"):
     """Decode one clip (or image) as training sees it -> (3, T, H, W) float in [-1, 1].
 
     num_frames: 4k+1 frames wanted (§3: the causal VAE maps 4k+1 frames to k+1 latents).
+    height, width: resize to cover, then center crop; None keeps the native size (after rotation).
     fps:        sampling rate; frames are spread in time at this rate (None = native, every frame).
     start:      seconds from the beginning of the clip (seek; only what is needed is decoded).
     pad:        a clip too short for num_frames gives T = the largest 4k+1 it can fill ("nearest",
@@ -301,51 +336,132 @@ def load_video(path, num_frames, height, width, fps=None, start=None, pad="neare
         raise ValueError(f"num_frames must be 4k+1 (1, 5, 9, 13, ...), got {num_frames}")
     if pad not in ("nearest", "repeat"):
         raise ValueError(f"pad must be 'nearest' or 'repeat', got {pad!r}")
-    path = str(path)
     if _is_image(path):
-        if not os.path.exists(path) or os.path.getsize(path) == 0:
-            raise BadVideo("missing file" if not os.path.exists(path) else "zero-byte file")
         frames = [_cover_crop(_load_image(path), height, width)]
     else:
         frames = _decode(path, num_frames, height, width, fps, start)
         if not frames:
             raise BadVideo("no frames decoded" + (f" after start={start}s" if start else ""))
         if len(frames) < num_frames:
-            if pad == "nearest":
-                frames = frames[:(len(frames) - 1) // 4 * 4 + 1]
-            else:
-                frames = frames + [frames[-1]] * (num_frames - len(frames))
-    video = torch.stack(frames, dim=1)  # (3, T, H, W) 0..255 (antialiased bilinear never overshoots)
+            frames = (frames[:nearest_4k1(len(frames))] if pad == "nearest"
+                      else frames + [frames[-1]] * (num_frames - len(frames)))
+    video = torch.stack(frames, dim=1)  # (3, T, H, W) 0..255 (antialiased bilinear: no overshoot)
     return video.div_(127.5).sub_(1)  # (3, T, H, W) in [-1, 1]
 
 
-def probe(path):
-    """Header facts without decoding a clip: {"height", "width", "frames", "fps", "seconds"} (after rotation).
+def frames_every(path, every=2.0):
+    """Yield (second, (H, W, 3) uint8) for the frame on screen at 0, every, 2 * every, ... seconds.
 
-    webm/mkv store no frame count (stream.frames == 0): it is estimated from duration x rate."""
-    path = str(path)
+    Native size, upright (the decoder and rotation rule of load_video); caption.py's App. C frames.
+    The frame on screen at second s is the last one whose time is <= s (half a frame early counts:
+    timestamps are rounded to the frame grid), so gaps and GIFs work; seconds count from the first
+    frame. Every frame is decoded in order: simple and exact (seeking lands on keyframes), and a
+    captioning model costs far more per picked frame. A decode error after the first frame ends the
+    video there (a warning on stderr); a file with no decodable frame raises BadVideo."""
+    rate, frames = _frames(path)
+    half, n, first, prev, t = 0.5 / rate, 0, None, None, 0.0
+    rgb = lambda f: np.ascontiguousarray(_rgb(f).permute(1, 2, 0).numpy())  # (H, W, 3)
+    with closing(frames):
+        try:
+            for t, frame in frames:
+                first = t if first is None else first
+                t -= first
+                # when this frame comes later than the next target, the previous one was on screen
+                while prev is not None and t > n * every + half:
+                    yield n * every, rgb(prev)
+                    n += 1
+                prev = frame
+        except BadVideo as e:
+            if prev is None:
+                raise
+            tqdm.write(f"warning: {path}: decoding stopped early: {e}", file=sys.stderr)
+    if prev is None:
+        raise BadVideo("no frames decoded")
+    if t + half >= n * every:  # the last frame is still on screen at the next target
+        yield n * every, rgb(prev)
+
+
+def probe(path):
+    """Header facts without decoding a clip: {"height", "width", "frames", "fps", "seconds"}.
+
+    Height and width after rotation. webm/mkv store no frame count (stream.frames == 0): it is
+    estimated from duration x rate."""
     if _is_image(path):
-        if not os.path.exists(path) or os.path.getsize(path) == 0:
-            raise BadVideo("missing file" if not os.path.exists(path) else "zero-byte file")
         x = _load_image(path)  # (3, h, w)
         return {"height": x.shape[1], "width": x.shape[2], "frames": 1, "fps": None, "seconds": 0.0}
-    container = _open(path)
-    with container:
+    with _open(path) as container:
         s = container.streams.video[0]
         rate = float(s.average_rate or s.guessed_rate or 0)
-        if s.duration is not None:
-            seconds = float(s.duration * s.time_base)
-        else:
-            seconds = (container.duration or 0) / av.time_base
+        seconds = (float(s.duration * s.time_base) if s.duration is not None
+                   else (container.duration or 0) / av.time_base)
         try:
-            first = next(container.decode(s))  # one frame: for the rotation (phone clips) and true size
+            first = next(container.decode(s))  # one frame: its rotation (phone clips) and true size
         except (StopIteration, av.FFmpegError) as e:
             raise BadVideo(f"no frames decoded ({e})") from None
-        h, w = first.height, first.width
-        if round((first.rotation or 0) / 90) % 2:
-            h, w = w, h
+        _, h, w = _rgb(first).shape
         frames = s.frames or max(1, round(seconds * rate))
         return {"height": h, "width": w, "frames": frames, "fps": rate or None, "seconds": seconds}
+
+
+# ----- writing video -----
+
+def to_uint8(video):
+    """(3, T, H, W) in [-1, 1] -> numpy (T, H, W, 3) uint8."""
+    x = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, T, H, W)
+    return x.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
+
+
+def write_video(video, path, fps=8):
+    """Write one video (3, T, H, W) in [-1, 1] atomically; the extension picks the format.
+
+    .mp4: H.264 yuv420p, crf 17 (near-lossless: the shapes checker may run on the file); yuv420p
+          stores colour at half resolution, so odd sides are padded by repeating the edge.
+    .mkv: lossless FFV1 in bgr0 (no chroma subsampling: colours survive exactly; the shapes set).
+    fps is kept exact as a fraction, never rounded: 12.5 stays 25/2, 29.97 becomes 30000/1001."""
+    mp4 = str(path).lower().endswith(".mp4")
+    if not mp4 and not str(path).lower().endswith(".mkv"):
+        raise ValueError(f"write_video writes .mp4 or .mkv, got {str(path)!r}")
+    frames = to_uint8(video)  # (T, H, W, 3)
+    # NTSC rates given as 29.97, 23.976, 59.94 mean n * 1000/1001 exactly
+    ntsc = Fraction(round(fps * 1.001) * 1000, 1001)
+    rate = ntsc if ntsc and abs(ntsc - fps) < 1e-4 else Fraction(fps).limit_denominator(1001)
+    if mp4:
+        _, h, w, _ = frames.shape
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+    def write(tmp):
+        with av.open(tmp, "w", format="mp4" if mp4 else "matroska") as c:
+            s = c.add_stream("libx264" if mp4 else "ffv1", rate=rate)
+            s.height, s.width, s.pix_fmt = *frames.shape[1:3], "yuv420p" if mp4 else "bgr0"
+            if mp4:
+                s.options = {"crf": "17"}
+            for f in frames:
+                c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
+            c.mux(s.encode())  # flush the encoder's delayed frames
+    atomic_write(path, write)
+
+
+def contact_sheet(video, path, cols=None, gap=2, max_frames=16, max_width=2048):
+    """Save one video (3, T, H, W) in [-1, 1] as a PNG grid of its frames, atomically.
+
+    Row-major, `cols` frames a row, white gaps. A 49-frame 480x720 video at full size would be a
+    ~90 MB sheet: beyond max_frames an evenly spaced subset is shown (first and last kept), and
+    frames shrink so the sheet is about max_width pixels wide at most."""
+    t = video.shape[1]
+    idx = torch.linspace(0, t - 1, min(t, max_frames)).round().long()  # (n,) frames shown
+    cols = cols or min(len(idx), 9)
+    x = video[:, idx].float().transpose(0, 1)  # (n, 3, H, W)
+    if cols * x.shape[-1] > max_width:
+        s = max_width / (cols * x.shape[-1])
+        x = F.interpolate(x, scale_factor=s, mode="bilinear", antialias=True)  # (n, 3, h, w)
+    frames = to_uint8(x.transpose(0, 1))  # (n, h, w, 3)
+    n, h, w, _ = frames.shape
+    rows = math.ceil(n / cols)
+    sheet = Image.new("RGB", (cols * (w + gap) - gap, rows * (h + gap) - gap), "white")
+    for i, f in enumerate(frames):
+        r, c = divmod(i, cols)
+        sheet.paste(Image.fromarray(f), (c * (w + gap), r * (h + gap)))
+    atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
 # ----- per-sample shapes for a stage (§3.2) -----
@@ -356,24 +472,25 @@ def nearest_4k1(n):
 
 
 class VideoDataset(torch.utils.data.Dataset):
-    """Entries of a manifest seen through one Stage: each sample's planned (T, H, W) and its decoding.
+    """Manifest entries seen through one Stage: each sample's planned (T, H, W) and its decoding.
 
     mode="pack":   a clip gets the largest stage frame count it can fill (its real duration, §3.1);
     mode="bucket": every clip gets max(stage.frames), short ones padded by repeating the last frame
                    (the released code's simple mode). Images are T = 1 in both.
-    Planning uses the manifest fields height/width/frames/fps when present (make_shapes writes them),
-    else reads the file header (probe). `shapes[i]` is None for a file that failed: samplers skip it.
-    ds[key] decodes; a bad file gives None (collate drops it), is counted in .skipped and warned once."""
+    Planning uses the manifest fields height/width/frames/fps when present (make_shapes writes
+    them), else reads the file header (probe). `shapes[i]` is None for a file that failed: samplers
+    skip it. ds[key] decodes; a bad file gives None (collate drops it), is counted in .skipped and
+    warned once."""
 
     def __init__(self, entries, stage, mode="pack"):
         if mode not in ("pack", "bucket"):
             raise ValueError(f"mode must be 'pack' or 'bucket', got {mode!r}")
-        if stage.subset is not None:  # §3.2 high-quality fine-tune: the best fraction by filter score
+        if stage.subset is not None:  # §3.2 high-quality fine-tune: the best by filter score
             if any("quality" not in e for e in entries):
-                raise ValueError("Stage.subset needs a 'quality' score per entry: run `python data.py filter` first")
+                raise ValueError("Stage.subset needs a 'quality' score per entry: run "
+                                 "`python data.py filter` first")
             entries = top_quality(entries, stage.subset)
-        self.entries, self.stage, self.mode = list(entries), stage, mode
-        self.skipped, self.bad = 0, {}
+        self.entries, self.stage, self.mode, self.skipped, self.bad = list(entries), stage, mode, 0, {}
         self.shapes = [self._plan(e) for e in self.entries]
 
     def _plan(self, e):
@@ -384,7 +501,8 @@ class VideoDataset(torch.utils.data.Dataset):
             return None
         h, w, n = meta["height"], meta["width"], meta["frames"]
         # nearest aspect bucket (in log space, so 2:1 and 1:2 are equally far from 1:1)
-        H, W = min(self.stage.resolutions, key=lambda r: abs(math.log(r[1] / r[0]) - math.log(w / h)))
+        H, W = min(self.stage.resolutions,
+                   key=lambda r: abs(math.log(r[1] / r[0]) - math.log(w / h)))
         if n <= 1 or _is_image(e["path"]):
             return (1, H, W)
         if self.stage.fps and meta.get("fps"):  # frames available at the stage rate
@@ -410,47 +528,47 @@ class VideoDataset(torch.utils.data.Dataset):
         e, shape = self.entries[index], self.shapes[index]
         if shape is None:
             return None
-        T, H, W = shape
         try:
-            # pad="repeat": the sampler counted T frames, so a clip one frame short of its header still
-            # fits the plan (bucket mode relies on it by design)
-            video = load_video(e["path"], T, H, W, fps=self.stage.fps, start=e.get("start"), pad="repeat")
+            # pad="repeat": the sampler counted T frames, so a clip one frame short of its header
+            # still fits the plan (bucket mode relies on it by design)
+            video = load_video(e["path"], *shape, self.stage.fps, e.get("start"), pad="repeat")
         except BadVideo as err:
             self._warn(e["path"], str(err))
             return None
-        item = {"video": video, "caption": e["caption"], "index": index}
-        if rest:
-            item.update(zip(("row", "slot", "weight", "n_global"), rest))
-        return item
+        return {"video": video, "caption": e["caption"], "index": index,
+                **dict(zip(("row", "slot", "weight", "n_global"), rest))}
 
 
 # ----- Frame Pack (§3.1) and bucket batch samplers -----
 
 def num_tokens(T, H, W, text_len, tf=4, sf=8, p=2):
-    """Tokens of one sample in the packed DiT: text + T' x h x w video patches (time is not patchified, §2.2)."""
+    """Tokens of one sample in the packed DiT: text + T' x h x w video patches (time is not
+    patchified, §2.2)."""
     return text_len + video_tokens(T, H, W, tf, sf, p)
 
 
 def video_tokens(T, H, W, tf=4, sf=8, p=2):
     if H % (sf * p) or W % (sf * p):
-        raise ValueError(f"{H}x{W} is not a multiple of VAE spatial factor x patch = {sf * p}; fix Stage.resolutions")
+        raise ValueError(f"{H}x{W} is not a multiple of VAE spatial factor x patch = {sf * p}; "
+                         "fix Stage.resolutions")
     return ((T - 1) // tf + 1) * (H // (sf * p)) * (W // (sf * p))
 
 
 class _GlobalBatchSampler:
-    """Shared by both samplers: build the epoch's GLOBAL batches from (seed, epoch), yield this rank's slice.
+    """Shared by both samplers: build the epoch's GLOBAL batches from (seed, epoch), yield this
+    rank's slice.
 
-    A global batch is a list of slots; slot j of the global batch is one real sample with its loss weight
-    (tokens_j / sum over the global batch). This rank's keys are (index, row, slot, weight, n_global).
-    A rank whose slice would be empty (only in the last batch) gets one copy of a real sample with
-    weight 0 and slot -1, so every rank runs the same number of steps and DDP never stalls.
-    drop_last=True leaves out the epoch's partial batches instead (see each sampler's _full)."""
+    A global batch is a list of slots; slot j is one real sample with its loss weight
+    (tokens_j / sum over the global batch). This rank's keys are (index, row, slot, weight,
+    n_global). A rank whose slice would be empty (only in the last batch) gets one copy of a real
+    sample with weight 0 and slot -1, so every rank runs the same number of steps and DDP never
+    stalls. drop_last=True leaves out the epoch's partial batches instead (see each _full)."""
 
     def __init__(self, shapes, seed, rank, world_size, drop_last=False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.shapes, self.seed, self.rank, self.world_size, self.epoch = shapes, seed, rank, world_size, 0
-        self.drop_last = drop_last
+        self.shapes, self.seed, self.rank, self.world_size = shapes, seed, rank, world_size
+        self.epoch, self.drop_last = 0, drop_last
         self.valid = [i for i, s in enumerate(shapes) if s is not None]
         self._cache = {}
 
@@ -458,38 +576,31 @@ class _GlobalBatchSampler:
         """Like DistributedSampler.set_epoch: a new deterministic order for each epoch."""
         self.epoch = epoch
 
-    def _order(self, epoch):
-        order = list(self.valid)
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
     def global_batches(self, epoch=None):
-        """-> list of global batches; each a list over ranks of lists of keys (index, row, slot, weight, n_global)."""
+        """-> list of global batches; each a list over ranks of lists of keys."""
         epoch = self.epoch if epoch is None else epoch
         if epoch not in self._cache:
-            built = self._build(self._order(epoch), epoch)
-            if self.drop_last:  # like DataLoader's drop_last: a step on a nearly empty tail batch is a noisy,
-                # wasted step (a small dataset's last Frame Pack batch can be 5% full); the dropped samples are
-                # seen in other epochs (each epoch reshuffles). Never drop everything (a set smaller than a batch).
+            order = list(self.valid)
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            built = self._build(order, epoch)
+            if self.drop_last:
+                # like DataLoader's drop_last: a step on a nearly empty tail batch is a noisy,
+                # wasted step (a small dataset's last Frame Pack batch can be 5% full); the dropped
+                # samples are seen in other epochs (each epoch reshuffles). Never drop everything.
                 built = [b for b in built if self._full(b)] or built
             self._cache = {epoch: [self._split(b) for b in built]}
         return self._cache[epoch]
 
     def _keys(self, groups):
-        """groups: list over rows of lists of dataset indices -> list over rows of keys with slots and weights."""
+        """groups: list over rows of lists of dataset indices -> list over rows of keys."""
         real = [i for g in groups for i in g]
         tok = [video_tokens(*self.shapes[i], *self._factors) for i in real]
-        total, slot, rows = sum(tok), 0, []
-        for g in groups:
-            rows.append([])
-            for i in g:
-                rows[-1].append((i, len(rows) - 1, slot, tok[slot] / total, len(real)))
-                slot += 1
-        return rows
+        slot = iter(range(len(real)))  # slots number the samples in row order
+        return [[(i, r, j, tok[j] / sum(tok), len(real)) for i, j in zip(g, slot)]
+                for r, g in enumerate(groups)]
 
     def __iter__(self):
-        for batch in self.global_batches():
-            yield batch[self.rank]
+        return (batch[self.rank] for batch in self.global_batches())
 
     def __len__(self):
         return len(self.global_batches())
@@ -500,14 +611,14 @@ class _GlobalBatchSampler:
 
 
 class FramePackSampler(_GlobalBatchSampler):
-    """§3.1 Frame Pack: samples of any duration (images too) and resolution share rows of max_tokens tokens.
+    """§3.1 Frame Pack: samples of any duration (images too) and size share rows of max_tokens.
 
-    Each rank gets `rows` rows; the global batch has rows * world_size rows, filled greedily
-    (first fit) from the shuffled epoch. A sample that fits no row waits (it starts the next batch);
-    after `lookahead` such misses, or when no row can take even the smallest sample, the batch is
-    closed. Samples are listed in row order, so a packer that fills rows in list order (first fit or
-    next fit) rebuilds exactly these rows. Per-sample tokens: text_len + T' * h * w with the VAE
-    factors tf (time), sf (space) and patch p passed in (no model import here).
+    Each rank gets `rows` rows; the global batch has rows * world_size rows, filled greedily (first
+    fit) from the shuffled epoch. A sample that fits no row waits (it starts the next batch); after
+    `lookahead` such misses, or when no row can take even the smallest sample, the batch is closed.
+    The rows are decided here, once: each key carries its row (local to the rank) and
+    dit.forward_packed lays the samples out in exactly these rows. Per-sample tokens:
+    text_len + T' * h * w with the VAE factors tf (time), sf (space) and patch p passed in.
 
     Loss weight of sample j = its video tokens / all video tokens of the global batch: the mean over
     real tokens, as if the global batch were one long sequence. With DDP (which averages gradients
@@ -516,14 +627,14 @@ class FramePackSampler(_GlobalBatchSampler):
     def __init__(self, shapes, max_tokens, rows=1, text_len=226, tf=4, sf=8, p=2, seed=0, rank=0,
                  world_size=1, lookahead=16, drop_last=False):
         super().__init__(shapes, seed, rank, world_size, drop_last)
-        self.max_tokens, self.rows, self.text_len, self.lookahead = max_tokens, rows, text_len, lookahead
+        self.max_tokens, self.rows, self.lookahead = max_tokens, rows, lookahead
         self._factors = (tf, sf, p)
         self.tokens = {i: num_tokens(*shapes[i], text_len, tf, sf, p) for i in self.valid}
         big = [i for i in self.valid if self.tokens[i] > max_tokens]
         if big:
             raise ValueError(f"{len(big)} samples (e.g. index {big[0]}, shape {shapes[big[0]]}, "
-                             f"{self.tokens[big[0]]} tokens) exceed max_tokens={max_tokens}; raise max_tokens "
-                             f"or lower the stage's resolutions / frames")
+                             f"{self.tokens[big[0]]} tokens) exceed max_tokens={max_tokens}; raise "
+                             "max_tokens or lower the stage's resolutions / frames")
 
     def _build(self, order, epoch):
         n_rows, M = self.rows * self.world_size, self.max_tokens
@@ -539,12 +650,12 @@ class FramePackSampler(_GlobalBatchSampler):
                 else:
                     used[r] += self.tokens[i]
                     groups[r].append(i)
-            pending.extendleft(reversed(waiting))  # the waiting samples open the next batch, in order
+            pending.extendleft(reversed(waiting))  # the waiting samples open the next batch
             batches.append(groups)
         return batches
 
     def _full(self, groups):
-        """drop_last keeps a global batch whose rows are at least half full (only the epoch's tail is not)."""
+        """drop_last keeps a global batch whose rows are at least half full (all but the tail)."""
         used = sum(self.tokens[i] for g in groups for i in g)
         return 2 * used >= self.rows * self.world_size * self.max_tokens
 
@@ -554,7 +665,7 @@ class FramePackSampler(_GlobalBatchSampler):
         rows = [[(i, row % R, *rest) for i, row, *rest in keys] for keys in self._keys(groups)]
         out = [rows[r * R:(r + 1) * R] for r in range(self.world_size)]
         for rank_rows in out:
-            if not any(rank_rows):  # only in a last, nearly empty batch: a weight-0 filler keeps DDP in step
+            if not any(rank_rows):  # a last, nearly empty batch: a weight-0 filler keeps DDP going
                 rank_rows[0] = [(groups[0][0], 0, -1, 0.0, rows[0][0][4])]
         return [[k for row in rank_rows for k in row] for rank_rows in out]
 
@@ -564,52 +675,12 @@ class FramePackSampler(_GlobalBatchSampler):
         real = sum(self.tokens[k[0]] for b in batches for ks in b for k in ks if k[3] > 0)
         return real / max(1, len(batches) * self.rows * self.world_size * self.max_tokens)
 
-    def collate(self, items):
-        """Items of this rank -> the packed batch (rows of max_tokens tokens).
-
-        Returns a dict:
-          video: list of (3, T, H, W); caption: list[str]; index, slot, row, offset, tokens: (S,) long
-          weight: (S,) float (global normalisation, 0 for fillers); n_global: int
-          segment_ids: (R, M) long, the sample (0..S-1) of each token, -1 for padding (the block mask)
-          is_video: (R, M) bool; positions: (R, M, 3) long (t, h, w) latent-patch grid per video token, -1 else
-          efficiency: real tokens / (R * M) of this rank's rows
-        A sample is laid out as [its L text tokens, then its T' * h * w video tokens in (t, h, w) order]."""
-        items = [it for it in items if it is not None]  # bad files: dropped (their weight is lost)
-        R, M, L = self.rows, self.max_tokens, self.text_len
-        seg = torch.full((R, M), -1, dtype=torch.long)  # (R, M)
-        pos = torch.full((R, M, 3), -1, dtype=torch.long)  # (R, M, 3)
-        is_video = torch.zeros(R, M, dtype=torch.bool)  # (R, M)
-        used, offsets, tokens = [0] * R, [], []
-        tf, sf, p = self._factors
-        for s, it in enumerate(items):
-            _, T, H, W = it["video"].shape
-            t, h, w = (T - 1) // tf + 1, H // (sf * p), W // (sf * p)
-            n, r = L + t * h * w, it.get("row", 0)
-            if used[r] + n > M:
-                raise ValueError(f"row {r} overflows max_tokens={M}: the sampler's plan and the decoded shape differ")
-            o = used[r]
-            seg[r, o:o + n] = s
-            is_video[r, o + L:o + n] = True
-            grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), -1)  # (t, h, w, 3)
-            pos[r, o + L:o + n] = grid.reshape(-1, 3)  # (t*h*w, 3)
-            offsets.append(o)
-            tokens.append(n)
-            used[r] += n
-        col = lambda k, dt=torch.long: torch.tensor([it.get(k, 0) for it in items], dtype=dt)
-        return {"video": [it["video"] for it in items], "caption": [it["caption"] for it in items],
-                "index": col("index"), "slot": col("slot"), "row": col("row"), "weight": col("weight", torch.float32),
-                "offset": torch.tensor(offsets, dtype=torch.long), "tokens": torch.tensor(tokens, dtype=torch.long),
-                "n_global": items[0].get("n_global", len(items)) if items else 0,
-                "segment_ids": seg, "is_video": is_video, "positions": pos,
-                "efficiency": sum(tokens) / (R * M)}
-
 
 class BucketSampler(_GlobalBatchSampler):
     """The simple mode: every batch has one shape (T, H, W), so it stacks into (B, 3, T, H, W).
 
     A global batch holds batch_size * world_size samples of one bucket (its last batch fewer);
-    rank r takes the contiguous slots [r * batch_size, (r + 1) * batch_size), the layout
-    diffusion.explicit_uniform_timesteps(batch_size, rank, world_size) assumes."""
+    rank r takes the contiguous slots [r * batch_size, (r + 1) * batch_size)."""
 
     def __init__(self, shapes, batch_size, seed=0, rank=0, world_size=1, drop_last=False):
         super().__init__(shapes, seed, rank, world_size, drop_last)
@@ -629,58 +700,56 @@ class BucketSampler(_GlobalBatchSampler):
 
     def _split(self, batch):
         keys = [k for row in self._keys([[i] for i in batch]) for k in row]
+        B, world = self.batch_size, self.world_size
         # full batches: batch_size per rank; the last one: as even as possible, fillers where empty
-        cuts = np.linspace(0, len(keys), self.world_size + 1).round().astype(int) if len(keys) < self.batch_size * self.world_size \
-            else [r * self.batch_size for r in range(self.world_size + 1)]
-        out = [keys[cuts[r]:cuts[r + 1]] for r in range(self.world_size)]
+        cuts = ([r * B for r in range(world + 1)] if len(keys) >= B * world
+                else np.linspace(0, len(keys), world + 1).round().astype(int))
+        out = [keys[cuts[r]:cuts[r + 1]] for r in range(world)]
         return [ks if ks else [(batch[0], 0, -1, 0.0, len(keys))] for ks in out]
-
-    def collate(self, items):
-        """-> {"video": (B, 3, T, H, W), "caption", "index", "slot", "weight", "n_global"}."""
-        items = [it for it in items if it is not None]
-        col = lambda k, dt=torch.long: torch.tensor([it.get(k, 0) for it in items], dtype=dt)
-        return {"video": torch.stack([it["video"] for it in items]) if items else torch.zeros(0),  # (B, 3, T, H, W)
-                "caption": [it["caption"] for it in items], "index": col("index"), "slot": col("slot"),
-                "weight": col("weight", torch.float32), "n_global": items[0].get("n_global", len(items)) if items else 0}
 
 
 # ----- filters (§3.4) -----
 
 def clip_scores(video, cfg=FilterConfig()):
-    """(3, T, H, W) in [-1, 1] -> explainable scores, each a cheap stand-in for one of §3.4's negative labels.
+    """(3, T, H, W) in [-1, 1] -> explainable scores, each a cheap stand-in for one of §3.4's
+    negative labels.
 
     motion:     mean |x_t+1 - x_t| (0..1)  - "lecture type" / no dynamics have almost none
     static:     fraction of near-duplicate consecutive frames - frozen clips, slideshows
-    cut:        largest colour-histogram jump between consecutive frames - "lack of motion connectivity"
+    cut:        largest colour-histogram jump between consecutive frames - "lack of motion
+                connectivity"
     highlight:  98th percentile of max(R, G, B) - too dark when low ("low quality"); a percentile,
                 not the mean, so a small bright object on black (the shapes set) is not "dark"
     shadow:     2nd percentile of luma - blown out when high
     contrast:   luma std - blank frames"""
     x = (video.float() + 1) / 2  # (3, T, H, W) in [0, 1]
     luma = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]  # (T, H, W)
-    s = {"highlight": x.amax(0).flatten().quantile(0.98).item(), "shadow": luma.flatten().quantile(0.02).item(),
+    s = {"highlight": x.amax(0).flatten().quantile(0.98).item(),
+         "shadow": luma.flatten().quantile(0.02).item(),
          "contrast": luma.std().item() if luma.numel() > 1 else 0.0}
     T = x.shape[1]
     if T > 1:
         diff = (x[:, 1:] - x[:, :-1]).abs().mean(dim=(0, 2, 3))  # (T-1,)
-        hist = torch.stack([torch.stack([torch.histc(x[c, t], 16, 0, 1) for c in range(3)]) for t in range(T)])  # (T, 3, 16)
+        hist = torch.stack([torch.stack([torch.histc(x[c, t], 16, 0, 1) for c in range(3)])
+                            for t in range(T)])  # (T, 3, 16)
         hist = hist / hist.sum(-1, keepdim=True)
         jump = 0.5 * (hist[1:] - hist[:-1]).abs().sum(-1).mean(-1)  # (T-1,) in [0, 1]
-        s.update(motion=diff.mean().item(), static=(diff < cfg.static_eps).float().mean().item(), cut=jump.max().item())
+        s.update(motion=diff.mean().item(), static=(diff < cfg.static_eps).float().mean().item(),
+                 cut=jump.max().item())
     return s
 
 
 def score_entry(entry, cfg=FilterConfig(), classifier=None):
-    """-> (scores, reasons): scores of one manifest entry and the list of reasons to drop it (empty = keep).
+    """-> (scores, reasons): one manifest entry's scores and the reasons to drop it (empty = keep).
 
     classifier: the hook for learned filters (the paper's Video-LLaMA negative-label classifiers):
     a callable (3, T, H, W) -> {label: probability of that negative label}; each becomes a score and
     drops the clip above cfg.max_negative."""
     meta = probe(entry["path"])
     clip = not _is_image(entry["path"])
-    video = load_video(entry["path"], cfg.max_frames, cfg.size, cfg.size, fps=cfg.fps, pad="nearest")
+    video = load_video(entry["path"], cfg.max_frames, cfg.size, cfg.size, fps=cfg.fps)
     if clip and video.shape[1] < 5:  # too short to sample at cfg.fps: score every frame instead
-        video = load_video(entry["path"], cfg.max_frames, cfg.size, cfg.size, pad="nearest")
+        video = load_video(entry["path"], cfg.max_frames, cfg.size, cfg.size)
     s = clip_scores(video, cfg)
     s["seconds"] = meta["seconds"] or (meta["frames"] - 1) / (meta["fps"] or cfg.fps)
     why = []
@@ -690,21 +759,23 @@ def score_entry(entry, cfg=FilterConfig(), classifier=None):
         why.append(f"too bright (shadow {s['shadow']:.3f} > {cfg.max_shadow})")
     if clip and s["seconds"] < cfg.min_seconds:
         why.append(f"too short ({s['seconds']:.2f}s < {cfg.min_seconds}s)")
-    if "motion" in s:  # clips of 2+ frames only: an image is a 1-frame video with no dynamics to judge
+    if "motion" in s:  # clips of 2+ frames only: a 1-frame video (an image) has no dynamics
         if s["cut"] > cfg.max_cut:
             why.append(f"scene cut (histogram jump {s['cut']:.2f} > {cfg.max_cut})")
         if s["static"] > cfg.max_static:
             why.append(f"static frames ({s['static']:.0%} near-duplicates > {cfg.max_static:.0%})")
         elif s["motion"] < cfg.min_motion:
             why.append(f"no motion (frame difference {s['motion']:.4f} < {cfg.min_motion})")
-        # quality for the §3.2 fine-tune subset: enough motion, no frozen frames, no cut, each factor 0..1
-        s["quality"] = min(s["motion"] / (4 * cfg.min_motion), 1.0) * (1 - s["static"]) * (1 - s["cut"])
+        # quality for the §3.2 fine-tune subset: enough motion, no frozen frames, no cut; each 0..1
+        motion = min(s["motion"] / (4 * cfg.min_motion), 1.0)
+        s["quality"] = motion * (1 - s["static"]) * (1 - s["cut"])
     else:  # images: a blank frame is the only cheap sign of a bad one
         s["quality"] = min(s["contrast"] / 0.25, 1.0) if not clip else 0.0
     if classifier is not None:
         neg = {k: float(v) for k, v in classifier(video).items()}
         s.update({f"p_{k}": v for k, v in neg.items()})
-        why += [f"classifier: {k} {v:.2f} > {cfg.max_negative}" for k, v in neg.items() if v > cfg.max_negative]
+        why += [f"classifier: {k} {v:.2f} > {cfg.max_negative}" for k, v in neg.items()
+                if v > cfg.max_negative]
         s["quality"] *= 1 - max(neg.values(), default=0.0)
     return s, why
 
@@ -713,14 +784,16 @@ def top_quality(entries, fraction):
     """The best `fraction` of clips and, separately, of images, by the "quality" score (§3.2)."""
     out = []
     for kind in (False, True):
-        group = sorted((e for e in entries if _is_image(e["path"]) == kind), key=lambda e: -e["quality"])
+        group = sorted((e for e in entries if _is_image(e["path"]) == kind),
+                       key=lambda e: -e["quality"])
         out += group[:max(1, math.ceil(fraction * len(group)))] if group else []
     return out
 
 
 def filter_manifest(manifest, out, cfg=FilterConfig(), top=0.2, classifier=None, progress=False):
-    """Score every entry, write the kept subset (entry["scores"], entry["quality"]) to `out`, the best `top` fraction to
-    <out>.top20.jsonl and the drops to <out>.dropped.tsv; returns (kept, dropped [(path, reasons)])."""
+    """Score every entry; write the kept subset (entry["scores"], entry["quality"]) to `out`, the
+    best `top` fraction to <out>.top20.jsonl and the drops to <out>.dropped.tsv.
+    Returns (kept, dropped [(path, reasons)])."""
     kept, dropped = [], []
     for e in tqdm(read_manifest(manifest), desc="filter", unit="clip", disable=not progress):
         try:
@@ -731,27 +804,25 @@ def filter_manifest(manifest, out, cfg=FilterConfig(), top=0.2, classifier=None,
             dropped.append((e["path"], why))
         else:
             # scores nested (no clash with a manifest's own fields); quality on top for Stage.subset
-            kept.append(dict(e, scores={k: round(v, 5) for k, v in s.items()}, quality=round(s["quality"], 5)))
+            kept.append(dict(e, scores={k: round(v, 5) for k, v in s.items()},
+                             quality=round(s["quality"], 5)))
     write_manifest(kept, out)
     stem = os.path.splitext(os.path.abspath(out))[0]
     write_manifest(top_quality(kept, top) if kept else [], f"{stem}.top{round(top * 100)}.jsonl")
-    table = "path\treasons\n" + "".join(f"{p}\t{'; '.join(w)}\n" for p, w in dropped)
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(table)
-    _atomic(stem + ".dropped.tsv", write)
+    _write_text(stem + ".dropped.tsv",
+                "path\treasons\n" + "".join(f"{p}\t{'; '.join(w)}\n" for p, w in dropped))
     return kept, dropped
 
 
-# ----- latent and text-embedding cache -----
+# ----- latent and text cache, the DiT's dataset (§3) -----
 
 class LatentCache:
     """Encode once, reuse every epoch: one safetensors file per (content, model) key.
 
-    The key hashes the file's absolute path, mtime, size, every decoding parameter (shape, fps, start,
-    pad mode), what is stored (the posterior, its mean, or one sample) and the model id, so an edited
-    file, a new stage, another VAE or another use never reuses a stale latent. Captions are keyed by
-    their text and the text encoder's id. safetensors never unpickles anything."""
+    The key hashes the file's absolute path, mtime, size, every decoding parameter (shape, fps,
+    start, pad mode), what is stored (the posterior, its mean, or one sample) and the model id, so
+    an edited file, a new stage, another VAE or another use never reuses a stale latent. Captions
+    are keyed by their text and the text encoder's id. safetensors never unpickles anything."""
 
     def __init__(self, folder):
         self.folder = folder
@@ -759,15 +830,17 @@ class LatentCache:
         self.hits = self.misses = 0
 
     def key(self, path, shape, model_id, fps=None, start=None, pad="repeat", latent="posterior"):
-        """shape (T, H, W), fps, start and pad as passed to load_video (the defaults are VideoDataset's
-        for a stage without fps); latent: "posterior" (mean + logvar), "mean" or "sample"."""
-        kinds = ("posterior", "posterior+frame0", "mean", "sample")  # +frame0: also the first frame's own
-        if latent not in kinds:                                        # posterior (train.py's I2V condition)
+        """shape (T, H, W), fps, start and pad as passed to load_video (the defaults are
+        VideoDataset's for a stage without fps); latent: "posterior" (mean + logvar), "mean",
+        "sample", or "posterior+frame0" (also the first frame's own posterior: Prepared's App. A
+        image condition)."""
+        kinds = ("posterior", "posterior+frame0", "mean", "sample")
+        if latent not in kinds:
             raise ValueError(f"latent must be one of {kinds}, got {latent!r}")
         st = os.stat(path)
-        fps, start = (None if v is None else float(v) for v in (fps, start))  # 8 and 8.0 decode alike
-        raw = (f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{tuple(shape)}|fps={fps}|start={start}|"
-               f"pad={pad}|{latent}|{model_id}")
+        fps, start = (None if v is None else float(v) for v in (fps, start))  # 8 == 8.0 here
+        raw = (f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{tuple(shape)}|fps={fps}|"
+               f"start={start}|pad={pad}|{latent}|{model_id}")
         return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
     def text_key(self, caption, model_id):
@@ -778,16 +851,14 @@ class LatentCache:
 
     def get(self, key):
         """-> dict of tensors, or None when not cached."""
-        from safetensors.torch import load_file
         f = self._file(key)
         return load_file(f) if os.path.exists(f) else None
 
     def put(self, key, tensors):
-        from safetensors.torch import save_file
         f = self._file(key)
         os.makedirs(os.path.dirname(f), exist_ok=True)
         sd = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        _atomic(f, lambda tmp: save_file(sd, tmp))  # a crash never leaves half a latent behind
+        atomic_write(f, lambda tmp: save_file(sd, tmp))  # a crash never leaves half a latent behind
 
     def get_or_make(self, key, make):
         """make() -> dict of tensors, called only on a miss."""
@@ -801,11 +872,105 @@ class LatentCache:
         return out
 
 
-# ----- the shapes set (DESIGN §5) -----
+def model_id(folder):
+    """Cache key part naming a model folder's exact weights (path, size, mtime of its files): a
+    retrained VAE or another T5 never reuses stale latents / embeddings from the cache."""
+    st = [(f, os.stat(os.path.join(folder, f))) for f in sorted(os.listdir(folder))]
+    return "|".join(f"{os.path.abspath(folder)}/{f}:{s.st_size}:{s.st_mtime_ns}"
+                    for f, s in st if f[0] != ".")
+
+
+class Prepared(torch.utils.data.Dataset):
+    """The DiT's dataset: a sampler key -> the clip's VAE posterior and its caption's T5 embedding.
+
+    Item: {"index", "row", "slot", "weight", "n_global"} (from the key) + "mean", "logvar"
+    (C, T', h, w) of the clip + "img_mean", "img_logvar" (C, 1, h, w) of its first frame encoded
+    alone (App. A) + "text" (L, D); None for a bad file. With a LatentCache everything is encoded
+    once and reused every epoch (fill() encodes the misses up front, in batches); without one, on
+    the spot. ae: the frozen VAE; text: the text encoder; ids: (VAE id, text encoder id), the model
+    parts of the cache keys (see model_id)."""
+
+    def __init__(self, ds, ae, text, cache, ids):
+        self.ds, self.ae, self.text, self.cache, self.ids = ds, ae, text, cache, ids
+
+    @torch.no_grad()
+    def __getitem__(self, key):
+        index, *rest = key if isinstance(key, tuple) else (key,)
+        e = self.ds.entries[index]
+        if self.ds.shapes[index] is None:
+            return None
+
+        def encode():
+            item = self.ds[index]
+            if item is None:
+                raise BadVideo(self.ds.bad.get(e["path"], "unreadable"))
+            return {k: v[0] for k, v in self.posteriors(item["video"][None]).items()}
+        try:
+            post = self.cache.get_or_make(self._key(index), encode) if self.cache else encode()
+        except (BadVideo, OSError):  # counted by collate; VideoDataset warned with the reason
+            return None
+        return {"index": index, **dict(zip(("row", "slot", "weight", "n_global"), rest)), **post,
+                **self._text(e["caption"])}
+
+    @torch.no_grad()
+    def fill(self, indices, bar=True, stage=0, chunk=16):
+        """Encode the cache misses among `indices` in batches of one shape (much faster than one by
+        one on a CPU), then embed their captions; `bar` shows a progress bar for this work."""
+        todo = {}  # shape -> [(index, key)] of the misses
+        for i in indices:
+            try:
+                k = self._key(i)
+            except OSError:
+                continue  # a missing file: skipped (and counted) when training reaches it
+            if self.cache.get(k) is None:
+                todo.setdefault(tuple(self.ds.shapes[i]), []).append((i, k))
+        work = [g[j:j + chunk] for g in todo.values() for j in range(0, len(g), chunk)]
+        for group in tqdm(work, f"caching latents (stage {stage})", disable=not bar, leave=False):
+            items = [(it, k) for it, k in ((self.ds[i], k) for i, k in group) if it is not None]
+            if items:
+                # GroupNorm is per sample: the same latents as one by one (up to rounding)
+                post = self.posteriors(torch.stack([it["video"] for it, _ in items]))
+                for j, (_, k) in enumerate(items):
+                    self.cache.put(k, {name: v[j] for name, v in post.items()})
+        for i in indices:  # the T5 embedding of each distinct caption, once
+            self._text(self.ds.entries[i]["caption"])
+
+    def _key(self, index):
+        # "+frame0": the entry also holds the first frame's own posterior (App. A's image condition)
+        return self.cache.key(self.ds.entries[index]["path"], self.ds.shapes[index], self.ids[0],
+                              fps=self.ds.stage.fps, latent="posterior+frame0")
+
+    def _text(self, caption):
+        embed = lambda: {"text": self.text.encode([caption])[0].float()}  # (L, D)
+        return embed() if self.cache is None else self.cache.get_or_make(
+            self.cache.text_key(caption, self.ids[1]), embed)
+
+    def posteriors(self, x):
+        """x (B, 3, T, H, W) -> the clip's posterior and the first frame's own, each
+        (B, C, T' or 1, h, w), float32.
+
+        The I2V condition (App. A) is encode(first frame), exactly what sample.py feeds at
+        inference. It is not latent frame 0 of the whole clip: the whole-clip GroupNorm statistics
+        see the later frames."""
+        p = next(self.ae.parameters())
+        x = x.to(p.device, p.dtype)  # (B, 3, T, H, W)
+        post, img = self.ae.encode(x), self.ae.encode(x[:, :, :1])
+        return {"mean": post.mean.float(), "logvar": post.logvar.float(),
+                "img_mean": img.mean.float(), "img_logvar": img.logvar.float()}
+
+
+def collate(items):
+    """The training loader's collate_fn: keep the good samples, count the bad ones (None; the
+    dataset warned with the reason) -> {"items": [...], "bad": n}."""
+    good = [it for it in items if it is not None]
+    return {"items": good, "bad": len(items) - len(good)}
+
+
+# ----- the shapes set -----
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 SHAPES = ("circle", "square")
-MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows downward
+MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y down
 # Held out of training: one motion per colour and one colour per motion, so every word is still
 # seen in training but these pairings never are; eval_prompts() asks for them to test composition.
 HELD_OUT = [("red", "up"), ("green", "left"), ("blue", "down"), ("yellow", "right")]
@@ -823,7 +988,7 @@ def eval_prompts():
 
 
 def draw_shape(H, W, colour, shape, cx, cy, r):
-    """(H, W, 3) uint8: one hard-edged shape on black (hard edges keep colours pure for the checker)."""
+    """(H, W, 3) uint8: one hard-edged shape on black (hard edges keep colours pure)."""
     yy, xx = np.mgrid[0:H, 0:W] + 0.5
     if shape == "circle":
         mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
@@ -834,23 +999,10 @@ def draw_shape(H, W, colour, shape, cx, cy, r):
     return img
 
 
-def write_clip(path, frames, fps=8):
-    """(T, H, W, 3) uint8 -> lossless FFV1 in .mkv (bgr0: no chroma subsampling, colours survive exactly)."""
-    def write(tmp):
-        with av.open(tmp, "w", format="matroska") as c:
-            s = c.add_stream("ffv1", rate=fps)
-            s.height, s.width, s.pix_fmt = frames.shape[1], frames.shape[2], "bgr0"
-            for a in frames:
-                for pkt in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24")):
-                    c.mux(pkt)
-            for pkt in s.encode():
-                c.mux(pkt)
-    _atomic(path, write)
-
-
-def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), fps=8, image_every=5,
-                progress=False):
-    """Write n captioned samples to `out` (clips .mkv, stills .png) and out/manifest.jsonl; returns its path.
+def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), fps=8,
+                image_every=5, progress=False):
+    """Write n captioned samples to `out` (clips: lossless .mkv, stills: .png) and
+    out/manifest.jsonl; returns the manifest's path.
 
     Every image_every-th sample is a still image ("a red circle"); clips cycle through the training
     (colour, shape, motion) combinations (HELD_OUT excluded) in a seeded order, each with a random
@@ -862,12 +1014,13 @@ def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), 
     entries, queue = [], []
     for i in tqdm(range(n), desc="shapes", unit="clip", disable=not progress):
         H, W = rng.choice(sizes)
-        r = min(H, W) * rng.uniform(0.18, 0.24)  # ~6-8 px at 32: big enough to learn (DESIGN §5 pitfall)
+        # ~6-8 px at 32: big enough to learn (with small shapes, ~7% of the pixels, a VAE
+        # trained with L1 first learns an all-black frame)
+        r = min(H, W) * rng.uniform(0.18, 0.24)
         if i % image_every == image_every - 1:
             colour, shape, motion, T = rng.choice(list(COLOURS)), rng.choice(SHAPES), None, 1
             cx, cy = rng.uniform(r + 1, W - r - 1), rng.uniform(r + 1, H - r - 1)
             path = os.path.join(out, f"{i:05d}.png")
-            from PIL import Image
             Image.fromarray(draw_shape(H, W, colour, shape, cx, cy, r)).save(path)
         else:
             if not queue:
@@ -880,9 +1033,11 @@ def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), 
             lo_x, hi_x = r + 1 + max(0, -dx) * span, W - r - 1 - max(0, dx) * span
             lo_y, hi_y = r + 1 + max(0, -dy) * span, H - r - 1 - max(0, dy) * span
             cx, cy = rng.uniform(lo_x, max(lo_x, hi_x)), rng.uniform(lo_y, max(lo_y, hi_y))
-            clip = np.stack([draw_shape(H, W, colour, shape, cx + dx * step * t, cy + dy * step * t, r) for t in range(T)])
+            clip = np.stack([draw_shape(H, W, colour, shape, cx + dx * step * t, cy + dy * step * t, r)
+                             for t in range(T)])  # (T, H, W, 3)
             path = os.path.join(out, f"{i:05d}.mkv")
-            write_clip(path, clip, fps)
+            # uint8 -> [-1, 1] -> uint8 is exact, so the FFV1 file holds exactly these pixels
+            write_video(torch.from_numpy(clip).permute(3, 0, 1, 2) / 127.5 - 1, path, fps)
         entries.append({"path": path, "caption": caption_of(colour, shape, motion), "colour": colour,
                         "shape": shape, "motion": motion, "frames": T, "height": H, "width": W,
                         "fps": fps if T > 1 else None})
@@ -894,10 +1049,10 @@ def shapes_follow(video, caption, min_area=0.015, min_travel=0.1):
 
     Colour: each pixel is labelled with the nearest of the palette + black; the prompted colour must
     cover >= min_area of the frame in at least half the frames and be the majority of the coloured
-    pixels. Motion: a line fitted to the colour's centroid over time must travel >= min_travel of the
-    frame along the prompted axis, in the prompted direction, more than along the other axis. A
-    caption without a motion asks for a still shape. The shape word is not checked (at 32x32 the
-    prototype's models did not separate circle from square; DESIGN §5)."""
+    pixels. Motion: a line fitted to the colour's centroid over time must travel >= min_travel of
+    the frame along the prompted axis, in the prompted direction, more than along the other axis. A
+    caption without a motion asks for a still shape. The shape word is not checked (at 32x32 a
+    prototype's models followed circle vs square only at chance level)."""
     words = caption.lower().replace(",", " ").replace(".", " ").split()
     colour = next((w for w in words if w in COLOURS), None)
     if colour is None:
@@ -905,7 +1060,7 @@ def shapes_follow(video, caption, min_area=0.015, min_travel=0.1):
     motion = next((w for w in words if w in MOTIONS), None)
     x = (video.float().clamp(-1, 1) + 1) / 2  # (3, T, H, W) in [0, 1]
     _, T, H, W = x.shape
-    palette = torch.tensor([COLOURS[c] for c in COLOURS] + [(0, 0, 0)], dtype=torch.float32) / 255  # (K+1, 3)
+    palette = torch.tensor([*COLOURS.values(), (0, 0, 0)], dtype=torch.float32) / 255  # (K+1, 3)
     dist = ((x.permute(1, 2, 3, 0)[..., None, :] - palette) ** 2).sum(-1)  # (T, H, W, K+1)
     label = dist.argmin(-1)  # (T, H, W)
     k = list(COLOURS).index(colour)
@@ -935,58 +1090,56 @@ def shapes_follow(video, caption, min_area=0.015, min_travel=0.1):
 
 # ----- command line -----
 
+FILTER_ARGS = ("min_motion", "max_cut", "max_static", "min_seconds")  # FilterConfig, on the CLI
+# the tiny VAE's spatial factor (4) x the DiT patch (2): the smallest multiple any stage size needs
+# (the released VAE needs 16); checked on the command line only, the functions accept any size
+SIZE_MULTIPLE = 8
+
+
 def _inspect(entries, args):
-    ok = bad = 0
+    ok = 0
     for e in entries:
         try:
-            v = load_video(e["path"], args.frames, args.height, args.width, fps=args.fps, pad=args.pad)
+            v = load_video(e["path"], args.frames, args.height, args.width, args.fps, pad=args.pad)
             print(f"{e['path']}: ok {tuple(v.shape)}")
             ok += 1
         except BadVideo as err:
             print(f"{e['path']}: skip: {err}")
-            bad += 1
-    print(f"{ok} ok, {bad} skipped")
+    print(f"{ok} ok, {len(entries) - ok} skipped")
 
 
 def _filter(args, classifier):
-    cfg = FilterConfig(**{k: getattr(args, k) for k in ("min_motion", "max_cut", "max_static", "min_seconds")})
-    kept, dropped = filter_manifest(args.manifest, args.out, cfg, args.top, classifier, progress=True)
+    cfg = FilterConfig(**{k: getattr(args, k) for k in FILTER_ARGS})
+    kept, dropped = filter_manifest(args.manifest, args.out, cfg, args.top, classifier, True)
     reasons = Counter(w.split(" (")[0] for _, ws in dropped for w in ws)
     print(f"kept {len(kept)}, dropped {len(dropped)} -> {args.out}")
-    print(f"{'reason':<28}{'clips':>6}")
-    for r, c in reasons.most_common():
-        print(f"{r:<28}{c:>6}")
+    print("\n".join(f"{r:<28}{c:>6}" for r, c in [("reason", "clips"), *reasons.most_common()]))
 
 
-def _load_classifier(spec):
-    """'module:function', imported from the current directory -> the function."""
-    import importlib
+def import_fn(spec, flag):
+    """'module:function' given as `flag`, imported from the current directory -> the function.
+    Anything wrong is a one-line ValueError naming the flag (caption.py's hooks use it too)."""
     mod, _, fn = spec.partition(":")
     if not (mod and fn):
-        raise ValueError(f"--classifier expects module:function, got {spec!r}")
+        raise ValueError(f"{flag} expects module:function, got {spec!r}")
     sys.path.insert(0, os.getcwd())
     try:
         return getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"--classifier {spec}: {e}") from None
-
-
-# the tiny VAE's spatial factor (4) x the DiT patch (2): the smallest multiple any stage size needs
-# (the released VAE needs 16); checked on the command line only, the functions accept any size
-SIZE_MULTIPLE = 8
+        raise ValueError(f"{flag} {spec}: {e}") from None
 
 
 def _check_args(args):
     """Every bad argument as one line (ValueError) before any work starts."""
     def frames_ok(f, what, clip=False):
         if f < 1 or (f - 1) % 4 or (clip and f == 1):
-            raise ValueError(f"{what} must be 4k+1 frames ({'5, 9, 13' if clip else '1, 5, 9'}, ...), got {f}: "
-                             f"the causal VAE maps 4k+1 frames to k+1 latents")
+            raise ValueError(f"{what} must be 4k+1 frames ({'5, 9, 13' if clip else '1, 5, 9'}, "
+                             f"...), got {f}: the causal VAE maps 4k+1 frames to k+1 latents")
 
     def size_ok(h, w, what):
         if h <= 0 or w <= 0 or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
-            raise ValueError(f"{what} {h}x{w}: height and width must be positive multiples of {SIZE_MULTIPLE} "
-                             f"(VAE spatial factor x patch)")
+            raise ValueError(f"{what} {h}x{w}: height and width must be positive multiples of "
+                             f"{SIZE_MULTIPLE} (VAE spatial factor x patch)")
     if args.cmd == "shapes":
         try:
             args.sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
@@ -1019,7 +1172,7 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sizes", default="32x32,32x48", help=f"HxW list; multiples of {SIZE_MULTIPLE} (VAE spatial factor x patch)")
+    p.add_argument("--sizes", default="32x32,32x48", help=f"HxW list, multiples of {SIZE_MULTIPLE}")
     p.add_argument("--frames", default="9,13,17", help="4k+1 clip lengths")
     p.add_argument("--fps", type=int, default=8)
     p = sub.add_parser("inspect", help="decode every entry as training would; one line each")
@@ -1029,23 +1182,25 @@ def main(argv=None):
     p.add_argument("--frames", type=int, required=True, help="4k+1")
     p.add_argument("--fps", type=float, default=None)
     p.add_argument("--pad", choices=("nearest", "repeat"), default="nearest")
-    p = sub.add_parser("filter", help="score clips (§3.4), write kept subset, top fraction and drop table")
+    p = sub.add_parser("filter", help="score clips (§3.4): kept subset, top fraction, drop table")
     p.add_argument("manifest", help=".jsonl manifest or a folder of videos")
     p.add_argument("--out", required=True)
-    p.add_argument("--top", type=float, default=0.2, help="fraction kept for the high-quality stage (§3.2)")
-    p.add_argument("--classifier", default=None, help="module:function returning {negative label: prob}")
-    d = FilterConfig()
-    for k in ("min_motion", "max_cut", "max_static", "min_seconds"):
-        p.add_argument("--" + k.replace("_", "-"), dest=k, type=float, default=getattr(d, k))
+    p.add_argument("--top", type=float, default=0.2, help="fraction kept for the §3.2 fine-tune")
+    p.add_argument("--classifier", help="module:function returning {negative label: probability}")
+    for k in FILTER_ARGS:
+        p.add_argument("--" + k.replace("_", "-"), dest=k, type=float, default=getattr(FilterConfig, k))
     args = ap.parse_args(argv)
     try:  # bad input -> one line (argparse's error, exit code 2), never a traceback
         _check_args(args)
-        entries = read_manifest(args.manifest) if args.cmd != "shapes" else None  # a missing manifest, a bad line
-        classifier = _load_classifier(args.classifier) if args.cmd == "filter" and args.classifier else None
+        # a missing manifest or a bad line; a classifier that does not import
+        entries = read_manifest(args.manifest) if args.cmd != "shapes" else None
+        classifier = (import_fn(args.classifier, "--classifier")
+                      if args.cmd == "filter" and args.classifier else None)
     except ValueError as e:
         ap.error(str(e))
     if args.cmd == "shapes":
-        print(make_shapes(args.out, args.n, args.seed, args.sizes, args.frames, args.fps, progress=True))
+        print(make_shapes(args.out, args.n, args.seed, args.sizes, args.frames, args.fps,
+                          progress=True))
     elif args.cmd == "inspect":
         _inspect(entries, args)
     else:

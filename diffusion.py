@@ -1,73 +1,52 @@
-"""diffusion.py — the diffusion side of CogVideoX (paper §3, §3.3).
+"""diffusion.py — CogVideoX's noise schedule, v-prediction and samplers (paper §3, §3.3, Figure 3d).
 
-What lives here, in reading order:
-  1. the noise schedule: LDM "scaled linear" betas, the SNR shift of the released models and
-     zero terminal SNR (§3: "we adopt v-prediction and zero SNR, following the noise schedule used in LDM");
-  2. the forward process and v-prediction: q_sample, the v target, x̂0 and ε̂ from a predicted v;
-  3. timestep sampling for training: explicit uniform sampling (§3.3) and the i.i.d. baseline;
-  4. the samplers used at inference: DDIM (η = 0) and DPM++(2M) SDE, "trailing" timestep spacing;
-  5. classifier-free guidance helpers (static scale and the released dynamic schedule);
-  6. the loss-per-timestep-bucket helper behind Figure 3d.
-
-Nothing here knows about videos: every function works on tensors of any shape (B, ...).
+Smallest piece first: the noise schedule (LDM "scaled linear" betas, the released models' SNR
+shift, zero terminal SNR: §3 "we adopt v-prediction and zero SNR, following the noise schedule used
+in LDM"); the forward process and v-prediction; timestep sampling for training (explicit uniform
+sampling, §3.3, and the i.i.d. baseline); the samplers used at inference (DDIM η = 0 and DPM++(2M)
+SDE with "trailing" timestep spacing, as released); classifier-free guidance (static and the
+released dynamic schedule); the loss per timestep range of Figure 3d. Nothing here knows about
+videos: every function works on tensors of any shape (B, ...). The sampling defaults (steps,
+guidance, sampler) live in one place, sample.py's SampleConfig and PRESETS.
 
 Run:
-  python diffusion.py                      # print the schedule (ā, SNR) at the 50 trailing sampling steps
+  python diffusion.py                      # the schedule (ā, SNR) at the 50 trailing sampling steps
   python diffusion.py --shift 3.0 --steps 50 --sampler dpm
   python -m pytest -q tests/test_diffusion.py
 
-Shape legend:  B batch · ... any trailing dims (C, T', h, w for latents) · N = num_train_steps (1000)
+Shape legend:
+  B batch · ... any trailing dims (C, T', h, w for latents) · N = num_train_steps (1000)
 """
 
 import argparse
 import math
-from dataclasses import dataclass
 
 import torch
 
-# ----------------------------------------------------------------------------- config
-
-
-@dataclass
-class DiffusionConfig:
-    num_steps: int = 1000  # N training timesteps, t ∈ {0, …, N−1}
-    beta_start: float = 0.00085  # LDM scaled-linear schedule endpoints
-    beta_end: float = 0.012
-    snr_shift_scale: float = 1.0  # s: ā ← ā / (s + (1−s)·ā); the released 2B uses a shift, the 5B none
-    zero_terminal_snr: bool = True  # rescale so ā at the last step is exactly 0 (Lin et al. 2024)
-    sampler: str = "ddim"  # "ddim" (released 2B scheduler) or "dpm" (released 5B scheduler)
-    sample_steps: int = 50
-    cfg_scale: float = 6.0
-
-
-PRESETS = {
-    # The toy shapes set is tiny in space, so no SNR shift (the shift makes every step noisier, which
-    # the released 2B needs at 480×720, not a 32×32 toy).
-    "tiny": DiffusionConfig(sample_steps=25, cfg_scale=5.0),
-    "cogvideox-2b": DiffusionConfig(snr_shift_scale=3.0, sampler="ddim"),
-    "cogvideox-5b": DiffusionConfig(snr_shift_scale=1.0, sampler="dpm"),
-}
-
+# "ddim": the released 2B scheduler (η = 0); "dpm": DPM++(2M) SDE, the released 5B scheduler.
 SAMPLERS = ("ddim", "dpm")
 
-# ----------------------------------------------------------------------------- 1. noise schedule
 
+# ----- noise schedule (§3) -----
 
-def alphas_cumprod(num_steps=1000, beta_start=0.00085, beta_end=0.012, snr_shift_scale=1.0, zero_terminal_snr=True):
-    """ā_t for t = 0..N−1, float64 (N,).
+def alphas_cumprod(num_steps=1000, beta_start=0.00085, beta_end=0.012, snr_shift_scale=1.0,
+                   zero_terminal_snr=True):
+    """ā_t for t = 0..N−1, float64 (N,). The defaults are the released schedule; snr_shift_scale
+    s is 3.0 for the released 2B, 1.0 (no shift) for the 5B and for the toy shapes set (the shift
+    makes every step noisier, which 480×720 video needs and a 32×32 toy does not).
 
     §3 "noise schedule used in LDM": β_t = linspace(√β_start, √β_end, N)², ā_t = Π_{i≤t} (1 − β_i).
     Released code (not in the paper): the SNR shift ā/(1−ā) ← (ā/(1−ā)) / s, which in ā reads
-    ā ← ā / (s + (1−s)·ā); it moves every step to lower SNR, as high-resolution video needs more noise
-    to destroy the same amount of signal.
-    §3 zero SNR (Lin et al. 2024, Alg. 1): shift and scale √ā so that √ā_{N−1} = 0 and √ā_0 is unchanged;
-    the model then sees pure noise at t = N−1, exactly what sampling starts from.
+    ā ← ā / (s + (1−s)·ā); it moves every step to lower SNR, as high-resolution video needs more
+    noise to destroy the same amount of signal.
+    §3 zero SNR (Lin et al. 2024, Alg. 1): shift and scale √ā so that √ā_{N−1} = 0 and √ā_0 is
+    unchanged; the model then sees pure noise at t = N−1, exactly what sampling starts from.
     """
     if num_steps < 2:
         raise ValueError(f"num_steps must be >= 2 (got {num_steps}); the released models use 1000")
     if snr_shift_scale <= 0:
-        raise ValueError(f"snr_shift_scale must be > 0 (got {snr_shift_scale}); use 1.0 for no shift")
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2  # (N,)
+        raise ValueError(f"snr_shift_scale must be > 0 (got {snr_shift_scale}); 1.0 is no shift")
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
     ac = torch.cumprod(1.0 - betas, dim=0)  # (N,)
     ac = ac / (snr_shift_scale + (1.0 - snr_shift_scale) * ac)  # SNR shift (released code)
     if zero_terminal_snr:
@@ -78,13 +57,7 @@ def alphas_cumprod(num_steps=1000, beta_start=0.00085, beta_end=0.012, snr_shift
     return ac
 
 
-def schedule(cfg: DiffusionConfig):
-    """ā for a DiffusionConfig (a convenience so callers pass one object around)."""
-    return alphas_cumprod(cfg.num_steps, cfg.beta_start, cfg.beta_end, cfg.snr_shift_scale, cfg.zero_terminal_snr)
-
-
-# ----------------------------------------------------------------------------- 2. forward process, v-prediction
-
+# ----- forward process and v-prediction (§3) -----
 
 def _at(ac, t, like):
     """ā[t] as a (B, 1, 1, …) tensor broadcastable against `like` (B, ...), in like's dtype.
@@ -92,7 +65,8 @@ def _at(ac, t, like):
     The schedule stays float64 until this gather, so √(1−ā) near ā → 1 keeps its precision."""
     t = torch.as_tensor(t, device=ac.device).long()
     if t.min() < 0 or t.max() >= len(ac):
-        raise ValueError(f"timesteps must lie in [0, {len(ac) - 1}] (got min {int(t.min())}, max {int(t.max())})")
+        raise ValueError(f"timesteps must lie in [0, {len(ac) - 1}] "
+                         f"(got min {int(t.min())}, max {int(t.max())})")
     a = ac[t].to(device=like.device, dtype=like.dtype)  # (B,)
     return a.view(-1, *([1] * (like.dim() - 1)))  # (B, 1, …)
 
@@ -107,7 +81,8 @@ def v_target(x0, noise, t, ac):
     """§3 v-prediction (Salimans & Ho 2022): v = √ā·ε − √(1−ā)·x0.
 
     Why v and not ε: at t = N−1 zero terminal SNR makes x_t pure noise, so predicting ε there is
-    trivial and x̂0 = (x_t − √(1−ā)ε̂)/√ā divides by zero; v stays informative (v = −x0 at ā = 0)."""
+    trivial and x̂0 = (x_t − √(1−ā)ε̂)/√ā divides by zero; v stays informative (v = −x0 at ā = 0).
+    """
     a = _at(ac, t, x0)
     return a.sqrt() * noise - (1 - a).sqrt() * x0
 
@@ -125,24 +100,28 @@ def eps_from_v(x_t, v, t, ac):
 
 
 # The training loss is plain MSE on v. The official (sat) code instead regresses x0 with weight
-# 1/(1−ā); for a fixed x_t, x̂0 − x0 = √(1−ā)·(v − v̂), so ‖v − v̂‖² = ‖x̂0 − x0‖²/(1−ā): the same objective.
+# 1/(1−ā); for a fixed x_t, x̂0 − x0 = √(1−ā)·(v − v̂), so ‖v − v̂‖² = ‖x̂0 − x0‖²/(1−ā): the same
+# objective.
 
 
-# ----------------------------------------------------------------------------- 3. timestep sampling for training
-
+# ----- timestep sampling for training (§3.3) -----
 
 def explicit_uniform_timesteps(batch_size, rank, world_size, num_steps=1000, generator=None):
-    """§3.3 Explicit Uniform Sampling: LongTensor (batch_size,) of timesteps for this rank.
+    """§3.3 Explicit Uniform Sampling: LongTensor (batch_size,) of timesteps, one per stratum.
 
-    The global batch has N = world_size·batch_size samples. [0, num_steps) is cut into N strata and
-    sample i = rank·batch_size + j draws uniformly inside [⌊i·T/N⌋, ⌊(i+1)·T/N⌋). With one sample per
-    rank this is exactly the paper ("divide the range into n intervals, where n is the number of
-    ranks; each rank samples within its interval"); with more it also stratifies within a rank.
+    N = world_size·batch_size samples; [0, num_steps) is cut into N strata and sample
+    i = rank·batch_size + j draws uniformly inside [⌊i·T/N⌋, ⌊(i+1)·T/N⌋). The paper cuts the
+    range by rank ("divide the range into n intervals, where n is the number of ranks; each rank
+    samples within its interval"); stratifying every sample of the global batch does that and more.
 
-    The uniforms are drawn for the whole global batch and then sliced, so every rank seeded alike
-    gets exactly its slice of what one process would draw for the combined batch
-    (explicit_uniform_timesteps(b, r, w, g) == explicit_uniform_timesteps(b·w, 0, 1, g)[r·b:(r+1)·b]);
-    that is what lets "DDP on 2 ranks == one process" hold to the bit.
+    How training uses it: train.py calls it with rank 0, world_size 1 and batch_size N = the GLOBAL
+    batch, from a generator keyed by (seed, step, micro-batch) only, so the draw is the same in
+    every process and for any number of ranks. It then shuffles the N strata over the samples (the
+    packer orders samples by length; a fixed stratum per slot would tie timesteps to clip length),
+    and each rank takes the timesteps of its own slots: that is what lets "DDP on 2 ranks == one
+    process" hold to the bit. With world_size > 1 the function returns one rank's slice of that
+    same global draw, explicit_uniform_timesteps(b, r, w, g) ==
+    explicit_uniform_timesteps(b·w, 0, 1, g)[r·b:(r+1)·b]; training does not call it that way.
     """
     if batch_size < 1 or world_size < 1:
         raise ValueError(f"batch_size and world_size must be >= 1 (got {batch_size}, {world_size})")
@@ -150,8 +129,9 @@ def explicit_uniform_timesteps(batch_size, rank, world_size, num_steps=1000, gen
         raise ValueError(f"rank must be in [0, {world_size}) (got {rank})")
     n = batch_size * world_size
     if n > num_steps:
-        raise ValueError(f"global batch {n} > num_steps {num_steps}: strata would be empty; use iid_timesteps")
-    u = torch.rand(n, generator=generator, dtype=torch.float64)  # (N,) one uniform per global sample
+        raise ValueError(f"global batch {n} > num_steps {num_steps}: strata would be empty; "
+                         "use iid_timesteps")
+    u = torch.rand(n, generator=generator, dtype=torch.float64)  # (N,) one per global sample
     i = torch.arange(n, dtype=torch.float64)  # (N,)
     lo = torch.floor(i * num_steps / n)  # (N,) stratum start
     hi = torch.floor((i + 1) * num_steps / n)  # (N,) stratum end (exclusive)
@@ -164,14 +144,14 @@ def iid_timesteps(batch_size, num_steps=1000, generator=None):
     return torch.randint(0, num_steps, (batch_size,), generator=generator)
 
 
-# ----------------------------------------------------------------------------- 4. samplers
-
+# ----- samplers: DDIM and DPM++(2M) SDE (§3) -----
 
 def sampling_timesteps(num_steps=50, num_train_steps=1000):
-    """"trailing" spacing (Lin et al. 2024, Table 2), as in the released schedulers: round(arange(N, 0, −N/n)) − 1.
+    """"trailing" spacing (Lin et al. 2024, Table 2), as in the released schedulers:
+    round(arange(N, 0, −N/n)) − 1.
 
-    For n = 50: 999, 979, …, 19. It always starts at N−1, where zero terminal SNR makes x_t pure noise.
-    Rounding is half-to-even, like numpy's (torch.round does the same)."""
+    For n = 50: 999, 979, …, 19. It always starts at N−1, where zero terminal SNR makes x_t pure
+    noise. Rounding is half-to-even, like numpy's (torch.round does the same)."""
     if not 1 <= num_steps <= num_train_steps:
         raise ValueError(f"num_steps must be in [1, {num_train_steps}] (got {num_steps})")
     ts = torch.arange(num_train_steps, 0, -num_train_steps / num_steps, dtype=torch.float64)  # (n,)
@@ -179,7 +159,7 @@ def sampling_timesteps(num_steps=50, num_train_steps=1000):
 
 
 def _log_snr_half(a):
-    """λ = log √(ā/(1−ā)), with the end points made explicit: ā = 0 → −∞ (t = N−1), ā = 1 → +∞ (x0)."""
+    """λ = log √(ā/(1−ā)), with the end points made explicit: ā = 0 → −∞ (t = N−1), ā = 1 → +∞."""
     if a <= 0.0:
         return -math.inf
     if a >= 1.0:
@@ -188,8 +168,9 @@ def _log_snr_half(a):
 
 
 def _ddim_step(x, v, a_t, a_prev):
-    """DDIM, η = 0 (Song et al. 2021): x_prev = √ā_prev·x̂0 + √(1−ā_prev)·ε̂, written with the released
-    schedulers' coefficients x_prev = c_x·x_t + c_0·x̂0 (the same thing, one multiply fewer)."""
+    """DDIM, η = 0 (Song et al. 2021): x_prev = √ā_prev·x̂0 + √(1−ā_prev)·ε̂, written with the
+    released schedulers' coefficients x_prev = c_x·x_t + c_0·x̂0 (the same thing, one multiply
+    fewer)."""
     x0 = math.sqrt(a_t) * x - math.sqrt(1 - a_t) * v  # x̂0 from v̂
     c_x = math.sqrt((1 - a_prev) / (1 - a_t))
     c_0 = math.sqrt(a_prev) - math.sqrt(a_t) * c_x
@@ -203,8 +184,9 @@ def _dpm_step(x, v, a_t, a_prev, a_back, x0_old, noise):
       first order:  x_prev = √((1−ā_prev)/(1−ā_t))·e^{−h}·x_t − (e^{−2h} − 1)·√ā_prev·x̂0 + σ·z
       second order: x̂0 → (1 + 1/2r)·x̂0 − (1/2r)·x̂0_old,  r = h_last / h   (multistep correction)
       σ = √(1−ā_prev)·√(1 − e^{−2h}), z fresh Gaussian noise (the "SDE" variant).
-    At t = N−1 (ā = 0) λ = −∞ and h = +∞: e^{−h} = 0, so the step is x_prev = √ā_prev·x̂0 + √(1−ā_prev)·z —
-    no NaN as long as the infinities are taken as limits, which _log_snr_half does explicitly."""
+    At t = N−1 (ā = 0) λ = −∞ and h = +∞: e^{−h} = 0, so the step is
+    x_prev = √ā_prev·x̂0 + √(1−ā_prev)·z — no NaN as long as the infinities are taken as limits,
+    which _log_snr_half does explicitly."""
     x0 = math.sqrt(a_t) * x - math.sqrt(1 - a_t) * v  # x̂0 from v̂
     lam, lam_prev = _log_snr_half(a_t), _log_snr_half(a_prev)
     h = lam_prev - lam
@@ -223,16 +205,18 @@ def _dpm_step(x, v, a_t, a_prev, a_back, x0_old, noise):
 
 
 @torch.no_grad()
-def sample(v_fn, x_T, alphas_cumprod, num_steps=50, sampler="ddim", generator=None, progress=False, noise=None):
+def sample(v_fn, x_T, alphas_cumprod, num_steps=50, sampler="ddim", generator=None, progress=False,
+           noise=None):
     """Integrate from pure noise x_T (B, ...) at t = N−1 down to x̂0 (B, ...).
 
-    v_fn(x_t, t) -> v̂ with t a LongTensor (B,) of integer timesteps; classifier-free guidance lives in
-    the v_fn the caller builds (see `guided`). sampler "ddim" (η = 0, deterministic) or "dpm"
-    (DPM++(2M) SDE, fresh noise every step). `noise`, optional, is a list of num_steps tensors shaped
-    like x_T used instead of drawing from `generator` (for exact replays). The previous step of t is
-    t − N // n (as released; not the next listed timestep when n does not divide N), and a step whose
-    previous timestep would be negative goes to ā = 1, i.e. returns x̂0 itself (for n = 50 the last
-    step, 19 → −1; for n = 7 the last step is 142 → 0, which still adds a little noise, as released).
+    v_fn(x_t, t) -> v̂ with t a LongTensor (B,) of integer timesteps; classifier-free guidance lives
+    in the v_fn the caller builds (see `guided`). sampler "ddim" (η = 0, deterministic) or "dpm"
+    (DPM++(2M) SDE, fresh noise every step). `noise`, optional, is a list of num_steps tensors
+    shaped like x_T used instead of drawing from `generator` (for exact replays). The previous step
+    of t is t − N // n (as released; not the next listed timestep when n does not divide N), and a
+    step whose previous timestep would be negative goes to ā = 1, i.e. returns x̂0 itself (for
+    n = 50 the last step, 19 → −1; for n = 7 the last step is 142 → 0, which still adds a little
+    noise, as released).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {SAMPLERS}")
@@ -255,18 +239,18 @@ def sample(v_fn, x_T, alphas_cumprod, num_steps=50, sampler="ddim", generator=No
         v = v_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))  # (B, ...)
         if sampler == "ddim":
             x, _ = _ddim_step(x, v, a_t, a_prev)
-        else:
-            a_back = ac[int(ts[i - 1])] if i > 0 else None  # the previous listed (noisier) timestep
-            z = None
-            if a_prev < 1.0:  # a step onto ā = 1 adds no noise (σ = 0), so it draws none
-                z = noise[i] if noise is not None else torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-            # The released scheduler takes the first-order step onto ā = 1, even with history.
-            x, x0_old = _dpm_step(x, v, a_t, a_prev, a_back if a_prev < 1.0 else None, x0_old, z)
+            continue
+        a_back = ac[int(ts[i - 1])] if i > 0 else None  # the previous listed (noisier) timestep
+        z = None
+        if a_prev < 1.0:  # a step onto ā = 1 adds no noise (σ = 0), so it draws none
+            z = noise[i] if noise is not None else torch.randn(
+                x.shape, generator=generator, dtype=x.dtype).to(x.device)  # (B, ...)
+        # The released scheduler takes the first-order step onto ā = 1, even with history.
+        x, x0_old = _dpm_step(x, v, a_t, a_prev, a_back if a_prev < 1.0 else None, x0_old, z)
     return x
 
 
-# ----------------------------------------------------------------------------- 5. classifier-free guidance
-
+# ----- classifier-free guidance (§3) -----
 
 def cfg_scale(scale, t, num_steps=50, dynamic=False):
     """Guidance weight w for one sampling step.
@@ -278,19 +262,20 @@ def cfg_scale(scale, t, num_steps=50, dynamic=False):
     ramp smoothly from 1 to 1 + scale; w oscillates between 1 and 1 + scale from step to step. The
     authors say this is intended (CogVideo issue 267); we reproduce it as released."""
     if scale < 0:
-        raise ValueError(f"guidance scale must be >= 0 (got {scale}); 1 means no guidance, the released default is 6")
+        raise ValueError(f"guidance scale must be >= 0 (got {scale}); "
+                         "1 means no guidance, the released default is 6")
     if not dynamic:
         return float(scale)
-    return 1.0 + scale * (1.0 - math.cos(math.pi * ((num_steps - float(t)) / num_steps) ** 5.0)) / 2.0
+    return 1.0 + scale * (1.0 - math.cos(math.pi * ((num_steps - float(t)) / num_steps) ** 5.0)) / 2
 
 
 def guided(v_cond_uncond_fn, scale, num_steps=50, dynamic=False):
     """Wrap a model call into a guided v_fn for `sample`.
 
     v_cond_uncond_fn(x_t, t) -> (v_cond, v_uncond); the unconditional input is the all-zeros text
-    embedding we train with (10% text dropout), or T5("") as the diffusers port does — the caller picks.
-    v̂ = v_uncond + w·(v_cond − v_uncond): for a linear parameterisation guiding v equals guiding ε.
-    With w = 1 the unconditional call is wasted, so callers may skip it (scale <= 1)."""
+    embedding we train with (10% text dropout), or T5("") as the diffusers port does — the caller
+    picks. v̂ = v_uncond + w·(v_cond − v_uncond): for a linear parameterisation guiding v equals
+    guiding ε. With w = 1 the unconditional call is wasted, so callers may skip it (scale <= 1)."""
 
     def v_fn(x, t):
         v_c, v_u = v_cond_uncond_fn(x, t)
@@ -300,20 +285,23 @@ def guided(v_cond_uncond_fn, scale, num_steps=50, dynamic=False):
     return v_fn
 
 
-# ----------------------------------------------------------------------------- 6. loss per timestep bucket (Fig. 3d)
-
+# ----- loss per timestep range (§3.3, Figure 3d) -----
 
 def loss_by_bucket(loss, t, num_buckets=10, num_steps=1000):
-    """Mean loss per timestep range, e.g. {"t000-099": 0.31, "t900-999": 0.02}, for the buckets present.
+    """Mean loss per timestep range, e.g. {"t000-099": 0.31, "t900-999": 0.02}, for the buckets
+    present.
 
-    Figure 3d compares training-loss curves; since the loss magnitude depends strongly on t, logging it
-    per t-range separates "the model got better" from "this batch drew easier timesteps" — the very
-    fluctuation explicit uniform sampling removes. loss (B,) per-sample losses, t (B,) their timesteps."""
+    Figure 3d compares training-loss curves; since the loss magnitude depends strongly on t, logging
+    it per t-range separates "the model got better" from "this batch drew easier timesteps" — the
+    very fluctuation explicit uniform sampling removes. loss (B,) per-sample losses, t (B,) their
+    timesteps."""
     loss, t = loss.detach().float().flatten().cpu(), torch.as_tensor(t).flatten().cpu()
     if loss.shape != t.shape:
-        raise ValueError(f"loss and t must have one value per sample (got {tuple(loss.shape)} and {tuple(t.shape)})")
+        raise ValueError(f"loss and t must have one value per sample "
+                         f"(got {tuple(loss.shape)} and {tuple(t.shape)})")
     if len(t) and (t.min() < 0 or t.max() >= num_steps):
-        raise ValueError(f"timesteps must lie in [0, {num_steps - 1}] (got min {int(t.min())}, max {int(t.max())})")
+        raise ValueError(f"timesteps must lie in [0, {num_steps - 1}] "
+                         f"(got min {int(t.min())}, max {int(t.max())})")
     if not 1 <= num_buckets <= num_steps:
         raise ValueError(f"num_buckets must be in [1, {num_steps}] (got {num_buckets})")
     width = math.ceil(num_steps / num_buckets)
@@ -325,32 +313,26 @@ def loss_by_bucket(loss, t, num_buckets=10, num_steps=1000):
     return out
 
 
-# ----------------------------------------------------------------------------- CLI
-
+# ----- CLI -----
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Print the CogVideoX noise schedule at the sampling timesteps.")
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="take shift/sampler/steps from a preset")
-    p.add_argument("--shift", type=float, default=None, help="SNR shift scale s (2B: 3.0, 5B: 1.0)")
-    p.add_argument("--steps", type=int, default=None, help="number of sampling steps (trailing spacing)")
-    p.add_argument("--sampler", default=None, choices=SAMPLERS)
-    p.add_argument("--device", default="cpu", help="accepted for symmetry with the other scripts; the schedule is computed on CPU")
+    p = argparse.ArgumentParser(description="Print the CogVideoX noise schedule at sampling steps.")
+    p.add_argument("--shift", type=float, default=1.0, help="SNR shift scale s (2B: 3.0, 5B: 1.0)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (trailing spacing)")
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="shown in the header")
     a = p.parse_args(argv)
-    cfg = PRESETS[a.preset] if a.preset else DiffusionConfig()
-    shift = cfg.snr_shift_scale if a.shift is None else a.shift
-    steps = cfg.sample_steps if a.steps is None else a.steps
-    sampler = a.sampler or cfg.sampler
     try:  # validate before printing anything: one clear line, not a traceback
-        ac = alphas_cumprod(cfg.num_steps, cfg.beta_start, cfg.beta_end, shift, cfg.zero_terminal_snr)
-        ts = sampling_timesteps(steps, cfg.num_steps)
+        ac = alphas_cumprod(snr_shift_scale=a.shift)  # (N,)
+        ts = sampling_timesteps(a.steps, len(ac))  # (n,)
     except ValueError as e:
         p.error(str(e))
-    print(f"schedule: N={cfg.num_steps} shift={shift} zero_terminal_snr={cfg.zero_terminal_snr} sampler={sampler} steps={steps}")
+    print(f"schedule: N={len(ac)} shift={a.shift} zero_terminal_snr=True sampler={a.sampler} "
+          f"steps={a.steps}")
     print(f"{'step':>4} {'t':>4} {'abar':>10} {'log10 SNR':>10}")
     for i, t in enumerate(ts.tolist()):
-        a = ac[t].item()
-        snr = "-inf" if a == 0 else f"{math.log10(a / (1 - a)):10.3f}"
-        print(f"{i:>4} {t:>4} {a:>10.6f} {snr:>10}")
+        a_t = ac[t].item()
+        snr = "-inf" if a_t == 0 else f"{math.log10(a_t / (1 - a_t)):10.3f}"
+        print(f"{i:>4} {t:>4} {a_t:>10.6f} {snr:>10}")
 
 
 if __name__ == "__main__":

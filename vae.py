@@ -1,39 +1,37 @@
-"""nano-cogvideox · vae.py — the 3D causal VAE of CogVideoX (paper §2.1, Figure 2).
+"""vae.py — the 3D causal VAE of CogVideoX (paper §2.1, Fig. 2).
 
 A video (B, 3, T, H, W) in [-1, 1] with T = 4k+1 frames is compressed 4× in time and 8× in space
-(the released model) into a diagonal Gaussian over latents (B, 16, k+1, H/8, W/8). Everything here:
+(the released model) into a diagonal Gaussian over latents (B, 16, k+1, H/8, W/8). Smallest piece
+first: causal 3D convolution (Fig. 2b: time padding only in front, so frame t never sees t+1..)
+and GroupNorm -> resnet blocks and down/upsampling -> encoder, decoder, posterior -> CausalVAE ->
+checkpoints (ours, and the released weights in diffusers' layout) -> the training losses (§2.1 "L2
+loss, LPIPS perceptual loss, GAN loss from a 3D discriminator", plus the KL term of the Gaussian),
+PSNR and a flicker measure -> a reconstruct CLI. The same modules run over time in three ways:
+  whole sequence (default)  GroupNorm statistics over the whole clip
+  stream=True               chunks of latent frames with a causal-conv cache, GroupNorm per chunk:
+                            what the diffusers port (and the released code) do
+  cp_group=g                context parallel (§2.1, Fig. 2b): time split across ranks, each causal
+                            conv sends its last k-1 frames to the next rank, GroupNorm sums
+                            all-reduced; output AND gradients equal the whole sequence
+plus optional spatial tiling with blending (tile=...) for frames too large for memory.
 
-  * causal 3D convolution (Fig. 2b): time padding only in front, so frame t never sees t+1..
-  * encoder / decoder exactly as released (same outputs as diffusers' `AutoencoderKLCogVideoX` up to
-    float rounding; see `from_diffusers` and DESIGN §8 for what "matches" means)
-  * three ways to run over time, all through the same modules:
-      whole sequence (default)  - GroupNorm statistics over the whole clip
-      stream=True               - chunks of latent frames with a causal-conv cache, GroupNorm per
-                                  chunk: this is what the diffusers port (and the released code) do
-      cp_group=g                - context parallel (§2.1, Fig. 2b): time split across ranks, each
-                                  causal conv sends its last k-1 frames to the next rank, GroupNorm
-                                  sums all-reduced; output AND gradients equal the whole sequence
-  * optional spatial tiling with blending (tile=...), for frames too large for memory
-  * the VAE training losses (§2.1 "L2 loss, LPIPS perceptual loss, GAN loss from a 3D
-    discriminator", plus the KL term of the Gaussian), PSNR and a flicker measure
-
-Causality, precisely: every convolution is causal (Fig. 2b), but GroupNorm statistics cover whatever
-is processed together (the clip, one stream chunk, or all CP ranks). So a stream chunk never depends
-on later frames, while in whole-sequence mode later frames can shift earlier outputs slightly
-through the norm statistics — true of the released model too (the paper does not discuss it).
-
-Deviations from the released code (all documented where they happen): the CP decoder all-reduces
-its GroupNorm sums and CP sends halo gradients back (both: exact CP); for T ≡ 5 (mod 8) the diffusers
-decoder chunks yield 4·T' frames, ours always 4·(T'-1)+1 (the causal design); GAN discriminator
-details (the paper gives none).
+Encoder and decoder are exactly as released: on random float32 weights every output equals
+diffusers' `AutoencoderKLCogVideoX` within 1e-4 (tests/test_vae.py). Deviations from the released
+code (each documented where it happens): the CP decoder all-reduces its GroupNorm sums and CP
+sends halo gradients back (both: exact CP); for T ≡ 5 (mod 8) the diffusers decoder chunks yield
+4·T' frames, ours always 4·(T'-1)+1 (the causal design); GAN discriminator details (the paper
+gives none).
+Causality, precisely: every convolution is causal, but GroupNorm statistics cover whatever is
+processed together (the clip, one stream chunk, or all CP ranks). So a stream chunk never depends on
+later frames, while in whole-sequence mode later frames can shift earlier outputs slightly through
+the norm statistics — true of the released model too (the paper does not discuss it).
 
 Run:
-  python vae.py --help
-  python vae.py --reconstruct clip.mp4 --preset tiny          # smoke test with random weights
+  python vae.py --reconstruct clip.mp4 --preset tiny          # smoke test with random weights (CPU)
   python vae.py --reconstruct clip.mp4 --ckpt runs/vae        # our checkpoint (CausalVAE.save)
   python vae.py --reconstruct clip.mp4 --ckpt CogVideoX-2b/vae --device cuda   # released weights
-  python -m pytest -q tests/test_vae.py                       # parity, causality, CP, losses
   torchrun --standalone --nproc_per_node 2 tests/_vae_cp_worker.py   # CP == one process (+ memory)
+  python -m pytest -q tests/test_vae.py                       # parity, causality, CP, losses
 
 Shape legend:
   B batch · T pixel frames (4k+1) · T' latent frames (k+1) · H, W pixels · h, w latent pixels
@@ -44,23 +42,21 @@ import json
 import math
 import os
 import re
-import uuid
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
+# ----- config -----
 
 
 @dataclass
 class VAEConfig:
     channels: tuple = (128, 256, 256, 512)  # encoder level widths; the decoder mirrors them
-    layers: int = 3              # resnet blocks per encoder level (the decoder has one more per level)
+    layers: int = 3              # resnet blocks per encoder level (the decoder: one more per level)
     latent: int = 16             # latent channels L
     groups: int = 32             # GroupNorm groups (must divide every width)
     eps: float = 1e-6            # GroupNorm eps
@@ -78,17 +74,16 @@ class VAEConfig:
 
 
 VAE_PRESETS = {
-    # The shapes demo (DESIGN §5): 32×32×9 clips -> 8×3×8×8 latents, ~0.65M parameters, ~0.1 s per
-    # clip on a CPU. Its scaling factor is a placeholder: train.py sets it from the trained latents.
+    # The shapes demo (train.py's toy run of the whole paper): 32×32×9 clips -> 8×3×8×8
+    # latents, ~0.65M parameters, ~0.1 s per clip on a CPU. Its scaling factor is a placeholder:
+    # train.py sets it from the trained latents.
     "tiny": VAEConfig(channels=(16, 32, 32), layers=1, latent=8, groups=8, scaling_factor=1.0),
     # The released VAE of CogVideoX-2B and -5B: identical weights' shapes, different scaling factor.
     "cogvideox-2b": VAEConfig(),
     "cogvideox-5b": VAEConfig(scaling_factor=0.7),
 }
 
-# ----------------------------------------------------------------------------------------------
-# How one forward call sees time: whole clip, one chunk of a stream, or one rank's share (CP)
-# ----------------------------------------------------------------------------------------------
+# ----- how a forward call sees time: whole clip, stream chunk, or a CP rank's share (§2.1) -----
 
 
 @dataclass
@@ -105,9 +100,10 @@ def _peer(group, rank):  # send/recv take global ranks
 class _Halo(torch.autograd.Function):
     """§2.1 context parallel (Fig. 2b): prepend the previous rank's last n frames to x.
 
-    The ranks form a chain 0 -> 1 -> ... : rank r receives its halo, then forwards the last n frames
-    of (halo ++ x) to r+1. Chaining (instead of every rank sending its own tail at once, as released)
-    keeps the result exact when a rank holds fewer than n frames (e.g. 1 latent frame per rank).
+    The ranks form a chain 0 -> 1 -> ... : rank r receives its halo, then forwards the last n
+    frames of (halo ++ x) to r+1. Chaining (instead of every rank sending its own tail at once, as
+    released) keeps the result exact when a rank holds fewer than n frames (e.g. 1 latent frame per
+    rank).
     Backward runs the chain in reverse and hands the halo's gradient back to where the frames came
     from; the released code drops it, which makes CP gradients differ from one process."""
 
@@ -156,13 +152,13 @@ class _AllReduce(torch.autograd.Function):
 
 
 def cp_sizes(T, world, factor=4):
-    """Frames per rank (§2.1 CP): rank 0 takes frame 0 plus an equal share of the rest, so that every
-    temporal downsample pairs the same frames as in one process. factor=4 for pixel frames (the
-    VAE's temporal factor), 1 for latent frames."""
+    """Frames per rank (§2.1 CP): rank 0 takes frame 0 plus an equal share of the rest, so that
+    every temporal downsample pairs the same frames as in one process. factor=4 for pixel frames
+    (the VAE's temporal factor), 1 for latent frames."""
     if T < 1 or (T - 1) % (factor * world):
         raise ValueError(f"context parallel: {T} frames cannot be split over {world} ranks; need "
-                         f"(T-1) divisible by {factor * world} (e.g. T={factor * world + 1}) — trim the clip "
-                         f"or use fewer ranks")
+                         f"(T-1) divisible by {factor * world} (e.g. T={factor * world + 1}) — "
+                         f"trim the clip or use fewer ranks")
     m = (T - 1) // world
     return [m + 1] + [m] * (world - 1)
 
@@ -171,8 +167,7 @@ def cp_split(x, group=None, factor=4):
     """This rank's share of a whole clip (B, C, T, H, W) -> (B, C, T_local, H, W)."""
     sizes = cp_sizes(x.shape[2], dist.get_world_size(group), factor)
     r = dist.get_rank(group)
-    start = sum(sizes[:r])
-    return x[:, :, start:start + sizes[r]]
+    return x.narrow(2, sum(sizes[:r]), sizes[r])  # a view, as slicing would be
 
 
 class _Gather(torch.autograd.Function):
@@ -180,7 +175,8 @@ class _Gather(torch.autograd.Function):
     def forward(ctx, x, group):  # (B, C, T_local, H, W) -> (B, C, T, H, W) on every rank
         r, world = dist.get_rank(group), dist.get_world_size(group)
         m = x.shape[2] - (r == 0)  # frames per rank after frame 0
-        pad = F.pad(x, (0, 0, 0, 0, 0, int(r > 0)))  # equal sizes for all_gather: (B, C, m+1, H, W)
+        # equal sizes for all_gather: (B, C, m+1, H, W)
+        pad = F.pad(x, (0, 0, 0, 0, 0, int(r > 0)))
         parts = [torch.empty_like(pad) for _ in range(world)]
         dist.all_gather(parts, pad.contiguous(), group=group)
         ctx.group, ctx.start, ctx.size = group, 0 if r == 0 else 1 + r * m, x.shape[2]
@@ -201,13 +197,12 @@ def cp_gather(x, group=None):
     return _Gather.apply(x, group)
 
 
-# ----------------------------------------------------------------------------------------------
-# Causal convolution and GroupNorm (the two places where time crosses a chunk or rank boundary)
-# ----------------------------------------------------------------------------------------------
+# ----- causal convolution and GroupNorm: where time crosses a chunk or rank boundary (§2.1) -----
 
 
 def time_pad(x, n, run, key):
-    """§2.1 temporally causal padding: n frames in front only, never behind. (B, C, T, H, W) -> (B, C, n+T, H, W)
+    """§2.1 temporally causal padding: n frames in front only, never behind.
+    (B, C, T, H, W) -> (B, C, n+T, H, W)
 
     The first piece repeats frame 0 (released "first" pad mode; the paper's figure shows generic
     padding); a later stream chunk uses the cached last n frames of the previous chunk; a CP rank
@@ -227,31 +222,6 @@ def time_pad(x, n, run, key):
     return x
 
 
-class _OneDNNConv3d(torch.autograd.Function):
-    """Speed and memory only, same math (to float rounding): a CPU fp32 stride-1 3D conv whose forward AND
-    backward run on oneDNN. PyTorch picks its backend from the input's sizes (Convolution.cpp,
-    ConvParams::use_mkldnn): a batch-1 input with C*T*H <= 20480, e.g. one context-parallel rank's slice or
-    a stream chunk, goes to a generic kernel that is 3-10x slower and whose backward unfolds the input into
-    a C*27-times larger column buffer (over 100 MB for one 64x64 decoder layer). The forward calls oneDNN
-    directly; the backward sees (B, C, T, H, W) as (B, C, W, H, T) -- the same convolution with the
-    kernel's axes swapped -- which PyTorch's size rule then sends to oneDNN as well."""
-
-    @staticmethod
-    def forward(ctx, x, w, b, padding):  # x (B, Cin, T+k-1, H, W) already time-padded
-        ctx.save_for_backward(x, w)
-        ctx.padding = padding
-        return torch.mkldnn_convolution(x, w, b, padding, (1, 1, 1), (1, 1, 1), 1)  # (B, Cout, T, H, W)
-
-    @staticmethod
-    def backward(ctx, g):  # g (B, Cout, T, H, W)
-        x, w = ctx.saved_tensors
-        t = lambda v: v.transpose(2, 4) if v is not None else None  # (.., T, H, W) <-> (.., W, H, T), a view
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            t(g), t(x), t(w), [w.shape[0]], [1, 1, 1], list(ctx.padding[::-1]), [1, 1, 1], False, [0, 0, 0], 1,
-            list(ctx.needs_input_grad[:3]))
-        return t(gx), t(gw), gb, None
-
-
 class CausalConv3d(nn.Conv3d):
     """k×k×k conv, zero padding in space, causal padding in time (Fig. 2b). Keeps T unchanged."""
 
@@ -260,24 +230,23 @@ class CausalConv3d(nn.Conv3d):
 
     def forward(self, x, run):  # (B, Cin, T, H, W) -> (B, Cout, T, H, W)
         x = time_pad(x, self.kernel_size[0] - 1, run, self)  # (B, Cin, T+k-1, H, W)
-        B, C, T, H = x.shape[:4]
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-                and B * C * T * H <= 20480):  # what PyTorch would send to its slow generic kernel (see _OneDNNConv3d)
-            return _OneDNNConv3d.apply(x, self.weight, self.bias, self.padding)
-        return super().forward(x)
+        # the plain conv; small CPU inputs take oneDNN (same math, speed only: see the last section)
+        return _onednn_conv3d(self, x) if _onednn_fits(x) else super().forward(x)
 
 
 def group_norm(x, gn, run):
-    """GroupNorm over (C/G, T, H, W). Under CP the statistics must cover the whole clip (§2.1): each
-    rank sums x and x² per group (in float64, so the difference of the two sums stays accurate), one
-    all-reduce adds the sums, activations are never gathered. The released decoder does not
-    all-reduce (per-rank statistics, so its CP output depends on the rank count); we do, to be exact."""
+    """GroupNorm over (C/G, T, H, W). Under CP the statistics must cover the whole clip (§2.1):
+    each rank sums x and x² per group (in float64, so the difference of the two sums stays
+    accurate), one all-reduce adds the sums, activations are never gathered. The released decoder
+    does not all-reduce (per-rank statistics, so its CP output depends on the rank count); we do,
+    to be exact."""
     if run.group is None:
         return gn(x)  # torch's fused kernel: the same statistics, faster on one process
     B, C = x.shape[:2]
     xg = x.reshape(B, gn.num_groups, -1)  # (B, G, C/G*T*H*W)
     count = torch.full_like(xg[..., 0], xg.shape[-1], dtype=torch.float64)  # (B, G)
-    s = torch.stack([xg.sum(-1, dtype=torch.float64), (xg * xg).sum(-1, dtype=torch.float64), count])  # (3, B, G)
+    # (3, B, G): per group, the sums of x and x² and the element count
+    s = torch.stack([xg.sum(-1, dtype=torch.double), (xg * xg).sum(-1, dtype=torch.double), count])
     s = _AllReduce.apply(s, run.group)  # summed over ranks (and so are its gradients)
     mean = s[0] / s[2]  # (B, G)
     rstd = torch.rsqrt(s[1] / s[2] - mean * mean + gn.eps)  # (B, G)
@@ -288,13 +257,12 @@ def group_norm(x, gn, run):
     return torch.addcmul(b.view(shape), x, a.view(shape))
 
 
-# ----------------------------------------------------------------------------------------------
-# Building blocks: spatial norm, resnet block, down/upsampling
-# ----------------------------------------------------------------------------------------------
+# ----- building blocks: spatial norm, resnet block, down/upsampling (§2.1) -----
 
 
 class SpatialNorm(nn.Module):
-    """Decoder norm conditioned on the latent (released code; MoVQ-style): GN(f)·conv_y(z↑) + conv_b(z↑)."""
+    """Decoder norm conditioned on the latent (released code; MoVQ-style):
+    GN(f)·conv_y(z↑) + conv_b(z↑)."""
 
     def __init__(self, c, latent, cfg):
         super().__init__()
@@ -304,7 +272,7 @@ class SpatialNorm(nn.Module):
 
     def forward(self, f, z, run):  # f (B, C, T, H, W), z (B, L, T', h, w) -> (B, C, T, H, W)
         T, H, W = f.shape[-3:]
-        if run.first and T > 1:  # latent frame 0 maps to pixel frame 0 alone; the rest spread evenly
+        if run.first and T > 1:  # latent frame 0 -> pixel frame 0 alone; the rest spread evenly
             z = torch.cat([F.interpolate(z[:, :, :1], size=(1, H, W)),
                            F.interpolate(z[:, :, 1:], size=(T - 1, H, W))], 2)  # (B, L, T, H, W)
         else:
@@ -318,7 +286,8 @@ class ResBlock(nn.Module):
 
     def __init__(self, cin, cout, cfg, latent=0):
         super().__init__()
-        norm = (lambda c: SpatialNorm(c, latent, cfg)) if latent else (lambda c: nn.GroupNorm(cfg.groups, c, cfg.eps))
+        norm = lambda c: (SpatialNorm(c, latent, cfg) if latent
+                          else nn.GroupNorm(cfg.groups, c, cfg.eps))
         self.norm1, self.conv1 = norm(cin), CausalConv3d(cin, cout)
         self.norm2, self.conv2 = norm(cout), CausalConv3d(cout, cout)
         self.shortcut = nn.Conv3d(cin, cout, 1) if cin != cout else None
@@ -349,13 +318,15 @@ class Down(nn.Module):
         if self.time and x.shape[2] > 1:
             # frame 0 is kept as is (an image is a 1-frame video), the rest are averaged in pairs
             head, rest = (x[:, :, :1], x[:, :, 1:]) if run.first else (x[:, :, :0], x)
-            x = torch.cat([head, rest.unflatten(2, (-1, 2)).mean(3)], 2)  # (B, C, 1 + (T-1)/2, H, W)
-        x = F.pad(x, (0, 1, 0, 1))  # released: pad right/bottom only, then an unpadded stride-2 conv
+            x = torch.cat([head, rest.unflatten(2, (-1, 2)).mean(3)], 2)  # (B, C, 1+(T-1)/2, H, W)
+        # released: pad right/bottom only, then an unpadded stride-2 conv
+        x = F.pad(x, (0, 1, 0, 1))
         return _per_frame(self.conv, x)
 
 
 class Up(nn.Module):
-    """Decoder mirror of Down: (optionally) double time keeping frame 0 single, nearest 2× in space, 3×3 conv."""
+    """Decoder mirror of Down: (optionally) double time keeping frame 0 single, nearest 2× in
+    space, then a 3×3 conv per frame."""
 
     def __init__(self, c, time):
         super().__init__()
@@ -366,7 +337,7 @@ class Up(nn.Module):
         if self.time:
             head, rest = (x[:, :, :1], x[:, :, 1:]) if run.first else (x[:, :, :0], x)
             x = torch.cat([head, rest.repeat_interleave(2, 2)], 2)  # (B, C, 1 + 2(T-1), h, w)
-        y = F.interpolate(x.transpose(1, 2).flatten(0, 1), scale_factor=2.0)  # (B*T, C, 2h, 2w) nearest
+        y = F.interpolate(x.transpose(1, 2).flatten(0, 1), scale_factor=2.0)  # (B*T, C, 2h, 2w)
         return self.conv(y).unflatten(0, (x.shape[0], -1)).transpose(1, 2)
 
 
@@ -375,7 +346,7 @@ class Level(nn.Module):
 
     def __init__(self, cin, cout, n, cfg, resample=None, latent=0):
         super().__init__()
-        self.blocks = nn.ModuleList(ResBlock(cin if i == 0 else cout, cout, cfg, latent) for i in range(n))
+        self.blocks = nn.ModuleList(ResBlock(cout if i else cin, cout, cfg, latent) for i in range(n))
         self.resample = resample
 
     def forward(self, x, run, z=None):
@@ -384,9 +355,7 @@ class Level(nn.Module):
         return x if self.resample is None else self.resample(x, run)
 
 
-# ----------------------------------------------------------------------------------------------
-# Encoder, decoder, posterior
-# ----------------------------------------------------------------------------------------------
+# ----- encoder, decoder, posterior (§2.1, Fig. 2a) -----
 
 
 class Encoder(nn.Module):
@@ -398,7 +367,8 @@ class Encoder(nn.Module):
         ch, last = cfg.channels, len(cfg.channels) - 1
         self.conv_in = CausalConv3d(3, ch[0])
         self.down = nn.ModuleList(
-            Level(ch[max(i - 1, 0)], ch[i], cfg.layers, cfg, Down(ch[i], i < cfg.time_levels) if i < last else None)
+            Level(ch[max(i - 1, 0)], ch[i], cfg.layers, cfg,
+                  Down(ch[i], i < cfg.time_levels) if i < last else None)
             for i in range(len(ch)))
         self.mid = nn.ModuleList(ResBlock(ch[-1], ch[-1], cfg) for _ in range(2))
         self.norm_out = nn.GroupNorm(cfg.groups, ch[-1], cfg.eps)
@@ -422,7 +392,8 @@ class Decoder(nn.Module):
         self.conv_in = CausalConv3d(L, ch[0])
         self.mid = nn.ModuleList(ResBlock(ch[0], ch[0], cfg, L) for _ in range(2))
         self.up = nn.ModuleList(
-            Level(ch[max(i - 1, 0)], ch[i], cfg.layers + 1, cfg, Up(ch[i], i < cfg.time_levels) if i < last else None, L)
+            Level(ch[max(i - 1, 0)], ch[i], cfg.layers + 1, cfg,
+                  Up(ch[i], i < cfg.time_levels) if i < last else None, L)
             for i in range(len(ch)))
         self.norm_out = SpatialNorm(ch[-1], L, cfg)
         self.conv_out = CausalConv3d(ch[-1], 3)
@@ -437,17 +408,22 @@ class Decoder(nn.Module):
 
 
 class Gaussian:
-    """The posterior q(z|x) = N(mean, exp(logvar)), per latent element (the "latent space regularizer" of Fig. 2a)."""
+    """The posterior q(z|x) = N(mean, exp(logvar)), per latent element (the "latent space
+    regularizer" of Fig. 2a)."""
 
     def __init__(self, mean, logvar):
         self.mean, self.logvar = mean, logvar  # (B, L, T', h, w) each
 
-    def sample(self, generator=None):
-        # draw where the generator lives (a CPU generator cannot fill a CUDA tensor), then move: the same
-        # seed gives the same latent on every device
-        dev = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=dev, dtype=self.mean.dtype).to(self.mean.device)
-        return self.mean + torch.exp(0.5 * self.logvar) * eps
+    def sample(self, generator=None, eps=None):
+        """The reparameterisation z = mean + exp(logvar / 2)·eps, eps ~ N(0, I): (B, L, T', h, w).
+
+        eps given (e.g. train.py's noise, drawn per sample): moved to the mean's device and dtype.
+        Otherwise drawn from generator where the generator lives (a CPU generator cannot fill a CUDA
+        tensor), then moved: the same seed gives the same latent on every device."""
+        if eps is None:
+            dev = generator.device if generator is not None else self.mean.device
+            eps = torch.randn(self.mean.shape, generator=generator, device=dev, dtype=self.mean.dtype)
+        return self.mean + torch.exp(0.5 * self.logvar) * eps.to(self.mean.device, self.mean.dtype)
 
     def kl(self):  # KL(q || N(0, I)) summed per sample: (B,)
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1 - self.logvar).flatten(1).sum(1)
@@ -480,25 +456,27 @@ def _tiled(fn, x, tile, overlap, scale):
     return out / weight
 
 
-# ----------------------------------------------------------------------------------------------
-# The whole VAE
-# ----------------------------------------------------------------------------------------------
+# ----- the whole VAE (§2.1) -----
 
 
 class CausalVAE(nn.Module):
     """§2.1 3D causal VAE. encode(x) -> Gaussian (UNSCALED; the DiT sees z * cfg.scaling_factor),
-    decode(z) -> x. Keyword options (tile combines with either of the others; cp_group wins over stream):
+    decode(z) -> x. Keyword options (tile combines with either of the others; cp_group wins over
+    stream):
       stream=True   chunks of cfg.stream_latents latent frames with a causal cache (= diffusers);
                     stream=n chunks of n latent frames (less memory, shorter GroupNorm windows)
       cp_group=g    context parallel: x / z is this rank's share (cp_split), output is too
-      tile=N        spatial tiles of N pixels (encode) / N latent pixels (decode), blended over `overlap`
+      tile=N        spatial tiles of N pixels (encode) / N latent pixels (decode), blended over
+                    `overlap`
     """
 
     def __init__(self, cfg):
         super().__init__()
         if not 0 <= cfg.time_levels < len(cfg.channels) or any(c % cfg.groups for c in cfg.channels):
-            raise ValueError(f"bad VAEConfig {cfg}: need time_levels < number of levels and groups dividing every width")
-        self.cfg = cfg = replace(cfg)  # a copy: train.py may set cfg.scaling_factor without touching the preset
+            raise ValueError(f"bad VAEConfig {cfg}: need time_levels < number of levels and groups "
+                             f"dividing every width")
+        # a copy: train.py may set cfg.scaling_factor without touching the preset
+        self.cfg = cfg = replace(cfg)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
@@ -513,10 +491,10 @@ class CausalVAE(nn.Module):
                              f"{tuple(x.shape[-2:])} — resize or crop the frames")
         first = group is None or dist.get_rank(group) == 0
         if encoding and (T - first) % tf:
-            raise ValueError(f"encode: got {T} frames; the causal VAE needs T = {tf}k+1 (e.g. {tf + 1}, "
-                             f"{2 * tf + 1}) — trim or pad the clip" if first else
-                             f"encode: context-parallel rank holds {T} frames, need a multiple of {tf}; "
-                             f"split the clip with cp_split")
+            raise ValueError(f"encode: got {T} frames; the causal VAE needs T = {tf}k+1 (e.g. "
+                             f"{tf + 1}, {2 * tf + 1}) — trim or pad the clip" if first else
+                             f"encode: context-parallel rank holds {T} frames, need a multiple of "
+                             f"{tf}; split the clip with cp_split")
         if tile and encoding and (tile % sf or overlap % sf):
             raise ValueError(f"encode: tile and overlap must be multiples of {sf}, got {tile}, {overlap}")
 
@@ -546,57 +524,63 @@ class CausalVAE(nn.Module):
         return Gaussian(mean, logvar.clamp(-30.0, 20.0))  # released clamp keeps exp(logvar) finite
 
     def decode(self, z, cp_group=None, stream=False, tile=None, overlap=None):
-        """z (B, L, T', h, w) UNSCALED (divide DiT latents by scaling_factor first) -> (B, 3, T, H, W)."""
+        """z (B, L, T', h, w) UNSCALED (divide DiT latents by scaling_factor first)
+        -> (B, 3, T, H, W)."""
         overlap = overlap if overlap is not None else (tile or 0) // 4
         self._check(z, False, cp_group, tile, overlap)
         n = self.cfg.stream_latents if stream is True else int(stream)
         fn = lambda v: self._run(self.decoder, v, cp_group, stream, n)
         return _tiled(fn, z, tile, overlap, self.cfg.spatial_factor) if tile else fn(z)
 
-    def forward(self, x, cp_group=None, sample=True, generator=None):
-        """Autoencode (what VAE training calls, e.g. through DDP): -> (reconstruction, posterior)."""
+    def forward(self, x, cp_group=None, sample=True, generator=None, eps=None):
+        """Autoencode (what VAE training calls, e.g. through DDP): -> (reconstruction, posterior).
+        z = posterior.sample(generator, eps) (under CP, eps is this rank's share), or its mean."""
         post = self.encode(x, cp_group=cp_group)
-        z = post.sample(generator) if sample else post.mean
+        z = post.sample(generator, eps) if sample else post.mean
         return self.decode(z, cp_group=cp_group), post
 
-    # ----- checkpoints: ours, and the released weights in diffusers layout -----
+    # ----- checkpoints: ours, and the released weights in diffusers' layout -----
 
-    def save(self, folder):
-        """config.json + model.safetensors, each written to a temp file then renamed (atomic).
+    def save(self, folder, state_dict=None):
+        """config.json, then model.safetensors, each written to a temp file then renamed (atomic).
+        state_dict (e.g. a gathered FSDP or EMA state) replaces self.state_dict() when given.
 
         The config goes first: a crash between the two renames leaves the new config with the old
-        weights (load() then fails loudly if the shapes differ), never new weights under an old config
-        (e.g. a stale scaling_factor that would load silently)."""
+        weights (load() then fails loudly if the shapes differ), never new weights under an old
+        config (e.g. a stale scaling_factor that would load silently)."""
         from safetensors.torch import save_file
+
+        from data import atomic_write  # imported here: vae.py stays importable without data.py
         os.makedirs(folder, exist_ok=True)
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic(os.path.join(folder, "config.json"), lambda p: _write_text(p, json.dumps(asdict(self.cfg), indent=2)))
-        _atomic(os.path.join(folder, "model.safetensors"), lambda p: save_file(sd, p))
+        sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
+        text = json.dumps(asdict(self.cfg), indent=2)
+        atomic_write(os.path.join(folder, "config.json"), lambda p: Path(p).write_text(text))
+        atomic_write(os.path.join(folder, "model.safetensors"), lambda p: save_file(sd, p))
 
     @classmethod
     def load(cls, folder, device="cpu"):
-        from safetensors.torch import load_file
         d = _read_config(folder, "CausalVAE.save")
         unknown = set(d) - set(VAEConfig.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"{folder}/config.json has unknown VAEConfig fields {sorted(unknown)}; "
-                             f"for a diffusers folder use CausalVAE.from_diffusers")
+            raise ValueError(f"{folder}/config.json has unknown VAEConfig fields {sorted(unknown)}"
+                             f"; for a diffusers folder use CausalVAE.from_diffusers")
         model = cls(VAEConfig(**{**d, "channels": tuple(d["channels"])}))
-        _load_state(model, load_file(os.path.join(folder, "model.safetensors")), folder)
+        _load_state(model, _read_safetensors(folder, stem="model"), folder)
         return model.to(device)
 
     @classmethod
     def from_diffusers(cls, folder, variant=None, device="cpu"):
         """Load a diffusers AutoencoderKLCogVideoX folder (released CogVideoX `vae/`): config.json +
-        diffusion_pytorch_model[.variant].safetensors, or shards listed in *.safetensors.index*.json.
-        Weights are cast to float32 (fp16/bf16 files are fine)."""
+        diffusion_pytorch_model[.variant].safetensors, or shards listed in
+        *.safetensors.index*.json. Weights are cast to float32 (fp16/bf16 files are fine)."""
         d = _read_config(folder, "a diffusers AutoencoderKLCogVideoX save_pretrained")
-        if d.get("_class_name") != "AutoencoderKLCogVideoX":  # e.g. the transformer/ folder next to vae/
-            raise ValueError(f"{folder}: config.json describes {d.get('_class_name', 'no diffusers model')!r}, not "
-                             f"'AutoencoderKLCogVideoX'; pass the released model's vae/ folder (our own "
-                             f"checkpoints load with CausalVAE.load)")
+        if d.get("_class_name") != "AutoencoderKLCogVideoX":  # e.g. the transformer/ next to vae/
+            raise ValueError(f"{folder}: config.json describes "
+                             f"{d.get('_class_name', 'no diffusers model')!r}, not "
+                             f"'AutoencoderKLCogVideoX'; pass the released model's vae/ folder "
+                             f"(our own checkpoints load with CausalVAE.load)")
         if d.get("use_quant_conv") or d.get("use_post_quant_conv"):
-            raise ValueError(f"{folder}: quant convs are not part of CogVideoX's VAE; not supported")
+            raise ValueError(f"{folder}: quant convs are not in CogVideoX's VAE; not supported")
         cfg = VAEConfig(
             channels=tuple(d.get("block_out_channels", (128, 256, 256, 512))),
             layers=d.get("layers_per_block", 3), latent=d.get("latent_channels", 16),
@@ -623,20 +607,27 @@ def _read_config(folder, what):
 
 
 def _diffusers_key(k):
-    """diffusers name -> ours, e.g. encoder.down_blocks.0.resnets.1.conv1.conv.weight -> encoder.down.0.blocks.1.conv1.weight"""
-    k = k.replace("mid_block.resnets.", "mid.").replace("down_blocks.", "down.").replace("up_blocks.", "up.")
-    k = k.replace("resnets.", "blocks.").replace("downsamplers.0.", "resample.").replace("upsamplers.0.", "resample.")
+    """diffusers name -> ours, e.g.
+    encoder.down_blocks.0.resnets.1.conv1.conv.weight -> encoder.down.0.blocks.1.conv1.weight"""
+    k = k.replace("mid_block.resnets.", "mid.").replace("down_blocks.", "down.")
+    k = k.replace("up_blocks.", "up.").replace("resnets.", "blocks.")
+    k = k.replace("downsamplers.0.", "resample.").replace("upsamplers.0.", "resample.")
     k = k.replace("norm_layer.", "norm.").replace("conv_shortcut.", "shortcut.")
-    return re.sub(r"(conv_in|conv_out|conv1|conv2|conv_y|conv_b)\.conv\.", r"\1.", k)  # the causal-conv wrapper
+    # the causal-conv wrapper
+    return re.sub(r"(conv_in|conv_out|conv1|conv2|conv_y|conv_b)\.conv\.", r"\1.", k)
 
 
 def _read_safetensors(folder, variant=None, stem="diffusion_pytorch_model"):
+    """All tensors of a model folder: {stem}[.variant].safetensors, or the shards its index json
+    lists. The one safetensors reader of this file (dit.py keeps its own so each model file stands
+    alone)."""
     from safetensors.torch import load_file
     names = os.listdir(folder)
     v = f".{variant}" if variant else ""
     single, index = f"{stem}{v}.safetensors", f"{stem}.safetensors.index{v}.json"
-    if variant is None and single not in names and index not in names:  # only a variant present: use it
-        found = sorted(n for n in names if re.fullmatch(rf"{stem}\.(\w+)\.safetensors|{stem}\.safetensors\.index\.(\w+)\.json", n))
+    if variant is None and single not in names and index not in names:  # only a variant: use it
+        pattern = rf"{stem}\.(\w+)\.safetensors|{stem}\.safetensors\.index\.(\w+)\.json"
+        found = sorted(n for n in names if re.fullmatch(pattern, n))
         if len(found) == 1:
             single = index = found[0]
     if single in names and single.endswith(".safetensors"):
@@ -656,41 +647,24 @@ def _load_state(model, sd, source):
     """Strict load with an error that lists what does not fit."""
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         show = lambda l: f"{len(l)} {l[:12]}{' ...' if len(l) > 12 else ''}"
-        raise ValueError(f"{source}: weights do not match the model config: missing {show(missing)}; "
-                         f"unexpected {show(unexpected)}; wrong shape {show(shapes)}")
+        raise ValueError(f"{source}: weights do not match the model config: missing "
+                         f"{show(missing)}; unexpected {show(unexpected)}; "
+                         f"wrong shape {show(shapes)}")
     model.load_state_dict(sd)
 
 
-def _write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _atomic(path, write):
-    """write(tmp) then rename over path: readers see the old file or the new one, never half of one.
-    The temp name is unique per process and call; it is removed if writing fails."""
-    tmp = f"{path}.tmp{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses (§2.1: "a weighted combination of the L2 loss, LPIPS perceptual loss, and GAN loss from a
-# 3D discriminator", plus the KL term of the Gaussian; short clips first, then long clips with CP)
-# ----------------------------------------------------------------------------------------------
+# ----- losses (§2.1) -----
+# "a weighted combination of the L2 loss, LPIPS perceptual loss, and GAN loss from a 3D
+# discriminator", plus the KL term of the Gaussian; short clips first, then long clips with CP.
 
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 
 
-class _Lin(nn.Module):  # LPIPS' learned per-channel weights; the names give the file's `linK.model.1.weight`
+class _Lin(nn.Module):  # LPIPS' learned per-channel weights (named as the file's linK.model.1.*)
     def __init__(self, c):
         super().__init__()
         self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(c, 1, 1, bias=False))
@@ -714,8 +688,8 @@ class LPIPS(nn.Module):
         for i, c in enumerate((64, 128, 256, 512, 512)):
             setattr(self, f"lin{i}", _Lin(c))
         # LPIPS' input scaling (ImageNet statistics expressed for [-1, 1] inputs)
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        for name, v in (("shift", [-0.030, -0.088, -0.188]), ("scale", [0.458, 0.448, 0.450])):
+            self.register_buffer(name, torch.tensor(v).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x, y):  # (N, 3, H, W) twice, in [-1, 1] -> (N,) perceptual distance
         h = (torch.cat([x, y]) - self.shift) / self.scale  # (2N, 3, H, W)
@@ -731,18 +705,19 @@ class LPIPS(nn.Module):
 
 
 def load_lpips(paths=None):
-    """LPIPS from local weight file(s) (.safetensors or .pth/.pt, comma-separated), frozen; None (and a
-    log line saying the perceptual term is off) when no file is given."""
+    """LPIPS from local weight file(s) (.safetensors or .pth/.pt, comma-separated), frozen; None
+    (and a log line saying the perceptual term is off) when no file is given."""
     if not paths:
         print("vae: perceptual (LPIPS) loss disabled: no VGG16/LPIPS weight file given")
         return None
     from safetensors.torch import load_file
     sd = {}
     for p in (paths.split(",") if isinstance(paths, str) else paths):
-        part = load_file(p) if p.endswith(".safetensors") else torch.load(p, map_location="cpu", weights_only=True)
-        sd.update(part)
+        sd.update(load_file(p) if p.endswith(".safetensors")
+                  else torch.load(p, map_location="cpu", weights_only=True))
+    # the VGG head and LPIPS' constants are unused
     sd = {re.sub(r"^(net\.)?slice\d\.", "features.", k): v for k, v in sd.items()
-          if not k.startswith(("classifier.", "scaling_layer."))}  # the VGG head and LPIPS' constants are unused
+          if not k.startswith(("classifier.", "scaling_layer."))}
     net = LPIPS()
     _load_state(net, {k: v.float() for k, v in sd.items()}, f"LPIPS weights {paths}")
     print(f"vae: perceptual (LPIPS) loss on, weights from {paths}")
@@ -764,10 +739,7 @@ class Discriminator3D(nn.Module):
             c = c2
         seq += [nn.Conv3d(c, 1, k, 1, 1)]
         self.net = nn.Sequential(*seq)
-        self.init_weights()
-
-    def init_weights(self):  # pix2pix / taming: N(0, 0.02) convs
-        for m in self.modules():
+        for m in self.modules():  # pix2pix / taming init: N(0, 0.02) convs
             if isinstance(m, nn.Conv3d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
                 if m.bias is not None:
@@ -785,20 +757,21 @@ def adaptive_weight(nll, gan, last_layer):
     return (g_nll.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
-def generator_loss(x, x_rec, posterior, step=0, *, recon="l1", kl_weight=1e-6, lpips=None, perceptual_weight=1.0,
-                   disc=None, disc_weight=0.5, disc_start=0, last_layer=None):
+def generator_loss(x, x_rec, posterior, step=0, *, recon="l2", kl_weight=1e-6, lpips=None,
+                   perceptual_weight=1.0, disc=None, disc_weight=0.5, disc_start=0, last_layer=None):
     """VAE (generator) loss -> (loss, parts). x, x_rec (B, 3, T, H, W); posterior = encode(x).
 
-    recon "l1" or "l2" (the paper says L2; the prototype learned colours faster with L1). kl is the
-    per-sample KL sum divided by the pixel count, so kl_weight means what it does in LDM. The GAN term
-    (hinge: -D(x_rec)) is 0 before disc_start; with last_layer (the decoder's conv_out.weight) its
-    weight is adaptive. parts are graph-connected tensors (call float() to log)."""
+    recon "l2" (§2.1) or "l1". Measured on the tiny VAE: with L1 it kept reconstructing black
+    frames (0/24 clips kept their colour after 250 steps at batch 8), with L2 every clip kept its
+    colour after 200. kl is the per-sample KL sum divided by the pixel count, so kl_weight means
+    what it does in LDM. The GAN term (hinge: -D(x_rec)) is 0 before disc_start; with last_layer
+    (the decoder's conv_out.weight) its weight is adaptive. parts are graph-connected tensors (call
+    float() to log)."""
     if recon not in ("l1", "l2"):
         raise ValueError(f"recon must be 'l1' or 'l2', got {recon!r}")
     diff = x_rec - x
     rec = diff.abs().mean() if recon == "l1" else diff.pow(2).mean()
-    zero = rec.new_zeros(())
-    per = zero
+    per = zero = rec.new_zeros(())
     if lpips is not None:  # per frame: (B*T, 3, H, W)
         frames = lambda v: v.transpose(1, 2).flatten(0, 1)
         per = lpips(frames(x), frames(x_rec)).mean()
@@ -812,22 +785,23 @@ def generator_loss(x, x_rec, posterior, step=0, *, recon="l1", kl_weight=1e-6, l
         else:
             w = zero + disc_weight
     loss = nll + kl_weight * kl + w * gan
-    return loss, {"loss": loss, "recon": rec, "perceptual": per, "kl": kl, "gan": gan, "gan_weight": w}
+    return loss, {"loss": loss, "recon": rec, "perceptual": per, "kl": kl, "gan": gan,
+                  "gan_weight": w}
 
 
 def discriminator_loss(disc, x, x_rec, step=0, disc_start=0):
-    """Hinge loss for the 3D discriminator -> (loss, parts); a graph-connected 0 before disc_start."""
+    """Hinge loss of the 3D discriminator -> (loss, parts); graph-connected 0 before disc_start."""
     if step < disc_start:
         zero = sum(p.sum() for p in disc.parameters()) * 0.0
         return zero, {"disc": zero, "logits_real": zero.detach(), "logits_fake": zero.detach()}
     real, fake = disc(x.detach()), disc(x_rec.detach())
     loss = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
-    return loss, {"disc": loss, "logits_real": real.mean().detach(), "logits_fake": fake.mean().detach()}
+    return loss, {"disc": loss, "logits_real": real.mean().detach(),
+                  "logits_fake": fake.mean().detach()}
 
 
-# ----------------------------------------------------------------------------------------------
-# Reconstruction metrics (the paper reports PSNR 29.1 / flickering 85.5 on WebVid 17×256×256)
-# ----------------------------------------------------------------------------------------------
+# ----- reconstruction metrics (§2.1) -----
+# The paper reports PSNR 29.1 and flickering 85.5 for its VAE on WebVid clips of 17×256×256.
 
 
 def psnr(x, y):
@@ -847,91 +821,104 @@ def flicker(x, y):
     return float((dy - dx).abs().mean() * 127.5)
 
 
-# ----------------------------------------------------------------------------------------------
-# CLI: reconstruct a video file
-# ----------------------------------------------------------------------------------------------
-
-
-def read_video(path, max_frames):
-    """Minimal PyAV reader -> ((3, T, H, W) in [-1, 1], fps), T trimmed to 4k+1, frames turned upright
-    by the stream's display rotation (phones store landscape pixels plus a rotation, like data.py
-    handles; kept local so vae.py stands alone). Unreadable files raise ValueError(one line)."""
-    import av
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-    frames = []
-    try:
-        with av.open(path) as c:
-            if not c.streams.video:
-                raise ValueError(f"{path}: no video stream")
-            s = c.streams.video[0]
-            fps = float(s.average_rate or 8)
-            for fr in c.decode(s):
-                x = torch.from_numpy(fr.to_ndarray(format="rgb24"))  # (H, W, 3) uint8
-                k = round((fr.rotation or 0) / 90) % 4  # degrees counterclockwise, as torch.rot90 turns
-                frames.append(torch.rot90(x, k, dims=(0, 1)) if k else x)  # (W, H, 3) when k is odd
-                if len(frames) == max_frames:
-                    break
-    except av.FFmpegError as e:  # not a video, truncated, unknown codec ...
-        raise ValueError(f"{path}: cannot decode ({type(e).__name__}: {e})".replace("\n", " ")) from None
-    if not frames:
-        raise ValueError(f"{path}: no video frames decoded")
-    v = torch.stack(frames[:(len(frames) - 1) // 4 * 4 + 1])  # (T, H, W, 3)
-    return v.permute(3, 0, 1, 2).float() / 127.5 - 1, fps
-
-
-def write_video(path, v, fps):
-    """(3, T, H, W) in [-1, 1] -> H.264 mp4, written to a temp file then renamed."""
-    import av
-    arr = ((v.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
-
-    def write(tmp):
-        with av.open(tmp, "w", format="mp4") as c:
-            s = c.add_stream("libx264", rate=max(1, round(fps)))
-            s.width, s.height, s.pix_fmt = arr.shape[2], arr.shape[1], "yuv420p"
-            for a in arr:
-                c.mux(s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")))
-            c.mux(s.encode())
-    _atomic(path, write)
+# ----- CLI: reconstruct a video file -----
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="CogVideoX 3D causal VAE: reconstruct a video, print PSNR and flicker.")
-    p.add_argument("--reconstruct", metavar="VIDEO", required=True, help="input video; writes VIDEO_STEM.recon.mp4 next to it")
-    p.add_argument("--ckpt", help="folder from CausalVAE.save, or a diffusers AutoencoderKLCogVideoX folder")
-    p.add_argument("--preset", default="tiny", choices=sorted(VAE_PRESETS), help="random-weight model when --ckpt is not given")
-    p.add_argument("--frames", type=int, default=49, help="at most this many frames (trimmed to 4k+1)")
-    p.add_argument("--tile", type=int, default=None, help="spatial tile size in pixels, a multiple of the spatial factor (large frames)")
+    p = argparse.ArgumentParser(
+        description="CogVideoX 3D causal VAE: reconstruct a video, print PSNR and flicker.")
+    p.add_argument("--reconstruct", metavar="VIDEO", required=True,
+                   help="input video; writes VIDEO_STEM.recon.mp4 next to it")
+    p.add_argument("--ckpt", help="a CausalVAE.save folder, or a diffusers AutoencoderKLCogVideoX one")
+    p.add_argument("--preset", default="tiny", choices=sorted(VAE_PRESETS),
+                   help="random-weight model when --ckpt is not given")
+    p.add_argument("--frames", type=int, default=49,
+                   help="at most this many frames (trimmed to 4k+1)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="spatial tile in pixels, a multiple of the spatial factor (large frames)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     if a.frames < 1:
         p.error(f"--frames must be >= 1, got {a.frames}")
+    import data  # the one home of video I/O; imported here so vae.py stays importable alone
     # bad input is a one-line error (exit code 2), never a traceback
     try:
         if a.ckpt:
-            is_diffusers = "_class_name" in _read_config(a.ckpt, "CausalVAE.save or diffusers save_pretrained")
+            what = "CausalVAE.save or diffusers save_pretrained"
+            is_diffusers = "_class_name" in _read_config(a.ckpt, what)
             vae = (CausalVAE.from_diffusers if is_diffusers else CausalVAE.load)(a.ckpt)
         else:
             print(f"no --ckpt: random {a.preset} weights (a smoke test, not a reconstruction)")
             vae = CausalVAE(VAE_PRESETS[a.preset])
         sf = vae.cfg.spatial_factor
         if a.tile is not None and (a.tile <= 0 or a.tile % sf):
-            raise ValueError(f"--tile must be a positive multiple of the spatial factor {sf}, got {a.tile}")
-        x, fps = read_video(a.reconstruct, a.frames)
+            raise ValueError(f"--tile must be a positive multiple of the spatial factor {sf}, got "
+                             f"{a.tile}")
+        if not os.path.isfile(a.reconstruct):
+            raise ValueError(f"{a.reconstruct}: no such file")
+        try:  # native size, turned upright; at most --frames frames, trimmed to 4k+1
+            x = data.load_video(a.reconstruct, (a.frames - 1) // 4 * 4 + 1)  # (3, T, H, W)
+            fps = data.probe(a.reconstruct)["fps"] or 8
+        except data.BadVideo as e:
+            raise ValueError(f"{a.reconstruct}: cannot decode ({e})") from None
     except (OSError, ValueError) as e:
         p.error(str(e))
     vae = vae.to(a.device).eval()
     H, W = x.shape[-2] // sf * sf, x.shape[-1] // sf * sf  # crop to whole latent pixels
     if H == 0 or W == 0:
-        p.error(f"{a.reconstruct}: frames of {tuple(x.shape[-2:])} pixels are smaller than the spatial factor {sf}")
+        p.error(f"{a.reconstruct}: frames of {tuple(x.shape[-2:])} pixels are smaller than the "
+                f"spatial factor {sf}")
     x = x[:, :, :H, :W][None].to(a.device)  # (1, 3, T, H, W)
     with torch.no_grad():
         z = vae.encode(x, stream=True, tile=a.tile).mean
         y = vae.decode(z, stream=True, tile=a.tile // sf if a.tile else None).clamp(-1, 1)
     out = os.path.splitext(a.reconstruct)[0] + ".recon.mp4"
-    write_video(out, y[0], fps)
+    data.write_video(y[0], out, fps)
     print(f"{tuple(x.shape)} -> latents {tuple(z.shape)} -> {out}")
-    print(f"psnr {psnr(x, y):.2f} dB | flicker {flicker(x, y):.2f}" if x.shape[2] > 1 else f"psnr {psnr(x, y):.2f} dB")
+    print(f"psnr {psnr(x, y):.2f} dB" + (f" | flicker {flicker(x, y):.2f}" if x.shape[2] > 1 else ""))
+
+
+# ----- speed (not in the paper) -----
+
+
+def _onednn_fits(x):
+    """Would PyTorch send this time-padded CausalConv3d input (B, C, T, H, W) to its slow generic
+    kernel? It picks the backend from the input's sizes (Convolution.cpp, ConvParams::use_mkldnn):
+    a CPU fp32 batch with B*C*T*H <= 20480, e.g. one context-parallel rank's slice or a stream
+    chunk, does not go to oneDNN."""
+    B, C, T, H = x.shape[:4]
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and B * C * T * H <= 20480)
+
+
+def _onednn_conv3d(conv, x):  # conv(x) on oneDNN: (B, Cin, T+k-1, H, W) -> (B, Cout, T, H, W)
+    return _OneDNNConv3d.apply(x, conv.weight, conv.bias, conv.padding)
+
+
+class _OneDNNConv3d(torch.autograd.Function):
+    """Speed and memory only, same math (to float rounding): a CPU fp32 stride-1 3D conv whose
+    forward AND backward run on oneDNN. The generic kernel that _onednn_fits detects is 3-10x slower
+    and its backward unfolds the input into a C*27-times larger column buffer (over 100 MB for one
+    64x64 decoder layer). The forward calls oneDNN directly; the backward sees (B, C, T, H, W) as
+    (B, C, W, H, T) -- the same convolution with the kernel's axes swapped -- which PyTorch's size
+    rule then sends to oneDNN as well."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, padding):  # x (B, Cin, T+k-1, H, W) already time-padded
+        ctx.save_for_backward(x, w)
+        ctx.padding = padding
+        # -> (B, Cout, T, H, W)
+        return torch.mkldnn_convolution(x, w, b, padding, (1, 1, 1), (1, 1, 1), 1)
+
+    @staticmethod
+    def backward(ctx, g):  # g (B, Cout, T, H, W)
+        x, w = ctx.saved_tensors
+        # (.., T, H, W) <-> (.., W, H, T), a view
+        t = lambda v: v.transpose(2, 4) if v is not None else None
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            t(g), t(x), t(w), [w.shape[0]], [1, 1, 1], list(ctx.padding[::-1]), [1, 1, 1], False,
+            [0, 0, 0], 1, list(ctx.needs_input_grad[:3]))
+        return t(gx), t(gw), gb, None
 
 
 if __name__ == "__main__":

@@ -5,12 +5,14 @@
 MODE "check" (default): every rank builds the same tiny VAE and clip (seeded), runs the whole clip
 in one process, then its own share with cp_group, and checks that the latents (mean, logvar), the
 reconstruction and every parameter gradient (summed over ranks) equal the single-process run
-within 1e-5 absolute (DESIGN §8), and the input gradient, whose entries are tiny (the loss weights
-are divided by the clip size), within 1e-5 absolute AND 1e-5 of its largest entry (an absolute
-bound alone would pass any error at that scale). Exits 1 on a mismatch.
-MODE "cp" / "single": run only that forward+backward and print this process's peak memory (peak RSS
-above the RSS before the run, DESIGN §8); run "single" with --nproc_per_node 1. Separate processes,
-because a process that already ran once reuses its freed heap and under-reports the second run.
+within 1e-5 absolute (CP is exact up to float rounding: same GroupNorm statistics, same halo
+frames, halo gradients sent back), and the input gradient, whose entries are tiny (the loss
+weights are divided by the clip size), within 1e-5 absolute AND 1e-5 of its largest entry (an
+absolute bound alone would pass any error at that scale). Exits 1 on a mismatch.
+MODE "cp" / "single": run only that forward+backward and print this process's peak memory: the
+peak RSS (VmHWM) above the RSS before the run, the memory the run itself adds; run "single" with
+--nproc_per_node 1. Separate processes, because a process that already ran once reuses its freed
+heap and under-reports the second run.
 """
 import sys
 
@@ -37,7 +39,8 @@ def _peak_mb(fn):
 
 
 def _loss(vae, x, wx, wz, group):
-    """A loss that touches every output: weighted sums of the reconstruction, the latent mean and the KL."""
+    """A loss that touches every output: weighted sums of the reconstruction, the latent mean and
+    the KL."""
     post = vae.encode(x, cp_group=group)
     y = vae.decode(post.mean, cp_group=group)
     return (y * wx).sum() + (post.mean * wz).sum() + 1e-2 * post.kl().sum(), post, y
@@ -60,17 +63,20 @@ def main():
     def single():
         xs = x.clone().requires_grad_()
         loss, post, y = _loss(vae, xs, wx, wz, None)
-        return [t.detach() for t in (post.mean, post.logvar, y)], torch.autograd.grad(loss, params + [xs])
+        outs = [t.detach() for t in (post.mean, post.logvar, y)]
+        return outs, torch.autograd.grad(loss, params + [xs])
 
     def parallel():
         xl = cp_split(x, group, tf).clone().requires_grad_()
         loss, post, y = _loss(vae, xl, cp_split(wx, group, tf), cp_split(wz, group, 1), group)
-        return [t.detach() for t in (post.mean, post.logvar, y)], torch.autograd.grad(loss, params + [xl])
+        outs = [t.detach() for t in (post.mean, post.logvar, y)]
+        return outs, torch.autograd.grad(loss, params + [xl])
 
     if mode in ("cp", "single"):
         _, mb = _peak_mb(parallel if mode == "cp" else single)
-        print(f"rank {rank}/{world} {mode} T={T} H=W={H} B={B} frames {cp_split(x, group, tf).shape[2]} | "
-              f"peak MB {mb:.1f}", flush=True)
+        frames = cp_split(x, group, tf).shape[2]
+        print(f"rank {rank}/{world} {mode} T={T} H=W={H} B={B} frames {frames} | peak MB {mb:.1f}",
+              flush=True)
         dist.destroy_process_group()
         return
 
@@ -86,10 +92,11 @@ def main():
         "param_grad": (pg, torch.cat([g.flatten() for g in ref_grads[:-1]])),
     }
     diff = {k: (a - b).abs().max().item() for k, (a, b) in pairs.items()}
-    g_max = pairs["input_grad"][1].abs().max().item()  # the reference input gradient's largest entry
+    g_max = pairs["input_grad"][1].abs().max().item()  # the reference input gradient's maximum
     limit = {k: TOL * min(1.0, g_max) if k == "input_grad" else TOL for k in pairs}
-    print(f"rank {rank}/{world} T={T} H=W={H} B={B} frames {cp_split(x, group, tf).shape[2]} | max abs diff "
-          + " ".join(f"{k} {v:.1e}" for k, v in diff.items()) + f" | input_grad max {g_max:.1e}", flush=True)
+    print(f"rank {rank}/{world} T={T} H=W={H} B={B} frames {cp_split(x, group, tf).shape[2]} | "
+          f"max abs diff " + " ".join(f"{k} {v:.1e}" for k, v in diff.items())
+          + f" | input_grad max {g_max:.1e}", flush=True)
     bad = {k: v for k, v in diff.items() if not v <= limit[k]}
     dist.destroy_process_group()
     if bad:

@@ -9,7 +9,7 @@ machine, the same random weights on both sides (a diffusers model is saved, ours
           the FLOP count is written out in `dit_flops` (matmuls of projections, MLP and attention, x3)
   pack    Frame Pack (`forward_packed`, §3.1) vs pad-to-longest (the released code's mode): real tokens/s
   vae     encode+decode time (in this process, alternated) and peak memory (one fresh process per
-          implementation and size: peak RSS minus RSS after the model is built, DESIGN §8) of our
+          implementation and size: peak RSS minus RSS after the model is built) of our
           streaming mode vs diffusers' default frame-batched mode, at 17 and 49 frames
   cp      context-parallel VAE training step (encode+decode+backward) on 2 ranks (torchrun, gloo) vs one
           process of the same whole-sequence computation: time and per-rank peak memory
@@ -176,7 +176,7 @@ def dit_flops(cfg, rows, video_tokens, text_tokens):
 
 
 def rope_for(T):
-    """diffusers expects the caller's RoPE; crop ((0, 0), (gh, gw)) = integer positions = ours (DESIGN §8)."""
+    """diffusers expects the caller's RoPE; crop ((0, 0), (gh, gw)) = integer positions = ours."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
     g = DIT["size"] // 2
     return get_3d_rotary_pos_embed(DIT["head_dim"], ((0, 0), (g, g)), (g, g), T)
@@ -259,9 +259,15 @@ def bench_pack(args, res, tmp):
     padded = torch.stack([torch.cat([z, z[:, -1:].expand(-1, Tmax - z.shape[1], -1, -1)], 1) for z in lat])  # (S, C, Tmax, h, w)
     sizes = [dit.num_tokens(model.cfg, T, hw, hw) for T in PACK_FRAMES]
     real, max_tokens = sum(sizes), max(sizes)
+    rows, used = [], []  # first fit into rows of max_tokens (what data.FramePackSampler does)
+    for n in sizes:
+        r = next((r for r, u in enumerate(used) if u + n <= max_tokens), len(used))
+        used += [0] * (r == len(used))
+        used[r] += n
+        rows.append(r)
 
     def packed():
-        sum(o.square().mean() for o in model.forward_packed(lat, t, text, max_tokens)).backward()
+        sum(o.square().mean() for o in model.forward_packed(lat, t, text, rows)).backward()
 
     def pad():
         model(padded, t, text).square().mean().backward()

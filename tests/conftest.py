@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))  # the component files live at top level (no packa
 def torchrun():
     """Returns run(script, *args, nproc=2, timeout=300) -> CompletedProcess; fails the test on a non-zero exit.
 
-    DESIGN §7: launch with `python -m torch.distributed.run` so the ranks use this interpreter."""
+    Launched as `python -m torch.distributed.run` so the ranks use this interpreter and environment."""
 
     def run(script, *args, nproc=2, timeout=300):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),

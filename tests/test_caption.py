@@ -2,10 +2,10 @@
 resume, bad videos, missing model folders and the prompt upsampler.
 
 The models are tiny random ones built here and saved to a temp folder (a ViT + GPT-2
-VisionEncoderDecoder and a GPT-2 causal LM, sharing a word-level tokenizer trained on the fly). Random
-weights would emit BOS/UNK forever (empty captions), so each decoder is rigged to always emit one
-chosen word: its final LayerNorm outputs a constant vector equal to that word's (enlarged) embedding,
-and the tied output head then scores that word highest.
+VisionEncoderDecoder and a GPT-2 causal LM, sharing a word-level tokenizer trained on the fly).
+Random weights would emit BOS/UNK forever (empty captions), so each decoder is rigged to always emit
+one chosen word: its final LayerNorm outputs a constant vector equal to that word's (enlarged)
+embedding, and the tied output head then scores that word highest.
 """
 import json
 import os
@@ -16,25 +16,28 @@ import pytest
 import torch
 
 import caption
-from caption import (PRESETS, SUMMARY_PROMPT, UPSAMPLER_PROMPT, BadVideo, FrameCaptioner, caption_videos, clean_caption,
-                     load_llm, read_frames, summary_prompt, upsample_prompt)
+from caption import (PRESETS, SUMMARY_PROMPT, UPSAMPLER_PROMPT, FrameCaptioner, caption_videos,
+                     clean_caption, load_llm, read_frames, summary_prompt, upsample_prompt)
+from data import BadVideo  # the one BadVideo: caption.py reads frames through data.py
 
-WORDS = "<pad> <s> </s> <unk> a red blue green circle square moves left right up down the on of slowly".split()
+WORDS = ("<pad> <s> </s> <unk> a red blue green circle square moves left right up down the on of "
+         "slowly").split()
 FPS = 4
 CFG = PRESETS["tiny"]
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----- helpers -----
 
 
 def write_clip(path, n_frames, fps=FPS, size=32, step=6):
-    """A grey clip whose frame i has value step*i, so the picked frame can be read back from its pixels."""
+    """A grey clip whose frame i has value step*i: the picked frame is read back from its pixels."""
     with av.open(str(path), "w") as c:
         s = c.add_stream("libx264", rate=fps, options={"qp": "0"})
         s.width = s.height = size
         s.pix_fmt = "yuv420p"
         for i in range(n_frames):
-            f = av.VideoFrame.from_ndarray(np.full((size, size, 3), step * i, np.uint8), format="rgb24")
+            f = av.VideoFrame.from_ndarray(np.full((size, size, 3), step * i, np.uint8),
+                                           format="rgb24")
             for pkt in s.encode(f):
                 c.mux(pkt)
         for pkt in s.encode():
@@ -55,22 +58,23 @@ def _rig(gpt2, word):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models as tm, pre_tokenizers
-    from transformers import (GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, ViTConfig, ViTImageProcessor,
-                              VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
+    from transformers import (GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, ViTConfig,
+                              ViTImageProcessor, VisionEncoderDecoderConfig,
+                              VisionEncoderDecoderModel)
 
     root = tmp_path_factory.mktemp("models")
     tok = Tokenizer(tm.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()  # joins word tokens with spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
 
-    enc = ViTConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    intermediate_size=37)
-    dec = GPT2Config(vocab_size=len(WORDS), n_positions=64, n_embd=32, n_layer=1, n_head=2, add_cross_attention=True,
-                     is_decoder=True, **ids)
+    enc = ViTConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, intermediate_size=37)
+    dec = GPT2Config(vocab_size=len(WORDS), n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                     add_cross_attention=True, is_decoder=True, **ids)
     cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
     cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 1, 0, 2
     ved = VisionEncoderDecoderModel(cfg)
@@ -80,12 +84,13 @@ def models(tmp_path_factory):
     tokenizer.save_pretrained(frame_dir)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(frame_dir)
 
-    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(WORDS), n_positions=1024, n_embd=32, n_layer=1, n_head=2, **ids))
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(WORDS), n_positions=1024, n_embd=32, n_layer=1,
+                                    n_head=2, **ids))
     _rig(lm, "red")
     llm_dir = root / "llm"
     lm.save_pretrained(llm_dir)
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                               "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
     tokenizer.save_pretrained(llm_dir)
     return frame_dir, llm_dir
 
@@ -98,7 +103,9 @@ class Spy:
 
     def generate(self, turns, max_new_tokens=256):
         self.turns += turns
-        return self.llm.generate(turns, max_new_tokens) if self.llm else ["A red circle moves left."] * len(turns)
+        if self.llm:
+            return self.llm.generate(turns, max_new_tokens)
+        return ["A red circle moves left."] * len(turns)
 
 
 def grey_captioner(frames):
@@ -106,11 +113,11 @@ def grey_captioner(frames):
     return [f"frame {round(float(f.mean()) / 6)}" for f in frames]
 
 
-# ----------------------------------------------------------------------------- frames every 2 s
+# ----- frames every 2 s -----
 
 
 @pytest.mark.parametrize("n_frames, times", [(40, [0, 2, 4, 6, 8]),  # 10 s clip: 5 frames (App. C)
-                                              (42, [0, 2, 4, 6, 8, 10]),  # 10.5 s: the frame at 10 s exists
+                                              (42, [0, 2, 4, 6, 8, 10]),  # 10.5 s: a frame at 10 s
                                               (3, [0])])  # shorter than 2 s: the first frame only
 def test_frames_every_two_seconds(tmp_path, n_frames, times):
     got_t, frames = read_frames(write_clip(tmp_path / "c.mp4", n_frames), every=2.0)
@@ -122,20 +129,22 @@ def test_frames_every_two_seconds(tmp_path, n_frames, times):
 
 def test_max_frames_and_bad_videos(tmp_path, capsys):
     assert read_frames(write_clip(tmp_path / "c.mp4", 40), max_frames=2)[0] == [0.0, 2.0]
-    err = capsys.readouterr().err  # a cut video says so: its later content never reaches the caption
+    err = capsys.readouterr().err  # a cut video says so: its later content never gets captioned
     assert "c.mp4: captioning its first 2 frames (0-2 s) only" in err and "--max-frames" in err
-    for n_frames, cap in [(40, 5), (40, None), (9, 2), (7, 1)]:  # exactly fits, no cap, 0 and 2 s, < 2 s
+    # exactly fits, no cap, 0 and 2 s, < 2 s
+    for n_frames, cap in [(40, 5), (40, None), (9, 2), (7, 1)]:
         times, _ = read_frames(write_clip(tmp_path / "d.mp4", n_frames), max_frames=cap)
         assert len(times) == (cap or 5) and capsys.readouterr().err == "", (n_frames, cap)
-    assert read_frames(tmp_path / "d.mp4", max_frames=1)[0] == [0.0]  # 7 frames = 1.75 s: nothing cut
-    assert read_frames(write_clip(tmp_path / "e.mp4", 9), max_frames=1)[0] == [0.0]  # 9 frames: a frame at 2 s is cut
+    assert read_frames(tmp_path / "d.mp4", max_frames=1)[0] == [0.0]  # 7 frames = 1.75 s: no cut
+    # 9 frames: the frame at 2 s is cut
+    assert read_frames(write_clip(tmp_path / "e.mp4", 9), max_frames=1)[0] == [0.0]
     assert "e.mp4: captioning its first 1 frames" in capsys.readouterr().err
     (tmp_path / "bad.mp4").write_bytes(os.urandom(2000))
     with pytest.raises(BadVideo, match="bad.mp4"):
         read_frames(tmp_path / "bad.mp4")
 
 
-# ----------------------------------------------------------------------------- prompts and cleaning
+# ----- prompts and cleaning -----
 
 
 def test_summary_prompt_has_every_caption_in_order():
@@ -150,9 +159,11 @@ def test_summary_prompt_has_every_caption_in_order():
 
 
 def test_clean_caption():
-    assert clean_caption("The video shows a red circle\nmoving left.") == "A red circle moving left."
+    assert (clean_caption("The video shows a red circle\nmoving left.")
+            == "A red circle moving left.")
     assert clean_caption("Throughout the video, a cat naps.") == "A cat naps."
-    assert clean_caption("This video of a cat is fine.") == "This video of a cat is fine."  # no verb: kept
+    # no verb: kept
+    assert clean_caption("This video of a cat is fine.") == "This video of a cat is fine."
     long = " ".join(["word"] * 150)
     assert len(clean_caption(long).split()) == 100
     sent = "A cat sits. " * 40  # cut at the last whole sentence within 100 words
@@ -160,7 +171,7 @@ def test_clean_caption():
     assert out.endswith(".") and len(out.split()) <= 100
 
 
-# ----------------------------------------------------------------------------- the pipeline and the manifest
+# ----- the pipeline and the manifest -----
 
 
 def test_pipeline_writes_manifest(tmp_path, models, capsys):
@@ -171,42 +182,48 @@ def test_pipeline_writes_manifest(tmp_path, models, capsys):
     write_clip(clips / "sub" / "b.mp4", 16)  # 4 s
     (clips / "broken.mp4").write_bytes(os.urandom(3000))
     out = clips / "captions.jsonl"
-    stats = caption.main([str(clips), "--frame-model", str(frame_dir), "--summary-model", str(llm_dir),
-                          "--out", str(out), "--preset", "tiny"])
+    stats = caption.main([str(clips), "--frame-model", str(frame_dir), "--summary-model",
+                          str(llm_dir), "--out", str(out), "--preset", "tiny"])
     assert stats["written"] == 2 and len(stats["failed"]) == 1
     assert "broken.mp4" in capsys.readouterr().err  # reported, and the run went on
     lines = [json.loads(l) for l in out.read_text().splitlines()]
-    assert [e["path"] for e in lines] == ["a.mp4", os.path.join("sub", "b.mp4")]  # relative to the output folder
+    # relative to the output folder
+    assert [e["path"] for e in lines] == ["a.mp4", os.path.join("sub", "b.mp4")]
     for e in lines:
         assert (clips / e["path"]).is_file()
         assert isinstance(e["caption"], str) and e["caption"] and len(e["caption"].split()) <= 100
         assert set(e) == {"path", "caption", "frame_captions"}
-        assert all(c.startswith("circle") for c in e["frame_captions"].values())  # the rigged VED speaks
+        # the rigged VED speaks
+        assert all(c.startswith("circle") for c in e["frame_captions"].values())
     assert list(lines[0]["frame_captions"]) == ["0.0", "2.0", "4.0", "6.0", "8.0"]
     assert list(lines[1]["frame_captions"]) == ["0.0", "2.0"]
     assert lines[0]["caption"].startswith("Red red")  # the rigged LLM's reply, cleaned
 
 
 def test_manifest_readable_by_data(tmp_path):
-    data = pytest.importorskip("data")  # data.py lands separately; checks the shared manifest format
+    import data  # the shared manifest format
     write_clip(tmp_path / "a.mp4", 8)
     out = tmp_path / "m.jsonl"
     caption_videos([tmp_path / "a.mp4"], out, CFG, grey_captioner, Spy(None), progress=False)
     (entry,) = data.read_manifest(out)
     assert os.path.abspath(entry["path"]) == os.path.abspath(tmp_path / "a.mp4")
-    assert entry["caption"] == "A red circle moves left." and entry["frame_captions"] == {"0.0": "frame 0"}
+    assert (entry["caption"] == "A red circle moves left."
+            and entry["frame_captions"] == {"0.0": "frame 0"})
 
 
 def test_summary_prompt_through_pipeline(tmp_path, models):
-    """Every frame caption reaches the summariser, in time order, inside the App. C prompt; batched across videos."""
+    """Every frame caption reaches the summariser, in time order, inside the App. C prompt;
+    batched across videos."""
     write_clip(tmp_path / "a.mp4", 40)
     write_clip(tmp_path / "b.mp4", 24)
     spy = Spy(load_llm(models[1]))
-    stats = caption_videos([tmp_path], tmp_path / "out.jsonl", CFG, grey_captioner, spy, progress=False)
+    stats = caption_videos([tmp_path], tmp_path / "out.jsonl", CFG, grey_captioner, spy,
+                           progress=False)
     assert stats["written"] == 2 and len(spy.turns) == 2
     for (system, user), n in zip(spy.turns, [5, 3]):
         assert system == "" and user.startswith(SUMMARY_PROMPT[:60])
-        where = [user.index(f"'frame {4 * k}'") for k in range(0, 2 * n, 2)]  # frame at second s is frame 4s
+        # the frame at second s is frame 4s
+        where = [user.index(f"'frame {4 * k}'") for k in range(0, 2 * n, 2)]
         assert where == sorted(where)
         assert f"'frame {4 * 2 * n}'" not in user  # no frame past the end
 
@@ -228,7 +245,8 @@ def test_resume_skips_done_videos(tmp_path):
         f.write('{"path": "/torn/li')  # a crash mid-append leaves a partial last line
     seen.clear()
     stats = caption_videos([clips, clips / "a.mp4"], out, CFG, counting, Spy(None), progress=False)
-    assert stats == {"written": 1, "skipped": 1, "failed": []} and seen == [1]  # only b.mp4 captioned
+    # only b.mp4 captioned
+    assert stats == {"written": 1, "skipped": 1, "failed": []} and seen == [1]
     paths = [json.loads(l)["path"] for l in out.read_text().splitlines()]
     assert paths == [str((clips / "a.mp4").resolve()), str((clips / "b.mp4").resolve())]
     assert caption_videos([clips], out, CFG, counting, Spy(None), progress=False)["written"] == 0
@@ -237,40 +255,47 @@ def test_resume_skips_done_videos(tmp_path):
 def test_video_captioner_hook_and_short_captions(tmp_path):
     """An end-to-end captioner replaces both models; a manifest's captions become short captions."""
     write_clip(tmp_path / "a.mp4", 8)
-    (tmp_path / "old.jsonl").write_text(json.dumps({"path": "a.mp4", "caption": "a grey square"}) + "\n")
+    (tmp_path / "old.jsonl").write_text(json.dumps({"path": "a.mp4", "caption": "a grey square"})
+                                        + "\n")
     calls = []
 
     def e2e(path, times, frames):
         calls.append((os.path.basename(path), times))
         return "The video shows a grey screen."
 
-    caption_videos([tmp_path / "old.jsonl"], tmp_path / "new.jsonl", CFG, video_captioner=e2e, progress=False)
+    caption_videos([tmp_path / "old.jsonl"], tmp_path / "new.jsonl", CFG, video_captioner=e2e,
+                   progress=False)
     (entry,) = [json.loads(l) for l in (tmp_path / "new.jsonl").read_text().splitlines()]
     assert calls == [("a.mp4", [0.0])]
     assert entry["caption"] == "A grey screen." and entry["short_caption"] == "a grey square"
     spy = Spy(None)
-    caption_videos([tmp_path / "old.jsonl"], tmp_path / "new2.jsonl", CFG, grey_captioner, spy, progress=False)
-    assert "'a grey square'" in spy.turns[0][1]  # Figure 7: the short caption joins the summary prompt
+    caption_videos([tmp_path / "old.jsonl"], tmp_path / "new2.jsonl", CFG, grey_captioner, spy,
+                   progress=False)
+    assert "'a grey square'" in spy.turns[0][1]  # Figure 7: the short caption joins the summary
 
 
 def test_frame_captioner_blip_and_chat_vlm(tmp_path):
-    """The two other processor paths: BLIP (unprompted) and a LLaVA-style chat VLM (prompt via chat template,
-    echoed prompt stripped): one caption per frame, at most max_new_tokens words each."""
+    """The two other processor paths: BLIP (unprompted) and a LLaVA-style chat VLM (prompt via chat
+    template, echoed prompt stripped): one caption per frame, at most max_new_tokens words each."""
     from tokenizers import Tokenizer, decoders, models as tm, pre_tokenizers
-    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration,
+                              BlipImageProcessor, BlipProcessor, CLIPImageProcessor,
+                              CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor,
+                              PreTrainedTokenizerFast)
 
     torch.manual_seed(0)
     frames = list(np.random.default_rng(0).integers(0, 255, (3, 40, 50, 3), dtype=np.uint8))
     vocab = "[PAD] [UNK] [CLS] [SEP] [MASK] a red blue circle square moves left".split()
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     blip = tmp_path / "blip"
-    text = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-                encoder_hidden_size=32, bos_token_id=2, sep_token_id=3, pad_token_id=0, max_position_embeddings=64)
-    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32,
-                  patch_size=16)
-    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(blip)
+    text = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=37, encoder_hidden_size=32, bos_token_id=2, sep_token_id=3,
+                pad_token_id=0, max_position_embeddings=64)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                  image_size=32, patch_size=16)
+    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision,
+                                            projection_dim=16)).save_pretrained(blip)
     BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}),
                   BertTokenizerFast(str(tmp_path / "vocab.txt"))).save_pretrained(blip)
     caps = FrameCaptioner(blip, max_new_tokens=3)(frames)
@@ -279,61 +304,77 @@ def test_frame_captioner_blip_and_chat_vlm(tmp_path):
     words = WORDS + "<image> user assistant describe this image in detail . :".split()
     tok = Tokenizer(tm.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
-    ft = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                 unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    chat = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
-            "{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    ft = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                 eos_token="</s>", unk_token="<unk>",
+                                 extra_special_tokens={"image_token": "<image>"})
+    chat = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
+            "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %}\n"
+            "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
     llava = tmp_path / "llava"
-    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                   tokenizer=ft, chat_template=chat, patch_size=16, vision_feature_select_strategy="full",
-                   num_additional_image_tokens=1, image_token="<image>").save_pretrained(llava)
-    cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                                     num_attention_heads=2, image_size=32, patch_size=16),
-                      text_config=LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=37,
-                                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+    clip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    LlavaProcessor(image_processor=clip, tokenizer=ft, chat_template=chat, patch_size=16,
+                   vision_feature_select_strategy="full", num_additional_image_tokens=1,
+                   image_token="<image>").save_pretrained(llava)
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37,
+                                                     num_hidden_layers=2, num_attention_heads=2,
+                                                     image_size=32, patch_size=16),
+                      text_config=LlamaConfig(vocab_size=len(words), hidden_size=32,
+                                              intermediate_size=37, num_hidden_layers=1,
+                                              num_attention_heads=2, num_key_value_heads=2,
                                               bos_token_id=1, eos_token_id=2, pad_token_id=0),
-                      image_token_index=words.index("<image>"), vision_feature_select_strategy="full",
-                      vision_feature_layer=-1)
+                      image_token_index=words.index("<image>"),
+                      vision_feature_select_strategy="full", vision_feature_layer=-1)
     LlavaForConditionalGeneration(cfg).save_pretrained(llava)
     captioner = FrameCaptioner(llava, max_new_tokens=3)
     assert captioner.processor.chat_template
     caps = captioner(frames)
-    assert len(caps) == 3 and all(len(c.split()) <= 3 for c in caps)  # the ~10-word prompt is not echoed
+    # the ~10-word prompt is not echoed
+    assert len(caps) == 3 and all(len(c.split()) <= 3 for c in caps)
 
 
 def test_a_model_raising_on_one_video_does_not_stop_the_run(tmp_path, capsys):
-    """Any exception on one video (not only BadVideo) fails that video alone: reported, skipped, the rest written."""
-    for name, n in [("a.mp4", 8), ("b.mp4", 12), ("c.mp4", 20)]:  # frames at 0 s | 0, 2 s | 0, 2, 4 s
+    """Any exception on one video (not only BadVideo) fails that video alone: reported, skipped,
+    the rest written."""
+    # frames at 0 s | 0, 2 s | 0, 2, 4 s
+    for name, n in [("a.mp4", 8), ("b.mp4", 12), ("c.mp4", 20)]:
         write_clip(tmp_path / name, n)
 
     def e2e(path, times, frames):
         if path.name == "b.mp4":
             raise RuntimeError("CUDA out of memory")
         return "A grey screen."
-    stats = caption_videos([tmp_path], tmp_path / "o1.jsonl", CFG, video_captioner=e2e, progress=False)
+    stats = caption_videos([tmp_path], tmp_path / "o1.jsonl", CFG, video_captioner=e2e,
+                           progress=False)
     assert stats["written"] == 2 and [os.path.basename(p) for p, _ in stats["failed"]] == ["b.mp4"]
-    assert "b.mp4: the video captioner raised RuntimeError: CUDA out of memory" in capsys.readouterr().err
+    assert ("b.mp4: the video captioner raised RuntimeError: CUDA out of memory"
+            in capsys.readouterr().err)
 
     calls = []
 
-    def frames_fail_on_c(frames):  # batched across videos: the batch with c.mp4's frame 16 (at 4 s) breaks
+    # batched across videos: the batch with c.mp4's frame 16 (at 4 s) breaks
+    def frames_fail_on_c(frames):
         calls.append(len(frames))
         if any(round(float(f.mean()) / 6) == 16 for f in frames):
             raise ValueError("bad frame")
         return grey_captioner(frames)
-    stats = caption_videos([tmp_path], tmp_path / "o2.jsonl", CFG, frames_fail_on_c, Spy(None), progress=False)
+    stats = caption_videos([tmp_path], tmp_path / "o2.jsonl", CFG, frames_fail_on_c, Spy(None),
+                           progress=False)
     assert stats["written"] == 2 and [os.path.basename(p) for p, _ in stats["failed"]] == ["c.mp4"]
-    assert calls[:2] == [4, 2] and "c.mp4: the frame captioner raised ValueError: bad frame" in capsys.readouterr().err
+    assert calls[:2] == [4, 2] and ("c.mp4: the frame captioner raised ValueError: bad frame"
+                                    in capsys.readouterr().err)
     lines = [json.loads(l) for l in (tmp_path / "o2.jsonl").read_text().splitlines()]
-    assert [l["path"] for l in lines] == ["a.mp4", "b.mp4"] and lines[1]["frame_captions"] == {"0.0": "frame 0", "2.0": "frame 8"}
+    assert [l["path"] for l in lines] == ["a.mp4", "b.mp4"] and lines[1]["frame_captions"] == {
+        "0.0": "frame 0", "2.0": "frame 8"}
 
     class FailingLLM:
         def generate(self, turns, max_new_tokens=256):
             if any("'frame 8'" in u for _, u in turns):
                 raise KeyError("tokenizer")
             return ["A red circle."] * len(turns)
-    stats = caption_videos([tmp_path], tmp_path / "o3.jsonl", CFG, grey_captioner, FailingLLM(), progress=False)
-    assert stats["written"] == 1 and sorted(os.path.basename(p) for p, _ in stats["failed"]) == ["b.mp4", "c.mp4"]
+    stats = caption_videos([tmp_path], tmp_path / "o3.jsonl", CFG, grey_captioner, FailingLLM(),
+                           progress=False)
+    assert stats["written"] == 1 and sorted(os.path.basename(p) for p, _ in stats["failed"]) == [
+        "b.mp4", "c.mp4"]
 
 
 def test_cli_bad_input_one_line_errors(tmp_path, capsys):
@@ -341,17 +382,20 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
     import sys
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "caption.py")
     p = subprocess.run([sys.executable, script, "/nonexistent.mp4", "--out", str(tmp_path / "o.jsonl"),
-                        "--video-captioner", "no_such_module:fn"], capture_output=True, text=True, timeout=120)
+                        "--video-captioner", "no_such_module:fn"], capture_output=True, text=True,
+                       timeout=120)
     assert p.returncode == 2
     last = p.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in p.stderr and ": error: /nonexistent.mp4 does not exist" in last, p.stderr
+    assert ("Traceback" not in p.stderr
+            and ": error: /nonexistent.mp4 does not exist" in last), p.stderr
     write_clip(tmp_path / "a.mp4", 8)
     (tmp_path / "notjson.jsonl").write_text(json.dumps({"path": "a.mp4"}) + "\n{oops\n")
     (tmp_path / "nopath.jsonl").write_text(json.dumps({"caption": "x"}) + "\n")
     (tmp_path / "done.jsonl").write_text('["a list"]\n')
     cases = [([str(tmp_path / "notjson.jsonl")], "notjson.jsonl:2: not JSON"),
              ([str(tmp_path / "nopath.jsonl")], 'nopath.jsonl:1: needs a "path"'),
-             ([str(tmp_path / "a.mp4"), "--video-captioner", "no_such_module:fn"], "no_such_module"),
+             ([str(tmp_path / "a.mp4"), "--video-captioner", "no_such_module:fn"],
+              "no_such_module"),
              ([str(tmp_path / "a.mp4"), "--video-captioner", "nocolon"], "module:function")]
     for argv, text in cases:
         with pytest.raises(SystemExit) as e:
@@ -360,7 +404,8 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "Traceback" not in err and text in err.strip().splitlines()[-1], (argv, err)
     with pytest.raises(SystemExit):  # an --out file that is not a manifest: named with its line
-        caption.main([str(tmp_path / "a.mp4"), "--out", str(tmp_path / "done.jsonl"), "--video-captioner", "x:y"])
+        caption.main([str(tmp_path / "a.mp4"), "--out", str(tmp_path / "done.jsonl"),
+                      "--video-captioner", "x:y"])
     assert "done.jsonl:1 is not a manifest line" in capsys.readouterr().err
 
 
@@ -370,24 +415,27 @@ def test_torn_line_rewrite_uses_a_unique_temp_file(tmp_path, monkeypatch):
     renamed, replace = [], os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: renamed.append(str(a)) or replace(a, b))
     assert caption._done(out) == {str(tmp_path / "a.mp4")}
-    assert len(renamed) == 1 and f".tmp{os.getpid()}_" in renamed[0] and sorted(os.listdir(tmp_path)) == ["o.jsonl"]
+    assert (len(renamed) == 1 and f".tmp{os.getpid()}_" in renamed[0]
+            and sorted(os.listdir(tmp_path)) == ["o.jsonl"])
 
 
-# ----------------------------------------------------------------------------- local models only
+# ----- local models only -----
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path, models):
-    with pytest.raises(FileNotFoundError, match="frame captioner model folder .*nope.* never downloads"):
+    with pytest.raises(FileNotFoundError,
+                       match="frame captioner model folder .*nope.* never downloads"):
         FrameCaptioner(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="LLM model folder"):
         load_llm(tmp_path / "empty_dir_without_config")
     with pytest.raises(ValueError, match="frame captioner and a summariser"):
         caption_videos([tmp_path], tmp_path / "o.jsonl", CFG)
     with pytest.raises(SystemExit):
-        caption.main([str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "--frame-model", str(models[0])])
+        caption.main([str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "--frame-model",
+                      str(models[0])])
 
 
-# ----------------------------------------------------------------------------- prompt upsampler (App. B)
+# ----- prompt upsampler (App. B) -----
 
 
 def test_upsample_prompt(models, capsys):
@@ -400,13 +448,17 @@ def test_upsample_prompt(models, capsys):
             return [self.reply]
 
     llm = Fixed('Sure! [ A red circle glides slowly\n to the left across a black floor. ]')
-    assert upsample_prompt("a red circle moves left", llm) == "A red circle glides slowly to the left across a black floor."
-    assert llm.turns == [(UPSAMPLER_PROMPT, "a red circle moves left")]  # App. B system prompt + the user's prompt
+    assert (upsample_prompt("a red circle moves left", llm)
+            == "A red circle glides slowly to the left across a black floor.")
+    # App. B system prompt + the user's prompt
+    assert llm.turns == [(UPSAMPLER_PROMPT, "a red circle moves left")]
     assert "square brackets" in UPSAMPLER_PROMPT and "single video description" in UPSAMPLER_PROMPT
     assert upsample_prompt("a cat", Fixed("  ")) == "a cat"  # empty reply: keep the user's prompt
     real = load_llm(models[1])
     assert upsample_prompt("a blue square", real, max_new_tokens=4) == "red red red red"
     text = real._text(UPSAMPLER_PROMPT, "a blue square")  # the tokenizer's chat template is used
-    assert text.startswith("system: You are part of a team") and text.endswith("user: a blue square\nassistant:")
-    caption.main(["--upsample", "a blue square", "--summary-model", str(models[1]), "--preset", "tiny"])
+    assert (text.startswith("system: You are part of a team")
+            and text.endswith("user: a blue square\nassistant:"))
+    caption.main(["--upsample", "a blue square", "--summary-model", str(models[1]), "--preset",
+                  "tiny"])
     assert capsys.readouterr().out.strip() == "red " * 15 + "red"  # the tiny preset's token budget

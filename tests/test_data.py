@@ -1,5 +1,6 @@
-"""data.py: decoding (codecs, containers, sizes, fps, audio, rotation, VFR, bad files), Frame Pack and
-bucket samplers (no sample lost or duplicated, rank sharding), stages, filters, cache, shapes set.
+"""data.py: decoding (codecs, containers, sizes, fps, audio, rotation, VFR, bad files), writing,
+Frame Pack and bucket samplers (no sample lost or duplicated, rank sharding), stages, filters,
+cache, shapes set.
 
 Every clip is written here with PyAV; frame i is painted with grey level 10 + 12 i (or a known
 pattern) so the decoded frame order can be read back even through lossy codecs."""
@@ -22,11 +23,13 @@ def grey(i):
     return 10 + 12 * i
 
 
-def write(path, T=9, H=32, W=48, fps=8, codec=None, audio=False, rotation=None, times=None, paint=None):
+def write(path, T=9, H=32, W=48, fps=8, codec=None, audio=False, rotation=None, times=None,
+          paint=None):
     """Write a clip; frame i is uniform grey(i) unless `paint(i) -> (H, W, 3)` is given.
     times: explicit presentation times in seconds (variable frame rate)."""
     ext = os.path.splitext(path)[1]
-    codec = codec or {".mp4": "libx264", ".avi": "mpeg4", ".webm": "libvpx-vp9", ".mkv": "ffv1"}[ext]
+    codecs = {".mp4": "libx264", ".avi": "mpeg4", ".webm": "libvpx-vp9", ".mkv": "ffv1"}
+    codec = codec or codecs[ext]
     with av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=fps)
         s.height, s.width = H, W
@@ -34,7 +37,7 @@ def write(path, T=9, H=32, W=48, fps=8, codec=None, audio=False, rotation=None, 
         if codec == "libx264":
             s.options = {"crf": "10"}
         if rotation is not None:
-            s.set_display_rotation(rotation)  # DESIGN §8: PyAV 18 ignores metadata["rotate"]
+            s.set_display_rotation(rotation)  # PyAV 18 ignores metadata["rotate"] when writing
         if times is not None:
             s.codec_context.time_base = fractions.Fraction(1, 1000)
         a = c.add_stream("aac", rate=16000) if audio else None
@@ -48,14 +51,19 @@ def write(path, T=9, H=32, W=48, fps=8, codec=None, audio=False, rotation=None, 
         for p in s.encode():
             c.mux(p)
         if a is not None:
-            for k in range(int(16000 * T / fps) // 1024):
-                af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-                af.sample_rate, af.pts = 16000, k * 1024
-                for p in a.encode(af):
-                    c.mux(p)
-            for p in a.encode():
-                c.mux(p)
+            silence(c, a, int(16000 * T / fps) // 1024, "fltp", np.float32)
     return str(path)
+
+
+def silence(c, a, n, fmt, dtype):
+    """Mux n silent mono 16 kHz audio frames of 1024 samples into stream a of container c."""
+    for k in range(n):
+        af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype), format=fmt, layout="mono")
+        af.sample_rate, af.pts = 16000, k * 1024
+        for p in a.encode(af):
+            c.mux(p)
+    for p in a.encode():
+        c.mux(p)
 
 
 def levels(video):
@@ -69,7 +77,8 @@ def frame_ids(video):
 
 # ----- decoding -----
 
-@pytest.mark.parametrize("ext,H,W", [(".mp4", 32, 48), (".avi", 33, 47), (".webm", 33, 47), (".mkv", 33, 47)])
+@pytest.mark.parametrize("ext,H,W", [(".mp4", 32, 48), (".avi", 33, 47), (".webm", 33, 47),
+                                     (".mkv", 33, 47)])
 def test_codecs_containers_odd_sizes(tmp_path, ext, H, W):
     p = write(tmp_path / f"c{ext}", T=17, H=H, W=W, fps=24)
     v = data.load_video(p, 9, 16, 24)
@@ -79,7 +88,27 @@ def test_codecs_containers_odd_sizes(tmp_path, ext, H, W):
     # fps 8 from a 24 fps clip: every third frame, uniformly spread in time
     assert frame_ids(data.load_video(p, 5, 16, 16, fps=8)) == [0, 3, 6, 9, 12]
     meta = data.probe(p)
-    assert (meta["height"], meta["width"], meta["frames"]) == (H, W, 17)  # webm/mkv: counted from duration
+    # webm/mkv: frames counted from the duration
+    assert (meta["height"], meta["width"], meta["frames"]) == (H, W, 17)
+
+
+def test_write_video_formats_rates_and_cleanup(tmp_path):
+    v = torch.rand(3, 5, 17, 23, generator=torch.Generator().manual_seed(0)) * 2 - 1  # odd sides
+    data.write_video(v, tmp_path / "v.mkv", fps=12.5)  # lossless FFV1 (bgr0): the exact pixels
+    back = data.load_video(tmp_path / "v.mkv", 5)  # no height / width: native size
+    assert torch.equal(((back + 1) * 127.5).round(), ((v + 1) * 127.5).round())
+    for fps, rate in [(12.5, fractions.Fraction(25, 2)), (29.97, fractions.Fraction(30000, 1001)),
+                      (8, 8)]:
+        data.write_video(v, tmp_path / "v.mp4", fps=fps)  # the rate is never rounded
+        with av.open(str(tmp_path / "v.mp4")) as c:
+            s = c.streams.video[0]
+            # yuv420p: odd sides padded
+            assert s.average_rate == rate and (s.height, s.width) == (18, 24)
+    with pytest.raises(ValueError, match="mp4 or .mkv"):
+        data.write_video(v, tmp_path / "v.avi")
+    with pytest.raises(Exception):
+        data.write_video(v[:2], tmp_path / "w.mp4")  # 2 channels: fails while writing
+    assert sorted(os.listdir(tmp_path)) == ["v.mkv", "v.mp4"]  # atomic: no temp file left behind
 
 
 def test_short_clips_nearest_and_repeat(tmp_path):
@@ -150,21 +179,14 @@ def test_bad_files_and_inspect(tmp_path, capsys):
     (tmp_path / "text.mp4").write_text("not a video at all\n" * 50)
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     with av.open(str(tmp_path / "audio.mkv"), "w") as c:  # audio only: no video stream
-        a = c.add_stream("flac", rate=16000)
-        for k in range(4):
-            af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.int16), format="s16", layout="mono")
-            af.sample_rate, af.pts = 16000, k * 1024
-            for pk in a.encode(af):
-                c.mux(pk)
-        for pk in a.encode():
-            c.mux(pk)
+        silence(c, c.add_stream("flac", rate=16000), 4, "s16", np.int16)
     bad = {"missing.mp4": "missing file", "empty.mp4": "zero-byte", "trunc.mp4": "cannot open",
            "text.mp4": "cannot open", "bad.png": "unreadable image", "audio.mkv": "no video stream"}
     for name, reason in bad.items():
         with pytest.raises(data.BadVideo, match=reason):
             data.load_video(tmp_path / name, 9, 16, 16)
-    m = data.write_manifest([{"path": str(tmp_path / n), "caption": "x"} for n in ["good.mp4", *bad]],
-                            tmp_path / "m.jsonl")
+    m = data.write_manifest([{"path": str(tmp_path / n), "caption": "x"}
+                             for n in ["good.mp4", *bad]], tmp_path / "m.jsonl")
     data.main(["inspect", m, "--height", "16", "--width", "16", "--frames", "9"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 + len(bad) + 1
@@ -180,11 +202,13 @@ def test_manifests(tmp_path):
     from PIL import Image
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "sub" / "b.png")
     folder = data.read_manifest(tmp_path / "sub")
-    assert [(os.path.basename(e["path"]), e["caption"]) for e in folder] == [("a.mkv", "a clip"), ("b.png", "")]
-    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "sub/a.mkv", "caption": "c", "score": 3}) + "\n\n")
+    assert [(os.path.basename(e["path"]), e["caption"]) for e in folder] == [("a.mkv", "a clip"),
+                                                                              ("b.png", "")]
+    line = json.dumps({"path": "sub/a.mkv", "caption": "c", "score": 3})
+    (tmp_path / "m.jsonl").write_text(line + "\n\n")
     (e,) = data.read_manifest(tmp_path / "m.jsonl")
     assert e == {"path": a, "caption": "c", "score": 3}
-    out = data.write_manifest([e], tmp_path / "o" / "m2.jsonl")  # paths re-relativised to the new folder
+    out = data.write_manifest([e], tmp_path / "o" / "m2.jsonl")  # paths relative to the new folder
     assert json.loads(open(out).read())["path"] == "../sub/a.mkv"
     assert data.read_manifest(out)[0]["path"] == a
     (tmp_path / "bad.jsonl").write_text("{oops\n")
@@ -196,7 +220,8 @@ def test_manifests(tmp_path):
 
 def random_shapes(n, seed=0):
     rng = random.Random(seed)
-    return [(rng.choice([1, 5, 9, 13, 17]), *rng.choice([(16, 16), (16, 24), (32, 32)])) for _ in range(n)]
+    sizes = [(16, 16), (16, 24), (32, 32)]
+    return [(rng.choice([1, 5, 9, 13, 17]), *rng.choice(sizes)) for _ in range(n)]
 
 
 KW = dict(max_tokens=96, text_len=8, tf=4, sf=4, p=2)
@@ -206,7 +231,8 @@ def test_frame_pack_every_sample_once_with_and_without_sharding():
     shapes = random_shapes(203) + [None, None]  # None: a file that failed to probe is skipped
     valid = sorted(i for i, s in enumerate(shapes) if s is not None)
     for world in (1, 2, 3):
-        samplers = [data.FramePackSampler(shapes, rows=2, seed=5, rank=r, world_size=world, **KW) for r in range(world)]
+        samplers = [data.FramePackSampler(shapes, rows=2, seed=5, rank=r, world_size=world, **KW)
+                    for r in range(world)]
         for epoch in (0, 1):
             seen = []
             for s in samplers:
@@ -216,15 +242,18 @@ def test_frame_pack_every_sample_once_with_and_without_sharding():
             assert len({len(s) for s in samplers}) == 1  # every rank runs the same number of steps
             for gb in samplers[0].global_batches():
                 keys = [k for ks in gb for k in ks if k[3] > 0]
-                assert abs(sum(k[3] for k in keys) - 1) < 1e-9  # weights normalised over the global batch
+                # weights normalised over the global batch; slots number it
+                assert abs(sum(k[3] for k in keys) - 1) < 1e-9
                 assert sorted(k[2] for k in keys) == list(range(len(keys))) == list(range(keys[0][4]))
                 for ks in gb:  # no row overflows, rows are local to the rank
                     assert ks and all(0 <= k[1] < 2 for k in ks)
                     for r in range(2):
-                        assert sum(samplers[0].tokens[k[0]] for k in ks if k[1] == r) <= KW["max_tokens"]
+                        row = sum(samplers[0].tokens[k[0]] for k in ks if k[1] == r)
+                        assert row <= KW["max_tokens"]
     s = data.FramePackSampler(shapes, rows=2, seed=5, **KW)
     assert s.global_batches(0) == s.global_batches(0)
-    assert data.FramePackSampler(shapes, rows=2, seed=5, **KW).global_batches(0) == s.global_batches(0)
+    again = data.FramePackSampler(shapes, rows=2, seed=5, **KW)
+    assert again.global_batches(0) == s.global_batches(0)
     assert s.global_batches(1) != s.global_batches(0)
     assert s.efficiency(0) > 0.85, s.efficiency(0)
 
@@ -232,31 +261,12 @@ def test_frame_pack_every_sample_once_with_and_without_sharding():
 def test_frame_pack_ranks_equal_one_process_on_global_batch():
     shapes = random_shapes(120, seed=1)
     one = data.FramePackSampler(shapes, rows=4, seed=3, **KW)
-    ranks = [data.FramePackSampler(shapes, rows=2, seed=3, rank=r, world_size=2, **KW) for r in range(2)]
+    ranks = [data.FramePackSampler(shapes, rows=2, seed=3, rank=r, world_size=2, **KW)
+             for r in range(2)]
     for b1, r0, r1 in zip(one, *ranks):
         merged = [(i, slot, w, n) for i, _, slot, w, n in r0 + r1 if w > 0]
         assert sorted(merged, key=lambda k: k[1]) == [(i, slot, w, n) for i, _, slot, w, n in b1]
     assert len(one) == len(ranks[0])
-
-
-def test_frame_pack_collate_layout():
-    shapes = [(9, 16, 16), (1, 16, 24), (5, 16, 24)]
-    s = data.FramePackSampler(shapes, rows=2, seed=0, max_tokens=32, text_len=4, tf=4, sf=4, p=2)
-    (keys,) = s.global_batches(0)[0:1]
-    items = [{"video": torch.zeros(3, *shapes[k[0]]), "caption": str(k[0]), "index": k[0],
-              **dict(zip(("row", "slot", "weight", "n_global"), k[1:]))} for k in keys[0]]
-    b = s.collate(items + [None])  # None: a file that failed to decode is dropped
-    assert sorted(b["index"].tolist()) == [0, 1, 2] and sorted(b["row"].tolist()) == [0, 0, 1]  # 16 + 10 | 16
-    assert b["tokens"].tolist() == [data.num_tokens(*shapes[i], 4, 4, 4, 2) for i in b["index"].tolist()]
-    for j, (r, o, n) in enumerate(zip(b["row"], b["offset"], b["tokens"])):
-        assert (b["segment_ids"][r, o:o + n] == j).all()
-        assert (b["segment_ids"] == j).sum() == n
-        assert not b["is_video"][r, o:o + 4].any() and b["is_video"][r, o + 4:o + n].all()
-        T, H, W = shapes[b["index"][j]]
-        grid = b["positions"][r, o + 4:o + n]  # (t, h, w) in token order
-        assert grid[-1].tolist() == [(T - 1) // 4, H // 8 - 1, W // 8 - 1] and grid[0].tolist() == [0, 0, 0]
-    assert b["efficiency"] == 42 / 64
-    assert abs(b["weight"].sum().item() - 1) < 1e-6
 
 
 def test_frame_pack_rejects_oversized_samples():
@@ -269,13 +279,15 @@ def test_frame_pack_rejects_oversized_samples():
 def test_bucket_sampler_sharding():
     shapes = random_shapes(101, seed=2)
     for world in (1, 2, 4):
-        ranks = [data.BucketSampler(shapes, batch_size=3, seed=1, rank=r, world_size=world) for r in range(world)]
+        ranks = [data.BucketSampler(shapes, batch_size=3, seed=1, rank=r, world_size=world)
+                 for r in range(world)]
         assert sorted(i for s in ranks for i in s.epoch_samples(0)) == list(range(101))
         for gb in ranks[0].global_batches(0):
-            assert all(gb) and len({shapes[k[0]] for ks in gb for k in ks}) == 1  # one shape per batch
+            assert all(gb) and len({shapes[k[0]] for ks in gb for k in ks}) == 1  # one shape
             real = [k for ks in gb for k in ks if k[3] > 0]
             if len(real) == 3 * world:  # full batch: rank r holds slots [3r, 3r + 3)
-                assert [[k[2] for k in ks] for ks in gb] == [[3 * r, 3 * r + 1, 3 * r + 2] for r in range(world)]
+                slots = [[3 * r, 3 * r + 1, 3 * r + 2] for r in range(world)]
+                assert [[k[2] for k in ks] for ks in gb] == slots
     one = data.BucketSampler(shapes, batch_size=6, seed=1)
     two = [data.BucketSampler(shapes, batch_size=3, seed=1, rank=r, world_size=2) for r in range(2)]
     for b1, r0, r1 in zip(one, *two):
@@ -286,12 +298,14 @@ def test_samplers_drop_last():
     shapes = random_shapes(203) + [None]
     pack = lambda **k: data.FramePackSampler(shapes, rows=2, seed=5, **KW, **k)
     bucket = lambda **k: data.BucketSampler(shapes, batch_size=3, seed=1, **k)
-    full_pack = lambda s, b: 2 * sum(s.tokens[k[0]] for ks in b for k in ks if k[3] > 0) >= 2 * KW["max_tokens"]
+    full_pack = lambda s, b: (2 * sum(s.tokens[k[0]] for ks in b for k in ks if k[3] > 0)
+                              >= 2 * KW["max_tokens"])
     full_bucket = lambda s, b: sum(k[3] > 0 for ks in b for k in ks) == 3
     for make, is_full in ((pack, full_pack), (bucket, full_bucket)):
         keep, drop = make(), make(drop_last=True)
         full = [b for b in keep.global_batches(0) if is_full(keep, b)]
-        assert drop.global_batches(0) == full and 0 < len(full) < len(keep)  # only the partial batches go
+        # only the partial batches go
+        assert drop.global_batches(0) == full and 0 < len(full) < len(keep)
         seen = drop.epoch_samples(0)
         assert len(seen) == len(set(seen)) < len(keep.epoch_samples(0))
     tiny = data.BucketSampler([(1, 8, 8)], batch_size=3, drop_last=True)
@@ -318,15 +332,16 @@ def test_stage_dataset_and_loader(shapes_set, tmp_path):
         assert (H, W) == ((16, 16) if e["width"] == e["height"] else (16, 24))  # nearest aspect
         assert T == (1 if e["frames"] == 1 else 9)  # the longest stage length each clip can fill
     hi = data.VideoDataset(entries[:-2], high)
-    assert {T for T, _, _ in hi.shapes} <= {1, 9, 13, 17} and {e["frames"] for e in entries[:-2]} == {T for T, _, _ in hi.shapes}
-    os.truncate(bad, 100)  # the file breaks after planning: the loader skips it, counts it, warns once
+    planned = {T for T, _, _ in hi.shapes}
+    assert planned <= {1, 9, 13, 17} and {e["frames"] for e in entries[:-2]} == planned
+    os.truncate(bad, 100)  # it breaks after planning: the loader skips it, counts it, warns once
     s = data.FramePackSampler(ds.shapes, max_tokens=64, rows=2, text_len=4, tf=4, sf=4, p=2, seed=0)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=s, collate_fn=s.collate)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=s, collate_fn=data.collate)  # train.py's
     seen = []
     for b in loader:
-        for v, i in zip(b["video"], b["index"].tolist()):
-            assert tuple(v.shape[1:]) == ds.shapes[i]
-        seen += b["index"].tolist()
+        for it in b["items"]:
+            assert tuple(it["video"].shape[1:]) == ds.shapes[it["index"]]
+        seen += [it["index"] for it in b["items"]]
     assert sorted(seen) == list(range(len(entries) - 2)) and ds.skipped == 2 and bad in ds.bad
     bucket = data.VideoDataset(entries[:-2], high, mode="bucket")
     assert {T for T, _, _ in bucket.shapes} == {1, 17}  # clips padded to the stage length
@@ -336,9 +351,8 @@ def test_stage_dataset_and_loader(shapes_set, tmp_path):
         assert 1 <= len(keys) <= 4 and len({bucket.shapes[k[0]] for k in keys}) == 1
         assert abs(sum(k[3] for k in keys) - 1) < 1e-9  # loss weights sum to 1 per global batch
     keys = next(iter(bs))
-    b = bs.collate([bucket[k] for k in keys])
-    assert b["video"].shape == (len(keys), 3, *bucket.shapes[keys[0][0]])  # (B, 3, T, H, W)
-    assert abs(b["weight"].sum().item() - 1) < 1e-6
+    video = torch.stack([bucket[k]["video"] for k in keys])  # one shape per batch: it stacks
+    assert video.shape == (len(keys), 3, *bucket.shapes[keys[0][0]])  # (B, 3, T, H, W)
     short = next(i for i, e in enumerate(entries) if e["frames"] == 9)
     v = bucket[short]["video"]  # 9 real frames + 8 copies of the last (released pad_last_frame)
     assert v.shape[1] == 17 and torch.equal(v[:, 8], v[:, 16])
@@ -352,7 +366,8 @@ def test_stage_subset_top_quality(shapes_set):
         e["quality"] = k / len(entries)
     ds = data.VideoDataset(entries, data.Stage([(32, 32)], [9], subset=0.2))
     clips = [e for e in entries if e["frames"] > 1]
-    assert len([e for e in ds.entries if e["frames"] > 1]) == 5 and max(e["quality"] for e in clips) in [e["quality"] for e in ds.entries]
+    assert len([e for e in ds.entries if e["frames"] > 1]) == 5
+    assert max(e["quality"] for e in clips) in [e["quality"] for e in ds.entries]
 
 
 # ----- filters -----
@@ -366,10 +381,12 @@ def test_filters_cli(tmp_path, capsys):
         return img
     still = np.full((32, 32, 3), 128, np.uint8)
     clips = {"good.mkv": dict(paint=moving), "static.mkv": dict(paint=lambda i: still),
-             "cut.mkv": dict(paint=lambda i: np.full((32, 32, 3), (255, 0, 0) if i < 5 else (0, 0, 255), np.uint8)),
+             "cut.mkv": dict(paint=lambda i: np.full((32, 32, 3), (255, 0, 0) if i < 5 else (0, 0, 255),
+                                                     np.uint8)),
              "dark.mkv": dict(paint=lambda i: (rng.random((32, 32, 3)) * 20).astype(np.uint8)),
              "short.mkv": dict(paint=moving, T=5)}
-    entries = [{"path": write(tmp_path / n, **dict(dict(T=10, H=32, W=32, fps=8), **kw)), "caption": n} for n, kw in clips.items()]
+    entries = [{"path": write(tmp_path / n, **dict(dict(T=10, H=32, W=32, fps=8), **kw)), "caption": n}
+               for n, kw in clips.items()]
     entries.append({"path": str(tmp_path / "missing.mkv"), "caption": "gone"})
     m = data.write_manifest(entries, tmp_path / "all.jsonl")
     data.main(["filter", m, "--out", str(tmp_path / "kept.jsonl")])
@@ -379,9 +396,11 @@ def test_filters_cli(tmp_path, capsys):
     assert [os.path.basename(e["path"]) for e in kept] == ["good.mkv"]
     assert kept[0]["quality"] > 0.5 and kept[0]["scores"]["motion"] > 0.01
     table = open(tmp_path / "kept.dropped.tsv").read()
-    for name, reason in [("static.mkv", "static frames"), ("cut.mkv", "scene cut"), ("dark.mkv", "too dark"),
-                         ("short.mkv", "too short"), ("missing.mkv", "unreadable")]:
-        assert any(line.startswith(str(tmp_path / name)) and reason in line for line in table.splitlines()), (name, table)
+    for name, reason in [("static.mkv", "static frames"), ("cut.mkv", "scene cut"),
+                         ("dark.mkv", "too dark"), ("short.mkv", "too short"),
+                         ("missing.mkv", "unreadable")]:
+        assert any(line.startswith(str(tmp_path / name)) and reason in line
+                   for line in table.splitlines()), (name, table)
         assert reason in out
     assert len(data.read_manifest(tmp_path / "kept.top20.jsonl")) == 1
     # the learned-classifier hook: its negative-label probabilities become scores and drop reasons
@@ -402,8 +421,10 @@ def test_latent_cache(tmp_path):
     assert len(calls) == 1 and torch.equal(z1, z2) and (cache.hits, cache.misses) == (1, 1)
     assert cache.key(p, (5, 32, 32), "vae-b") != k and cache.key(p, (5, 16, 16), "vae-a") != k
     # every decoding parameter and what is stored is part of the key
-    assert cache.key(p, (5, 32, 32), "vae-a", fps=None, start=None, pad="repeat", latent="posterior") == k
-    other = [dict(fps=8), dict(fps=4), dict(start=0.5), dict(pad="nearest"), dict(latent="mean"), dict(latent="sample")]
+    defaults = dict(fps=None, start=None, pad="repeat", latent="posterior")
+    assert cache.key(p, (5, 32, 32), "vae-a", **defaults) == k
+    other = [dict(fps=8), dict(fps=4), dict(start=0.5), dict(pad="nearest"), dict(latent="mean"),
+             dict(latent="sample")]
     keys = {cache.key(p, (5, 32, 32), "vae-a", **kw) for kw in other}
     assert len(keys) == len(other) and k not in keys
     assert cache.key(p, (5, 32, 32), "vae-a", fps=8) == cache.key(p, (5, 32, 32), "vae-a", fps=8.0)
@@ -424,23 +445,27 @@ def test_shapes_set_deterministic_and_held_out(shapes_set, tmp_path):
     strip = lambda es: [dict(e, path=os.path.basename(e["path"])) for e in es]
     assert strip(entries) == strip(again)
     for a, b in zip(entries[:3], again[:3]):
-        assert torch.equal(data.load_video(a["path"], 9, 32, 32), data.load_video(b["path"], 9, 32, 32))
+        assert torch.equal(data.load_video(a["path"], 9, 32, 32),
+                           data.load_video(b["path"], 9, 32, 32))
     other = data.read_manifest(data.make_shapes(str(tmp_path / "other"), 30, seed=1))
     assert strip(other) != strip(entries)
     assert not any((e["colour"], e["motion"]) in data.HELD_OUT for e in entries)
-    assert {e["frames"] for e in entries} == {1, 9, 13, 17} and {(e["height"], e["width"]) for e in entries} == {(32, 32), (32, 48)}
+    assert {e["frames"] for e in entries} == {1, 9, 13, 17}
+    assert {(e["height"], e["width"]) for e in entries} == {(32, 32), (32, 48)}
     words = {w for e in entries for w in e["caption"].split()}
     assert len(words) <= 16, words
     prompts = data.eval_prompts()
     assert sum(h for _, h in prompts) == 2 * len(data.HELD_OUT) and len(prompts) == 32
-    assert ("a red circle moves up", True) in prompts and ("a red circle moves to the left", False) in prompts
+    assert ("a red circle moves up", True) in prompts
+    assert ("a red circle moves to the left", False) in prompts
 
 
 def test_shapes_follow_ground_truth_passes_wrong_fails(shapes_set):
     entries = data.read_manifest(shapes_set)
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
     for e in entries:
-        for H, W in [(e["height"], e["width"]), (16, 16 * e["width"] // e["height"])]:  # native and stage-1 size
+        # native and stage-1 size
+        for H, W in [(e["height"], e["width"]), (16, 16 * e["width"] // e["height"])]:
             v = data.load_video(e["path"], 17, H, W)
             assert data.shapes_follow(v, e["caption"]), (e, H, W)
             wrong_colour = next(c for c in data.COLOURS if c != e["colour"])
@@ -448,7 +473,8 @@ def test_shapes_follow_ground_truth_passes_wrong_fails(shapes_set):
             if e["motion"] is None:
                 assert not data.shapes_follow(v, data.caption_of(e["colour"], e["shape"], "left"))
                 continue
-            assert not data.shapes_follow(v, data.caption_of(e["colour"], e["shape"], opposite[e["motion"]]))
+            reverse = data.caption_of(e["colour"], e["shape"], opposite[e["motion"]])
+            assert not data.shapes_follow(v, reverse)
             side = "up" if e["motion"] in ("left", "right") else "left"
             assert not data.shapes_follow(v, data.caption_of(e["colour"], e["shape"], side))
             assert not data.shapes_follow(v.flip(1), e["caption"])  # played backwards
@@ -463,23 +489,27 @@ def test_shapes_follow_ground_truth_passes_wrong_fails(shapes_set):
 
 def test_atomic_writes_use_unique_temp_names_and_clean_up(tmp_path, monkeypatch):
     renamed, replace = [], os.replace
-    monkeypatch.setattr(os, "replace", lambda a, b: renamed.append((str(a), str(b))) or replace(a, b))
+    monkeypatch.setattr(os, "replace",
+                        lambda a, b: renamed.append((str(a), str(b))) or replace(a, b))
     m = str(tmp_path / "m.jsonl")
     data.write_manifest([{"path": m, "caption": "x"}], m)
     data.write_manifest([{"path": m, "caption": "y"}], m)
     cache = data.LatentCache(tmp_path / "cache")
     cache.put("ab" * 16, {"z": torch.zeros(2)})
     tmps = [a for a, _ in renamed]
-    assert len(set(tmps)) == 3 and all(f".tmp{os.getpid()}_" in t for t in tmps)  # per process and per call
+    # unique per process and per call
+    assert len(set(tmps)) == 3 and all(f".tmp{os.getpid()}_" in t for t in tmps)
     assert [b for _, b in renamed[:2]] == [m, m]
     with pytest.raises(Exception):
-        cache.put("cd" * 16, {"z": "not a tensor"})  # safetensors refuses: nothing half-written remains
-    assert sorted(f for _, _, fs in os.walk(tmp_path / "cache") for f in fs) == ["ab" * 16 + ".safetensors"]
+        cache.put("cd" * 16, {"z": "not a tensor"})  # safetensors refuses: nothing half-written
+    files = sorted(f for _, _, fs in os.walk(tmp_path / "cache") for f in fs)
+    assert files == ["ab" * 16 + ".safetensors"]
     assert json.loads(open(m).read())["caption"] == "y"
 
 
 def _one_line_error(err, text):
-    """argparse's error: usage, then one `data.py ...: error: ...` line naming the problem; no traceback."""
+    """argparse's error: usage, then one `data.py ...: error: ...` line naming the problem; no
+    traceback."""
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err and ": error: " in last and text in last, err
 
@@ -488,17 +518,19 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
     import subprocess
     import sys
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
-    p = subprocess.run([sys.executable, script, "inspect", "/nonexistent.jsonl", "--height", "16", "--width", "16",
-                        "--frames", "9"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, script, "inspect", "/nonexistent.jsonl", "--height", "16",
+                        "--width", "16", "--frames", "9"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     _one_line_error(p.stderr, "/nonexistent.jsonl does not exist")
     m = data.write_manifest([], tmp_path / "empty.jsonl")
     (tmp_path / "bad.jsonl").write_text('{"caption": "no path"}\n')
-    cases = [(["filter", "/nonexistent.jsonl", "--out", str(tmp_path / "o.jsonl")], "does not exist"),
-             (["filter", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o.jsonl")], 'bad.jsonl:1: needs a "path"'),
-             (["filter", m, "--out", str(tmp_path / "o.jsonl"), "--top", "0"], "--top"),
-             (["filter", m, "--out", str(tmp_path / "o.jsonl"), "--classifier", "no_such_module_x:f"], "no_such_module_x"),
-             (["inspect", m, "--height", "16", "--width", "16", "--frames", "8"], "--frames must be 4k+1"),
+    o = ["--out", str(tmp_path / "o.jsonl")]
+    cases = [(["filter", "/nonexistent.jsonl", *o], "does not exist"),
+             (["filter", str(tmp_path / "bad.jsonl"), *o], 'bad.jsonl:1: needs a "path"'),
+             (["filter", m, *o, "--top", "0"], "--top"),
+             (["filter", m, *o, "--classifier", "no_such_module_x:f"], "no_such_module_x"),
+             (["inspect", m, "--height", "16", "--width", "16", "--frames", "8"],
+              "--frames must be 4k+1"),
              (["inspect", m, "--height", "20", "--width", "16", "--frames", "9"], "multiples of 8"),
              (["shapes", "--out", str(tmp_path / "s"), "--sizes", "30x30"], "multiples of 8"),
              (["shapes", "--out", str(tmp_path / "s"), "--sizes", "32by32"], "--sizes"),
@@ -514,5 +546,6 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
 def test_shapes_cli_progress(tmp_path, capsys):
     data.main(["shapes", "--out", str(tmp_path / "s"), "--n", "3", "--sizes", "16x16"])
     out, err = capsys.readouterr()
-    assert out.strip() == str(tmp_path / "s" / "manifest.jsonl") and "shapes: 100%" in err and "3/3" in err
+    assert out.strip() == str(tmp_path / "s" / "manifest.jsonl")
+    assert "shapes: 100%" in err and "3/3" in err
     assert len(data.read_manifest(out.strip())) == 3

@@ -1,18 +1,23 @@
-"""sample.py: writers, generation (T2V, I2V, CFG), the CLI on our checkpoints and on a released-layout folder,
-and latents equal to diffusers' CogVideoXPipeline on the same tiny weights and noise.
+"""sample.py: the videos it writes (through data.py), generation (T2V, I2V, CFG), the CLI on our
+checkpoints and on a released-layout folder, and latents equal to diffusers' CogVideoXPipeline on
+the same tiny weights and noise.
 
     python -m pytest -q tests/test_sample.py
 """
 import json
+from dataclasses import replace
 
 import av
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import data
 import dit
 import sample
 import vae
+from sample import SampleConfig
 
 PROMPTS = ["a red circle moves to the left", "a blue square moves up", "a green triangle stays still"]
 C = 4  # latent channels of every tiny model here
@@ -27,6 +32,12 @@ def read_mp4(path):
         rate, n = s.average_rate, s.frames
         frames = np.stack([fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)])
     return frames, rate, n
+
+
+def to_uint8(video):
+    """(3, T, H, W) in [-1, 1] -> numpy (T, H, W, 3) uint8, the rounding the writers use."""
+    x = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, T, H, W)
+    return x.permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
 
 
 def randomize(model, seed=0, std=0.2):
@@ -86,30 +97,30 @@ def released(tmp_path_factory):
     return root / "model"
 
 
-# ----- writers -----
+# ----- the files the CLI writes (data.write_video, data.contact_sheet) -----
 
 def test_write_mp4_and_contact_sheet(tmp_path):
     g = torch.Generator().manual_seed(0)
     video = torch.rand(3, 9, 24, 40, generator=g) * 2 - 1  # (3, T, H, W)
-    sample.write_mp4(video, str(tmp_path / "v.mp4"), fps=12)
+    data.write_video(video, str(tmp_path / "v.mp4"), fps=12)
     frames, rate, n = read_mp4(tmp_path / "v.mp4")
     assert frames.shape == (9, 24, 40, 3) and n == 9 and rate == 12
     smooth = torch.linspace(-1, 1, 40).expand(3, 5, 24, 40).contiguous()  # a ramp survives H.264 almost intact
-    sample.write_mp4(smooth, str(tmp_path / "s.mp4"), fps=7.5)
+    data.write_video(smooth, str(tmp_path / "s.mp4"), fps=7.5)
     frames, rate, _ = read_mp4(tmp_path / "s.mp4")
-    assert rate == 7.5 and np.abs(frames.astype(float) - sample.to_uint8(smooth)).max() < 12
-    sample.write_mp4(video[:, :3, :23, :39], str(tmp_path / "odd.mp4"), fps=8)  # odd sides are padded to even
+    assert rate == 7.5 and np.abs(frames.astype(float) - to_uint8(smooth)).max() < 12
+    data.write_video(video[:, :3, :23, :39], str(tmp_path / "odd.mp4"), fps=8)  # odd sides padded to even
     assert read_mp4(tmp_path / "odd.mp4")[0].shape == (3, 24, 40, 3)
     # The contact sheet: frames row-major with white gaps, decoded by an independent PNG decoder (FFmpeg).
-    sample.contact_sheet(video, str(tmp_path / "v.png"), cols=4, gap=2)
+    data.contact_sheet(video, str(tmp_path / "v.png"), cols=4, gap=2)
     with av.open(str(tmp_path / "v.png")) as f:
         sheet = next(f.decode(video=0)).to_ndarray(format="rgb24")
-    ref = sample.to_uint8(video)  # (T, H, W, 3)
+    ref = to_uint8(video)  # (T, H, W, 3)
     assert sheet.shape == (3 * 24 + 4, 4 * 40 + 6, 3)
     assert np.array_equal(sheet[:24, :40], ref[0]) and np.array_equal(sheet[26:50, 42:82], ref[5])
     assert np.array_equal(sheet[52:, 0:40], ref[8]) and (sheet[24:26] == 255).all() and (sheet[52:, 42:] == 255).all()
     long = torch.rand(3, 49, 8, 300, generator=g) * 2 - 1  # many wide frames: 16 evenly spaced, shrunk
-    sample.contact_sheet(long, str(tmp_path / "long.png"))
+    data.contact_sheet(long, str(tmp_path / "long.png"))
     with av.open(str(tmp_path / "long.png")) as f:
         sheet = next(f.decode(video=0)).to_ndarray(format="rgb24")
     assert sheet.shape[0] == 2 * 6 + 2 and 2000 < sheet.shape[1] <= 2048 + 8 * 2  # 2 rows of 9 frames 6 px high (8 * 2048 / 2700)
@@ -121,12 +132,13 @@ def test_write_mp4_and_contact_sheet(tmp_path):
 def test_generate_t2v_seed_cfg_and_uncond(ckpt):
     net, ae, text, cfg = sample.load_ckpt(str(ckpt))
     assert (cfg.num_frames, cfg.height, cfg.fps, cfg.steps) == (5, 16, 6, 3)  # sample.json overrides the preset
-    kw = dict(num_frames=5, height=16, width=16, steps=3, cfg=4.0, progress=False)
-    a = sample.generate(net, ae, text, PROMPTS[:2], seed=1, **kw)
+    sc = SampleConfig(num_frames=5, height=16, width=16, steps=3, cfg=4.0)
+    kw = dict(progress=False)
+    a = sample.generate(net, ae, text, PROMPTS[:2], sc, seed=1, **kw)
     assert a.shape == (2, 3, 5, 16, 16) and a.abs().max() <= 1 and a.std() > 0.01
-    assert torch.equal(a, sample.generate(net, ae, text, PROMPTS[:2], seed=1, **kw))  # deterministic per seed
-    assert not torch.allclose(a, sample.generate(net, ae, text, PROMPTS[:2], seed=2, **kw))
-    z = sample.generate(net, ae, text, PROMPTS[:2], seed=1, return_latents=True, **kw)
+    assert torch.equal(a, sample.generate(net, ae, text, PROMPTS[:2], sc, seed=1, **kw))  # per seed
+    assert not torch.allclose(a, sample.generate(net, ae, text, PROMPTS[:2], sc, seed=2, **kw))
+    z = sample.generate(net, ae, text, PROMPTS[:2], sc, seed=1, return_latents=True, **kw)
     assert z.shape == (2, C, 2, 4, 4)
     assert torch.allclose(ae.decode(z / ae.cfg.scaling_factor).clamp(-1, 1), a, atol=1e-5)  # decode divides by sf
     # CFG on one batch [uncond; cond] == guiding by hand from two separate unguided calls.
@@ -143,19 +155,22 @@ def test_generate_t2v_seed_cfg_and_uncond(ckpt):
     w = 1 + 4.0 * (1 - np.cos(np.pi * ((3 - 500) / 3) ** 5)) / 2
     assert torch.allclose(vd, v_u + w * (v_c - v_u), atol=1e-4)
     # unconditional input: zeros (paper) vs T5("") (diffusers) vs no guidance -- three different results
-    e = sample.generate(net, ae, text, PROMPTS[:2], seed=1, uncond="empty", return_latents=True, **kw)
-    n = sample.generate(net, ae, text, PROMPTS[:2], seed=1, **{**kw, "cfg": 1.0}, return_latents=True)
+    e = sample.generate(net, ae, text, PROMPTS[:2], replace(sc, uncond="empty"), seed=1,
+                        return_latents=True, **kw)
+    n = sample.generate(net, ae, text, PROMPTS[:2], replace(sc, cfg=1.0), seed=1, return_latents=True,
+                        **kw)
     assert not torch.allclose(z, e) and not torch.allclose(z, n)
     # precomputed embeddings instead of an encoder give the same result
-    assert torch.equal(z, sample.generate(net, ae, emb, PROMPTS[:2], seed=1, return_latents=True, **kw))
+    assert torch.equal(z, sample.generate(net, ae, emb, PROMPTS[:2], sc, seed=1, return_latents=True,
+                                          **kw))
     with pytest.raises(ValueError, match="4k\\+1"):
-        sample.generate(net, ae, text, PROMPTS[:1], **{**kw, "num_frames": 6})
+        sample.generate(net, ae, text, PROMPTS[:1], replace(sc, num_frames=6), **kw)
     with pytest.raises(ValueError, match="multiples of 8"):
-        sample.generate(net, ae, text, PROMPTS[:1], **{**kw, "height": 12})
+        sample.generate(net, ae, text, PROMPTS[:1], replace(sc, height=12), **kw)
     with pytest.raises(ValueError, match="image-to-video"):
-        sample.generate(net, ae, text, PROMPTS[:1], image=torch.zeros(3, 16, 16), **kw)
+        sample.generate(net, ae, text, PROMPTS[:1], sc, image=torch.zeros(3, 16, 16), **kw)
     with pytest.raises(ValueError, match="needs a text encoder"):
-        sample.generate(net, ae, emb, PROMPTS[:2], uncond="empty", **kw)
+        sample.generate(net, ae, emb, PROMPTS[:2], replace(sc, uncond="empty"), **kw)
 
 
 def test_cli_on_our_checkpoint(ckpt, tmp_path):
@@ -184,14 +199,15 @@ def test_cli_on_our_checkpoint(ckpt, tmp_path):
         sample.main(["--help"])
 
 
-def test_i2v(tmp_path):
+def test_i2v(tmp_path, capsys):
     root = make_ckpt(tmp_path / "i2v", i2v=True)
     net, ae, text, _ = sample.load_ckpt(str(root))
     img = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
     seen = []
     hook = net.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    kw = dict(num_frames=9, height=16, width=16, steps=2, cfg=3.0, progress=False, return_latents=True)
-    z = sample.generate(net, ae, text, PROMPTS[:1], image=img, seed=7, **kw)
+    sc = SampleConfig(num_frames=9, height=16, width=16, steps=2, cfg=3.0)
+    kw = dict(progress=False, return_latents=True)
+    z = sample.generate(net, ae, text, PROMPTS[:1], sc, image=img, seed=7, **kw)
     hook.remove()
     # App. A: channels [noisy C | image C]; the image latent is a VAE sample x scaling factor in latent frame 0
     x = seen[0]
@@ -200,18 +216,22 @@ def test_i2v(tmp_path):
     eps = torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(7))  # the first draw of the seed
     expect = (post.mean + (0.5 * post.logvar).exp() * eps) * ae.cfg.scaling_factor  # (1, C, 1, h, w)
     assert torch.allclose(x[0, C:, :1], expect[0], atol=1e-5) and torch.equal(x[0, C:], x[1, C:])  # same for uncond
-    other = sample.generate(net, ae, text, PROMPTS[:1], image=-img, seed=7, **kw)
+    other = sample.generate(net, ae, text, PROMPTS[:1], sc, image=-img, seed=7, **kw)
     assert not torch.allclose(z, other)  # the image conditions the result
     with pytest.raises(ValueError, match="needs --image"):
-        sample.generate(net, ae, text, PROMPTS[:1], seed=7, **kw)
-    # CLI: --image reads a PNG (any size: resized to cover, center-cropped) and writes the video
-    sample.write_png(np.full((20, 30, 3), 200, np.uint8), str(tmp_path / "first.png"))
-    assert torch.allclose(sample.read_image(str(tmp_path / "first.png"), 16, 16), torch.full((3, 16, 16), 200 / 127.5 - 1))
+        sample.generate(net, ae, text, PROMPTS[:1], sc, seed=7, **kw)
+    # CLI: --image reads a PNG (any size: resized to cover, center-cropped, the way data.py reads
+    # training images) and writes the video
+    Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(tmp_path / "first.png")
+    assert torch.allclose(data.load_video(str(tmp_path / "first.png"), 1, 16, 16)[:, 0],
+                          torch.full((3, 16, 16), 200 / 127.5 - 1))
     sample.main(["--ckpt", str(root), "--image", str(tmp_path / "first.png"), "--prompt", PROMPTS[0],
                  "--out", str(tmp_path / "i2v.mp4"), "--num-frames", "9"])
     assert read_mp4(tmp_path / "i2v.mp4")[2] == 9 and (tmp_path / "i2v.png").exists()
-    with pytest.raises(ValueError, match="cannot read image"):
-        sample.read_image(str(tmp_path / "missing.png"), 16, 16)
+    with pytest.raises(SystemExit) as e:  # a missing or unreadable image: one line, exit code 2
+        sample.main(["--ckpt", str(root), "--image", str(tmp_path / "missing.png"), "--prompt", "x",
+                     "--out", str(tmp_path / "x.mp4")])
+    assert e.value.code == 2 and "cannot read image" in capsys.readouterr().err
 
 
 # ----- released diffusers layout -----
@@ -253,8 +273,9 @@ def test_matches_diffusers_pipeline(released, dynamic):
                use_dynamic_cfg=dynamic, generator=torch.Generator().manual_seed(11), output_type="latent",
                max_sequence_length=8).frames  # (B, T', C, h, w)
     net, ae, text, cfg, ac = sample.load_released(str(released))
-    ours = sample.generate(net, ae, text, PROMPTS[:2], 9, 16, 16, steps=4, sampler=cfg.sampler, cfg=5.0,
-                           dynamic_cfg=dynamic, uncond="empty", seed=11, ac=ac, progress=False,
+    sc = SampleConfig(num_frames=9, height=16, width=16, steps=4, sampler=cfg.sampler, cfg=5.0,
+                      dynamic_cfg=dynamic, uncond="empty")
+    ours = sample.generate(net, ae, text, PROMPTS[:2], sc, seed=11, ac=ac, progress=False,
                            return_latents=True)  # (B, C, T', h, w)
     ref = ref.permute(0, 2, 1, 3, 4)
     assert ref.abs().mean() > 0.1
@@ -263,8 +284,8 @@ def test_matches_diffusers_pipeline(released, dynamic):
     if not dynamic:  # and the decoded video (9 frames = one VAE chunk, where whole-clip decoding equals diffusers)
         ref = pipe(PROMPTS[:1], num_frames=9, height=16, width=16, num_inference_steps=4, guidance_scale=5.0,
                    generator=torch.Generator().manual_seed(11), output_type="pt", max_sequence_length=8).frames
-        ours = sample.generate(net, ae, text, PROMPTS[:1], 9, 16, 16, steps=4, cfg=5.0, uncond="empty", seed=11,
-                               ac=ac, progress=False)  # (1, 3, T, H, W) in [-1, 1]
+        ours = sample.generate(net, ae, text, PROMPTS[:1], replace(sc, sampler="ddim"), seed=11, ac=ac,
+                               progress=False)  # (1, 3, T, H, W) in [-1, 1]
         assert torch.allclose((ours.permute(0, 2, 1, 3, 4) + 1) / 2, ref, atol=1e-4)  # theirs (1, T, 3, H, W) in [0, 1]
 
 
@@ -289,8 +310,9 @@ def test_i2v_matches_diffusers_pipeline(released, tmp_path):
                max_sequence_length=8).frames.permute(0, 2, 1, 3, 4)  # (1, C, T', h, w)
     net, ae, text, cfg, ac = sample.load_released(str(tmp_path / "i2v"))
     assert net.cfg.pos == "learned" and net.cfg.in_channels == 2 * C
-    ours = sample.generate(net, ae, text, PROMPTS[1:2], 9, 16, 16, steps=3, cfg=4.0, uncond="empty", seed=4, ac=ac,
-                           image=img, progress=False, return_latents=True)
+    sc = SampleConfig(num_frames=9, height=16, width=16, steps=3, cfg=4.0, uncond="empty")
+    ours = sample.generate(net, ae, text, PROMPTS[1:2], sc, seed=4, ac=ac, image=img, progress=False,
+                           return_latents=True)
     assert ref.abs().mean() > 0.1 and torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
 
 

@@ -173,15 +173,18 @@ def test_dit_needs_vae_and_text_encoder(assets, tmp_path, capsys):
 def test_nan_loss_skips_the_step_then_stops(assets, tmp_path, monkeypatch, capsys):
     real = train.dit_loss
 
+    def nan(out):  # a NaN loss, for backward and for the log
+        return out[0] * float("nan"), dict(out[1], loss=float("nan"))
+
     def flaky(*a, **k):  # step index 1 (the 2nd step) gives NaN
         out = real(*a, **k)
-        return (out[0] * float("nan"), out[1] * float("nan"), *out[2:]) if a[5] == 1 else out
+        return nan(out) if a[3] == 1 else out
 
     monkeypatch.setattr(train, "dit_loss", flaky)
     res = train.main(dit_args(assets, tmp_path / "a", *SMALL, "--steps", "2"))
     assert res["step"] == 4 and math.isnan(res["losses"][1]) and all(math.isfinite(v) for v in res["losses"][2:])
     assert "update skipped (1 in a row)" in capsys.readouterr().err
-    monkeypatch.setattr(train, "dit_loss", lambda *a, **k: (lambda o: (o[0] * float("nan"), o[1] * float("nan"), *o[2:]))(real(*a, **k)))
+    monkeypatch.setattr(train, "dit_loss", lambda *a, **k: nan(real(*a, **k)))
     with pytest.raises(SystemExit) as e:  # stops with one line naming the fix, exit code 2
         train.main(dit_args(assets, tmp_path / "b", *SMALL, "--steps", "3", "--max-bad-steps", "2"))
     assert e.value.code == 2 and "2 non-finite losses in a row" in capsys.readouterr().err
@@ -274,7 +277,7 @@ def test_i2v_condition_is_the_first_frame_encoded_alone():
     # of the whole clip, whose GroupNorm statistics also see the later frames
     ae = vae.CausalVAE(vae.VAE_PRESETS["tiny"]).eval()
     x = torch.rand(2, 3, 9, 32, 32) * 2 - 1
-    prep = train.Prepared(None, ae, None, None, None)
+    prep = data.Prepared(None, ae, None, None, None)
     with torch.no_grad():
         post = prep.posteriors(x)
         alone = ae.encode(x[:, :, :1])

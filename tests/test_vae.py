@@ -1,8 +1,9 @@
 """Tests for vae.py (paper §2.1): architecture and presets, causality, parity with diffusers'
 AutoencoderKLCogVideoX on random weights (whole-sequence at T=1, 9; streaming at T=17, 33; sharded
-and fp16 folders), context parallel == one process under torchrun, losses, checkpoints, metrics, CLI.
+and fp16 folders), context parallel == one process under torchrun, losses, checkpoints, metrics,
+the reconstruct CLI.
 
-  python -m pytest -q tests/test_vae.py            (add -m slow for the 3-rank context-parallel case)
+  python -m pytest -q tests/test_vae.py        (add -m slow for the 3-rank context-parallel case)
 """
 import copy
 import json
@@ -15,14 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import vae
-from vae import VAE_PRESETS, CausalVAE, VAEConfig, cp_sizes, discriminator_loss, flicker, generator_loss, psnr
+from vae import (VAE_PRESETS, CausalVAE, VAEConfig, cp_sizes, discriminator_loss, flicker,
+                 generator_loss, psnr)
 
 HERE = Path(__file__).resolve().parent
 # A small config that still has every kind of layer of the released VAE: 4 levels (so a spatial-only
 # Down/Up), width changes (1×1×1 shortcuts), two time levels.
-DIFFUSERS_CFG = dict(block_out_channels=(8, 16, 16, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
-                     down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4)
+DIFFUSERS_CFG = dict(block_out_channels=(8, 16, 16, 16), latent_channels=4, layers_per_block=1,
+                     norm_num_groups=4, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                     up_block_types=("CogVideoXUpBlock3D",) * 4)
 
 
 def _max(a, b):
@@ -31,7 +35,8 @@ def _max(a, b):
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-    """A random diffusers AutoencoderKLCogVideoX and its save_pretrained folders (plain, sharded, fp16)."""
+    """A random diffusers AutoencoderKLCogVideoX and its save_pretrained folders (plain, sharded,
+    fp16)."""
     from diffusers import AutoencoderKLCogVideoX
     torch.manual_seed(0)
     d = AutoencoderKLCogVideoX(**DIFFUSERS_CFG, scaling_factor=0.7).eval()
@@ -49,18 +54,20 @@ def test_presets_param_counts_and_shapes():
         with torch.device("meta"):
             m = CausalVAE(VAE_PRESETS[name])
         assert sum(p.numel() for p in m.parameters()) == 215_583_907, name
-    assert VAE_PRESETS["cogvideox-2b"].scaling_factor == 1.15258426 and VAE_PRESETS["cogvideox-5b"].scaling_factor == 0.7
+    assert VAE_PRESETS["cogvideox-2b"].scaling_factor == 1.15258426
+    assert VAE_PRESETS["cogvideox-5b"].scaling_factor == 0.7
     cfg = VAE_PRESETS["cogvideox-2b"]
     assert (cfg.spatial_factor, cfg.temporal_factor) == (8, 4)
     tiny = VAE_PRESETS["tiny"]
     assert (tiny.spatial_factor, tiny.temporal_factor) == (4, 4)
     m = CausalVAE(tiny).eval()
-    assert sum(p.numel() for p in m.parameters()) == 652_995  # the DESIGN §5 prototype's size
+    assert sum(p.numel() for p in m.parameters()) == 652_995  # the shapes demo's VAE (~0.65M)
     with torch.no_grad():
         post = m.encode(torch.rand(1, 3, 9, 32, 32) * 2 - 1)
         assert post.mean.shape == post.logvar.shape == (1, 8, 3, 8, 8)
         assert m.decode(post.mean).shape == (1, 3, 9, 32, 32)
-        assert m.decode(post.mean[:, :, :1]).shape == (1, 3, 1, 32, 32)  # an image is a 1-frame video
+        # an image is a 1-frame video
+        assert m.decode(post.mean[:, :, :1]).shape == (1, 3, 1, 32, 32)
 
 
 def test_bad_inputs_are_clear_errors():
@@ -95,7 +102,8 @@ def test_causality_encoder_and_decoder():
             x2[:, :, 1 + 4 * k:] = torch.rand_like(x2[:, :, 1 + 4 * k:])
             z2 = m.encode(x2, stream=1).mean
             assert torch.equal(z2[:, :, :k + 1], z[:, :, :k + 1]), k
-            assert not torch.allclose(z2[:, :, k + 1:], z[:, :, k + 1:])  # the change does reach later latents
+            # the change does reach later latents
+            assert not torch.allclose(z2[:, :, k + 1:], z[:, :, k + 1:])
         # the default (diffusers) chunking: frames after the first chunk (9 frames -> 3 latents)
         z_d = m.encode(x, stream=True).mean
         x2 = x.clone()
@@ -110,7 +118,7 @@ def test_causality_encoder_and_decoder():
             assert not torch.allclose(y2[:, :, 1 + 4 * k:], y[:, :, 1 + 4 * k:])
 
 
-# ----- parity with diffusers on random weights (DESIGN §8) -----
+# ----- parity with diffusers on random weights (float32: every output within 1e-4) -----
 
 @pytest.mark.parametrize("folder", ["plain", "sharded", "fp16"])
 def test_from_diffusers_whole_sequence_parity(ref, folder):
@@ -164,7 +172,8 @@ def test_from_diffusers_key_errors(ref, tmp_path):
     (tmp_path / "bad" / "config.json").write_text((root / "plain" / "config.json").read_text())
     with pytest.raises(ValueError) as e:
         CausalVAE.from_diffusers(tmp_path / "bad")
-    assert "decoder.up.0.blocks.1.norm2.conv_y.weight" in str(e.value) and "encoder.extra.weight" in str(e.value)
+    assert "decoder.up.0.blocks.1.norm2.conv_y.weight" in str(e.value)
+    assert "encoder.extra.weight" in str(e.value)
     with pytest.raises(FileNotFoundError):
         CausalVAE.from_diffusers(tmp_path / "bad", variant="bf16")
 
@@ -172,8 +181,10 @@ def test_from_diffusers_key_errors(ref, tmp_path):
 def test_from_diffusers_wrong_or_missing_folder(ref, tmp_path):
     """A transformer folder, our own checkpoint or a missing folder: a clear error naming the fix."""
     (tmp_path / "transformer").mkdir()
-    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "CogVideoXTransformer3DModel"}))
-    with pytest.raises(ValueError, match="CogVideoXTransformer3DModel.*not 'AutoencoderKLCogVideoX'.*vae/"):
+    config = json.dumps({"_class_name": "CogVideoXTransformer3DModel"})
+    (tmp_path / "transformer" / "config.json").write_text(config)
+    with pytest.raises(ValueError,
+                       match="CogVideoXTransformer3DModel.*not 'AutoencoderKLCogVideoX'.*vae/"):
         CausalVAE.from_diffusers(tmp_path / "transformer")
     CausalVAE(VAE_PRESETS["tiny"]).save(tmp_path / "ours")
     with pytest.raises(ValueError, match="CausalVAE.load"):
@@ -207,7 +218,8 @@ def test_context_parallel_three_ranks(torchrun):
 
 def test_tiling_blends_exactly():
     x = torch.randn(1, 2, 3, 20, 28)
-    assert torch.allclose(vae._tiled(lambda v: v, x, 8, 4, 1), x, atol=1e-6)  # blend weights sum to 1
+    # blend weights sum to 1
+    assert torch.allclose(vae._tiled(lambda v: v, x, 8, 4, 1), x, atol=1e-6)
     up = lambda v: v.repeat_interleave(2, -1).repeat_interleave(2, -2)
     assert torch.allclose(vae._tiled(up, x, 8, 2, 2), up(x), atol=1e-6)
     m = CausalVAE(VAE_PRESETS["tiny"]).eval()
@@ -223,8 +235,8 @@ def test_tiling_blends_exactly():
 # ----- losses -----
 
 def _lpips_files(tmp_path):
-    """A VGG16 file in torchvision naming (.pth, with a classifier key the loader must ignore) and an
-    LPIPS linear-layer file (.safetensors) — random values: this tests loading, not LPIPS itself."""
+    """A VGG16 file in torchvision naming (.pth, with a classifier key the loader must ignore) and
+    an LPIPS linear-layer file (.safetensors) — random values: this tests loading, not LPIPS."""
     from safetensors.torch import save_file
     sd = {k: torch.randn_like(v) * 0.05 for k, v in vae.LPIPS().state_dict().items()}
     vgg = {k: v for k, v in sd.items() if k.startswith("features.")}
@@ -242,11 +254,13 @@ def test_lpips_loading(tmp_path, capsys):
     assert torch.equal(net.features[28].weight, sd["features.28.weight"])
     assert not any(p.requires_grad for p in net.parameters())
     # the lpips package's full state dict names the backbone net.sliceK.N
-    slice_of = lambda n: 1 + sum(n > t for t in net.TAPS)  # slice1 = features 0..3, slice2 = 4..8, ...
-    full = {(f"net.slice{slice_of(int(k.split('.')[1]))}." + k.split(".", 1)[1]) if k.startswith("features.") else k: v
-            for k, v in sd.items()}
+    # slice1 = features 0..3, slice2 = 4..8, ...
+    slice_of = lambda n: 1 + sum(n > t for t in net.TAPS)
+    rename = lambda k: f"net.slice{slice_of(int(k.split('.')[1]))}." + k.split(".", 1)[1]
+    full = {rename(k) if k.startswith("features.") else k: v for k, v in sd.items()}
     torch.save(full, tmp_path / "lpips_full.pth")
-    assert torch.equal(vae.load_lpips(str(tmp_path / "lpips_full.pth")).features[0].weight, sd["features.0.weight"])
+    full_net = vae.load_lpips(str(tmp_path / "lpips_full.pth"))
+    assert torch.equal(full_net.features[0].weight, sd["features.0.weight"])
     with pytest.raises(ValueError, match="missing"):
         vae.load_lpips(str(tmp_path / "lin.safetensors"))
 
@@ -266,7 +280,8 @@ def test_losses_finite_with_grads_and_gan_start(tmp_path):
         assert all(torch.isfinite(v) for v in parts.values())
         terms = ["recon", "perceptual", "kl"] + (["gan"] if step >= 100 else [])
         for k in terms:  # every active term reaches the VAE's parameters
-            g = torch.autograd.grad(parts[k], list(m.parameters()), retain_graph=True, allow_unused=True)
+            g = torch.autograd.grad(parts[k], list(m.parameters()), retain_graph=True,
+                                    allow_unused=True)
             assert any(gi is not None and gi.abs().sum() > 0 for gi in g), k
         if step < 100:
             assert parts["gan"] == 0 and parts["gan_weight"] == 0
@@ -274,12 +289,16 @@ def test_losses_finite_with_grads_and_gan_start(tmp_path):
             assert parts["gan_weight"] > 0 and parts["gan"] != 0
         d_loss, d_parts = discriminator_loss(disc, x, x_rec, step, disc_start=100)
         assert torch.isfinite(d_loss) and all(torch.isfinite(v) for v in d_parts.values())
-        d_loss.backward()  # a graph-connected zero before the start step, so train.py needn't special-case it
+        # a graph-connected zero before the start step, so train.py needn't special-case it
+        d_loss.backward()
         gd = [p.grad.abs().sum() for p in disc.parameters() if p.grad is not None]
         assert (sum(gd) > 0) == (step >= 100)
         disc.zero_grad()
     l1, _ = generator_loss(x, x, post, 0)  # perfect reconstruction: only the KL remains
     assert l1.item() == pytest.approx(1e-6 * post.kl().sum().item() / x.numel(), rel=1e-5)
+    # the default reconstruction term is L2 (§2.1): a constant error of 0.1 costs 0.01, not 0.1
+    recon = lambda **kw: generator_loss(x, x + 0.1, post, **kw)[1]["recon"].item()
+    assert recon() == pytest.approx(0.01, rel=1e-4) and recon(recon="l1") == pytest.approx(0.1, rel=1e-4)
     with pytest.raises(ValueError, match="l1"):
         generator_loss(x, x, post, recon="huber")
 
@@ -291,12 +310,30 @@ def test_gaussian(monkeypatch):
     a = g.sample(torch.Generator().manual_seed(0))
     assert torch.equal(a, g.sample(torch.Generator().manual_seed(0))) and a.std() > 0.5
     assert (vae.Gaussian(mean + 1, logvar - 1).kl() > 0).all()
-    # the noise is drawn on the generator's device, then moved to the mean's (a CPU generator with a
-    # CUDA mean; here a "meta" mean stands in for the other device on a CPU-only machine)
+    # given noise (train.py draws its own): mean + exp(logvar / 2)·eps, eps moved to the mean's
+    # device and dtype
+    g = vae.Gaussian(torch.randn(2, 4, 3, 2, 2), torch.randn(2, 4, 3, 2, 2))
+    eps = torch.randn(2, 4, 3, 2, 2, dtype=torch.float64)
+    z = g.sample(eps=eps)
+    assert z.dtype == torch.float32
+    assert torch.equal(z, g.mean + torch.exp(0.5 * g.logvar) * eps.float())
+    # the VAE's forward samples the same way: decode(mean + std·eps)
+    m = CausalVAE(VAE_PRESETS["tiny"]).eval()
+    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        post = m.encode(x)
+        eps = torch.randn_like(post.mean)
+        y, _ = m(x, eps=eps)
+        assert torch.equal(y, m.decode(post.mean + torch.exp(0.5 * post.logvar) * eps))
+    # the noise is drawn on the generator's device, then moved to the mean's (a CPU generator with
+    # a CUDA mean; here a "meta" mean stands in for the other device on a CPU-only machine)
     drawn, randn = [], torch.randn
-    monkeypatch.setattr(torch, "randn", lambda *a, **k: drawn.append(k.get("device")) or randn(*a, **k))
+    monkeypatch.setattr(torch, "randn",
+                        lambda *a, **k: drawn.append(k.get("device")) or randn(*a, **k))
     out = vae.Gaussian(mean.to("meta"), logvar.to("meta")).sample(torch.Generator().manual_seed(0))
     assert out.device.type == "meta" and [torch.device(d).type for d in drawn] == ["cpu"]
+    out = vae.Gaussian(mean.to("meta"), logvar.to("meta")).sample(eps=torch.randn(2, 4, 3, 2, 2))
+    assert out.device.type == "meta"
 
 
 # ----- checkpoints, metrics, CLI -----
@@ -311,38 +348,55 @@ def test_save_load_roundtrip(tmp_path):
     x = torch.rand(1, 3, 5, 8, 8) * 2 - 1
     with torch.no_grad():
         assert torch.equal(m.encode(x).mean, m2.encode(x).mean)
-    (tmp_path / "ck" / "config.json").write_text(json.dumps({**json.loads((tmp_path / "ck" / "config.json").read_text()), "latent": 5}))
+    # a given state dict (e.g. a gathered FSDP or EMA state) is written instead of the model's own
+    other = {k: torch.randn_like(v) for k, v in m.state_dict().items()}
+    m.save(tmp_path / "ema", state_dict=other)
+    back = CausalVAE.load(tmp_path / "ema").state_dict()
+    assert all(torch.equal(back[k], v) for k, v in other.items())
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({**config, "latent": 5}))
     with pytest.raises(ValueError, match="missing .*unexpected .*wrong shape"):
         CausalVAE.load(tmp_path / "ck")
 
 
-def test_atomic_writes_clean_up_and_save_writes_config_first(tmp_path, monkeypatch):
-    def broken(p):
-        open(p, "w").write("half")
-        raise OSError("disk full")
-    with pytest.raises(OSError, match="disk full"):
-        vae._atomic(str(tmp_path / "f.bin"), broken)
-    assert os.listdir(tmp_path) == []  # no temp file left behind
-    old = CausalVAE(VAEConfig(channels=(8, 16), layers=1, latent=4, groups=4, time_levels=1, scaling_factor=0.5))
+def test_save_is_atomic_and_writes_config_first(tmp_path, monkeypatch):
+    """save() writes through data.atomic_write, config.json first; a crash while writing the config
+    leaves no temp file and the old pair intact: new weights never sit under the old config."""
+    old = CausalVAE(VAEConfig(channels=(8, 16), layers=1, latent=4, groups=4, time_levels=1,
+                              scaling_factor=0.5))
     old.save(tmp_path / "ck")
     new = CausalVAE(replace(old.cfg, scaling_factor=0.9))
     torch.nn.init.zeros_(new.encoder.conv_in.weight)
+    calls, real = [], data.atomic_write
 
-    def crash(p, text):
-        raise OSError("crash while writing the config")
-    monkeypatch.setattr(vae, "_write_text", crash)
+    def crash_at_config(path, write):
+        calls.append(os.path.basename(path))
+
+        def broken(tmp):
+            write(tmp)  # half of the job done: the temp file exists
+            raise OSError("crash while writing the config")
+        return real(path, broken if path.endswith("config.json") else write)
+    monkeypatch.setattr(data, "atomic_write", crash_at_config)
     with pytest.raises(OSError, match="crash"):
         new.save(tmp_path / "ck")
-    # a crash at the config leaves the old pair intact: new weights never sit under the old config
+    assert calls == ["config.json"]  # the weights were not touched
     back = CausalVAE.load(tmp_path / "ck")
-    assert back.cfg.scaling_factor == 0.5 and torch.equal(back.encoder.conv_in.weight, old.encoder.conv_in.weight)
+    assert back.cfg.scaling_factor == 0.5
+    assert torch.equal(back.encoder.conv_in.weight, old.encoder.conv_in.weight)
+    # no temp file left behind
     assert sorted(os.listdir(tmp_path / "ck")) == ["config.json", "model.safetensors"]
+    monkeypatch.setattr(data, "atomic_write", lambda path, write: calls.append(
+        os.path.basename(path)) or real(path, write))
+    new.save(tmp_path / "ck")
+    assert calls[1:] == ["config.json", "model.safetensors"]
+    assert CausalVAE.load(tmp_path / "ck").cfg.scaling_factor == 0.9
 
 
 def test_psnr_and_flicker():
     x = torch.rand(1, 3, 5, 8, 8) * 1.6 - 0.8
     assert psnr(x, x + 0.1) == pytest.approx(10 * torch.log10(torch.tensor(400.0)).item(), abs=1e-3)
-    assert flicker(x, x) == 0 and flicker(x, x + 0.1) == pytest.approx(0, abs=1e-4)  # a constant offset does not flicker
+    # a constant offset does not flicker
+    assert flicker(x, x) == 0 and flicker(x, x + 0.1) == pytest.approx(0, abs=1e-4)
     y = x.clone()
     y[:, :, 1::2] += 0.2  # every other frame brighter: flicker
     assert flicker(x, y) > 5
@@ -351,19 +405,21 @@ def test_psnr_and_flicker():
 def test_cli_reconstruct(tmp_path):
     torch.manual_seed(0)
     clip = tmp_path / "clip.mp4"
-    vae.write_video(str(clip), torch.rand(3, 10, 32, 40) * 2 - 1, fps=8)
+    data.write_video(torch.rand(3, 10, 32, 40) * 2 - 1, str(clip), fps=8)
     CausalVAE(VAE_PRESETS["tiny"]).save(tmp_path / "ck")
-    p = subprocess.run([sys.executable, str(HERE.parent / "vae.py"), "--reconstruct", str(clip), "--ckpt",
-                        str(tmp_path / "ck"), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, str(HERE.parent / "vae.py"), "--reconstruct", str(clip),
+                        "--ckpt", str(tmp_path / "ck"), "--device", "cpu"],
+                       capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "psnr" in p.stdout and "flicker" in p.stdout
     out = tmp_path / "clip.recon.mp4"
-    v, _ = vae.read_video(str(out), 100)
+    v = data.load_video(str(out), 101)  # every frame it has, native size
     assert v.shape == (3, 9, 32, 40)  # 10 frames trimmed to 4k+1
 
 
 def _write_rotated(path, H=32, W=48, T=5):
-    """A landscape clip with a red block top-left, stored with a 90° display rotation (a phone clip)."""
+    """A landscape clip with a red block top-left, stored with a 90° display rotation (a phone
+    clip)."""
     import av
     import numpy as np
     img = np.zeros((H, W, 3), np.uint8)
@@ -371,41 +427,46 @@ def _write_rotated(path, H=32, W=48, T=5):
     with av.open(str(path), "w") as c:
         s = c.add_stream("libx264", rate=8)
         s.width, s.height, s.pix_fmt = W, H, "yuv420p"
-        s.set_display_rotation(90)  # DESIGN §8: PyAV 18 ignores metadata["rotate"]
+        s.set_display_rotation(90)  # PyAV 18 ignores metadata["rotate"]: set the display matrix
         for _ in range(T):
             c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
         c.mux(s.encode())
 
 
-def test_read_video_rotation_and_bad_files(tmp_path):
+def test_cli_reads_upright_at_native_size(tmp_path):
+    """The CLI reads through data.load_video at native size: a phone clip comes out portrait, and
+    the reconstruction keeps that shape and the clip's fps."""
     _write_rotated(tmp_path / "rot.mp4")
-    v, fps = vae.read_video(str(tmp_path / "rot.mp4"), 100)
-    assert v.shape == (3, 5, 48, 32) and fps == 8  # displayed portrait
+    v = data.load_video(str(tmp_path / "rot.mp4"), 101)
+    assert v.shape == (3, 5, 48, 32) and data.probe(str(tmp_path / "rot.mp4"))["fps"] == 8
     red = (v[0] > 0.5) & (v[1] < -0.5)  # (T, H, W)
-    assert red[:, -8:, :8].all() and not red[:, :8, :].any()  # 90° counterclockwise: top-left -> bottom-left
-    (tmp_path / "notes.mp4").write_text("not a video\n" * 20)
-    with pytest.raises(ValueError, match="notes.mp4: cannot decode"):
-        vae.read_video(str(tmp_path / "notes.mp4"), 9)
-    with pytest.raises(ValueError, match="no such file"):
-        vae.read_video(str(tmp_path / "gone.mp4"), 9)
+    # 90° counterclockwise: top-left -> bottom-left
+    assert red[:, -8:, :8].all() and not red[:, :8, :].any()
+    vae.main(["--reconstruct", str(tmp_path / "rot.mp4"), "--device", "cpu"])
+    out = str(tmp_path / "rot.recon.mp4")
+    assert data.load_video(out, 101).shape == (3, 5, 48, 32) and data.probe(out)["fps"] == 8
 
 
 def _one_line_error(err, text):
-    """argparse's error: the usage, then one `prog: error: ...` line naming the problem; no traceback."""
+    """argparse's error: the usage, then one `prog: error: ...` line naming the problem; no
+    traceback."""
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err and ": error: " in last and text in last, err
 
 
 def test_cli_bad_input_one_line_errors(tmp_path, capsys):
-    p = subprocess.run([sys.executable, str(HERE.parent / "vae.py"), "--reconstruct", "/nonexistent.mp4",
-                        "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, str(HERE.parent / "vae.py"), "--reconstruct",
+                        "/nonexistent.mp4", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     _one_line_error(p.stderr, "/nonexistent.mp4: no such file")
     clip = tmp_path / "clip.mp4"
-    vae.write_video(str(clip), torch.zeros(3, 5, 16, 16), fps=8)
+    data.write_video(torch.zeros(3, 5, 16, 16), str(clip), fps=8)
     (tmp_path / "notes.mp4").write_text("not a video\n" * 20)
-    cases = [(["--reconstruct", str(tmp_path / "notes.mp4")], "cannot decode"),
-             (["--reconstruct", str(clip), "--ckpt", str(tmp_path / "no_ckpt")], "no_ckpt does not exist"),
+    cases = [(["--reconstruct", str(tmp_path / "notes.mp4")], "notes.mp4: cannot decode"),
+             (["--reconstruct", str(tmp_path / "gone.mp4")], "gone.mp4: no such file"),
+             (["--reconstruct", str(clip), "--ckpt", str(tmp_path / "no_ckpt")],
+              "no_ckpt does not exist"),
              (["--reconstruct", str(clip), "--tile", "6"], "multiple of the spatial factor 4"),
              (["--reconstruct", str(clip), "--frames", "0"], "--frames")]
     for argv, text in cases:
