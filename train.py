@@ -192,9 +192,9 @@ class Call(nn.Module):
         return fn(self.model, *args)
 
 
-def wrap(model, fsdp, device, call=True):
-    """DDP by default, FSDP2 with --fsdp (fully_shard each block, then the root), nothing in one
-    process."""
+def wrap(model, fsdp, device, call=True, mesh=None):
+    """DDP by default, FSDP2 with --fsdp (fully_shard each block, then the root, over `mesh` or
+    the whole world), nothing in one process."""
     net = Call(model) if call else model
     if not dist.is_initialized():
         return net
@@ -203,8 +203,8 @@ def wrap(model, fsdp, device, call=True):
         for m in model.modules():
             if isinstance(m, nn.ModuleList):
                 for block in m:
-                    fully_shard(block)
-        return fully_shard(net)
+                    fully_shard(block, mesh=mesh)
+        return fully_shard(net, mesh=mesh)
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(net, device_ids=[device] if device.type == "cuda" else None)
 
@@ -536,10 +536,8 @@ def check(args, tc, stages):
             raise SettingsError(f"--{name.replace('_', '-')} {p!r} is not a folder")
 
 
-def build_dit(job):
-    """§2.2 the expert DiT to train, the frozen VAE whose latents it learns (§3 trains the DiT
-    only) and the T5 encoder, each on the device."""
-    args, tc, device = job.args, job.tc, job.device
+def make_dit(args, tc, device):
+    """§2.2 the expert DiT to train (from --init when given), with its memory switches."""
     cfg = dit.DIT_PRESETS[tc.dit]
     if args.i2v and cfg.in_channels == cfg.out_channels:  # App. A: [noisy; image] latents
         cfg = replace(cfg, in_channels=2 * cfg.out_channels)
@@ -555,13 +553,21 @@ def build_dit(job):
         model.load_state_dict(sd)
     model.checkpointing = args.grad_checkpoint
     model.autocast = torch.bfloat16 if device.type == "cuda" else None  # bf16 autocast on GPU
+    return model
+
+
+def build_dit(job):
+    """The DiT to train, the frozen VAE whose latents it learns (§3 trains the DiT only) and the
+    T5 encoder, each on the device."""
+    args, device = job.args, job.device
+    model = make_dit(args, job.tc, device)
     job.ae = vae.CausalVAE.load(args.vae, device=device).eval().requires_grad_(False)
     if args.text_encoder:
-        job.text = dit.TextEncoder(args.text_encoder, device=device, max_length=cfg.text_len)
+        job.text = dit.TextEncoder(args.text_encoder, device=device, max_length=model.cfg.text_len)
     job.cache = data.LatentCache(args.cache) if args.cache else None
-    t5 = f"{data.model_id(args.text_encoder)}|{cfg.text_len}" if args.text_encoder else ""
+    t5 = f"{data.model_id(args.text_encoder)}|{model.cfg.text_len}" if args.text_encoder else ""
     job.ids = (data.model_id(args.vae), t5)
-    job.cfg, job.model, job.parts = cfg, model.to(device), {"dit": model}
+    job.cfg, job.model, job.parts = model.cfg, model.to(device), {"dit": model}
 
 
 def build_vae(job):
