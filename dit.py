@@ -7,8 +7,9 @@ table) -> attention with QK-norm -> the expert transformer block (expert AdaLN, 
 tiny trainable T5 for the toy demo. Training lives in train.py; this file is only the model.
 Where we differ from the release (same values, checked against diffusers in the tests): text and
 video stay one sequence instead of two tensors concatenated per call, q, k, v are one fused Linear,
-and RoPE is one complex multiply. Speed-only code (the last block computing video rows only, the
-compiled FlexAttention kernel) is in the last section, each called from one line.
+and RoPE is one complex multiply. Speed-only code (the last block computing video rows only; Frame
+Pack attention without an (M, M) mask: each sample's span alone, or FlexAttention) is in the last
+section, each called from one line.
 
 Run:
   python dit.py                            # tiny preset: parameters, timed forward+backward (CPU)
@@ -186,33 +187,28 @@ class Seq(NamedTuple):
     text_len: int
     idx: torch.Tensor = None
     rot: torch.Tensor = None    # (R|1, M, 1, d/2) complex RoPE rotations; None for sin-cos
-    mask: object = None         # None (full attention) or what pack_mask returned
+    # None: every row is one sample (full attention, no mask); a bool (R, 1, M, M) tensor from
+    # pack_mask; or a speed-section plan computing the same attention without an (M, M) tensor
+    mask: object = None
 
 
-def pack_mask(seg, flex=False):
-    """THE one place the Frame Pack mask is built (§3.1): token i may attend to token j iff both
-    belong to the same sample, so a packed sample sees exactly what it would see alone. seg (R, M)
-    sample id per token; padding has id -1, so padding attends to padding only (never an empty
-    softmax row, so no NaN). Returns a bool (R, 1, M, M) SDPA mask, or a FlexAttention BlockMask
-    that skips whole blocks across samples (a varlen kernel could slot in here)."""
-    if not flex:
-        return (seg[:, :, None] == seg[:, None, :])[:, None]         # (R, 1, M, M)
-    from torch.nn.attention.flex_attention import create_block_mask
-    R, M = seg.shape
-    same = lambda b, h, q, k: seg[b, q] == seg[b, k]
-    return create_block_mask(same, R, None, M, M, device=seg.device)
+def pack_mask(seg):
+    """THE rule of Frame Pack attention (§3.1): token i may attend to token j iff both belong to
+    the same sample, so a packed sample sees exactly what it would see alone. seg (R, M) sample id
+    per token; padding has id -1, so padding attends to padding only (never an empty softmax row,
+    so no NaN). -> a bool (R, 1, M, M) SDPA mask: the reference path, M² per row. packed_attention
+    (speed section) computes the same attention with memory linear in M."""
+    return (seg[:, :, None] == seg[:, None, :])[:, None]             # (R, 1, M, M)
 
 
 def attention(q, k, v, mask):
     """q, k, v (R, N, H, d) -> (R, N, H, d). §2.2 3D full attention: one softmax over all text
     and video tokens of a sample. Unpacked rows need no mask at all (text and video of one sample
-    see each other), which keeps SDPA on its fastest (flash / memory-efficient) kernels; only packed
-    rows pay for a mask."""
+    see each other), which keeps SDPA on its fastest (flash / memory-efficient) kernels."""
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        return mask(q, k, v)          # Frame Pack without an (M, M) mask (speed section)
     q, k, v = (z.transpose(1, 2) for z in (q, k, v))                  # (R, H, N, d)
-    if mask is None or isinstance(mask, torch.Tensor):
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    else:                                                             # a FlexAttention BlockMask
-        o = compiled_flex()(q, k, v, block_mask=mask)                 # (speed section)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return o.transpose(1, 2)                                          # (R, N, H, d)
 
 
@@ -340,7 +336,8 @@ class ExpertDiT(nn.Module):
                 self.pos = nn.Parameter(self.pos)
         self.checkpointing = False   # True: recompute each block in backward (saves memory)
         self.autocast = None         # torch.bfloat16: run the forward under autocast (GPU)
-        self.flex = False            # True: Frame Pack rows use FlexAttention's BlockMask
+        # Frame Pack attention: "auto" | "dense" | "segments" | "flex" (see packed_attention)
+        self.packed_attention = "auto"
         self._tables = {}            # cached RoPE / sin-cos tables keyed by grid and device
         self.init_weights()
 
@@ -494,9 +491,10 @@ class ExpertDiT(nn.Module):
         # segment -1: they see only each other, nobody sees them and their outputs are never read,
         # so their values do not matter.
         off = torch.tensor([0] + sizes).cumsum(0).tolist()           # sample s: table rows off[s]..
-        src, seg, idx, vdst = [], [], [], [None] * S
+        src, seg, idx, vdst, spans = [], [], [], [None] * S, []
         for r, g in enumerate(groups):
             for s in g:
+                spans.append((r, len(src) - r * M, sizes[s]))        # (row, first slot, tokens)
                 vdst[s] = range(len(src) + L, len(src) + sizes[s])   # slots of s's video tokens
                 src += range(off[s], off[s + 1])
                 seg += [s] * sizes[s]
@@ -509,7 +507,9 @@ class ExpertDiT(nn.Module):
             txt = self._text_embed(text)                               # (S, L, D)
             vid = [self._video_embed(z[None], L)[0].to(txt.dtype) for z in latents]  # S x (n_s, D)
             x = torch.cat([u for s in range(S) for u in (txt[s], vid[s])])[src]  # (R, M, D)
-            seq = Seq(L, idx, mask=pack_mask(seg, self.flex))
+            # §3.1: each sample attends to itself only: pack_mask's rule, computed without an
+            # (M, M) tensor unless the mode asks for it (speed section)
+            seq = Seq(L, idx, mask=packed_attention(self.packed_attention, seg, spans))
             if self.cfg.pos != "sincos":
                 # per-sample positions: every sample starts at (0, 0, 0), as if alone
                 rot = torch.cat([self._table("rope", L, *g, dev) for g in grids])  # (sum N, d/2)
@@ -774,10 +774,115 @@ def video_rows_block(blk, x, e, seq):
     return blk.sub(x, e, seq._replace(text_len=0), blk.norm2, blk.mod2, blk.mlp)  # (B, n, D)
 
 
+# Frame Pack attention (§3.1) without an (M, M) tensor. pack_mask is the rule; Segments and
+# FlexPlan compute the same values with memory linear in the row length M.
+
+PACKED_ATTENTION = ("auto", "dense", "segments", "flex")
+# auto on CPU: rows of several samples up to this many tokens use the dense mask. Measured (tiny
+# DiT fwd+bwd, 1 thread on a busy 2-core VM, python tests/bench.py --only attn --threads 1):
+# segments / dense = 1.06-1.09 on the shapes demo's 12 rows of 96 tokens, 0.96-1.08 at 256 tokens
+# (the two demo stages), 0.84 at 512 and 0.67 at 1024 (2 rows of 4 samples). Longer rows and every
+# GPU run use Segments.
+DENSE_MAX_TOKENS = 256
+
+
+def packed_attention(mode, seg, spans):
+    """-> Seq.mask for Frame Pack rows. seg (R, M) sample id per slot (-1: padding); spans: the
+    (row, first slot, tokens) of every sample. mode:
+      dense     pack_mask's (R, 1, M, M) bool mask: the reference (CPU tests, small rows)
+      segments  each sample's span attends on its own (Segments): exact, memory linear in M,
+                no compile, flash-eligible on GPU
+      flex      FlexAttention with a BlockMask (FlexPlan): compiled once per row shape (R, M), so
+                pass max_tokens to forward_packed to keep M fixed
+      auto      segments on GPU; on CPU dense for short rows of several samples
+                (DENSE_MAX_TOKENS), segments otherwise
+    In every mode, rows that each hold one sample and no padding get plain SDPA without a mask."""
+    if mode not in PACKED_ATTENTION:
+        raise ValueError(f"packed attention {mode!r}: use one of {', '.join(PACKED_ATTENTION)}")
+    R, M = seg.shape
+    if all(n == M for _, _, n in spans):          # one sample fills each row: no mask at all
+        return None
+    if mode == "auto":
+        short = seg.device.type == "cpu" and len(spans) > R and M <= DENSE_MAX_TOKENS
+        mode = "dense" if short else "segments"
+    if mode == "dense":
+        return pack_mask(seg)                                         # (R, 1, M, M)
+    if mode == "flex":
+        return FlexPlan(seg)
+    return Segments(spans, R, M, seg.device)
+
+
+class Segments:
+    """Varlen attention by segments: each sample's contiguous [text; video] span of its row runs
+    SDPA alone, with no mask, so the cost is sum n_i² instead of M² per row and memory stays
+    linear in M. Spans of equal length (across rows too) run as one batch; padding slots get 0
+    (nobody reads them)."""
+
+    def __init__(self, spans, R, M, device):
+        by_len = {}
+        for r, a, n in spans:
+            by_len.setdefault(n, []).append(r * M + a)                # flat first slot
+        self.shape, self.index, pos = (R, M), [], 0
+        inv = torch.full((R * M,), -1)          # slot -> its row in the concatenated outputs
+        for n, first in by_len.items():
+            ix = torch.tensor(first)[:, None] + torch.arange(n)       # (k, n) flat slots
+            inv[ix.flatten()] = torch.arange(pos, pos + ix.numel())
+            pos += ix.numel()
+            self.index.append(ix.to(device))
+        self.inv = inv.masked_fill(inv < 0, pos).to(device)           # padding: the zero row
+
+    def __call__(self, q, k, v):
+        """q, k, v (R, M, H, d) -> (R, M, H, d)."""
+        (R, M), (H, d) = self.shape, q.shape[2:]
+        flat = [z.flatten(0, 1) for z in (q, k, v)]                   # each (R*M, H, d)
+        outs = []
+        for ix in self.index:
+            qs, ks, vs = (z[ix].transpose(1, 2) for z in flat)        # each (k, H, n, d)
+            o = F.scaled_dot_product_attention(qs, ks, vs)            # (k, H, n, d)
+            outs.append(o.transpose(1, 2).flatten(0, 1))              # (k*n, H, d)
+        outs.append(q.new_zeros(1, H, d))                             # what padding slots read
+        return torch.cat(outs)[self.inv].view(R, M, H, d)
+
+
+class FlexPlan:
+    """FlexAttention with a BlockMask built from per-block segment ranges, so nothing M x M is
+    made (create_block_mask would evaluate the rule on all M² pairs): (R, M/128, M/128) booleans
+    say which 128 x 128 tiles touch one sample (full) or two (partial: the rule is applied)."""
+
+    def __init__(self, seg, block=128):
+        from torch.nn.attention.flex_attention import BlockMask
+        R, M = seg.shape
+        nb = -(-M // block)
+        # padding (-1, at the end of its row) gets the next-to-largest id and the slots past M of
+        # the last tile the largest (never a full tile, as create_block_mask has it): ids never
+        # decrease along a row
+        top = torch.iinfo(seg.dtype).max
+        seg = seg.masked_fill(seg < 0, top - 1)                        # (R, M)
+        tiles = torch.cat([seg, seg.new_full((R, nb * block - M), top)], 1).view(R, nb, block)
+        lo, hi = tiles.amin(-1), tiles.amax(-1)                       # each (R, nb)
+        # tiles i, j share a sample iff their id ranges overlap (each sample's slots are one run)
+        touch = (lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None])
+        one = lo == hi
+        full = one[:, :, None] & one[:, None, :] & (lo[:, :, None] == lo[:, None, :])  # (R, nb, nb)
+
+        def kv(b):                              # (R, 1, nb) counts, (R, 1, nb, nb) indices first
+            order = torch.argsort((~b).to(torch.int8), dim=-1, stable=True)
+            return b.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+        same = lambda b, h, q, k: seg[b, q] == seg[b, k]
+        self.mask = BlockMask.from_kv_blocks(*kv(touch & ~full), *kv(full), BLOCK_SIZE=block,
+                                             mask_mod=same, seq_lengths=(M, M))
+
+    def __call__(self, q, k, v):
+        """q, k, v (R, M, H, d) -> (R, M, H, d)."""
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))              # (R, H, M, d)
+        return compiled_flex()(q, k, v, block_mask=self.mask).transpose(1, 2)
+
+
 @functools.cache
 def compiled_flex():
-    """FlexAttention, compiled once per process (~6 s on CPU): eager flex_attention materialises
-    all scores, which is what the BlockMask is there to avoid."""
+    """FlexAttention, compiled once per process and row shape (~6 s on CPU): eager flex_attention
+    materialises all scores, which is what the BlockMask is there to avoid."""
     from torch.nn.attention.flex_attention import flex_attention
     return torch.compile(flex_attention, dynamic=False)
 

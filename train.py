@@ -308,7 +308,9 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
     text = text * (~drop_all[slot]).to(device, text.dtype)[:, None, None]  # §3: dropped = zeros
     if max_tokens:  # §3.1 Frame Pack: the sampler's rows
         rows = [it["row"] for it in items]
-        v = net(lambda m, *a: m.forward_packed(*a), zt, t, text, rows)  # S x (C, T', h, w)
+        pad = max_tokens if job.args.attn == "flex" else None  # flex: one row shape, one compile
+        packed = lambda m, *a: m.forward_packed(*a, max_tokens=pad)
+        v = net(packed, zt, t, text, rows)  # S x (C, T', h, w)
     else:  # bucket mode: one shape per batch
         v = list(net(lambda m, *a: m(*a), torch.stack(zt), t, text))  # S x (C, T', h, w)
     mse = torch.stack([(a.float() - b.float()).pow(2).mean() for a, b in zip(v, target)])  # (S,)
@@ -528,6 +530,9 @@ def check(args, tc, stages):
             raise SettingsError("--stage dit needs --vae DIR (its latents and scaling factor) and "
                                 "--text-encoder DIR (or a --cache DIR already holding the text "
                                 "embeddings)")
+        if args.attn == "flex" and torch.device(args.device).type == "cpu":
+            raise SettingsError("--attn flex needs a GPU (FlexAttention has no backward on CPU); "
+                                "use --attn segments or auto")
     elif args.fsdp:
         raise SettingsError("--fsdp shards the DiT; train the VAE with DDP (drop --fsdp)")
     for name in ("vae", "text_encoder", "init"):
@@ -552,6 +557,7 @@ def make_dit(args, tc, device):
             sd["patch.weight"] = grown.view(w.shape[0], -1)
         model.load_state_dict(sd)
     model.checkpointing = args.grad_checkpoint
+    model.packed_attention = args.attn  # how §3.1's per-sample attention runs (--attn)
     model.autocast = torch.bfloat16 if device.type == "cuda" else None  # bf16 autocast on GPU
     return model
 
@@ -978,6 +984,11 @@ def parser():
     a("--iid-timesteps", action="store_true", help="i.i.d. timesteps, not §3.3's explicit uniform")
     a("--bucket", action="store_true", help="one shape per batch (released code), not Frame Pack")
     a("--grad-checkpoint", action="store_true", help="recompute each DiT block in backward")
+    a("--attn", default="auto", choices=dit.PACKED_ATTENTION,
+      help="Frame Pack attention (§3.1, each sample attends to itself): segments = each sample's "
+           "span alone (memory linear in the row), dense = an (M, M) mask, flex = FlexAttention "
+           "(GPU; rows padded to --max-tokens, compiled once), auto = segments on GPU and for long "
+           "rows, dense for short rows on CPU (faster there)")
     a("--resume", action="store_true", help="continue from OUT/ckpt/latest")
     a("--stop-at", type=int, help="write a checkpoint and exit after this step (as on SIGTERM)")
     a("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")

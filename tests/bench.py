@@ -8,6 +8,9 @@ machine, the same random weights on both sides (a diffusers model is saved, ours
   mfu     our DiT training step's achieved FLOP/s against a measured fp32 2048^2 matmul rate ("MFU");
           the FLOP count is written out in `dit_flops` (matmuls of projections, MLP and attention, x3)
   pack    Frame Pack (`forward_packed`, §3.1) vs pad-to-longest (the released code's mode): real tokens/s
+  attn    Frame Pack attention modes (dit.packed_attention): the dense (M, M) mask vs segments (each
+          sample's span alone), tiny DiT fwd+bwd, at the shapes demo's rows and at longer rows; this
+          sets dit.DENSE_MAX_TOKENS (not in the default --only)
   vae     encode+decode time (in this process, alternated) and peak memory (one fresh process per
           implementation and size: peak RSS minus RSS after the model is built) of our
           streaming mode vs diffusers' default frame-batched mode, at 17 and 49 frames
@@ -18,6 +21,7 @@ Run (about 3-5 minutes on 2 cores; timings are meaningless on a loaded machine, 
   python tests/bench.py --out bench.json
   python tests/bench.py --only dit,mfu --reps 15        # a subset
   python tests/bench.py --threads 1                     # what a shared machine can still measure
+  python tests/bench.py --only attn --threads 1 --reps 7  # dense mask vs segments (about 2 minutes)
 Every number is printed in one table with its target; the JSON holds the same rows plus raw samples.
 
 Legend: ms = milliseconds (median over reps), MB = peak RSS above the post-build RSS, MFU = achieved
@@ -352,6 +356,49 @@ def run_json(cmd, env=None, timeout=600):
     return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
 
 
+def bench_attn(args, res, tmp):
+    """The Frame Pack attention modes on the tiny DiT (forward+backward): the shapes demo's rows
+    (train.py's "shapes" preset: 12 rows of 96 / 256 tokens, first-fit packed by
+    data.FramePackSampler from that stage's clip lengths and sizes), then 2 rows of 4 samples at
+    512 and 1024 tokens. -> res["attn_M"] = dense and segments ms per batch."""
+    import random
+    import data
+    import dit
+    model = dit.ExpertDiT(dit.DIT_PRESETS["tiny"]).train()
+    cfg, g = model.cfg, torch.Generator().manual_seed(0)
+    cases = []
+    for M, res_hw, frames in ((96, [(16, 16), (16, 24)], [1, 5, 9]),
+                              (256, [(32, 32), (32, 48)], [1, 9])):
+        rnd = random.Random(0)  # pixel (T, H, W) shapes; the tiny VAE: 4x in time and space
+        shapes = [(rnd.choice(frames), *rnd.choice(res_hw)) for _ in range(200)]
+        smp = data.FramePackSampler(shapes, M, rows=12, text_len=cfg.text_len, tf=4, sf=4, p=2)
+        keys = next(iter(smp))
+        lat = [(shapes[k[0]][0] // 4 + 1, shapes[k[0]][1] // 4, shapes[k[0]][2] // 4) for k in keys]
+        cases.append((M, lat, [k[1] for k in keys]))
+    for M in (512, 1024):  # 2 rows of 4 samples of 32x32-pixel clips filling the row
+        T = (M // 4 - cfg.text_len) // 16
+        cases.append((M, [(T, 8, 8)] * 8, [i // 4 for i in range(8)]))
+    for M, grids, rows in cases:
+        S = len(grids)
+        lat = [torch.randn(cfg.in_channels, *grid, generator=g) for grid in grids]
+        t, text = torch.randint(0, 1000, (S,), generator=g), torch.randn(S, cfg.text_len, cfg.text_dim)
+
+        def step(mode):
+            model.packed_attention = mode
+            out = model.forward_packed(lat, t, text, rows, max_tokens=M)
+            sum(o.square().mean() for o in out).backward()
+
+        s = alternate({m: (lambda m=m: step(m)) for m in ("dense", "segments")}, args.reps,
+                      before=lambda k: model.zero_grad(set_to_none=True))
+        row = dict(samples=S, rows=len(set(rows)), dense_ms=1e3 * med(s["dense"]),
+                   segments_ms=1e3 * med(s["segments"]), times=s)
+        row["ratio"] = row["segments_ms"] / row["dense_ms"]
+        res[f"attn_{M}"] = row
+        print(f"  attn: {row['rows']} rows of {M} tokens, {S / row['rows']:.1f} samples per row: "
+              f"dense {row['dense_ms']:.0f} ms, segments {row['segments_ms']:.0f} ms "
+              f"(segments / dense {row['ratio']:.2f})", flush=True)
+
+
 def bench_vae(args, res, tmp):
     folder = vae_folder(tmp)
     ours, ref = vae_models(folder)
@@ -457,6 +504,11 @@ def table(res):
         rows.append((f"Frame Pack vs pad-to-longest ({r['real_tokens']} real tok)", f"{r['packed_tok_s']:.0f} tok/s",
                      f"{r['padded_tok_s']:.0f} tok/s", r["ratio"], f">= {TARGETS['pack']}",
                      r["ratio"] >= TARGETS["pack"]))
+    for k in sorted((k for k in res if k.startswith("attn_")), key=lambda k: int(k[5:])):
+        r = res[k]
+        rows.append((f"Frame Pack attention, {r['rows']} rows of {k[5:]} tok: segments vs dense",
+                     f"{r['segments_ms']:.0f} ms", f"{r['dense_ms']:.0f} ms (dense mask)",
+                     r["ratio"], "", None))
     for T in (17, 49):
         r = res.get(f"vae_T{T}")
         if r:
@@ -514,8 +566,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         res["matmul_flops"] = matmul_rate()
         print(f"  fp32 matmul 2048^2: {res['matmul_flops'] / 1e9:.1f} GFLOP/s", flush=True)
-        for name, fn in (("dit", bench_dit), ("mfu", bench_mfu), ("pack", bench_pack), ("vae", bench_vae),
-                         ("cp", bench_cp)):
+        for name, fn in (("dit", bench_dit), ("mfu", bench_mfu), ("pack", bench_pack), ("attn", bench_attn),
+                         ("vae", bench_vae), ("cp", bench_cp)):
             if name in sections:
                 fn(args, res, tmp)
         res["matmul_flops_end"] = matmul_rate()   # a drift between start and end means the load changed

@@ -235,9 +235,25 @@ def test_i2v_input():
 
 # ----- Frame Pack (§3.1) -----
 
+MODES = ["dense", "segments", "auto", "flex"]
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """FlexPlan with eager flex_attention (forward only on CPU; compiled: the slow test)."""
+    import warnings
+    from torch.nn.attention.flex_attention import flex_attention
+    monkeypatch.setattr(dit, "compiled_flex", lambda: flex_attention)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("pos", ["rope", "sincos", "learned"])
-def test_packed_equals_alone(pos):
+def test_packed_equals_alone(pos, mode, eager_flex):
     m = randomize(ExpertDiT(small(pos=pos))).eval()
+    m.packed_attention = mode
     # Row ids as a sampler hands them over: interleaved in the list, with gaps (an empty row).
     if pos == "learned":   # the table covers the native 3x8x8 grid only; tokens 60, 28, 44, 28
         shapes, rows = [(3, 8, 8), (1, 8, 8), (2, 8, 8), (1, 8, 8)], [1, 0, 0, 1]
@@ -252,13 +268,62 @@ def test_packed_equals_alone(pos):
         alone = [m(z[None], t[i:i + 1], text[i:i + 1])[0] for i, z in enumerate(lat)]
         longest = m.forward_packed(lat, t, text, torch.tensor(rows))  # padded to the longest row
     diff = max((a - b).abs().max().item() for a, b in zip(out + longest, alone + alone))
-    print(pos, "packed vs alone", diff)
+    print(pos, mode, "packed vs alone", diff)
     assert all(a.shape == b.shape for a, b in zip(out, alone))
     assert diff <= 1e-5
 
 
-def test_packed_padding_no_nan_and_grads():
+# Row layouts (latent shapes, row ids, max_tokens): samples of 60, 36, 28, 84, 44 tokens
+LAYOUTS = {
+    # several samples in a row, a row of one sample, padding, empty rows (ids 1, 3, 4)
+    "mixed": ([(3, 8, 8), (1, 8, 12), (1, 8, 8), (3, 8, 12), (2, 8, 8)], [5, 2, 5, 2, 0], 130),
+    # one sample per row, each filling its row exactly (plain SDPA, no mask, in every mode)
+    "full": ([(3, 8, 8), (3, 8, 8)], [1, 0], None),
+    # one sample per row, padded to a fixed length
+    "padded": ([(3, 8, 8), (1, 8, 12)], [0, 1], 96),
+}
+
+
+def grads_of(m, lat, t, text, run):
+    """Outputs of run(lat, text) and the gradients of a weighted sum of them w.r.t. the inputs
+    (latents, text) and every parameter."""
+    lat = [z.clone().requires_grad_() for z in lat]
+    text = text.clone().requires_grad_()
+    out = run(lat, text)
+    w = torch.Generator().manual_seed(5)
+    sum((o * torch.randn(o.shape, generator=w)).sum() for o in out).backward()
+    return [o.detach() for o in out] + [z.grad for z in lat] + [text.grad] + \
+        [p.grad.clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["dense", "segments", "auto"])
+def test_packed_modes_forward_backward_equal_alone(mode, layout):
+    """Every exact mode equals each sample run alone: outputs, input and parameter gradients.
+    (FlexAttention has no backward on CPU: flex is checked forward-only above.)"""
     m = randomize(ExpertDiT(small()))
+    shapes, rows, max_tokens = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(2)
+    lat = [torch.randn(8, *s, generator=g) for s in shapes]
+    t = torch.tensor([999, 0, 500, 250, 742][:len(lat)])
+    text = torch.randn(len(lat), 12, 64, generator=g)
+    m.packed_attention = mode
+    m.zero_grad()
+    packed = grads_of(m, lat, t, text,
+                      lambda z, txt: m.forward_packed(z, t, txt, rows, max_tokens=max_tokens))
+    m.zero_grad()
+    alone = grads_of(m, lat, t, text, lambda z, txt: [
+        m(zi[None], t[i:i + 1], txt[i:i + 1])[0] for i, zi in enumerate(z)])
+    rel = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+              for a, b in zip(packed, alone))
+    print(mode, layout, "max relative difference", rel)
+    assert rel <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["dense", "segments"])
+def test_packed_padding_no_nan_and_grads(mode):
+    m = randomize(ExpertDiT(small()))
+    m.packed_attention = mode
     lat = [torch.randn(8, 1, 8, 8, requires_grad=True), torch.randn(8, 3, 8, 8)]
     text = torch.randn(2, 12, 64)
     # one row: 28 + 60 tokens + 112 padding
@@ -270,6 +335,86 @@ def test_packed_padding_no_nan_and_grads():
     assert torch.isfinite(lat[0].grad).all()
 
 
+class Shapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every tensor an op returns (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor):
+                self.seen.add(tuple(o.shape))
+        return out
+
+
+def square(shapes, n):
+    """The shapes with two dimensions equal to n (an (M, M) mask or score matrix)."""
+    return [s for s in shapes if sum(d == n for d in s) >= 2]
+
+
+@pytest.mark.parametrize("ck", [False, True], ids=["plain", "checkpointed"])
+def test_segments_never_make_an_m_by_m_tensor(ck):
+    """The GPU-default path (segments) on rows of several samples with padding: forward and backward
+    make nothing (M, M) or (n_i, n_i); the dense reference does (the check can fail)."""
+    m = randomize(ExpertDiT(small()))
+    m.checkpointing = ck
+    shapes, rows, M = LAYOUTS["mixed"]
+    lat = [torch.randn(8, *s) for s in shapes]
+    t, text = torch.tensor([999, 0, 500, 250, 742]), torch.randn(5, 12, 64)
+    sizes = [12 + T * h * w // 4 for T, h, w in shapes]               # 60, 36, 28, 84, 44
+    for mode in ("dense", "segments"):
+        m.packed_attention = mode
+        with Shapes() as rec:
+            sum(o.sum() for o in m.forward_packed(lat, t, text, rows, max_tokens=M)).backward()
+        big = square(rec.seen, M) + [s for n in sizes for s in square(rec.seen, n)]
+        assert bool(big) == (mode == "dense"), (mode, big)
+
+
+def test_auto_picks_segments_on_gpu_and_for_long_rows():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    one = [(0, 0, 60), (1, 0, 36)]                # one sample per row, with padding
+    two = [(0, 0, 60), (0, 60, 36)]               # two samples in a row
+    for spans, R in ((one, 2), (two, 1)):
+        with FakeTensorMode():                    # a "cuda" tensor without a GPU
+            seg = torch.zeros(R, 100, dtype=torch.long, device="cuda")
+            assert isinstance(dit.packed_attention("auto", seg, spans), dit.Segments)
+        M = dit.DENSE_MAX_TOKENS + 4              # CPU: long rows
+        assert isinstance(dit.packed_attention("auto", torch.zeros(R, M, dtype=torch.long),
+                                               spans), dit.Segments)
+    # CPU, short rows of several samples: the dense mask (faster there, tests/bench.py --only attn)
+    assert dit.packed_attention("auto", torch.zeros(1, 100, dtype=torch.long), two).shape == \
+        (1, 1, 100, 100)
+    assert isinstance(dit.packed_attention("auto", torch.zeros(2, 100, dtype=torch.long), one),
+                      dit.Segments)              # one sample per row: no mask even on CPU
+    with pytest.raises(ValueError, match="packed attention"):
+        dit.packed_attention("varlen", torch.zeros(1, 100, dtype=torch.long), two)
+
+
+@pytest.mark.parametrize("layout", ["full", "padded"])
+@pytest.mark.parametrize("mode", MODES)
+def test_one_sample_rows_use_sdpa_without_a_mask(mode, layout, monkeypatch, eager_flex):
+    """Rows of one sample: plain SDPA, no mask (full rows in every mode; padded rows unless the
+    mode is the dense reference or flex)."""
+    calls, sdpa = [], dit.F.scaled_dot_product_attention
+    spy = lambda q, k, v, attn_mask=None, **kw: calls.append(attn_mask) or sdpa(q, k, v, attn_mask,
+                                                                                 **kw)
+    monkeypatch.setattr(dit.F, "scaled_dot_product_attention", spy)
+    m = randomize(ExpertDiT(small())).eval()
+    m.packed_attention = mode
+    shapes, rows, max_tokens = LAYOUTS[layout]
+    lat = [torch.randn(8, *s) for s in shapes]
+    with torch.no_grad():
+        m.forward_packed(lat, torch.tensor([1, 2]), torch.randn(2, 12, 64), rows, max_tokens)
+    if layout == "full" or mode in ("segments", "auto"):
+        assert calls and all(c is None for c in calls)
+        assert len(calls) == 2 * (1 if layout == "full" else len(shapes))  # 2 layers x groups
+    else:                                       # padded rows: the dense mask, or the flex kernel
+        assert all(c is not None for c in calls) and bool(calls) == (mode == "dense")
+
+
 def test_pack_mask_block_diagonal():
     seg = torch.tensor([[0, 0, 1, 1, 1, -1]])
     mk = dit.pack_mask(seg)[0, 0]
@@ -277,29 +422,50 @@ def test_pack_mask_block_diagonal():
     assert mk[5, 5] and not mk[5, 0]
 
 
-def test_packed_flex_blockmask_eager(monkeypatch):
-    """The BlockMask path, run with eager flex_attention (the compiled kernel: the slow test)."""
-    from torch.nn.attention.flex_attention import flex_attention
-    monkeypatch.setattr(dit, "compiled_flex", lambda: flex_attention)
-    check_flex()
+def test_flex_block_mask_matches_the_rule_without_m_by_m():
+    """FlexPlan's BlockMask (built from per-tile id ranges) equals create_block_mask on the rule,
+    block for block, and building it makes nothing (M, M)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    # rows of 300 slots (3 tiles of 128, the last one partial): samples of 100, 200 / 20, 140, 60
+    # / 250 tokens, and padding
+    seg = torch.full((3, 300), -1)
+    for r, sizes in enumerate([[100, 200], [20, 140, 60], [250]]):
+        at = 0
+        for s, n in enumerate(sizes):
+            seg[r, at:at + n] = 10 * r + s
+            at += n
+    with Shapes() as rec:
+        ours = dit.FlexPlan(seg).mask
+    assert not square(rec.seen, 300)
+    ref = create_block_mask(lambda b, h, q, k: seg[b, q] == seg[b, k], 3, None, 300, 300,
+                            device="cpu")
+    assert torch.equal(ours.to_dense(), ref.to_dense())
+    assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
+    assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks)
 
 
 @pytest.mark.slow
-def test_packed_flex_compiled():
-    check_flex()
-
-
-def check_flex():
+def test_packed_flex_compiled_once():
+    """The compiled FlexAttention kernel equals the dense mask, and a second batch with other rows
+    but the same (R, M) (train.py pads rows to max_tokens) reuses the compiled kernel."""
     import warnings
+    from torch._dynamo.utils import counters
     m = randomize(ExpertDiT(small())).eval()
-    lat = [torch.randn(8, 3, 8, 8), torch.randn(8, 1, 8, 12), torch.randn(8, 2, 8, 8)]
-    t, text = torch.tensor([5, 600, 999]), torch.randn(3, 12, 64)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dense = m.forward_packed(lat, t, text, [0, 0, 0], max_tokens=200)
-        m.flex = True
-        flex = m.forward_packed(lat, t, text, [0, 0, 0], max_tokens=200)
-    assert max((a - b).abs().max().item() for a, b in zip(dense, flex)) <= 1e-5
+    g = torch.Generator().manual_seed(3)
+    graphs = []
+    for shapes, rows in (([(3, 8, 8), (1, 8, 12), (2, 8, 8)], [0, 0, 1]),
+                         ([(1, 8, 8), (1, 8, 8), (3, 8, 12), (1, 8, 8)], [1, 0, 1, 1])):
+        lat = [torch.randn(8, *s, generator=g) for s in shapes]
+        t, text = torch.randint(0, 1000, (len(lat),), generator=g), torch.randn(len(lat), 12, 64)
+        out = {}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for mode in ("dense", "flex"):
+                m.packed_attention = mode
+                out[mode] = m.forward_packed(lat, t, text, rows, max_tokens=200)
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert max((a - b).abs().max().item() for a, b in zip(out["dense"], out["flex"])) <= 1e-5
+    assert graphs[0] >= 1 and graphs[1] == graphs[0], graphs     # compiled once, not twice
 
 
 # ----- memory switches -----

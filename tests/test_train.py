@@ -2,6 +2,7 @@
 FSDP, resume == uninterrupted, overfitting, NaN handling, bad files, bad settings (exit code 2), the demo.
 
 Everything runs on CPU with the tiny presets at 16x16 pixels; run: python -m pytest -q tests/test_train.py"""
+import argparse
 import json
 import math
 import os
@@ -109,6 +110,39 @@ def test_overfitting_one_batch_lowers_the_loss(assets, tmp_path):
     assert last < 0.5 * first, res["losses"]
 
 
+def test_attn_modes_reach_the_model_and_agree(assets, tmp_path, monkeypatch):
+    """--attn picks how Frame Pack rows attend (dit.packed_attention): dense and segments train
+    alike; flex gets rows padded to --max-tokens (one shape: one compile). FlexAttention has no
+    backward on CPU, so flex runs here with a recording stand-in computing the dense mask."""
+    modes, real = [], dit.packed_attention
+    monkeypatch.setattr(dit, "packed_attention", lambda mode, seg, spans: modes.append(
+        (mode, seg.shape[1])) or real(mode, seg, spans))
+    common = [*SMALL, "--steps", "1,1", "--max-tokens", "64"]
+    losses = {}
+    for mode in ("dense", "segments"):
+        modes.clear()
+        losses[mode] = train.main(dit_args(assets, tmp_path / mode, *common, "--attn", mode))["losses"]
+        assert {m for m, _ in modes} == {mode}
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(losses["dense"], losses["segments"]))
+
+    class Flex:  # the dense mask in FlexPlan's place, recording the row shape
+        def __init__(self, seg):
+            shapes.append(tuple(seg.shape))
+            self.mask = dit.pack_mask(seg)
+
+        def __call__(self, q, k, v):
+            return dit.attention(q, k, v, self.mask)
+
+    shapes, check = [], train.check
+    monkeypatch.setattr(dit, "FlexPlan", Flex)
+    # past the "flex needs a GPU" check
+    monkeypatch.setattr(train, "check", lambda args, *a: check(argparse.Namespace(
+        **{**vars(args), "attn": "segments"}), *a))
+    flex = train.main(dit_args(assets, tmp_path / "flex", *common, "--attn", "flex"))["losses"]
+    assert shapes and {M for _, M in shapes} == {64}  # every row padded to --max-tokens
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(flex, losses["dense"]))
+
+
 # ----- resume -----
 
 def test_resume_equals_uninterrupted(assets, tmp_path):
@@ -154,6 +188,7 @@ def test_sigterm_writes_a_checkpoint_and_stops(assets, tmp_path):
     (["--data", "/nonexistent/manifest.jsonl"], "not found"),
     (["--preset", "nope"], "invalid choice"),
     (["--steps", "1,2,3"], "one or 2"),
+    (["--attn", "flex"], "needs a GPU"),
 ])
 def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     args = dit_args(assets, tmp_path, *extra)
