@@ -26,6 +26,7 @@ Shape legend:
 """
 import argparse
 import functools
+import itertools
 import json
 import math
 import os
@@ -471,7 +472,7 @@ class ExpertDiT(nn.Module):
         contiguous. Rows are padded to the longest row, or to max_tokens when given (a fixed shape).
         -> list of S (C_out, T_s, h_s, w_s)."""
         S, L, p = len(latents), text.shape[1], self.cfg.patch
-        rows = torch.as_tensor(rows).tolist()
+        rows = [int(r) for r in rows]                                # ids on the host
         if t.shape != (S,) or text.shape[0] != S or len(rows) != S:
             raise ValueError(f"need t ({S},), text ({S}, L, D) and {S} row ids for {S} latents; "
                              f"got t {tuple(t.shape)}, text {tuple(text.shape)}, {len(rows)} ids")
@@ -490,7 +491,7 @@ class ExpertDiT(nn.Module):
         # the mask) and which modulation row it uses (idx). Padding slots copy token 0 and have
         # segment -1: they see only each other, nobody sees them and their outputs are never read,
         # so their values do not matter.
-        off = torch.tensor([0] + sizes).cumsum(0).tolist()           # sample s: table rows off[s]..
+        off = list(itertools.accumulate(sizes, initial=0))          # sample s: table rows off[s]..
         src, seg, idx, vdst, spans = [], [], [], [None] * S, []
         for r, g in enumerate(groups):
             for s in g:
@@ -516,7 +517,8 @@ class ExpertDiT(nn.Module):
                 seq = seq._replace(rot=rot[src][:, :, None])           # (R, M, 1, d/2)
             x = self._blocks(x, e, seq)
             # final (shift, scale) of every video token: (S, 2, D) -> (sum n, 2, D)
-            m = self.mod_out(e).view(S, 2, -1).repeat_interleave(torch.tensor(nv, device=dev), 0)
+            m = self.mod_out(e).view(S, 2, -1).repeat_interleave(
+                torch.tensor(nv, device=dev), 0, output_size=sum(nv))  # shapes known on the host
             vdst = torch.tensor([i for v in vdst for i in v], device=dev)  # (sum n,) sample order
             out = self._final(x.flatten(0, 1)[vdst], m).to(latents[0].dtype)  # (sum n, p*p*C_out)
         return [rearrange(o, "(t gh gw) (c ph pw) -> c t (gh ph) (gw pw)", t=T, gh=gh, ph=p, pw=p)

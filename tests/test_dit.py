@@ -1,5 +1,6 @@
-"""dit.py: parameter counts, parity with diffusers on random weights, Frame Pack == unpacked, the
-I2V input, checkpointing / autocast, save/load, the T5 wrapper.
+"""dit.py: parameter counts, parity with diffusers on random weights, Frame Pack == unpacked (every
+attention mode, forward and backward; no M x M tensor on the default path), the I2V input,
+checkpointing / autocast, save/load, the T5 wrapper.
 Run: python -m pytest -q tests/test_dit.py (the compiled FlexAttention test: -m slow -k flex)"""
 import json
 import os
@@ -7,6 +8,8 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import dit
 from dit import DIT_PRESETS, DiTConfig, ExpertDiT
@@ -335,7 +338,7 @@ def test_packed_padding_no_nan_and_grads(mode):
     assert torch.isfinite(lat[0].grad).all()
 
 
-class Shapes(torch.utils._python_dispatch.TorchDispatchMode):
+class Shapes(TorchDispatchMode):
     """Records the shape of every tensor an op returns (forward and backward)."""
 
     def __init__(self):
@@ -344,7 +347,7 @@ class Shapes(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for o in torch.utils._pytree.tree_leaves(out):
+        for o in tree_leaves(out):
             if isinstance(o, torch.Tensor):
                 self.seen.add(tuple(o.shape))
         return out
@@ -371,6 +374,23 @@ def test_segments_never_make_an_m_by_m_tensor(ck):
             sum(o.sum() for o in m.forward_packed(lat, t, text, rows, max_tokens=M)).backward()
         big = square(rec.seen, M) + [s for n in sizes for s in square(rec.seen, n)]
         assert bool(big) == (mode == "dense"), (mode, big)
+
+
+@pytest.mark.parametrize("mode", ["segments", "auto"])
+def test_packed_on_fake_tensors_linear_memory(mode):
+    """What a step simulator runs: forward_packed + backward on fake CPU tensors (shapes only, so no
+    host read of a tensor's values) with the checkpointed blocks; two clips of 780 tokens in a row
+    make nothing (M, M) or (n, n)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        m = ExpertDiT(small())
+        m.packed_attention, m.checkpointing = mode, True
+        lat, text = [torch.randn(8, 3, 32, 32) for _ in range(2)], torch.randn(2, 12, 64)
+        with Shapes() as rec:
+            out = m.forward_packed(lat, torch.tensor([3, 700]), text, [0, 0])
+            sum(o.sum() for o in out).backward()
+    assert out[1].shape == (8, 3, 32, 32)
+    assert not square(rec.seen, 2 * 780) and not square(rec.seen, 780)
 
 
 def test_auto_picks_segments_on_gpu_and_for_long_rows():
