@@ -783,8 +783,8 @@ PACKED_ATTENTION = ("auto", "dense", "segments", "flex")
 # auto on CPU: rows of several samples up to this many tokens use the dense mask. Measured (tiny
 # DiT fwd+bwd, 1 thread on a busy 2-core VM, python tests/bench.py --only attn --threads 1):
 # segments / dense = 1.06-1.09 on the shapes demo's 12 rows of 96 tokens, 0.96-1.08 at 256 tokens
-# (the two demo stages), 0.84 at 512 and 0.67 at 1024 (2 rows of 4 samples). Longer rows and every
-# GPU run use Segments.
+# (the two demo stages; three runs), 0.84 at 512 and 0.64-0.67 at 1024 (2 rows of 4 samples).
+# Longer rows and every GPU run use Segments.
 DENSE_MAX_TOKENS = 256
 
 

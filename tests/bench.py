@@ -381,7 +381,8 @@ def bench_attn(args, res, tmp):
     for M, grids, rows in cases:
         S = len(grids)
         lat = [torch.randn(cfg.in_channels, *grid, generator=g) for grid in grids]
-        t, text = torch.randint(0, 1000, (S,), generator=g), torch.randn(S, cfg.text_len, cfg.text_dim)
+        t = torch.randint(0, 1000, (S,), generator=g)
+        text = torch.randn(S, cfg.text_len, cfg.text_dim, generator=g)
 
         def step(mode):
             model.packed_attention = mode

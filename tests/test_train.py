@@ -121,7 +121,8 @@ def test_attn_modes_reach_the_model_and_agree(assets, tmp_path, monkeypatch):
     losses = {}
     for mode in ("dense", "segments"):
         modes.clear()
-        losses[mode] = train.main(dit_args(assets, tmp_path / mode, *common, "--attn", mode))["losses"]
+        run = train.main(dit_args(assets, tmp_path / mode, *common, "--attn", mode))
+        losses[mode] = run["losses"]
         assert {m for m, _ in modes} == {mode}
     assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(losses["dense"], losses["segments"]))
 
