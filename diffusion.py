@@ -206,17 +206,21 @@ def _dpm_step(x, v, a_t, a_prev, a_back, x0_old, noise):
 
 @torch.no_grad()
 def sample(v_fn, x_T, alphas_cumprod, num_steps=50, sampler="ddim", generator=None, progress=False,
-           noise=None):
+           noise=None, draw=None):
     """Integrate from pure noise x_T (B, ...) at t = N−1 down to x̂0 (B, ...).
 
     v_fn(x_t, t) -> v̂ with t a LongTensor (B,) of integer timesteps; classifier-free guidance lives
     in the v_fn the caller builds (see `guided`). sampler "ddim" (η = 0, deterministic) or "dpm"
-    (DPM++(2M) SDE, fresh noise every step). `noise`, optional, is a list of num_steps tensors
-    shaped like x_T used instead of drawing from `generator` (for exact replays). The previous step
-    of t is t − N // n (as released; not the next listed timestep when n does not divide N), and a
-    step whose previous timestep would be negative goes to ā = 1, i.e. returns x̂0 itself (for
-    n = 50 the last step, 19 → −1; for n = 7 the last step is 142 → 0, which still adds a little
-    noise, as released).
+    (DPM++(2M) SDE, fresh noise every step). The previous step of t is t − N // n (as released; not
+    the next listed timestep when n does not divide N), and a step whose previous timestep would be
+    negative goes to ā = 1, i.e. returns x̂0 itself (for n = 50 the last step, 19 → −1; for n = 7
+    the last step is 142 → 0, which still adds a little noise, as released).
+
+    DPM++ noise, drawn as the released scheduler draws it, so a seed gives the released video: one
+    draw on EVERY step (the last one too, where σ = 0 and it goes unused) and a second draw on every
+    second-order step, which replaces the first. draw() -> one noise tensor shaped like x (default:
+    torch.randn from `generator`; sample.py draws in the pipeline's own layout). `noise`, optional,
+    is a list of num_steps tensors, the noise each step uses (exact replays; draws nothing).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {SAMPLERS}")
@@ -224,6 +228,8 @@ def sample(v_fn, x_T, alphas_cumprod, num_steps=50, sampler="ddim", generator=No
     ts = sampling_timesteps(num_steps, n_train)  # (n,)
     if noise is not None and len(noise) != num_steps:
         raise ValueError(f"noise must hold one tensor per step ({num_steps}), got {len(noise)}")
+    if draw is None:
+        draw = lambda: torch.randn(x_T.shape, generator=generator, dtype=x_T.dtype)  # noqa: E731
     ac = alphas_cumprod.double().cpu().tolist()  # python floats: the step coefficients are scalars
     stride = n_train // num_steps
     x, x0_old = x_T, None
@@ -240,13 +246,16 @@ def sample(v_fn, x_T, alphas_cumprod, num_steps=50, sampler="ddim", generator=No
         if sampler == "ddim":
             x, _ = _ddim_step(x, v, a_t, a_prev)
             continue
-        a_back = ac[int(ts[i - 1])] if i > 0 else None  # the previous listed (noisier) timestep
-        z = None
-        if a_prev < 1.0:  # a step onto ā = 1 adds no noise (σ = 0), so it draws none
-            z = noise[i] if noise is not None else torch.randn(
-                x.shape, generator=generator, dtype=x.dtype).to(x.device)  # (B, ...)
-        # The released scheduler takes the first-order step onto ā = 1, even with history.
-        x, x0_old = _dpm_step(x, v, a_t, a_prev, a_back if a_prev < 1.0 else None, x0_old, z)
+        # Second order when there is a previous x̂0 and the step does not land on ā = 1 (the
+        # released scheduler takes the first-order step onto ā = 1, even with history).
+        second = x0_old is not None and t - stride >= 0
+        if noise is not None:
+            z = noise[i]
+        else:
+            z = draw()  # (B, ...) every step, as released
+            z = draw() if second else z  # a second-order step draws again and uses that draw
+        a_back = ac[int(ts[i - 1])] if second else None  # the previous listed (noisier) timestep
+        x, x0_old = _dpm_step(x, v, a_t, a_prev, a_back, x0_old, z.to(x.device, x.dtype))
     return x
 
 

@@ -173,8 +173,8 @@ def generate(dit, vae, text, prompts, cfg=SampleConfig(), *, seed=0, image=None,
     stage (big models on one accelerator); stream: chunked VAE decode (low memory). `generator` (a
     CPU torch.Generator) overrides `seed`. Random draws follow the diffusers pipeline (image
     latent, then the initial noise as (B, T', C, h, w), then the sampler's noise), so the same
-    generator gives the same latents. return_latents: the final DiT-space latent (B, C, T', h, w)
-    instead of the video.
+    generator gives the same latents (DPM++ too: diffusion.sample draws as the released scheduler).
+    return_latents: the final DiT-space latent (B, C, T', h, w) instead of the video.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     cfgv = vae.cfg
@@ -221,7 +221,9 @@ def generate(dit, vae, text, prompts, cfg=SampleConfig(), *, seed=0, image=None,
     with on(dit, device, offload):  # stage 2: the denoising loop, §3
         dtype = next(dit.parameters()).dtype
         v_fn = guided(dit, cond.to(dtype), neg.to(dtype), cfg.cfg, cfg.steps, cfg.dynamic_cfg, img)
-        z = diffusion.sample(v_fn, x_T, ac, cfg.steps, cfg.sampler, generator=g, progress=progress)
+        # DPM++ noise in the pipeline's layout too: (B, T', C, h, w) drawn, then permuted
+        draw = lambda: torch.randn(shape, generator=g).permute(0, 2, 1, 3, 4)  # noqa: E731
+        z = diffusion.sample(v_fn, x_T, ac, cfg.steps, cfg.sampler, progress=progress, draw=draw)
     if return_latents:
         return z  # (B, C, T', h, w), scaled like the DiT sees it
 

@@ -176,6 +176,10 @@ def test_dpm_matches_diffusers_with_the_same_noise(shift, steps):
     ours = D.sample(_v_fn, x_T.clone(), ac, num_steps=steps, sampler="dpm", noise=noise)
     assert torch.isfinite(ours).all()
     assert (ours - x).abs().max().item() <= 1e-5
+    # and drawing from the same seeded generator itself: the sampler keeps the released draw order
+    ours = D.sample(_v_fn, x_T.clone(), ac, num_steps=steps, sampler="dpm",
+                    generator=torch.Generator().manual_seed(123))
+    assert (ours - x).abs().max().item() <= 1e-5
 
 
 def test_samplers_are_finite_for_one_and_two_steps_and_seeded():

@@ -289,6 +289,41 @@ def test_matches_diffusers_pipeline(released, dynamic):
         assert torch.allclose((ours.permute(0, 2, 1, 3, 4) + 1) / 2, ref, atol=1e-4)  # theirs (1, T, 3, H, W) in [0, 1]
 
 
+@pytest.fixture(scope="module")
+def released_dpm(released, tmp_path_factory):
+    """The released folder with the 5B's scheduler: CogVideoXDPMScheduler, no SNR shift."""
+    from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
+
+    root = tmp_path_factory.mktemp("released_dpm") / "model"
+    dpm = CogVideoXDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", clip_sample=False,
+                                set_alpha_to_one=True, rescale_betas_zero_snr=True, snr_shift_scale=1.0,
+                                timestep_spacing="trailing")
+    CogVideoXPipeline.from_pretrained(str(released), scheduler=dpm).save_pretrained(str(root))
+    return root
+
+
+@pytest.mark.parametrize("steps", [4, 7])
+def test_dpm_matches_diffusers_pipeline(released_dpm, steps):
+    """A DPM scheduler folder (the released 5B's sampler): same seed -> the same latents as
+    CogVideoXPipeline. Its scheduler draws noise on every step, the last included, and twice on the
+    second-order steps (the first draw discarded), in the pipeline's (B, T', C, h, w) layout; with 7
+    steps the last step (142 -> 0) is second order too."""
+    from diffusers import CogVideoXPipeline
+
+    pipe = CogVideoXPipeline.from_pretrained(str(released_dpm))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPTS[:2], num_frames=9, height=16, width=16, num_inference_steps=steps, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(11), output_type="latent",
+               max_sequence_length=8).frames.permute(0, 2, 1, 3, 4)  # (B, C, T', h, w)
+    net, ae, text, cfg, ac = sample.load_released(str(released_dpm))
+    assert cfg.sampler == "dpm"
+    sc = replace(cfg, num_frames=9, height=16, width=16, steps=steps, cfg=5.0)
+    ours = sample.generate(net, ae, text, PROMPTS[:2], sc, seed=11, ac=ac, progress=False,
+                           return_latents=True)  # (B, C, T', h, w)
+    assert ref.abs().mean() > 0.1
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
+
+
 def test_i2v_matches_diffusers_pipeline(released, tmp_path):
     """The 5B-I2V path (App. A; RoPE + learned position table, 2C input channels) against
     CogVideoXImageToVideoPipeline: same folder layout, same image and seed -> the same latents."""
