@@ -69,8 +69,6 @@ class DiTConfig:
     # block LayerNorms: the diffusers port and the original code differ; either value reproduces
     norm_eps: float = 1e-5
     qk_eps: float = 1e-6       # the per-head QK LayerNorm
-    # "learned" table: a buffer as released (not a parameter), or a trainable Parameter
-    learned_trainable: bool = False
 
     @property
     def dim(self):
@@ -330,11 +328,11 @@ class ExpertDiT(nn.Module):
         self.proj_out = nn.Linear(D, p * p * cfg.out_channels)
         if cfg.pos == "learned":
             # 5B-I2V (App. A): RoPE plus an absolute table over [text; native video grid]. The
-            # paper's Fig. 3b found the two converge alike; the released I2V has it, as a buffer.
+            # paper's Fig. 3b found the two converge alike. The official I2V config trains it
+            # (learnable_pos_embed: a Parameter, zero init); the released weights hold its values
+            # (their 5,625,087,552 parameters count it; diffusers keeps it as a buffer, inference).
             n = cfg.text_len + cfg.base_frames * (cfg.base_height // p) * (cfg.base_width // p)
-            self.register_buffer("pos", torch.zeros(1, n, D))
-            if cfg.learned_trainable:                       # a Parameter instead of the buffer
-                self.pos = nn.Parameter(self.pos)
+            self.pos = nn.Parameter(torch.zeros(1, n, D))
         self.checkpointing = False   # True: recompute each block in backward (saves memory)
         self.autocast = None         # torch.bfloat16: run the forward under autocast (GPU)
         # Frame Pack attention: "auto" | "dense" | "segments" | "flex" (see packed_attention)
@@ -355,13 +353,8 @@ class ExpertDiT(nn.Module):
         zero = [self.mod_out, self.proj_out] + [m for b in self.blocks for m in (b.mod1, b.mod2)]
         for p in (p for lin in zero for p in lin.parameters()):
             nn.init.zeros_(p)
-        if self.cfg.pos == "learned" and self.pos.device.type != "meta":
-            # the learned table starts at the sin-cos table, as diffusers builds it
-            c = self.cfg
-            grid = sincos_table(c.base_frames, c.base_height // c.patch, c.base_width // c.patch, c)
-            with torch.no_grad():
-                self.pos.zero_()
-                self.pos[0, c.text_len:] = grid.to(self.pos.dtype)
+        if self.cfg.pos == "learned":  # zeros, as the official I2V config starts it
+            nn.init.zeros_(self.pos)
 
     # ----- positions and embeddings -----
 
@@ -574,6 +567,7 @@ def i2v_input(z, image):
 # ----- released-weight loading -----
 
 def _config(d):
+    d = {k: v for k, v in d.items() if k != "learned_trainable"}  # retired: the table always trains
     extra = sorted(set(d) - {f.name for f in fields(DiTConfig)})
     if extra:
         raise ValueError(f"unknown DiTConfig fields {extra}: a checkpoint of another version")

@@ -86,6 +86,7 @@ class TrainConfig:
     snr_shift: float = 1.0            # released 2B: 3.0, 5B: 1.0
     # App. A: log-sigma ~ N(mean, std) of the noise added to the image condition (released values)
     i2v_noise: tuple = (-3.0, 0.5)
+    i2v_drop: float = 0.05            # released I2V: the image condition -> zeros 5% of the time
     vae_lr: float = 1e-4
     disc_lr: float = 1e-4
     disc_start: int = 1000            # steps of plain reconstruction before the GAN term (§2.1)
@@ -249,7 +250,9 @@ def draws(tc, n, step, micro, iid):
     drop = torch.rand(n, generator=g) < tc.text_drop  # (N,) §3 text dropout
     # (N,) App. A: the noise level of the image condition
     sigma = (torch.randn(n, generator=g) * tc.i2v_noise[1] + tc.i2v_noise[0]).exp()
-    return t, drop, sigma
+    # (N,) the released I2V's image-condition dropout (drawn last: the T2V draws stay as they were)
+    img_drop = torch.rand(n, generator=g) < tc.i2v_drop
+    return t, drop, sigma, img_drop
 
 
 def noise(shape, *key):
@@ -285,7 +288,8 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
         zero = net(lambda m: sum(p.sum() for p in m.parameters()) * 0.0)
         empty = torch.zeros(0, device=device)
         return zero, {"loss": 0.0, "tokens": 0.0, "mse": empty, "t": empty, "w": empty}
-    t_all, drop_all, sigma_all = draws(tc, items[0]["n_global"], step, micro, job.args.iid_timesteps)
+    t_all, drop_all, sigma_all, img_drop = draws(tc, items[0]["n_global"], step, micro,
+                                                 job.args.iid_timesteps)
     slot = [max(it["slot"], 0) for it in items]  # a weight-0 filler (slot -1) borrows slot 0's draws
     t = t_all[slot].to(device)  # (S,)
     w = torch.tensor([it["weight"] for it in items], dtype=torch.float32, device=device)  # (S,)
@@ -301,6 +305,7 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
             img = vae.Gaussian(it["img_mean"].to(device), it["img_logvar"].to(device))
             img = img.sample(eps=noise(img.mean.shape, *key, 4)) * sf  # (C, 1, h, w)
             img = img + sigma_all[slot[j]] * noise(img.shape, *key, 3).to(device)
+            img = img * (~img_drop[slot[j]]).to(device, img.dtype)  # dropped: zeros (released)
             x = dit.i2v_input(x, img[None])  # (1, 2C, T', h, w)
         zt.append(x[0])
         tokens.append(dit.num_tokens(job.cfg, *z.shape[1:]))
@@ -547,14 +552,16 @@ def make_dit(args, tc, device):
     if args.i2v and cfg.in_channels == cfg.out_channels:  # App. A: [noisy; image] latents
         cfg = replace(cfg, in_channels=2 * cfg.out_channels)
     model = dit.ExpertDiT(cfg)
-    if args.init:  # e.g. the T2V weights for the I2V fine-tune: the patch embedding grows, and the
-        sd = load_file(os.path.join(args.init, "model.safetensors"))  # new channels start at 0
+    if args.init:  # e.g. the T2V weights for the I2V fine-tune (App. A)
+        sd = load_file(os.path.join(args.init, "model.safetensors"))
         w = sd["patch.weight"]  # (D, C_in·p·p)
-        if w.shape != model.patch.weight.shape:
+        if w.shape != model.patch.weight.shape:  # the patch embedding grows; new channels start at 0
             p2 = cfg.patch * cfg.patch
             grown = torch.zeros_like(model.patch.weight).view(w.shape[0], cfg.in_channels, p2)
             grown[:, :w.shape[1] // p2] = w.view(w.shape[0], -1, p2)
-            sd["patch.weight"] = grown.view(w.shape[0], -1)
+            sd["patch.weight"] = grown.view(w.shape[0], -1)  # (D, C_in·p·p)
+        if cfg.pos == "learned" and "pos" not in sd:  # a T2V model has no position table: it
+            sd["pos"] = model.pos.detach().clone()  # starts at zero, as the official I2V's does
         model.load_state_dict(sd)
     model.checkpointing = args.grad_checkpoint
     model.packed_attention = args.attn  # how §3.1's per-sample attention runs (--attn)
@@ -598,6 +605,10 @@ def enter_stage(job, i, pos):
     if not is_dit and args.cp > 1:  # a CP group splits time: images and short clips cannot split
         ok = lambda s: s and s[0] > 1 and (s[0] - 1) % (4 * args.cp) == 0
         ds.shapes = [s if ok(s) else None for s in ds.shapes]
+    if is_dit and args.i2v:  # App. A: a still's condition would be its own target; the released
+        stills = sum(1 for s in ds.shapes if s and s[0] == 1)  # I2V fine-tune saw videos only
+        ds.shapes = [s if s and s[0] > 1 else None for s in ds.shapes]
+        job.say(f"stage {i}: --i2v trains on videos only, {stills} still image(s) left out")
     if not any(ds.shapes):
         raise SettingsError(f"stage {i}: no readable sample in --data fits {stage.resolutions} x "
                             f"frames {stage.frames} ({len(ds.bad)} unreadable); check with "

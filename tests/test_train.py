@@ -99,6 +99,50 @@ def test_i2v_and_bucket_modes(assets, tmp_path):
     assert all("packing" not in r and math.isfinite(r["loss"]) for r in log(tmp_path / "bucket"))
 
 
+def test_i2v_draws_drop_the_image_condition_5_percent():
+    """The released I2V drops the image condition to zeros 5% of the time (noised_image_dropout), drawn after
+    the T2V draws so those keep their values."""
+    t, drop, sigma, img_drop = train.draws(train.PRESETS["tiny"], 1000, 3, 0, False)
+    assert train.PRESETS["cogvideox-5b-i2v"].i2v_drop == 0.05 and 0.03 < img_drop.float().mean() < 0.07
+    again = train.draws(train.PRESETS["tiny"], 1000, 3, 0, False)
+    assert all(torch.equal(a, b) for a, b in zip((t, drop, sigma, img_drop), again))
+
+
+def test_i2v_from_a_t2v_init(assets, tmp_path, monkeypatch, capsys):
+    """App. A with a learned position table (the 5B-I2V's layout, at tiny size): --init from a T2V model (no
+    table) starts the table at zero and trains it; stills are left out (a still's condition is its own
+    target); the image condition is dropped to zeros at the configured rate (here 0, then 1)."""
+    from dataclasses import replace
+    monkeypatch.setitem(dit.DIT_PRESETS, "tiny-i2v", replace(dit.DIT_PRESETS["tiny"], in_channels=16, pos="learned"))
+    monkeypatch.setitem(train.PRESETS, "tiny-i2v", replace(train.PRESETS["tiny"], dit="tiny-i2v", i2v_drop=0.0))
+    t2v = dit.ExpertDiT(dit.DIT_PRESETS["tiny"])
+    t2v.save(str(tmp_path / "t2v"))
+    seen, real = [], dit.ExpertDiT.forward_packed
+
+    def spy(self, latents, *a, **k):
+        seen.extend(z.detach().clone() for z in latents)
+        return real(self, latents, *a, **k)
+
+    monkeypatch.setattr(dit.ExpertDiT, "forward_packed", spy)
+    entries = data.read_manifest(assets["manifest"])
+    stills = [e for e in entries if e["frames"] == 1]
+    data.write_manifest([next(e for e in entries if e["frames"] > 1)] + stills * 3, str(tmp_path / "m.jsonl"))
+    a = dict(assets, manifest=str(tmp_path / "m.jsonl"))  # one clip, 6 stills
+    i2v = ["--preset", "tiny-i2v", "--i2v", "--init", str(tmp_path / "t2v"), "--size", "32x32",
+           "--frames", "1,5,9", "--steps", "1"]
+    train.main(dit_args(a, tmp_path / "a", *i2v))
+    assert "6 still image(s) left out" in capsys.readouterr().out
+    assert seen and all(z.shape[1] > 1 for z in seen)  # no still reached the model
+    C = 8
+    assert all(z[C:, 0].abs().sum() > 0 and (z[C:, 1:] == 0).all() for z in seen)  # condition in frame 0
+    out = weights(tmp_path / "a" / "dit")
+    assert out["pos"].abs().sum() > 0  # trained from its zero start
+    seen.clear()
+    monkeypatch.setitem(train.PRESETS, "tiny-i2v", replace(train.PRESETS["tiny"], dit="tiny-i2v", i2v_drop=1.0))
+    train.main(dit_args(a, tmp_path / "b", *i2v))
+    assert seen and all((z[C:] == 0).all() for z in seen)  # every condition dropped
+
+
 def test_overfitting_one_batch_lowers_the_loss(assets, tmp_path):
     """The same clip 4 times (one global batch, stratified t): the loss must fall well below its start."""
     e = data.read_manifest(assets["clips"])[0]
