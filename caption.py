@@ -63,6 +63,18 @@ PRESETS = {
 }
 
 
+def check_config(cfg):
+    """Bad CaptionConfig values as one ValueError (the CLI: one line, exit code 2). every <= 0
+    would caption one frozen frame over and over, and the resumable output would then skip those
+    videos as done."""
+    if not cfg.every > 0:
+        raise ValueError(f"--every must be > 0 seconds (App. C: 2), got {cfg.every}")
+    for k in ("batch_size", "max_frames", "max_words", "frame_tokens", "summary_tokens",
+              "upsample_tokens"):
+        if getattr(cfg, k) < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(cfg, k)}")
+
+
 # ----- prompts (App. B, App. C) -----
 
 # App. C "Prompt for GPT-4 Summary", verbatim apart from layout; the paper's inline "\n" markers are
@@ -274,6 +286,15 @@ class LLM:
                                                           dtype=_dtype(dtype))
         self.model.to(device).eval()
         self.device = device
+        self.context = _context(self.model.config, self.tokenizer)  # tokens, or None: unknown
+
+    def fits(self, turn, max_new_tokens):
+        """Does the (system, user) turn leave room for max_new_tokens in the model's context? (A
+        longer input makes a learned-position model fail with "index out of range".)"""
+        if self.context is None:
+            return True
+        ids = self.tokenizer(self._text(*turn), add_special_tokens=not self.tokenizer.chat_template)
+        return len(ids["input_ids"]) + max_new_tokens <= self.context
 
     def _text(self, system, user):
         if not self.tokenizer.chat_template:
@@ -300,6 +321,18 @@ class LLM:
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
+def _context(config, tokenizer):
+    """The context window in tokens: the model's position limit, else the tokenizer's (when it
+    is a real number, not transformers' "unlimited" placeholder), else None."""
+    for k in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
+              "seq_length"):
+        v = getattr(config, k, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    v = getattr(tokenizer, "model_max_length", None)
+    return v if isinstance(v, int) and 0 < v < 10**8 else None
+
+
 def load_llm(folder, device="cpu", dtype=None):
     """The upsampler / summariser LLM from a local folder (sample.py: `--upsample-model DIR`)."""
     return LLM(folder, device=device, dtype=dtype)
@@ -311,11 +344,75 @@ def upsample_prompt(prompt, llm, max_new_tokens=256):
     """App. B: rewrite a short user prompt into a detailed, training-like caption with an LLM.
 
     Returns one line of text; the bot is told its partner draws "anything you say in square
-    brackets", so a bracketed reply is unwrapped. An empty reply falls back to the user's prompt."""
+    brackets", so a bracketed reply is unwrapped. An empty reply falls back to the user's prompt.
+    An LLM whose context cannot hold the App. B prompt and the reply raises a one-line ValueError;
+    a user prompt too long to fit next to it is returned as it is, with a warning (a prompt that
+    long needs no upsampling)."""
+    fits = getattr(llm, "fits", None)  # LLM knows its context; a duck-typed stand-in may not
+    if fits and not fits((UPSAMPLER_PROMPT, ""), max_new_tokens):
+        raise ValueError(f"the upsampler LLM's context ({llm.context} tokens) cannot hold the App. B "
+                         f"prompt plus a {max_new_tokens}-token reply: use an LLM with a longer "
+                         "context")
+    if fits and not fits((UPSAMPLER_PROMPT, prompt), max_new_tokens):
+        tqdm.write(f"warning: a {len(prompt.split())}-word prompt does not fit the upsampler's "
+                   f"context ({llm.context} tokens) next to the App. B prompt: used as it is, not "
+                   "upsampled", file=sys.stderr)
+        return prompt
     reply = llm.generate([(UPSAMPLER_PROMPT, prompt)], max_new_tokens=max_new_tokens)[0]
     inside = re.findall(r"\[([^\]]+)\]", reply)
     text = " ".join((max(inside, key=len) if inside else reply).split()).strip(" \"'")
     return text or prompt
+
+
+# ----- fitting the App. C prompt to the summariser's context -----
+
+MIN_WORDS = 8  # frame captions are never cut shorter than this: fewer frames are kept instead
+
+
+def _largest(lo, hi, ok):
+    """The largest k in [lo, hi] with ok(k), for ok true up to some k (binary search), or None."""
+    best = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def fit_summary_prompt(frame_captions, short_caption, fits):
+    """The App. C prompt for one video, fitted to the summariser -> (prompt, note or None).
+
+    fits(prompt) says whether the prompt leaves room for the reply. When the whole prompt does not
+    fit, every frame caption is cut to the same number of words, as many as fit (at least
+    MIN_WORDS); when even that is too long, an evenly spaced subset of the frames is kept (the
+    first and last among them), cut to MIN_WORDS. note says what was done (for a warning). Raises
+    ValueError when not even one frame caption fits."""
+    caps = {float(t): c for t, c in sorted(frame_captions.items())}
+    prompt = lambda c: summary_prompt(c, short_caption)  # noqa: E731
+    if fits(prompt(caps)):
+        return prompt(caps), None
+    longest = max((len(c.split()) for c in caps.values()), default=0)
+
+    def cut(c, k):  # every caption to at most k words
+        return {t: " ".join(v.split()[:k]) + (" ..." if len(v.split()) > k else "")
+                for t, v in c.items()}
+
+    k = _largest(MIN_WORDS, longest - 1, lambda k: fits(prompt(cut(caps, k))))
+    if k is not None:
+        return prompt(cut(caps, k)), f"its frame captions cut to {k} words (of up to {longest})"
+    times = list(caps)
+
+    def subset(n):  # n evenly spaced frames (first and last included), captions cut
+        keep = sorted({times[round(i * (len(times) - 1) / max(1, n - 1))] for i in range(n)})
+        return cut({t: caps[t] for t in keep}, MIN_WORDS)
+
+    n = _largest(1, len(times) - 1, lambda n: fits(prompt(subset(n))))
+    if n is None:
+        raise ValueError("the App. C prompt does not fit even with one frame caption")
+    return (prompt(subset(n)), f"{len(subset(n))} of its {len(times)} frame captions (evenly "
+            f"spaced), cut to {MIN_WORDS} words")
 
 
 # ----- the dense caption pipeline (Figure 7) -----
@@ -377,7 +474,7 @@ def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_capt
             g["frame_captions"], caps = dict(zip(g["times"], caps[:n])), caps[n:]  # {second: cap}
 
     def summaries(gs):  # App. C prompt as the user turn, batched across the videos
-        turns = [("", summary_prompt(g["frame_captions"], g["short"])) for g in gs]
+        turns = [("", g["prompt"]) for g in gs]
         for i in range(0, len(turns), cfg.batch_size):
             part = slice(i, i + cfg.batch_size)
             replies = summariser.generate(turns[part], max_new_tokens=cfg.summary_tokens)
@@ -393,6 +490,7 @@ def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_capt
         good = _isolate(good, end_to_end, "the video captioner", failures)
     else:
         good = _isolate(good, frame_captions, "the frame captioner", failures)
+        good = [g for g in good if _prompt(g, cfg, summariser, failures)]
         good = _isolate(good, summaries, "the summariser", failures)
     entries = []
     for g in good:
@@ -404,6 +502,26 @@ def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_capt
         entries.append({"path": g["path"], "caption": caption, "frame_captions": frame_captions,
                         **({"short_caption": g["short"]} if g["short"] else {})})
     return entries, failures
+
+
+def _prompt(g, cfg, summariser, failures):
+    """g["prompt"]: the App. C prompt of one video, fitted to the summariser's context (a warning
+    says what was cut) -> False, with the video in failures, when it cannot fit."""
+    fits = getattr(summariser, "fits", None)  # LLM knows its context; a stand-in may not
+    if fits is None:
+        g["prompt"] = summary_prompt(g["frame_captions"], g["short"])
+        return True
+    try:
+        g["prompt"], note = fit_summary_prompt(g["frame_captions"], g["short"],
+                                               lambda p: fits(("", p), cfg.summary_tokens))
+    except ValueError as e:
+        failures.append((g["path"], f"{g['path']}: {e} in the summariser's context "
+                         f"({summariser.context} tokens, {cfg.summary_tokens} for the reply)"))
+        return False
+    if note:
+        tqdm.write(f"warning: {g['path']}: the summariser's context ({summariser.context} tokens) "
+                   f"holds the App. C prompt only with {note}", file=sys.stderr)
+    return True
 
 
 def _done(out):
@@ -441,6 +559,13 @@ def caption_videos(inputs, out, cfg=None, frame_captioner=None, summariser=None,
     if video_captioner is None and (frame_captioner is None or summariser is None):
         raise ValueError("need a frame captioner and a summariser (--frame-model, "
                          "--summary-model), or an end-to-end --video-captioner")
+    check_config(cfg)
+    fits = getattr(summariser, "fits", None) if video_captioner is None else None
+    one = summary_prompt({0.0: " ".join(["word"] * MIN_WORDS)})  # the least a video needs
+    if fits and not fits(("", one), cfg.summary_tokens):
+        raise ValueError(f"the summariser's context ({summariser.context} tokens) cannot hold the "
+                         f"App. C prompt and a {cfg.summary_tokens}-token reply: use an LLM with a "
+                         "longer context or lower --summary-tokens")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done, videos = _done(out), find_videos(inputs)
@@ -504,15 +629,23 @@ def main(argv=None):
             "summary_tokens")
     over = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
     cfg = replace(PRESETS[a.preset], **over)
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        p.error(str(e))
     if a.upsample is not None:
         if not a.summary_model:
             p.error("--upsample needs --summary-model DIR (the LLM)")
-        print(upsample_prompt(a.upsample, load_llm(a.summary_model, a.device, a.dtype),
-                              cfg.upsample_tokens))
+        try:
+            print(upsample_prompt(a.upsample, load_llm(a.summary_model, a.device, a.dtype),
+                                  cfg.upsample_tokens))
+        except (OSError, ValueError) as e:
+            p.error(" ".join(str(e).split()))
         return None
     if not a.videos or not a.out:
         p.error("give VIDEOS and --out (or --upsample PROMPT)")
     try:  # bad input: one line (exit code 2) before any model loads, never a traceback
+        data.check_writable(a.out, "--out")  # a folder or a read-only disk: now, not at the end
         find_videos(a.videos)  # a missing path, a manifest line that is not JSON or has no "path"
         _done(Path(a.out))  # an --out file whose lines are not manifest lines
         video_fn = (data.import_fn(a.video_captioner, "--video-captioner")
@@ -532,9 +665,16 @@ def main(argv=None):
             llm = load_llm(a.summary_model, a.device, a.dtype)
     except FileNotFoundError as e:
         p.error(str(e))  # one line, not a traceback
-    stats = caption_videos(a.videos, a.out, cfg, frames, llm, video_fn, short_fn)
+    try:
+        stats = caption_videos(a.videos, a.out, cfg, frames, llm, video_fn, short_fn)
+    except ValueError as e:  # e.g. a summariser whose context cannot hold the App. C prompt
+        p.error(" ".join(str(e).split()))
     print(f"wrote {stats['written']} | skipped {stats['skipped']} already done | failed "
           f"{len(stats['failed'])} -> {a.out}")
+    if stats["failed"] and not stats["written"]:  # nothing done is not a success
+        print(f"error: every one of the {len(stats['failed'])} videos failed (reasons above)",
+              file=sys.stderr)
+        sys.exit(1)
     return stats
 
 

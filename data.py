@@ -131,6 +131,49 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def check_writable(path, flag, folder=False):
+    """Before any work: can `path` (a file, or a folder when folder=True) be written? Raises a
+    one-line ValueError naming `flag` when it is a folder where a file is wanted (or the reverse),
+    or when files cannot be created where it goes (a read-only disk, a missing permission, a
+    parent that is a file). A probe file is created and removed in the nearest existing folder;
+    nothing else is created."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path) and not folder:
+        raise ValueError(f"{flag} {path} is a folder; pass a file path")
+    if os.path.exists(path) and folder and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file; pass a folder (or a new path)")
+    where = path if folder else os.path.dirname(path)
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise ValueError(f"{flag} {path}: {where} is a file, not a folder; pass another path")
+    probe = os.path.join(where, f".write_probe{os.getpid()}_{uuid.uuid4().hex[:8]}")
+    try:
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+        open(probe, "x").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot create files in {where} ({e.strerror}); pass a "
+                         f"writable location") from None
+
+
+def check_device(name, flag="--device"):
+    """A --device value the CLIs can run on -> torch.device, or a one-line ValueError naming the
+    fix (before any model is loaded; torch would only fail at the first .to())."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{flag} {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not ok.get(dev.type, False):
+        raise ValueError(f"{flag} {name}: {'not supported' if dev.type not in ok else 'not available'}"
+                         f" here; use {'cuda or ' if ok['cuda'] else ''}cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {name}: only {torch.cuda.device_count()} GPU(s) visible")
+    return dev
+
+
 def _write_text(path, text):
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
@@ -421,6 +464,8 @@ def write_video(video, path, fps=8):
     mp4 = str(path).lower().endswith(".mp4")
     if not mp4 and not str(path).lower().endswith(".mkv"):
         raise ValueError(f"write_video writes .mp4 or .mkv, got {str(path)!r}")
+    if not fps > 0:  # a rate of 0 would be written as the encoder's default (24 fps)
+        raise ValueError(f"fps must be > 0, got {fps}")
     frames = to_uint8(video)  # (T, H, W, 3)
     # NTSC rates given as 29.97, 23.976, 59.94 mean n * 1000/1001 exactly
     ntsc = Fraction(round(fps * 1.001) * 1000, 1001)

@@ -536,7 +536,7 @@ class ExpertDiT(nn.Module):
     @classmethod
     def load(cls, folder, device="cpu", dtype=None):
         """Our checkpoint back (what save wrote); dtype None keeps the stored dtype."""
-        cfg = _config(json.loads(Path(folder, "config.json").read_text()))
+        cfg = _config(_read_json(Path(folder, "config.json")))
         return _load_checked(cfg, _read_safetensors(Path(folder)), folder, dtype).to(device)
 
     @classmethod
@@ -547,7 +547,7 @@ class ExpertDiT(nn.Module):
         folder = Path(folder)
         if (folder / "transformer" / "config.json").exists():
             folder = folder / "transformer"
-        dc = json.loads((folder / "config.json").read_text())
+        dc = _read_json(folder / "config.json")
         cfg = _config({**_diffusers_config(dc), **overrides})
         sd = _from_diffusers_keys(_read_safetensors(folder), cfg)
         return _load_checked(cfg, sd, folder, dtype).to(device)
@@ -565,6 +565,14 @@ def i2v_input(z, image):
 
 
 # ----- released-weight loading -----
+
+def _read_json(path):
+    """A config file, or one line naming it when it is torn (a missing one: FileNotFoundError)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); copy or export it again") from None
+
 
 def _config(d):
     d = {k: v for k, v in d.items() if k != "learned_trainable"}  # retired: the table always trains
@@ -601,7 +609,15 @@ def _read_safetensors(folder):
     """All tensors of a model folder: ours (model.safetensors) or a diffusers one (an index json
     when sharded, else one .safetensors file of any variant). dit.py's one safetensors reader;
     vae.py keeps its own so that each model file stands alone."""
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as read
+
+    def load_file(path):  # a truncated or corrupt file: one line naming it, not a traceback
+        try:
+            return read(path)
+        except SafetensorError as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e}); copy or export it "
+                             "again") from None
     # a plain index before a variant's (fp16)
     index = sorted(folder.glob("*.safetensors.index*.json"), key=lambda f: (f.name.count("."), f))
     if index:

@@ -39,6 +39,7 @@ import sys
 from dataclasses import dataclass, replace
 
 import torch
+from safetensors import SafetensorError
 
 import data
 import diffusion
@@ -180,9 +181,11 @@ def generate(dit, vae, text, prompts, cfg=SampleConfig(), *, seed=0, image=None,
     cfgv = vae.cfg
     sf, tf, patch = cfgv.spatial_factor, cfgv.temporal_factor, dit.cfg.patch
     T, H, W = cfg.num_frames, cfg.height, cfg.width
+    if T < 1 or H < 1 or W < 1:
+        raise ValueError(f"num_frames, height and width must be >= 1, got {T}, {H}, {W}")
     if (T - 1) % tf:
-        raise ValueError(f"num_frames must be {tf}k+1 for this VAE "
-                         f"(e.g. {tf * ((T - 1) // tf) + 1})")
+        lo = (T - 1) // tf * tf + 1
+        raise ValueError(f"num_frames must be {tf}k+1 for this VAE (e.g. {lo} or {lo + tf})")
     if H % (sf * patch) or W % (sf * patch):
         raise ValueError(f"height and width must be multiples of {sf * patch} "
                          "(VAE factor x patch size)")
@@ -237,7 +240,22 @@ def generate(dit, vae, text, prompts, cfg=SampleConfig(), *, seed=0, image=None,
 
 def _json(path):
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def _text_encoder(folder, device, dtype, max_length):
+    """dit.TextEncoder, with a truncated or corrupt T5 file as one line naming the folder."""
+    try:
+        return ditlib.TextEncoder(folder, device, dtype, max_length=max_length)
+    except (SafetensorError, RuntimeError, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{folder}: cannot load the T5 text encoder ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); a file is truncated or "
+                         "corrupt: copy or export it again") from None
 
 
 def load_ckpt(folder, device="cpu", dtype=None):
@@ -259,8 +277,7 @@ def load_ckpt(folder, device="cpu", dtype=None):
         cfg = replace(cfg, **{k: v for k, v in _json(meta).items() if k in known})
     net = ditlib.ExpertDiT.load(os.path.join(folder, "dit"), device, dtype).eval()
     ae = vaelib.CausalVAE.load(os.path.join(folder, "vae"), device).to(dtype=dtype).eval()
-    text = ditlib.TextEncoder(os.path.join(folder, "text_encoder"), device, dtype,
-                              max_length=net.cfg.text_len)
+    text = _text_encoder(os.path.join(folder, "text_encoder"), device, dtype, net.cfg.text_len)
     return net, ae, text, cfg
 
 
@@ -303,7 +320,7 @@ def load_released(folder, device="cpu", dtype=None):
                                           dtype or torch.float32).eval()
     ae = vaelib.CausalVAE.from_diffusers(os.path.join(folder, "vae"), device=device)
     ae = ae.to(dtype=dtype).eval()
-    text = ditlib.TextEncoder(folder, device, dtype, max_length=net.cfg.text_len)  # tokenizer/ + T5
+    text = _text_encoder(folder, device, dtype, net.cfg.text_len)  # tokenizer/ + T5
     tc = _json(os.path.join(folder, "transformer", "config.json"))
     sf = ae.cfg.spatial_factor
     # The released defaults: the transformer's training size (49 frames at 8 fps, 480x720), 50
@@ -327,6 +344,22 @@ def out_paths(out, n, prompts):
         return [f"{out[:-4]}_{i:03d}.mp4" for i in range(n)]
     slugs = ["".join(c if c.isalnum() else "_" for c in p.lower())[:40].strip("_") for p in prompts]
     return [os.path.join(out, f"{i:03d}_{s}.mp4") for i, s in enumerate(slugs)]
+
+
+def check_args(a):
+    """Bad command-line values as one ValueError naming the fix, before any model is loaded."""
+    for k in ("num_frames", "height", "width", "steps", "batch_size"):
+        v = getattr(a, k)
+        if v is not None and v < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
+    if a.fps is not None and not a.fps > 0:  # (a 0 would print 0 fps and write a 24 fps file)
+        raise ValueError(f"--fps must be > 0, got {a.fps}")
+    if a.cfg is not None and a.cfg < 0:
+        raise ValueError(f"--cfg must be >= 0 (1 = no guidance, released 6), got {a.cfg}")
+    data.check_device(a.device)
+    data.check_writable(a.out, "--out", folder=not a.out.endswith(".mp4"))
+    if a.image and not os.path.isfile(a.image):
+        raise ValueError(f"cannot read image {a.image!r}: no such file; pass a PNG or JPEG")
 
 
 def main(argv=None):
@@ -372,6 +405,13 @@ def run(a, p):
             prompts += [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
         p.error("give a prompt: --prompt TEXT or --prompts-file FILE")
+    check_args(a)
+    if a.upsample_model:  # App. B: an LLM rewrites short prompts into captions like training's
+        import caption
+
+        llm = caption.load_llm(a.upsample_model, device=a.device)
+        prompts = [caption.upsample_prompt(q, llm) for q in prompts]
+        del llm  # free it before the video models load
     dtype = torch.bfloat16 if a.bf16 else None
     load_dev = "cpu" if a.offload else a.device  # offload: everything starts (and rests) on the CPU
     if a.ckpt:  # ac None: generate builds the schedule from cfg.snr_shift_scale
@@ -386,12 +426,6 @@ def run(a, p):
     cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None},
                   dynamic_cfg=a.dynamic_cfg or cfg.dynamic_cfg)
 
-    if a.upsample_model:  # App. B: an LLM rewrites short prompts into captions like training's
-        import caption
-
-        llm = caption.load_llm(a.upsample_model, device=a.device)
-        prompts = [caption.upsample_prompt(q, llm) for q in prompts]
-        del llm  # free it before the video models run
     image = None
     if a.image:  # resized to cover and center-cropped exactly as training images (1-frame videos)
         try:

@@ -621,7 +621,15 @@ def _read_safetensors(folder, variant=None, stem="diffusion_pytorch_model"):
     """All tensors of a model folder: {stem}[.variant].safetensors, or the shards its index json
     lists. The one safetensors reader of this file (dit.py keeps its own so each model file stands
     alone)."""
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as read
+
+    def load_file(path):  # a truncated or corrupt file: one line naming it, not a traceback
+        try:
+            return read(path)
+        except SafetensorError as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e}); copy or export it "
+                             "again") from None
     names = os.listdir(folder)
     v = f".{variant}" if variant else ""
     single, index = f"{stem}{v}.safetensors", f"{stem}.safetensors.index{v}.json"

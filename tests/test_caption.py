@@ -462,3 +462,78 @@ def test_upsample_prompt(models, capsys):
     caption.main(["--upsample", "a blue square", "--summary-model", str(models[1]), "--preset",
                   "tiny"])
     assert capsys.readouterr().out.strip() == "red " * 15 + "red"  # the tiny preset's token budget
+
+
+# ----- a summariser / upsampler with a short context window -----
+
+
+def short_llm(models, folder, n_positions):
+    """The rigged GPT-2 LLM with only n_positions positions (the App. C prompt alone is ~260 tokens here)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(WORDS), n_positions=n_positions, n_embd=32, n_layer=1,
+                                    n_head=2, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    _rig(lm, "red")
+    lm.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(models[1]).save_pretrained(folder)
+    return folder
+
+
+def test_short_context_summariser_cuts_frame_captions(tmp_path, models, capsys):
+    """A summariser whose context (400 tokens) is shorter than the App. C prompt plus five 40-word frame captions:
+    the captions are cut to fit, with a warning, instead of every video failing on "index out of range"."""
+    short = short_llm(models, tmp_path / "short", 400)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    write_clip(clips / "a.mp4", 40)  # 5 frames
+    write_clip(clips / "b.mp4", 24)  # 3 frames
+    stats = caption.main([str(clips), "--frame-model", str(models[0]), "--summary-model", str(short),
+                          "--out", str(tmp_path / "o.jsonl"), "--preset", "tiny", "--frame-tokens", "40"])
+    err = capsys.readouterr().err
+    assert stats["written"] == 2 and not stats["failed"], err
+    assert "a.mp4: the summariser's context (400 tokens) holds the App. C prompt only with its frame captions " \
+           "cut to" in err
+    lines = [json.loads(l) for l in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert all(len(c.split()) == 40 for c in lines[0]["frame_captions"].values())  # the manifest keeps them whole
+
+
+def test_short_context_keeps_fewer_frames_or_fails_clearly(tmp_path, models, capsys):
+    write_clip(tmp_path / "a.mp4", 40)  # frames at 0, 2, 4, 6, 8 s
+    llm = load_llm(short_llm(models, tmp_path / "short", 400))
+    spy = Spy(llm)
+    spy.fits = llm.fits  # the spy passes on what the LLM knows of its context
+    spy.context = llm.context = 300  # room for about one frame caption next to the prompt and the 16-token reply
+    long = lambda frames: [f"frame {round(float(f.mean()) / 6)} " + "red " * 30 for f in frames]  # noqa: E731
+    stats = caption_videos([tmp_path / "a.mp4"], tmp_path / "o.jsonl", CFG, long, spy, progress=False)
+    err = capsys.readouterr().err
+    assert stats["written"] == 1 and "frame captions (evenly spaced), cut to 8 words" in err, err
+    (user,) = [u for _, u in spy.turns]
+    assert "'frame 0 red red red red red red ...'" in user and llm.fits(("", user), CFG.summary_tokens)
+    spy.context = llm.context = 260  # not even the prompt and the reply: one clear error before any video is read
+    with pytest.raises(ValueError, match=r"summariser's context \(260 tokens\) cannot hold the App. C prompt"):
+        caption_videos([tmp_path / "a.mp4"], tmp_path / "o2.jsonl", CFG, long, spy, progress=False)
+    tiny = short_llm(models, tmp_path / "tiny", 260)
+    with pytest.raises(SystemExit) as e:
+        caption.main([str(tmp_path / "a.mp4"), "--frame-model", str(models[0]), "--summary-model", str(tiny),
+                      "--out", str(tmp_path / "o3.jsonl"), "--preset", "tiny"])
+    assert e.value.code == 2 and "cannot hold the App. C prompt" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_run_where_every_video_fails_exits_non_zero(tmp_path, models, capsys):
+    (tmp_path / "broken.mp4").write_bytes(os.urandom(3000))
+    with pytest.raises(SystemExit) as e:
+        caption.main([str(tmp_path / "broken.mp4"), "--frame-model", str(models[0]), "--summary-model",
+                      str(models[1]), "--out", str(tmp_path / "o.jsonl"), "--preset", "tiny"])
+    assert e.value.code == 1 and "every one of the 1 videos failed" in capsys.readouterr().err
+
+
+def test_short_context_upsampler(tmp_path, models, capsys):
+    llm = load_llm(short_llm(models, tmp_path / "short", 400))
+    assert upsample_prompt("a blue square", llm, max_new_tokens=4) == "red red red red"
+    long = "a blue square moves left " * 400  # 2000 words: no room next to the App. B prompt
+    assert upsample_prompt(long, llm, max_new_tokens=4) == long
+    assert "2000-word prompt does not fit the upsampler's context (400 tokens)" in capsys.readouterr().err
+    llm.context = 150  # the App. B prompt alone is ~150 tokens here
+    with pytest.raises(ValueError, match=r"upsampler LLM's context \(150 tokens\) cannot hold the App. B prompt"):
+        upsample_prompt("a blue square", llm, max_new_tokens=4)

@@ -5,6 +5,7 @@ the same tiny weights and noise.
     python -m pytest -q tests/test_sample.py
 """
 import json
+import os
 from dataclasses import replace
 
 import av
@@ -379,3 +380,61 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         r = subprocess.run([sys.executable, "sample.py", *args, "--prompt", "x", "--out", str(tmp_path / "a.mp4")],
                            capture_output=True, text=True, cwd=root)
         assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr, (args, r.stderr[-500:])
+
+
+# ----- bad values: one line naming the fix, exit code 2, before any model is loaded (issue 20) -----
+
+@pytest.mark.parametrize("extra, words", [
+    (["--height", "0"], "--height must be >= 1, got 0"),
+    (["--width", "-16"], "--width must be >= 1, got -16"),
+    (["--num-frames", "-3"], "--num-frames must be >= 1, got -3"),
+    (["--num-frames", "0"], "--num-frames must be >= 1, got 0"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--fps", "0"], "--fps must be > 0, got 0.0"),
+    (["--cfg", "-1"], "--cfg must be >= 0"),
+    (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--out", "{tmp}/adir.mp4"], "adir.mp4 is a folder; pass a file path"),
+    (["--out", "{tmp}/afile"], "afile is a file; pass a folder"),
+    (["--out", "/proc/nope/x.mp4"], "cannot create files in /proc"),  # /proc: no file can be created there
+    (["--image", "{tmp}/missing.png"], "cannot read image"),
+])
+def test_cli_bad_values_exit_2_before_loading(ckpt, tmp_path, monkeypatch, capsys, extra, words):
+    (tmp_path / "adir.mp4").mkdir()
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(sample, "load_ckpt", lambda *a, **k: pytest.fail("a model was loaded"))
+    argv = ["--ckpt", str(ckpt), "--prompt", "x", "--prompt", "y", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv + [v.format(tmp=tmp_path) for v in extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and words in err[-1], err
+
+
+def test_read_only_out_folder(ckpt, tmp_path, monkeypatch, capsys):
+    """A read-only disk, simulated by os.access (tests run as root, where chmod does not stop writes)."""
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if str(p).startswith(str(tmp_path)) else real(p, m))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--out", str(tmp_path / "sub" / "o.mp4")])
+    assert e.value.code == 2 and f"cannot create files in {tmp_path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("part", ["dit/model.safetensors", "vae/model.safetensors", "text_encoder/model.safetensors",
+                                  "dit/config.json"])
+def test_truncated_model_file_is_one_line(ckpt, tmp_path, capsys, part):
+    import shutil
+    root = tmp_path / "ck"
+    shutil.copytree(ckpt, root)
+    f = root / part
+    f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(root), "--prompt", "x", "--out", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "Traceback" not in "".join(err) and part.split("/")[0] in err[-1], err
+
+
+def test_num_frames_suggestion(ckpt):
+    net, ae, text, _ = sample.load_ckpt(str(ckpt))
+    for n, hint in ((6, "e.g. 5 or 9"), (2, "e.g. 1 or 5")):
+        with pytest.raises(ValueError, match=hint):
+            sample.generate(net, ae, text, ["x"], SampleConfig(num_frames=n, height=16, width=16), progress=False)
