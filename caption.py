@@ -350,9 +350,9 @@ def upsample_prompt(prompt, llm, max_new_tokens=256):
     long needs no upsampling)."""
     fits = getattr(llm, "fits", None)  # LLM knows its context; a duck-typed stand-in may not
     if fits and not fits((UPSAMPLER_PROMPT, ""), max_new_tokens):
-        raise ValueError(f"the upsampler LLM's context ({llm.context} tokens) cannot hold the App. B "
-                         f"prompt plus a {max_new_tokens}-token reply: use an LLM with a longer "
-                         "context")
+        raise ValueError(f"the upsampler LLM's context ({llm.context} tokens) cannot hold the "
+                         f"App. B prompt plus a {max_new_tokens}-token reply: use an LLM with a "
+                         "longer context")
     if fits and not fits((UPSAMPLER_PROMPT, prompt), max_new_tokens):
         tqdm.write(f"warning: a {len(prompt.split())}-word prompt does not fit the upsampler's "
                    f"context ({llm.context} tokens) next to the App. B prompt: used as it is, not "

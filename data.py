@@ -167,8 +167,8 @@ def check_device(name, flag="--device"):
         raise ValueError(f"{flag} {name!r} is not a device: use cpu, cuda or cuda:N") from None
     ok = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not ok.get(dev.type, False):
-        raise ValueError(f"{flag} {name}: {'not supported' if dev.type not in ok else 'not available'}"
-                         f" here; use {'cuda or ' if ok['cuda'] else ''}cpu")
+        why = "not supported" if dev.type not in ok else "not available"
+        raise ValueError(f"{flag} {name}: {why} here; use {'cuda or ' if ok['cuda'] else ''}cpu")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"{flag} {name}: only {torch.cuda.device_count()} GPU(s) visible")
     return dev

@@ -479,6 +479,14 @@ def load_checkpoint(out, parts, opts, ema):
 
 # ----- phases around the loop: settings, models, stages (§3.2), export -----
 
+def _ints(text, flag, example):
+    """"1,9,17" -> [1, 9, 17], or one line naming the flag and the format."""
+    try:
+        return [int(v) for v in str(text).split(",")]
+    except ValueError:
+        raise SettingsError(f"{flag} {text!r}: write whole numbers, e.g. {example}") from None
+
+
 def resolve(args):
     """The preset with the command line's overrides -> (config, stages, steps per stage)."""
     tc = PRESETS[args.preset]
@@ -490,60 +498,149 @@ def resolve(args):
     tc = replace(tc, **over)
     stages, steps = getattr(tc, args.stage + "_stages"), getattr(tc, args.stage + "_steps")
     if args.steps:  # "N" for every stage or "N1,N2,..." one per stage
-        steps = [int(v) for v in str(args.steps).split(",")]
+        steps = _ints(args.steps, "--steps", "500 or 300,1700 (one per stage)")
         steps = steps * len(stages) if len(steps) == 1 else steps
         if len(steps) != len(stages):
             raise SettingsError(f"--steps lists {len(steps)} numbers for {len(stages)} stages; "
                                 f"give one or {len(stages)}")
     if args.frames:  # the same frame counts / sizes in every stage
-        stages = [replace(st, frames=[int(v) for v in args.frames.split(",")]) for st in stages]
+        frames = _ints(args.frames, "--frames", "1,9,17 (4k+1)")
+        stages = [replace(st, frames=frames) for st in stages]
     if args.size:
-        try:
-            res = [tuple(int(v) for v in r.split("x")) for r in args.size.split(",")]
-        except ValueError:
-            raise SettingsError(f"--size {args.size!r}: write HxW[,HxW...], e.g. 32x32,32x48") \
-                from None
-        stages = [replace(st, resolutions=res) for st in stages]
-    return replace(tc, **{args.stage + "_stages": stages, args.stage + "_steps": steps}), stages, steps
+        res = [tuple(r.split("x")) for r in args.size.split(",")]
+        if any(len(r) != 2 or not all(v.strip().isdigit() for v in r) for r in res):
+            raise SettingsError(f"--size {args.size!r}: write HxW[,HxW...], e.g. 32x32,32x48")
+        stages = [replace(st, resolutions=[(int(h), int(w)) for h, w in res]) for st in stages]
+    tc = replace(tc, **{args.stage + "_stages": stages, args.stage + "_steps": steps})
+    return tc, stages, steps
 
 
-def check(args, tc, stages):
-    """Every bad setting as one line naming the fix (exit code 2), before any model is built."""
-    if not args.data or not os.path.exists(args.data):
-        raise SettingsError(f"--data {args.data!r} not found: pass a manifest .jsonl or a folder of "
+def vae_config(args, tc):
+    """The VAE whose latents the DiT learns: the --vae folder's config (its factors and channels
+    decide the sizes), else the preset's."""
+    if args.stage != "dit" or not args.vae or not os.path.isfile(os.path.join(args.vae,
+                                                                              "config.json")):
+        return vae.VAE_PRESETS[tc.vae]
+    try:
+        with open(os.path.join(args.vae, "config.json")) as f:
+            d = json.load(f)
+        return vae.VAEConfig(**{**d, "channels": tuple(d["channels"])})
+    except (ValueError, TypeError, KeyError) as e:
+        raise SettingsError(f"--vae {args.vae}: config.json is not a CausalVAE.save config ({e})") \
+            from None
+
+
+def check_numbers(args, tc, steps):
+    """Numbers out of range: one line naming the fix (exit code 2)."""
+    lr = tc.lr if args.stage == "dit" else tc.vae_lr
+    rules = [("--steps", min(steps) >= 1, f"each stage needs >= 1 step (got {steps})"),
+             ("--lr", math.isfinite(lr) and lr > 0, f"must be > 0, got {lr}"),
+             ("--ema", 0 <= tc.ema < 1, f"is a decay in [0, 1) (0 = off; e.g. 0.9999), got "
+                                        f"{tc.ema}"),
+             ("--save-every", tc.save_every >= 0, f"must be >= 0 (0 = at the end only), got "
+                                                  f"{tc.save_every}"),
+             ("--rows", tc.rows >= 1, f"must be >= 1, got {tc.rows}"),
+             ("--batch", tc.batch >= 1, f"must be >= 1, got {tc.batch}"),
+             ("--accum", tc.accum >= 1, f"must be >= 1, got {tc.accum}"),
+             ("--workers", args.workers >= 0, f"must be >= 0 (0 = load in the main process), got "
+                                               f"{args.workers}"),
+             ("--max-bad-steps", args.max_bad_steps >= 1, f"must be >= 1, got "
+                                                           f"{args.max_bad_steps}")]
+    for flag, ok, why in rules:
+        if not ok:
+            raise SettingsError(f"{flag} {why}")
+
+
+def check_data(path):
+    """--data: a manifest whose every line is JSON with a "path", or a folder of videos."""
+    if not path or not os.path.exists(path):
+        raise SettingsError(f"--data {path!r} not found: pass a manifest .jsonl or a folder of "
                             f"videos (python data.py shapes --out shapes makes one)")
-    ac, dc = vae.VAE_PRESETS[tc.vae], dit.DIT_PRESETS[tc.dit]
+    if os.path.isdir(path):
+        return
+    if path.lower().endswith(data.VIDEO_EXTS + data.IMAGE_EXTS):
+        raise SettingsError(f"--data {path} is a video or image; pass a manifest .jsonl listing it "
+                            f"(or the folder holding it)")
+    try:
+        data.read_manifest(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SettingsError(f"--data {' '.join(str(e).split())}") from None
+
+
+def check(args, tc, stages, steps=(1,)):
+    """Every bad setting as one line naming the fix (exit code 2), before any model is built."""
+    check_numbers(args, tc, steps)
+    try:  # the device, and output folders that could only fail after the work (a file, a
+        data.check_device(args.device)  # read-only disk)
+        data.check_writable(args.out, "--out", folder=True)
+        if args.cache:
+            data.check_writable(args.cache, "--cache", folder=True)
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
+    check_data(args.data)
+    for name in ("vae", "text_encoder", "init"):
+        p = getattr(args, name, None)
+        if p and not os.path.isdir(p):
+            raise SettingsError(f"--{name.replace('_', '-')} {p!r} is not a folder")
+    ac, dc = vae_config(args, tc), dit.DIT_PRESETS[tc.dit]
     tf, sf = ac.temporal_factor, ac.spatial_factor
     size = sf * (dc.patch if args.stage == "dit" else 1)
     for i, st in enumerate(stages):
         for f in st.frames:
             if f < 1 or (f - 1) % tf:
-                raise SettingsError(f"stage {i}: {f} frames is not {tf}k+1; use "
-                                    f"{max(1, (f - 1) // tf * tf + 1)} or {(f - 2 + tf) // tf * tf + 1}")
+                lo = max(1, (f - 1) // tf * tf + 1)
+                raise SettingsError(f"stage {i}: {f} frames is not {tf}k+1; use {lo} or {lo + tf}")
             if args.cp > 1 and f > 1 and (f - 1) % (tf * args.cp):
                 raise SettingsError(f"stage {i}: {f} frames cannot be split over --cp {args.cp}; "
                                     f"need (T-1) divisible by {tf * args.cp}")
         for h, w in st.resolutions:
-            if h % size or w % size:
-                raise SettingsError(f"stage {i}: {h}x{w} is not a multiple of {size} (VAE spatial "
-                                    f"factor{' x patch' if args.stage == 'dit' else ''}); use "
-                                    f"{h // size * size}x{w // size * size}")
+            if h < size or w < size or h % size or w % size:
+                raise SettingsError(f"stage {i}: {h}x{w} is not a positive multiple of {size} (VAE "
+                                    f"spatial factor{' x patch' if args.stage == 'dit' else ''}); "
+                                    f"use {max(1, h // size) * size}x{max(1, w // size) * size}")
     if args.stage == "dit":
-        if args.cp > 1:
-            raise SettingsError("--cp is the VAE's context parallel; drop it for --stage dit")
-        if not args.vae or not (args.cache or args.text_encoder):
-            raise SettingsError("--stage dit needs --vae DIR (its latents and scaling factor) and "
-                                "--text-encoder DIR (or a --cache DIR already holding the text "
-                                "embeddings)")
-        if args.attn == "flex" and torch.device(args.device).type == "cpu":
-            raise SettingsError("--attn flex needs a GPU (FlexAttention has no backward on CPU); "
-                                "use --attn segments or auto")
+        check_dit(args, tc, stages, ac, dc)
     elif args.fsdp:
         raise SettingsError("--fsdp shards the DiT; train the VAE with DDP (drop --fsdp)")
-    for name in ("vae", "text_encoder", "init"):
-        p = getattr(args, name, None)
-        if p and not os.path.isdir(p):
-            raise SettingsError(f"--{name.replace('_', '-')} {p!r} is not a folder")
+    elif args.i2v:
+        raise SettingsError("--i2v fine-tunes the DiT (App. A); drop it for --stage vae")
+
+
+def check_dit(args, tc, stages, ac, dc):
+    """The DiT stage's settings against its VAE, its position table and its row length."""
+    if args.cp > 1:
+        raise SettingsError("--cp is the VAE's context parallel; drop it for --stage dit")
+    if not args.vae or not (args.cache or args.text_encoder):
+        raise SettingsError("--stage dit needs --vae DIR (its latents and scaling factor) and "
+                            "--text-encoder DIR (or a --cache DIR already holding the text "
+                            "embeddings)")
+    if args.attn == "flex" and torch.device(args.device).type == "cpu":
+        raise SettingsError("--attn flex needs a GPU (FlexAttention has no backward on CPU); "
+                            "use --attn segments or auto")
+    if dc.out_channels != ac.latent:
+        raise SettingsError(f"--vae has {ac.latent} latent channels, the {tc.dit} DiT "
+                            f"{dc.out_channels}: pass the VAE this preset was made for")
+    if dc.in_channels == 2 * dc.out_channels and not args.i2v:
+        raise SettingsError(f"the {tc.dit} DiT takes an image condition: add --i2v (App. A)")
+    tf, sf = ac.temporal_factor, ac.spatial_factor
+    for i, st in enumerate(stages):
+        if dc.pos == "learned":  # App. A: the table covers the native grid only
+            native = (dc.base_height * sf, dc.base_width * sf)
+            longest = (dc.base_frames - 1) * tf + 1
+            if any(r != native for r in st.resolutions) or max(st.frames) > longest:
+                raise SettingsError(f"stage {i}: the {tc.dit} DiT's learned position table covers "
+                                    f"{native[0]}x{native[1]} and up to {longest} frames; use "
+                                    f"--size {native[0]}x{native[1]} and --frames up to {longest}")
+        max_tokens = tc.max_tokens[i] if isinstance(tc.max_tokens, list) else tc.max_tokens
+        if max_tokens < 0:
+            raise SettingsError(f"--max-tokens must be >= 0 (0 = the largest sample), got "
+                                f"{max_tokens}")
+        need = max(data.num_tokens(max(st.frames), h, w, dc.text_len, tf, sf, dc.patch)
+                   for h, w in st.resolutions)
+        if max_tokens and not args.bucket and max_tokens < need:
+            raise SettingsError(f"--max-tokens {max_tokens}: a stage-{i} sample can need {need} "
+                                f"tokens ({max(st.frames)} frames at the largest size); use >= "
+                                f"{need}, or 0 (the largest sample)")
 
 
 def make_dit(args, tc, device):
@@ -696,8 +793,8 @@ def train(args):
     """Trains args.stage ("vae" or "dit") over the preset's stages -> {"losses", "out", "step",
     "stopped"}."""
     tc, stages, steps = resolve(args)
+    check(args, tc, stages, steps)  # before setup: a bad setting never reaches a collective
     rank, world, device, group = setup(args.device, args.cp)
-    check(args, tc, stages)
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     is_dit = args.stage == "dit"

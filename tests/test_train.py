@@ -244,6 +244,66 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     assert words in err[-1]
 
 
+@pytest.mark.parametrize("extra, words", [
+    (["--size", "32"], "--size '32': write HxW"),
+    (["--steps", "abc"], "--steps 'abc': write whole numbers"),
+    (["--frames", "a,b"], "--frames 'a,b': write whole numbers"),
+    (["--lr", "-1"], "--lr must be > 0, got -1.0"),
+    (["--rows", "0"], "--rows must be >= 1, got 0"),
+    (["--accum", "0"], "--accum must be >= 1, got 0"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--max-tokens", "1"], "--max-tokens 1: a stage-0 sample can need"),
+    (["--data", "{clip}"], "is a video or image; pass a manifest .jsonl"),
+    (["--data", "{tmp}/bad.jsonl"], "bad.jsonl:2: not JSON"),
+    (["--out", "{tmp}/afile"], "afile is a file; pass a folder"),
+    (["--out", "/proc/nope/run"], "cannot create files in /proc"),  # /proc: nothing can be created there
+    (["--cache", "/proc/nope/cache"], "--cache /proc/nope/cache: cannot create files in /proc"),
+    (["--steps", "-5"], "--steps each stage needs >= 1 step (got [-5, -5])"),
+    (["--steps", "0"], "--steps each stage needs >= 1 step"),
+    (["--ema", "2"], "--ema is a decay in [0, 1)"),
+    (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--vae", "{vae8}", "--size", "24x24"], "24x24 is not a positive multiple of 16"),  # the --vae given decides
+    (["--vae", "{vae16}"], "--vae has 16 latent channels, the tiny DiT 8"),
+])
+def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsys, extra, words):
+    """Each bad value: one line naming the fix, exit code 2, before any model is loaded (issue 20)."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "bad.jsonl").write_text('{"path": "a.mkv"}\nnot json\n')
+    for name, cfg in (("vae8", vae.VAEConfig(channels=(8, 8, 8, 8), layers=1, latent=8, groups=4)),
+                      ("vae16", vae.VAEConfig(channels=(8, 8, 8), layers=1, latent=16, groups=4))):
+        vae.CausalVAE(cfg).save(str(tmp_path / name))
+    clip = next(e["path"] for e in data.read_manifest(assets["manifest"]) if e["path"].endswith(".mkv"))
+    for phase in ("build_dit", "build_vae"):
+        monkeypatch.setattr(train, phase, lambda job: pytest.fail("a model was loaded"))
+    fmt = dict(tmp=tmp_path, clip=clip, vae8=tmp_path / "vae8", vae16=tmp_path / "vae16")
+    with pytest.raises(SystemExit) as e:
+        train.main(dit_args(assets, tmp_path / "run", *[v.format(**fmt) for v in extra]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "Traceback" not in "".join(err) and words in err[-1], err
+
+
+def test_read_only_out_and_i2v_settings(assets, tmp_path, monkeypatch, capsys):
+    """--out on a read-only disk, simulated by os.access (tests run as root: chmod would not stop a write);
+    --i2v for the VAE; an image-conditioned preset without --i2v."""
+    for phase in ("build_dit", "build_vae"):
+        monkeypatch.setattr(train, phase, lambda job: pytest.fail("a model was loaded"))
+    cases = [(vae_args(assets["manifest"], tmp_path / "v", "--i2v"), "--i2v fine-tunes the DiT"),
+             (dit_args(assets, tmp_path / "d", "--preset", "cogvideox-5b-i2v", "--vae", str(tmp_path / "v16")),
+              "the cogvideox-5b-i2v DiT takes an image condition: add --i2v")]
+    vae.CausalVAE(vae.VAEConfig(channels=(8, 8, 8, 8), layers=1, latent=16, groups=4)).save(str(tmp_path / "v16"))
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        assert e.value.code == 2 and words in capsys.readouterr().err
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if str(p).startswith(str(tmp_path / "ro")) else real(p, m))
+    (tmp_path / "ro").mkdir()
+    with pytest.raises(SystemExit) as e:
+        train.main(dit_args(assets, tmp_path / "ro" / "run"))
+    assert e.value.code == 2 and f"--out {tmp_path / 'ro' / 'run'}: cannot create files in" in capsys.readouterr().err
+
+
 def test_dit_needs_vae_and_text_encoder(assets, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--stage", "dit", "--data", assets["manifest"], "--out", str(tmp_path)])
