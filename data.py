@@ -1200,14 +1200,17 @@ def _check_args(args):
             frames_ok(f, "--frames", clip=True)
         if args.n < 1 or args.fps < 1:
             raise ValueError(f"--n and --fps must be >= 1, got {args.n}, {args.fps}")
+        check_writable(args.out, "--out", folder=True)  # now, not after writing every clip
         return
     if args.cmd == "inspect":
         frames_ok(args.frames, "--frames")
         size_ok(args.height, args.width, "--height x --width")
         if args.fps is not None and args.fps <= 0:
             raise ValueError(f"--fps must be > 0, got {args.fps}")
-    elif not 0 < args.top <= 1:
-        raise ValueError(f"--top is a fraction in (0, 1], got {args.top}")
+    else:
+        if not 0 < args.top <= 1:
+            raise ValueError(f"--top is a fraction in (0, 1], got {args.top}")
+        check_writable(args.out, "--out")  # now, not after scoring every clip
 
 
 def main(argv=None):

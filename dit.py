@@ -749,14 +749,20 @@ def build_tiny_t5(folder, texts, d_model=64, layers=2, heads=4, d_ff=128, vocab_
 
 # ----- CLI -----
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description="CogVideoX expert transformer: size, a timed step.")
     ap.add_argument("--preset", default="tiny", choices=list(DIT_PRESETS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="autocast the forward to bfloat16")
     ap.add_argument("--checkpointing", action="store_true", help="recompute blocks in backward")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.batch < 1:
+        ap.error(f"--batch must be >= 1, got {a.batch}")
+    try:
+        torch.device(a.device)
+    except RuntimeError:
+        ap.error(f"--device {a.device!r} is not a device: use cpu, cuda or cuda:N")
     cfg, count = DIT_PRESETS[a.preset], lambda m: f"{sum(p.numel() for p in m.parameters()):,}"
     if a.preset != "tiny" and a.device == "cpu":
         with torch.device("meta"):

@@ -836,7 +836,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         description="CogVideoX 3D causal VAE: reconstruct a video, print PSNR and flicker.")
     p.add_argument("--reconstruct", metavar="VIDEO", required=True,
-                   help="input video; writes VIDEO_STEM.recon.mp4 next to it")
+                   help="input video; writes --out (default VIDEO_STEM.recon.mp4 next to it)")
+    p.add_argument("--out", help="the reconstruction's path (.mp4 or .mkv, lossless)")
     p.add_argument("--ckpt", help="a CausalVAE.save folder, or a diffusers AutoencoderKLCogVideoX one")
     p.add_argument("--preset", default="tiny", choices=sorted(VAE_PRESETS),
                    help="random-weight model when --ckpt is not given")
@@ -849,8 +850,13 @@ def main(argv=None):
     if a.frames < 1:
         p.error(f"--frames must be >= 1, got {a.frames}")
     import data  # the one home of video I/O; imported here so vae.py stays importable alone
+    out = a.out or os.path.splitext(a.reconstruct)[0] + ".recon.mp4"
     # bad input is a one-line error (exit code 2), never a traceback
     try:
+        if not out.lower().endswith((".mp4", ".mkv")):
+            raise ValueError(f"--out {out}: write a .mp4 or .mkv path")
+        data.check_writable(out, "--out")  # before the work, not after it
+        data.check_device(a.device)
         if a.ckpt:
             what = "CausalVAE.save or diffusers save_pretrained"
             is_diffusers = "_class_name" in _read_config(a.ckpt, what)
@@ -876,13 +882,16 @@ def main(argv=None):
     if H == 0 or W == 0:
         p.error(f"{a.reconstruct}: frames of {tuple(x.shape[-2:])} pixels are smaller than the "
                 f"spatial factor {sf}")
+    if (H, W) != tuple(x.shape[-2:]):
+        print(f"note: {x.shape[-2]}x{x.shape[-1]} cropped to {H}x{W} (the top-left corner, a "
+              f"multiple of the spatial factor {sf}); the reconstruction has that size")
     x = x[:, :, :H, :W][None].to(a.device)  # (1, 3, T, H, W)
     with torch.no_grad():
         z = vae.encode(x, stream=True, tile=a.tile).mean
         y = vae.decode(z, stream=True, tile=a.tile // sf if a.tile else None).clamp(-1, 1)
-    out = os.path.splitext(a.reconstruct)[0] + ".recon.mp4"
-    data.write_video(y[0], out, fps)
-    print(f"{tuple(x.shape)} -> latents {tuple(z.shape)} -> {out}")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    data.write_video(y[0], out, fps)  # fps kept exact (12.5 stays 12.5, 29.97 is 30000/1001)
+    print(f"{tuple(x.shape)} -> latents {tuple(z.shape)} -> {out} ({fps:g} fps)")
     print(f"psnr {psnr(x, y):.2f} dB" + (f" | flicker {flicker(x, y):.2f}" if x.shape[2] > 1 else ""))
 
 

@@ -537,3 +537,24 @@ def test_short_context_upsampler(tmp_path, models, capsys):
     llm.context = 150  # the App. B prompt alone is ~150 tokens here
     with pytest.raises(ValueError, match=r"upsampler LLM's context \(150 tokens\) cannot hold the App. B prompt"):
         upsample_prompt("a blue square", llm, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("extra, text", [
+    (["--every", "0"], "--every must be > 0 seconds"),  # would caption one frozen frame, then skip it as done
+    (["--every", "-2"], "--every must be > 0 seconds"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--max-frames", "0"], "--max-frames must be >= 1"),
+    (["--out", "{tmp}"], "is a folder; pass a file path"),
+    (["--out", "/proc/nope/o.jsonl"], "cannot create files in /proc"),  # /proc: no file can be created there
+])
+def test_cli_bad_values_before_any_work(tmp_path, capsys, monkeypatch, extra, text):
+    write_clip(tmp_path / "a.mp4", 8)
+    with pytest.raises(ValueError, match="--every"):  # the library function refuses it too
+        caption_videos([tmp_path / "a.mp4"], tmp_path / "o.jsonl", caption.replace(CFG, every=0),
+                       video_captioner=lambda *a: "x", progress=False)
+    monkeypatch.setattr(caption, "caption_videos", lambda *a, **k: pytest.fail("work started"))
+    argv = [str(tmp_path / "a.mp4"), "--video-captioner", "x:y", "--out", str(tmp_path / "o.jsonl")]
+    with pytest.raises(SystemExit) as e:
+        caption.main(argv + [v.format(tmp=tmp_path) for v in extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and text in err[-1], err

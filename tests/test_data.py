@@ -549,3 +549,47 @@ def test_shapes_cli_progress(tmp_path, capsys):
     assert out.strip() == str(tmp_path / "s" / "manifest.jsonl")
     assert "shapes: 100%" in err and "3/3" in err
     assert len(data.read_manifest(out.strip())) == 3
+
+
+def test_cli_output_paths_checked_before_the_work(tmp_path, capsys, monkeypatch):
+    """An --out that can only fail after all the work (a folder where a file goes, a file where a folder goes,
+    somewhere nothing can be created): one line, exit code 2, nothing done (issue 20)."""
+    m = data.make_shapes(str(tmp_path / "set"), 2, seed=0, frames=(5,), sizes=((16, 16),))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir.jsonl").mkdir()
+    monkeypatch.setattr(data, "make_shapes", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(data, "filter_manifest", lambda *a, **k: pytest.fail("work started"))
+    cases = [(["shapes", "--out", str(tmp_path / "afile")], "afile is a file; pass a folder"),
+             (["shapes", "--out", "/proc/nope/set"], "cannot create files in /proc"),  # /proc: no new files
+             (["filter", m, "--out", str(tmp_path / "adir.jsonl")], "adir.jsonl is a folder"),
+             (["filter", m, "--out", "/proc/nope/kept.jsonl"], "cannot create files in /proc"),
+             (["filter", m, "--out", str(tmp_path / "afile" / "kept.jsonl")], "afile is a file, not a folder")]
+    for argv, text in cases:
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        assert e.value.code == 2, argv
+        _one_line_error(capsys.readouterr().err, text)
+
+
+def test_write_video_fps_and_no_temp_file_on_failure(tmp_path, monkeypatch):
+    import av
+    video = torch.zeros(3, 5, 16, 16)
+    with pytest.raises(ValueError, match="fps must be > 0"):  # 0 was written as the encoder's 24 fps
+        data.write_video(video, str(tmp_path / "z.mp4"), fps=0)
+    for fps, rate in ((12.5, "25/2"), (29.97, "30000/1001")):  # exact rates, never rounded
+        data.write_video(video, str(tmp_path / "r.mp4"), fps=fps)
+        with av.open(str(tmp_path / "r.mp4")) as c:
+            assert str(c.streams.video[0].average_rate) == rate
+    calls = []
+
+    def breaks(*a, **k):  # the encoder fails on the third frame
+        calls.append(1)
+        if len(calls) == 3:
+            raise av.FFmpegError(1, "encoder failed")
+        return real(*a, **k)
+
+    real = av.VideoFrame.from_ndarray
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", breaks)
+    with pytest.raises(av.FFmpegError):
+        data.write_video(video, str(tmp_path / "f.mp4"), fps=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.mp4"]  # no .tmp file left, no partial file

@@ -566,3 +566,11 @@ def test_text_encoder_is_offline_and_names_a_missing_folder(tmp_path):
     (tmp_path / "t5" / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer not found"):
         dit.TextEncoder(tmp_path / "t5")
+
+
+def test_cli_bad_values_one_line(capsys):
+    for argv, text in ((["--batch", "0"], "--batch must be >= 1, got 0"), (["--device", "tpu"], "not a device")):
+        with pytest.raises(SystemExit) as e:
+            dit.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and text in err[-1], err

@@ -447,6 +447,25 @@ def test_cli_reads_upright_at_native_size(tmp_path):
     assert data.load_video(out, 101).shape == (3, 5, 48, 32) and data.probe(out)["fps"] == 8
 
 
+def test_cli_out_fps_and_crop(tmp_path, capsys):
+    """--out; the clip's fps kept exact (12.5 stays 12.5); a size that is no multiple of the spatial factor is
+    cropped with a note saying so; an --out that cannot be written fails before the work (issue 20)."""
+    clip = tmp_path / "clip.mp4"
+    data.write_video(torch.rand(3, 5, 30, 42) * 2 - 1, str(clip), fps=12.5)
+    vae.main(["--reconstruct", str(clip), "--out", str(tmp_path / "r" / "out.mkv"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "30x42 cropped to 28x40" in out and "12.5 fps" in out
+    assert data.probe(str(tmp_path / "r" / "out.mkv"))["fps"] == 12.5
+    assert data.load_video(str(tmp_path / "r" / "out.mkv"), 101).shape == (3, 5, 28, 40)
+    (tmp_path / "adir.mp4").mkdir()
+    for o, text in ((tmp_path / "adir.mp4", "adir.mp4 is a folder"), ("/proc/nope/o.mp4", "cannot create files"),
+                    (tmp_path / "o.avi", "write a .mp4 or .mkv path")):
+        with pytest.raises(SystemExit) as e:
+            vae.main(["--reconstruct", str(clip), "--out", str(o), "--device", "cpu"])
+        assert e.value.code == 2
+        _one_line_error(capsys.readouterr().err, text)
+
+
 def _one_line_error(err, text):
     """argparse's error: the usage, then one `prog: error: ...` line naming the problem; no
     traceback."""
