@@ -30,6 +30,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -705,7 +706,13 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode(self, prompts):
-        """list of B prompts -> (B, max_length, dim)."""
+        """list of B prompts -> (B, max_length, dim). A prompt longer than max_length tokens keeps
+        its first max_length (as released), with a warning saying so."""
+        for p, n in zip(prompts, map(len, self.tok(list(prompts)).input_ids)):
+            if n > self.max_length:
+                print(f"warning: a {len(p.split())}-word prompt is {n} tokens; the text encoder "
+                      f"keeps its first {self.max_length}, the rest is dropped: {p[:50]!r}...",
+                      file=sys.stderr)
         ids = self.tok(list(prompts), padding="max_length", max_length=self.max_length,  # (B, L)
                        truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
         return self.model(ids.to(self.device))[0]                      # (B, L, dim)

@@ -438,3 +438,14 @@ def test_num_frames_suggestion(ckpt):
     for n, hint in ((6, "e.g. 5 or 9"), (2, "e.g. 1 or 5")):
         with pytest.raises(ValueError, match=hint):
             sample.generate(net, ae, text, ["x"], SampleConfig(num_frames=n, height=16, width=16), progress=False)
+
+
+def test_long_prompt_cut_with_a_warning(ckpt, capsys):
+    """The text encoder keeps text_len tokens (8 here, 226 released): a longer prompt is cut, with a warning."""
+    _, _, text, _ = sample.load_ckpt(str(ckpt))
+    long = " ".join([PROMPTS[0]] * 400)  # 2800 words
+    a, b = text.encode([long]), text.encode([PROMPTS[0] + " " + PROMPTS[1]])
+    assert a.shape == (1, 8, 16) and torch.equal(a, b)  # only the first 8 tokens count
+    assert "a 2800-word prompt is 2801 tokens; the text encoder keeps its first 8" in capsys.readouterr().err
+    text.encode([PROMPTS[0]])
+    assert "warning" not in capsys.readouterr().err
