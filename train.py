@@ -652,7 +652,7 @@ def make_dit(args, tc, device):
     if args.init:  # e.g. the T2V weights for the I2V fine-tune (App. A)
         sd = load_file(os.path.join(args.init, "model.safetensors"))
         w = sd["patch.weight"]  # (D, C_in·p·p)
-        if w.shape != model.patch.weight.shape:  # the patch embedding grows; new channels start at 0
+        if w.shape != model.patch.weight.shape:  # the patch embedding grows; new channels: 0
             p2 = cfg.patch * cfg.patch
             grown = torch.zeros_like(model.patch.weight).view(w.shape[0], cfg.in_channels, p2)
             grown[:, :w.shape[1] // p2] = w.view(w.shape[0], -1, p2)
