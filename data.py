@@ -363,7 +363,8 @@ def _decode(path, num_frames, height, width, fps, start):
     return out
 
 
-def load_video(path, num_frames, height=None, width=None, fps=None, start=None, pad="nearest"):
+def load_video(path, num_frames, height=None, width=None, fps=None, start=None, pad="nearest",
+               min_frames=None):
     """Decode one clip (or image) as training sees it -> (3, T, H, W) float in [-1, 1].
 
     num_frames: 4k+1 frames wanted (§3: the causal VAE maps 4k+1 frames to k+1 latents).
@@ -374,6 +375,8 @@ def load_video(path, num_frames, height=None, width=None, fps=None, start=None, 
                 Frame Pack keeps its real duration), or its last frame repeated up to num_frames
                 ("repeat", the released code's pad_last_frame - repeating, not black frames, so no
                 fake cut appears).
+    min_frames: fewer decoded frames than this raise BadVideo("truncated: ...") before any padding
+                (a file shorter than its header says; VideoDataset).
     Images are 1-frame videos (T = 1) whatever num_frames is. Bad files raise BadVideo(reason)."""
     if num_frames < 1 or (num_frames - 1) % 4:
         raise ValueError(f"num_frames must be 4k+1 (1, 5, 9, 13, ...), got {num_frames}")
@@ -385,6 +388,9 @@ def load_video(path, num_frames, height=None, width=None, fps=None, start=None, 
         frames = _decode(path, num_frames, height, width, fps, start)
         if not frames:
             raise BadVideo("no frames decoded" + (f" after start={start}s" if start else ""))
+        if min_frames and len(frames) < min_frames:
+            raise BadVideo(f"truncated: {len(frames)} frames decode, {min_frames} or more "
+                           f"expected from its header")
         if len(frames) < num_frames:
             frames = (frames[:nearest_4k1(len(frames))] if pad == "nearest"
                       else frames + [frames[-1]] * (num_frames - len(frames)))
@@ -525,7 +531,9 @@ class VideoDataset(torch.utils.data.Dataset):
     Planning uses the manifest fields height/width/frames/fps when present (make_shapes writes
     them), else reads the file header (probe). `shapes[i]` is None for a file that failed: samplers
     skip it. ds[key] decodes; a bad file gives None (collate drops it), is counted in .skipped and
-    warned once."""
+    warned once. A truncated file (it decodes fewer frames than its header promised) is a bad file
+    too: silently repeating its last frame would teach frozen video. One missing frame is allowed
+    (header frame counts estimated from duration x rate are often one off) and padded."""
 
     def __init__(self, entries, stage, mode="pack"):
         if mode not in ("pack", "bucket"):
@@ -536,9 +544,12 @@ class VideoDataset(torch.utils.data.Dataset):
                                  "`python data.py filter` first")
             entries = top_quality(entries, stage.subset)
         self.entries, self.stage, self.mode, self.skipped, self.bad = list(entries), stage, mode, 0, {}
-        self.shapes = [self._plan(e) for e in self.entries]
+        plans = [self._plan(e) for e in self.entries]
+        # shapes[i]: the planned (T, H, W); frames[i]: the frames its header promises at that T
+        self.shapes, self.frames = [p and p[0] for p in plans], [p and p[1] for p in plans]
 
     def _plan(self, e):
+        """-> ((T, H, W), frames the header promises of those T), or None for a bad file."""
         try:
             meta = e if all(k in e for k in ("height", "width", "frames")) else probe(e["path"])
         except BadVideo as err:
@@ -549,14 +560,15 @@ class VideoDataset(torch.utils.data.Dataset):
         H, W = min(self.stage.resolutions,
                    key=lambda r: abs(math.log(r[1] / r[0]) - math.log(w / h)))
         if n <= 1 or _is_image(e["path"]):
-            return (1, H, W)
+            return (1, H, W), 1
         if self.stage.fps and meta.get("fps"):  # frames available at the stage rate
             n = int((n - 1) * self.stage.fps / meta["fps"] + 1e-6) + 1
         clip_frames = [f for f in self.stage.frames if f > 1]
-        if self.mode == "bucket":
-            return (max(clip_frames), H, W)
+        if self.mode == "bucket":  # short clips are padded on purpose (released pad_last_frame)
+            return (max(clip_frames), H, W), min(n, max(clip_frames))
         fits = [f for f in clip_frames if f <= n]
-        return (max(fits) if fits else nearest_4k1(n), H, W)
+        T = max(fits) if fits else nearest_4k1(n)
+        return (T, H, W), T
 
     def _warn(self, path, reason):
         self.skipped += 1
@@ -575,8 +587,9 @@ class VideoDataset(torch.utils.data.Dataset):
             return None
         try:
             # pad="repeat": the sampler counted T frames, so a clip one frame short of its header
-            # still fits the plan (bucket mode relies on it by design)
-            video = load_video(e["path"], *shape, self.stage.fps, e.get("start"), pad="repeat")
+            # still fits the plan (bucket mode pads short clips by design); more is truncation
+            video = load_video(e["path"], *shape, self.stage.fps, e.get("start"), pad="repeat",
+                               min_frames=self.frames[index] - 1)
         except BadVideo as err:
             self._warn(e["path"], str(err))
             return None

@@ -272,28 +272,41 @@ def lr_at(tc, base, step, steps):
 
 
 # ----- the DiT loss of one micro-batch (§3) -----
+# Loss weighting. Every sample counts by its size: n_j = its video tokens (DiT) or pixels (VAE),
+# 0 for a weight-0 filler. A micro-batch's backward is on the UN-normalised Σ_j n_j·loss_j of this
+# rank's readable samples; after the step's last micro-batch the loop sums N = Σ n_j over every
+# micro-batch and rank and multiplies the gradients by world / N (DDP / FSDP average over ranks).
+# The update is then the size-weighted mean over what was actually read: a near-empty tail
+# micro-batch counts for its few tokens, an unreadable file neither shrinks the loss nor the
+# gradient, and N ranks equal one process on the combined batch. A rank with nothing readable in a
+# micro-batch runs a real forward/backward on a tiny zero sample of weight 0 (every DDP / FSDP
+# collective is matched); N = 0 on every rank skips the step (train()).
+
+def dit_predict(job, net, zt, t, text, rows, max_tokens):
+    """The wrapped model on this rank's samples -> S x (C, T', h, w): the sampler's Frame Pack rows
+    (§3.1), or one stacked shape in bucket mode (max_tokens 0)."""
+    if max_tokens:
+        pad = max_tokens if job.args.attn == "flex" else None  # flex: one row shape, one compile
+        packed = lambda m, *a: m.forward_packed(*a, max_tokens=pad)
+        return net(packed, zt, t, text, rows)  # S x (C, T', h, w)
+    return list(net(lambda m, *a: m(*a), torch.stack(zt), t, text))  # S x (C, T', h, w)
+
 
 def dit_loss(job, net, batch, step, micro, max_tokens):
-    """-> (loss for backward, stats) of this rank's samples. stats: "loss" (this rank's share of
-    the global loss), "tokens", and per sample "mse", "t", "w" (S,).
+    """-> (Σ_j n_j·mse_j over this rank's readable samples, for backward; stats).
 
-    The loss is world·Σ_j w_j·mse_j with w_j = the sample's share of the global batch's video
-    tokens (data.py), so after DDP/FSDP average the gradients over ranks it is the token-weighted
-    mean over the whole global batch."""
-    tc, device, sf = job.tc, job.device, job.ae.cfg.scaling_factor
+    n_j = sample j's video tokens T'·(h/p)·(w/p), 0 for a weight-0 filler; not normalised here (see
+    above). stats: "loss" Σ n_j·mse_j, "n" Σ n_j, "tokens" (text + video of the real samples: tok/s,
+    packing) and per sample "mse", "t", "n_j" (S,)."""
+    tc, device, sf, p = job.tc, job.device, job.ae.cfg.scaling_factor, job.cfg.patch
     items = batch["items"]
-    if not items:  # every file of this micro-batch was bad: a zero loss that still syncs gradients
-        # through net's forward, so DDP/FSDP run their gradient hooks on this rank too (else the
-        # other ranks hang)
-        zero = net(lambda m: sum(p.sum() for p in m.parameters()) * 0.0)
-        empty = torch.zeros(0, device=device)
-        return zero, {"loss": 0.0, "tokens": 0.0, "mse": empty, "t": empty, "w": empty}
+    if not items:  # every file of this micro-batch was unreadable on this rank
+        return dummy_dit_loss(job, net, max_tokens)
     t_all, drop_all, sigma_all, img_drop = draws(tc, items[0]["n_global"], step, micro,
                                                  job.args.iid_timesteps)
     slot = [max(it["slot"], 0) for it in items]  # a weight-0 filler (slot -1) borrows slot 0's draws
     t = t_all[slot].to(device)  # (S,)
-    w = torch.tensor([it["weight"] for it in items], dtype=torch.float32, device=device)  # (S,)
-    zt, target, tokens = [], [], []
+    zt, target, n = [], [], []
     for j, it in enumerate(items):
         key = (tc.seed, step, micro, slot[j])
         post = vae.Gaussian(it["mean"].to(device), it["logvar"].to(device))
@@ -308,75 +321,114 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
             img = img * (~img_drop[slot[j]]).to(device, img.dtype)  # dropped: zeros (released)
             x = dit.i2v_input(x, img[None])  # (1, 2C, T', h, w)
         zt.append(x[0])
-        tokens.append(dit.num_tokens(job.cfg, *z.shape[1:]))
+        n.append(z.shape[1] * (z.shape[2] // p) * (z.shape[3] // p) if it["weight"] > 0 else 0)
     text = torch.stack([it["text"] for it in items]).to(device)  # (S, L, D)
     text = text * (~drop_all[slot]).to(device, text.dtype)[:, None, None]  # §3: dropped = zeros
-    if max_tokens:  # §3.1 Frame Pack: the sampler's rows
-        rows = [it["row"] for it in items]
-        pad = max_tokens if job.args.attn == "flex" else None  # flex: one row shape, one compile
-        packed = lambda m, *a: m.forward_packed(*a, max_tokens=pad)
-        v = net(packed, zt, t, text, rows)  # S x (C, T', h, w)
-    else:  # bucket mode: one shape per batch
-        v = list(net(lambda m, *a: m(*a), torch.stack(zt), t, text))  # S x (C, T', h, w)
+    v = dit_predict(job, net, zt, t, text, [it["row"] for it in items], max_tokens)
     mse = torch.stack([(a.float() - b.float()).pow(2).mean() for a, b in zip(v, target)])  # (S,)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    mse_ = mse.detach()
-    stats = {"loss": float((w * mse_).sum()), "tokens": float(sum(tokens)), "mse": mse_, "t": t,
-             "w": w}
-    return world * (w * mse).sum(), stats
+    n = torch.tensor(n, dtype=torch.float32, device=device)  # (S,)
+    real = float((n > 0).sum())
+    stats = {"loss": float((n * mse.detach()).sum()), "n": float(n.sum()),
+             "tokens": float(n.sum()) + real * job.cfg.text_len, "mse": mse.detach(), "t": t,
+             "n_j": n}
+    return (n * mse).sum(), stats
+
+
+def dummy_dit_loss(job, net, max_tokens):
+    """No readable sample on this rank: one zero sample of one token (one latent frame, one patch,
+    blank text) through the wrapped model, times 0. The same modules run as in a real micro-batch,
+    so every parameter gets a (zero) gradient and the other ranks' DDP all-reduces and FSDP
+    all-gathers / reduce-scatters all find their partner."""
+    cfg, dev = job.cfg, job.device
+    x = torch.zeros(cfg.in_channels, 1, cfg.patch, cfg.patch, device=dev)  # (C_in, 1, p, p)
+    t = torch.zeros(1, dtype=torch.long, device=dev)  # (1,)
+    text = torch.zeros(1, cfg.text_len, cfg.text_dim, device=dev)  # (1, L, D)
+    v = dit_predict(job, net, [x], t, text, [0], max_tokens)[0]  # (C, 1, p, p)
+    empty = torch.zeros(0)
+    return v.float().sum() * 0.0, {"loss": 0.0, "n": 0.0, "tokens": 0.0, "mse": empty, "t": empty,
+                                   "n_j": empty}
 
 
 # ----- the VAE loss of one micro-batch, and the discriminator step (§2.1) -----
 
-def vae_loss(job, net, batch, step, micro):
-    """-> (generator loss, stats: "loss", "tokens", "parts", "x", "rec", "zstat").
+def vae_forward(job, net, x, eps):
+    """Encode and decode through the wrapped VAE -> (reconstruction (B, 3, T, H, W), posterior).
 
     Under CP every rank of a group holds the whole clip, encodes and decodes its share, and gathers
     the reconstruction (differentiably): each rank computes the full clip's loss, and the gather's
     backward sums the group's gradients, so the update equals one process."""
-    tc, model, group = job.tc, job.model, job.group
+    group = job.group
+    if group is None:  # CausalVAE.forward: encode, z = mean + std·eps, decode
+        return net(lambda m: m(x, eps=eps))  # (B, 3, T, H, W), posterior
+    xs, es = vae.cp_split(x, group), vae.cp_split(eps, group, factor=1)  # this rank's frames
+    rec, post = net(lambda m: m(xs, group, eps=es))
+    rec = vae.cp_gather(rec, group)  # (B, 3, T, H, W) on every rank of the group
+    return rec, vae.Gaussian(vae.cp_gather(post.mean, group), vae.cp_gather(post.logvar, group))
+
+
+def vae_loss(job, net, batch, step, micro):
+    """-> (n·loss for backward, stats: "loss" (n·loss), "n", "tokens", "parts", "x", "rec", "zstat").
+
+    n = the pixels T·H·W of this rank's readable clips (0 for a weight-0 filler); the loss of the
+    batch (one shape) is a mean over them, so n·loss is their sum, normalised by the loop over the
+    whole step (see the DiT's loss). Under CP the group's ranks share one clip: its numbers are
+    reported 1/cp per rank, so the all-summed stats count it once."""
+    tc, model = job.tc, job.model
     items = batch["items"]
+    if not items:  # every file of this micro-batch was unreadable on this rank
+        return dummy_vae_loss(job, net)
     x = torch.stack([it["video"] for it in items]).to(job.device)  # (B, 3, T, H, W)
     T, tf, sf = x.shape[2], model.cfg.temporal_factor, model.cfg.spatial_factor
     shape = (model.cfg.latent, (T - 1) // tf + 1, x.shape[3] // sf, x.shape[4] // sf)
     eps = torch.stack([noise(shape, tc.seed, step, micro, max(it.get("slot", 0), 0))
                        for it in items]).to(job.device)  # (B, C, T', h, w)
-    if group is None:  # CausalVAE.forward: encode, z = mean + std·eps, decode
-        rec, post = net(lambda m: m(x, eps=eps))  # (B, 3, T, H, W)
-    else:
-        xs, es = vae.cp_split(x, group), vae.cp_split(eps, group, factor=1)  # this rank's frames
-        rec, post = net(lambda m: m(xs, group, eps=es))
-        rec = vae.cp_gather(rec, group)  # (B, 3, T, H, W) on every rank of the group
-        post = vae.Gaussian(vae.cp_gather(post.mean, group), vae.cp_gather(post.logvar, group))
+    rec, post = vae_forward(job, net, x, eps)
     disc = job.disc if job.disc is not None and step >= tc.disc_start else None
     if disc is not None:  # the generator's GAN term must not touch the discriminator's gradients
         disc.requires_grad_(False)
-    last = model.decoder.conv_out.weight if group is None else None
+    last = model.decoder.conv_out.weight if job.group is None else None
     loss, parts = vae.generator_loss(x, rec, post, step, recon=tc.recon, kl_weight=tc.kl_weight,
                                      lpips=job.lpips, disc=disc, disc_weight=tc.disc_weight,
                                      disc_start=tc.disc_start, last_layer=last)
     if disc is not None:
         disc.requires_grad_(True)
-    if all(it.get("weight", 1.0) == 0 for it in items):
-        loss = loss * 0.0  # a weight-0 filler (last batch of an epoch) only keeps ranks in step
-    cp = job.args.cp if group is not None else 1
+    cp = job.args.cp if job.group is not None else 1
+    # a weight-0 filler (the last batch of an epoch) only keeps the ranks in step
+    n = sum(x[0, 0].numel() for it in items if it.get("weight", 1.0) > 0)  # T·H·W per clip
     m = post.mean.detach().double()  # count, Σ mean, Σ mean², Σ var (for the scaling factor)
     z = torch.stack([m.new_tensor(m.numel()), m.sum(), (m * m).sum(),
-                     post.logvar.detach().double().exp().sum()]).cpu() / job.args.cp
-    stats = {"loss": float(loss.detach()) / cp, "tokens": x.numel() / 3 / cp, "x": x, "rec": rec,
-             "zstat": z, "parts": {k: float(v.detach()) for k, v in parts.items() if k != "loss"}}
-    return loss, stats
+                     post.logvar.detach().double().exp().sum()]).cpu() / cp
+    stats = {"loss": float(loss.detach()) * n / cp, "n": n / cp, "tokens": x.numel() / 3 / cp,
+             "x": x, "rec": rec, "zstat": z,
+             "parts": {k: float(v.detach()) for k, v in parts.items() if k != "loss"}}
+    return loss * n, stats
 
 
-def disc_step(job, dnet, dopt, step, start, stage_steps, x, rec):
+def dummy_vae_loss(job, net):
+    """No readable clip on this rank: one zero clip (the stages' smallest size; 1 frame, or the
+    shortest clip a CP group can split) through the wrapped VAE, times 0 (as dummy_dit_loss). The
+    discriminator may see it too, with weight 0 (disc_step)."""
+    cfg = job.model.cfg
+    T = 1 if job.group is None else cfg.temporal_factor * job.args.cp + 1
+    H, W = min(r for st in job.stages for r in st.resolutions)
+    x = torch.zeros(1, 3, T, H, W, device=job.device)  # (1, 3, T, H, W)
+    eps = torch.zeros(1, cfg.latent, (T - 1) // cfg.temporal_factor + 1, H // cfg.spatial_factor,
+                      W // cfg.spatial_factor, device=job.device)  # (1, C, T', h, w)
+    rec, _ = vae_forward(job, net, x, eps)
+    return rec.float().sum() * 0.0, {"loss": 0.0, "n": 0.0, "tokens": 0.0, "x": x, "rec": rec,
+                                     "zstat": torch.zeros(4, dtype=torch.float64), "parts": {}}
+
+
+def disc_step(job, dnet, dopt, step, start, stage_steps, x, rec, weight=1.0):
     """§2.1 GAN: the 3D discriminator's own hinge-loss step on real clips vs detached
-    reconstructions, with its own AdamW and learning rate -> its loss parts for the log."""
+    reconstructions, with its own AdamW and learning rate -> its loss parts for the log.
+    weight: this rank's share (0 for a rank that read nothing this step, see train())."""
     tc = job.tc
     for g in dopt.param_groups:
         g["lr"] = lr_at(tc, tc.disc_lr, step - max(start, tc.disc_start), stage_steps)
     dopt.zero_grad(set_to_none=True)
     dloss, parts = vae.discriminator_loss(dnet, x, rec.detach(), step, tc.disc_start)
-    dloss.backward()
+    (dloss * weight).backward()
     dnorm = torch.nn.utils.clip_grad_norm_(job.disc.parameters(), tc.clip)
     if math.isfinite(float(dloss.detach())) and math.isfinite(float(local(dnorm))):
         dopt.step()
@@ -826,7 +878,7 @@ def train(args):
         f"{f' (cp {args.cp})' if args.cp > 1 else ''}"
         f"{' fsdp' if args.fsdp else ' ddp' if world > 1 else ''} | {len(steps)} stage(s), "
         f"{total} steps | {device}")
-    losses, consec_bad, stage_i = [], 0, -1
+    losses, consec_bad, empty, stage_i = [], 0, 0, -1
 
     while step < total:
         if stage_i != next(i for i, e in enumerate(ends) if step < e):  # §3.2 a new stage
@@ -838,33 +890,47 @@ def train(args):
 
         # -- one optimizer step: lr -> accum micro-batches -> clip -> skip or step -> EMA --
         # Each micro-batch is one batch of the sampler for THIS rank (its rows of the global
-        # batch). Its loss is already normalised over the global batch, so summing micro-batches
-        # / accum and letting DDP average over ranks gives the mean over everything the step saw.
+        # batch). Its backward is on the un-normalised Σ n_j·loss_j (n_j: sample j's tokens, see
+        # dit_loss); the step's all-summed N then normalises the gradients and the logged loss.
         t0 = time.perf_counter()
         lr = lr_at(tc, lr0, step - start, steps[stage_i])
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        tot, per, ts, parts = torch.zeros(3, dtype=torch.float64), [], [], {}
+        # Σ n·loss, N, bad files, tokens (text + video: throughput), ranks that read something
+        tot, per, ts, parts, gan_in = torch.zeros(5, dtype=torch.float64), [], [], {}, None
         for micro in range(tc.accum):
             batch = next(stream)
             with sync(net, micro == tc.accum - 1):
                 if is_dit:
                     loss, st = dit_loss(job, net, batch, step, micro, max_tokens)
-                    per.append(st["mse"][st["w"] > 0].cpu())  # weight-0 fillers: not in the stats
-                    ts.append(st["t"][st["w"] > 0].cpu())
+                    per.append(st["mse"][st["n_j"] > 0].cpu())  # weight-0 fillers: not in the stats
+                    ts.append(st["t"][st["n_j"] > 0].cpu())
                 else:
                     loss, st = vae_loss(job, net, batch, step, micro)
-                    parts = st["parts"]
-                    if step >= total - max(1, total // 5):  # latent statistics, last 20% of steps
+                    parts = st["parts"] or parts
+                    last20 = step >= total - max(1, total // 5)
+                    if last20 and st["n"] > 0:  # latent statistics, last 20% of steps
                         zstat += st["zstat"]
-                (loss / tc.accum).backward()
-            tot += torch.tensor([st["loss"] / tc.accum, st["tokens"], batch["bad"]],
+                    # the GAN step's input: the last micro-batch that read something (or a dummy)
+                    gan_in = (st["x"], st["rec"]) if st["n"] > 0 or gan_in is None else gan_in
+                loss.backward()
+            tot += torch.tensor([st["loss"], st["n"], batch["bad"], st["tokens"], 0],
                                 dtype=torch.float64)
+        tot[4] = read_here = float(tot[1] > 0)
         # The logged loss is the global one (every rank's share summed), not rank 0's, so one
         # process and a torchrun of the same global batch print the same number.
         red = all_sum(tot)
-        gloss = float(red[0]) / (1 if is_dit else job.dp_world)
+        bad_files += int(red[2])
+        if red[1] == 0:  # not one readable sample on any rank (every rank sees the same sum)
+            empty = nothing_read(job, log, step, total, bad_files, empty + 1)
+            continue
+        empty, n_read = 0, float(red[1])
+        gloss = float(red[0]) / n_read  # Σ n_j·loss_j / N: the mean over what was read
+        with torch.no_grad():  # DDP / FSDP averaged the sums over ranks: world / N makes them / N
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(job.dp_world / n_read)
         # Clip on the global gradient norm (DDP gradients are averaged; FSDP's clip reduces over
         # shards). Every rank sees the same norm and loss, so all agree to skip a non-finite step.
         gnorm = float(local(torch.nn.utils.clip_grad_norm_(params, tc.clip)))
@@ -883,23 +949,23 @@ def train(args):
                 with torch.no_grad():
                     torch._foreach_lerp_(list(ema.values()),
                                          [p.detach() for p in model.parameters()], 1 - tc.ema)
-        # §2.1 GAN, after disc_start, on this step's last micro-batch. Not after a skipped step:
-        # a NaN reconstruction would poison the discriminator's weights.
+        # §2.1 GAN, after disc_start, on this step's last micro-batch that read something. Not
+        # after a skipped step: a NaN reconstruction would poison the discriminator's weights. A
+        # rank that read nothing this step joins with weight 0; the others share its part.
         if job.disc is not None and step >= tc.disc_start and consec_bad == 0:
-            parts.update(disc_step(job, dnet, dopt, step, start, steps[stage_i], st["x"],
-                                   st["rec"]))
-        bad_files += int(red[2])
+            w = read_here * world / float(red[4])
+            parts.update(disc_step(job, dnet, dopt, step, start, steps[stage_i], *gan_in, w))
         step += 1
         ms = 1000 * (time.perf_counter() - t0)
         losses.append(gloss)
 
         # -- logs: one greppable line per step + JSONL --
         rec = {"step": step, "stage": stage_i, "loss": gloss, "lr": lr, "ms": ms, "grad_norm": gnorm,
-               "tok_s": float(red[1]) / (ms / 1000), "bad_files": bad_files, **parts}
+               "tok_s": float(red[3]) / (ms / 1000), "bad_files": bad_files, **parts}
         if is_dit:
             rec.update(dit_log(torch.cat(per), torch.cat(ts), world))
             if max_tokens:
-                rec["packing"] = float(red[1]) / (tc.accum * tc.rows * job.dp_world * max_tokens)
+                rec["packing"] = float(red[3]) / (tc.accum * tc.rows * job.dp_world * max_tokens)
         if rank == 0:
             extra = "".join(f" | {k} {rec[k]:.4f}" for k in ("recon", "kl", "gan", "disc")
                             if k in rec)
@@ -947,6 +1013,24 @@ def resume(job, opts, ema):
         job.say(f"--resume: no checkpoint in {args.out}/ckpt yet, starting from scratch")
     # the VAE's zstat: count, Σ mean, Σ mean², Σ var of the latents (for the scaling factor)
     return 0, {"stage": 0, "epoch": 0, "batch": 0}, 0, torch.zeros(4, dtype=torch.float64)
+
+
+def nothing_read(job, log, step, total, bad_files, empty):
+    """A batch in which no rank read one sample (N = 0 everywhere). It is not a step: no AdamW
+    update (no moments, no weight decay), no EMA, no GAN step, and `step` does not advance, so
+    neither do the LR schedule and the per-step draws; the step is taken on the next batch (the data
+    position has moved on, so --resume replays exactly this). Logged as skipped, never as a loss.
+    -> such batches in a row (empty); --max-bad-steps of them stop the run."""
+    job.say(f"warning: step {step + 1}/{total}: no readable sample on any rank ({bad_files} bad "
+            f"files so far), nothing trained; the step takes the next batch", file=sys.stderr)
+    if log:
+        log.write(json.dumps({"step": step, "skipped": "no readable sample",
+                              "bad_files": bad_files}) + "\n")
+        log.flush()
+    if empty >= job.args.max_bad_steps:
+        raise SettingsError(f"{empty} batches in a row without one readable sample: check --data "
+                            f"with `python data.py inspect` (or raise --max-bad-steps)")
+    return empty
 
 
 def catch_signals():
@@ -1099,7 +1183,8 @@ def parser():
            "rows, dense for short rows on CPU (faster there)")
     a("--resume", action="store_true", help="continue from OUT/ckpt/latest")
     a("--stop-at", type=int, help="write a checkpoint and exit after this step (as on SIGTERM)")
-    a("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
+    a("--max-bad-steps", type=int, default=5,
+      help="stop after this many non-finite losses (or batches with nothing readable) in a row")
     a("--quick", action="store_true", help="demo: a few steps only (a smoke test of the pipeline)")
     a("--demo-scale", type=float, help="demo: multiply every step count by this")
     return p
