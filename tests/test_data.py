@@ -593,3 +593,26 @@ def test_write_video_fps_and_no_temp_file_on_failure(tmp_path, monkeypatch):
     with pytest.raises(av.FFmpegError):
         data.write_video(video, str(tmp_path / "f.mp4"), fps=8)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.mp4"]  # no .tmp file left, no partial file
+
+
+def test_truncated_clip_is_a_counted_bad_file(tmp_path):
+    """A clip whose header promises 17 frames but whose data ends after a few (a cut download): dropped, counted
+    and warned with its reason, not padded with copies of its last frame (issue 20.4). One frame short of the
+    header is a frame-count rounding: padded, as before."""
+    full = write(tmp_path / "full.mkv", T=17, H=32, W=32, paint=lambda i: np.full((32, 32, 3), 15 * i, np.uint8))
+    raw = open(full, "rb").read()
+    (tmp_path / "cut.mkv").write_bytes(raw[:len(raw) // 2])
+    cut = str(tmp_path / "cut.mkv")
+    short = write(tmp_path / "short.mkv", T=16, H=32, W=32)  # its manifest entry says 17
+    assert data.probe(cut)["frames"] == 17 and len(data._decode(cut, 17, 32, 32, None, None)) < 16
+    entries = [{"path": cut, "caption": "cut"}, {"path": full, "caption": "whole"},
+               {"path": short, "caption": "one short", "height": 32, "width": 32, "frames": 17}]
+    for mode in ("pack", "bucket"):
+        ds = data.VideoDataset(entries, data.Stage([(32, 32)], [1, 9, 17]), mode=mode)
+        assert ds.shapes == [(17, 32, 32)] * 3  # planned from the headers
+        assert ds[(0, 0, 0, 1 / 3, 3)] is None and ds.skipped == 1 and ds.bad[cut].startswith("truncated: ")
+        assert data.collate([ds[(k, 0, k, 1 / 3, 3)] for k in range(3)])["bad"] == 1  # the bad-file tally
+        assert ds[1]["video"].shape[1] == 17 and ds[2]["video"].shape[1] == 17
+    with pytest.raises(data.BadVideo, match="truncated"):
+        data.load_video(cut, 17, min_frames=16)
+    assert data.load_video(cut, 17, pad="repeat").shape[1] == 17  # no min_frames: padded as asked

@@ -119,3 +119,118 @@ def test_accum_equals_one_big_batch_two_ranks(assets, tmp_path, torchrun, big_ba
     assert f"world 2 {mode}" in p.stdout
     assert [r["loss"] for r in log(tmp_path)] == pytest.approx(ref, rel=1e-5, abs=1e-7)
     same(ckpt_weights(ref_out, 4), ckpt_weights(tmp_path, 4))
+
+
+# ----- issue 20.5 / 20.1: unreadable files neither shrink the loss nor stop the run -----
+
+def opt_steps(out, step, part):
+    st = torch.load(os.path.join(out, "ckpt", f"step_{step:07d}", "state.pt"), weights_only=True)
+    return {int(s["step"]) for s in st["opt"][part]["state"].values()}
+
+
+@pytest.mark.parametrize("stage", ["dit", "vae"])
+def test_unreadable_files_change_nothing_but_the_count(assets, tmp_path, monkeypatch, capsys, stage):
+    """One clip 4 times, clean, vs the same 4 plus 4 unreadable copies (patched draws: every readable sample
+    has the same loss and gradient). Renormalised over what was read, every step equals the clean run's: loss,
+    LR, weights. A batch with nothing readable is no step: skipped and logged as such (never as a loss), no
+    optimizer update, no LR step; the optimizer counts exactly the run's steps."""
+    _loss_worker.apply("same_draws", monkeypatch.setattr)
+    e = data.read_manifest(assets["manifest"])[0]  # a 9-frame clip
+    data.write_manifest([e] * 4, str(tmp_path / "clean.jsonl"))
+    dirty = with_unreadable(tmp_path, [e] * 4, 4)
+    if stage == "dit":  # global batches of 2 rows of one clip each
+        args = lambda m, out: dit_args(assets, out, m, "--steps", "4,2", "--rows", "2", "--max-tokens", "24")
+    else:  # global batches of 2 clips (the GAN term starts at step 2)
+        args = lambda m, out: vae_args(m, out, "--steps", "6", "--batch", "2")
+    clean = train.main(args(str(tmp_path / "clean.jsonl"), tmp_path / "clean"))
+    res = train.main(args(dirty, tmp_path / "dirty"))
+    assert res["step"] == 6 and res["losses"] == pytest.approx(clean["losses"], rel=1e-5, abs=1e-7)
+    recs = log(tmp_path / "dirty")
+    trained, skipped = [r for r in recs if "loss" in r], [r for r in recs if "skipped" in r]
+    assert len(trained) == 6 and skipped and all(r["loss"] > 0.01 for r in trained)
+    assert [r["lr"] for r in trained] == [r["lr"] for r in log(tmp_path / "clean")]
+    before = [0] + [r["bad_files"] for r in recs]
+    assert any(r["bad_files"] > b for r, b in zip(recs, before) if "loss" in r)  # a step read only some
+    assert "no readable sample on any rank" in capsys.readouterr().err
+    same(ckpt_weights(tmp_path / "clean", 6, stage), ckpt_weights(tmp_path / "dirty", 6, stage))
+    assert opt_steps(tmp_path / "dirty", 6, stage) == {6}
+
+
+def truncated_clip(tmp_path, frames=9):
+    """A clip whose header promises `frames` frames but whose data ends after a few (cut in half)."""
+    path = tmp_path / "cut.mkv"
+    data.write_video(torch.rand(3, frames, 16, 16) * 2 - 1, str(path), fps=8)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:len(raw) // 2])
+    return str(path)
+
+
+def test_vae_batch_1_with_unreadable_and_truncated_files_resumes_exactly(assets, tmp_path, capsys):
+    """--batch 1 (the 2B preset's VAE batch): an unreadable file used to be fatal, and --resume met it again.
+    Now it is a skipped batch; a truncated clip is one more bad file; stop + --resume == uninterrupted."""
+    entries = data.read_manifest(assets["manifest"])[:3]
+    dirty = with_unreadable(tmp_path, entries + [{"path": truncated_clip(tmp_path), "caption": "cut"}], 2)
+    common = ["--steps", "6", "--batch", "1"]
+    full = train.main(vae_args(dirty, tmp_path / "full", *common))
+    # stopped after the discriminator's first step (disc_start 2): a checkpoint written before it gives the
+    # discriminator's empty AdamW a state (torch's get_optimizer_state_dict), which changes later steps
+    part = train.main(vae_args(dirty, tmp_path / "part", *common, "--stop-at", "3"))
+    rest = train.main(vae_args(dirty, tmp_path / "part", *common, "--resume"))
+    assert part["losses"] + rest["losses"] == full["losses"]
+    same(ckpt_weights(tmp_path / "full", 6, "vae"), ckpt_weights(tmp_path / "part", 6, "vae"), atol=0)
+    recs = log(tmp_path / "full")
+    assert recs[-1]["bad_files"] >= 3 and [r["step"] for r in recs if "skipped" in r][-1] >= 3
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert "truncated: " in capsys.readouterr().err
+
+
+# ----- issue 13 §2, 20.1: a rank with nothing readable keeps every collective in step -----
+
+@pytest.fixture(scope="module")
+def one_clip(assets, tmp_path_factory):
+    """A manifest of one 9-frame clip 4 times, and one process training on it with 2 rows x --accum 2 (patched
+    draws: every sample has the same loss and gradient, so any subset read gives the same step)."""
+    root = tmp_path_factory.mktemp("one_clip")
+    data.write_manifest([data.read_manifest(assets["manifest"])[0]] * 4, str(root / "m.jsonl"))
+    mp = pytest.MonkeyPatch()
+    try:
+        _loss_worker.apply("same_draws", mp.setattr)
+        res = train.main(dit_args(assets, root / "run", str(root / "m.jsonl"), *DEAF, "--rows", "2"))
+    finally:
+        mp.undo()
+    return str(root / "m.jsonl"), res["losses"], root / "run"
+
+
+DEAF = ["--steps", "2,1", "--accum", "2"]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_rank_with_nothing_readable_stays_in_step(assets, tmp_path, torchrun, one_clip, mode):
+    """Rank 1's files are all unreadable (each of its micro-batches, --accum 2). It runs a zero-weight dummy
+    sample through the wrapped model, so no DDP / FSDP collective waits for it (before: FSDP failed with "mixed
+    torch.Tensor and DTensor" / hung), and the ranks agree on N: the loss is rank 0's alone, not halved (before,
+    under DDP). Every sample is the same clip here, so the run equals one process reading them all."""
+    manifest, ref, ref_out = one_clip
+    extra = ["--fsdp"] if mode == "fsdp" else []
+    torchrun(WORKER, "same_draws,deaf:1:1", "--",
+             *dit_args(assets, tmp_path, manifest, *DEAF, "--rows", "1", *extra))
+    recs = log(tmp_path)
+    assert [r["loss"] for r in recs] == pytest.approx(ref, rel=1e-5, abs=1e-7)
+    assert recs[-1]["bad_files"] == 6  # rank 1's sample of every micro-batch
+    same(ckpt_weights(ref_out, 3), ckpt_weights(tmp_path, 3))
+
+
+def test_vae_rank_with_nothing_readable_stays_in_step(assets, tmp_path, torchrun, monkeypatch):
+    """The VAE under DDP, rank 1 reading nothing: a dummy clip keeps the VAE's and the discriminator's DDP in
+    step (the GAN step gives it weight 0). Before: "stack expects a non-empty TensorList" on rank 1. Equals one
+    process with the same files unreadable, the discriminator steps included."""
+    common = ["--steps", "4", "--batch", "1"]
+    with monkeypatch.context() as mp:
+        _loss_worker.apply("deaf:0:1", mp.setattr)  # one process, batch 2: the second sample unreadable
+        one = train.main(vae_args(assets["manifest"], tmp_path / "one", *common[:2], "--batch", "2"))
+    torchrun(WORKER, "deaf:0:1", "--", *vae_args(assets["manifest"], tmp_path / "two", *common))
+    recs = log(tmp_path / "two")
+    assert [r["loss"] for r in recs] == pytest.approx(one["losses"], rel=1e-5, abs=1e-7)
+    assert "disc" in recs[-1] and recs[-1]["disc"] == pytest.approx(log(tmp_path / "one")[-1]["disc"], rel=1e-5)
+    same(ckpt_weights(tmp_path / "one", 4, "vae"), ckpt_weights(tmp_path / "two", 4, "vae"))
+    same(ckpt_weights(tmp_path / "one", 4, "disc"), ckpt_weights(tmp_path / "two", 4, "disc"))
