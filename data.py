@@ -17,8 +17,9 @@ batch_sampler=keys, collate_fn=collate). train.draws draws every per-sample rand
 (timesteps via diffusion.explicit_uniform_timesteps(n_global, 0, 1), shuffled over the slots; text
 dropout; the App. A condition noise) for the whole global batch from a generator seeded by (seed,
 step, micro-batch), and each rank takes its slots; noise tensors come from a generator keyed by
-(seed, step, micro-batch, slot, kind). The loss is world_size * sum(weight * mse), so 2 DDP ranks
-equal one process on the combined batch (tested).
+(seed, step, micro-batch, slot, kind). The loss weighs each sample that was actually read by its
+video tokens over the whole optimizer step (train.dit_loss), so 2 DDP ranks equal one process on the
+combined batch (tested); `weight` > 0 marks a real sample.
 
 Run:
   python data.py shapes  --out shapes --n 400              # the toy set the demo trains on
@@ -616,9 +617,10 @@ class _GlobalBatchSampler:
     """Shared by both samplers: build the epoch's GLOBAL batches from (seed, epoch), yield this
     rank's slice.
 
-    A global batch is a list of slots; slot j is one real sample with its loss weight
+    A global batch is a list of slots; slot j is one real sample with its planned weight
     (tokens_j / sum over the global batch). This rank's keys are (index, row, slot, weight,
-    n_global). A rank whose slice would be empty (only in the last batch) gets one copy of a real
+    n_global). train.py weighs by the tokens of the samples actually read, over all micro-batches
+    and ranks of a step (an unreadable file does not shrink the others); weight 0 marks a filler. A rank whose slice would be empty (only in the last batch) gets one copy of a real
     sample with weight 0 and slot -1, so every rank runs the same number of steps and DDP never
     stalls. drop_last=True leaves out the epoch's partial batches instead (see each _full)."""
 
@@ -678,9 +680,9 @@ class FramePackSampler(_GlobalBatchSampler):
     dit.forward_packed lays the samples out in exactly these rows. Per-sample tokens:
     text_len + T' * h * w with the VAE factors tf (time), sf (space) and patch p passed in.
 
-    Loss weight of sample j = its video tokens / all video tokens of the global batch: the mean over
-    real tokens, as if the global batch were one long sequence. With DDP (which averages gradients
-    over ranks) the per-rank loss is world_size * sum_j weight_j * mse_j."""
+    Planned weight of sample j = its video tokens / all video tokens of the global batch: the mean
+    over real tokens, as if the global batch were one long sequence (train.py takes that mean over
+    the tokens actually read in the whole optimizer step)."""
 
     def __init__(self, shapes, max_tokens, rows=1, text_len=226, tf=4, sf=8, p=2, seed=0, rank=0,
                  world_size=1, lookahead=16, drop_last=False):

@@ -13,8 +13,9 @@ One flat step loop, the same code on a laptop CPU and under torchrun on many GPU
 
 Reading one DiT step, top to bottom: the sampler's keys -> data.Prepared (cached posterior + T5 text)
 -> `draws` (timesteps, dropout, condition noise for the GLOBAL batch; each rank takes its slots) ->
-`dit_loss` (q_sample, v target, forward_packed, per-sample MSE) -> backward (DDP/FSDP average) ->
-clip -> AdamW -> EMA -> log line + JSONL -> checkpoint.
+`dit_loss` (q_sample, v target, forward_packed, per-sample MSE, Σ tokens·MSE) -> backward (DDP/FSDP
+average) -> after the last micro-batch, gradients × world / (tokens read, summed over ranks) -> clip
+-> AdamW -> EMA -> log line + JSONL -> checkpoint. A batch in which no rank read a sample is no step.
 
 Run:
   python train.py                                # the shapes demo: data, VAE, DiT, samples, score
