@@ -879,7 +879,7 @@ def train(args):
         f"{f' (cp {args.cp})' if args.cp > 1 else ''}"
         f"{' fsdp' if args.fsdp else ' ddp' if world > 1 else ''} | {len(steps)} stage(s), "
         f"{total} steps | {device}")
-    losses, consec_bad, empty, stage_i = [], 0, 0, -1
+    losses, consec_bad, since, stage_i = [], 0, None, -1
 
     while step < total:
         if stage_i != next(i for i, e in enumerate(ends) if step < e):  # §3.2 a new stage
@@ -924,9 +924,9 @@ def train(args):
         red = all_sum(tot)
         bad_files += int(red[2])
         if red[1] == 0:  # not one readable sample on any rank (every rank sees the same sum)
-            empty = nothing_read(job, log, step, total, bad_files, empty + 1)
+            since = nothing_read(job, log, step, total, bad_files, since or dict(pos), pos)
             continue
-        empty, n_read = 0, float(red[1])
+        since, n_read = None, float(red[1])
         gloss = float(red[0]) / n_read  # Σ n_j·loss_j / N: the mean over what was read
         with torch.no_grad():  # DDP / FSDP averaged the sums over ranks: world / N makes them / N
             for p in params:
@@ -1016,22 +1016,25 @@ def resume(job, opts, ema):
     return 0, {"stage": 0, "epoch": 0, "batch": 0}, 0, torch.zeros(4, dtype=torch.float64)
 
 
-def nothing_read(job, log, step, total, bad_files, empty):
+def nothing_read(job, log, step, total, bad_files, since, pos):
     """A batch in which no rank read one sample (N = 0 everywhere). It is not a step: no AdamW
     update (no moments, no weight decay), no EMA, no GAN step, and `step` does not advance, so
     neither do the LR schedule and the per-step draws; the step is taken on the next batch (the data
     position has moved on, so --resume replays exactly this). Logged as skipped, never as a loss.
-    -> such batches in a row (empty); --max-bad-steps of them stop the run."""
+    since: the data position {"epoch", "batch"} after the first of these batches in a row -> since.
+    A whole epoch more of them means nothing is readable any more: the run stops (exit code 2).
+    (A count such as --max-bad-steps would stop a healthy run: with --batch 1 on one process and a
+    tenth of the files unreadable, 5 unreadable batches in a row come once in 100k steps.)"""
     job.say(f"warning: step {step + 1}/{total}: no readable sample on any rank ({bad_files} bad "
             f"files so far), nothing trained; the step takes the next batch", file=sys.stderr)
     if log:
         log.write(json.dumps({"step": step, "skipped": "no readable sample",
                               "bad_files": bad_files}) + "\n")
         log.flush()
-    if empty >= job.args.max_bad_steps:
-        raise SettingsError(f"{empty} batches in a row without one readable sample: check --data "
-                            f"with `python data.py inspect` (or raise --max-bad-steps)")
-    return empty
+    if (pos["epoch"], pos["batch"]) >= (since["epoch"] + 1, since["batch"]):
+        raise SettingsError(f"a whole epoch without one readable sample ({bad_files} bad files): "
+                            f"check --data with `python data.py inspect`")
+    return since
 
 
 def catch_signals():
@@ -1184,8 +1187,7 @@ def parser():
            "rows, dense for short rows on CPU (faster there)")
     a("--resume", action="store_true", help="continue from OUT/ckpt/latest")
     a("--stop-at", type=int, help="write a checkpoint and exit after this step (as on SIGTERM)")
-    a("--max-bad-steps", type=int, default=5,
-      help="stop after this many non-finite losses (or batches with nothing readable) in a row")
+    a("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
     a("--quick", action="store_true", help="demo: a few steps only (a smoke test of the pipeline)")
     a("--demo-scale", type=float, help="demo: multiply every step count by this")
     return p

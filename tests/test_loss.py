@@ -234,3 +234,17 @@ def test_vae_rank_with_nothing_readable_stays_in_step(assets, tmp_path, torchrun
     assert "disc" in recs[-1] and recs[-1]["disc"] == pytest.approx(log(tmp_path / "one")[-1]["disc"], rel=1e-5)
     same(ckpt_weights(tmp_path / "one", 4, "vae"), ckpt_weights(tmp_path / "two", 4, "vae"))
     same(ckpt_weights(tmp_path / "one", 4, "disc"), ckpt_weights(tmp_path / "two", 4, "disc"))
+
+
+def test_nothing_readable_at_all_stops_with_exit_code_2(assets, tmp_path, capsys):
+    """Files planned from the manifest that all fail when read: after a whole epoch of batches with nothing
+    readable the run stops with one line and exit code 2 (before: "stack expects a non-empty TensorList")."""
+    entries = data.read_manifest(assets["manifest"])[:1]
+    manifest = with_unreadable(tmp_path, entries, 3)
+    data.write_manifest(data.read_manifest(manifest)[1:], manifest)  # only the 3 unreadable copies
+    with pytest.raises(SystemExit) as e:
+        train.main(vae_args(manifest, tmp_path / "run", "--steps", "2", "--batch", "1"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "a whole epoch without one readable sample" in err.splitlines()[-1]
+    assert err.count("no readable sample on any rank") == 4  # the first batch + one epoch of 3
+    assert not any("loss" in r for r in log(tmp_path / "run"))
