@@ -15,7 +15,8 @@ Reading one DiT step, top to bottom: the sampler's keys -> data.Prepared (cached
 -> `draws` (timesteps, dropout, condition noise for the GLOBAL batch; each rank takes its slots) ->
 `dit_loss` (q_sample, v target, forward_packed, per-sample MSE, Σ tokens·MSE) -> backward (DDP/FSDP
 average) -> after the last micro-batch, gradients × world / (tokens read, summed over ranks) -> clip
--> AdamW -> EMA -> log line + JSONL -> checkpoint. A batch in which no rank read a sample is no step.
+-> AdamW -> EMA -> log line + JSONL -> checkpoint. A batch in which no rank read a sample is not a
+step.
 
 Run:
   python train.py                                # the shapes demo: data, VAE, DiT, samples, score
@@ -368,7 +369,8 @@ def vae_forward(job, net, x, eps):
 
 
 def vae_loss(job, net, batch, step, micro):
-    """-> (n·loss for backward, stats: "loss" (n·loss), "n", "tokens", "parts", "x", "rec", "zstat").
+    """-> (n·loss for backward, stats: "loss" (n·loss), "n", "tokens", "parts", "x", "rec",
+    "zstat").
 
     n = the pixels T·H·W of this rank's readable clips (0 for a weight-0 filler); the loss of the
     batch (one shape) is a mean over them, so n·loss is their sum, normalised by the loop over the
