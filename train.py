@@ -912,9 +912,8 @@ def train(args):
                 else:
                     loss, st = vae_loss(job, net, batch, step, micro)
                     parts = st["parts"] or parts
-                    last20 = step >= total - max(1, total // 5)
-                    if last20 and st["n"] > 0:  # latent statistics, last 20% of steps
-                        zstat += st["zstat"]
+                    if st["n"] > 0 and step >= total - max(1, total // 5):  # latent statistics,
+                        zstat += st["zstat"]  # last 20% of steps
                     # the GAN step's input: the last micro-batch that read something (or a dummy)
                     gan_in = (st["x"], st["rec"]) if st["n"] > 0 or gan_in is None else gan_in
                 loss.backward()
@@ -930,10 +929,7 @@ def train(args):
             continue
         since, n_read = None, float(red[1])
         gloss = float(red[0]) / n_read  # Σ n_j·loss_j / N: the mean over what was read
-        with torch.no_grad():  # DDP / FSDP averaged the sums over ranks: world / N makes them / N
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(job.dp_world / n_read)
+        scale_grads(params, job.dp_world / n_read)  # × world / N: DDP / FSDP averaged the sums
         # Clip on the global gradient norm (DDP gradients are averaged; FSDP's clip reduces over
         # shards). Every rank sees the same norm and loss, so all agree to skip a non-finite step.
         gnorm = float(local(torch.nn.utils.clip_grad_norm_(params, tc.clip)))
@@ -1016,6 +1012,14 @@ def resume(job, opts, ema):
         job.say(f"--resume: no checkpoint in {args.out}/ckpt yet, starting from scratch")
     # the VAE's zstat: count, Σ mean, Σ mean², Σ var of the latents (for the scaling factor)
     return 0, {"stage": 0, "epoch": 0, "batch": 0}, 0, torch.zeros(4, dtype=torch.float64)
+
+
+def scale_grads(params, s):
+    """Multiply every gradient by s (plain tensors or FSDP's sharded DTensors)."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(s)
 
 
 def nothing_read(job, log, step, total, bad_files, since, pos):
