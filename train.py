@@ -44,6 +44,7 @@ import shutil
 import signal
 import sys
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
@@ -52,6 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import diffusion
@@ -195,21 +197,24 @@ class Call(nn.Module):
         return fn(self.model, *args)
 
 
-def wrap(model, fsdp, device, call=True, mesh=None):
+def wrap(model, fsdp, device, call=True, mesh=None, bf16=False):
     """DDP by default, FSDP2 with --fsdp (fully_shard each block, then the root, over `mesh` or
-    the whole world), nothing in one process."""
+    the whole world), nothing in one process. bf16 (GPU): FSDP gathers bf16 parameters and
+    reduces gradients in fp32 (else autocast would keep a bf16 copy of every weight it casts)."""
     net = Call(model) if call else model
     if not dist.is_initialized():
         return net
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
         for m in model.modules():
             if isinstance(m, nn.ModuleList):
                 for block in m:
-                    fully_shard(block, mesh=mesh)
-        return fully_shard(net, mesh=mesh)
+                    fully_shard(block, mesh=mesh, mp_policy=mp)
+        return fully_shard(net, mesh=mesh, mp_policy=mp)
     from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(net, device_ids=[device] if device.type == "cuda" else None)
+    return DDP(net, device_ids=[device] if device.type == "cuda" else None,
+               gradient_as_bucket_view=True)  # the gradients live in the buckets: no second copy
 
 
 def sync(net, on):
@@ -330,7 +335,9 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
     mse = torch.stack([(a.float() - b.float()).pow(2).mean() for a, b in zip(v, target)])  # (S,)
     n = torch.tensor(n, dtype=torch.float32, device=device)  # (S,)
     real = float((n > 0).sum())
-    stats = {"loss": float((n * mse.detach()).sum()), "n": float(n.sum()),
+    # "loss" stays a tensor (no float(): no device sync per micro-batch, and the step simulator
+    # runs this on fake tensors); the loop turns it into a number once per micro-batch
+    stats = {"loss": (n * mse.detach()).sum(), "n": float(n.sum()),
              "tokens": float(n.sum()) + real * job.cfg.text_len, "mse": mse.detach(), "t": t,
              "n_j": n}
     return (n * mse).sum(), stats
@@ -401,9 +408,9 @@ def vae_loss(job, net, batch, step, micro):
     m = post.mean.detach().double()  # count, Σ mean, Σ mean², Σ var (for the scaling factor)
     z = torch.stack([m.new_tensor(m.numel()), m.sum(), (m * m).sum(),
                      post.logvar.detach().double().exp().sum()]).cpu() / cp
-    stats = {"loss": float(loss.detach()) * n / cp, "n": n / cp, "tokens": x.numel() / 3 / cp,
-             "x": x, "rec": rec, "zstat": z,
-             "parts": {k: float(v.detach()) for k, v in parts.items() if k != "loss"}}
+    stats = {"loss": loss.detach() * n / cp, "n": n / cp, "tokens": x.numel() / 3 / cp,
+             "x": x, "rec": rec, "zstat": z,  # tensors, as in dit_loss
+             "parts": {k: v.detach() for k, v in parts.items() if k != "loss"}}
     return loss * n, stats
 
 
@@ -627,12 +634,14 @@ def check(args, tc, stages, steps=(1,)):
     check_numbers(args, tc, steps)
     try:  # the device, and output folders that could only fail after the work (a file, a
         data.check_device(args.device)  # read-only disk)
-        data.check_writable(args.out, "--out", folder=True)
+        if not args.simulate:  # a simulation reads and writes no files
+            data.check_writable(args.out, "--out", folder=True)
         if args.cache:
             data.check_writable(args.cache, "--cache", folder=True)
     except ValueError as e:
         raise SettingsError(str(e)) from None
-    check_data(args.data)
+    if not args.simulate:
+        check_data(args.data)
     for name in ("vae", "text_encoder", "init"):
         p = getattr(args, name, None)
         if p and not os.path.isdir(p):
@@ -665,7 +674,7 @@ def check_dit(args, tc, stages, ac, dc):
     """The DiT stage's settings against its VAE, its position table and its row length."""
     if args.cp > 1:
         raise SettingsError("--cp is the VAE's context parallel; drop it for --stage dit")
-    if not args.vae or not (args.cache or args.text_encoder):
+    if not args.simulate and (not args.vae or not (args.cache or args.text_encoder)):
         raise SettingsError("--stage dit needs --vae DIR (its latents and scaling factor) and "
                             "--text-encoder DIR (or a --cache DIR already holding the text "
                             "embeddings)")
@@ -742,10 +751,12 @@ def build_vae(job):
     model = vae.CausalVAE(cfg)
     if args.init:
         model.load_state_dict(load_file(os.path.join(args.init, "model.safetensors")))
-    job.disc = vae.Discriminator3D(tc.disc_ch).to(device)
+    # built on the CPU; moved only to another device (a no-op move of fake tensors would fail)
+    move = (lambda m: m) if device.type == "cpu" else (lambda m: m.to(device))
+    job.disc = move(vae.Discriminator3D(tc.disc_ch))
     lpips = vae.load_lpips(args.lpips) if job.rank == 0 or args.lpips else None
-    job.lpips = lpips.to(device) if lpips is not None else None
-    job.ae, job.model, job.parts = model, model.to(device), {"vae": model, "disc": job.disc}
+    job.lpips = move(lpips) if lpips is not None else None
+    job.ae, job.model, job.parts = model, move(model), {"vae": model, "disc": job.disc}
 
 
 def enter_stage(job, i, pos):
@@ -911,13 +922,13 @@ def train(args):
                     ts.append(st["t"][st["n_j"] > 0].cpu())
                 else:
                     loss, st = vae_loss(job, net, batch, step, micro)
-                    parts = st["parts"] or parts
+                    parts = {k: float(v) for k, v in st["parts"].items()} or parts
                     if st["n"] > 0 and step >= total - max(1, total // 5):  # latent statistics,
                         zstat += st["zstat"]  # last 20% of steps
                     # the GAN step's input: the last micro-batch that read something (or a dummy)
                     gan_in = (st["x"], st["rec"]) if st["n"] > 0 or gan_in is None else gan_in
                 loss.backward()
-            tot += torch.tensor([st["loss"], st["n"], batch["bad"], st["tokens"], 0],
+            tot += torch.tensor([float(st["loss"]), st["n"], batch["bad"], st["tokens"], 0],
                                 dtype=torch.float64)
         tot[4] = read_here = float(tot[1] > 0)
         # The logged loss is the global one (every rank's share summed), not rank 0's, so one
@@ -1072,6 +1083,305 @@ def dit_log(mse, t, world):
     return {"loss_by_t": diffusion.loss_by_bucket(mse, t)} if len(mse) else {}
 
 
+# ----- the step simulator: a real-size step without a GPU -----
+# One real training step (the functions above: make_dit / build_vae, wrap, dit_loss / vae_loss,
+# clip, AdamW) on fake tensors (FakeTensorMode: shapes and dtypes, no data) in a fake process group
+# of N ranks, at the stage's real shapes with synthetic latents and text. What the code materialises
+# shows up (masks, gathered sequences, FSDP's unsharded parameters), which is the point. The CPU
+# attention kernel stands in for flash attention: it keeps the output and the log-sum-exp only.
+
+class MemTracker(TorchDispatchMode):
+    """Bytes alive, op by op, as an accelerator allocator holds them (without its cache): each
+    tensor an op returns counts once per storage until the storage dies. A DTensor counts its local
+    shard; FSDP2 frees an unsharded parameter by resizing its storage to 0, which is followed too.
+    Storages are tagged by the phase that made them ("param", "opt", "fwd", "bwd", "step"), and the
+    tags alive at the peak are kept. The same accounting runs on real and fake tensors (that is how
+    the simulator is validated), and it counts FLOPs with torch.utils.flop_counter's formulas plus a
+    roofline time: each op takes max(FLOPs / peak, bytes moved / bandwidth)."""
+
+    def __init__(self, peak_flops=989e12, bandwidth=3.35e12):
+        super().__init__()
+        self.live, self.sums, self.now, self.peak, self.phase = {}, {}, 0, 0, "setup"
+        self.peak_phase = None
+        self.at_peak, self.flops, self.seconds = {}, {}, 0.0
+        self.peak_flops, self.bandwidth = peak_flops, bandwidth
+        from torch.utils.flop_counter import flop_registry, shape_wrapper, sdpa_backward_flop_count
+        from torch.utils.flop_counter import sdpa_flop_count
+        aten = torch.ops.aten
+        self.formulas = {  # the CPU flash kernel has no formula in torch: the same as CUDA's flash
+            aten._scaled_dot_product_flash_attention_for_cpu:
+                shape_wrapper(lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)),
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: shape_wrapper(
+                lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v)),
+            **flop_registry}
+
+    def add(self, t, phase=None):
+        t = getattr(t, "_local_tensor", t)  # a DTensor: its shard on this rank
+        st = t.untyped_storage()
+        if st._cdata not in self.live:
+            phase = phase or self.phase
+            self.live[st._cdata] = [st.nbytes(), phase]
+            self.sums[phase] = self.sums.get(phase, 0) + st.nbytes()
+            self.now += st.nbytes()
+            weakref.finalize(st, self._free, st._cdata)
+            self._high()
+
+    def _free(self, key):
+        n, phase = self.live.pop(key, (0, "setup"))
+        self.now -= n
+        self.sums[phase] = self.sums.get(phase, 0) - n
+
+    def _resized(self, st, n):  # FSDP2's storage.resize_(0) / resize_(size)
+        entry = self.live.get(st._cdata)
+        if entry is not None:
+            self.now += n - entry[0]
+            self.sums[entry[1]] += n - entry[0]
+            entry[0] = n
+            self._high()
+
+    def retag(self, t, phase):
+        """A storage changes role, e.g. a backward output that became a parameter's gradient."""
+        entry = self.live.get(getattr(t, "_local_tensor", t).untyped_storage()._cdata)
+        if entry is not None and entry[1] != phase:
+            self.sums[entry[1]] -= entry[0]
+            self.sums[phase] = self.sums.get(phase, 0) + entry[0]
+            entry[1] = phase
+
+    def _high(self):
+        if self.now > self.peak:  # keep what each role held at the peak
+            self.peak, self.at_peak, self.peak_phase = self.now, dict(self.sums), self.phase
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        moved = 0
+        for t in torch.utils._pytree.tree_leaves((args, kwargs, out)):
+            if isinstance(t, torch.Tensor):
+                moved += t.numel() * t.element_size()
+        flops = 0
+        if func._overloadpacket in self.formulas:
+            flops = self.formulas[func._overloadpacket](*args, **(kwargs or {}), out_val=out)
+        self.flops[self.phase] = self.flops.get(self.phase, 0) + flops
+        self.seconds += max(flops / self.peak_flops, moved / self.bandwidth)
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        return out
+
+    def __enter__(self):
+        self._resize, me = torch.UntypedStorage.resize_, self
+
+        def resize_(st, n):
+            out = me._resize(st, n)
+            me._resized(st, n)
+            return out
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
+
+
+def gib(n):
+    return n / 2**30
+
+
+def storage_bytes(tensors):
+    """Bytes of the distinct storages behind tensors (a DTensor: its local shard)."""
+    seen = {}
+    for t in tensors:
+        t = getattr(t, "_local_tensor", t)
+        seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def simulate(args, fake=True):
+    """python train.py --stage dit|vae --simulate N [...]: one training step of rank 0 of N, with
+    the stage's real shapes, on fake tensors (fake=False: real tensors, the same accounting; one
+    process, or under torchrun for N ranks) -> the report as a dict; prints the table."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    tc, stages, steps = resolve(args)
+    check(args, tc, stages)
+    n = args.simulate
+    if fake and n > 1 and not dist.is_initialized():
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+        dist.init_process_group("fake", rank=0, world_size=n, store=FakeStore())
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world != n:
+        raise SettingsError(f"--simulate {n} with fake=False runs on {world} real ranks: launch "
+                            f"{n} ranks with torchrun")
+    mesh = None
+    if args.fsdp and world > 1:  # before fake mode: building a mesh reads real tensors
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh("cpu", (world,))
+    track = MemTracker(args.peak_tflops * 1e12)
+    vae.ONEDNN = False  # a CPU-only kernel choice: not what a GPU runs (nor can fake tensors)
+    try:
+        # The model is built fake; the step runs outside the mode, so the small data-side tensors
+        # (timesteps, noise, latents) stay real and only what touches the model turns fake.
+        with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
+            build = simulate_dit if args.stage == "dit" else simulate_vae
+            step = build(args, tc, stages, mesh, track)
+        with track:
+            step()
+    finally:
+        vae.ONEDNN = True
+    args.fake = fake
+    return report(args, track)
+
+
+def sim_shapes(args, tc, stages):
+    """The simulated clip: --frames / --size, else the largest frame count and first resolution of
+    the last stage (the largest)."""
+    st = stages[-1]
+    return max(st.frames), st.resolutions[0]
+
+
+def simulate_dit(args, tc, stages, mesh, track):
+    """Builds the DiT as training does and returns the step: rows x clips of synthetic latents."""
+    # the recipe of a GPU run: bf16 autocast and FSDP mixed precision (--fp32: neither)
+    model = make_dit(args, tc, torch.device("cpu" if args.fp32 else "cuda"))
+    vcfg = vae.VAE_PRESETS[tc.vae]
+    # DDP is simulated as the model itself: its gradients are views into DDP's buckets
+    # (gradient_as_bucket_view), so it adds only its communication buffers
+    net = wrap(model, True, torch.device("cpu"), mesh=mesh, bf16=not args.fp32) if args.fsdp \
+        else Call(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = adamw(params, tc.lr, tc, torch.device("cpu"))
+    T, (H, W) = sim_shapes(args, tc, stages)
+    lat = ((T - 1) // vcfg.temporal_factor + 1, H // vcfg.spatial_factor, W // vcfg.spatial_factor)
+    per = dit.num_tokens(model.cfg, *lat)
+    max_tokens = args.max_tokens or per
+    if per > max_tokens:
+        raise SettingsError(f"one {T}x{H}x{W} clip is {per} tokens > --max-tokens {max_tokens}")
+    rows, clips = (args.rows or tc.rows), max_tokens // per
+    C, L = model.cfg.out_channels, model.cfg.text_len
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    items = [{"mean": torch.randn(C, *lat), "logvar": torch.full((C, *lat), -4.0),
+              "img_mean": torch.randn(C, 1, *lat[1:]), "img_logvar": torch.full((C, 1, *lat[1:]), -4.0),
+              "text": torch.randn(L, model.cfg.text_dim), "row": r, "slot": r * clips + c,
+              "weight": 1.0 / (rows * clips * world), "n_global": rows * clips * world, "index": 0}
+             for r in range(rows) for c in range(clips)]
+    job = SimpleNamespace(args=args, tc=tc, device=torch.device("cpu"), ac=diffusion.alphas_cumprod(),
+                          ae=SimpleNamespace(cfg=vcfg), cfg=model.cfg)
+    for p in params:  # AdamW's state as after the first step, so the step measured is a steady one
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    track.info = {"what": f"{args.preset} DiT, {rows} row(s) x {clips} clip(s) of {T}x{H}x{W} "
+                          f"({per} tokens each, rows of {max_tokens})",
+                  "tokens": rows * max_tokens, "row": max_tokens, "params": params, "opt": opt,
+                  "numel": sum(p.numel() for p in params)}
+
+    def step():
+        for p in params:
+            track.add(p, "param")
+        for v in opt.state.values():
+            for x in v.values():
+                track.add(x, "opt")
+        for p in params:  # a gradient, once written (FSDP2: its shard), counts as "grad"
+            p.register_post_accumulate_grad_hook(lambda p: track.retag(p.grad, "grad"))
+        track.phase = "fwd"
+        loss, _ = dit_loss(job, net, {"items": items, "bad": 0}, 0, 0, max_tokens)
+        track.phase = "bwd"
+        loss.backward()
+        track.grads = storage_bytes([p.grad for p in params if p.grad is not None])
+        track.phase = "step"
+        torch.nn.utils.clip_grad_norm_(params, tc.clip)
+        opt.step()
+    return step
+
+
+def simulate_vae(args, tc, stages, mesh, track):
+    """The VAE as training builds it; the step: encode + decode + loss with the GAN term on, then
+    the discriminator's own step, of one batch of the stage's largest clip (--cp N: split in time)."""
+    job = SimpleNamespace(args=args, tc=tc, rank=0, device=torch.device("cpu"))
+    build_vae(job)
+    if args.cp > 1:  # the context-parallel group of this rank (a fake one in the simulation)
+        job.group = dist.new_group(list(range(args.cp)))
+    else:
+        job.group = None
+    model, params = job.model, list(job.model.parameters())
+    opt = adamw(params, tc.vae_lr, tc, torch.device("cpu"))
+    dopt = torch.optim.AdamW(job.disc.parameters(), lr=tc.disc_lr, betas=tc.betas, eps=tc.eps)
+    T, (H, W) = sim_shapes(args, tc, stages)
+    B = args.batch or tc.batch
+    items = [{"video": torch.rand(3, T, H, W) * 2 - 1, "slot": b, "weight": 1.0} for b in range(B)]
+    for p in params + list(job.disc.parameters()):  # AdamW's state as after a first step
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    dopt.step()
+    opt.zero_grad(set_to_none=True)
+    dopt.zero_grad(set_to_none=True)
+    step_i = max(tc.disc_start, 0)  # the GAN term is on: the largest step of stage two
+    pixels = B * T * H * W // args.cp
+    track.info = {"what": f"{args.preset} VAE, {B} clip(s) of {T}x{H}x{W}"
+                          f"{f' split over {args.cp} ranks (context parallel)' if args.cp > 1 else ''}",
+                  "tokens": pixels, "row": pixels, "params": params, "opt": opt,
+                  "numel": sum(p.numel() for p in params), "unit": "pixels"}
+
+    def step():
+        for p in params:
+            track.add(p, "param")
+            p.register_post_accumulate_grad_hook(lambda p: track.retag(p.grad, "grad"))
+        for o in (opt, dopt):
+            for v in o.state.values():
+                for x in v.values():
+                    track.add(x, "opt")
+        track.phase = "fwd"
+        loss, st = vae_loss(job, Call(model), {"items": items, "bad": 0}, step_i, 0)
+        track.phase = "bwd"
+        loss.backward()
+        track.grads = storage_bytes([p.grad for p in params if p.grad is not None])
+        track.phase = "step"
+        torch.nn.utils.clip_grad_norm_(params, tc.clip)
+        opt.step()
+        # disc_step without its finiteness guard (a data-dependent branch fake tensors cannot take)
+        dloss, _ = vae.discriminator_loss(job.disc, st["x"], st["rec"].detach(), step_i,
+                                          tc.disc_start)
+        dloss.backward()
+        torch.nn.utils.clip_grad_norm_(job.disc.parameters(), tc.clip)
+        dopt.step()
+    return step
+
+
+def report(args, track):
+    """Prints the table and, last, `simulate: peak ... GiB per rank | ... TFLOP per step | ...
+    tokens per row`; returns the numbers (bytes, FLOPs, seconds)."""
+    at, info = track.at_peak, track.info
+    r = {"params": at.get("param", 0), "grads": at.get("grad", 0), "optimizer": at.get("opt", 0),
+         "activations": at.get("fwd", 0), "peak": track.peak, "flops": sum(track.flops.values()),
+         "seconds": track.seconds, "tokens": info["tokens"], "row": info["row"],
+         "grads_total": track.grads}
+    r["temporaries"] = r["peak"] - sum(r[k] for k in ("params", "grads", "optimizer", "activations"))
+    # MFU counts model FLOPs: forward + backward = 3 x forward (recomputation is not useful work)
+    r["mfu"] = 3 * track.flops.get("fwd", 0) / max(r["seconds"], 1e-12) / (args.peak_tflops * 1e12)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return r
+    dit_ = args.stage == "dit"
+    print(f"simulate: {info['what']} | {world} rank(s)"
+          f"{' fsdp' if args.fsdp else ' ddp' if world > 1 else ''}"
+          f"{' + checkpointing' if args.grad_checkpoint and dit_ else ''}"
+          f"{' + bf16 autocast' if dit_ and not args.fp32 else ', fp32'}"
+          f"{'' if track is None else ' (fake tensors)' if args.fake else ' (real tensors)'}")
+    unit, div = ("GiB", 2**30) if track.peak >= 2**30 else ("MiB", 2**20)
+    cols = ("params", "grads", "optimizer", "activations", "temporaries", "peak")
+    print("rank    " + "".join(f"{c:>13}" for c in cols) + f"   {unit} at the peak (in {track.peak_phase});"
+          f" every rank holds the same shapes")
+    print(f"0..{world - 1:<5}" + "".join(f"{r[c] / div:13.2f}" for c in cols))
+    tf = r["flops"] / 1e12
+    what = "tokens" if dit_ else "pixels"
+    print(f"step: {tf:.4g} TFLOP (torch.utils.flop_counter: matmuls, convolutions, attention, incl. "
+          f"recomputation); {r['tokens']} {what} per rank, {r['tokens'] * world} global; "
+          f"gradients {r['grads_total'] / div:.2f} {unit} after backward")
+    print(f"estimate at {args.peak_tflops:g} TFLOP/s: {r['seconds']:.3g} s per step (each op at "
+          f"max(FLOPs / peak, bytes / 3.35 TB/s), collectives overlapped), MFU {r['mfu']:.0%}")
+    print(f"simulate: peak {gib(r['peak']):.2f} GiB per rank | {tf:.1f} TFLOP per step | "
+          + (f"{r['row']} tokens per row" if dit_ else f"{r['row']} pixels per rank"))
+    return r
+
+
 # ----- the shapes demo: the whole paper at toy scale -----
 
 def demo(args):
@@ -1196,6 +1506,13 @@ def parser():
     a("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
     a("--quick", action="store_true", help="demo: a few steps only (a smoke test of the pipeline)")
     a("--demo-scale", type=float, help="demo: multiply every step count by this")
+    a("--simulate", type=int, metavar="N", help="simulate one step of N ranks on fake tensors "
+      "(memory, FLOPs, time) instead of training")
+    a("--fp32", action="store_true", help="--simulate: an fp32 run (default: bf16 autocast)")
+    a("--real", action="store_true", help="--simulate on real tensors, the same accounting (to "
+      "validate it; N > 1 under torchrun with N ranks)")
+    a("--peak-tflops", type=float, default=989.0, help="--simulate: accelerator peak (989 = H100 "
+      "dense bf16)")
     return p
 
 
@@ -1208,6 +1525,10 @@ def main(argv=None):
                 return demo(args)
             finally:
                 torch.set_num_threads(threads)
+        if args.simulate:
+            if args.real and args.simulate > 1 and "RANK" in os.environ:
+                setup(args.device, 1)
+            return simulate(args, fake=not args.real)
         if not args.out:
             raise SettingsError("--out DIR is required with --stage (where checkpoints and logs go)")
         return train(args)

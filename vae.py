@@ -898,13 +898,16 @@ def main(argv=None):
 # ----- speed (not in the paper) -----
 
 
+ONEDNN = True  # the CPU fast path below; train.py's step simulator (a GPU run) turns it off
+
+
 def _onednn_fits(x):
     """Would PyTorch send this time-padded CausalConv3d input (B, C, T, H, W) to its slow generic
     kernel? It picks the backend from the input's sizes (Convolution.cpp, ConvParams::use_mkldnn):
     a CPU fp32 batch with B*C*T*H <= 20480, e.g. one context-parallel rank's slice or a stream
     chunk, does not go to oneDNN."""
     B, C, T, H = x.shape[:4]
-    return (x.device.type == "cpu" and x.dtype == torch.float32
+    return (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
             and torch.backends.mkldnn.is_available() and B * C * T * H <= 20480)
 
 

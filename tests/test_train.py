@@ -433,3 +433,51 @@ def test_i2v_condition_is_the_first_frame_encoded_alone():
     torch.testing.assert_close(post["img_mean"], alone.mean)
     torch.testing.assert_close(post["img_logvar"], alone.logvar)
     assert (post["img_mean"] - post["mean"][:, :, :1]).abs().max() > 1e-4
+
+
+# ----- the step simulator (issue: full-scale training that fits) -----
+
+SIM = ["--stage", "dit", "--preset", "tiny", "--frames", "17", "--size", "64x64", "--rows", "2",
+       "--fp32", "--grad-checkpoint"]
+ROLES = ("params", "grads", "optimizer", "activations", "temporaries", "peak")
+
+
+def sim_row(stdout):
+    """The numbers of the table row `0..N-1  params grads ... peak` of a --simulate report."""
+    row = next(ln for ln in stdout.splitlines() if ln.startswith("0.."))
+    return dict(zip(ROLES, map(float, row.split()[1:])))
+
+
+def test_simulated_step_equals_the_real_step_one_process(capsys):
+    """The same step on fake tensors and on real ones, through the same accounting: every role's
+    bytes at the peak agree (the validation the full-size numbers rest on)."""
+    fake = train.main([*SIM, "--simulate", "1"])
+    real = train.main([*SIM, "--simulate", "1", "--real"])
+    for k in ("params", "grads", "optimizer", "activations", "temporaries", "peak", "flops"):
+        assert fake[k] == pytest.approx(real[k], rel=0.10), k
+    assert fake["peak"] > fake["params"] + fake["optimizer"] > 0 and fake["activations"] > 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("simulate: peak ") and out[-1].endswith(" tokens per row")
+
+
+def test_simulated_fsdp_step_equals_two_real_ranks(torchrun):
+    """FSDP2 on 2 real gloo ranks vs the fake 2-rank process group: the same table."""
+    real = sim_row(torchrun(train.__file__, *SIM, "--simulate", "2", "--fsdp", "--real").stdout)
+    p = subprocess.run([sys.executable, train.__file__, *SIM, "--simulate", "2", "--fsdp"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    fake = sim_row(p.stdout)
+    assert all(fake[k] == pytest.approx(real[k], rel=0.10, abs=0.01) for k in ROLES), (fake, real)
+
+
+def test_simulated_shards_are_the_analytic_bytes():
+    """FSDP2 on 4 fake ranks, fp32 AdamW: parameter, gradient and optimizer bytes per rank are the
+    parameters' bytes / 4 (each parameter's dim 0 padded to a multiple of 4, as FSDP2 shards)."""
+    r = train.main(["--stage", "dit", "--preset", "tiny", "--simulate", "4", "--fsdp", "--fp32",
+                    "--frames", "9", "--size", "32x32"])
+    with torch.device("meta"):
+        model = dit.ExpertDiT(dit.DIT_PRESETS["tiny"])
+    shard = sum(-(-p.shape[0] // 4) * p[0].numel() * 4 for p in model.parameters())
+    n = len(list(model.parameters()))
+    assert r["params"] == shard and r["grads_total"] == shard
+    assert r["optimizer"] == 2 * shard + 4 * n  # exp_avg, exp_avg_sq, and a 4-byte step each
