@@ -335,6 +335,7 @@ class ExpertDiT(nn.Module):
             n = cfg.text_len + cfg.base_frames * (cfg.base_height // p) * (cfg.base_width // p)
             self.pos = nn.Parameter(torch.zeros(1, n, D))
         self.checkpointing = False   # True: recompute each block in backward (saves memory)
+        self.offload = False         # with checkpointing: the block inputs wait in host memory
         self.autocast = None         # torch.bfloat16: run the forward under autocast (GPU)
         # Frame Pack attention: "auto" | "dense" | "segments" | "flex" (see packed_attention)
         self.packed_attention = "auto"
@@ -418,8 +419,9 @@ class ExpertDiT(nn.Module):
         for i, blk in enumerate(self.blocks):
             last = video_only and i == len(self.blocks) - 1
             if self.checkpointing and torch.is_grad_enabled():
-                # keep only the block inputs; recompute the block in backward
-                x = checkpoint(blk, x, e, seq, last, use_reentrant=False)
+                # keep only the block inputs (offload: in host memory); recompute in backward
+                x = offloaded(blk, x, e, seq, last) if self.offload else \
+                    checkpoint(blk, x, e, seq, last, use_reentrant=False)
             else:
                 x = blk(x, e, seq, last)
         return x
@@ -902,6 +904,37 @@ class FlexPlan:
         """q, k, v (R, M, H, d) -> (R, M, H, d)."""
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))              # (R, H, M, d)
         return compiled_flex()(q, k, v, block_mask=self.mask).transpose(1, 2)
+HOST = "cpu"  # where offloaded block inputs wait; train.py's step simulator sets "meta" (no memory)
+
+
+def offloaded(blk, x, e, seq, last):
+    """Activation checkpointing whose saved block input x (R, N, D) waits in host memory: on a GPU
+    the 42 saved inputs of the 5B at 17,776 tokens are 4.3 GiB that the device no longer holds;
+    the copy out and back overlaps with the blocks' compute. Same values and gradients."""
+    return _Offloaded.apply(blk, seq, last, x, e)
+
+
+class _Offloaded(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, blk, seq, last, x, e):
+        ctx.blk, ctx.seq, ctx.last = blk, seq, last
+        ctx.amp = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
+        if x.is_cuda:  # pinned, so the copy is asynchronous
+            ctx.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, True)
+        else:
+            ctx.host = x.detach().to(HOST)
+        ctx.save_for_backward(e)
+        with torch.no_grad():
+            return blk(x, e, seq, last)
+
+    @staticmethod
+    def backward(ctx, g):
+        x = ctx.host.to(g.device, non_blocking=True).requires_grad_()
+        e = ctx.saved_tensors[0].detach().requires_grad_()
+        with torch.enable_grad(), torch.autocast(g.device.type, ctx.amp[1], enabled=ctx.amp[0]):
+            y = ctx.blk(x, e, ctx.seq, ctx.last)  # the block again, its parameters' gradients too
+        torch.autograd.backward(y, g)
+        return None, None, None, x.grad, e.grad
 
 
 @functools.cache

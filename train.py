@@ -662,6 +662,9 @@ def check(args, tc, stages, steps=(1,)):
                 raise SettingsError(f"stage {i}: {h}x{w} is not a positive multiple of {size} (VAE "
                                     f"spatial factor{' x patch' if args.stage == 'dit' else ''}); "
                                     f"use {max(1, h // size) * size}x{max(1, w // size) * size}")
+    if args.offload_activations and not (args.grad_checkpoint and args.stage == "dit"):
+        raise SettingsError("--offload-activations moves the DiT's checkpointed block inputs: "
+                            "add --grad-checkpoint (and --stage dit)")
     if args.stage == "dit":
         check_dit(args, tc, stages, ac, dc)
     elif args.fsdp:
@@ -724,7 +727,7 @@ def make_dit(args, tc, device):
         if cfg.pos == "learned" and "pos" not in sd:  # a T2V model has no position table: it
             sd["pos"] = model.pos.detach().clone()  # starts at zero, as the official I2V's does
         model.load_state_dict(sd)
-    model.checkpointing = args.grad_checkpoint
+    model.checkpointing, model.offload = args.grad_checkpoint, args.offload_activations
     model.packed_attention = args.attn  # how §3.1's per-sample attention runs (--attn)
     model.autocast = torch.bfloat16 if device.type == "cuda" else None  # bf16 autocast on GPU
     return model
@@ -1117,6 +1120,8 @@ class MemTracker(TorchDispatchMode):
 
     def add(self, t, phase=None):
         t = getattr(t, "_local_tensor", t)  # a DTensor: its shard on this rank
+        if t.device.type == "meta":  # the simulator's stand-in for host memory (dit.HOST)
+            return
         st = t.untyped_storage()
         if st._cdata not in self.live:
             phase = phase or self.phase
@@ -1127,7 +1132,7 @@ class MemTracker(TorchDispatchMode):
             self._high()
 
     def _free(self, key):
-        n, phase = self.live.pop(key, (0, "setup"))
+        n, phase = self.live.pop(key, (0, "setup"))[:2]
         self.now -= n
         self.sums[phase] = self.sums.get(phase, 0) - n
 
@@ -1216,6 +1221,7 @@ def simulate(args, fake=True):
         mesh = init_device_mesh("cpu", (world,))
     track = MemTracker(args.peak_tflops * 1e12)
     vae.ONEDNN = False  # a CPU-only kernel choice: not what a GPU runs (nor can fake tensors)
+    dit.HOST = "meta"  # offloaded activations leave the (simulated) device
     try:
         # The model is built fake; the step runs outside the mode, so the small data-side tensors
         # (timesteps, noise, latents) stay real and only what touches the model turns fake.
@@ -1225,7 +1231,7 @@ def simulate(args, fake=True):
         with track:
             step()
     finally:
-        vae.ONEDNN = True
+        vae.ONEDNN, dit.HOST = True, "cpu"
     args.fake = fake
     return report(args, track)
 
@@ -1363,6 +1369,7 @@ def report(args, track):
     print(f"simulate: {info['what']} | {world} rank(s)"
           f"{' fsdp' if args.fsdp else ' ddp' if world > 1 else ''}"
           f"{' + checkpointing' if args.grad_checkpoint and dit_ else ''}"
+          f"{' (inputs offloaded)' if getattr(args, 'offload_activations', False) else ''}"
           f"{' + bf16 autocast' if dit_ and not args.fp32 else ', fp32'}"
           f"{'' if track is None else ' (fake tensors)' if args.fake else ' (real tensors)'}")
     unit, div = ("GiB", 2**30) if track.peak >= 2**30 else ("MiB", 2**20)
@@ -1501,6 +1508,8 @@ def parser():
            "span alone (memory linear in the row), dense = an (M, M) mask, flex = FlexAttention "
            "(GPU; rows padded to --max-tokens, compiled once), auto = segments on GPU and for long "
            "rows, dense for short rows on CPU (faster there)")
+    a("--offload-activations", action="store_true", help="with --grad-checkpoint: the saved "
+      "block inputs wait in host memory (GPU memory for PCIe traffic)")
     a("--resume", action="store_true", help="continue from OUT/ckpt/latest")
     a("--stop-at", type=int, help="write a checkpoint and exit after this step (as on SIGTERM)")
     a("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")

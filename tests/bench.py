@@ -16,6 +16,9 @@ machine, the same random weights on both sides (a diffusers model is saved, ours
           streaming mode vs diffusers' default frame-batched mode, at 17 and 49 frames
   cp      context-parallel VAE training step (encode+decode+backward) on 2 ranks (torchrun, gloo) vs one
           process of the same whole-sequence computation: time and per-rank peak memory
+  sim     (not in the default run; ~5-15 min) train.py's step simulator next to the same simulation
+          of diffusers' CogVideoXTransformer3DModel (its own gradient checkpointing): one training
+          step per rank of 8 fake FSDP2 ranks, bf16, one 49x480x720 clip per rank, 2B and 5B
 
 Run (about 3-5 minutes on 2 cores; timings are meaningless on a loaded machine, see --max-load):
   python tests/bench.py --out bench.json
@@ -50,7 +53,8 @@ VAE = dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, layers_per_bl
 VAE_SIZE = 64
 # The Frame Pack batch: latent frames per sample (1 = image; 3, 5, 9 = 9-, 17-, 33-frame clips).
 PACK_FRAMES = [9, 5, 5, 3, 3, 1, 1, 1, 1]
-TARGETS = {"dit": 0.9, "vae_time": 1.0, "vae_mem": 1.0, "mfu": 0.40, "pack": 1.3, "cp_mem": 0.65}
+TARGETS = {"dit": 0.9, "vae_time": 1.0, "vae_mem": 1.0, "mfu": 0.40, "pack": 1.3, "cp_mem": 0.65,
+           "sim": 0.8}
 
 
 # ----- helpers -----
@@ -482,6 +486,107 @@ def bench_cp(args, res, tmp):
 
 # ----- report -----
 
+# ----- the step simulator, ours vs diffusers' transformer (train.py --simulate) -----
+
+SIM = dict(ranks=8, frames=49, size="480x720", presets=("cogvideox-2b", "cogvideox-5b"))
+
+
+def worker_sim_diffusers(preset, ranks, frames, size):
+    """Fresh process: diffusers' CogVideoXTransformer3DModel in train.py's simulation: fake tensors,
+    a fake process group of `ranks`, FSDP2 per block + root with bf16 gathers / fp32 reductions,
+    bf16 autocast, its own gradient checkpointing, AdamW state present, one step measured by
+    train.MemTracker and printed by train.report, as ours is."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import dit
+    import train
+    import vae
+    c, vc = dit.DIT_PRESETS[preset], vae.VAE_PRESETS[preset]
+    H, W = map(int, size.split("x"))
+    T, h, w = (frames - 1) // 4 + 1, H // vc.spatial_factor, W // vc.spatial_factor
+    dist.init_process_group("fake", rank=0, world_size=ranks, store=FakeStore())
+    mesh = init_device_mesh("cpu", (ranks,))
+    track = train.MemTracker()
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = CogVideoXTransformer3DModel(
+            num_attention_heads=c.heads, attention_head_dim=c.head_dim, in_channels=c.in_channels,
+            num_layers=c.layers, use_rotary_positional_embeddings=c.pos != "sincos",
+            use_learned_positional_embeddings=c.pos == "learned")
+        model.enable_gradient_checkpointing()
+        for b in model.transformer_blocks:
+            fully_shard(b, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = train.adamw(params, 1e-4, train.PRESETS[preset], torch.device("cpu"))
+        for p in params:  # AdamW's state as after a first step, as in train.simulate_dit
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    x, text = torch.randn(1, T, c.in_channels, h, w), torch.randn(1, c.text_len, c.text_dim)
+    target, t = torch.randn(1, T, c.out_channels, h, w), torch.tensor([500])
+    rot = get_3d_rotary_pos_embed(c.head_dim, ((0, 0), (h // 2, w // 2)), (h // 2, w // 2), T) \
+        if c.pos != "sincos" else None
+    tokens = c.text_len + T * (h // 2) * (w // 2)
+    track.info = {"what": f"diffusers {preset} transformer, 1 clip of {frames}x{H}x{W} ({tokens} "
+                          f"tokens)", "tokens": tokens, "row": tokens, "params": params, "opt": opt}
+    with track:
+        for p in params:
+            track.add(p, "param")
+            p.register_post_accumulate_grad_hook(lambda p: track.retag(p.grad, "grad"))
+        for v in opt.state.values():
+            for s in v.values():
+                track.add(s, "opt")
+        track.phase = "fwd"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v = model(x, text, t, image_rotary_emb=rot, return_dict=False)[0]
+        loss = (v.float() - target).pow(2).mean()
+        track.phase = "bwd"
+        loss.backward()
+        track.grads = train.storage_bytes([p.grad for p in params if p.grad is not None])
+        track.phase = "step"
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    args = SimpleNamespace(stage="dit", fsdp=True, grad_checkpoint=True, fp32=False, fake=True,
+                           peak_tflops=989.0)
+    r = train.report(args, track)
+    print(json.dumps({"impl": "diffusers", "preset": preset, **{k: v for k, v in r.items()}}))
+
+
+def sim_ours(preset, ranks, frames, size):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--stage", "dit", "--preset", preset, "--simulate",
+           str(ranks), "--fsdp", "--grad-checkpoint", "--frames", str(frames), "--size", size]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=str(ROOT))
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    row = next(ln for ln in p.stdout.splitlines() if ln.startswith("0.."))
+    last = p.stdout.strip().splitlines()[-1]
+    return {"peak": float(last.split("peak ")[1].split()[0]) * 2**30, "row": row, "last": last}
+
+
+def bench_sim(args, res, tmp):
+    for preset in SIM["presets"]:
+        t0 = time.time()
+        ours = sim_ours(preset, SIM["ranks"], SIM["frames"], SIM["size"])
+        t1 = time.time()
+        theirs = run_json([sys.executable, __file__, "--worker", "sim", preset, str(SIM["ranks"]),
+                           str(SIM["frames"]), SIM["size"]], timeout=3600)[-1]
+        r = {"ours_gib": ours["peak"] / 2**30, "diffusers_gib": theirs["peak"] / 2**30,
+             "ours_s": t1 - t0, "diffusers_s": time.time() - t1, "ours_last": ours["last"]}
+        r["ratio"] = r["ours_gib"] / r["diffusers_gib"]
+        res[f"sim_{preset}"] = r
+        print(f"  sim {preset}: peak {r['ours_gib']:.2f} GiB vs diffusers {r['diffusers_gib']:.2f} GiB "
+              f"-> {r['ratio']:.2f} ({r['ours_s']:.0f} s + {r['diffusers_s']:.0f} s)", flush=True)
+
+
 def table(res):
     rows = []   # (what, ours, baseline, ratio, target, ok)
     for T in (DIT["frames"], 2 * DIT["frames"]):
@@ -526,6 +631,12 @@ def table(res):
                      f"{r['single_ms']:.0f} ms", r["time_ratio"], "", None))
         rows.append(("CP VAE per-rank peak memory", f"{max(r['cp_mb_per_rank']):.0f} MB", f"{r['single_mb']:.0f} MB",
                      r["mem_ratio"], f"<= {TARGETS['cp_mem']}", r["mem_ratio"] <= TARGETS["cp_mem"]))
+    for preset in SIM["presets"]:
+        r = res.get(f"sim_{preset}")
+        if r:
+            rows.append((f"simulated peak per rank, {preset}, 8 FSDP ranks, 49x480x720",
+                         f"{r['ours_gib']:.2f} GiB", f"{r['diffusers_gib']:.2f} GiB (diffusers)",
+                         r["ratio"], f"<= {TARGETS['sim']}", r["ratio"] <= TARGETS["sim"]))
     w = max(len(r[0]) for r in rows) if rows else 10
     lines = [f"| {'measurement':<{w}} | {'ours':>18} | {'baseline':>26} | {'ratio':>6} | {'target':>7} | ok  |",
              f"|{'-' * (w + 2)}|{'-' * 20}|{'-' * 28}|{'-' * 8}|{'-' * 9}|-----|"]
@@ -555,6 +666,8 @@ def main():
         kind, *rest = args.worker
         if kind == "vae":
             return worker_vae_mem(rest[0], int(rest[1]), rest[2], args.threads)
+        if kind == "sim":
+            return worker_sim_diffusers(rest[0], int(rest[1]), int(rest[2]), rest[3])
         return worker_cp(int(rest[0]), rest[1], args.cp_reps)
     if args.device != "cpu":
         raise SystemExit("bench.py measures the CPU targets of issue 9; use --device cpu")
@@ -568,7 +681,7 @@ def main():
         res["matmul_flops"] = matmul_rate()
         print(f"  fp32 matmul 2048^2: {res['matmul_flops'] / 1e9:.1f} GFLOP/s", flush=True)
         for name, fn in (("dit", bench_dit), ("mfu", bench_mfu), ("pack", bench_pack), ("attn", bench_attn),
-                         ("vae", bench_vae), ("cp", bench_cp)):
+                         ("vae", bench_vae), ("cp", bench_cp), ("sim", bench_sim)):
             if name in sections:
                 fn(args, res, tmp)
         res["matmul_flops_end"] = matmul_rate()   # a drift between start and end means the load changed

@@ -503,17 +503,22 @@ def test_packed_flex_compiled_once():
 # ----- memory switches -----
 
 def test_checkpointing_same_outputs_and_grads():
+    """Plain, checkpointed, and checkpointed with the block inputs offloaded (dit.offloaded):
+    the same outputs and gradients (parameters and input)."""
     m = randomize(ExpertDiT(small()))
     x, t, text = inputs(m.cfg)
+    x.requires_grad_()
     res = []
-    for ck in (False, True):
+    for ck, off in ((False, False), (True, False), (True, True)):
         m.zero_grad()
-        m.checkpointing = ck
+        x.grad = None
+        m.checkpointing, m.offload = ck, off
         v = m(x, t, text)
         v.square().mean().backward()
-        res.append((v.detach(), [p.grad.clone() for p in m.parameters()]))
-    assert torch.allclose(res[0][0], res[1][0], atol=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(res[0][1], res[1][1]))
+        res.append((v.detach(), [p.grad.clone() for p in m.parameters()] + [x.grad.clone()]))
+    for r in res[1:]:
+        assert torch.allclose(res[0][0], r[0], atol=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(res[0][1], r[1]))
 
 
 def test_bf16_autocast_close():

@@ -387,6 +387,19 @@ def test_fsdp_two_ranks_equals_one_process(assets, tmp_path, torchrun, one_proce
     assert torch.equal(weights(tmp_path / "two" / "dit")["patch.weight"], ema["patch.weight"])  # export = EMA
 
 
+def test_fsdp_offloaded_checkpointing_equals_one_process(assets, tmp_path, torchrun, one_process):
+    """--fsdp --grad-checkpoint --offload-activations: FSDP2 around the offloading checkpoint
+    (its backward recomputes each block and runs FSDP's gathers and reductions) gives the same
+    update as one plain process."""
+    one, ref = one_process
+    out = tmp_path / "two"
+    torchrun(train.__file__, *dit_args(assets, out, *PAR, "--rows", "1", "--fsdp",
+                                       "--grad-checkpoint", "--offload-activations"))
+    assert [r["loss"] for r in log(out)] == pytest.approx(one["losses"], rel=1e-5, abs=1e-7)
+    a, b = weights(ref / "dit"), weights(out / "dit")
+    assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
+
+
 def test_context_parallel_vae_two_ranks_equals_one_process(assets, tmp_path, torchrun):
     """--cp 2: both ranks share each 9-frame clip (split in time). Before the GAN starts (disc_start = 2) the
     losses and the VAE weights equal one process; the first discriminator step (its own optimizer, DDP over the
