@@ -506,12 +506,17 @@ class ExpertDiT(nn.Module):
             x = torch.cat([u for s in range(S) for u in (txt[s], vid[s])])[src]  # (R, M, D)
             # §3.1: each sample attends to itself only: pack_mask's rule, computed without an
             # (M, M) tensor unless the mode asks for it (speed section)
-            seq = Seq(L, idx, mask=packed_attention(self.packed_attention, seg, spans))
+            # Rows of one sample each (e.g. one long clip per row at full scale) have the unpacked
+            # layout [L text; n video (+ padding)]: modulation broadcast per row, no per-token
+            # gather (3 (R, M, D) tensors per sub-layer)
+            one = [g[0] for g in groups] if all(len(g) == 1 for g in groups) else None
+            seq = Seq(L, None if one else idx,
+                      mask=packed_attention(self.packed_attention, seg, spans))
             if self.cfg.pos != "sincos":
                 # per-sample positions: every sample starts at (0, 0, 0), as if alone
                 rot = torch.cat([self._table("rope", L, *g, dev) for g in grids])  # (sum N, d/2)
                 seq = seq._replace(rot=rot[src][:, :, None])           # (R, M, 1, d/2)
-            x = self._blocks(x, e, seq)
+            x = self._blocks(x, e if one is None else e[one], seq)  # (R, M, D); e per row if one
             # final (shift, scale) of every video token: (S, 2, D) -> (sum n, 2, D)
             m = self.mod_out(e).view(S, 2, -1).repeat_interleave(
                 torch.tensor(nv, device=dev), 0, output_size=sum(nv))  # shapes known on the host
