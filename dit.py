@@ -190,6 +190,9 @@ class Seq(NamedTuple):
     # None: every row is one sample (full attention, no mask); a bool (R, 1, M, M) tensor from
     # pack_mask; or a speed-section plan computing the same attention without an (M, M) tensor
     mask: object = None
+    # None, or per row the (first slot, end, modulation row) pieces that cover it: the same
+    # modulation as idx without per-token (R, M, D) copies of it (speed section)
+    pieces: list = None
 
 
 def pack_mask(seg):
@@ -270,6 +273,8 @@ class Block(nn.Module):
         if seq.idx is not None:
             # Packed rows: per-token modulation, gathered from each token's (sample, expert) row
             # (§3.1: every sample keeps its own timestep).
+            if seq.pieces is not None:             # long rows: piece by piece (speed section)
+                return piecewise_sub(x, h, m.flatten(0, 1), seq, f)
             shift, scale, gate = m.flatten(0, 1)[seq.idx].unbind(2)    # each (R, M, D)
             return gated(x, gate, f(modulate(h, shift, scale), seq))
         # Unpacked rows: [L text; n video]. The released code carries text and video as two
@@ -498,6 +503,7 @@ class ExpertDiT(nn.Module):
                 idx += [2 * s + 1] * L + [2 * s] * nv[s]             # text expert 2s+1, video 2s
             pad = (r + 1) * M - len(src)
             src, seg, idx = src + [0] * pad, seg + [-1] * pad, idx + [0] * pad
+        idx_rows = [idx[r * M:(r + 1) * M] for r in range(R)]
         src, seg, idx = (torch.tensor(a, device=dev).view(R, M) for a in (src, seg, idx))
         with self._amp(dev):
             e = self._time_embed(t)                                    # (S, E)
@@ -510,8 +516,9 @@ class ExpertDiT(nn.Module):
             # layout [L text; n video (+ padding)]: modulation broadcast per row, no per-token
             # gather (3 (R, M, D) tensors per sub-layer)
             one = [g[0] for g in groups] if all(len(g) == 1 for g in groups) else None
-            seq = Seq(L, None if one else idx,
-                      mask=packed_attention(self.packed_attention, seg, spans))
+            mask = packed_attention(self.packed_attention, seg, spans)
+            seq = Seq(L, None if one else idx, mask=mask,
+                      pieces=None if one or isinstance(mask, torch.Tensor) else runs(idx_rows))
             if self.cfg.pos != "sincos":
                 # per-sample positions: every sample starts at (0, 0, 0), as if alone
                 rot = torch.cat([self._table("rope", L, *g, dev) for g in grids])  # (sum N, d/2)
@@ -846,34 +853,24 @@ def packed_attention(mode, seg, spans):
 
 class Segments:
     """Varlen attention by segments: each sample's contiguous [text; video] span of its row runs
-    SDPA alone, with no mask, so the cost is sum n_i² instead of M² per row and memory stays
-    linear in M. Spans of equal length (across rows too) run as one batch; padding slots get 0
-    (nobody reads them)."""
+    SDPA alone, on views of q, k, v (no copies), with no mask, so the cost is sum n_i² instead of
+    M² per row and memory stays linear in M. Padding slots get 0 (nobody reads them)."""
 
     def __init__(self, spans, R, M, device):
-        by_len = {}
-        for r, a, n in spans:
-            by_len.setdefault(n, []).append(r * M + a)                # flat first slot
-        self.shape, self.index, pos = (R, M), [], 0
-        inv = torch.full((R * M,), -1)          # slot -> its row in the concatenated outputs
-        for n, first in by_len.items():
-            ix = torch.tensor(first)[:, None] + torch.arange(n)       # (k, n) flat slots
-            inv[ix.flatten()] = torch.arange(pos, pos + ix.numel())
-            pos += ix.numel()
-            self.index.append(ix.to(device))
-        self.inv = inv.masked_fill(inv < 0, pos).to(device)           # padding: the zero row
+        self.rows = [[(a, n) for r_, a, n in spans if r_ == r] for r in range(R)]
+        self.M = M
 
     def __call__(self, q, k, v):
         """q, k, v (R, M, H, d) -> (R, M, H, d)."""
-        (R, M), (H, d) = self.shape, q.shape[2:]
-        flat = [z.flatten(0, 1) for z in (q, k, v)]                   # each (R*M, H, d)
-        outs = []
-        for ix in self.index:
-            qs, ks, vs = (z[ix].transpose(1, 2) for z in flat)        # each (k, H, n, d)
-            o = F.scaled_dot_product_attention(qs, ks, vs)            # (k, H, n, d)
-            outs.append(o.transpose(1, 2).flatten(0, 1))              # (k*n, H, d)
-        outs.append(q.new_zeros(1, H, d))                             # what padding slots read
-        return torch.cat(outs)[self.inv].view(R, M, H, d)
+        H, d = q.shape[2:]
+        out = []
+        for r, spans in enumerate(self.rows):
+            parts = [F.scaled_dot_product_attention(*(z[r:r + 1, a:a + n].transpose(1, 2)
+                                                      for z in (q, k, v)))[0].transpose(0, 1)
+                     for a, n in spans]                              # each (n, H, d)
+            pad = self.M - sum(n for _, n in spans)
+            out.append(torch.cat(parts + [q.new_zeros(pad, H, d)] * (pad > 0)))  # (M, H, d)
+        return torch.stack(out)                                       # (R, M, H, d)
 
 
 class FlexPlan:
@@ -909,6 +906,31 @@ class FlexPlan:
         """q, k, v (R, M, H, d) -> (R, M, H, d)."""
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))              # (R, H, M, d)
         return compiled_flex()(q, k, v, block_mask=self.mask).transpose(1, 2)
+def runs(idx_rows):
+    """Per row of slot -> modulation row ids (lists), its runs: [(first slot, end, row)]."""
+    out = []
+    for row in idx_rows:
+        runs = [[0, 1, row[0]]]
+        for i, j in enumerate(row[1:], 1):
+            if j == runs[-1][2]:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1, j])
+        out.append(runs)
+    return out
+
+
+def piecewise_sub(x, h, mm, seq, f):
+    """Block.sub on packed rows, one run of tokens with one modulation row at a time, instead of
+    gathering (shift, scale, gate) for every token: the same values, and nothing (R, M, D) is kept
+    for backward beyond what the unpacked layout keeps (the gathered scale and gate would be).
+    x, h (R, M, D); mm (2S, 3, D) the (shift, scale, gate) rows."""
+    rows = lambda fn, v: torch.stack([torch.cat([fn(v[r, a:b], mm[j]) for a, b, j in runs])
+                                      for r, runs in enumerate(seq.pieces)])
+    y = f(rows(lambda v, m: modulate(v, m[0], m[1]), h), seq)         # (R, M, D)
+    return x + rows(lambda v, m: m[2] * v, y)                          # gate · f(...)
+
+
 HOST = "cpu"  # where offloaded block inputs wait; train.py's step simulator sets "meta" (no memory)
 
 

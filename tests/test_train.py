@@ -494,3 +494,16 @@ def test_simulated_shards_are_the_analytic_bytes():
     n = len(list(model.parameters()))
     assert r["params"] == shard and r["grads_total"] == shard
     assert r["optimizer"] == 2 * shard + 4 * n  # exp_avg, exp_avg_sq, and a 4-byte step each
+
+
+def test_simulated_activations_grow_linearly_with_the_row():
+    """Frame Pack rows without an M x M tensor: a row of 2 clips costs at most 2.2x the
+    activation memory (everything above parameters, gradients and optimizer state) of a row of 1
+    (the dense mask would make it ~4x at real sizes; here the clips are 2,316 tokens)."""
+    args = ["--stage", "dit", "--preset", "tiny", "--simulate", "1", "--frames", "33",
+            "--size", "128x128", "--rows", "1", "--grad-checkpoint", "--fp32"]
+    one = train.main(args + ["--max-tokens", "2316"])
+    two = train.main(args + ["--max-tokens", "4632"])
+    act = lambda r: r["peak"] - r["params"] - r["grads"] - r["optimizer"]
+    assert two["tokens"] == 2 * one["tokens"]
+    assert act(two) <= 2.2 * act(one), (act(one), act(two))
