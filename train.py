@@ -1223,11 +1223,13 @@ def simulate(args, fake=True):
     vae.ONEDNN = False  # a CPU-only kernel choice: not what a GPU runs (nor can fake tensors)
     dit.HOST = "meta"  # offloaded activations leave the (simulated) device
     try:
-        # The model is built fake; the step runs outside the mode, so the small data-side tensors
-        # (timesteps, noise, latents) stay real and only what touches the model turns fake.
-        with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
+        # The model is built in fake mode, and its forward, backward and optimizer step run in
+        # it (every buffer FSDP allocates is fake too); the small data-side tensors (timesteps,
+        # noise, latents) are made outside it and stay real, so checks on their values work.
+        mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
+        with mode:
             build = simulate_dit if args.stage == "dit" else simulate_vae
-            step = build(args, tc, stages, mesh, track)
+            step = build(args, tc, stages, mesh, track, mode)
         with track:
             step()
     finally:
@@ -1243,7 +1245,19 @@ def sim_shapes(args, tc, stages):
     return max(st.frames), st.resolutions[0]
 
 
-def simulate_dit(args, tc, stages, mesh, track):
+class InMode(nn.Module):
+    """The simulator's wrapper around the (wrapped) model: its call runs inside the fake mode."""
+
+    def __init__(self, net, mode):
+        super().__init__()
+        self.net, self.mode = net, mode
+
+    def forward(self, *args):
+        with self.mode:
+            return self.net(*args)
+
+
+def simulate_dit(args, tc, stages, mesh, track, mode):
     """Builds the DiT as training does and returns the step: rows x clips of synthetic latents."""
     # the recipe of a GPU run: bf16 autocast and FSDP mixed precision (--fp32: neither)
     model = make_dit(args, tc, torch.device("cpu" if args.fp32 else "cuda"))
@@ -1288,17 +1302,18 @@ def simulate_dit(args, tc, stages, mesh, track):
         for p in params:  # a gradient, once written (FSDP2: its shard), counts as "grad"
             p.register_post_accumulate_grad_hook(lambda p: track.retag(p.grad, "grad"))
         track.phase = "fwd"
-        loss, _ = dit_loss(job, net, {"items": items, "bad": 0}, 0, 0, max_tokens)
-        track.phase = "bwd"
-        loss.backward()
-        track.grads = storage_bytes([p.grad for p in params if p.grad is not None])
-        track.phase = "step"
-        torch.nn.utils.clip_grad_norm_(params, tc.clip)
-        opt.step()
+        loss, _ = dit_loss(job, InMode(net, mode), {"items": items, "bad": 0}, 0, 0, max_tokens)
+        with mode:
+            track.phase = "bwd"
+            loss.backward()
+            track.grads = storage_bytes([p.grad for p in params if p.grad is not None])
+            track.phase = "step"
+            torch.nn.utils.clip_grad_norm_(params, tc.clip)
+            opt.step()
     return step
 
 
-def simulate_vae(args, tc, stages, mesh, track):
+def simulate_vae(args, tc, stages, mesh, track, mode):
     """The VAE as training builds it; the step: encode + decode + loss with the GAN term on, then
     the discriminator's own step, of one batch of the stage's largest clip (--cp N: split in time)."""
     job = SimpleNamespace(args=args, tc=tc, rank=0, device=torch.device("cpu"))
@@ -1335,19 +1350,21 @@ def simulate_vae(args, tc, stages, mesh, track):
                 for x in v.values():
                     track.add(x, "opt")
         track.phase = "fwd"
-        loss, st = vae_loss(job, Call(model), {"items": items, "bad": 0}, step_i, 0)
-        track.phase = "bwd"
-        loss.backward()
-        track.grads = storage_bytes([p.grad for p in params if p.grad is not None])
-        track.phase = "step"
-        torch.nn.utils.clip_grad_norm_(params, tc.clip)
-        opt.step()
-        # disc_step without its finiteness guard (a data-dependent branch fake tensors cannot take)
-        dloss, _ = vae.discriminator_loss(job.disc, st["x"], st["rec"].detach(), step_i,
-                                          tc.disc_start)
-        dloss.backward()
-        torch.nn.utils.clip_grad_norm_(job.disc.parameters(), tc.clip)
-        dopt.step()
+        loss, st = vae_loss(job, InMode(Call(model), mode), {"items": items, "bad": 0}, step_i, 0)
+        with mode:
+            track.phase = "bwd"
+            loss.backward()
+            track.grads = storage_bytes([p.grad for p in params if p.grad is not None])
+            track.phase = "step"
+            torch.nn.utils.clip_grad_norm_(params, tc.clip)
+            opt.step()
+            # disc_step without its finiteness guard (a data-dependent branch fake tensors
+            # cannot take)
+            dloss, _ = vae.discriminator_loss(job.disc, st["x"], st["rec"].detach(), step_i,
+                                              tc.disc_start)
+            dloss.backward()
+            torch.nn.utils.clip_grad_norm_(job.disc.parameters(), tc.clip)
+            dopt.step()
     return step
 
 

@@ -516,7 +516,8 @@ def worker_sim_diffusers(preset, ranks, frames, size):
     mesh = init_device_mesh("cpu", (ranks,))
     track = train.MemTracker()
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
         model = CogVideoXTransformer3DModel(
             num_attention_heads=c.heads, attention_head_dim=c.head_dim, in_channels=c.in_channels,
             num_layers=c.layers, use_rotary_positional_embeddings=c.pos != "sincos",
@@ -538,7 +539,7 @@ def worker_sim_diffusers(preset, ranks, frames, size):
     tokens = c.text_len + T * (h // 2) * (w // 2)
     track.info = {"what": f"diffusers {preset} transformer, 1 clip of {frames}x{H}x{W} ({tokens} "
                           f"tokens)", "tokens": tokens, "row": tokens, "params": params, "opt": opt}
-    with track:
+    with track, mode:  # the step in fake mode: every buffer FSDP allocates is fake too
         for p in params:
             track.add(p, "param")
             p.register_post_accumulate_grad_hook(lambda p: track.retag(p.grad, "grad"))
