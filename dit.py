@@ -293,9 +293,10 @@ class Block(nn.Module):
         y = f(torch.cat([modulate(ht, ts, tc), modulate(hv, vs, vc)], dim=1), seq)  # (B, N, D)
         if q_from:                              # y: the video rows only
             return gated(x[:, q_from:], vg, y)                         # (B, n, D)
-        # each token's gate: the text expert's on the text tokens, the video expert's on the video
-        gate = torch.cat([tg.expand(-1, L, -1), vg.expand(-1, sizes[1], -1)], dim=1)  # (B, N, D)
-        return gated(x, gate, y)                                       # (B, N, D)
+        # x + gate * y with each expert's gate on its own tokens; gating the two parts of y (not
+        # one cat of the gates) keeps nothing (B, N, D) for backward but y itself
+        yt, yv = y.split(sizes, dim=1)                                 # (B, L, D), (B, n, D)
+        return gated(x, 1, torch.cat([tg * yt, vg * yv], dim=1))       # (B, N, D)
 
     def forward(self, x, e, seq, video_only=False):
         """x (R, N, D), e (S, E) = SiLU(time embedding) -> (R, N, D). Each sub-layer has its own
