@@ -377,7 +377,8 @@ class ExpertDiT(nn.Module):
                 rot = rope_table(T, gh, gw, self.cfg)                  # (n, d/2)
                 self._tables[key] = torch.cat([rot.new_ones(L, rot.shape[1]), rot]).to(device)
             else:
-                self._tables[key] = sincos_table(T, gh, gw, self.cfg).to(device)  # (n, D)
+                # (n, D), computed in float64 and kept in float32, as the release keeps it
+                self._tables[key] = sincos_table(T, gh, gw, self.cfg).float().to(device)
         return self._tables[key]
 
     def _video_embed(self, x, L):
