@@ -1105,7 +1105,7 @@ class MemTracker(TorchDispatchMode):
     def __init__(self, peak_flops=989e12, bandwidth=3.35e12):
         super().__init__()
         self.live, self.sums, self.now, self.peak, self.phase = {}, {}, 0, 0, "setup"
-        self.peak_phase = None
+        self.peak_phase, self.working = None, 0  # working: the peak of all but params/grads/opt
         self.at_peak, self.flops, self.seconds = {}, {}, 0.0
         self.peak_flops, self.bandwidth = peak_flops, bandwidth
         from torch.utils.flop_counter import flop_registry, shape_wrapper, sdpa_backward_flop_count
@@ -1153,6 +1153,9 @@ class MemTracker(TorchDispatchMode):
             entry[1] = phase
 
     def _high(self):
+        sums = self.sums
+        work = self.now - sums.get("param", 0) - sums.get("grad", 0) - sums.get("opt", 0)
+        self.working = max(self.working, work)
         if self.now > self.peak:  # keep what each role held at the peak
             self.peak, self.at_peak, self.peak_phase = self.now, dict(self.sums), self.phase
 
@@ -1375,7 +1378,7 @@ def report(args, track):
     r = {"params": at.get("param", 0), "grads": at.get("grad", 0), "optimizer": at.get("opt", 0),
          "activations": at.get("fwd", 0), "peak": track.peak, "flops": sum(track.flops.values()),
          "seconds": track.seconds, "tokens": info["tokens"], "row": info["row"],
-         "grads_total": track.grads}
+         "grads_total": track.grads, "working": track.working}
     r["temporaries"] = r["peak"] - sum(r[k] for k in ("params", "grads", "optimizer", "activations"))
     # MFU counts model FLOPs: forward + backward = 3 x forward (recomputation is not useful work)
     r["mfu"] = 3 * track.flops.get("fwd", 0) / max(r["seconds"], 1e-12) / (args.peak_tflops * 1e12)
