@@ -118,6 +118,10 @@ class FilterConfig:
 
 # ----- atomic writes and manifests -----
 
+UMASK = os.umask(0o022)  # read the process's umask (only settable), then put it back
+os.umask(UMASK)
+
+
 def atomic_write(path, write):
     """write(tmp), then rename tmp over path: readers see the old file or the new one, never half.
 
@@ -126,6 +130,8 @@ def atomic_write(path, write):
     tmp = f"{path}.tmp{os.getpid()}_{uuid.uuid4().hex[:8]}"
     try:
         write(tmp)
+        # the permissions open() gives (0644 under the usual umask): safetensors writes owner-only
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     finally:  # after a failure only: a replaced temp file no longer exists
         if os.path.exists(tmp):

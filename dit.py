@@ -26,6 +26,7 @@ Shape legend:
 """
 import argparse
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -348,21 +349,40 @@ class ExpertDiT(nn.Module):
         self._tables = {}            # cached RoPE / sin-cos tables keyed by grid and device
         self.init_weights()
 
-    def init_weights(self):
-        """All initialisation in one place. DiT-style: xavier linears, zero biases (LayerNorms keep
-        their weight 1, bias 0); the modulation and the output projection start at zero, so every
-        block is the identity and v = 0 at step 0 (adaLN-Zero)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        for lin in self.time_in[0], self.time_in[2]:
-            nn.init.normal_(lin.weight, std=0.02)
+    def init_weights(self, seed=None):
+        """All initialisation in one place, one tensor at a time (initial()): each from its own
+        generator seeded by (seed, its name), so the values depend neither on the order modules
+        are built in nor on how train.py later shards the model (an FSDP rank fills its shard from
+        the same full value). seed None: drawn from torch's global generator (torch.manual_seed
+        decides). Nothing to do on the meta device."""
+        named = [*self.named_parameters(), *self.named_buffers()]
+        if all(t.is_meta for _, t in named):
+            return
+        seed = int(torch.randint(2**62, ())) if seed is None else seed
+        with torch.no_grad():
+            for name, t in named:
+                t.copy_(self.initial(name, seed))
+
+    def initial(self, name, seed):
+        """The initial value of parameter (or buffer) `name`, full size, on the CPU. DiT-style:
+        xavier linears, zero biases, LayerNorms weight 1 and bias 0, the timestep MLP N(0, 0.02);
+        the modulation and the output projection start at zero, so every block is the identity
+        and v = 0 at step 0 (adaLN-Zero)."""
+        owner_name, _, leaf = name.rpartition(".")
+        owner = self.get_submodule(owner_name)
+        shape = getattr(owner, leaf).shape
+        g = torch.Generator().manual_seed(int.from_bytes(
+            hashlib.sha256(f"{seed}|{name}".encode()).digest()[:8], "little") % 2**63)
         zero = [self.mod_out, self.proj_out] + [m for b in self.blocks for m in (b.mod1, b.mod2)]
-        for p in (p for lin in zero for p in lin.parameters()):
-            nn.init.zeros_(p)
-        if self.cfg.pos == "learned":  # zeros, as the official I2V config starts it
-            nn.init.zeros_(self.pos)
+        if name == "pos":  # the learned table: zeros, as the official I2V config starts it
+            return torch.zeros(shape)
+        if leaf == "bias" or any(owner is m for m in zero):
+            return torch.zeros(shape)
+        if isinstance(owner, nn.LayerNorm):
+            return torch.ones(shape)
+        if any(owner is m for m in (self.time_in[0], self.time_in[2])):
+            return torch.empty(shape).normal_(0.0, 0.02, generator=g)
+        return nn.init.xavier_uniform_(torch.empty(shape), generator=g)  # every other Linear
 
     # ----- positions and embeddings -----
 

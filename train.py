@@ -37,14 +37,19 @@ Shape legend:
   L text tokens   D text width
 """
 import argparse
+import datetime
+import gc
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
 import time
 import weakref
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
@@ -151,19 +156,24 @@ class SettingsError(ValueError):
 
 # ----- distributed setup: one process, or torchrun (RANK in the environment) -----
 
-def setup(device, cp):
+def setup(device, cp, timeout_min=30.0):
     """-> (rank, world, device, cp_group). gloo on CPU, nccl on GPU.
 
     torchrun (single or multi node) sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; a plain
     `python train.py` sets none of them and runs as rank 0 of 1 without any process group. cp > 1
     cuts the world into groups of cp consecutive ranks (§2.1 context parallel): each group shares
-    one clip, so the data-parallel world is world / cp."""
+    one clip, so the data-parallel world is world / cp. timeout_min: how long a collective may
+    wait for the slowest rank (--timeout-min); filling a rank's share of the latent cache before
+    the first barrier can take longer than torch's default."""
+    if not timeout_min > 0:
+        raise SettingsError(f"--timeout-min {timeout_min}: give a positive number of minutes")
     if "RANK" in os.environ and not dist.is_initialized():
         gpu = device.startswith("cuda")
         if gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             device = f"cuda:{torch.cuda.current_device()}"
-        dist.init_process_group("nccl" if gpu else "gloo")
+        dist.init_process_group("nccl" if gpu else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_min))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if cp < 1 or world % cp:
         raise SettingsError(f"--cp {cp} does not divide the {world} ranks; pick a divisor of it")
@@ -197,24 +207,63 @@ class Call(nn.Module):
         return fn(self.model, *args)
 
 
-def wrap(model, fsdp, device, call=True, mesh=None, bf16=False):
+def wrap(model, fsdp, device, call=True, mesh=None, fill=None, bf16=None):
     """DDP by default, FSDP2 with --fsdp (fully_shard each block, then the root, over `mesh` or
-    the whole world), nothing in one process. bf16 (GPU): FSDP gathers bf16 parameters and
-    reduces gradients in fp32 (else autocast would keep a bf16 copy of every weight it casts)."""
+    the whole world, with mixed_precision(device, bf16)), nothing in one process. A model built on the
+    meta device is materialised here with `fill` (see materialise): under FSDP after sharding, so
+    a rank only ever allocates and fills its shard; otherwise before DDP, whose constructor
+    broadcasts rank 0's weights."""
     net = Call(model) if call else model
+    if not (fsdp and dist.is_initialized()):
+        materialise(model, device, fill)
     if not dist.is_initialized():
         return net
     if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
+        from torch.distributed.fsdp import fully_shard
+        mp = mixed_precision(device, bf16)
+        kw = dict(mesh=mesh, **({"mp_policy": mp} if mp is not None else {}))
         for m in model.modules():
             if isinstance(m, nn.ModuleList):
                 for block in m:
-                    fully_shard(block, mesh=mesh, mp_policy=mp)
-        return fully_shard(net, mesh=mesh, mp_policy=mp)
+                    fully_shard(block, **kw)
+        net = fully_shard(net, **kw)
+        materialise(model, device, fill)
+        return net
     from torch.nn.parallel import DistributedDataParallel as DDP
     return DDP(net, device_ids=[device] if device.type == "cuda" else None,
                gradient_as_bucket_view=True)  # the gradients live in the buckets: no second copy
+
+
+def mixed_precision(device, bf16=None):
+    """FSDP2's policy on GPU: parameters gathered and used in bf16 (half the all-gather traffic
+    and unsharded memory), gradients reduce-scattered in fp32 and the sharded master weights,
+    AdamW state and EMA kept in fp32. None on CPU, where bf16 matmuls are slow and the tests
+    compare fp32 runs. bf16 True/False overrides the device (the simulator's fake GPU step)."""
+    if not (device.type == "cuda" if bf16 is None else bf16):
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def materialise(model, device, fill):
+    """Give a meta-device model real storage on `device`, one tensor at a time: fill(name, index)
+    -> that part of the tensor's starting value, index being one slice per dimension. An FSDP
+    shard (a DTensor) asks for its own rows only, so no rank ever holds the whole model; the value
+    of a row does not depend on who asks, so N ranks start from the weights one process starts
+    from. fill None: the model is real already."""
+    if fill is None:
+        return
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if hasattr(t, "device_mesh"):  # FSDP: this rank's shard of the full tensor
+                shape, start = compute_local_shape_and_global_offset(t.shape, t.device_mesh,
+                                                                     t.placements)
+                t = t.to_local()
+            else:
+                shape, start = t.shape, [0] * t.dim()
+            t.copy_(fill(name, tuple(slice(a, a + n) for a, n in zip(start, shape))))
 
 
 def sync(net, on):
@@ -446,6 +495,21 @@ def disc_step(job, dnet, dopt, step, start, stage_steps, x, rec, weight=1.0):
 
 
 # ----- checkpoints -----
+# out/ckpt/step_NNNNNNN/  model/ optim/ [ema/]  train.json,  and out/ckpt/latest naming the newest.
+# model/, optim/ (with the RNG) and ema/ are torch.distributed.checkpoint (DCP) folders in the
+# safetensors format: every rank writes the tensors it holds, its FSDP shard (a plain DDP replica
+# is written once, by one rank), as shard-<rank+1>-model-00001-of-00001.safetensors, with the
+# shard's offsets in the file header. Any number of ranks reads them back, each only the slices it
+# needs: FSDP on 2 ranks resumes in one process, or one process under FSDP on 8. train.json (rank 0,
+# written last) holds the step, data position and settings, and the sha256 of every file, which
+# --resume checks. The folder is written as .tmp_step_N and renamed once every rank has finished,
+# then `latest` is updated (a file renamed over the old one): a kill at any moment leaves the
+# previous checkpoint intact and named by `latest`.
+
+EXIT_STOPPED = 75  # stopped early (SIGTERM / SIGINT / --stop-at) with a checkpoint: --resume. 75 is
+# EX_TEMPFAIL of sysexits.h, "try again later"; 2 is a bad setting, 0 a finished (exported) run.
+STEP_DIR = re.compile(r"step_\d{7}")
+
 
 def full_state(model):
     """Full (unsharded) state dict on CPU; under FSDP a collective, and only rank 0 gets tensors."""
@@ -465,40 +529,87 @@ def write_text(path, text):
     data.atomic_write(path, write)
 
 
-def write_part(folder, model, sd):
-    """One model of a checkpoint: its class's folder writer, or weights alone (discriminator)."""
-    if hasattr(model, "save"):
-        model.save(folder, state_dict=sd)
-    else:
-        os.makedirs(folder, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, "model.safetensors"))
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def everyone(x):
+    """all_gather_object: every rank's x, in rank order ([x] in one process)."""
+    if not dist.is_initialized():
+        return [x]
+    got = [None] * dist.get_world_size()
+    dist.all_gather_object(got, x)
+    return got
+
+
+def checkpoint_state(parts, opts, ema):
+    """-> {"model", "optim", "ema"}: flat dicts of the tensors this rank holds (DTensor shards
+    under FSDP), keyed by part name and parameter name, e.g. "dit.blocks.0.qkv.weight" and
+    "dit.blocks.0.qkv.weight.exp_avg". Under FSDP these are the live shards, so a DCP load writes
+    straight into the model and the optimizer. Only tensors: nothing is pickled, either way. The
+    optimizer's param_groups (lr, betas, ...) come from the settings and lr_at, not the file."""
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    model = {f"{name}.{k}": v for name, m in parts.items()
+             for k, v in get_model_state_dict(m).items()}
+    optim = {f"{name}.{fqn}.{k}": v for name, o in opts.items()
+             # creates the AdamW state (zeros, via a step with lr 0) if no step was taken yet
+             for fqn, st in get_optimizer_state_dict(parts[name], o)["state"].items()
+             for k, v in st.items()}
+    optim["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        optim["rng.cuda"] = torch.cuda.get_rng_state()
+    return {"model": model, "optim": optim, "ema": dict(ema or {})}
+
+
+def dcp_call(fn, sd, **kw):
+    """dcp.save / dcp.load; in one process, without their warning that there is no process group."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        fn(sd, no_dist=not dist.is_initialized(), **kw)
 
 
 def save_checkpoint(out, step, rank, parts, opts, ema, state, keep):
-    """out/ckpt/step_N/ {<part>/config.json + model.safetensors, ema.safetensors, state.pt,
-    train.json}, written to a temp folder and renamed (atomic), then out/ckpt/latest points at it.
-    state.pt holds only tensors, numbers and strings: it loads with torch.load(weights_only=True)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                         get_optimizer_state_dict)
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    sds = {name: full_state(m) for name, m in parts.items()}  # collectives first, on every rank
-    osds = {name: get_optimizer_state_dict(parts[name], o, options=full) for name, o in opts.items()}
-    emas = {k: local(v).cpu() for k, v in ema.items()} if ema else None
-    if rank != 0:
-        return
+    """Every rank writes its tensors into out/ckpt/.tmp_step_N/ (DCP), then hashes its share of
+    the files; rank 0 writes train.json (state + the hashes), renames the folder to step_N, points
+    `latest` at it and prunes to the `keep` newest (never the one `latest` names). On any error the
+    temp folder goes (a full disk leaves the previous checkpoint as it was) and the error is
+    raised."""
+    import torch.distributed.checkpoint as dcp
     root = os.path.join(out, "ckpt")
-    final, tmp = os.path.join(root, f"step_{step:07d}"), os.path.join(root, f".tmp_step_{step:07d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for name, m in parts.items():
-        write_part(os.path.join(tmp, name), m, sds[name])
-    if emas:
-        save_file(emas, os.path.join(tmp, "ema.safetensors"))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save({"opt": osds, "rng": rng}, os.path.join(tmp, "state.pt"))
-    with open(os.path.join(tmp, "train.json"), "w") as f:
-        json.dump(state, f, indent=1)
+    name = f"step_{step:07d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, ".tmp_" + name)
+    if rank == 0:  # leftovers of a killed save
+        os.makedirs(root, exist_ok=True)
+        for d in os.listdir(root):
+            if d.startswith(".tmp_step_"):
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()  # nobody writes into the temp folder before rank 0 has cleared it
+    try:
+        for sub, sd in checkpoint_state(parts, opts, ema).items():
+            if sd:  # a collective: when it returns, every rank has written its files
+                writer = dcp.HuggingFaceStorageWriter(os.path.join(tmp, sub), save_distributed=True)
+                dcp_call(dcp.save, sd, storage_writer=writer)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        files = sorted(os.path.join(sub, f) for sub in ("model", "optim", "ema")
+                       if os.path.isdir(os.path.join(tmp, sub))
+                       for f in os.listdir(os.path.join(tmp, sub)))
+        sums = {f: sha256(os.path.join(tmp, f)) for f in files[rank::world]}  # each rank a share
+        sums = {f: h for got in everyone(sums) for f, h in got.items()}
+        if rank != 0:
+            return
+        state = dict(state, files=sums)
+        with open(os.path.join(tmp, "train.json"), "w") as f:
+            f.write(json.dumps(dict(state, check=digest(state)), indent=1))
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     # A checkpoint of this step already there (e.g. a signal right after a save): swap it out by
     # renames only, so `latest` never names a half-deleted folder.
     trash = final + ".old"
@@ -507,36 +618,160 @@ def save_checkpoint(out, step, rank, parts, opts, ema, state, keep):
         os.replace(final, trash)
     os.replace(tmp, final)
     shutil.rmtree(trash, ignore_errors=True)
-    write_text(os.path.join(root, "latest"), os.path.basename(final))
-    for d in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-keep]:
+    write_text(os.path.join(root, "latest"), name)
+    older = sorted(d for d in os.listdir(root) if STEP_DIR.fullmatch(d) and d < name)
+    for d in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
-def load_checkpoint(out, parts, opts, ema):
-    """Inverse of save_checkpoint (every rank reads the files; FSDP re-shards) -> train.json."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+def digest(state):
+    """train.json's own checksum: sha256 of its content without the "check" field."""
+    body = json.dumps({k: v for k, v in state.items() if k != "check"}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def verify(folder):
+    """-> None if the checkpoint is intact, else why not (one phrase). Every rank takes part:
+    each hashes its share of the files and the verdicts are shared, so all agree."""
+    why, files = None, []
+    try:
+        with open(os.path.join(folder, "train.json")) as f:
+            st = json.load(f)
+        if st.get("check") != digest(st):
+            why = "train.json does not match its checksum"
+        else:
+            files = sorted(st["files"])
+            on_disk = {os.path.join(sub, f) for sub in ("model", "optim", "ema")
+                       if os.path.isdir(os.path.join(folder, sub))
+                       for f in os.listdir(os.path.join(folder, sub))}
+            missing = sorted(set(files) - on_disk) or sorted(on_disk - set(files))
+            why = f"{missing[0]} missing or unexpected" if missing else None
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        why = f"train.json unreadable ({type(e).__name__})"
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if why is None:
+        for f in files[rank::world]:
+            try:
+                if sha256(os.path.join(folder, f)) != st["files"][f]:
+                    why = f"{f} does not match its sha256"
+                    break
+            except OSError as e:
+                why = f"{f} unreadable ({e.strerror})"
+                break
+    return next((w for w in everyone(why) if w), None)
+
+
+def find_checkpoint(args, total, say):
+    """The checkpoint --resume continues from, checked before any model is built -> its folder,
+    or None for a fresh start.
+
+    Without --resume an --out that already holds checkpoints is refused (a new run there would
+    mix with the old one). With it: the folder `latest` names if intact (verify), else the newest
+    intact older one, with a warning naming both. Also refused: a checkpoint of the other --stage
+    or another --preset, and one already past the --steps asked for."""
+    root = os.path.join(args.out, "ckpt")
+    names = sorted(d for d in os.listdir(root) if STEP_DIR.fullmatch(d)) \
+        if os.path.isdir(root) else []
+    if not args.resume:
+        if names:
+            raise SettingsError(f"--out {args.out} already holds a run (checkpoints up to "
+                                f"{names[-1]}): add --resume to continue it, or pick another --out")
+        return None
+    if not names:
+        say(f"--resume: no checkpoint in {root} yet, starting from scratch")
+        return None
+    path = os.path.join(root, "latest")
+    latest = open(path, errors="replace").read().strip() if os.path.isfile(path) else None
+    if latest in names:
+        order, problem = [latest] + [d for d in reversed(names) if d < latest], []
+    else:  # the newest intact one
+        order = list(reversed(names))
+        problem = [f"{path} is " + ("missing" if latest is None else "empty" if not latest else
+                                    f"garbled ({latest[:40]!r})")]
+    damaged = []
+    for d in order:
+        why = verify(os.path.join(root, d))
+        if why:
+            damaged.append(f"checkpoint {d} is damaged ({why})")
+            continue
+        if problem or damaged:
+            say(f"warning: {'; '.join(problem + damaged)}; resuming from {d} instead",
+                file=sys.stderr)
+        with open(os.path.join(root, d, "train.json")) as f:
+            st = json.load(f)
+        if st["stage_kind"] != args.stage or st["preset"] != args.preset:
+            raise SettingsError(f"--resume: {args.out} holds a --stage {st['stage_kind']} "
+                                f"--preset {st['preset']} run; pass those (or another --out)")
+        if st["step"] > total:
+            raise SettingsError(f"--resume: the checkpoint is at step {st['step']}, past the "
+                                f"{total} steps asked for; pass --steps adding up to more than "
+                                f"{st['step']}")
+        return os.path.join(root, d)
+    raise SettingsError(f"--resume: no intact checkpoint in {root} ({'; '.join(damaged)}); start "
+                        f"again in another --out")
+
+
+def load_checkpoint(folder, parts, opts, ema):
+    """Inverse of save_checkpoint: every rank reads the slices of the files it holds (its shard
+    under FSDP, everything under DDP), whatever the number of ranks that wrote them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_model_state_dict,
                                                          set_optimizer_state_dict)
-    root = os.path.join(out, "ckpt")
-    with open(os.path.join(root, "latest")) as f:
-        folder = os.path.join(root, f.read().strip())
-    full = StateDictOptions(full_state_dict=True)
+    sds = checkpoint_state(parts, opts, ema)
+    if not os.path.isdir(os.path.join(folder, "ema")):  # --ema turned on now: it starts below
+        sds["ema"] = {}
+    have = dcp.HuggingFaceStorageReader(os.path.join(folder, "optim")).read_metadata()
+    if "rng.cuda" not in have.state_dict_metadata:  # written on a machine without CUDA
+        sds["optim"].pop("rng.cuda", None)
+    for sub, sd in sds.items():
+        if sd:
+            reader = dcp.HuggingFaceStorageReader(os.path.join(folder, sub))
+            dcp_call(dcp.load, sd, storage_reader=reader)
     for name, m in parts.items():
-        sd = load_file(os.path.join(folder, name, "model.safetensors"))
-        set_model_state_dict(m, sd, options=full)
-    st = torch.load(os.path.join(folder, "state.pt"), weights_only=True)  # never unpickles code
+        pre = name + "."
+        set_model_state_dict(m, {k[len(pre):]: v for k, v in sds["model"].items()
+                                 if k.startswith(pre)})
     for name, o in opts.items():
-        set_optimizer_state_dict(parts[name], o, st["opt"][name], options=full)
-    if ema:
-        for k, v in load_file(os.path.join(folder, "ema.safetensors")).items():
-            if hasattr(ema[k], "full_tensor"):  # FSDP: keep only this rank's shard of the tensor
-                from torch.distributed.tensor import distribute_tensor
-                v = distribute_tensor(v, ema[k].device_mesh, ema[k].placements)
-            ema[k].copy_(v)
-    torch.set_rng_state(st["rng"]["cpu"])
-    if "cuda" in st["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(st["rng"]["cuda"])
+        osd = get_optimizer_state_dict(parts[name], o)
+        for fqn, st in osd["state"].items():
+            for k in st:
+                st[k] = sds["optim"][f"{name}.{fqn}.{k}"]
+        set_optimizer_state_dict(parts[name], o, osd)
+    if ema and not sds["ema"]:  # from the resumed weights
+        for m in parts.values():
+            for k, p in m.named_parameters():
+                if k in ema:
+                    ema[k].copy_(p.detach())
+    torch.set_rng_state(sds["optim"]["rng.cpu"])
+    if "rng.cuda" in sds["optim"]:
+        torch.cuda.set_rng_state(sds["optim"]["rng.cuda"])
     with open(os.path.join(folder, "train.json")) as f:
         return json.load(f)
+
+
+def open_log(out, step):
+    """out/log.jsonl for appending, cut back to the records of steps <= `step` (the checkpoint a
+    resumed run starts from; 0 for a new run): steps run after the last checkpoint of a killed run
+    are run again, and logged once."""
+    path = os.path.join(out, "log.jsonl")
+    keep = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):  # a line torn by the kill
+                    pass
+    write_text(path, "".join(keep))
+    return open(path, "a")
+
+
+def exit_code(res):
+    """The command line's exit code for train()'s (or demo()'s) result: EXIT_STOPPED when it
+    stopped before the end (demo() returns {} then), else 0."""
+    return EXIT_STOPPED if not res or res.get("stopped") else 0
 
 
 # ----- phases around the loop: settings, models, stages (§3.2), export -----
@@ -711,40 +946,97 @@ def check_dit(args, tc, stages, ac, dc):
 
 
 def make_dit(args, tc, device):
-    """§2.2 the expert DiT to train (from --init when given), with its memory switches."""
+    """§2.2 the expert DiT to train, built on the meta device (no memory, no values yet: wrap()
+    materialises it with dit_source's values), with its memory switches."""
     cfg = dit.DIT_PRESETS[tc.dit]
     if args.i2v and cfg.in_channels == cfg.out_channels:  # App. A: [noisy; image] latents
         cfg = replace(cfg, in_channels=2 * cfg.out_channels)
-    model = dit.ExpertDiT(cfg)
-    if args.init:  # e.g. the T2V weights for the I2V fine-tune (App. A)
-        sd = load_file(os.path.join(args.init, "model.safetensors"))
-        w = sd["patch.weight"]  # (D, C_in·p·p)
-        if w.shape != model.patch.weight.shape:  # the patch embedding grows; new channels: 0
-            p2 = cfg.patch * cfg.patch
-            grown = torch.zeros_like(model.patch.weight).view(w.shape[0], cfg.in_channels, p2)
-            grown[:, :w.shape[1] // p2] = w.view(w.shape[0], -1, p2)
-            sd["patch.weight"] = grown.view(w.shape[0], -1)  # (D, C_in·p·p)
-        if cfg.pos == "learned" and "pos" not in sd:  # a T2V model has no position table: it
-            sd["pos"] = model.pos.detach().clone()  # starts at zero, as the official I2V's does
-        model.load_state_dict(sd)
+    with torch.device("meta"):
+        model = dit.ExpertDiT(cfg)
     model.checkpointing, model.offload = args.grad_checkpoint, args.offload_activations
     model.packed_attention = args.attn  # how §3.1's per-sample attention runs (--attn)
     model.autocast = torch.bfloat16 if device.type == "cuda" else None  # bf16 autocast on GPU
     return model
 
 
+def dit_source(args, model, seed, say=print):
+    """-> fill(name, index): part `index` of a DiT tensor's starting value, for materialise().
+
+    Fresh: model.initial, each tensor from its own generator seeded by (seed, name). --init: our
+    model folder (ExpertDiT.save) is read slice by slice with safetensors' get_slice, so a rank
+    reads its shard and nothing more; a released diffusers folder is converted whole on each rank
+    (its q, k, v fuse into one tensor), each tensor dropped once used. From T2V weights into the
+    I2V DiT (App. A) the patch embedding grows: the image channels start at 0; tensors the file
+    lacks keep their fresh values, named in a log line (a T2V model has no position table: it
+    starts at zero, as the official I2V's does)."""
+    if not args.init:
+        return lambda name, index: model.initial(name, seed)[index]
+    from safetensors import safe_open
+    own = {k: tuple(t.shape) for k, t in [*model.named_parameters(), *model.named_buffers()]}
+    path = os.path.join(args.init, "model.safetensors")
+    if os.path.exists(path):
+        f = safe_open(path, framework="pt")
+        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        read = lambda k, index: f.get_slice(k)[index]
+    else:
+        sd = dit.ExpertDiT.from_diffusers(args.init).state_dict()
+        have = {k: tuple(v.shape) for k, v in sd.items()}
+        read = lambda k, index: sd.pop(k)[index]  # each tensor is asked for once
+    C, p2 = model.cfg.in_channels, model.cfg.patch ** 2
+    grows = have.get("patch.weight", own["patch.weight"])[1] < own["patch.weight"][1]
+    bad = sorted(k for k in have if k not in own or (have[k] != own[k] and not (
+        k == "patch.weight" and grows)))
+    if bad:
+        raise SettingsError(f"--init {args.init}: {bad[0]} {have[bad[0]]} does not fit this "
+                            f"DiT ({own.get(bad[0], 'no such tensor')}); pass a {args.preset} "
+                            f"model folder")
+    fresh = sorted(set(own) - set(have))
+    if fresh:
+        say(f"--init: {', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''} not in "
+            f"{args.init}, starting fresh")
+
+    def fill(name, index):
+        if name not in have:
+            return model.initial(name, seed)[index]
+        if name == "patch.weight" and grows:  # (D, C/2·p·p) -> (D, C·p·p), new channels 0
+            w = read(name, index[:1])  # (d, C/2·p·p) this rank's rows
+            out = torch.zeros(w.shape[0], C, p2, dtype=w.dtype)  # (d, C, p·p)
+            out[:, :w.shape[1] // p2] = w.view(w.shape[0], -1, p2)
+            return out.view(w.shape[0], -1)[:, index[1]]  # (d, C·p·p)
+        return read(name, index)
+    return fill
+
+
 def build_dit(job):
-    """The DiT to train, the frozen VAE whose latents it learns (§3 trains the DiT only) and the
-    T5 encoder, each on the device."""
+    """The DiT to train (meta device; job.fill gives its starting values), the frozen VAE whose
+    latents it learns (§3 trains the DiT only) and the T5 encoder on the device."""
     args, device = job.args, job.device
     model = make_dit(args, job.tc, device)
+    job.fill = dit_source(args, model, job.tc.seed, job.say)
     job.ae = vae.CausalVAE.load(args.vae, device=device).eval().requires_grad_(False)
     if args.text_encoder:
         job.text = dit.TextEncoder(args.text_encoder, device=device, max_length=model.cfg.text_len)
     job.cache = data.LatentCache(args.cache) if args.cache else None
     t5 = f"{data.model_id(args.text_encoder)}|{model.cfg.text_len}" if args.text_encoder else ""
     job.ids = (data.model_id(args.vae), t5)
-    job.cfg, job.model, job.parts = model.cfg, model.to(device), {"dit": model}
+    job.cfg, job.model, job.parts = model.cfg, model, {"dit": model}
+    if job.cache is not None and job.text is not None:
+        embed_captions(job)
+
+
+def embed_captions(job):
+    """Every caption's T5 embedding into the cache, each rank its share, then T5 is released:
+    every later lookup of a caption, in every stage, is a cache hit, and T5 (4.7B parameters for
+    the XXL) no longer sits beside the DiT. Without --cache T5 stays and encodes on the fly."""
+    prep = data.Prepared(None, None, job.text, job.cache, job.ids)
+    for caption in sorted({e["caption"] for e in job.entries})[job.rank::job.world]:
+        prep._text(caption)
+    if dist.is_initialized():
+        dist.barrier()
+    job.text = prep.text = None
+    gc.collect()
+    if job.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def build_vae(job):
@@ -833,8 +1125,9 @@ def export(job, ema, zstat):
     sd = full_state(model)  # a collective under FSDP: every rank takes part, rank 0 gets tensors
     if args.stage == "dit":
         if ema is not None:
-            full = {k: local(v).cpu() for k, v in ema.items()}  # likewise on every rank
-            sd = {k: full.get(k, v) for k, v in sd.items()}
+            for k, v in ema.items():  # gathered tensor by tensor (a collective), kept by rank 0
+                full = local(v).cpu()
+                sd[k] = full if job.rank == 0 else None
         if job.rank != 0:
             return
         model.save(os.path.join(out, "dit"), state_dict=sd)
@@ -863,7 +1156,7 @@ def train(args):
     "stopped"}."""
     tc, stages, steps = resolve(args)
     check(args, tc, stages, steps)  # before setup: a bad setting never reaches a collective
-    rank, world, device, group = setup(args.device, args.cp)
+    rank, world, device, group = setup(args.device, args.cp, args.timeout_min)
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     is_dit = args.stage == "dit"
@@ -871,10 +1164,11 @@ def train(args):
     job = SimpleNamespace(args=args, tc=tc, stages=stages, rank=rank, world=world, device=device,
                           group=group, dp_rank=rank // args.cp, dp_world=world // args.cp, say=say,
                           ac=diffusion.alphas_cumprod(snr_shift_scale=tc.snr_shift),  # §3
-                          text=None, cache=None, ids=None, disc=None, lpips=None,
+                          text=None, cache=None, ids=None, disc=None, lpips=None, fill=None,
                           entries=data.read_manifest(args.data))
+    job.ckpt = find_checkpoint(args, sum(steps), say)  # refusals before any model is loaded
     (build_dit if is_dit else build_vae)(job)
-    model, net = job.model, wrap(job.model, args.fsdp, device)
+    model, net = job.model, wrap(job.model, args.fsdp, device, fill=job.fill)
     params = [p for p in model.parameters() if p.requires_grad]
     lr0 = tc.lr if is_dit else tc.vae_lr
     opts = {args.stage: adamw(params, lr0, tc, device)}
@@ -889,7 +1183,7 @@ def train(args):
     step, pos, bad_files, zstat = resume(job, opts, ema)
     stop, before = catch_signals()
     os.makedirs(args.out, exist_ok=True)
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
+    log = open_log(args.out, step) if rank == 0 else None
     total, ends = sum(steps), [sum(steps[:i + 1]) for i in range(len(steps))]
     say(f"{args.stage}: {sum(p.numel() for p in params):,} parameters | world {world}"
         f"{f' (cp {args.cp})' if args.cp > 1 else ''}"
@@ -995,6 +1289,7 @@ def train(args):
         if (tc.save_every and step % tc.save_every == 0) or step == total or sig:
             state = {"step": step, "pos": dict(pos, stage=stage_i), "bad_files": bad_files,
                      "zstat": zstat.tolist(), "preset": args.preset, "stage_kind": args.stage,
+                     "world": world,
                      "config": asdict(tc), "model_config": asdict(job.cfg)}
             save_checkpoint(args.out, step, rank, job.parts, opts, ema, state, tc.keep)
         if sig:
@@ -1013,17 +1308,18 @@ def train(args):
 
 
 def resume(job, opts, ema):
-    """--resume: weights, optimizer, EMA and RNG from out/ckpt/latest -> (step, data position
-    {"stage", "epoch", "batch"}, bad files so far, the VAE's latent statistics)."""
-    args = job.args
-    if args.resume and os.path.exists(os.path.join(args.out, "ckpt", "latest")):
-        st = load_checkpoint(args.out, job.parts, opts, ema)
+    """--resume: weights, optimizer, EMA and RNG from job.ckpt (find_checkpoint chose and checked
+    it) -> (step, data position {"stage", "epoch", "batch"}, bad files so far, the VAE's latent
+    statistics)."""
+    if job.ckpt:
+        st = load_checkpoint(job.ckpt, job.parts, opts, ema)
         pos = st["pos"]
         job.say(f"resumed from step {st['step']} (stage {pos['stage']}, epoch {pos['epoch']}, "
-                f"batch {pos['batch']})")
+                f"batch {pos['batch']}; {os.path.basename(job.ckpt)}, written by "
+                f"{st.get('world', 1)} rank(s))")
+        if ema and not os.path.isdir(os.path.join(job.ckpt, "ema")):
+            job.say("--ema: the checkpoint has no EMA; it starts from the resumed weights")
         return st["step"], pos, st["bad_files"], torch.tensor(st["zstat"], dtype=torch.float64)
-    if args.resume:
-        job.say(f"--resume: no checkpoint in {args.out}/ckpt yet, starting from scratch")
     # the VAE's zstat: count, Σ mean, Σ mean², Σ var of the latents (for the scaling factor)
     return 0, {"stage": 0, "epoch": 0, "batch": 0}, 0, torch.zeros(4, dtype=torch.float64)
 
@@ -1267,8 +1563,14 @@ def simulate_dit(args, tc, stages, mesh, track, mode):
     vcfg = vae.VAE_PRESETS[tc.vae]
     # DDP is simulated as the model itself: its gradients are views into DDP's buckets
     # (gradient_as_bucket_view), so it adds only its communication buffers
-    net = wrap(model, True, torch.device("cpu"), mesh=mesh, bf16=not args.fp32) if args.fsdp \
-        else Call(model)
+    # make_dit builds on the meta device; fake tensors need no values, real ones training's
+    fill = dit_source(args, model, tc.seed) if isinstance(mode, nullcontext) else \
+        (lambda name, index: torch.zeros(()))
+    if args.fsdp:
+        net = wrap(model, True, torch.device("cpu"), mesh=mesh, fill=fill, bf16=not args.fp32)
+    else:
+        materialise(model, torch.device("cpu"), fill)
+        net = Call(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, tc.lr, tc, torch.device("cpu"))
     T, (H, W) = sim_shapes(args, tc, stages)
@@ -1492,7 +1794,10 @@ def demo(args):
 
 def parser():
     p = argparse.ArgumentParser(description="Train the CogVideoX VAE or DiT (no arguments: the "
-                                            "shapes demo).")
+                                            "shapes demo).",
+                                epilog=f"exit codes: 0 finished (model exported), 2 bad settings, "
+                                       f"{EXIT_STOPPED} stopped early by SIGTERM/SIGINT or "
+                                       f"--stop-at (a checkpoint to --resume from)")
     a = p.add_argument
     a("--stage", choices=["vae", "dit"], help="what to train (omit for the shapes demo)")
     a("--preset", default="tiny", choices=sorted(PRESETS))
@@ -1531,7 +1836,10 @@ def parser():
     a("--offload-activations", action="store_true", help="with --grad-checkpoint: the saved "
       "block inputs wait in host memory (GPU memory for PCIe traffic)")
     a("--resume", action="store_true", help="continue from OUT/ckpt/latest")
-    a("--stop-at", type=int, help="write a checkpoint and exit after this step (as on SIGTERM)")
+    a("--stop-at", type=int, help="write a checkpoint and exit after this step (as on SIGTERM), "
+                                   f"with exit code {EXIT_STOPPED}")
+    a("--timeout-min", type=float, default=30.0,
+      help="minutes a collective waits for the slowest rank (cache filling can be slow)")
     a("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
     a("--quick", action="store_true", help="demo: a few steps only (a smoke test of the pipeline)")
     a("--demo-scale", type=float, help="demo: multiply every step count by this")
@@ -1546,6 +1854,8 @@ def parser():
 
 
 def main(argv=None):
+    """The command line -> train()'s (or demo()'s) result. Bad settings exit with 2 here; the
+    script's exit code for a result is exit_code(): EXIT_STOPPED for a run stopped early."""
     args = parser().parse_args(argv)
     try:
         if args.stage is None:
@@ -1570,4 +1880,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main()))
