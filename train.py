@@ -29,7 +29,10 @@ Run:
                   --grad-checkpoint ...
   torchrun --standalone --nproc_per_node 4 train.py --stage vae --cp 2 ...   # 2 CP groups of 2
   python train.py ... --resume                   # continue from --out's latest checkpoint, exactly
+                                                 # (any number of ranks; see "checkpoints" below)
   python -m pytest -q tests/test_train.py
+Exit codes: 0 finished (model exported), 2 a bad setting (one line naming the fix), 75 stopped
+early by SIGTERM/SIGINT or --stop-at, with a checkpoint to --resume from.
 
 Shape legend:
   S samples on this rank   N samples in the global batch (all ranks)   C latent channels
@@ -57,7 +60,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data

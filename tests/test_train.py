@@ -579,6 +579,22 @@ def test_init_reads_slices_and_grows_t2v_into_i2v(tmp_path):
         train.dit_source(other, train.make_dit(other, train.PRESETS["tiny"], torch.device("cpu")), seed=0)
 
 
+def test_init_from_a_released_diffusers_folder(tmp_path):
+    """--init also takes a released (diffusers) transformer folder: the values are dit.ExpertDiT.from_diffusers'."""
+    from diffusers import CogVideoXTransformer3DModel
+    c = dit.DIT_PRESETS["tiny"]
+    torch.manual_seed(0)
+    CogVideoXTransformer3DModel(num_attention_heads=c.heads, attention_head_dim=c.head_dim, in_channels=c.in_channels,
+                                out_channels=c.out_channels, time_embed_dim=c.time_dim, text_embed_dim=c.text_dim,
+                                num_layers=c.layers, max_text_seq_length=c.text_len, sample_width=8, sample_height=8,
+                                sample_frames=9).save_pretrained(tmp_path / "released")
+    args = tiny_dit_args("--init", str(tmp_path / "released"))
+    model = train.make_dit(args, train.PRESETS["tiny"], torch.device("cpu"))
+    train.wrap(model, False, torch.device("cpu"), fill=train.dit_source(args, model, seed=0))
+    ref = dit.ExpertDiT.from_diffusers(str(tmp_path / "released")).state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+
+
 def test_t5_is_released_once_every_caption_is_cached(assets, tmp_path):
     args = train.parser().parse_args(dit_args(assets, tmp_path / "out", "--cache", str(tmp_path / "cache")))
     job = SimpleNamespace(args=args, tc=train.PRESETS["tiny"], device=torch.device("cpu"), rank=0, world=1,
