@@ -640,89 +640,95 @@ def one_process(assets, tmp_path_factory):
     return train.main(dit_args(assets, out, *PAR, "--rows", "2")), out
 
 
-@pytest.fixture(scope="module")
-def ddp_full(assets, tmp_path_factory, torchrun):
-    out = tmp_path_factory.mktemp("ddp") / "run"
-    p = torchrun(train.__file__, *dit_args(assets, out, *PAR, "--rows", "1"))
-    assert "world 2 ddp" in p.stdout
-    return out
-
-
+WORKER = os.path.join(os.path.dirname(__file__), "_train_runs_worker.py")
 FSDP = [*PAR, "--rows", "1", "--fsdp", "--ema", "0.5"]
 
 
+def runs(*argvs):
+    """Several train.py argument lists for one torchrun launch of the worker."""
+    return [a for i, argv in enumerate(argvs) for a in ([] if i == 0 else ["---"]) + list(argv)]
+
+
 @pytest.fixture(scope="module")
-def fsdp_full(assets, tmp_path_factory, torchrun):
-    out = tmp_path_factory.mktemp("fsdp") / "run"
-    p = torchrun(train.__file__, *dit_args(assets, out, *FSDP))
-    assert "world 2 fsdp" in p.stdout
-    return out
+def ddp(assets, tmp_path_factory, torchrun):
+    """One launch, DDP on 2 ranks: the uninterrupted run; a run stopped after step 2, then resumed."""
+    root = tmp_path_factory.mktemp("ddp")
+    ddp = [*PAR, "--rows", "1"]
+    p = torchrun(WORKER, *runs(dit_args(assets, root / "full", *ddp),
+                               dit_args(assets, root / "part", *ddp, "--stop-at", "2"),
+                               dit_args(assets, root / "part", *ddp, "--resume")), timeout=900)
+    assert "world 2 ddp" in p.stdout and "stopped at step 2 (--stop-at)" in p.stdout
+    return root
 
 
-def test_ddp_two_ranks_equals_one_process(ddp_full, one_process):
+@pytest.fixture(scope="module")
+def fsdp(assets, tmp_path_factory, torchrun):
+    """One launch, FSDP on 2 ranks: the uninterrupted run; a run stopped after step 2, then resumed; another
+    stopped there (`alone`, which the test resumes in one process); and the resume of a checkpoint written by one
+    process."""
+    root = tmp_path_factory.mktemp("fsdp")
+    train.main(dit_args(assets, root / "back", *PAR, "--rows", "2", "--stop-at", "2"))  # one process, 2 rows
+    p = torchrun(WORKER, *runs(dit_args(assets, root / "full", *FSDP),
+                               dit_args(assets, root / "part", *FSDP, "--stop-at", "2"),
+                               dit_args(assets, root / "alone", *FSDP, "--stop-at", "2"),
+                               dit_args(assets, root / "part", *FSDP, "--resume"),
+                               dit_args(assets, root / "back", *FSDP, "--resume")), timeout=900)
+    assert "world 2 fsdp" in p.stdout and "stopped at step 2 (--stop-at)" in p.stdout
+    assert "written by 1 rank(s)" in p.stdout
+    return root
+
+
+def test_ddp_two_ranks_equals_one_process(ddp, one_process):
     """2 ranks x 1 Frame Pack row == 1 process x 2 rows (the same global batch): same losses, same weights."""
     one, ref = one_process
-    two = [r["loss"] for r in log(ddp_full)]
+    two = [r["loss"] for r in log(ddp / "full")]
     assert two == pytest.approx(one["losses"], rel=1e-5, abs=1e-7)
-    a, b = weights(ref / "dit"), weights(ddp_full / "dit")
+    a, b = weights(ref / "dit"), weights(ddp / "full" / "dit")
     assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
 
 
-def test_fsdp_two_ranks_equals_one_process(fsdp_full, one_process):
+def test_fsdp_two_ranks_equals_one_process(fsdp, one_process):
     """--fsdp (FSDP2 fully_shard on gloo): the same update as one process; the sharded checkpoint reads back whole."""
     one, ref = one_process
-    assert [r["loss"] for r in log(fsdp_full)] == pytest.approx(one["losses"], rel=1e-5, abs=1e-7)
+    full = fsdp / "full"
+    assert [r["loss"] for r in log(full)] == pytest.approx(one["losses"], rel=1e-5, abs=1e-7)
     raw = lambda out: ckpt_tensors(out / "ckpt" / "step_0000003")  # the checkpoint keeps the raw weights
-    a, b = raw(ref), raw(fsdp_full)
+    a, b = raw(ref), raw(full)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
-    names = os.listdir(fsdp_full / "ckpt" / "step_0000003" / "model")  # each rank wrote its shard
+    names = os.listdir(full / "ckpt" / "step_0000003" / "model")  # each rank wrote its shard
     assert sorted(names) == [f"shard-0000{r}-model-00001-of-00001.safetensors" for r in (1, 2)]
-    ema = ckpt_tensors(fsdp_full / "ckpt" / "step_0000003", "ema", prefix="")  # the sharded EMA, whole
+    ema = ckpt_tensors(full / "ckpt" / "step_0000003", "ema", prefix="")  # the sharded EMA, whole
     params = {k for k, _ in dit.ExpertDiT(dit.DIT_PRESETS["tiny"]).named_parameters()}
     assert params and ema.keys() == params and all(ema[k].shape == b[k].shape for k in ema)  # every parameter
-    assert torch.equal(weights(fsdp_full / "dit")["patch.weight"], ema["patch.weight"])  # export = EMA
+    assert torch.equal(weights(full / "dit")["patch.weight"], ema["patch.weight"])  # export = EMA
 
 
-def stopped(p):
-    """torchrun exits 1 when its workers exit non-zero; the workers' own code is in its report."""
-    assert "stopped at step 2 (--stop-at)" in p.stdout and "exitcode  : 75" in p.stderr, p.stderr[-2000:]
-
-
-def test_ddp_resume_equals_uninterrupted(assets, tmp_path, torchrun, ddp_full):
-    out = tmp_path / "run"
-    stopped(torchrun(train.__file__, *dit_args(assets, out, *PAR, "--rows", "1", "--stop-at", "2"), codes=(1,)))
-    torchrun(train.__file__, *dit_args(assets, out, *PAR, "--rows", "1", "--resume"))
-    assert [r["loss"] for r in log(out)] == [r["loss"] for r in log(ddp_full)]  # bit-exact
-    a, b = weights(ddp_full / "dit"), weights(out / "dit")
+def test_ddp_resume_equals_uninterrupted(ddp):
+    """DDP on 2 ranks, stopped after step 2 and resumed: the losses and the exported weights are exact."""
+    assert [r["loss"] for r in log(ddp / "part")] == [r["loss"] for r in log(ddp / "full")]  # bit-exact
+    a, b = weights(ddp / "full" / "dit"), weights(ddp / "part" / "dit")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fsdp_resume_on_two_ranks_one_process_and_back(assets, tmp_path, torchrun, fsdp_full, one_process):
-    """FSDP on 2 ranks, stopped at step 2: resumed on 2 ranks it equals the uninterrupted FSDP run exactly (losses,
-    weights, EMA); resumed in one process (2 rows = the same global batch) it equals the one-process run. And a
-    one-process checkpoint resumes under FSDP on 2 ranks."""
-    one, ref = one_process
-    out = tmp_path / "fsdp"
-    stopped(torchrun(train.__file__, *dit_args(assets, out, *FSDP, "--stop-at", "2"), codes=(1,)))
-    shutil.copytree(out, tmp_path / "alone")
-    torchrun(train.__file__, *dit_args(assets, out, *FSDP, "--resume"))
-    assert [r["loss"] for r in log(out)] == [r["loss"] for r in log(fsdp_full)]
+def test_fsdp_resume_equals_uninterrupted(fsdp):
+    """FSDP on 2 ranks, stopped after step 2 and resumed on 2 ranks: losses, weights and EMA are exact."""
+    assert [r["loss"] for r in log(fsdp / "part")] == [r["loss"] for r in log(fsdp / "full")]
     for sub, pre in (("model", "dit."), ("ema", "")):
-        a, b = (ckpt_tensors(o / "ckpt" / "step_0000003", sub, pre) for o in (fsdp_full, out))
+        a, b = (ckpt_tensors(o / "ckpt" / "step_0000003", sub, pre) for o in (fsdp / "full", fsdp / "part"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # 2 ranks -> 1 process
-    rest = train.main(dit_args(assets, tmp_path / "alone", *PAR, "--rows", "2", "--ema", "0.5", "--resume"))
+
+
+def test_resume_on_another_number_of_ranks(assets, fsdp, one_process):
+    """FSDP's 2-rank checkpoint resumed in one process (2 rows = the same global batch), and a one-process
+    checkpoint resumed under FSDP on 2 ranks: both continue the one-process run (to float rounding: the sums are
+    reduced in another order)."""
+    one, ref = one_process
+    rest = train.main(dit_args(assets, fsdp / "alone", *PAR, "--rows", "2", "--ema", "0.5", "--resume"))
     assert rest["losses"] == pytest.approx(one["losses"][2:], rel=1e-5, abs=1e-7)
-    a, b = (ckpt_tensors(o / "ckpt" / "step_0000003") for o in (ref, tmp_path / "alone"))
-    assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
-    # 1 process -> 2 ranks
-    back = tmp_path / "back"
-    train.main(dit_args(assets, back, *PAR, "--rows", "2", "--stop-at", "2"))
-    p = torchrun(train.__file__, *dit_args(assets, back, *FSDP, "--resume"))
-    assert "written by 1 rank(s)" in p.stdout
-    assert [r["loss"] for r in log(back)] == pytest.approx(one["losses"], rel=1e-5, abs=1e-7)
-    a, b = (ckpt_tensors(o / "ckpt" / "step_0000003") for o in (ref, back))
-    assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
+    assert [r["loss"] for r in log(fsdp / "back")] == pytest.approx(one["losses"], rel=1e-5, abs=1e-7)
+    for out in (fsdp / "alone", fsdp / "back"):
+        a, b = (ckpt_tensors(o / "ckpt" / "step_0000003") for o in (ref, out))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
 
 
 def test_fsdp_offloaded_checkpointing_equals_one_process(assets, tmp_path, torchrun, one_process):
