@@ -640,7 +640,9 @@ def verify(folder):
     try:
         with open(os.path.join(folder, "train.json")) as f:
             st = json.load(f)
-        if st.get("check") != digest(st):
+        if "check" not in st:
+            why = "no checksums: written by an older train.py, whose checkpoints this one cannot read"
+        elif st["check"] != digest(st):
             why = "train.json does not match its checksum"
         else:
             files = sorted(st["files"])
@@ -649,7 +651,7 @@ def verify(folder):
                        for f in os.listdir(os.path.join(folder, sub))}
             missing = sorted(set(files) - on_disk) or sorted(on_disk - set(files))
             why = f"{missing[0]} missing or unexpected" if missing else None
-    except (OSError, ValueError, KeyError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         why = f"train.json unreadable ({type(e).__name__})"
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if why is None:
