@@ -755,17 +755,31 @@ def load_checkpoint(folder, parts, opts, ema):
         return json.load(f)
 
 
+def read_checkpoint(folder, sub="model"):
+    """One process: every tensor of a checkpoint's model/, optim/ or ema/ folder, whole (the shards
+    of any number of ranks put together), keyed as saved ("dit.blocks.0.qkv.weight",
+    "dit.blocks.0.qkv.weight.exp_avg", ...). For looking inside; training reads load_checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    path = os.path.join(folder, sub)
+    meta = dcp.HuggingFaceStorageReader(path).read_metadata().state_dict_metadata
+    sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()}
+    dcp_call(dcp.load, sd, storage_reader=dcp.HuggingFaceStorageReader(path))
+    return sd
+
+
 def open_log(out, step):
-    """out/log.jsonl for appending, cut back to the records of steps <= `step` (the checkpoint a
-    resumed run starts from; 0 for a new run): steps run after the last checkpoint of a killed run
-    are run again, and logged once."""
+    """out/log.jsonl for appending, cut back to what happened before the checkpoint a resumed run
+    starts from (`step`; 0 for a new run): the steps after the last checkpoint of a killed run are
+    run again, and logged once. A record {"step": k} is step k done; a skipped batch's record
+    {"step": k, "skipped": ...} came after step k (nothing_read), so it goes when k == step."""
     path = os.path.join(out, "log.jsonl")
     keep = []
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
                 try:
-                    if json.loads(line)["step"] <= step:
+                    rec = json.loads(line)
+                    if rec["step"] < step or (rec["step"] == step and "skipped" not in rec):
                         keep.append(line if line.endswith("\n") else line + "\n")
                 except (ValueError, KeyError, TypeError):  # a line torn by the kill
                     pass
