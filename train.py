@@ -1578,18 +1578,20 @@ class InMode(nn.Module):
 def simulate_dit(args, tc, stages, mesh, track, mode):
     """Builds the DiT as training does and returns the step: rows x clips of synthetic latents."""
     # the recipe of a GPU run: bf16 autocast and FSDP mixed precision (--fp32: neither)
-    model = make_dit(args, tc, torch.device("cpu" if args.fp32 else "cuda"))
+    model = make_dit(args, tc, torch.device("cpu" if args.fp32 else "cuda"))  # on meta
+    if isinstance(mode, nullcontext):  # real tensors (--real): training's starting values
+        materialise(model, torch.device("cpu"), dit_source(args, model, tc.seed))
+    else:  # fake tensors need no values
+        for m in model.modules():
+            for k, t in [(k, t) for k, t in m._parameters.items() if t is not None]:
+                m._parameters[k] = nn.Parameter(torch.empty(t.shape), t.requires_grad)
+            for k, t in [(k, t) for k, t in m._buffers.items() if t is not None]:
+                m._buffers[k] = torch.empty(t.shape, dtype=t.dtype)
     vcfg = vae.VAE_PRESETS[tc.vae]
     # DDP is simulated as the model itself: its gradients are views into DDP's buckets
     # (gradient_as_bucket_view), so it adds only its communication buffers
-    # make_dit builds on the meta device; fake tensors need no values, real ones training's
-    fill = dit_source(args, model, tc.seed) if isinstance(mode, nullcontext) else \
-        (lambda name, index: torch.zeros(()))
-    if args.fsdp:
-        net = wrap(model, True, torch.device("cpu"), mesh=mesh, fill=fill, bf16=not args.fp32)
-    else:
-        materialise(model, torch.device("cpu"), fill)
-        net = Call(model)
+    net = wrap(model, True, torch.device("cpu"), mesh=mesh, bf16=not args.fp32) if args.fsdp \
+        else Call(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, tc.lr, tc, torch.device("cpu"))
     T, (H, W) = sim_shapes(args, tc, stages)
