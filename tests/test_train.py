@@ -535,18 +535,16 @@ def test_fsdp_mixed_precision_policy():
     mp = train.mixed_precision(torch.device("cuda"))
     assert (mp.param_dtype, mp.reduce_dtype) == (torch.bfloat16, torch.float32)
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    real = train.mixed_precision
     try:
-        train.mixed_precision = lambda device: mp
         args, cpu = tiny_dit_args(), torch.device("cpu")
         model = train.make_dit(args, train.PRESETS["tiny"], cpu)
-        net = train.wrap(model, True, cpu, fill=train.dit_source(args, model, seed=0))
+        # bf16=True: the GPU policy (the simulator's switch), here on CPU
+        net = train.wrap(model, True, cpu, fill=train.dit_source(args, model, seed=0), bf16=True)
         seen = net(lambda m, x: (m.patch.weight.dtype, m.patch(x).float().sum()), torch.ones(2, 32))
         assert seen[0] == torch.bfloat16
         seen[1].backward()
         assert model.patch.weight.dtype == model.patch.weight.grad.dtype == torch.float32
     finally:
-        train.mixed_precision = real
         torch.distributed.destroy_process_group()
 
 
