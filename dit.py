@@ -354,9 +354,10 @@ class ExpertDiT(nn.Module):
         generator seeded by (seed, its name), so the values depend neither on the order modules
         are built in nor on how train.py later shards the model (an FSDP rank fills its shard from
         the same full value). seed None: drawn from torch's global generator (torch.manual_seed
-        decides). Nothing to do on the meta device."""
+        decides). Nothing to do on the meta device or on fake tensors (a step simulator)."""
+        from torch._subclasses.fake_tensor import FakeTensor
         named = [*self.named_parameters(), *self.named_buffers()]
-        if all(t.is_meta for _, t in named):
+        if all(t.is_meta or isinstance(t, FakeTensor) for _, t in named):
             return
         seed = int(torch.randint(2**62, ())) if seed is None else seed
         with torch.no_grad():
