@@ -861,7 +861,9 @@ def check_numbers(args, tc, steps):
              ("--workers", args.workers >= 0, f"must be >= 0 (0 = load in the main process), got "
                                                f"{args.workers}"),
              ("--max-bad-steps", args.max_bad_steps >= 1, f"must be >= 1, got "
-                                                           f"{args.max_bad_steps}")]
+                                                           f"{args.max_bad_steps}"),
+             ("--mlp-chunks", args.mlp_chunks >= 1, f"must be >= 1 (1 = off), got "
+                                                     f"{args.mlp_chunks}")]
     for flag, ok, why in rules:
         if not ok:
             raise SettingsError(f"{flag} {why}")
@@ -973,6 +975,8 @@ def make_dit(args, tc, device):
     with torch.device("meta"):
         model = dit.ExpertDiT(cfg)
     model.checkpointing, model.offload = args.grad_checkpoint, args.offload_activations
+    for blk in model.blocks:
+        blk.mlp_chunks = args.mlp_chunks
     model.packed_attention = args.attn  # how §3.1's per-sample attention runs (--attn)
     model.autocast = torch.bfloat16 if device.type == "cuda" else None  # bf16 autocast on GPU
     return model
@@ -1856,6 +1860,8 @@ def parser():
            "rows, dense for short rows on CPU (faster there)")
     a("--offload-activations", action="store_true", help="with --grad-checkpoint: the saved "
       "block inputs wait in host memory (GPU memory for PCIe traffic)")
+    a("--mlp-chunks", type=int, default=1, help="K > 1: each block's MLP runs its backward on K "
+      "token slices, one at a time (less memory, one more MLP forward per step)")
     a("--resume", action="store_true", help="continue from OUT/ckpt/latest")
     a("--stop-at", type=int, help="write a checkpoint and exit after this step (as on SIGTERM), "
                                    f"with exit code {EXIT_STOPPED}")

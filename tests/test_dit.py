@@ -503,16 +503,20 @@ def test_packed_flex_compiled_once():
 # ----- memory switches -----
 
 def test_checkpointing_same_outputs_and_grads():
-    """Plain, checkpointed, and checkpointed with the block inputs offloaded (dit.offloaded):
-    the same outputs and gradients (parameters and input)."""
+    """Plain, checkpointed, checkpointed with the block inputs offloaded (dit.offloaded), and the
+    MLP in 3 checkpointed token slices (dit.chunked_mlp; 3 does not divide the tokens evenly): the
+    same outputs and gradients (parameters and input)."""
     m = randomize(ExpertDiT(small()))
     x, t, text = inputs(m.cfg)
     x.requires_grad_()
     res = []
-    for ck, off in ((False, False), (True, False), (True, True)):
+    for ck, off, k in ((False, False, 1), (True, False, 1), (True, True, 1), (False, False, 3),
+                       (True, True, 3)):
         m.zero_grad()
         x.grad = None
         m.checkpointing, m.offload = ck, off
+        for blk in m.blocks:
+            blk.mlp_chunks = k
         v = m(x, t, text)
         v.square().mean().backward()
         res.append((v.detach(), [p.grad.clone() for p in m.parameters()] + [x.grad.clone()]))

@@ -398,6 +398,7 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--lr", "-1"], "--lr must be > 0, got -1.0"),
     (["--rows", "0"], "--rows must be >= 1, got 0"),
     (["--accum", "0"], "--accum must be >= 1, got 0"),
+    (["--mlp-chunks", "0"], "--mlp-chunks must be >= 1 (1 = off), got 0"),
     (["--workers", "-1"], "--workers must be >= 0"),
     (["--device", "tpu"], "--device 'tpu' is not a device"),
     (["--max-tokens", "1"], "--max-tokens 1: a stage-0 sample can need"),
@@ -844,3 +845,12 @@ def test_simulated_activations_grow_linearly_with_the_row():
     act = lambda r: r["working"]  # the step's own peak: activations + temporaries
     assert two["tokens"] == 2 * one["tokens"]
     assert act(two) <= 2.2 * act(one), (act(one), act(two))
+
+
+def test_simulated_mlp_chunks_lower_the_working_peak():
+    """--mlp-chunks 4: each block's MLP backward one token slice at a time; the simulated step's
+    working memory (all but parameters, gradients and optimizer state) falls."""
+    args = ["--stage", "dit", "--preset", "tiny", "--simulate", "1", "--frames", "33", "--size",
+            "128x128", "--grad-checkpoint", "--fp32"]
+    one, four = train.main(args), train.main(args + ["--mlp-chunks", "4"])
+    assert four["working"] < 0.9 * one["working"], (one["working"], four["working"])
