@@ -31,6 +31,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -378,6 +379,8 @@ class ExpertDiT(nn.Module):
         g = torch.Generator().manual_seed(int.from_bytes(
             hashlib.sha256(f"{seed}|{name}".encode()).digest()[:8], "little") % 2**63)
         zero = [self.mod_out, self.proj_out] + [m for b in self.blocks for m in (b.mod1, b.mod2)]
+        if leaf in ("lora_A", "lora_B"):  # adapters (LoRA section): PEFT's init, B = 0
+            return owner.initial(leaf, g)
         if name == "pos":  # the learned table: zeros, as the official I2V config starts it
             return torch.zeros(shape)
         if leaf == "bias" or any(owner is m for m in zero):
@@ -585,11 +588,7 @@ class ExpertDiT(nn.Module):
         """Load a diffusers CogVideoXTransformer3DModel folder (or a pipeline folder with
         transformer/), single-file or sharded, fp32/fp16/bf16. overrides: DiTConfig fields, e.g.
         rope_interp=True to reproduce the diffusers pipeline's RoPE at non-native sizes."""
-        folder = Path(folder)
-        if (folder / "transformer" / "config.json").exists():
-            folder = folder / "transformer"
-        dc = _read_json(folder / "config.json")
-        cfg = _config({**_diffusers_config(dc), **overrides})
+        folder, cfg = diffusers_folder_config(folder, **overrides)
         sd = _from_diffusers_keys(_read_safetensors(folder), cfg)
         return _load_checked(cfg, sd, folder, dtype).to(device)
 
@@ -621,6 +620,16 @@ def _config(d):
     if extra:
         raise ValueError(f"unknown DiTConfig fields {extra}: a checkpoint of another version")
     return DiTConfig(**d)
+
+
+def diffusers_folder_config(folder, **overrides):
+    """A diffusers transformer folder (or a pipeline folder holding transformer/) -> (that folder,
+    its DiTConfig with `overrides`), reading config.json only."""
+    folder = Path(folder)
+    if (folder / "transformer" / "config.json").exists():
+        folder = folder / "transformer"
+    dc = _read_json(folder / "config.json")
+    return folder, _config({**_diffusers_config(dc), **overrides})
 
 
 def _diffusers_config(dc):
@@ -673,11 +682,9 @@ def _read_safetensors(folder):
     return {k: v for f in files for k, v in load_file(folder / f).items()}
 
 
-def _from_diffusers_keys(sd, cfg):
-    """Our names <- diffusers names. q, k, v are fused into one qkv; the patch Conv2d becomes a
-    Linear."""
-    sd, out = dict(sd), {}
-    take = lambda k: sd.pop(k) if k in sd else None
+def _diffusers_names(cfg):
+    """Our module name -> the diffusers module name, for every module that maps one to one (not
+    the fused qkv, nor the patch embedding). One table for the weights and the LoRA files."""
     pairs = {"text_proj": "patch_embed.text_proj", "time_in.0": "time_embedding.linear_1",
              "time_in.2": "time_embedding.linear_2", "norm_final": "norm_final",
              "norm_out": "norm_out.norm", "mod_out": "norm_out.linear", "proj_out": "proj_out"}
@@ -686,6 +693,15 @@ def _from_diffusers_keys(sd, cfg):
             ("norm1", "norm1.norm"), ("mod1", "norm1.linear"), ("q_norm", "attn1.norm_q"),
             ("k_norm", "attn1.norm_k"), ("proj", "attn1.to_out.0"), ("norm2", "norm2.norm"),
             ("mod2", "norm2.linear"), ("fc1", "ff.net.0.proj"), ("fc2", "ff.net.2")]})
+    return pairs
+
+
+def _from_diffusers_keys(sd, cfg):
+    """Our names <- diffusers names. q, k, v are fused into one qkv; the patch Conv2d becomes a
+    Linear."""
+    sd, out = dict(sd), {}
+    take = lambda k: sd.pop(k) if k in sd else None
+    pairs = _diffusers_names(cfg)
     for wb in ("weight", "bias"):
         w = take(f"patch_embed.proj.{wb}")                            # (D, C, p, p) -> (D, C*p*p)
         out[f"patch.{wb}"] = w.reshape(cfg.dim, -1) if w is not None and wb == "weight" else w
@@ -792,6 +808,253 @@ def build_tiny_t5(folder, texts, d_model=64, layers=2, heads=4, d_ff=128, vocab_
                    tie_word_embeddings=False)
     T5EncoderModel(cfg).save_pretrained(folder)
     return folder
+
+
+# ----- LoRA: low-rank adapters on frozen weights (not in the paper) -----
+# Most users fine-tune the released models with LoRA (Hu et al., 2021): every weight stays frozen
+# and each adapted Linear learns a low-rank update, y = W x + (alpha / r) · B (A x) with A (r, in),
+# B (out, r), r small. Initialised as PEFT does (A Kaiming-uniform with a = √5, B zeros, no
+# dropout), so before the first step the model IS the base.
+# The file is what diffusers' CogVideoX pipelines load with load_lora_weights (PEFT's layout, as
+# CogVideoXPipeline.save_lora_weights writes it): pytorch_lora_weights.safetensors holding, per
+# adapted module, "transformer.<diffusers module>.lora_A.weight" (r, in) and ".lora_B.weight"
+# (out, r), e.g. transformer.transformer_blocks.3.attn1.to_q.lora_A.weight. The rank is in the
+# shapes; alpha travels in the header's "lora_adapter_metadata" (the LoraConfig as JSON, its keys
+# prefixed "transformer."). A file without it means alpha = r (scale 1): diffusers reads it so,
+# and its CogVideoX training script then asks for set_adapters(alpha / r) by hand.
+# Our fused qkv Linear carries three adapters, one per projection: q, k and v map to to_q, to_k and
+# to_v exactly as in that layout.
+
+LORA_TARGETS = {"attn": ("qkv", "proj"), "attn+mlp": ("qkv", "proj", "fc1", "fc2")}
+LORA_FILE = "pytorch_lora_weights.safetensors"   # diffusers' LORA_WEIGHT_NAME_SAFE
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear(in, out) plus `parts` low-rank adapters, one per equal slice of the output:
+    y = W x + b + scale · [B_1 A_1 x; ...; B_P A_P x], scale = alpha / r. parts = 3 for the fused
+    qkv (q, k, v each their own adapter). `weight` and `bias` are the wrapped Linear's own
+    Parameters (their state-dict names stay); lora_A (P·r, in) stacks the A_p, lora_B (out, r) the
+    B_p along the output (for P = 1, PEFT's two weights exactly)."""
+
+    def __init__(self, base, rank, alpha, parts=1, dtype=None):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
+                         device="meta")
+        self.weight, self.bias = base.weight, base.bias
+        self.r, self.parts, self.scale = rank, parts, alpha / rank
+        kw = dict(device=base.weight.device, dtype=dtype or base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(parts * rank, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
+        if not self.lora_A.is_meta:  # on the meta device: train.py fills it (ExpertDiT.initial)
+            with torch.no_grad():
+                self.lora_A.copy_(self.initial("lora_A"))
+
+    def initial(self, leaf, generator=None):
+        """PEFT's starting value of "lora_A" or "lora_B", full size, on the CPU: each A_p (r, in)
+        Kaiming-uniform with a = √5 (fan_in = in), B zeros."""
+        t = torch.zeros(getattr(self, leaf).shape)
+        if leaf == "lora_A":
+            for a in t.chunk(self.parts):
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        return t
+
+    def forward(self, x):
+        """x (..., in) -> (..., out)."""
+        y = F.linear(x, self.weight, self.bias)                       # (..., out)
+        u = F.linear(x, self.lora_A)                                 # (..., P·r)
+        if self.parts == 1:
+            d = F.linear(u, self.lora_B)                             # (..., out)
+        else:  # part p: its r columns of u through its out/P rows of B
+            d = torch.cat([F.linear(up, bp) for up, bp in               # (..., out)
+                           zip(u.chunk(self.parts, -1), self.lora_B.chunk(self.parts))], -1)
+        return torch.add(y, d, alpha=self.scale)
+
+    def delta(self):
+        """scale · [B_1 A_1; ...; B_P A_P] (out, in) in float32: what merging adds to W."""
+        A, B = self.lora_A.float().chunk(self.parts), self.lora_B.float().chunk(self.parts)
+        return self.scale * torch.cat([b @ a for a, b in zip(A, B)])  # (out, in)
+
+
+def lora_modules(model):
+    """{our module name: LoRALinear} of a model, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _swap(model, name, new):
+    parent, _, last = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, last, new)
+
+
+def add_lora(model, rank, alpha=None, targets="attn", dtype=torch.float32):
+    """Freeze every weight of `model` and give each block's `targets` Linears (LORA_TARGETS;
+    "attn" = q, k, v and the output projection, as diffusers' CogVideoX LoRA script) rank-`rank`
+    adapters in `dtype` (fp32: they are what trains, even over a bf16 base). alpha None = rank
+    (scale 1). -> the adapters' parameters, the only trainable ones."""
+    if rank < 1 or targets not in LORA_TARGETS:
+        raise ValueError(f"LoRA rank {rank}, targets {targets!r}: need rank >= 1 and targets in "
+                         f"{list(LORA_TARGETS)}")
+    model.requires_grad_(False)
+    for blk in model.blocks:
+        for name in LORA_TARGETS[targets]:
+            parts = 3 if name == "qkv" else 1
+            setattr(blk, name, LoRALinear(getattr(blk, name), rank, alpha or rank, parts, dtype))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every adapter into its weight (W + scale · B A, summed in fp32, stored in W's dtype)
+    and put a plain Linear back: the same function, no adapter matmuls per step. -> model."""
+    for name, m in lora_modules(model).items():
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        w = (m.weight.float() + m.delta()).to(m.weight.dtype)
+        lin.weight, lin.bias = nn.Parameter(w, requires_grad=m.weight.requires_grad), m.bias
+        _swap(model, name, lin)
+    return model
+
+
+def _lora_names(cfg):
+    """Each adaptable module of ours (every Linear, and the patch embedding) -> its diffusers
+    module names, one per part: the fused qkv -> [to_q, to_k, to_v]."""
+    names = {k: [v] for k, v in _diffusers_names(cfg).items() if "norm" not in k.split(".")[-1]}
+    names.update({f"blocks.{i}.qkv": [f"transformer_blocks.{i}.attn1.to_{z}" for z in "qkv"]
+                  for i in range(cfg.layers)})
+    names["patch"] = ["patch_embed.proj"]     # a Conv2d(k = p, stride = p) in the 1.0 release
+    return names
+
+
+def lora_state(model, state_dict=None):
+    """The model's adapters in the diffusers layout -> (tensors, LoraConfig fields). state_dict:
+    the adapters under our names (e.g. gathered from FSDP, or the EMA's); default: the model's."""
+    from collections import Counter
+    sd = model.state_dict() if state_dict is None else state_dict
+    names, out, rank, alpha, p = _lora_names(model.cfg), {}, {}, {}, model.cfg.patch
+    for name, m in lora_modules(model).items():
+        A = sd[f"{name}.lora_A"].detach().cpu().chunk(m.parts)       # P x (r, in)
+        B = sd[f"{name}.lora_B"].detach().cpu().chunk(m.parts)       # P x (out/P, r)
+        for theirs, a, b in zip(names[name], A, B):
+            if name == "patch":  # the Conv2d's shapes: A (r, C, p, p), B (D, r, 1, 1)
+                a, b = a.reshape(m.r, -1, p, p), b[:, :, None, None]
+            out[f"transformer.{theirs}.lora_A.weight"] = a.contiguous()
+            out[f"transformer.{theirs}.lora_B.weight"] = b.contiguous()
+            rank[theirs], alpha[theirs] = m.r, m.scale * m.r
+    if not rank:
+        raise ValueError("the model has no LoRA adapters to export (add_lora / load_lora)")
+    r0, a0 = (Counter(d.values()).most_common(1)[0][0] for d in (rank, alpha))
+    # PEFT's rule for modules that differ from the common rank / alpha: "^name" patterns
+    cfg = {"r": r0, "lora_alpha": a0, "target_modules": sorted(rank), "lora_dropout": 0.0,
+           "bias": "none", "use_rslora": False, "use_dora": False, "lora_bias": False,
+           "init_lora_weights": True,
+           "rank_pattern": {f"^{k}": v for k, v in rank.items() if v != r0},
+           "alpha_pattern": {f"^{k}": v for k, v in alpha.items() if v != a0}}
+    return out, cfg
+
+
+def save_lora(model, path, state_dict=None):
+    """Write the adapters as `path` (a file, or a folder that gets LORA_FILE), atomically, in the
+    layout CogVideoXPipeline.load_lora_weights reads (see above). -> the file's path."""
+    from safetensors.torch import save_file
+
+    from data import atomic_write   # lazily: dit.py stays importable without data.py
+    path = Path(path) / LORA_FILE if Path(path).is_dir() else Path(path)
+    tensors, cfg = lora_state(model, state_dict)
+    meta = {"format": "pt", "lora_adapter_metadata": json.dumps(
+        {f"transformer.{k}": v for k, v in cfg.items()}, indent=2, sort_keys=True)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(str(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return path
+
+
+def read_lora(path):
+    """A LoRA file of ours, of diffusers (save_lora_weights) or of PEFT (save_pretrained:
+    adapter_model.safetensors + adapter_config.json), or a folder holding one -> ({diffusers module:
+    (A, B)}, its LoraConfig fields, {} when the file carries none)."""
+    from safetensors import SafetensorError, safe_open
+    p = Path(path)
+    if p.is_dir():
+        found = [p / n for n in (LORA_FILE, "adapter_model.safetensors") if (p / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{p}: no {LORA_FILE} or adapter_model.safetensors in it")
+        p = found[0]
+    try:
+        with safe_open(str(p), "pt") as f:
+            header, sd = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{p}: not a readable safetensors file ({e})") from None
+    cfg = {}
+    if "lora_adapter_metadata" in header:   # diffusers: keys prefixed by the component
+        meta = json.loads(header["lora_adapter_metadata"])
+        mine = {k[12:]: v for k, v in meta.items() if k.startswith("transformer.")}
+        cfg = mine or meta
+    elif (p.parent / "adapter_config.json").is_file():  # PEFT's save_pretrained
+        cfg = _read_json(p.parent / "adapter_config.json")
+    if cfg.get("use_dora") or cfg.get("lora_bias"):
+        raise ValueError(f"{p}: a DoRA / LoRA-bias adapter; only plain LoRA is supported")
+    pairs = {}
+    for k, v in sd.items():
+        name = k.removeprefix("transformer.").removeprefix("base_model.model.")
+        hit = re.fullmatch(r"(.+)\.lora_([AB])(?:\.default)?\.weight", name)
+        if hit is None:
+            raise ValueError(f"{p}: {k!r} is not a PEFT LoRA weight (<module>.lora_A.weight / "
+                             f".lora_B.weight of the transformer)")
+        pairs.setdefault(hit[1], {})[hit[2]] = v
+    half = sorted(n for n, ab in pairs.items() if len(ab) != 2)
+    if half or not pairs:
+        what = f"lora_A or lora_B missing for {half[:4]}" if half else "no LoRA weights in it"
+        raise ValueError(f"{p}: {what}")
+    return {n: (ab["A"], ab["B"]) for n, ab in pairs.items()}, cfg
+
+
+def _lora_scale(cfg, name, r):
+    """PEFT's scale of module `name` with rank r: alpha / r (alpha / √r with use_rslora). alpha:
+    the first alpha_pattern that matches "(.*\\.)?(pattern)$" (PEFT's rule), else lora_alpha
+    (LoraConfig's default 8); a file without a config means alpha = r (diffusers' reading)."""
+    if not cfg:
+        return 1.0
+    alpha = cfg.get("lora_alpha", 8)
+    for pat, a in (cfg.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pat})$", name):
+            alpha = a
+            break
+    return alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+
+@torch.no_grad()
+def load_lora(model, path, scale=1.0):
+    """Adapters from a LoRA file (read_lora) onto `model`'s modules, times `scale` (diffusers'
+    set_adapters weight). The fused qkv takes to_q, to_k, to_v as its three parts (zeros for a
+    projection the file does not adapt); parts of other ranks are zero-padded to the largest and
+    their scale folded into B. -> the number of diffusers modules adapted."""
+    pairs, cfg = read_lora(path)
+    names = _lora_names(model.cfg)
+    ours = {t: (n, z) for n, ts in names.items() for z, t in enumerate(ts)}
+    unknown = sorted(set(pairs) - set(ours))
+    if unknown:
+        raise ValueError(f"{path}: adapters on {unknown[:3]}, not modules of this "
+                         f"{model.cfg.layers}-layer CogVideoX transformer (another model's LoRA?)")
+    groups = {}
+    for t, (A, B) in pairs.items():
+        n, z = ours[t]
+        # a Conv2d's (r, C, p, p), (D, r, 1, 1) -> (r, C·p·p), (D, r); Linears' stay
+        groups.setdefault(n, {})[z] = (t, A.flatten(1), B.flatten(1))
+    for n, parts in groups.items():
+        base, P = model.get_submodule(n), len(names[n])
+        if isinstance(base, LoRALinear):
+            raise ValueError(f"{n} already has an adapter: merge it first (merge_lora)")
+        r, o = max(A.shape[0] for _, A, _ in parts.values()), base.out_features // P
+        scales = {z: _lora_scale(cfg, t, A.shape[0]) for z, (t, A, _) in parts.items()}
+        s = scales[min(scales)]                 # the module's scale; other parts fold theirs in B
+        m = LoRALinear(base, r, s * r, P)
+        m.lora_A.zero_()
+        for z, (t, A, B) in parts.items():
+            rz = A.shape[0]
+            if A.shape[1] != base.in_features or B.shape != (o, rz):
+                raise ValueError(f"{path}: {t} has A {tuple(A.shape)}, B {tuple(B.shape)}; this "
+                                 f"model needs ({rz}, {base.in_features}), ({o}, {rz})")
+            m.lora_A[z * r:z * r + rz] = A                           # (rz, in) of part z
+            m.lora_B[z * o:(z + 1) * o, :rz] = B * (scales[z] / s)   # (o, rz) of part z
+        m.scale = s * scale
+        _swap(model, n, m)
+    return len(pairs)
 
 
 # ----- CLI -----
@@ -963,13 +1226,18 @@ HOST = "cpu"  # where offloaded block inputs wait; train.py's step simulator set
 def offloaded(blk, x, e, seq, last):
     """Activation checkpointing whose saved block input x (R, N, D) waits in host memory: on a GPU
     the 42 saved inputs of the 5B at 17,776 tokens are 4.3 GiB that the device no longer holds;
-    the copy out and back overlaps with the blocks' compute. Same values and gradients."""
-    return _Offloaded.apply(blk, seq, last, x, e)
+    the copy out and back overlaps with the blocks' compute. Same values and gradients.
+    _ANCHOR: over a frozen base (LoRA) neither x nor e requires grad, yet the block's adapters do;
+    an input that requires grad makes the output require it, so this backward runs."""
+    return _Offloaded.apply(blk, seq, last, x, e, _ANCHOR)
+
+
+_ANCHOR = torch.zeros((), requires_grad=True)  # never gets a gradient (backward returns None)
 
 
 class _Offloaded(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, blk, seq, last, x, e):
+    def forward(ctx, blk, seq, last, x, e, anchor):
         ctx.blk, ctx.seq, ctx.last = blk, seq, last
         ctx.amp = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
         if x.is_cuda:  # pinned, so the copy is asynchronous
@@ -987,7 +1255,7 @@ class _Offloaded(torch.autograd.Function):
         with torch.enable_grad(), torch.autocast(g.device.type, ctx.amp[1], enabled=ctx.amp[0]):
             y = ctx.blk(x, e, ctx.seq, ctx.last)  # the block again, its parameters' gradients too
         torch.autograd.backward(y, g)
-        return None, None, None, x.grad, e.grad
+        return None, None, None, x.grad, e.grad, None
 
 
 def chunked_mlp(blk, h, k):

@@ -24,6 +24,8 @@ Run:
         --device cuda --bf16 --offload          # released 2B: 49 frames 480x720 at 8 fps
   python sample.py --model-dir CogVideoX-5b-I2V --image first.png --prompt "..." --out i2v.mp4 \\
         --device cuda --bf16
+  python sample.py --model-dir CogVideoX-5b --lora runs/lora/pytorch_lora_weights.safetensors \\
+        --lora-scale 0.8 --lora-merge --prompt "..." --out lora.mp4 --device cuda --bf16
   python -m pytest -q tests/test_sample.py
 
 Shape legend:
@@ -34,6 +36,7 @@ Shape legend:
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -333,6 +336,16 @@ def load_released(folder, device="cpu", dtype=None):
     return net, ae, text, cfg, ac
 
 
+def add_lora(net, path, scale=1.0, merge=False):
+    """LoRA adapters (dit.load_lora: ours, diffusers' or PEFT's file) on the DiT, times `scale`;
+    merge: folded into the weights (dit.merge_lora), so sampling costs what the base costs."""
+    n = ditlib.load_lora(net, path, scale)
+    if merge:
+        ditlib.merge_lora(net)
+    print(f"LoRA {path}: {n} adapted modules x {scale:g}{', merged' if merge else ''}")
+    return net
+
+
 # ----- CLI -----
 
 def out_paths(out, n, prompts):
@@ -360,6 +373,14 @@ def check_args(a):
     data.check_writable(a.out, "--out", folder=not a.out.endswith(".mp4"))
     if a.image and not os.path.isfile(a.image):
         raise ValueError(f"cannot read image {a.image!r}: no such file; pass a PNG or JPEG")
+    if a.lora and not os.path.exists(a.lora):
+        raise ValueError(f"--lora {a.lora!r}: no such file or folder; pass a "
+                         f"{ditlib.LORA_FILE} (ours, diffusers' or PEFT's) or its folder")
+    if not math.isfinite(a.lora_scale):
+        raise ValueError(f"--lora-scale must be a finite number (1 = as trained), got "
+                         f"{a.lora_scale}")
+    if (a.lora_scale != 1.0 or a.lora_merge) and not a.lora:
+        raise ValueError("--lora-scale / --lora-merge apply a LoRA: add --lora FILE")
 
 
 def main(argv=None):
@@ -388,6 +409,12 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true", help="bfloat16 models (the released precision)")
     p.add_argument("--offload", action="store_true", help="models wait on the CPU")
     p.add_argument("--stream", action="store_true", help="decode the latent in chunks (low memory)")
+    p.add_argument("--lora", help="LoRA adapters for the DiT: a pytorch_lora_weights.safetensors "
+                   "(train.py --lora, diffusers' save_lora_weights) or PEFT adapter, or its folder")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA update "
+                   "(diffusers' set_adapters weight; 0 = the base model)")
+    p.add_argument("--lora-merge", action="store_true", help="fold the LoRA into the weights "
+                   "before sampling (no adapter cost per step)")
     a = p.parse_args(argv)
     # Bad input (missing folder, wrong frame count or size, non-I2V model with --image): one line,
     # exit code 2.
@@ -418,6 +445,8 @@ def run(a, p):
         (net, ae, text, cfg), ac = load_ckpt(a.ckpt, load_dev, dtype), None
     else:
         net, ae, text, cfg, ac = load_released(a.model_dir, load_dev, dtype)
+    if a.lora:
+        add_lora(net, a.lora, a.lora_scale, a.lora_merge)
     if a.preset:  # the preset's look (frames, size, steps, ...) but the checkpoint's noise schedule
         cfg = replace(PRESETS[a.preset], snr_shift_scale=cfg.snr_shift_scale, sampler=cfg.sampler,
                       uncond=cfg.uncond)

@@ -517,8 +517,15 @@ STEP_DIR = re.compile(r"step_\d{7}")
 def full_state(model):
     """Full (unsharded) state dict on CPU; under FSDP a collective, and only rank 0 gets tensors."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     return get_model_state_dict(model, options=opts)
+
+
+def trained():
+    """What checkpoints hold: the trained tensors. Frozen weights (a LoRA's base) are not state:
+    they come back from --init / --init-diffusers."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(ignore_frozen_params=True)
 
 
 def local(x):
@@ -558,7 +565,7 @@ def checkpoint_state(parts, opts, ema):
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                          get_optimizer_state_dict)
     model = {f"{name}.{k}": v for name, m in parts.items()
-             for k, v in get_model_state_dict(m).items()}
+             for k, v in get_model_state_dict(m, options=trained()).items()}
     optim = {f"{name}.{fqn}.{k}": v for name, o in opts.items()
              # creates the AdamW state (zeros, via a step with lr 0) if no step was taken yet
              for fqn, st in get_optimizer_state_dict(parts[name], o)["state"].items()
@@ -736,7 +743,7 @@ def load_checkpoint(folder, parts, opts, ema):
     for name, m in parts.items():
         pre = name + "."
         set_model_state_dict(m, {k[len(pre):]: v for k, v in sds["model"].items()
-                                 if k.startswith(pre)})
+                                 if k.startswith(pre)}, options=trained())
     for name, o in opts.items():
         osd = get_optimizer_state_dict(parts[name], o)
         for fqn, st in osd["state"].items():
@@ -811,7 +818,7 @@ def resolve(args):
     over = {k: v for k, v in over.items() if v is not None}
     if "lr" in over and args.stage == "vae":
         over["vae_lr"] = over.pop("lr")
-    tc = replace(tc, **over)
+    tc = use_released(args, replace(tc, **over))
     stages, steps = getattr(tc, args.stage + "_stages"), getattr(tc, args.stage + "_steps")
     if args.steps:  # "N" for every stage or "N1,N2,..." one per stage
         steps = _ints(args.steps, "--steps", "500 or 300,1700 (one per stage)")
@@ -831,6 +838,37 @@ def resolve(args):
     return tc, stages, steps
 
 
+def use_released(args, tc):
+    """--init-diffusers DIR: the released folder supplies what the command line leaves out, the
+    VAE (DIR/vae), the T5 (DIR's tokenizer/ + text_encoder/) and the noise schedule's SNR shift
+    (DIR/scheduler: 2B 3.0, 5B 1.0, §3). -> tc with that shift."""
+    d = getattr(args, "init_diffusers", None)
+    if not d or args.stage != "dit":
+        return tc
+    sched = os.path.join(d, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(os.path.join(d, "transformer", "config.json")) or \
+            not os.path.isfile(sched):
+        raise SettingsError(f"--init-diffusers {d!r} is not a released CogVideoX folder: it needs "
+                            f"transformer/, vae/, text_encoder/, tokenizer/ and scheduler/")
+    args.vae, args.text_encoder = args.vae or os.path.join(d, "vae"), args.text_encoder or d
+    try:
+        with open(sched) as f:  # absent: diffusers' CogVideoX schedulers default to 3.0
+            return replace(tc, snr_shift=float(json.load(f).get("snr_shift_scale", 3.0)))
+    except ValueError as e:
+        raise SettingsError(f"--init-diffusers: {sched} is not valid JSON ({e})") from None
+
+
+def dit_config(args, tc):
+    """The DiT to train before any --i2v widening: the released folder's (--init-diffusers), else
+    the preset's."""
+    if not getattr(args, "init_diffusers", None):
+        return dit.DIT_PRESETS[tc.dit]
+    try:
+        return dit.diffusers_folder_config(args.init_diffusers)[1]
+    except ValueError as e:  # e.g. a 1.5 folder this file does not implement, or torn JSON
+        raise SettingsError(f"--init-diffusers: {e}") from None
+
+
 def vae_config(args, tc):
     """The VAE whose latents the DiT learns: the --vae folder's config (its factors and channels
     decide the sizes), else the preset's."""
@@ -840,6 +878,8 @@ def vae_config(args, tc):
     try:
         with open(os.path.join(args.vae, "config.json")) as f:
             d = json.load(f)
+        if "_class_name" in d:  # a released vae/ folder (diffusers layout)
+            return vae.diffusers_config(d)
         return vae.VAEConfig(**{**d, "channels": tuple(d["channels"])})
     except (ValueError, TypeError, KeyError) as e:
         raise SettingsError(f"--vae {args.vae}: config.json is not a CausalVAE.save config ({e})") \
@@ -898,11 +938,11 @@ def check(args, tc, stages, steps=(1,)):
         raise SettingsError(str(e)) from None
     if not args.simulate:
         check_data(args.data)
-    for name in ("vae", "text_encoder", "init"):
+    for name in ("vae", "text_encoder", "init", "init_diffusers"):
         p = getattr(args, name, None)
         if p and not os.path.isdir(p):
             raise SettingsError(f"--{name.replace('_', '-')} {p!r} is not a folder")
-    ac, dc = vae_config(args, tc), dit.DIT_PRESETS[tc.dit]
+    ac, dc = vae_config(args, tc), dit_config(args, tc)
     tf, sf = ac.temporal_factor, ac.spatial_factor
     size = sf * (dc.patch if args.stage == "dit" else 1)
     for i, st in enumerate(stages):
@@ -921,12 +961,46 @@ def check(args, tc, stages, steps=(1,)):
     if args.offload_activations and not (args.grad_checkpoint and args.stage == "dit"):
         raise SettingsError("--offload-activations moves the DiT's checkpointed block inputs: "
                             "add --grad-checkpoint (and --stage dit)")
+    check_lora(args, dc)
     if args.stage == "dit":
         check_dit(args, tc, stages, ac, dc)
     elif args.fsdp:
         raise SettingsError("--fsdp shards the DiT; train the VAE with DDP (drop --fsdp)")
     elif args.i2v:
         raise SettingsError("--i2v fine-tunes the DiT (App. A); drop it for --stage vae")
+
+
+def check_lora(args, dc):
+    """--lora, --lora-alpha, --lora-targets and --init-diffusers against the stage and the base.
+    dc: the base DiT's config (dit_config)."""
+    if args.init_diffusers and args.stage != "dit":
+        raise SettingsError("--init-diffusers starts the DiT: use --stage dit")
+    if args.init_diffusers and args.init:
+        raise SettingsError("--init and --init-diffusers both give the starting weights: keep one")
+    if args.init_diffusers and args.i2v and dc.in_channels == dc.out_channels:
+        raise SettingsError(f"--init-diffusers {args.init_diffusers} is a text-to-video model; "
+                            f"--i2v needs an image-to-video folder (e.g. CogVideoX-5b-I2V)")
+    if args.lora is None:
+        if args.lora_alpha is not None or args.lora_targets:
+            raise SettingsError("--lora-alpha / --lora-targets shape a LoRA: add --lora RANK")
+        return
+    if args.stage != "dit":
+        raise SettingsError("--lora fine-tunes the DiT: use --stage dit")
+    if args.lora < 1:
+        raise SettingsError(f"--lora RANK must be >= 1 (e.g. 64), got {args.lora}")
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        raise SettingsError(f"--lora-alpha must be > 0 (default: the rank), got {args.lora_alpha}")
+    base_in = dc.in_channels
+    if args.init and os.path.isfile(os.path.join(args.init, "config.json")):
+        with open(os.path.join(args.init, "config.json")) as f:
+            base_in = json.load(f).get("in_channels", base_in)
+    if args.i2v and base_in == dc.out_channels:  # the grown patch embedding would stay frozen at 0
+        raise SettingsError("--lora --i2v adapts an image-to-video DiT: start from one (--init "
+                            "DIR or --init-diffusers CogVideoX-5b-I2V); a T2V -> I2V fine-tune "
+                            "trains the new input channels: drop --lora")
+    if not (args.init or args.init_diffusers or args.simulate):
+        print("warning: --lora without --init / --init-diffusers: the adapters train on a "
+              "randomly initialised base", file=sys.stderr)
 
 
 def check_dit(args, tc, stages, ac, dc):
@@ -968,12 +1042,19 @@ def check_dit(args, tc, stages, ac, dc):
 
 def make_dit(args, tc, device):
     """§2.2 the expert DiT to train, built on the meta device (no memory, no values yet: wrap()
-    materialises it with dit_source's values), with its memory switches."""
-    cfg = dit.DIT_PRESETS[tc.dit]
+    materialises it with dit_source's values), with its memory switches. --lora: every weight
+    frozen, adapters added (their starting values: ExpertDiT.initial, B = 0 as PEFT's)."""
+    cfg = dit_config(args, tc)
     if args.i2v and cfg.in_channels == cfg.out_channels:  # App. A: [noisy; image] latents
         cfg = replace(cfg, in_channels=2 * cfg.out_channels)
     with torch.device("meta"):
         model = dit.ExpertDiT(cfg)
+        if args.lora:  # only the adapters train (fp32), in the optimizer, EMA and checkpoints
+            dit.add_lora(model, args.lora, args.lora_alpha, args.lora_targets or "attn")
+    if args.lora and device.type == "cuda":  # the frozen weights in bf16: half their memory
+        for p in model.parameters():         # (autocast computes in bf16 anyway)
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     model.checkpointing, model.offload = args.grad_checkpoint, args.offload_activations
     for blk in model.blocks:
         blk.mlp_chunks = args.mlp_chunks
@@ -992,17 +1073,18 @@ def dit_source(args, model, seed, say=print):
     I2V DiT (App. A) the patch embedding grows: the image channels start at 0; tensors the file
     lacks keep their fresh values, named in a log line (a T2V model has no position table: it
     starts at zero, as the official I2V's does)."""
-    if not args.init:
+    init = args.init or args.init_diffusers  # (a LoRA's adapters are in no --init: fresh)
+    if not init:
         return lambda name, index: model.initial(name, seed)[index]
     from safetensors import safe_open
     own = {k: tuple(t.shape) for k, t in [*model.named_parameters(), *model.named_buffers()]}
-    path = os.path.join(args.init, "model.safetensors")
+    path = os.path.join(init, "model.safetensors")
     if os.path.exists(path):
         f = safe_open(path, framework="pt")
         have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         read = lambda k, index: f.get_slice(k)[index]
     else:
-        sd = dit.ExpertDiT.from_diffusers(args.init).state_dict()
+        sd = dit.ExpertDiT.from_diffusers(init).state_dict()
         have = {k: tuple(v.shape) for k, v in sd.items()}
         read = lambda k, index: sd.pop(k)[index]  # each tensor is asked for once
     C, p2 = model.cfg.in_channels, model.cfg.patch ** 2
@@ -1010,13 +1092,13 @@ def dit_source(args, model, seed, say=print):
     bad = sorted(k for k in have if k not in own or (have[k] != own[k] and not (
         k == "patch.weight" and grows)))
     if bad:
-        raise SettingsError(f"--init {args.init}: {bad[0]} {have[bad[0]]} does not fit this "
+        raise SettingsError(f"--init {init}: {bad[0]} {have[bad[0]]} does not fit this "
                             f"DiT ({own.get(bad[0], 'no such tensor')}); pass a {args.preset} "
                             f"model folder")
-    fresh = sorted(set(own) - set(have))
+    fresh = sorted(k for k in set(own) - set(have) if ".lora_" not in k)
     if fresh:
         say(f"--init: {', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''} not in "
-            f"{args.init}, starting fresh")
+            f"{init}, starting fresh")
 
     def fill(name, index):
         if name not in have:
@@ -1036,7 +1118,15 @@ def build_dit(job):
     args, device = job.args, job.device
     model = make_dit(args, job.tc, device)
     job.fill = dit_source(args, model, job.tc.seed, job.say)
-    job.ae = vae.CausalVAE.load(args.vae, device=device).eval().requires_grad_(False)
+    if args.lora:
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        job.say(f"LoRA rank {args.lora} (alpha {args.lora_alpha or args.lora}) on "
+                f"{args.lora_targets or 'attn'}: {n:,} trainable parameters, "
+                f"{sum(p.numel() for p in model.parameters()) - n:,} frozen")
+    with open(os.path.join(args.vae, "config.json")) as f:  # ours, or a released vae/ folder
+        released = "_class_name" in json.load(f)
+    ae = vae.CausalVAE.from_diffusers(args.vae) if released else vae.CausalVAE.load(args.vae)
+    job.ae = ae.to(device).eval().requires_grad_(False)
     if args.text_encoder:
         job.text = dit.TextEncoder(args.text_encoder, device=device, max_length=model.cfg.text_len)
     job.cache = data.LatentCache(args.cache) if args.cache else None
@@ -1153,6 +1243,10 @@ def export(job, ema, zstat):
                 sd[k] = full if job.rank == 0 else None
         if job.rank != 0:
             return
+        if args.lora:  # the adapters alone, in the layout diffusers' CogVideoX pipelines load
+            path = dit.save_lora(model, os.path.join(out, dit.LORA_FILE), state_dict=sd)
+            job.say(f"LoRA adapters (EMA: {ema is not None}) -> {path}; sample.py --lora {path}")
+            return
         model.save(os.path.join(out, "dit"), state_dict=sd)
         for name, src in (("vae", args.vae), ("text_encoder", args.text_encoder)):
             if src and os.path.abspath(src) != os.path.abspath(os.path.join(out, name)):
@@ -1201,7 +1295,8 @@ def train(args):
                                          eps=tc.eps)
     opt, dopt = opts[args.stage], opts.get("disc")
     # EMA copies live next to the (maybe sharded) parameters: under FSDP each rank keeps its shard.
-    ema = {k: p.detach().clone() for k, p in model.named_parameters()} if tc.ema and is_dit else None
+    ema = {k: p.detach().clone() for k, p in model.named_parameters()
+           if p.requires_grad} if tc.ema and is_dit else None  # LoRA: the adapters
 
     step, pos, bad_files, zstat = resume(job, opts, ema)
     stop, before = catch_signals()
@@ -1277,8 +1372,8 @@ def train(args):
             opt.step()
             if ema is not None:  # EMA of the weights: what sample.py gets when --ema is on
                 with torch.no_grad():
-                    torch._foreach_lerp_(list(ema.values()),
-                                         [p.detach() for p in model.parameters()], 1 - tc.ema)
+                    torch._foreach_lerp_(list(ema.values()), [p.detach() for p in params],
+                                         1 - tc.ema)
         # §2.1 GAN, after disc_start, on this step's last micro-batch that read something. Not
         # after a skipped step: a NaN reconstruction would poison the discriminator's weights. A
         # rank that read nothing this step joins with weight 0; the others share its part.
@@ -1588,7 +1683,8 @@ def simulate_dit(args, tc, stages, mesh, track, mode):
     else:  # fake tensors need no values
         for m in model.modules():
             for k, t in [(k, t) for k, t in m._parameters.items() if t is not None]:
-                m._parameters[k] = nn.Parameter(torch.empty(t.shape), t.requires_grad)
+                m._parameters[k] = nn.Parameter(torch.empty(t.shape, dtype=t.dtype),
+                                                t.requires_grad)  # (a LoRA's base: bf16)
             for k, t in [(k, t) for k, t in m._buffers.items() if t is not None]:
                 m._buffers[k] = torch.empty(t.shape, dtype=t.dtype)
     vcfg = vae.VAE_PRESETS[tc.vae]
@@ -1624,7 +1720,7 @@ def simulate_dit(args, tc, stages, mesh, track, mode):
                   "numel": sum(p.numel() for p in params)}
 
     def step():
-        for p in params:
+        for p in model.parameters():  # frozen ones (a LoRA's base) too
             track.add(p, "param")
         for v in opt.state.values():
             for x in v.values():
@@ -1717,6 +1813,7 @@ def report(args, track):
           f"{' fsdp' if args.fsdp else ' ddp' if world > 1 else ''}"
           f"{' + checkpointing' if args.grad_checkpoint and dit_ else ''}"
           f"{' (inputs offloaded)' if getattr(args, 'offload_activations', False) else ''}"
+          f"{f' + LoRA rank {args.lora}' if getattr(args, 'lora', None) and dit_ else ''}"
           f"{' + bf16 autocast' if dit_ and not args.fp32 else ', fp32'}"
           f"{'' if track is None else ' (fake tensors)' if args.fake else ' (real tensors)'}")
     unit, div = ("GiB", 2**30) if track.peak >= 2**30 else ("MiB", 2**20)
@@ -1833,6 +1930,16 @@ def parser():
     a("--text-encoder", help="DiT stage: T5 folder (dit.TextEncoder)")
     a("--cache", help="DiT stage: latent / text-embedding cache folder (data.LatentCache)")
     a("--init", help="start from these weights (a model folder), e.g. the T2V DiT for --i2v")
+    a("--init-diffusers", metavar="DIR", help="DiT stage: start from a released CogVideoX folder "
+      "(diffusers layout): its transformer/, and its vae/, T5 and noise schedule unless --vae / "
+      "--text-encoder are given")
+    a("--lora", type=int, metavar="RANK", help="DiT stage: LoRA fine-tune, the weights frozen "
+      "(bf16 on GPU) and rank-RANK adapters trained; exports OUT/pytorch_lora_weights.safetensors "
+      "in the layout diffusers' CogVideoX pipelines load")
+    a("--lora-alpha", type=float, help="LoRA alpha: updates are scaled by alpha / RANK (default "
+      "RANK: scale 1)")
+    a("--lora-targets", choices=sorted(dit.LORA_TARGETS), help="the Linears of every block that "
+      "get adapters: attn (q, k, v, out; the default) or attn+mlp")
     a("--lpips", help="VAE stage: local VGG16/LPIPS weight file(s) for the perceptual loss")
     a("--recon", choices=["l1", "l2"], help="VAE stage: reconstruction loss (§2.1 says L2)")
     a("--steps", help="steps per stage: N, or N1,N2,... one per stage (overrides the preset)")

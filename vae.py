@@ -581,16 +581,21 @@ class CausalVAE(nn.Module):
                              f"(our own checkpoints load with CausalVAE.load)")
         if d.get("use_quant_conv") or d.get("use_post_quant_conv"):
             raise ValueError(f"{folder}: quant convs are not in CogVideoX's VAE; not supported")
-        cfg = VAEConfig(
-            channels=tuple(d.get("block_out_channels", (128, 256, 256, 512))),
-            layers=d.get("layers_per_block", 3), latent=d.get("latent_channels", 16),
-            groups=d.get("norm_num_groups", 32), eps=d.get("norm_eps", 1e-6),
-            time_levels=int(math.log2(d.get("temporal_compression_ratio", 4))),
-            scaling_factor=d.get("scaling_factor", 1.15258426))
+        cfg = diffusers_config(d)
         sd = {_diffusers_key(k): v.float() for k, v in _read_safetensors(folder, variant).items()}
         model = cls(cfg)
         _load_state(model, sd, folder)
         return model.to(device)
+
+
+def diffusers_config(d):
+    """A diffusers AutoencoderKLCogVideoX config.json (as a dict) -> VAEConfig."""
+    return VAEConfig(
+        channels=tuple(d.get("block_out_channels", (128, 256, 256, 512))),
+        layers=d.get("layers_per_block", 3), latent=d.get("latent_channels", 16),
+        groups=d.get("norm_num_groups", 32), eps=d.get("norm_eps", 1e-6),
+        time_levels=int(math.log2(d.get("temporal_compression_ratio", 4))),
+        scaling_factor=d.get("scaling_factor", 1.15258426))
 
 
 def _read_config(folder, what):
