@@ -950,12 +950,13 @@ def lora_state(model, state_dict=None):
 
 
 def save_lora(model, path, state_dict=None):
-    """Write the adapters as `path` (a file, or a folder that gets LORA_FILE), atomically, in the
-    layout CogVideoXPipeline.load_lora_weights reads (see above). -> the file's path."""
+    """Write the adapters as `path` (a .safetensors file, or a folder that gets LORA_FILE),
+    atomically, in the layout CogVideoXPipeline.load_lora_weights reads (see above). -> the file's
+    path."""
     from safetensors.torch import save_file
 
     from data import atomic_write   # lazily: dit.py stays importable without data.py
-    path = Path(path) / LORA_FILE if Path(path).is_dir() else Path(path)
+    path = Path(path) if str(path).endswith(".safetensors") else Path(path) / LORA_FILE
     tensors, cfg = lora_state(model, state_dict)
     meta = {"format": "pt", "lora_adapter_metadata": json.dumps(
         {f"transformer.{k}": v for k, v in cfg.items()}, indent=2, sort_keys=True)}

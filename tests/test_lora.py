@@ -1,0 +1,268 @@
+"""LoRA (issue 16): the layer (dit.LoRALinear), the file format both ways with diffusers and PEFT
+(test-only oracles: our export loads into CogVideoXPipeline.load_lora_weights, files saved by
+diffusers / PEFT load into ours, with the same transformer outputs and the same sampled latents),
+sample.py --lora, train.py --lora (only the adapters train; one process, DDP, FSDP with offloaded
+checkpointing, resume, I2V, a released folder via --init-diffusers), the step simulator's figure,
+and (slow) the demo-scale fine-tune that changes what the demo DiT samples.
+
+    python -m pytest -q tests/test_lora.py            # -m slow: the 5B simulation, the demo
+"""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import data
+import dit
+import sample
+import train
+from dit import ExpertDiT
+from test_dit import diffusers_model, inputs, randomize, run_diffusers, small
+from test_sample import PROMPTS, released  # noqa: F401  (a fixture: the released layout)
+from test_train import PAR, SMALL, assets, dit_args, log, sim_row  # noqa: F401  (assets: a fixture)
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear",
+           "norm2.linear", "proj_out", "patch_embed.proj", "text_proj", "linear_1", "linear_2",
+           "norm_out.linear"]  # every Linear of the diffusers transformer, and the patch Conv2d
+
+
+def fill(params, seed=1, std=0.1):
+    """Non-zero adapters (B starts at zero, which would hide every mistake)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def lora_params(model):
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+# ----- the layer -----
+
+def test_layer_starts_as_the_base_and_computes_w_plus_scaled_ba():
+    """PEFT's init (B = 0): the adapted Linear is the base Linear at step 0. Then y = W x + b +
+    (alpha / r) [B_q A_q x; B_k A_k x; B_v A_v x] for the fused qkv, and merging gives the same."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 12)
+    m = dit.LoRALinear(base, rank=2, alpha=5, parts=3)
+    x = torch.randn(4, 8)
+    assert m.weight is base.weight and m.lora_A.shape == (6, 8) and m.lora_B.shape == (12, 2)
+    assert torch.equal(m(x), base(x))
+    bound = 1 / math.sqrt(8)  # Kaiming-uniform with a = √5 on each A_p (r, in): fan_in = in
+    assert 0.5 * bound < m.lora_A.abs().max() <= bound
+    fill([m.lora_B])
+    A, B = m.lora_A.chunk(3), m.lora_B.chunk(3)
+    want = base(x) + 2.5 * torch.cat([x @ a.T @ b.T for a, b in zip(A, B)], -1)
+    torch.testing.assert_close(m(x), want)
+    torch.testing.assert_close(m.delta(), 2.5 * torch.block_diag(*B) @ torch.cat(A))
+
+
+def test_add_lora_freezes_the_base_and_merge_is_the_same_function():
+    m = randomize(ExpertDiT(small()))
+    x, t, text = inputs(m.cfg)
+    with torch.no_grad():
+        ref = m(x, t, text)
+    params = dit.add_lora(m, 4, 8, "attn+mlp")
+    assert {n.split(".")[-1] for n, p in m.named_parameters() if p.requires_grad} == {"lora_A",
+                                                                                      "lora_B"}
+    assert len(params) == 2 * 4 * m.cfg.layers and set(dit.lora_modules(m)) == {
+        f"blocks.{i}.{n}" for i in range(2) for n in ("qkv", "proj", "fc1", "fc2")}
+    with torch.no_grad():
+        assert torch.equal(m(x, t, text), ref)  # B = 0: the base model exactly
+        fill(params)
+        adapted = m(x, t, text)
+        dit.merge_lora(m)
+        merged = m(x, t, text)
+    assert not dit.lora_modules(m) and (adapted - ref).abs().max() > 0.1
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_offloaded_checkpointing_trains_the_adapters_over_a_frozen_base():
+    """Over a frozen base no block input requires grad: plain, checkpointed and offloaded-
+    checkpointed blocks must still give the adapters the same (non-zero) gradients."""
+    m = randomize(ExpertDiT(small()))
+    params = dit.add_lora(m, 4, 4, "attn")
+    fill(params)
+    x, t, text = inputs(m.cfg)
+    grads = []
+    for ck, off in ((False, False), (True, False), (True, True)):
+        m.zero_grad()
+        m.checkpointing, m.offload = ck, off
+        m(x, t, text).square().mean().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params), (ck, off)
+        grads.append([p.grad.clone() for p in params])
+    for g in grads[1:]:
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0], g))
+
+
+# ----- the file format, both ways -----
+
+def test_our_file_loads_into_cogvideox_pipeline_with_the_same_output(tmp_path):
+    """Ours (rank 4, alpha 12: scale 3, carried in the header) -> CogVideoXPipeline.
+    load_lora_weights: the pipeline's transformer gives our output, at the native grid and
+    another size; the keys are diffusers' module names, one adapter per q / k / v."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
+    ref = diffusers_model()
+    ref.save_pretrained(tmp_path / "model" / "transformer")
+    ours = ExpertDiT.from_diffusers(tmp_path / "model").eval()
+    fill(dit.add_lora(ours, 4, 12, "attn+mlp"))
+    path = dit.save_lora(ours, tmp_path / "out")
+    assert path.name == "pytorch_lora_weights.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys, meta = set(f.keys()), json.loads(f.metadata()["lora_adapter_metadata"])
+    assert "transformer.transformer_blocks.1.attn1.to_k.lora_A.weight" in keys and len(keys) == 24
+    assert meta["transformer.r"] == 4 and meta["transformer.lora_alpha"] == 12
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=ref,
+                             scheduler=CogVideoXDDIMScheduler())
+    pipe.load_lora_weights(str(tmp_path / "out"))
+    assert pipe.transformer.peft_config["default_0"].lora_alpha == 12
+    for T, h, w in ((3, 6, 8), (2, 10, 6)):
+        x, t, text = inputs(ours.cfg, B=2, T=T, h=h, w=w, L=5, seed=T)
+        a = run_diffusers(pipe.transformer, x, t, text)
+        with torch.no_grad():
+            b = ours(x, t, text)
+            base = run_diffusers(diffusers_model(), x, t, text)
+        assert (a - base).abs().max() > 0.1  # the adapter matters
+        assert (a - b).abs().max() <= 1e-4, (a - b).abs().max()
+
+
+@pytest.mark.parametrize("how", ["diffusers+metadata", "diffusers", "peft"])
+def test_diffusers_and_peft_files_load_into_ours_with_the_same_output(tmp_path, how):
+    """An adapter on every Linear and the patch Conv2d, to_k at rank 2 (rank_pattern: our qkv pads
+    it) and ff.net.2 at alpha 3 (alpha_pattern: folded into B), saved three ways: diffusers'
+    save_lora_weights with the LoraConfig in the header, the same without it (as diffusers'
+    CogVideoX script writes: alpha = r when read back), PEFT's save_pretrained. Ours loads each and
+    gives what diffusers gives with that file."""
+    from diffusers import CogVideoXPipeline
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+    base = diffusers_model()
+    base.save_pretrained(tmp_path / "model" / "transformer")
+    conf = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, rank_pattern={"attn1.to_k": 2},
+                      alpha_pattern={"ff.net.2": 3})
+    x, t, text = inputs(ExpertDiT.from_diffusers(tmp_path / "model").cfg, B=2, T=3, h=6, w=8, L=5)
+    if how == "peft":
+        pm = get_peft_model(copy.deepcopy(base), conf)
+        fill(lora_params(pm))
+        want = run_diffusers(pm.base_model.model, x, t, text)
+        pm.save_pretrained(str(tmp_path / "lora"))
+        assert (tmp_path / "lora" / "adapter_config.json").exists()
+    else:
+        ref = copy.deepcopy(base)
+        ref.add_adapter(conf)
+        fill(lora_params(ref))
+        meta = ref.peft_config["default"].to_dict() if how == "diffusers+metadata" else None
+        CogVideoXPipeline.save_lora_weights(tmp_path / "lora", get_peft_model_state_dict(ref),
+                                            transformer_lora_adapter_metadata=meta)
+        # what diffusers itself makes of the file (without metadata: alpha = r, scale 1)
+        pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None,
+                                 transformer=copy.deepcopy(base), scheduler=None)
+        pipe.load_lora_weights(str(tmp_path / "lora"))
+        want = run_diffusers(pipe.transformer, x, t, text)
+        if meta:
+            assert torch.allclose(want, run_diffusers(ref, x, t, text), atol=1e-5)
+    ours = ExpertDiT.from_diffusers(tmp_path / "model").eval()
+    assert dit.load_lora(ours, tmp_path / "lora") == 2 * 8 + 6  # 8 per block, 6 outside
+    with torch.no_grad():
+        got = ours(x, t, text)
+    assert (want - run_diffusers(base, x, t, text)).abs().max() > 0.1
+    assert (want - got).abs().max() <= 1e-4, (want - got).abs().max()
+    # and back out through our exporter: diffusers reads our re-export as the same adapter
+    dit.save_lora(ours, tmp_path / "again")
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None,
+                             transformer=copy.deepcopy(base), scheduler=None)
+    pipe.load_lora_weights(str(tmp_path / "again"))
+    assert (run_diffusers(pipe.transformer, x, t, text) - got).abs().max() <= 1e-4
+
+
+def test_sampled_latents_equal_the_pipeline_with_the_lora(released, tmp_path):  # noqa: F811
+    """End to end: our sample.py path (load_released + --lora) and CogVideoXPipeline with
+    load_lora_weights + set_adapters(scale) draw the same latents from the same seed."""
+    from diffusers import CogVideoXPipeline
+    net, ae, text, cfg, ac = sample.load_released(str(released))
+    fill(dit.add_lora(net, 4, 8, "attn+mlp"), std=0.3)
+    dit.save_lora(net, tmp_path)
+    net, ae, text, cfg, ac = sample.load_released(str(released))
+    sample.add_lora(net, str(tmp_path), scale=0.7)
+    sc = replace(cfg, num_frames=9, height=16, width=16, steps=4, cfg=5.0)
+    ours = sample.generate(net, ae, text, PROMPTS[:2], sc, seed=11, ac=ac, progress=False,
+                           return_latents=True)  # (B, C, T', h, w)
+    pipe = CogVideoXPipeline.from_pretrained(str(released))
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda: pipe(PROMPTS[:2], num_frames=9, height=16, width=16, num_inference_steps=4,  # noqa
+                       guidance_scale=5.0, generator=torch.Generator().manual_seed(11),
+                       output_type="latent", max_sequence_length=8).frames.permute(0, 2, 1, 3, 4)
+    plain = run()
+    pipe.load_lora_weights(str(tmp_path), adapter_name="ours")
+    pipe.set_adapters(["ours"], [0.7])
+    ref = run()
+    assert (ref - plain).abs().max() > 0.05
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
+
+
+def test_bad_lora_files_are_one_line(tmp_path):
+    m = ExpertDiT(small())
+    with pytest.raises(FileNotFoundError, match="no pytorch_lora_weights"):
+        dit.load_lora(m, tmp_path)
+    (tmp_path / "torn.safetensors").write_bytes(b"\x10\x00\x00")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        dit.load_lora(m, tmp_path / "torn.safetensors")
+    from safetensors.torch import save_file
+    save_file({"transformer.transformer_blocks.0.attn1.to_q.weight": torch.zeros(1)},
+              str(tmp_path / "full.safetensors"))
+    with pytest.raises(ValueError, match="not a PEFT LoRA weight"):
+        dit.load_lora(m, tmp_path / "full.safetensors")
+    save_file({f"transformer.transformer_blocks.7.attn1.to_q.lora_{ab}.weight": torch.zeros(2, 2)
+               for ab in "AB"}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="another model's LoRA"):
+        dit.load_lora(m, tmp_path / "other.safetensors")
+    save_file({f"transformer.transformer_blocks.0.attn1.to_q.lora_{ab}.weight": torch.zeros(2, 5)
+               for ab in "AB"}, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(ValueError, match="this model needs"):
+        dit.load_lora(m, tmp_path / "shape.safetensors")
+
+
+# ----- sample.py --lora -----
+
+def test_sample_cli_lora_scale_and_merge(tmp_path, capsys):
+    """--lora-scale 0 is the base model, --lora-merge the same video as the adapter unmerged;
+    a missing file is one line and exit code 2 before any model loads."""
+    from test_sample import make_ckpt
+    ck = make_ckpt(tmp_path / "ck")
+    net, ae, text, cfg = sample.load_ckpt(str(ck))
+    fill(dit.add_lora(net, 2, 2, "attn"), std=0.5)
+    lora = dit.save_lora(net, tmp_path / "l.safetensors")
+    for name, extra in (("zero", ["--lora-scale", "0"]), ("merged", ["--lora-merge"])):
+        sample.main(["--ckpt", str(ck), "--prompt", PROMPTS[0], "--out",
+                     str(tmp_path / f"{name}.mp4"), "--steps", "3", "--lora", str(lora), *extra])
+        assert (tmp_path / f"{name}.mp4").exists()
+    out = capsys.readouterr().out
+    assert "adapted modules x 0\n" in out and "adapted modules x 1, merged" in out
+    # the samples themselves through the library (the .mp4 files are lossy)
+    gen = {}
+    for name, (scale, merge) in {"zero": (0.0, False), "lora": (1.0, False),
+                                 "merged": (1.0, True)}.items():
+        net, ae, text, cfg = sample.load_ckpt(str(ck))
+        sample.add_lora(net, str(lora), scale, merge)
+        gen[name] = sample.generate(net, ae, text, PROMPTS[:1], replace(cfg, steps=3),
+                                    progress=False, return_latents=True)
+    net, ae, text, cfg = sample.load_ckpt(str(ck))
+    base = sample.generate(net, ae, text, PROMPTS[:1], replace(cfg, steps=3), progress=False,
+                           return_latents=True)
+    assert torch.equal(gen["zero"], base) and (gen["lora"] - base).abs().max() > 0.05
+    torch.testing.assert_close(gen["merged"], gen["lora"], atol=1e-4, rtol=1e-4)
+    for bad, words in ((["--lora", str(tmp_path / "missing.safetensors")], "no such file"),
+                       (["--lora-scale", "0.5"], "add --lora FILE")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", str(ck), "--prompt", "x", "--out", str(tmp_path / "x.mp4"),
+                         *bad])
+        assert e.value.code == 2 and words in capsys.readouterr().err
