@@ -266,3 +266,94 @@ def test_sample_cli_lora_scale_and_merge(tmp_path, capsys):
             sample.main(["--ckpt", str(ck), "--prompt", "x", "--out", str(tmp_path / "x.mp4"),
                          *bad])
         assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+# ----- train.py --lora -----
+
+def base_dit(folder, i2v=False):
+    """A tiny DiT with non-zero weights everywhere, saved as an --init folder. (The fresh init's
+    zero modulation and output projection would give every adapter a zero gradient.)"""
+    cfg = replace(dit.DIT_PRESETS["tiny"], in_channels=16) if i2v else dit.DIT_PRESETS["tiny"]
+    m = randomize(ExpertDiT(cfg), std=0.05, seed=3)
+    m.save(str(folder))
+    return m
+
+
+def ckpt_dir(out, step):
+    return out / "ckpt" / f"step_{step:07d}"
+
+
+def test_train_lora_trains_and_stores_only_the_adapters(assets, tmp_path, capsys):  # noqa: F811
+    """--lora 4 --lora-targets attn+mlp over a frozen --init base, with the EMA: the optimizer
+    state, the EMA and the checkpoint hold the adapters only; the export is the EMA adapters in
+    the diffusers layout; the adapters moved; a resumed run equals the uninterrupted one."""
+    base = base_dit(tmp_path / "base")
+    common = [*SMALL, "--steps", "2,2", "--ema", "0.5", "--init", str(tmp_path / "base"),
+              "--lora", "4", "--lora-alpha", "8", "--lora-targets", "attn+mlp"]
+    full = train.main(dit_args(assets, tmp_path / "full", *common))
+    out = capsys.readouterr().out
+    ck = ckpt_dir(tmp_path / "full", 4)
+    adapters = {f"blocks.{i}.{n}.lora_{ab}" for i in range(base.cfg.layers)
+                for n in ("qkv", "proj", "fc1", "fc2") for ab in "AB"}
+    sd = load_file(ck / "dit" / "model.safetensors")
+    assert set(sd) == adapters  # no frozen weight in the checkpoint
+    n = sum(v.numel() for v in sd.values())
+    assert f"LoRA rank 4 (alpha 8.0) on attn+mlp: {n:,} trainable parameters" in out
+    assert set(load_file(ck / "ema.safetensors")) == adapters
+    st = torch.load(ck / "state.pt", weights_only=True)["opt"]["dit"]
+    assert len(st["state"]) == len(adapters) and set(st["state"]) == set(adapters)
+    assert not (tmp_path / "full" / "dit").exists()  # no full model export: the adapters alone
+    ema = load_file(ck / "ema.safetensors")
+    assert all(sd[k].abs().max() > 0 for k in adapters if k.endswith("lora_B"))  # B left 0
+    # the export: the EMA adapters, read back onto the base
+    m = ExpertDiT.load(str(tmp_path / "base"))
+    assert dit.load_lora(m, tmp_path / "full" / dit.LORA_FILE) == 4 * base.cfg.layers + \
+        2 * base.cfg.layers
+    got = {k: v for k, v in m.state_dict().items() if "lora_" in k}
+    assert got.keys() == adapters and all(torch.allclose(got[k], ema[k]) for k in adapters)
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in m.state_dict().items()
+               if "lora_" not in k)
+    # stop after step 3, resume: the same losses and the same exported adapters
+    part = train.main(dit_args(assets, tmp_path / "part", *common, "--stop-at", "3"))
+    rest = train.main(dit_args(assets, tmp_path / "part", *common, "--resume"))
+    assert part["losses"] + rest["losses"] == full["losses"]
+    a, b = (load_file(tmp_path / r / dit.LORA_FILE) for r in ("full", "part"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_lora_fsdp_checkpointing_i2v_equals_one_process(assets, tmp_path, torchrun):  # noqa: F811
+    """LoRA on an image-to-video base (App. A) with Frame Pack rows: 2 FSDP2 ranks with offloaded
+    activation checkpointing == one process with both ranks' rows (the same global batch): the
+    same losses and the same exported adapters."""
+    base_dit(tmp_path / "base", i2v=True)
+    common = [*PAR, "--i2v", "--init", str(tmp_path / "base"), "--lora", "4", "--ema", "0.5"]
+    one = train.main(dit_args(assets, tmp_path / "one", *common, "--rows", "2"))
+    p = torchrun(train.__file__, *dit_args(assets, tmp_path / "two", *common, "--rows", "1",
+                                           "--fsdp", "--grad-checkpoint", "--offload-activations"))
+    assert "world 2 fsdp" in p.stdout and "Frame Pack rows" in p.stdout
+    assert [r["loss"] for r in log(tmp_path / "two")] == pytest.approx(one["losses"], rel=1e-5,
+                                                                       abs=1e-7)
+    a, b = (load_file(tmp_path / r / dit.LORA_FILE) for r in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
+    assert max(v.abs().max() for k, v in a.items() if "lora_B" in k) > 0
+    ck = load_file(ckpt_dir(tmp_path / "two", 3) / "dit" / "model.safetensors")
+    assert ck and all(".lora_" in k for k in ck)  # gathered from the shards: adapters only
+
+
+def test_train_lora_from_a_released_folder_then_sample(released, assets, tmp_path, capsys):  # noqa: F811
+    """--init-diffusers: a released folder (diffusers layout) supplies the transformer, the VAE,
+    the T5 and the noise schedule; the exported file then samples with sample.py --model-dir
+    --lora, as it would for CogVideoX-5B."""
+    res = train.main(["--stage", "dit", "--preset", "tiny", "--data", assets["manifest"],
+                      "--init-diffusers", str(released), "--lora", "2", *SMALL, "--steps", "1,1",
+                      "--lr", "1e-2", "--out", str(tmp_path / "run")])
+    assert res["step"] == 2 and all(math.isfinite(x) for x in res["losses"])
+    out = capsys.readouterr().out
+    assert "LoRA rank 2 (alpha 2) on attn" in out
+    lora = tmp_path / "run" / dit.LORA_FILE
+    ref = ExpertDiT.from_diffusers(released)
+    assert dit.load_lora(ref, lora) == 4 * ref.cfg.layers  # to_q, to_k, to_v, to_out.0
+    sample.main(["--model-dir", str(released), "--lora", str(lora), "--prompt", PROMPTS[0],
+                 "--out", str(tmp_path / "v.mp4"), "--num-frames", "5", "--height", "16", "--width", "16",
+                 "--steps", "2"])
+    assert (tmp_path / "v.mp4").exists()
