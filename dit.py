@@ -4,7 +4,8 @@ What is here, smallest piece first: timestep sinusoid -> 3D-RoPE (and the releas
 table) -> attention with QK-norm -> the expert transformer block (expert AdaLN, §2.2) -> ExpertDiT
 (patchify, one [text; video] sequence, blocks, final AdaLN, unpatchify) -> its Frame Pack forward
 (§3.1) -> the image-to-video input (App. A) -> released-weight loading -> the T5 text encoder and a
-tiny trainable T5 for the toy demo. Training lives in train.py; this file is only the model.
+tiny trainable T5 for the toy demo -> LoRA adapters and their diffusers / PEFT file format.
+Training lives in train.py; this file is only the model.
 Where we differ from the release (same values, checked against diffusers in the tests): text and
 video stay one sequence instead of two tensors concatenated per call, q, k, v are one fused Linear,
 and RoPE is one complex multiply. Speed-only code (the last block computing video rows only; Frame
@@ -17,6 +18,7 @@ Run:
   python dit.py --preset tiny --device cuda --bf16
   python -m pytest -q tests/test_dit.py    # parity with diffusers, packed == alone, save/load
   python -m pytest -q tests/test_dit.py -m slow -k flex    # the compiled FlexAttention kernel
+  python -m pytest -q tests/test_lora.py   # LoRA files both ways with diffusers / PEFT
 
 Shape legend:
   B batch        C latent channels   T latent frames (T' in the paper)   h, w latent height, width

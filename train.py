@@ -10,6 +10,8 @@ One flat step loop, the same code on a laptop CPU and under torchrun on many GPU
   §3.2   progressive stages from the preset (low res -> high res -> best 20%), weights carried over
   §3.3   explicit uniform timesteps over the global batch (--iid-timesteps for the ablation)
   App. A --i2v: the first frame's latent joins the noisy latent along channels, with noise added
+  (not in the paper) --lora RANK: low-rank adapters over frozen weights (dit.py's LoRA section),
+         e.g. from a released folder (--init-diffusers); exports pytorch_lora_weights.safetensors
 
 Reading one DiT step, top to bottom: the sampler's keys -> data.Prepared (cached posterior + T5 text)
 -> `draws` (timesteps, dropout, condition noise for the GLOBAL batch; each rank takes its slots) ->
@@ -30,6 +32,9 @@ Run:
   torchrun --standalone --nproc_per_node 4 train.py --stage vae --cp 2 ...   # 2 CP groups of 2
   python train.py ... --resume                   # continue from --out's latest checkpoint, exactly
                                                  # (any number of ranks; see "checkpoints" below)
+  python train.py --stage dit --preset cogvideox-5b --init-diffusers CogVideoX-5b --lora 64 \\
+                  --grad-checkpoint --offload-activations --data MANIFEST --out runs/lora
+  python -m pytest -q tests/test_lora.py
   python -m pytest -q tests/test_train.py
 Exit codes: 0 finished (model exported), 2 a bad setting (one line naming the fix), 75 stopped
 early by SIGTERM/SIGINT or --stop-at, with a checkpoint to --resume from.
