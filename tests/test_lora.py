@@ -198,8 +198,9 @@ def test_sampled_latents_equal_the_pipeline_with_the_lora(released, tmp_path):  
                            return_latents=True)  # (B, C, T', h, w)
     pipe = CogVideoXPipeline.from_pretrained(str(released))
     pipe.set_progress_bar_config(disable=True)
-    run = lambda: pipe(PROMPTS[:2], num_frames=9, height=16, width=16, num_inference_steps=4,  # noqa
-                       guidance_scale=5.0, generator=torch.Generator().manual_seed(11),
+    run = lambda: pipe(PROMPTS[:2], num_frames=9, height=16, width=16,  # noqa: E731
+                       num_inference_steps=4, guidance_scale=5.0,
+                       generator=torch.Generator().manual_seed(11),
                        output_type="latent", max_sequence_length=8).frames.permute(0, 2, 1, 3, 4)
     plain = run()
     pipe.load_lora_weights(str(tmp_path), adapter_name="ours")
@@ -321,7 +322,8 @@ def test_train_lora_trains_and_stores_only_the_adapters(assets, tmp_path, capsys
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_train_lora_fsdp_checkpointing_i2v_equals_one_process(assets, tmp_path, torchrun):  # noqa: F811
+def test_train_lora_fsdp_checkpointing_i2v_equals_one_process(assets, tmp_path,  # noqa: F811
+                                                               torchrun):
     """LoRA on an image-to-video base (App. A) with Frame Pack rows: 2 FSDP2 ranks with offloaded
     activation checkpointing == one process with both ranks' rows (the same global batch): the
     same losses and the same exported adapters."""
@@ -340,7 +342,8 @@ def test_train_lora_fsdp_checkpointing_i2v_equals_one_process(assets, tmp_path, 
     assert ck and all(".lora_" in k for k in ck)  # gathered from the shards: adapters only
 
 
-def test_train_lora_from_a_released_folder_then_sample(released, assets, tmp_path, capsys):  # noqa: F811
+def test_train_lora_from_a_released_folder_then_sample(released, assets, tmp_path,  # noqa: F811
+                                                        capsys):
     """--init-diffusers: a released folder (diffusers layout) supplies the transformer, the VAE,
     the T5 and the noise schedule; the exported file then samples with sample.py --model-dir
     --lora, as it would for CogVideoX-5B."""
@@ -354,8 +357,8 @@ def test_train_lora_from_a_released_folder_then_sample(released, assets, tmp_pat
     ref = ExpertDiT.from_diffusers(released)
     assert dit.load_lora(ref, lora) == 4 * ref.cfg.layers  # to_q, to_k, to_v, to_out.0
     sample.main(["--model-dir", str(released), "--lora", str(lora), "--prompt", PROMPTS[0],
-                 "--out", str(tmp_path / "v.mp4"), "--num-frames", "5", "--height", "16", "--width", "16",
-                 "--steps", "2"])
+                 "--out", str(tmp_path / "v.mp4"), "--num-frames", "5", "--height", "16",
+                 "--width", "16",                 "--steps", "2"])
     assert (tmp_path / "v.mp4").exists()
 
 
