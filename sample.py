@@ -336,7 +336,7 @@ def load_released(folder, device="cpu", dtype=None):
     return net, ae, text, cfg, ac
 
 
-def add_lora(net, path, scale=1.0, merge=False):
+def apply_lora(net, path, scale=1.0, merge=False):
     """LoRA adapters (dit.load_lora: ours, diffusers' or PEFT's file) on the DiT, times `scale`;
     merge: folded into the weights (dit.merge_lora), so sampling costs what the base costs."""
     n = ditlib.load_lora(net, path, scale)
@@ -446,7 +446,7 @@ def run(a, p):
     else:
         net, ae, text, cfg, ac = load_released(a.model_dir, load_dev, dtype)
     if a.lora:
-        add_lora(net, a.lora, a.lora_scale, a.lora_merge)
+        apply_lora(net, a.lora, a.lora_scale, a.lora_merge)
     if a.preset:  # the preset's look (frames, size, steps, ...) but the checkpoint's noise schedule
         cfg = replace(PRESETS[a.preset], snr_shift_scale=cfg.snr_shift_scale, sampler=cfg.sampler,
                       uncond=cfg.uncond)

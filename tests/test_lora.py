@@ -192,7 +192,7 @@ def test_sampled_latents_equal_the_pipeline_with_the_lora(released, tmp_path):  
     fill(dit.add_lora(net, 4, 8, "attn+mlp"), std=0.3)
     dit.save_lora(net, tmp_path)
     net, ae, text, cfg, ac = sample.load_released(str(released))
-    sample.add_lora(net, str(tmp_path), scale=0.7)
+    sample.apply_lora(net, str(tmp_path), scale=0.7)
     sc = replace(cfg, num_frames=9, height=16, width=16, steps=4, cfg=5.0)
     ours = sample.generate(net, ae, text, PROMPTS[:2], sc, seed=11, ac=ac, progress=False,
                            return_latents=True)  # (B, C, T', h, w)
@@ -253,7 +253,7 @@ def test_sample_cli_lora_scale_and_merge(tmp_path, capsys):
     for name, (scale, merge) in {"zero": (0.0, False), "lora": (1.0, False),
                                  "merged": (1.0, True)}.items():
         net, ae, text, cfg = sample.load_ckpt(str(ck))
-        sample.add_lora(net, str(lora), scale, merge)
+        sample.apply_lora(net, str(lora), scale, merge)
         gen[name] = sample.generate(net, ae, text, PROMPTS[:1], replace(cfg, steps=3),
                                     progress=False, return_latents=True)
     net, ae, text, cfg = sample.load_ckpt(str(ck))
@@ -396,7 +396,7 @@ def test_lora_fine_tune_changes_what_the_tiny_dit_samples(assets, tmp_path):  # 
             m, ae, text, [clip["caption"]], sc, seed=s, progress=False, return_latents=True,
             ac=ac) for s in (5, 6)])
         before = run(net)
-        sample.add_lora(net, str(tmp_path / "lora" / dit.LORA_FILE))
+        sample.apply_lora(net, str(tmp_path / "lora" / dit.LORA_FILE))
         after = run(net)
     finally:
         torch.set_num_threads(threads)
