@@ -362,6 +362,26 @@ def test_train_lora_from_a_released_folder_then_sample(released, assets, tmp_pat
     assert (tmp_path / "v.mp4").exists()
 
 
+
+@pytest.mark.parametrize("extra, words", [
+    (["--lora", "0"], "--lora RANK must be >= 1"),
+    (["--lora", "4", "--lora-alpha", "-1"], "--lora-alpha must be > 0"),
+    (["--lora-alpha", "8"], "shape a LoRA: add --lora RANK"),
+    (["--lora-targets", "attn"], "shape a LoRA: add --lora RANK"),
+    (["--lora", "4", "--i2v", "--init", "{t2v}"], "a T2V -> I2V fine-tune trains the new input"),
+    (["--init-diffusers", "{tmp}"], "is not a released CogVideoX folder"),
+    (["--init-diffusers", "{tmp}/none"], "--init-diffusers"),
+])
+def test_bad_lora_settings_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsys,  # noqa
+                                                    extra, words):
+    ExpertDiT(dit.DIT_PRESETS["tiny"]).save(str(tmp_path / "t2v"))
+    monkeypatch.setattr(train, "build_dit", lambda job: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        train.main(dit_args(assets, tmp_path / "run", *SMALL,
+                            *[v.format(tmp=tmp_path, t2v=tmp_path / "t2v") for v in extra]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "Traceback" not in "".join(err) and words in err[-1], err
+
 # ----- at the demo's scale -----
 
 def test_lora_fine_tune_changes_what_the_tiny_dit_samples(assets, tmp_path):  # noqa: F811
