@@ -322,24 +322,34 @@ def test_train_lora_trains_and_stores_only_the_adapters(assets, tmp_path, capsys
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_train_lora_fsdp_checkpointing_i2v_equals_one_process(assets, tmp_path,  # noqa: F811
-                                                               torchrun):
-    """LoRA on an image-to-video base (App. A) with Frame Pack rows: 2 FSDP2 ranks with offloaded
-    activation checkpointing == one process with both ranks' rows (the same global batch): the
-    same losses and the same exported adapters."""
-    base_dit(tmp_path / "base", i2v=True)
-    common = [*PAR, "--i2v", "--init", str(tmp_path / "base"), "--lora", "4", "--ema", "0.5"]
-    one = train.main(dit_args(assets, tmp_path / "one", *common, "--rows", "2"))
+@pytest.fixture(scope="module")
+def lora_i2v_one(assets, tmp_path_factory):  # noqa: F811
+    """The reference of the 2-rank LoRA runs: an I2V base, one process with both ranks' rows."""
+    root = tmp_path_factory.mktemp("lora_i2v")
+    base_dit(root / "base", i2v=True)
+    common = [*PAR, "--i2v", "--init", str(root / "base"), "--lora", "4", "--ema", "0.5"]
+    return root, common, train.main(dit_args(assets, root / "one", *common, "--rows", "2"))
+
+
+@pytest.mark.parametrize("mode", [["--fsdp", "--grad-checkpoint", "--offload-activations"],
+                                  ["--grad-checkpoint"]], ids=["fsdp-offload", "ddp-ckpt"])
+def test_train_lora_two_ranks_i2v_equals_one_process(assets, tmp_path, torchrun,  # noqa: F811
+                                                      lora_i2v_one, mode):
+    """LoRA on an image-to-video base (App. A) with Frame Pack rows: 2 ranks (FSDP2 with
+    offloaded activation checkpointing, or DDP with checkpointing) == one process with both
+    ranks' rows (the same global batch): the same losses and the same exported adapters."""
+    root, common, one = lora_i2v_one
     p = torchrun(train.__file__, *dit_args(assets, tmp_path / "two", *common, "--rows", "1",
-                                           "--fsdp", "--grad-checkpoint", "--offload-activations"))
-    assert "world 2 fsdp" in p.stdout and "Frame Pack rows" in p.stdout
+                                           *mode))
+    assert f"world 2 {'fsdp' if '--fsdp' in mode else 'ddp'}" in p.stdout
+    assert "Frame Pack rows" in p.stdout
     assert [r["loss"] for r in log(tmp_path / "two")] == pytest.approx(one["losses"], rel=1e-5,
                                                                        abs=1e-7)
-    a, b = (load_file(tmp_path / r / dit.LORA_FILE) for r in ("one", "two"))
+    a, b = (load_file(d / dit.LORA_FILE) for d in (root / "one", tmp_path / "two"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
     assert max(v.abs().max() for k, v in a.items() if "lora_B" in k) > 0
     ck = load_file(ckpt_dir(tmp_path / "two", 3) / "dit" / "model.safetensors")
-    assert ck and all(".lora_" in k for k in ck)  # gathered from the shards: adapters only
+    assert ck and all(".lora_" in k for k in ck)  # (FSDP: gathered from the shards) adapters only
 
 
 def test_train_lora_from_a_released_folder_then_sample(released, assets, tmp_path,  # noqa: F811
