@@ -528,9 +528,10 @@ def full_state(model):
 
 def trained():
     """What checkpoints hold: the trained tensors. Frozen weights (a LoRA's base) are not state:
-    they come back from --init / --init-diffusers."""
+    they come back from --init / --init-diffusers. (strict=False: loading sets those only; every
+    one of them must be in the files, which dcp.load checks.)"""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(ignore_frozen_params=True)
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def local(x):

@@ -27,7 +27,8 @@ import train
 from dit import ExpertDiT
 from test_dit import diffusers_model, inputs, randomize, run_diffusers, small
 from test_sample import PROMPTS, released  # noqa: F401  (a fixture: the released layout)
-from test_train import PAR, SMALL, assets, dit_args, log, sim_row  # noqa: F401  (assets: a fixture)
+from test_train import (PAR, SMALL, assets, ckpt_tensors, dit_args,  # noqa: F401  (a fixture)
+                        log)
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear",
            "norm2.linear", "proj_out", "patch_embed.proj", "text_proj", "linear_1", "linear_2",
@@ -296,15 +297,15 @@ def test_train_lora_trains_and_stores_only_the_adapters(assets, tmp_path, capsys
     ck = ckpt_dir(tmp_path / "full", 4)
     adapters = {f"blocks.{i}.{n}.lora_{ab}" for i in range(base.cfg.layers)
                 for n in ("qkv", "proj", "fc1", "fc2") for ab in "AB"}
-    sd = load_file(ck / "dit" / "model.safetensors")
+    sd = ckpt_tensors(ck)
     assert set(sd) == adapters  # no frozen weight in the checkpoint
     n = sum(v.numel() for v in sd.values())
     assert f"LoRA rank 4 (alpha 8.0) on attn+mlp: {n:,} trainable parameters" in out
-    assert set(load_file(ck / "ema.safetensors")) == adapters
-    st = torch.load(ck / "state.pt", weights_only=True)["opt"]["dit"]
-    assert len(st["state"]) == len(adapters) and set(st["state"]) == set(adapters)
+    ema = ckpt_tensors(ck, "ema", "")
+    assert set(ema) == adapters
+    st = ckpt_tensors(ck, "optim")  # "<param>.exp_avg", "<param>.exp_avg_sq", "<param>.step"
+    assert {k.rpartition(".")[0] for k in st} == adapters
     assert not (tmp_path / "full" / "dit").exists()  # no full model export: the adapters alone
-    ema = load_file(ck / "ema.safetensors")
     assert all(sd[k].abs().max() > 0 for k in adapters if k.endswith("lora_B"))  # B left 0
     # the export: the EMA adapters, read back onto the base
     m = ExpertDiT.load(str(tmp_path / "base"))
@@ -348,7 +349,7 @@ def test_train_lora_two_ranks_i2v_equals_one_process(assets, tmp_path, torchrun,
     a, b = (load_file(d / dit.LORA_FILE) for d in (root / "one", tmp_path / "two"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
     assert max(v.abs().max() for k, v in a.items() if "lora_B" in k) > 0
-    ck = load_file(ckpt_dir(tmp_path / "two", 3) / "dit" / "model.safetensors")
+    ck = ckpt_tensors(ckpt_dir(tmp_path / "two", 3))
     assert ck and all(".lora_" in k for k in ck)  # (FSDP: gathered from the shards) adapters only
 
 
