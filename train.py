@@ -720,6 +720,11 @@ def find_checkpoint(args, total, say):
         if st["stage_kind"] != args.stage or st["preset"] != args.preset:
             raise SettingsError(f"--resume: {args.out} holds a --stage {st['stage_kind']} "
                                 f"--preset {st['preset']} run; pass those (or another --out)")
+        if st.get("lora") != lora_settings(args):  # its tensors are another model's
+            was = st.get("lora")
+            raise SettingsError(f"--resume: {args.out} holds a run " + (
+                f"with --lora {was[0]} --lora-alpha {was[1]:g} --lora-targets {was[2]}"
+                if was else "without --lora") + "; pass the same (or another --out)")
         if st["step"] > total:
             raise SettingsError(f"--resume: the checkpoint is at step {st['step']}, past the "
                                 f"{total} steps asked for; pass --steps adding up to more than "
@@ -974,6 +979,13 @@ def check(args, tc, stages, steps=(1,)):
         raise SettingsError("--fsdp shards the DiT; train the VAE with DDP (drop --fsdp)")
     elif args.i2v:
         raise SettingsError("--i2v fine-tunes the DiT (App. A); drop it for --stage vae")
+
+
+def lora_settings(args):
+    """[rank, alpha, targets] of --lora (None without): what a checkpoint must match to resume."""
+    if not getattr(args, "lora", None):
+        return None
+    return [args.lora, float(args.lora_alpha or args.lora), args.lora_targets or "attn"]
 
 
 def check_lora(args, dc):
@@ -1413,7 +1425,7 @@ def train(args):
         if (tc.save_every and step % tc.save_every == 0) or step == total or sig:
             state = {"step": step, "pos": dict(pos, stage=stage_i), "bad_files": bad_files,
                      "zstat": zstat.tolist(), "preset": args.preset, "stage_kind": args.stage,
-                     "world": world,
+                     "world": world, "lora": lora_settings(args),
                      "config": asdict(tc), "model_config": asdict(job.cfg)}
             save_checkpoint(args.out, step, rank, job.parts, opts, ema, state, tc.keep)
         if sig:

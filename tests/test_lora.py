@@ -321,6 +321,15 @@ def test_train_lora_trains_and_stores_only_the_adapters(assets, tmp_path, capsys
     assert part["losses"] + rest["losses"] == full["losses"]
     a, b = (load_file(tmp_path / r / dit.LORA_FILE) for r in ("full", "part"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a LoRA run resumed without --lora or with another rank: refused in one line, exit code 2
+    plain = [a for a in common if a not in ("--lora", "4", "--lora-alpha", "8", "--lora-targets",
+                                            "attn+mlp")]
+    for args, words in ((plain, "with --lora 4 --lora-alpha 8 --lora-targets attn+mlp"),
+                        ([*common[:-6], "--lora", "8"], "with --lora 4")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            train.main(dit_args(assets, tmp_path / "part", *args, "--resume"))
+        assert e.value.code == 2 and words in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
