@@ -352,6 +352,58 @@ def test_i2v_matches_diffusers_pipeline(released, tmp_path):
     assert ref.abs().mean() > 0.1 and torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
 
 
+# ----- every released configuration against the diffusers pipelines -----
+# 2B: sin-cos positions, VAE scaling factor 1.15258426, DDIM with SNR shift 3 (below);
+# 5B: RoPE, DPM, no shift (test_dpm_matches_diffusers_pipeline, test_matches_diffusers_pipeline);
+# 5B-I2V: RoPE + the learned table, 2C inputs, DPM, no shift (below; DDIM: test_i2v_matches_...);
+# 1.5-5B and 1.5-5B-I2V: the test_15_* tests further down (DDIM and DPM each).
+
+def release_folder(released, root, name):
+    """A tiny folder with one 1.0 release's switches, from the `released` folder's T5 and tokenizer."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler,
+                           CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel)
+    i2v = name == "5b-i2v"
+    torch.manual_seed(7)
+    tr = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=2 * C if i2v else C,
+                                     out_channels=C, time_embed_dim=16, text_embed_dim=16, num_layers=1,
+                                     sample_width=4, sample_height=4, sample_frames=9, max_text_seq_length=8,
+                                     use_rotary_positional_embeddings=name != "2b",
+                                     use_learned_positional_embeddings=i2v).eval()
+    ae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3,
+                                up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 16, 16),
+                                latent_channels=C, layers_per_block=1, norm_num_groups=4,
+                                scaling_factor=1.15258426 if name == "2b" else 0.7).eval()
+    kw = dict(beta_schedule="scaled_linear", prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=True,
+              rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    sched = (CogVideoXDDIMScheduler(snr_shift_scale=3.0, **kw) if name == "2b"
+             else CogVideoXDPMScheduler(snr_shift_scale=1.0, **kw))
+    Pipe = CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline
+    Pipe.from_pretrained(str(released), transformer=tr, vae=ae, scheduler=sched).save_pretrained(str(root / name))
+    return Pipe, root / name
+
+
+@pytest.mark.parametrize("name", ["2b", "5b-i2v"])
+def test_release_matches_diffusers_pipeline(released, tmp_path, name):
+    """A tiny folder with the 2B's switches (sin-cos positions, its VAE factor, DDIM with SNR shift 3) or
+    the 5B-I2V's (RoPE + learned table, 2C inputs, DPM without shift): our loaders + generate() == the
+    diffusers pipeline's latents, same seed (and image)."""
+    Pipe, folder = release_folder(released, tmp_path, name)
+    pipe = Pipe.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    img = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1 if name == "5b-i2v" else None
+    kw = dict(image=img[None]) if img is not None else {}
+    ref = pipe(prompt=PROMPTS[:1], num_frames=9, height=16, width=16, num_inference_steps=4, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(4), output_type="latent", max_sequence_length=8,
+               **kw).frames.permute(0, 2, 1, 3, 4)  # (1, C, T', h, w)
+    net, ae, text, cfg, ac = sample.load_released(str(folder))
+    assert (net.cfg.pos, cfg.sampler, cfg.snr_shift_scale, ae.cfg.scaling_factor) == \
+        (("sincos", "ddim", 3.0, 1.15258426) if name == "2b" else ("learned", "dpm", 1.0, 0.7))
+    sc = replace(cfg, num_frames=9, height=16, width=16, steps=4, cfg=5.0)
+    ours = sample.generate(net, ae, text, PROMPTS[:1], sc, seed=4, ac=ac, image=img, progress=False,
+                           return_latents=True)  # (1, C, T', h, w)
+    assert ref.abs().mean() > 0.1 and torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
+
+
 # ----- CogVideoX 1.5 folders (temporal patch 2; the I2V's ofs and inverted image-latent scale) -----
 
 def tiny_15_transformer(i2v, seed):
