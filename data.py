@@ -81,13 +81,24 @@ class Stage:
 
 
 # Progressive schedules. "shapes" is the CPU demo (tiny VAE spatial factor 4 x patch 2 = 8, so every
-# side is a multiple of 8); "cogvideox" follows the paper's 256 -> 480 -> 768 (then best 20%).
+# side is a multiple of 8). "cogvideox": the paper's 256 -> 480 (§3.2), then the best 20%, ending
+# at what the 1.0 models were released for: 49 frames (6 s at 8 fps, §1), 480x720. "cogvideox1.5":
+# the later paper text (arXiv v2+: 10 s at 16 fps, 768x1360): 256 -> 480 -> 768 px with 6 s clips
+# growing to 10 s, then the best 20% at 768x1360 and 10 s. At 16 fps 6 s is 97 frames and 10 s
+# 161; 81 (5 s) is what the 1.5 release samples by default. The text gives sizes and durations
+# only; the frame counts below them, the aspect buckets and the 16 fps of the early stages are
+# ours (the 1.5 release runs at 16 fps).
+_R10 = [(480, 720), (480, 480), (720, 480)]
+_R15 = [(768, 1360), (768, 768), (1360, 768)]
 STAGES = {
     "shapes": [Stage([(16, 16), (16, 24)], [1, 5, 9]), Stage([(32, 32), (32, 48)], [1, 9, 13, 17])],
     "cogvideox": [Stage([(256, 384), (256, 256), (384, 256)], [1, 17, 33, 49], fps=8),
-                  Stage([(480, 720), (480, 480), (720, 480)], [1, 17, 33, 49], fps=8),
-                  Stage([(768, 1360), (768, 768), (1360, 768)], [1, 49, 81], fps=8),
-                  Stage([(768, 1360), (768, 768), (1360, 768)], [1, 49, 81], fps=8, subset=0.2)],
+                  Stage(_R10, [1, 17, 33, 49], fps=8),
+                  Stage(_R10, [1, 17, 33, 49], fps=8, subset=0.2)],
+    "cogvideox1.5": [Stage([(256, 448), (256, 256), (448, 256)], [1, 17, 33, 49, 81, 97], fps=16),
+                     Stage([(480, 848), (480, 480), (848, 480)], [1, 17, 33, 49, 81, 97], fps=16),
+                     Stage(_R15, [1, 49, 81, 97, 161], fps=16),
+                     Stage(_R15, [1, 49, 81, 97, 161], fps=16, subset=0.2)],
 }
 
 
