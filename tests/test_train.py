@@ -165,6 +165,26 @@ def test_i2v_from_a_t2v_init(assets, tmp_path, monkeypatch, capsys):
     assert seen and all((z[C:] == 0).all() for z in seen)  # every condition dropped
 
 
+def test_released_presets_end_where_the_releases_are():
+    """The 1.0 presets' last DiT stage is what the 1.0 models were released for (49 frames 480x720 at
+    8 fps, best 20%); the 1.5 presets' stages go 256 -> 480 -> 768 px and 6 s -> 10 s at 16 fps (97 and
+    161 frames), the I2V at 81 frames 768x1360; one step count per stage; the 1.5 VAE config."""
+    for name in ("cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v", "cogvideox1.5-5b", "cogvideox1.5-5b-i2v"):
+        tc = train.PRESETS[name]
+        assert len(tc.dit_stages) == len(tc.dit_steps), name
+        last = tc.dit_stages[-1]
+        if "1.5" in name:
+            assert last.resolutions[0] == (768, 1360) and last.fps == 16 and tc.vae == "cogvideox1.5-5b"
+            assert dit.DIT_PRESETS[tc.dit].patch_t == 2
+        else:
+            assert (last.resolutions[0], max(last.frames), last.fps) == ((480, 720), 49, 8), name
+    st = train.PRESETS["cogvideox1.5-5b"].dit_stages
+    assert [s.resolutions[0][0] for s in st] == [256, 480, 768, 768] and st[-1].subset == 0.2
+    assert [max(s.frames) for s in st] == [97, 97, 161, 161] and 81 in st[-1].frames
+    assert train.PRESETS["cogvideox-2b"].dit_stages[-1].subset == 0.2
+    assert train.PRESETS["cogvideox1.5-5b-i2v"].dit_stages[-1].frames == [81]
+
+
 def test_15_temporal_patch_trains_with_frame_pack_t2v_and_i2v(assets, tmp_path, monkeypatch, capsys):
     """A CogVideoX-1.5-shaped tiny DiT (temporal patch 2, RoPE), stills and 9-frame clips = 1 and 3 latent
     frames: Frame Pack rows of several samples; an odd latent count is padded in front before the noise
