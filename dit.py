@@ -6,10 +6,11 @@ table) -> attention with QK-norm -> the expert transformer block (expert AdaLN, 
 (§3.1) -> the image-to-video input (App. A) -> released-weight loading -> the T5 text encoder and a
 tiny trainable T5 for the toy demo.
 CogVideoX 1.5 (the released 768x1360 models; not in the paper, which patchifies space only) is the
-same model with three switches: a temporal patch (DiTConfig.patch_t = 2: one token covers two latent
-frames, an odd frame count is padded as the release pads it, pad_frames), RoPE over the patched grid
-(integer positions, as the 1.5 pipelines build it) and, for the I2V model, an "ofs" embedding added to
-the time embedding (DiTConfig.ofs_dim). Training lives in train.py; this file is only the model.
+same model with three switches: a temporal patch (DiTConfig.patch_t = 2: one token covers two
+latent frames, an odd frame count is padded as the release pads it, pad_frames), RoPE over the
+patched grid (integer positions, as the 1.5 pipelines build it) and, for the I2V model, an "ofs"
+embedding added to the time embedding (DiTConfig.ofs_dim). Training lives in train.py; this file
+is only the model.
 Where we differ from the release (same values, checked against diffusers in the tests): text and
 video stay one sequence instead of two tensors concatenated per call, q, k, v are one fused Linear,
 and RoPE is one complex multiply. Speed-only code (the last block computing video rows only; Frame
@@ -26,7 +27,7 @@ Run:
 
 Shape legend:
   B batch        C latent channels   T latent frames (T' in the paper)   h, w latent height, width
-  p spatial patch    gh, gw = h/p, w/p    pt temporal patch (1; 1.5: 2)    Tp = ceil(T/pt) token frames
+  p spatial patch   gh, gw = h/p, w/p   pt temporal patch (1; 1.5: 2)   Tp = ceil(T/pt) token frames
   n = Tp*gh*gw video tokens    L text tokens    N = L + n
   D hidden width     H heads    d head dim (D = H*d)    E time-embedding width
   S samples in a Frame Pack batch    R packed rows    M tokens per packed row
@@ -118,8 +119,8 @@ def num_tokens(cfg, T_lat, h_lat, w_lat):
 def pad_frames(x, pt):
     """(..., T, h, w) -> (..., T + k, h, w), k = (-T) mod pt: latent frame 0 repeated k times in
     front, so the frames split into whole temporal patches (CogVideoX 1.5). The release's padding:
-    its trainers prepend copies of latent frame 0, and its pipelines sample the extra frame in front
-    and drop it after decoding (sample.generate). A no-op for pt = 1 or a whole number of patches."""
+    its trainers prepend copies of latent frame 0, and its pipelines sample the extra frame in
+    front and drop it after decoding (sample.generate). A no-op for pt = 1 or whole patches."""
     k = -x.shape[-3] % pt
     return torch.cat([x.narrow(-3, 0, 1)] * k + [x], dim=-3) if k else x  # (..., T + k, h, w)
 
@@ -154,9 +155,9 @@ def timestep_sinusoid(t, dim):
 def rope_positions(T, gh, gw, cfg):
     """Float positions per axis of the token grid (T = token frames). Extrapolation (§3.2, the
     paper's choice): integer positions at any size, so neighbouring tokens keep their relative
-    offsets; CogVideoX 1.5 uses exactly these over its patched grid (its pipelines' "slice" grid). Interpolation (the diffusers
-    pipeline): the grid is fitted inside the native grid (resize + centre crop), positions spread
-    by linspace."""
+    offsets; CogVideoX 1.5 uses exactly these over its patched grid (its pipelines' "slice"
+    grid). Interpolation (the diffusers pipeline): the grid is fitted inside the native grid
+    (resize + centre crop), positions spread by linspace."""
     if not cfg.rope_interp:
         return [torch.arange(s, dtype=torch.float32) for s in (T, gh, gw)]
     bh, bw = cfg.base_height // cfg.patch, cfg.base_width // cfg.patch
@@ -763,7 +764,7 @@ def _from_diffusers_keys(sd, cfg):
             ("k_norm", "attn1.norm_k"), ("proj", "attn1.to_out.0"), ("norm2", "norm2.norm"),
             ("mod2", "norm2.linear"), ("fc1", "ff.net.0.proj"), ("fc2", "ff.net.2")]})
     for wb in ("weight", "bias"):
-        w = take(f"patch_embed.proj.{wb}")                 # (D, C, p, p) | (D, C*pt*p*p) -> (D, ...)
+        w = take(f"patch_embed.proj.{wb}")  # (D, C, p, p) | (D, C*pt*p*p) -> (D, ...)
         out[f"patch.{wb}"] = w.reshape(cfg.dim, -1) if w is not None and wb == "weight" else w
         for i in range(cfg.layers):
             qkv = [take(f"transformer_blocks.{i}.attn1.to_{z}.{wb}") for z in "qkv"]

@@ -401,7 +401,8 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
             img = img * (~img_drop[slot[j]]).to(device, img.dtype)  # dropped: zeros (released)
             x = dit.i2v_input(x, img[None])  # (1, 2C, T', h, w)
         zt.append(x[0])
-        n.append(z.shape[1] // pt * (z.shape[2] // p) * (z.shape[3] // p) if it["weight"] > 0 else 0)
+        tokens = z.shape[1] // pt * (z.shape[2] // p) * (z.shape[3] // p)  # 1.5: T' + k padded
+        n.append(tokens if it["weight"] > 0 else 0)
     text = torch.stack([it["text"] for it in items]).to(device)  # (S, L, D)
     text = text * (~drop_all[slot]).to(device, text.dtype)[:, None, None]  # §3: dropped = zeros
     v = dit_predict(job, net, zt, t, text, [it["row"] for it in items], max_tokens)

@@ -77,10 +77,10 @@ class VAEConfig:
         scaling factor, like the video latent; for a VAE with invert_scale_latents (the released
         CogVideoX1.5-5B-I2V) its inverse. The 1.5 pipeline in diffusers divides ("the CogVideoX team
         forgot to multiply the scaling factor during training"); the official code does neither
-        consistently (its SAT sampler passes the raw latent, its fine-tune scripts multiply; CogVideo
-        issues 570, 761, finetrainers 110, 155). We follow the diffusers pipeline, in sampling and
-        in training alike (sample.generate, train.dit_loss), so a model trained here samples as it
-        was trained."""
+        consistently (its SAT sampler passes the raw latent, its fine-tune scripts multiply;
+        CogVideo issues 570, 761, finetrainers 110, 155). We follow the diffusers pipeline, in
+        sampling and in training alike (sample.generate, train.dit_loss), so a model trained here
+        samples as it was trained."""
         return 1 / self.scaling_factor if self.invert_scale_latents else self.scaling_factor
 
     @property
