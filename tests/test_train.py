@@ -228,6 +228,16 @@ def test_15_temporal_patch_trains_with_frame_pack_t2v_and_i2v(assets, tmp_path, 
         assert all(z.shape[1] % 2 == 0 and z[8:, 0].abs().sum() > 0 and (z[8:, 1:] == 0).all() for z in zs)
         conds[inv] = torch.stack([z[8:, 0] for z in zs])
     assert torch.allclose(conds[True], conds[False] / 0.5 ** 2, rtol=1e-4, atol=1e-6)
+    # both export for sample.py and sample end to end (9 frames: an odd latent count, padded in front)
+    import sample
+    from PIL import Image
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(tmp_path / "first.png")
+    for out, extra in (("t2v", []), ("i2vTrue", ["--image", str(tmp_path / "first.png")])):
+        sample.main(["--ckpt", str(tmp_path / out), "--prompt", "a red circle moves to the left", "--out",
+                     str(tmp_path / f"{out}.mp4"), "--num-frames", "9", "--steps", "2", *extra])
+        import av
+        with av.open(str(tmp_path / f"{out}.mp4")) as f:
+            assert sum(1 for _ in f.decode(video=0)) == 9
 
 
 def test_overfitting_one_batch_lowers_the_loss(assets, tmp_path):
