@@ -81,13 +81,24 @@ class Stage:
 
 
 # Progressive schedules. "shapes" is the CPU demo (tiny VAE spatial factor 4 x patch 2 = 8, so every
-# side is a multiple of 8); "cogvideox" follows the paper's 256 -> 480 -> 768 (then best 20%).
+# side is a multiple of 8). "cogvideox": the paper's 256 -> 480 (§3.2), then the best 20%, ending
+# at what the 1.0 models were released for: 49 frames (6 s at 8 fps, §1), 480x720. "cogvideox1.5":
+# the later paper text (arXiv v2+: 10 s at 16 fps, 768x1360): 256 -> 480 -> 768 px with 6 s clips
+# growing to 10 s, then the best 20% at 768x1360 and 10 s. At 16 fps 6 s is 97 frames and 10 s
+# 161; 81 (5 s) is what the 1.5 release samples by default. The text gives sizes and durations
+# only; the frame counts below them, the aspect buckets and the 16 fps of the early stages are
+# ours (the 1.5 release runs at 16 fps).
+_R10 = [(480, 720), (480, 480), (720, 480)]
+_R15 = [(768, 1360), (768, 768), (1360, 768)]
 STAGES = {
     "shapes": [Stage([(16, 16), (16, 24)], [1, 5, 9]), Stage([(32, 32), (32, 48)], [1, 9, 13, 17])],
     "cogvideox": [Stage([(256, 384), (256, 256), (384, 256)], [1, 17, 33, 49], fps=8),
-                  Stage([(480, 720), (480, 480), (720, 480)], [1, 17, 33, 49], fps=8),
-                  Stage([(768, 1360), (768, 768), (1360, 768)], [1, 49, 81], fps=8),
-                  Stage([(768, 1360), (768, 768), (1360, 768)], [1, 49, 81], fps=8, subset=0.2)],
+                  Stage(_R10, [1, 17, 33, 49], fps=8),
+                  Stage(_R10, [1, 17, 33, 49], fps=8, subset=0.2)],
+    "cogvideox1.5": [Stage([(256, 448), (256, 256), (448, 256)], [1, 17, 33, 49, 81, 97], fps=16),
+                     Stage([(480, 848), (480, 480), (848, 480)], [1, 17, 33, 49, 81, 97], fps=16),
+                     Stage(_R15, [1, 49, 81, 97, 161], fps=16),
+                     Stage(_R15, [1, 49, 81, 97, 161], fps=16, subset=0.2)],
 }
 
 
@@ -606,17 +617,18 @@ class VideoDataset(torch.utils.data.Dataset):
 
 # ----- Frame Pack (§3.1) and bucket batch samplers -----
 
-def num_tokens(T, H, W, text_len, tf=4, sf=8, p=2):
+def num_tokens(T, H, W, text_len, tf=4, sf=8, p=2, pt=1):
     """Tokens of one sample in the packed DiT: text + T' x h x w video patches (time is not
-    patchified, §2.2)."""
-    return text_len + video_tokens(T, H, W, tf, sf, p)
+    patchified, §2.2; CogVideoX 1.5 patchifies pt = 2 latent frames per token, an odd T' padded:
+    ceil(T' / pt), the count of dit.num_tokens)."""
+    return text_len + video_tokens(T, H, W, tf, sf, p, pt)
 
 
-def video_tokens(T, H, W, tf=4, sf=8, p=2):
+def video_tokens(T, H, W, tf=4, sf=8, p=2, pt=1):
     if H % (sf * p) or W % (sf * p):
         raise ValueError(f"{H}x{W} is not a multiple of VAE spatial factor x patch = {sf * p}; "
                          "fix Stage.resolutions")
-    return ((T - 1) // tf + 1) * (H // (sf * p)) * (W // (sf * p))
+    return -(-((T - 1) // tf + 1) // pt) * (H // (sf * p)) * (W // (sf * p))
 
 
 class _GlobalBatchSampler:
@@ -684,18 +696,19 @@ class FramePackSampler(_GlobalBatchSampler):
     `lookahead` such misses, or when no row can take even the smallest sample, the batch is closed.
     The rows are decided here, once: each key carries its row (local to the rank) and
     dit.forward_packed lays the samples out in exactly these rows. Per-sample tokens:
-    text_len + T' * h * w with the VAE factors tf (time), sf (space) and patch p passed in.
+    text_len + T' * h * w with the VAE factors tf (time), sf (space) and patch p passed in
+    (ceil(T' / pt) * h * w with a temporal patch pt, CogVideoX 1.5).
 
     Planned weight of sample j = its video tokens / all video tokens of the global batch: the mean
     over real tokens, as if the global batch were one long sequence (train.py takes that mean over
     the tokens actually read in the whole optimizer step)."""
 
     def __init__(self, shapes, max_tokens, rows=1, text_len=226, tf=4, sf=8, p=2, seed=0, rank=0,
-                 world_size=1, lookahead=16, drop_last=False):
+                 world_size=1, lookahead=16, drop_last=False, pt=1):
         super().__init__(shapes, seed, rank, world_size, drop_last)
         self.max_tokens, self.rows, self.lookahead = max_tokens, rows, lookahead
-        self._factors = (tf, sf, p)
-        self.tokens = {i: num_tokens(*shapes[i], text_len, tf, sf, p) for i in self.valid}
+        self._factors = (tf, sf, p, pt)  # pt: latent frames per token (CogVideoX 1.5: 2)
+        self.tokens = {i: num_tokens(*shapes[i], text_len, tf, sf, p, pt) for i in self.valid}
         big = [i for i in self.valid if self.tokens[i] > max_tokens]
         if big:
             raise ValueError(f"{len(big)} samples (e.g. index {big[0]}, shape {shapes[big[0]]}, "

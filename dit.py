@@ -5,7 +5,12 @@ table) -> attention with QK-norm -> the expert transformer block (expert AdaLN, 
 (patchify, one [text; video] sequence, blocks, final AdaLN, unpatchify) -> its Frame Pack forward
 (§3.1) -> the image-to-video input (App. A) -> released-weight loading -> the T5 text encoder and a
 tiny trainable T5 for the toy demo -> LoRA adapters and their diffusers / PEFT file format.
-Training lives in train.py; this file is only the model.
+CogVideoX 1.5 (the released 768x1360 models; not in the paper, which patchifies space only) is the
+same model with three switches: a temporal patch (DiTConfig.patch_t = 2: one token covers two
+latent frames, an odd frame count is padded as the release pads it, pad_frames), RoPE over the
+patched grid (integer positions, as the 1.5 pipelines build it) and, for the I2V model, an "ofs"
+embedding added to the time embedding (DiTConfig.ofs_dim). Training lives in train.py; this file
+is only the model.
 Where we differ from the release (same values, checked against diffusers in the tests): text and
 video stay one sequence instead of two tensors concatenated per call, q, k, v are one fused Linear,
 and RoPE is one complex multiply. Speed-only code (the last block computing video rows only; Frame
@@ -15,6 +20,7 @@ section, each called from one line.
 Run:
   python dit.py                            # tiny preset: parameters, timed forward+backward (CPU)
   python dit.py --preset cogvideox-5b      # a full preset on the meta device: parameter count
+  python dit.py --preset cogvideox1.5-5b   # the 1.5 model (temporal patch 2)
   python dit.py --preset tiny --device cuda --bf16
   python -m pytest -q tests/test_dit.py    # parity with diffusers, packed == alone, save/load
   python -m pytest -q tests/test_dit.py -m slow -k flex    # the compiled FlexAttention kernel
@@ -22,7 +28,8 @@ Run:
 
 Shape legend:
   B batch        C latent channels   T latent frames (T' in the paper)   h, w latent height, width
-  p spatial patch    gh, gw = h/p, w/p    n = T*gh*gw video tokens    L text tokens    N = L + n
+  p spatial patch   gh, gw = h/p, w/p   pt temporal patch (1; 1.5: 2)   Tp = ceil(T/pt) token frames
+  n = Tp*gh*gw video tokens    L text tokens    N = L + n
   D hidden width     H heads    d head dim (D = H*d)    E time-embedding width
   S samples in a Frame Pack batch    R packed rows    M tokens per packed row
 """
@@ -51,8 +58,7 @@ from torch.utils.checkpoint import checkpoint
 class DiTConfig:
     in_channels: int = 16      # I2V doubles it: [noisy latent; image latent] (App. A)
     out_channels: int = 16
-    # spatial only; §2.2 "we do not patchify along the temporal dimension"
-    patch: int = 2
+    patch: int = 2             # spatial patch (time: patch_t below)
     layers: int = 30
     heads: int = 30
     head_dim: int = 64
@@ -74,6 +80,13 @@ class DiTConfig:
     # block LayerNorms: the diffusers port and the original code differ; either value reproduces
     norm_eps: float = 1e-5
     qk_eps: float = 1e-6       # the per-head QK LayerNorm
+    # Latent frames per token. 1: §2.2 "we do not patchify along the temporal dimension" (1.0
+    # models); 2: CogVideoX 1.5, where each token covers two latent frames (release, not paper)
+    patch_t: int = 1
+    # CogVideoX1.5-5B-I2V: width of the "ofs" embedding (0: none), the sinusoid of the value `ofs`
+    # through its own MLP, added to the time embedding; its pipelines and trainers always pass 2.0
+    ofs_dim: int = 0
+    ofs: float = 2.0
 
     @property
     def dim(self):
@@ -88,12 +101,44 @@ DIT_PRESETS = {
     "cogvideox-2b": DiTConfig(layers=30, heads=30, pos="sincos"),
     "cogvideox-5b": DiTConfig(layers=42, heads=48),
     "cogvideox-5b-i2v": DiTConfig(in_channels=32, layers=42, heads=48, pos="learned"),
+    # CogVideoX 1.5 (released 768x1360, 81 frames at 16 fps): the 5B with a temporal patch of 2.
+    # The released configs say sample_frames 81 (21 latent frames) and sample_height = sample_width
+    # = 300 latent pixels: the bound of the pipelines' RoPE grid (150 x 150 patches), not a size.
+    "cogvideox1.5-5b": DiTConfig(layers=42, heads=48, patch_t=2, base_frames=21, base_height=300,
+                                 base_width=300),
+    "cogvideox1.5-5b-i2v": DiTConfig(in_channels=32, layers=42, heads=48, patch_t=2, ofs_dim=512,
+                                     base_frames=21, base_height=300, base_width=300),
 }
 
 
 def num_tokens(cfg, T_lat, h_lat, w_lat):
-    """Text + video tokens of one sample: what a Frame Pack row budget is counted in (§3.1)."""
-    return cfg.text_len + T_lat * (h_lat // cfg.patch) * (w_lat // cfg.patch)
+    """Text + video tokens of one sample: what a Frame Pack row budget is counted in (§3.1).
+    With a temporal patch an odd frame count is padded first (pad_frames): ceil(T / pt) token
+    frames."""
+    return cfg.text_len + -(-T_lat // cfg.patch_t) * (h_lat // cfg.patch) * (w_lat // cfg.patch)
+
+
+def pad_frames(x, pt):
+    """(..., T, h, w) -> (..., T + k, h, w), k = (-T) mod pt: latent frame 0 repeated k times in
+    front, so the frames split into whole temporal patches (CogVideoX 1.5). The release's padding:
+    its trainers prepend copies of latent frame 0, and its pipelines sample the extra frame in
+    front and drop it after decoding (sample.generate). A no-op for pt = 1 or whole patches."""
+    k = -x.shape[-3] % pt
+    return torch.cat([x.narrow(-3, 0, 1)] * k + [x], dim=-3) if k else x  # (..., T + k, h, w)
+
+
+def check_patch_t(cfg):
+    """What the 1.5 release pairs with a temporal patch: RoPE at integer positions over the patched
+    grid (its pipelines build no other), and an ofs embedding as wide as the time embedding it is
+    added to."""
+    if cfg.patch_t < 1:
+        raise ValueError(f"DiTConfig.patch_t={cfg.patch_t}: use 1 (1.0 models) or 2 (1.5)")
+    if cfg.patch_t > 1 and (cfg.pos != "rope" or cfg.rope_interp):
+        raise ValueError(f"DiTConfig.patch_t={cfg.patch_t} needs pos='rope' with rope_interp=False "
+                         "(the 1.5 release's integer RoPE positions)")
+    if cfg.ofs_dim and cfg.ofs_dim != cfg.time_dim:
+        raise ValueError(f"DiTConfig.ofs_dim={cfg.ofs_dim} must equal time_dim={cfg.time_dim}: the "
+                         "ofs embedding is added to the time embedding")
 
 
 # ----- timestep embedding -----
@@ -110,10 +155,11 @@ def timestep_sinusoid(t, dim):
 # ----- 3D-RoPE (§2.2) -----
 
 def rope_positions(T, gh, gw, cfg):
-    """Float positions per axis. Extrapolation (§3.2, the paper's choice): integer positions at
-    any size, so neighbouring tokens keep their relative offsets. Interpolation (the diffusers
-    pipeline): the grid is fitted inside the native grid (resize + centre crop), positions spread
-    by linspace."""
+    """Float positions per axis of the token grid (T = token frames). Extrapolation (§3.2, the
+    paper's choice): integer positions at any size, so neighbouring tokens keep their relative
+    offsets; CogVideoX 1.5 uses exactly these over its patched grid (its pipelines' "slice"
+    grid). Interpolation (the diffusers pipeline): the grid is fitted inside the native grid
+    (resize + centre crop), positions spread by linspace."""
     if not cfg.rope_interp:
         return [torch.arange(s, dtype=torch.float32) for s in (T, gh, gw)]
     bh, bw = cfg.base_height // cfg.patch, cfg.base_width // cfg.patch
@@ -327,9 +373,11 @@ class ExpertDiT(nn.Module):
             raise ValueError(f"DiTConfig.pos={cfg.pos!r}: use 'rope', 'sincos' or 'learned'")
         if cfg.head_dim % 16:
             raise ValueError(f"head_dim={cfg.head_dim}: use a multiple of 16 (whole RoPE pairs)")
-        self.cfg, D, p = cfg, cfg.dim, cfg.patch
-        # = the released Conv2d(k=p, stride=p), on (c, ph, pw)
-        self.patch = nn.Linear(cfg.in_channels * p * p, D)
+        check_patch_t(cfg)
+        self.cfg, D, p, pt = cfg, cfg.dim, cfg.patch, cfg.patch_t
+        # = the released Conv2d(k=p, stride=p) on (c, ph, pw); 1.5: the released Linear on
+        # (c, pt, ph, pw)
+        self.patch = nn.Linear(cfg.in_channels * pt * p * p, D)
         self.text_proj = nn.Linear(cfg.text_dim, D)          # T5 features -> D, one Linear (§2.2)
         self.time_in = nn.Sequential(nn.Linear(D, cfg.time_dim), nn.SiLU(),
                                      nn.Linear(cfg.time_dim, cfg.time_dim))
@@ -339,7 +387,10 @@ class ExpertDiT(nn.Module):
         self.norm_final = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.norm_out = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.mod_out = nn.Linear(cfg.time_dim, 2 * D)        # (shift, scale); video only
-        self.proj_out = nn.Linear(D, p * p * cfg.out_channels)
+        self.proj_out = nn.Linear(D, pt * p * p * cfg.out_channels)
+        # 1.5-I2V: sinusoid(ofs) -> Linear -> SiLU -> Linear, added to the time embedding
+        self.ofs_in = nn.Sequential(nn.Linear(cfg.ofs_dim, cfg.ofs_dim), nn.SiLU(),
+                                    nn.Linear(cfg.ofs_dim, cfg.ofs_dim)) if cfg.ofs_dim else None
         if cfg.pos == "learned":
             # 5B-I2V (App. A): RoPE plus an absolute table over [text; native video grid]. The
             # paper's Fig. 3b found the two converge alike. The official I2V config trains it
@@ -383,13 +434,17 @@ class ExpertDiT(nn.Module):
         zero = [self.mod_out, self.proj_out] + [m for b in self.blocks for m in (b.mod1, b.mod2)]
         if leaf in ("lora_A", "lora_B"):  # adapters (LoRA section): PEFT's init, B = 0
             return owner.initial(leaf, g)
+        small = [self.time_in[0], self.time_in[2]]
+        if self.ofs_in is not None:  # 1.5-I2V: N(0, 0.02) in, zero out: an I2V fine-tune from a
+            small.append(self.ofs_in[0])  # T2V model begins with the T2V's modulation
+            zero.append(self.ofs_in[2])
         if name == "pos":  # the learned table: zeros, as the official I2V config starts it
             return torch.zeros(shape)
         if leaf == "bias" or any(owner is m for m in zero):
             return torch.zeros(shape)
         if isinstance(owner, nn.LayerNorm):
             return torch.ones(shape)
-        if any(owner is m for m in (self.time_in[0], self.time_in[2])):
+        if any(owner is m for m in small):
             return torch.empty(shape).normal_(0.0, 0.02, generator=g)
         return nn.init.xavier_uniform_(torch.empty(shape), generator=g)  # every other Linear
 
@@ -411,14 +466,17 @@ class ExpertDiT(nn.Module):
         return self._tables[key]
 
     def _video_embed(self, x, L):
-        """x (B, C, T, h, w) -> (B, n, D) patch embeddings plus the absolute table, if any."""
-        c, p = self.cfg, self.cfg.patch
+        """x (B, C, T, h, w) -> (B, n, D) patch embeddings plus the absolute table, if any. With a
+        temporal patch, an odd T is padded first (pad_frames)."""
+        c, p, pt = self.cfg, self.cfg.patch, self.cfg.patch_t
         B, C, T, h, w = x.shape
         if C != c.in_channels or h % p or w % p:
             raise ValueError(f"latent (B, C, T, h, w)={tuple(x.shape)}: need C={c.in_channels} and "
                              f"h, w multiples of {p} (crop or resize the video)")
         gh, gw = h // p, w // p
-        patches = rearrange(x, "b c t (gh ph) (gw pw) -> b (t gh gw) (c ph pw)", ph=p, pw=p)
+        x = pad_frames(x, pt)                                          # (B, C, Tp*pt, h, w)
+        patches = rearrange(x, "b c (t pt) (gh ph) (gw pw) -> b (t gh gw) (c pt ph pw)", pt=pt,
+                            ph=p, pw=p)
         tok = self.patch(patches)                                      # (B, n, D)
         if c.pos == "sincos":
             tok = tok + self._table("sincos", 0, T, gh, gw, x.device).to(tok.dtype)
@@ -441,12 +499,18 @@ class ExpertDiT(nn.Module):
 
     def _time_embed(self, t):
         """(B,) steps -> (B, E). §2.2 / Fig. 1: the timestep drives every modulation. The SiLU
-        that starts each modulation MLP is the same for all of them, so it is applied once here."""
-        return F.silu(self.time_in(timestep_sinusoid(t, self.cfg.dim).to(self.patch.weight.dtype)))
+        that starts each modulation MLP is the same for all of them, so it is applied once here.
+        1.5-I2V (release only): plus the ofs embedding, before that SiLU."""
+        dt = self.patch.weight.dtype
+        e = self.time_in(timestep_sinusoid(t, self.cfg.dim).to(dt))   # (B, E)
+        if self.ofs_in is not None:
+            ofs = torch.full(t.shape, self.cfg.ofs, device=t.device)   # (B,) the constant 2.0
+            e = e + self.ofs_in(timestep_sinusoid(ofs, self.cfg.ofs_dim).to(dt))  # (B, E)
+        return F.silu(e)
 
     def _final(self, x, m):
         """The final AdaLN: x (..., D) video tokens, m (..., 2, D) (shift, scale)
-        -> (..., p*p*C_out)."""
+        -> (..., pt*p*p*C_out)."""
         h = self.norm_out(self.norm_final(x))                         # (..., D)
         return self.proj_out(modulate(h, m[..., 0, :], m[..., 1, :]))
 
@@ -470,9 +534,11 @@ class ExpertDiT(nn.Module):
 
     def forward(self, x, t, text):
         """x (B, C_in, T, h, w) latents (already times the VAE scaling factor), t (B,) steps,
-        text (B, L, text_dim) -> v (B, C_out, T, h, w)."""
+        text (B, L, text_dim) -> v (B, C_out, T, h, w). With a temporal patch (1.5) an odd T is
+        padded in front (pad_frames) and v keeps the last T frames."""
         B, _, T, h, w = x.shape
-        L, p = text.shape[1], self.cfg.patch
+        L, p, pt = text.shape[1], self.cfg.patch, self.cfg.patch_t
+        Tp = -(-T // pt)                                               # token frames
         if t.shape != (B,) or text.shape[0] != B or text.shape[2] != self.cfg.text_dim:
             raise ValueError(f"need t (B,) and text (B, L, {self.cfg.text_dim}) for B={B}; got t "
                              f"{tuple(t.shape)}, text {tuple(text.shape)}")
@@ -482,13 +548,14 @@ class ExpertDiT(nn.Module):
             seqx = torch.cat([self._text_embed(text), self._video_embed(x, L)], dim=1)  # (B, N, D)
             seq = Seq(L)
             if self.cfg.pos != "sincos":         # the 2B has no RoPE: positions are in the tokens
-                rot = self._table("rope", L, T, h // p, w // p, x.device)      # (N, d/2)
+                rot = self._table("rope", L, Tp, h // p, w // p, x.device)     # (N, d/2)
                 seq = Seq(L, None, rot[None, :, None])       # (1, N, 1, d/2): broadcast over B, H
             vid = self._blocks(seqx, e, seq, video_only=True)  # (B, n, D): text outputs unread
-            # (B, 1, [shift, scale], D) -> out (B, n, p*p*C_out)
+            # (B, 1, [shift, scale], D) -> out (B, n, pt*p*p*C_out)
             out = self._final(vid, self.mod_out(e).view(B, 1, 2, -1))
-        return rearrange(out.to(x.dtype), "b (t gh gw) (c ph pw) -> b c t (gh ph) (gw pw)",
-                         t=T, gh=h // p, ph=p, pw=p)
+        out = rearrange(out.to(x.dtype), "b (t gh gw) (c pt ph pw) -> b c (t pt) (gh ph) (gw pw)",
+                        t=Tp, gh=h // p, pt=pt, ph=p, pw=p)          # (B, C_out, Tp*pt, h, w)
+        return out[:, :, -T:]                       # (B, C_out, T, h, w): padded frames dropped
 
     # ----- Frame Pack forward (§3.1) -----
 
@@ -508,7 +575,8 @@ class ExpertDiT(nn.Module):
         if t.shape != (S,) or text.shape[0] != S or len(rows) != S:
             raise ValueError(f"need t ({S},), text ({S}, L, D) and {S} row ids for {S} latents; "
                              f"got t {tuple(t.shape)}, text {tuple(text.shape)}, {len(rows)} ids")
-        grids = [(z.shape[1], z.shape[2] // p, z.shape[3] // p) for z in latents]
+        pt = self.cfg.patch_t  # token frames: ceil(T / pt) (pad_frames)
+        grids = [(-(-z.shape[1] // pt), z.shape[2] // p, z.shape[3] // p) for z in latents]
         sizes = [L + T * gh * gw for T, gh, gw in grids]              # tokens of each sample
         nv = [n - L for n in sizes]                                  # video tokens of each sample
         # the R rows (in id order), each the list of its samples
@@ -560,8 +628,9 @@ class ExpertDiT(nn.Module):
                 torch.tensor(nv, device=dev), 0, output_size=sum(nv))  # shapes known on the host
             vdst = torch.tensor([i for v in vdst for i in v], device=dev)  # (sum n,) sample order
             out = self._final(x.flatten(0, 1)[vdst], m).to(latents[0].dtype)  # (sum n, p*p*C_out)
-        return [rearrange(o, "(t gh gw) (c ph pw) -> c t (gh ph) (gw pw)", t=T, gh=gh, ph=p, pw=p)
-                for o, (T, gh, gw) in zip(out.split(nv), grids)]
+        return [rearrange(o, "(t gh gw) (c pt ph pw) -> c (t pt) (gh ph) (gw pw)", t=T, gh=gh,
+                          pt=pt, ph=p, pw=p)[:, -z.shape[1]:]  # (C_out, T_s, h_s, w_s)
+                for o, (T, gh, gw), z in zip(out.split(nv), grids, latents)]
 
     # ----- checkpoints -----
 
@@ -635,14 +704,18 @@ def diffusers_folder_config(folder, **overrides):
 
 
 def _diffusers_config(dc):
-    """diffusers config.json -> DiTConfig fields; refuses what this file does not implement
-    (CogVideoX 1.5)."""
-    need = {"patch_size_t": None, "ofs_embed_dim": None, "activation_fn": "gelu-approximate",
-            "flip_sin_to_cos": True, "freq_shift": 0, "timestep_activation_fn": "silu",
-            "norm_elementwise_affine": True, "attention_bias": True, "patch_bias": True}
+    """diffusers config.json -> DiTConfig fields; refuses what this file does not implement.
+    CogVideoX 1.5: patch_size_t -> patch_t, ofs_embed_dim -> ofs_dim. Its configs say patch_bias
+    false, but diffusers' 1.5 patch Linear has a bias regardless (so do the released weights), so
+    patch_bias only matters for the 1.0 Conv2d."""
+    need = {"activation_fn": "gelu-approximate", "flip_sin_to_cos": True, "freq_shift": 0,
+            "timestep_activation_fn": "silu", "norm_elementwise_affine": True,
+            "attention_bias": True}
+    if dc.get("patch_size_t") is None:
+        need["patch_bias"] = True
     for k, v in need.items():
         if dc.get(k, v) != v:
-            raise ValueError(f"diffusers config {k}={dc[k]!r} is not supported (1.0 needs {v!r})")
+            raise ValueError(f"diffusers config {k}={dc[k]!r} is not supported (need {v!r})")
     pos = ("learned" if dc.get("use_learned_positional_embeddings") else "rope") \
         if dc.get("use_rotary_positional_embeddings") else "sincos"
     g, C = dc.get, dc["in_channels"]
@@ -654,7 +727,8 @@ def _diffusers_config(dc):
                 text_dim=dc["text_embed_dim"], text_len=g("max_text_seq_length", 226),
                 base_height=g("sample_height", 60), base_width=g("sample_width", 90),
                 spatial_scale=g("spatial_interpolation_scale", 1.875),
-                temporal_scale=g("temporal_interpolation_scale", 1.0), norm_eps=g("norm_eps", 1e-5))
+                temporal_scale=g("temporal_interpolation_scale", 1.0), norm_eps=g("norm_eps", 1e-5),
+                patch_t=g("patch_size_t") or 1, ofs_dim=g("ofs_embed_dim") or 0)
 
 
 def _read_safetensors(folder):
@@ -690,6 +764,8 @@ def _diffusers_names(cfg):
     pairs = {"text_proj": "patch_embed.text_proj", "time_in.0": "time_embedding.linear_1",
              "time_in.2": "time_embedding.linear_2", "norm_final": "norm_final",
              "norm_out": "norm_out.norm", "mod_out": "norm_out.linear", "proj_out": "proj_out"}
+    if cfg.ofs_dim:
+        pairs.update({"ofs_in.0": "ofs_embedding.linear_1", "ofs_in.2": "ofs_embedding.linear_2"})
     for i in range(cfg.layers):
         pairs.update({f"blocks.{i}.{a}": f"transformer_blocks.{i}.{c}" for a, c in [
             ("norm1", "norm1.norm"), ("mod1", "norm1.linear"), ("q_norm", "attn1.norm_q"),
@@ -700,12 +776,12 @@ def _diffusers_names(cfg):
 
 def _from_diffusers_keys(sd, cfg):
     """Our names <- diffusers names. q, k, v are fused into one qkv; the patch Conv2d becomes a
-    Linear."""
+    Linear (1.5's patch embedding already is one, on the same (c, pt, ph, pw) order)."""
     sd, out = dict(sd), {}
     take = lambda k: sd.pop(k) if k in sd else None
     pairs = _diffusers_names(cfg)
     for wb in ("weight", "bias"):
-        w = take(f"patch_embed.proj.{wb}")                            # (D, C, p, p) -> (D, C*p*p)
+        w = take(f"patch_embed.proj.{wb}")  # (D, C, p, p) | (D, C*pt*p*p) -> (D, ...)
         out[f"patch.{wb}"] = w.reshape(cfg.dim, -1) if w is not None and wb == "weight" else w
         for i in range(cfg.layers):
             qkv = [take(f"transformer_blocks.{i}.attn1.to_{z}.{wb}") for z in "qkv"]
@@ -717,7 +793,7 @@ def _from_diffusers_keys(sd, cfg):
     missing = sorted(k for k, v in out.items() if v is None)
     if missing or sd:
         raise ValueError(f"diffusers weights do not match the config: missing {missing[:8]}, "
-                         f"unexpected {sorted(sd)[:8]} (wrong folder or a 1.5 model?)")
+                         f"unexpected {sorted(sd)[:8]} (wrong folder?)")
     return out
 
 

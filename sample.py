@@ -26,10 +26,13 @@ Run:
         --device cuda --bf16
   python sample.py --model-dir CogVideoX-5b --lora runs/lora/pytorch_lora_weights.safetensors \\
         --lora-scale 0.8 --lora-merge --prompt "..." --out lora.mp4 --device cuda --bf16
+  python sample.py --model-dir CogVideoX1.5-5B --prompt "..." --out a.mp4 --device cuda --bf16 \\
+        --offload --stream                       # 1.5: 81 frames 768x1360 at 16 fps
   python -m pytest -q tests/test_sample.py
 
 Shape legend:
   B batch (prompts)   C latent channels   T frames, T' = (T-1)/4 + 1 latent frames   H, W pixels
+  k padding latent frames in front (CogVideoX 1.5: T' + k a multiple of the temporal patch)
   h, w = H/8, W/8 latent grid (8 = the released VAE's spatial factor; the tiny one has 4)
   L text tokens   D text width
 """
@@ -78,6 +81,11 @@ PRESETS = {
     # scheduler_config.json decides sampler and shift instead.
     "cogvideox-2b": SampleConfig(num_frames=49, height=480, width=720, snr_shift_scale=3.0),
     "cogvideox-5b": SampleConfig(num_frames=49, height=480, width=720, sampler="dpm"),
+    # CogVideoX 1.5 (model card, cli_demo.py, the SAT config): 5 s at 16 fps + 1 frame (161 for
+    # 10 s), 768x1360 (the I2V model also takes widths 768..1360 in steps of 16 at height 768),
+    # DPM++ 50 steps, w = 6, no SNR shift.
+    "cogvideox1.5-5b": SampleConfig(num_frames=81, height=768, width=1360, fps=16.0,
+                                    sampler="dpm"),
 }
 
 
@@ -179,6 +187,9 @@ def generate(dit, vae, text, prompts, cfg=SampleConfig(), *, seed=0, image=None,
     latent, then the initial noise as (B, T', C, h, w), then the sampler's noise), so the same
     generator gives the same latents (DPM++ too: diffusion.sample draws as the released scheduler).
     return_latents: the final DiT-space latent (B, C, T', h, w) instead of the video.
+    A DiT with a temporal patch (CogVideoX 1.5) denoises T' + k latent frames, k padding frames in
+    front making whole patches, and drops them at the end, as the 1.5 pipelines do; for I2V the
+    image latent sits in (padding) frame 0, times vae.cfg.image_scale (z / 0.7 for 1.5).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     cfgv = vae.cfg
@@ -203,7 +214,8 @@ def generate(dit, vae, text, prompts, cfg=SampleConfig(), *, seed=0, image=None,
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
     ac = diffusion.alphas_cumprod(snr_shift_scale=cfg.snr_shift_scale) if ac is None else ac
     B, C = len(prompts), dit.cfg.out_channels
-    shape = (B, (T - 1) // tf + 1, C, H // sf, W // sf)  # (B, T', C, h, w)
+    k = -((T - 1) // tf + 1) % dit.cfg.patch_t  # 1.5: padding latent frames (dit.pad_frames)
+    shape = (B, (T - 1) // tf + 1 + k, C, H // sf, W // sf)  # (B, T' + k, C, h, w)
 
     with on(text if hasattr(text, "encode") else None, device, offload):  # stage 1: T5
         cond, neg = embed_prompts(text, prompts, cfg.uncond, device)  # (B, L, D) each
@@ -218,7 +230,7 @@ def generate(dit, vae, text, prompts, cfg=SampleConfig(), *, seed=0, image=None,
             # eps drawn on the CPU generator, so a CUDA run gets the same numbers
             z0 = torch.cat([p.sample(eps=torch.randn(p.mean.shape, generator=g))
                             for p in post])  # (B, C, 1, h, w)
-        img = z0.float() * cfgv.scaling_factor  # (B, C, 1, h, w)
+        img = z0.float() * cfgv.image_scale  # (B, C, 1, h, w); 1.5: z / scaling factor (vae.py)
 
     # The released pipeline draws (B, T', C, h, w) and permutes; drawing this shape keeps the same
     # noise per seed. All draws use the CPU generator and move, so a seed means the same video on
@@ -230,6 +242,7 @@ def generate(dit, vae, text, prompts, cfg=SampleConfig(), *, seed=0, image=None,
         # DPM++ noise in the pipeline's layout too: (B, T', C, h, w) drawn, then permuted
         draw = lambda: torch.randn(shape, generator=g).permute(0, 2, 1, 3, 4)  # noqa: E731
         z = diffusion.sample(v_fn, x_T, ac, cfg.steps, cfg.sampler, progress=progress, draw=draw)
+    z = z[:, :, k:]  # (B, C, T', h, w): the padding frames in front dropped (1.5)
     if return_latents:
         return z  # (B, C, T', h, w), scaled like the DiT sees it
 
@@ -329,9 +342,15 @@ def load_released(folder, device="cpu", dtype=None):
     # The released defaults: the transformer's training size (49 frames at 8 fps, 480x720), 50
     # steps, w = 6. Unconditional input T5(""), as the diffusers pipeline (the test checks we
     # reproduce it); the original code passes zeros (--uncond zeros).
-    h, w = tc.get("sample_height", 60) * sf, tc.get("sample_width", 90) * sf
-    cfg = SampleConfig(num_frames=tc.get("sample_frames", 49), height=h, width=w, fps=8, steps=50,
-                       sampler=sampler, uncond="empty",
+    h, w, fps = tc.get("sample_height", 60) * sf, tc.get("sample_width", 90) * sf, 8
+    if net.cfg.patch_t > 1:
+        # CogVideoX 1.5: sample_frames 81 at 16 fps. Its sample_height = sample_width = 300 bound
+        # the RoPE grid (150 x 150 patches), not a size: the diffusers pipeline would default to
+        # 2400x2400 from them. The size is the release's 768x1360 (model card).
+        rel = PRESETS["cogvideox1.5-5b"]
+        h, w, fps = rel.height, rel.width, rel.fps
+    cfg = SampleConfig(num_frames=tc.get("sample_frames", 49), height=h, width=w, fps=fps,
+                       steps=50, sampler=sampler, uncond="empty",
                        snr_shift_scale=_json(sched).get("snr_shift_scale", 3.0))
     return net, ae, text, cfg, ac
 

@@ -143,11 +143,11 @@ PRESETS = {
                                 vae_stages=[S([(256, 256)], [17], fps=8),
                                             S([(256, 256)], [49], fps=8)],
                                 vae_steps=[100_000, 20_000],
-                                dit_steps=[100_000, 50_000, 20_000, 5_000], rows=1, batch=1,
+                                dit_steps=[100_000, 50_000, 5_000], rows=1, batch=1,
                                 ema=0.9999, warmup=1000, save_every=1000),
     "cogvideox-5b": TrainConfig(vae="cogvideox-5b", dit="cogvideox-5b", snr_shift=1.0,
                                 fit_scale=False, dit_stages=list(data.STAGES["cogvideox"]),
-                                dit_steps=[100_000, 50_000, 20_000, 5_000], rows=1, batch=1,
+                                dit_steps=[100_000, 50_000, 5_000], rows=1, batch=1,
                                 ema=0.9999, warmup=1000, save_every=1000),
     # App. A: fine-tuned from the T2V model (--init), 49-frame 480x720 clips, image latent on 16
     # more input channels.
@@ -155,6 +155,21 @@ PRESETS = {
                                     fit_scale=False, dit_stages=[S([(480, 720)], [49], fps=8)],
                                     dit_steps=[20_000], rows=1, batch=1, warmup=500,
                                     save_every=1000),
+    # CogVideoX 1.5: the 5B with a temporal patch of 2, trained through the later paper text's
+    # stages (data.STAGES["cogvideox1.5"]: 256 -> 480 -> 768 px, 6 s -> 10 s at 16 fps, best
+    # 20%); its VAE config divides the I2V image latent by the scaling factor (vae.image_scale).
+    "cogvideox1.5-5b": TrainConfig(vae="cogvideox1.5-5b", dit="cogvideox1.5-5b", snr_shift=1.0,
+                                   fit_scale=False, dit_stages=list(data.STAGES["cogvideox1.5"]),
+                                   dit_steps=[100_000, 50_000, 20_000, 5_000], rows=1, batch=1,
+                                   ema=0.9999, warmup=1000, save_every=1000),
+    # The 1.5 I2V (from the 1.5 T2V with --init): RoPE only (any size, no table), the ofs
+    # embedding; 81-frame 768x1360 clips at 16 fps, the size the release samples.
+    "cogvideox1.5-5b-i2v": TrainConfig(vae="cogvideox1.5-5b", dit="cogvideox1.5-5b-i2v",
+                                       snr_shift=1.0, fit_scale=False,
+                                       dit_stages=[S(data.STAGES["cogvideox1.5"][-1].resolutions,
+                                                     [81], fps=16)],
+                                       dit_steps=[20_000], rows=1, batch=1, warmup=500,
+                                       save_every=1000),
 }
 
 
@@ -362,7 +377,8 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
     n_j = sample j's video tokens T'·(h/p)·(w/p), 0 for a weight-0 filler; not normalised here (see
     above). stats: "loss" Σ n_j·mse_j, "n" Σ n_j, "tokens" (text + video of the real samples: tok/s,
     packing) and per sample "mse", "t", "n_j" (S,)."""
-    tc, device, sf, p = job.tc, job.device, job.ae.cfg.scaling_factor, job.cfg.patch
+    tc, device, sf, p, pt = job.tc, job.device, job.ae.cfg.scaling_factor, job.cfg.patch, \
+        job.cfg.patch_t
     items = batch["items"]
     if not items:  # every file of this micro-batch was unreadable on this rank
         return dummy_dit_loss(job, net, max_tokens)
@@ -375,17 +391,23 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
         key = (tc.seed, step, micro, slot[j])
         post = vae.Gaussian(it["mean"].to(device), it["logvar"].to(device))
         z = post.sample(eps=noise(post.mean.shape, *key, 1)) * sf  # (C, T', h, w) §2.1: z·scale
-        e = noise(z.shape, *key, 2).to(device)  # (C, T', h, w) diffusion noise
+        # CogVideoX 1.5: an odd T' gets copies of frame 0 in front (as the release's trainers
+        # pad), noised and learned like the rest; the I2V image then sits in that first frame,
+        # as in the 1.5 pipelines' sampling (sample.generate)
+        z = dit.pad_frames(z, pt)  # (C, T' + k, h, w)
+        e = noise(z.shape, *key, 2).to(device)  # (C, T' + k, h, w) diffusion noise
         x = diffusion.q_sample(z[None], t[j:j + 1], e[None], job.ac)  # (1, C, T', h, w)
         target.append(diffusion.v_target(z[None], e[None], t[j:j + 1], job.ac)[0])  # §3 v-pred.
         if job.args.i2v:  # App. A: encode(first frame) as sampled, plus noise of level sigma
             img = vae.Gaussian(it["img_mean"].to(device), it["img_logvar"].to(device))
-            img = img.sample(eps=noise(img.mean.shape, *key, 4)) * sf  # (C, 1, h, w)
+            # z x scaling factor; the 1.5 VAE config: z / scaling factor (vae.image_scale)
+            img = img.sample(eps=noise(img.mean.shape, *key, 4)) * job.ae.cfg.image_scale
             img = img + sigma_all[slot[j]] * noise(img.shape, *key, 3).to(device)
             img = img * (~img_drop[slot[j]]).to(device, img.dtype)  # dropped: zeros (released)
             x = dit.i2v_input(x, img[None])  # (1, 2C, T', h, w)
         zt.append(x[0])
-        n.append(z.shape[1] * (z.shape[2] // p) * (z.shape[3] // p) if it["weight"] > 0 else 0)
+        tokens = z.shape[1] // pt * (z.shape[2] // p) * (z.shape[3] // p)  # 1.5: T' + k padded
+        n.append(tokens if it["weight"] > 0 else 0)
     text = torch.stack([it["text"] for it in items]).to(device)  # (S, L, D)
     text = text * (~drop_all[slot]).to(device, text.dtype)[:, None, None]  # §3: dropped = zeros
     v = dit_predict(job, net, zt, t, text, [it["row"] for it in items], max_tokens)
@@ -1050,7 +1072,7 @@ def check_dit(args, tc, stages, ac, dc):
         if max_tokens < 0:
             raise SettingsError(f"--max-tokens must be >= 0 (0 = the largest sample), got "
                                 f"{max_tokens}")
-        need = max(data.num_tokens(max(st.frames), h, w, dc.text_len, tf, sf, dc.patch)
+        need = max(data.num_tokens(max(st.frames), h, w, dc.text_len, tf, sf, dc.patch, dc.patch_t)
                    for h, w in st.resolutions)
         if max_tokens and not args.bucket and max_tokens < need:
             raise SettingsError(f"--max-tokens {max_tokens}: a stage-{i} sample can need {need} "
@@ -1065,6 +1087,8 @@ def make_dit(args, tc, device):
     cfg = dit_config(args, tc)
     if args.i2v and cfg.in_channels == cfg.out_channels:  # App. A: [noisy; image] latents
         cfg = replace(cfg, in_channels=2 * cfg.out_channels)
+        if cfg.patch_t > 1 and not cfg.ofs_dim:  # the 1.5 I2V adds the ofs embedding
+            cfg = replace(cfg, ofs_dim=cfg.time_dim)
     with torch.device("meta"):
         model = dit.ExpertDiT(cfg)
         if args.lora:  # only the adapters train (fp32), in the optimizer, EMA and checkpoints
@@ -1090,7 +1114,8 @@ def dit_source(args, model, seed, say=print):
     (its q, k, v fuse into one tensor), each tensor dropped once used. From T2V weights into the
     I2V DiT (App. A) the patch embedding grows: the image channels start at 0; tensors the file
     lacks keep their fresh values, named in a log line (a T2V model has no position table: it
-    starts at zero, as the official I2V's does)."""
+    starts at zero, as the official I2V's does; nor an ofs embedding (1.5): its fresh one adds
+    zero, so the fine-tune starts from the T2V's modulation)."""
     init = args.init or args.init_diffusers  # (a LoRA's adapters are in no --init: fresh)
     if not init:
         return lambda name, index: model.initial(name, seed)[index]
@@ -1105,7 +1130,7 @@ def dit_source(args, model, seed, say=print):
         sd = dit.ExpertDiT.from_diffusers(init).state_dict()
         have = {k: tuple(v.shape) for k, v in sd.items()}
         read = lambda k, index: sd.pop(k)[index]  # each tensor is asked for once
-    C, p2 = model.cfg.in_channels, model.cfg.patch ** 2
+    C, p2 = model.cfg.in_channels, model.cfg.patch_t * model.cfg.patch ** 2  # 1.5: pt·p·p
     grows = have.get("patch.weight", own["patch.weight"])[1] < own["patch.weight"][1]
     bad = sorted(k for k in have if k not in own or (have[k] != own[k] and not (
         k == "patch.weight" and grows)))
@@ -1121,11 +1146,11 @@ def dit_source(args, model, seed, say=print):
     def fill(name, index):
         if name not in have:
             return model.initial(name, seed)[index]
-        if name == "patch.weight" and grows:  # (D, C/2·p·p) -> (D, C·p·p), new channels 0
-            w = read(name, index[:1])  # (d, C/2·p·p) this rank's rows
-            out = torch.zeros(w.shape[0], C, p2, dtype=w.dtype)  # (d, C, p·p)
+        if name == "patch.weight" and grows:  # (D, C/2·p2) -> (D, C·p2), new channels 0
+            w = read(name, index[:1])  # (d, C/2·p2) this rank's rows
+            out = torch.zeros(w.shape[0], C, p2, dtype=w.dtype)  # (d, C, p2)
             out[:, :w.shape[1] // p2] = w.view(w.shape[0], -1, p2)
-            return out.view(w.shape[0], -1)[:, index[1]]  # (d, C·p·p)
+            return out.view(w.shape[0], -1)[:, index[1]]  # (d, C·p2)
         return read(name, index)
     return fill
 
@@ -1207,9 +1232,10 @@ def enter_stage(job, i, pos):
     max_tokens = 0
     if is_dit and not args.bucket:  # §3.1 Frame Pack: rows of max_tokens, any mix of durations
         factors = (job.cfg.text_len, vcfg.temporal_factor, vcfg.spatial_factor, job.cfg.patch)
-        need = max(data.num_tokens(*s, *factors) for s in ds.shapes if s)
+        pt = job.cfg.patch_t  # CogVideoX 1.5: 2 latent frames per token
+        need = max(data.num_tokens(*s, *factors, pt) for s in ds.shapes if s)
         max_tokens = (tc.max_tokens[i] if isinstance(tc.max_tokens, list) else tc.max_tokens) or need
-        sampler = data.FramePackSampler(ds.shapes, max_tokens, tc.rows, *factors, **split)
+        sampler = data.FramePackSampler(ds.shapes, max_tokens, tc.rows, *factors, pt=pt, **split)
     else:  # one shape per batch: the VAE (whole clips), or the DiT in the released padded mode
         sampler = data.BucketSampler(ds.shapes, tc.batch, **split)
     src = data.Prepared(ds, job.ae, job.text, job.cache, job.ids) if is_dit else ds

@@ -63,10 +63,25 @@ class VAEConfig:
     time_levels: int = 2         # the first `time_levels` levels also halve time (frame 0 kept)
     scaling_factor: float = 1.15258426  # the DiT sees z * scaling_factor (latent std ≈ 1)
     stream_latents: int = 2      # stream=True: latent frames per chunk (diffusers' value)
+    # CogVideoX 1.5's VAE config: the I2V image latent is z / scaling_factor instead of z *
+    # scaling_factor (see image_scale). The weights are the 1.0 VAE's.
+    invert_scale_latents: bool = False
 
     @property
     def spatial_factor(self):  # one 2× downsample after every level but the last
         return 2 ** (len(self.channels) - 1)
+
+    @property
+    def image_scale(self):
+        """What the I2V image latent (App. A) is multiplied by before it joins the DiT input: the
+        scaling factor, like the video latent; for a VAE with invert_scale_latents (the released
+        CogVideoX1.5-5B-I2V) its inverse. The 1.5 pipeline in diffusers divides ("the CogVideoX team
+        forgot to multiply the scaling factor during training"); the official code does neither
+        consistently (its SAT sampler passes the raw latent, its fine-tune scripts multiply;
+        CogVideo issues 570, 761, finetrainers 110, 155). We follow the diffusers pipeline, in
+        sampling and in training alike (sample.generate, train.dit_loss), so a model trained here
+        samples as it was trained."""
+        return 1 / self.scaling_factor if self.invert_scale_latents else self.scaling_factor
 
     @property
     def temporal_factor(self):
@@ -81,6 +96,8 @@ VAE_PRESETS = {
     # The released VAE of CogVideoX-2B and -5B: identical weights' shapes, different scaling factor.
     "cogvideox-2b": VAEConfig(),
     "cogvideox-5b": VAEConfig(scaling_factor=0.7),
+    # CogVideoX 1.5 (released vae/config.json: scaling_factor 0.7, invert_scale_latents true)
+    "cogvideox1.5-5b": VAEConfig(scaling_factor=0.7, invert_scale_latents=True),
 }
 
 # ----- how a forward call sees time: whole clip, stream chunk, or a CP rank's share (§2.1) -----
@@ -595,7 +612,8 @@ def diffusers_config(d):
         layers=d.get("layers_per_block", 3), latent=d.get("latent_channels", 16),
         groups=d.get("norm_num_groups", 32), eps=d.get("norm_eps", 1e-6),
         time_levels=int(math.log2(d.get("temporal_compression_ratio", 4))),
-        scaling_factor=d.get("scaling_factor", 1.15258426))
+        scaling_factor=d.get("scaling_factor", 1.15258426),
+        invert_scale_latents=bool(d.get("invert_scale_latents", False)))
 
 
 def _read_config(folder, what):

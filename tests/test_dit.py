@@ -98,14 +98,14 @@ def test_bad_inputs_raise():
 
 # ----- parity with diffusers (the released port, random weights) -----
 
-def diffusers_model(rope=True, learned=False, seed=0):
+def diffusers_model(rope=True, learned=False, seed=0, **kw):
     from diffusers import CogVideoXTransformer3DModel
     torch.manual_seed(seed)
-    ref = CogVideoXTransformer3DModel(
+    ref = CogVideoXTransformer3DModel(**{**dict(
         num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
         time_embed_dim=32, text_embed_dim=16, num_layers=2, max_text_seq_length=5,
         sample_width=8, sample_height=6, sample_frames=9,  # latent 3x6x8
-        use_rotary_positional_embeddings=rope, use_learned_positional_embeddings=learned).eval()
+        use_rotary_positional_embeddings=rope, use_learned_positional_embeddings=learned), **kw}).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in ref.named_parameters():   # unit-gain random weights: activations stay O(1)
@@ -188,6 +188,125 @@ def test_from_diffusers_learned_i2v_style(tmp_path):
     print("learned", check_parity(ours, ref, [(3, 6, 8)]))
 
 
+# ----- CogVideoX 1.5: temporal patch 2, RoPE over the patched grid, the ofs embedding -----
+
+# The released transformer configs of CogVideoX1.5-5B and -5B-I2V (diffusers' conversion script
+# scripts/convert_cogvideox_to_diffusers.py --version 1.5 writes these; the -I2V adds the last line).
+RELEASED_15 = dict(
+    activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=64, dropout=0.0,
+    flip_sin_to_cos=True, freq_shift=0, in_channels=16, max_text_seq_length=226,
+    norm_elementwise_affine=True, norm_eps=1e-05, num_attention_heads=48, num_layers=42,
+    out_channels=16, patch_bias=False, patch_size=2, patch_size_t=2, sample_frames=81,
+    sample_height=300, sample_width=300, spatial_interpolation_scale=1.875,
+    temporal_compression_ratio=4, temporal_interpolation_scale=1.0, text_embed_dim=4096,
+    time_embed_dim=512, timestep_activation_fn="silu", use_learned_positional_embeddings=False,
+    use_rotary_positional_embeddings=True)
+RELEASED_15_I2V = dict(RELEASED_15, in_channels=32, ofs_embed_dim=512)
+
+
+@pytest.mark.parametrize("name,released", [("cogvideox1.5-5b", RELEASED_15),
+                                           ("cogvideox1.5-5b-i2v", RELEASED_15_I2V)])
+def test_15_parameter_counts_equal_diffusers(name, released, tmp_path):
+    """The 1.5 presets == diffusers' model built on meta from the released config, and that config
+    read by from_diffusers gives the preset."""
+    from diffusers import CogVideoXTransformer3DModel
+    with torch.device("meta"):
+        ours, ref = ExpertDiT(DIT_PRESETS[name]), CogVideoXTransformer3DModel(**released)
+    n = sum(p.numel() for p in ours.parameters())
+    assert n == sum(p.numel() for p in ref.parameters())
+    assert n == {"cogvideox1.5-5b": 5_570_676_352, "cogvideox1.5-5b-i2v": 5_571_594_880}[name]
+    assert dit._config(dit._diffusers_config(released)) == DIT_PRESETS[name]
+
+
+def diffusers_15(i2v=False, seed=0):
+    """A tiny 1.5-shaped diffusers transformer: temporal patch 2, the release's patch_bias=False and
+    300 x 300 RoPE bound, and for I2V twice the input channels and the ofs embedding."""
+    return diffusers_model(seed=seed, patch_size_t=2, patch_bias=False, sample_height=300,
+                           sample_width=300, sample_frames=81,
+                           **(dict(in_channels=8, ofs_embed_dim=32) if i2v else {}))
+
+
+def run_diffusers_15(ref, x, t, text):
+    """What the 1.5 pipelines do around the transformer: pad an odd latent frame count (frame 0
+    repeated in front), RoPE over the patched grid at integer positions (grid_type "slice"), ofs
+    2.0 for I2V; the padded frame dropped after."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    T, gh, gw = x.shape[2], x.shape[3] // 2, x.shape[4] // 2
+    xp = dit.pad_frames(x, 2)
+    rot = get_3d_rotary_pos_embed(ref.config.attention_head_dim, None, (gh, gw), xp.shape[2] // 2,
+                                  grid_type="slice", max_size=(150, 150))
+    ofs = x.new_full((1,), 2.0) if ref.config.ofs_embed_dim else None
+    with torch.no_grad():
+        v = ref(xp.permute(0, 2, 1, 3, 4), text, t, ofs=ofs, image_rotary_emb=rot).sample
+    return v.permute(0, 2, 1, 3, 4)[:, :, -T:]
+
+
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
+def test_from_diffusers_15_parity_odd_frames(tmp_path, i2v):
+    """1.5-shaped tiny transformers, T2V and I2V (ofs): even latent frame counts, and odd ones
+    (an image too) that need padding, at two sizes."""
+    ref = diffusers_15(i2v)
+    ref.save_pretrained(tmp_path)
+    ours = ExpertDiT.from_diffusers(tmp_path).eval()
+    assert (ours.cfg.patch_t, ours.cfg.ofs_dim, ours.cfg.in_channels) == (2, 32 * i2v, 4 + 4 * i2v)
+    diffs = []
+    for T, h, w in [(4, 6, 8), (3, 6, 8), (1, 10, 6), (5, 10, 6)]:
+        x, t, text = inputs(ours.cfg, B=2, T=T, h=h, w=w, L=5, seed=T + h)
+        t = torch.tensor([999, 3])
+        a = run_diffusers_15(ref, x, t, text)
+        with torch.no_grad():
+            b = ours(x, t, text)
+        assert a.shape == b.shape == (2, 4, T, h, w) and a.abs().max() > 1
+        diffs.append((a - b).abs().max().item())
+    print("1.5", "i2v" if i2v else "t2v", diffs)
+    assert max(diffs) <= 1e-4, diffs
+    if i2v:  # the ofs embedding matters: another value gives another v
+        x, t, text = inputs(ours.cfg, T=4, h=6, w=8, L=5)
+        other = ExpertDiT.from_diffusers(tmp_path, ofs=1.0).eval()
+        with torch.no_grad():
+            assert (ours(x, t, text) - other(x, t, text)).abs().max() > 1e-2
+
+
+def test_pad_frames_and_tokens():
+    x = torch.arange(3.0).view(1, 1, 3, 1, 1).expand(2, 4, 3, 2, 2)   # frames 0, 1, 2
+    assert dit.pad_frames(x, 2)[0, 0, :, 0, 0].tolist() == [0, 0, 1, 2]  # frame 0 repeated in front
+    y = x[0]
+    assert dit.pad_frames(x, 1) is x and dit.pad_frames(y, 3) is y  # whole patches: no copy
+    cfg = small(patch_t=2)
+    assert dit.num_tokens(cfg, 3, 8, 8) == dit.num_tokens(cfg, 4, 8, 8) == 12 + 2 * 16
+    assert dit.num_tokens(cfg, 1, 8, 8) == 12 + 16
+    with pytest.raises(ValueError, match="pos='rope'"):
+        ExpertDiT(small(patch_t=2, pos="sincos"))
+    with pytest.raises(ValueError, match="ofs_dim"):
+        ExpertDiT(small(ofs_dim=64))
+
+
+def test_packed_equals_alone_patch_t(eager_flex):
+    """Frame Pack with a temporal patch: odd clips and images are padded per sample, tokens are
+    counted per pair of latent frames, and data.FramePackSampler's budget counts the same."""
+    import data
+    m = randomize(ExpertDiT(small(patch_t=2, in_channels=16, ofs_dim=128))).eval()
+    shapes, rows = [(3, 8, 8), (1, 8, 12), (4, 8, 8), (5, 8, 12), (2, 8, 8)], [1, 0, 1, 0, 1]
+    # tokens 12 + {32, 24, 32, 72, 16}: data's count (pixels: x4 in space, 4k+1 frames) agrees
+    tok = [dit.num_tokens(m.cfg, *s) for s in shapes]
+    pix = [(4 * (T - 1) + 1, 4 * h, 4 * w) for T, h, w in shapes]
+    assert tok == [data.num_tokens(*s, 12, 4, 4, 2, pt=2) for s in pix] == [44, 36, 44, 84, 28]
+    sampler = data.FramePackSampler(pix, 120, 2, 12, 4, 4, 2, pt=2)
+    assert sampler.tokens == dict(enumerate(tok))
+    g = torch.Generator().manual_seed(1)
+    lat = [torch.randn(16, *s, generator=g) for s in shapes]
+    t = torch.tensor([999, 0, 500, 250, 742])
+    text = torch.randn(5, 12, 64, generator=g)
+    for mode in MODES:
+        m.packed_attention = mode
+        with torch.no_grad():
+            out = m.forward_packed(lat, t, text, rows, max_tokens=120)  # rows of 116 and 120
+            alone = [m(z[None], t[i:i + 1], text[i:i + 1])[0] for i, z in enumerate(lat)]
+        assert [o.shape for o in out] == [(8, *s) for s in shapes]
+        diff = max((a - b).abs().max().item() for a, b in zip(out, alone))
+        assert diff <= 1e-5, (mode, diff)
+
+
 def test_from_diffusers_key_errors(tmp_path):
     from safetensors.torch import load_file, save_file
     diffusers_model().save_pretrained(tmp_path)
@@ -200,8 +319,15 @@ def test_from_diffusers_key_errors(tmp_path):
     with pytest.raises(ValueError, match=msg):
         ExpertDiT.from_diffusers(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "activation_fn": "swiglu"}))
+    with pytest.raises(ValueError, match="activation_fn"):
+        ExpertDiT.from_diffusers(tmp_path)
+    # 1.0 weights under a 1.5 config (temporal patch 2): the patch shapes are named
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "patch_size_t": 2}))
-    with pytest.raises(ValueError, match="patch_size_t"):
+    sd.pop("transformer_blocks.2.norm1.linear.weight")
+    sd["transformer_blocks.1.attn1.to_k.weight"] = sd["transformer_blocks.1.attn1.to_q.weight"].clone()
+    save_file(sd, f)
+    with pytest.raises(ValueError, match=r"shape mismatch \['patch.weight', 'proj_out.bias'"):
         ExpertDiT.from_diffusers(tmp_path)
 
 

@@ -352,6 +352,163 @@ def test_i2v_matches_diffusers_pipeline(released, tmp_path):
     assert ref.abs().mean() > 0.1 and torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
 
 
+# ----- every released configuration against the diffusers pipelines -----
+# 2B: sin-cos positions, VAE scaling factor 1.15258426, DDIM with SNR shift 3 (below);
+# 5B: RoPE, DPM, no shift (test_dpm_matches_diffusers_pipeline, test_matches_diffusers_pipeline);
+# 5B-I2V: RoPE + the learned table, 2C inputs, DPM, no shift (below; DDIM: test_i2v_matches_...);
+# 1.5-5B and 1.5-5B-I2V: the test_15_* tests further down (DDIM and DPM each).
+
+def release_folder(released, root, name):
+    """A tiny folder with one 1.0 release's switches, from the `released` folder's T5 and tokenizer."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler,
+                           CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXTransformer3DModel)
+    i2v = name == "5b-i2v"
+    torch.manual_seed(7)
+    tr = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=2 * C if i2v else C,
+                                     out_channels=C, time_embed_dim=16, text_embed_dim=16, num_layers=1,
+                                     sample_width=4, sample_height=4, sample_frames=9, max_text_seq_length=8,
+                                     use_rotary_positional_embeddings=name != "2b",
+                                     use_learned_positional_embeddings=i2v).eval()
+    ae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3,
+                                up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 16, 16),
+                                latent_channels=C, layers_per_block=1, norm_num_groups=4,
+                                scaling_factor=1.15258426 if name == "2b" else 0.7).eval()
+    kw = dict(beta_schedule="scaled_linear", prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=True,
+              rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    sched = (CogVideoXDDIMScheduler(snr_shift_scale=3.0, **kw) if name == "2b"
+             else CogVideoXDPMScheduler(snr_shift_scale=1.0, **kw))
+    Pipe = CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline
+    Pipe.from_pretrained(str(released), transformer=tr, vae=ae, scheduler=sched).save_pretrained(str(root / name))
+    return Pipe, root / name
+
+
+@pytest.mark.parametrize("name", ["2b", "5b-i2v"])
+def test_release_matches_diffusers_pipeline(released, tmp_path, name):
+    """A tiny folder with the 2B's switches (sin-cos positions, its VAE factor, DDIM with SNR shift 3) or
+    the 5B-I2V's (RoPE + learned table, 2C inputs, DPM without shift): our loaders + generate() == the
+    diffusers pipeline's latents, same seed (and image)."""
+    Pipe, folder = release_folder(released, tmp_path, name)
+    pipe = Pipe.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    img = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1 if name == "5b-i2v" else None
+    kw = dict(image=img[None]) if img is not None else {}
+    ref = pipe(prompt=PROMPTS[:1], num_frames=9, height=16, width=16, num_inference_steps=4, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(4), output_type="latent", max_sequence_length=8,
+               **kw).frames.permute(0, 2, 1, 3, 4)  # (1, C, T', h, w)
+    net, ae, text, cfg, ac = sample.load_released(str(folder))
+    assert (net.cfg.pos, cfg.sampler, cfg.snr_shift_scale, ae.cfg.scaling_factor) == \
+        (("sincos", "ddim", 3.0, 1.15258426) if name == "2b" else ("learned", "dpm", 1.0, 0.7))
+    sc = replace(cfg, num_frames=9, height=16, width=16, steps=4, cfg=5.0)
+    ours = sample.generate(net, ae, text, PROMPTS[:1], sc, seed=4, ac=ac, image=img, progress=False,
+                           return_latents=True)  # (1, C, T', h, w)
+    assert ref.abs().mean() > 0.1 and torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
+
+
+# ----- CogVideoX 1.5 folders (temporal patch 2; the I2V's ofs and inverted image-latent scale) -----
+
+def tiny_15_transformer(i2v, seed):
+    """A tiny 1.5-shaped transformer with the released 1.5 config's particular values: temporal
+    patch 2, patch_bias false, sample_frames 81, a 300 x 300 RoPE bound; I2V: 2C inputs, ofs."""
+    from diffusers import CogVideoXTransformer3DModel
+    torch.manual_seed(seed)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=2 * C if i2v else C, out_channels=C,
+        time_embed_dim=16, text_embed_dim=16, num_layers=1, sample_width=300, sample_height=300,
+        sample_frames=81, max_text_seq_length=8, patch_size_t=2, patch_bias=False,
+        ofs_embed_dim=16 if i2v else None, use_rotary_positional_embeddings=True).eval()
+
+
+@pytest.fixture(scope="module")
+def released15(released, tmp_path_factory):
+    """Tiny CogVideoX1.5-5B and -5B-I2V folders in the released layout, each with the DDIM scheduler
+    (as the conversion script writes it) and with the DPM one; the I2V's VAE has the 1.5 VAE config
+    (scaling_factor 0.7, invert_scale_latents)."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline,
+                           CogVideoXPipeline)
+    root = tmp_path_factory.mktemp("released15")
+    dpm = CogVideoXDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", clip_sample=False,
+                                set_alpha_to_one=True, rescale_betas_zero_snr=True, snr_shift_scale=1.0,
+                                timestep_spacing="trailing")
+    torch.manual_seed(5)
+    ae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3,
+                                up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(8, 16, 16),
+                                latent_channels=C, layers_per_block=1, norm_num_groups=4, scaling_factor=0.7,
+                                invert_scale_latents=True).eval()
+    t2v = CogVideoXPipeline.from_pretrained(str(released), transformer=tiny_15_transformer(False, 3))
+    i2v = CogVideoXImageToVideoPipeline.from_pretrained(str(released), transformer=tiny_15_transformer(True, 4),
+                                                        vae=ae)
+    for name, pipe in (("t2v", t2v), ("i2v", i2v)):
+        pipe.save_pretrained(str(root / f"{name}_ddim"))
+        type(pipe).from_pretrained(str(root / f"{name}_ddim"), scheduler=dpm).save_pretrained(str(root / f"{name}_dpm"))
+    return root
+
+
+@pytest.mark.parametrize("sched", ["ddim", "dpm"])
+@pytest.mark.parametrize("frames", [9, 13], ids=["odd_latents", "even_latents"])
+def test_15_t2v_matches_diffusers_pipeline(released15, sched, frames):
+    """A 1.5 folder: our loaders + generate() == CogVideoXPipeline, same seed. 9 frames are 3 latent
+    frames, padded to 4 (the pipeline samples one more frame in front and drops it); 13 are 4."""
+    from diffusers import CogVideoXPipeline
+
+    folder = released15 / f"t2v_{sched}"
+    pipe = CogVideoXPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPTS[:2], num_frames=frames, height=16, width=16, num_inference_steps=4, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(11), output_type="latent",
+               max_sequence_length=8).frames.permute(0, 2, 1, 3, 4)  # (B, C, T' + k, h, w), uncropped
+    net, ae, text, cfg, ac = sample.load_released(str(folder))
+    assert (net.cfg.patch_t, cfg.sampler) == (2, sched)
+    sc = replace(cfg, num_frames=frames, height=16, width=16, steps=4, cfg=5.0)
+    ours = sample.generate(net, ae, text, PROMPTS[:2], sc, seed=11, ac=ac, progress=False,
+                           return_latents=True)  # (B, C, T', h, w)
+    T_lat = (frames - 1) // 4 + 1
+    assert ours.shape[2] == T_lat and ref.shape[2] == T_lat + T_lat % 2
+    ref = ref[:, :, T_lat % 2:]  # the pipeline's crop before decoding
+    assert ref.abs().mean() > 0.1
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("sched", ["ddim", "dpm"])
+def test_15_i2v_matches_diffusers_pipeline(released15, sched):
+    """A 1.5-I2V folder: ofs embedding, image latent / 0.7 (invert_scale_latents) in padding frame 0,
+    odd latent count (9 frames: 3 latent frames + 1) == CogVideoXImageToVideoPipeline."""
+    from diffusers import CogVideoXImageToVideoPipeline
+
+    folder = released15 / f"i2v_{sched}"
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    img = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1  # (3, H, W) in [-1, 1]
+    ref = pipe(image=img[None], prompt=PROMPTS[1], num_frames=9, height=16, width=16, num_inference_steps=3,
+               guidance_scale=4.0, generator=torch.Generator().manual_seed(4), output_type="latent",
+               max_sequence_length=8).frames.permute(0, 2, 1, 3, 4)[:, :, 1:]  # (1, C, T', h, w)
+    net, ae, text, cfg, ac = sample.load_released(str(folder))
+    assert (net.cfg.ofs_dim, net.cfg.in_channels, ae.cfg.invert_scale_latents) == (16, 2 * C, True)
+    sc = replace(cfg, num_frames=9, height=16, width=16, steps=3, cfg=4.0)
+    ours = sample.generate(net, ae, text, PROMPTS[1:2], sc, seed=4, ac=ac, image=img, progress=False,
+                           return_latents=True)
+    assert ref.abs().mean() > 0.1 and torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
+
+
+def test_15_folder_defaults_and_cli(released15, tmp_path):
+    """A 1.5 folder's defaults come from its configs and the release (81 frames = sample_frames, 16 fps,
+    768x1360, the scheduler's sampler and shift), and the CLI samples it end to end: T2V, and I2V with
+    --image (here at 16x16 to stay fast on a CPU)."""
+    _, _, _, cfg, _ = sample.load_released(str(released15 / "t2v_dpm"))
+    assert (cfg.num_frames, cfg.height, cfg.width, cfg.fps, cfg.sampler, cfg.snr_shift_scale) == \
+        (81, 768, 1360, 16, "dpm", 1.0)
+    out = tmp_path / "t2v.mp4"
+    sample.main(["--model-dir", str(released15 / "t2v_dpm"), "--prompt", PROMPTS[0], "--out", str(out),
+                 "--height", "16", "--width", "16", "--steps", "2"])
+    frames, rate, n = read_mp4(out)
+    assert frames.shape == (81, 16, 16, 3) and n == 81 and rate == 16 and out.with_suffix(".png").exists()
+    Image.fromarray(np.full((16, 24, 3), 90, np.uint8)).save(tmp_path / "first.png")
+    sample.main(["--model-dir", str(released15 / "i2v_ddim"), "--image", str(tmp_path / "first.png"),
+                 "--prompt", PROMPTS[1], "--out", str(tmp_path / "i2v.mp4"), "--height", "16", "--width", "16",
+                 "--num-frames", "17", "--steps", "2"])
+    frames, rate, n = read_mp4(tmp_path / "i2v.mp4")
+    assert frames.shape == (17, 16, 16, 3) and rate == 16
+
+
 def test_cli_upsample_model(ckpt, tmp_path, monkeypatch):
     """--upsample-model DIR: each prompt goes through caption.upsample_prompt (App. B) with the LLM loaded from
     DIR before T5. The LLM here is a stand-in with a fixed reply (caption.py's tests run a real tiny one)."""

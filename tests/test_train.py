@@ -165,6 +165,81 @@ def test_i2v_from_a_t2v_init(assets, tmp_path, monkeypatch, capsys):
     assert seen and all((z[C:] == 0).all() for z in seen)  # every condition dropped
 
 
+def test_released_presets_end_where_the_releases_are():
+    """The 1.0 presets' last DiT stage is what the 1.0 models were released for (49 frames 480x720 at
+    8 fps, best 20%); the 1.5 presets' stages go 256 -> 480 -> 768 px and 6 s -> 10 s at 16 fps (97 and
+    161 frames), the I2V at 81 frames 768x1360; one step count per stage; the 1.5 VAE config."""
+    for name in ("cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v", "cogvideox1.5-5b", "cogvideox1.5-5b-i2v"):
+        tc = train.PRESETS[name]
+        assert len(tc.dit_stages) == len(tc.dit_steps), name
+        last = tc.dit_stages[-1]
+        if "1.5" in name:
+            assert last.resolutions[0] == (768, 1360) and last.fps == 16 and tc.vae == "cogvideox1.5-5b"
+            assert dit.DIT_PRESETS[tc.dit].patch_t == 2
+        else:
+            assert (last.resolutions[0], max(last.frames), last.fps) == ((480, 720), 49, 8), name
+    st = train.PRESETS["cogvideox1.5-5b"].dit_stages
+    assert [s.resolutions[0][0] for s in st] == [256, 480, 768, 768] and st[-1].subset == 0.2
+    assert [max(s.frames) for s in st] == [97, 97, 161, 161] and 81 in st[-1].frames
+    assert train.PRESETS["cogvideox-2b"].dit_stages[-1].subset == 0.2
+    assert train.PRESETS["cogvideox1.5-5b-i2v"].dit_stages[-1].frames == [81]
+
+
+def test_15_temporal_patch_trains_with_frame_pack_t2v_and_i2v(assets, tmp_path, monkeypatch, capsys):
+    """A CogVideoX-1.5-shaped tiny DiT (temporal patch 2, RoPE), stills and 9-frame clips = 1 and 3 latent
+    frames: Frame Pack rows of several samples; an odd latent count is padded in front before the noise
+    (every DiT input has whole temporal patches, as the release's trainers pad); each sample counts
+    ceil(T'/2) token frames. Then --i2v from that T2V (--init): the ofs embedding is added, the image
+    latent sits in (padding) frame 0 only, times vae.image_scale (with the 1.5 VAE config
+    invert_scale_latents: z / scaling factor, so the condition is 1/sf^2 of the plain VAE's)."""
+    from dataclasses import replace
+    monkeypatch.setitem(dit.DIT_PRESETS, "tiny15", replace(dit.DIT_PRESETS["tiny"], layers=2, patch_t=2))
+    monkeypatch.setitem(train.PRESETS, "tiny15", replace(train.PRESETS["tiny"], dit="tiny15", i2v_drop=0.0,
+                                                         i2v_noise=(-30.0, 0.0)))
+    seen, real = [], dit.ExpertDiT.forward_packed
+
+    def spy(self, latents, t, text, rows, *a, **k):
+        seen.append(([z.detach().clone() for z in latents], list(rows)))
+        return real(self, latents, t, text, rows, *a, **k)
+
+    monkeypatch.setattr(dit.ExpertDiT, "forward_packed", spy)
+    run = ["--preset", "tiny15", "--size", "16x16", "--frames", "1,5,9", "--rows", "2", "--max-tokens", "40"]
+    res = train.main(dit_args(assets, tmp_path / "t2v", *run, "--steps", "2,1"))
+    assert all(math.isfinite(x) for x in res["losses"])
+    net = dit.ExpertDiT.load(str(tmp_path / "t2v" / "dit"))
+    assert net.cfg.patch_t == 2 and net.cfg.ofs_dim == 0
+    lats = [z for zs, _ in seen for z in zs]
+    assert {z.shape[1] for z in lats} == {2, 4}  # stills 1 -> 2, 9-frame clips 3 -> 4: whole patches
+    assert any(len(rows) > len(set(rows)) for _, rows in seen)  # a row holds several samples
+    assert "Frame Pack rows of" in capsys.readouterr().out
+    # --i2v from the 1.5 T2V, with a VAE whose I2V image latent is z / sf (1.5) or z * sf (1.0)
+    ae = vae.CausalVAE.load(assets["vae"])
+    conds = {}
+    for inv in (False, True):
+        ae.cfg = replace(ae.cfg, scaling_factor=0.5, invert_scale_latents=inv)
+        ae.save(str(tmp_path / f"vae{inv}"))
+        seen.clear()
+        a = dict(assets, vae=str(tmp_path / f"vae{inv}"), cache=str(tmp_path / f"cache{inv}"))
+        train.main(dit_args(a, tmp_path / f"i2v{inv}", *run, "--steps", "1", "--i2v", "--init",
+                            str(tmp_path / "t2v" / "dit")))
+        net = dit.ExpertDiT.load(str(tmp_path / f"i2v{inv}" / "dit"))
+        assert (net.cfg.in_channels, net.cfg.ofs_dim, net.cfg.patch_t) == (16, net.cfg.time_dim, 2)
+        zs = seen[0][0]
+        assert all(z.shape[1] % 2 == 0 and z[8:, 0].abs().sum() > 0 and (z[8:, 1:] == 0).all() for z in zs)
+        conds[inv] = torch.stack([z[8:, 0] for z in zs])
+    assert torch.allclose(conds[True], conds[False] / 0.5 ** 2, rtol=1e-4, atol=1e-6)
+    # both export for sample.py and sample end to end (9 frames: an odd latent count, padded in front)
+    import sample
+    from PIL import Image
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(tmp_path / "first.png")
+    for out, extra in (("t2v", []), ("i2vTrue", ["--image", str(tmp_path / "first.png")])):
+        sample.main(["--ckpt", str(tmp_path / out), "--prompt", "a red circle moves to the left", "--out",
+                     str(tmp_path / f"{out}.mp4"), "--num-frames", "9", "--steps", "2", *extra])
+        import av
+        with av.open(str(tmp_path / f"{out}.mp4")) as f:
+            assert sum(1 for _ in f.decode(video=0)) == 9
+
+
 def test_overfitting_one_batch_lowers_the_loss(assets, tmp_path):
     """The same clip 4 times (one global batch, stratified t): the loss must fall well below its start."""
     e = data.read_manifest(assets["clips"])[0]

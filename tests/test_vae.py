@@ -140,6 +140,45 @@ def test_from_diffusers_whole_sequence_parity(ref, folder):
             assert _max(ours.decode(dist.mean), d.decode(dist.mean).sample) <= 1e-4
 
 
+def test_15_vae_config_and_image_latent_match_the_i2v_pipeline(tmp_path):
+    """CogVideoX 1.5's VAE: the 1.0 weights with scaling_factor 0.7 and invert_scale_latents, which
+    makes the I2V image latent z / 0.7 (not z * 0.7). From a folder of that config our image latent
+    equals CogVideoXImageToVideoPipeline.prepare_latents' (same generator); a 1.0 folder multiplies."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler,
+                           CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel)
+    with torch.device("meta"):
+        assert sum(p.numel() for p in CausalVAE(VAE_PRESETS["cogvideox1.5-5b"]).parameters()) == \
+            215_583_907
+    assert VAE_PRESETS["cogvideox1.5-5b"].image_scale == 1 / 0.7
+    assert VAE_PRESETS["cogvideox-5b"].image_scale == 0.7
+    tr = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=8,
+                                     out_channels=4, time_embed_dim=16, ofs_embed_dim=16,
+                                     text_embed_dim=16, num_layers=1, patch_size_t=2,
+                                     use_rotary_positional_embeddings=True)
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+    for invert in (True, False):
+        torch.manual_seed(0)
+        d = AutoencoderKLCogVideoX(**DIFFUSERS_CFG, scaling_factor=0.7,
+                                   invert_scale_latents=invert).eval()
+        d.save_pretrained(tmp_path / f"vae{invert}")
+        ours = CausalVAE.from_diffusers(tmp_path / f"vae{invert}").eval()
+        assert ours.cfg.invert_scale_latents == invert
+        pipe = CogVideoXImageToVideoPipeline(None, None, d, tr, CogVideoXDDIMScheduler())
+        with torch.no_grad():  # 5 frames: 2 latent frames, a whole temporal patch
+            _, ref_img = pipe.prepare_latents(image, 2, 4, 5, 32, 32, torch.float32, "cpu",
+                                              torch.Generator().manual_seed(7))
+            gen = torch.Generator().manual_seed(7)
+            posts = [ours.encode(image[i:i + 1, :, None]) for i in range(2)]  # one at a time
+            z = torch.cat([p.sample(eps=torch.randn(p.mean.shape, generator=gen)) for p in posts])
+        mine = z * ours.cfg.image_scale  # (B, C, 1, h, w)
+        assert _max(mine[:, :, 0], ref_img[:, 0]) <= 1e-5 and (ref_img[:, 1:] == 0).all()
+    back = CausalVAE(VAE_PRESETS["tiny"])
+    back.cfg = replace(back.cfg, invert_scale_latents=True)
+    back.save(tmp_path / "ours")
+    assert CausalVAE.load(tmp_path / "ours").cfg.invert_scale_latents
+
+
 def test_streaming_matches_diffusers_chunking(ref):
     """stream=True copies diffusers' chunks (encoder 8 frames, first 8 + T mod 8; decoder 2 latent
     frames, first 2 + T' mod 2; GroupNorm per chunk; causal-conv cache across chunks)."""
