@@ -25,7 +25,8 @@ import dit
 import sample
 import train
 from dit import ExpertDiT
-from test_dit import diffusers_model, inputs, randomize, run_diffusers, small
+from test_dit import (diffusers_15, diffusers_model, inputs, randomize, run_diffusers,
+                      run_diffusers_15, small)
 from test_sample import PROMPTS, released  # noqa: F401  (a fixture: the released layout)
 from test_train import (PAR, SMALL, assets, ckpt_tensors, dit_args,  # noqa: F401  (a fixture)
                         log)
@@ -132,6 +133,28 @@ def test_our_file_loads_into_cogvideox_pipeline_with_the_same_output(tmp_path):
         with torch.no_grad():
             b = ours(x, t, text)
             base = run_diffusers(diffusers_model(), x, t, text)
+        assert (a - base).abs().max() > 0.1  # the adapter matters
+        assert (a - b).abs().max() <= 1e-4, (a - b).abs().max()
+
+
+def test_lora_on_a_15_i2v_model_loads_into_the_pipeline_with_the_same_output(tmp_path):
+    """CogVideoX 1.5 (temporal patch 2, ofs, odd latent frames padded): our adapters on a tiny
+    1.5-I2V DiT -> CogVideoXImageToVideoPipeline.load_lora_weights, the same transformer output."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline
+    ref = diffusers_15(i2v=True)
+    ref.save_pretrained(tmp_path / "model" / "transformer")
+    ours = ExpertDiT.from_diffusers(tmp_path / "model").eval()
+    fill(dit.add_lora(ours, 4, 8, "attn+mlp"))
+    dit.save_lora(ours, tmp_path / "out")
+    pipe = CogVideoXImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=None,
+                                         transformer=ref, scheduler=CogVideoXDDIMScheduler())
+    pipe.load_lora_weights(str(tmp_path / "out"))
+    for T in (4, 3):  # 3: padded to 4 latent frames, as the 1.5 pipelines pad
+        x, t, text = inputs(ours.cfg, B=2, T=T, h=6, w=8, L=5, seed=T)
+        a = run_diffusers_15(pipe.transformer, x, t, text)
+        with torch.no_grad():
+            b = ours(x, t, text)
+            base = run_diffusers_15(diffusers_15(i2v=True), x, t, text)
         assert (a - base).abs().max() > 0.1  # the adapter matters
         assert (a - b).abs().max() <= 1e-4, (a - b).abs().max()
 
