@@ -238,6 +238,13 @@ def test_15_temporal_patch_trains_with_frame_pack_t2v_and_i2v(assets, tmp_path, 
         import av
         with av.open(str(tmp_path / f"{out}.mp4")) as f:
             assert sum(1 for _ in f.decode(video=0)) == 9
+    # LoRA on the 1.5 T2V (Frame Pack rows, padded latents): only adapters train and export
+    res = train.main(dit_args(assets, tmp_path / "lora", *run, "--steps", "2", "--lora", "4",
+                              "--init", str(tmp_path / "t2v" / "dit")))
+    assert all(math.isfinite(x) for x in res["losses"])
+    lora = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    assert lora and all(".lora_" in k for k in lora) and any(v.abs().sum() > 0 for k, v in
+                                                          lora.items() if "lora_B" in k)
 
 
 def test_overfitting_one_batch_lowers_the_loss(assets, tmp_path):
