@@ -1053,6 +1053,8 @@ MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (
 # Held out of training: one motion per colour and one colour per motion, so every word is still
 # seen in training but these pairings never are; eval_prompts() asks for them to test composition.
 HELD_OUT = [("red", "up"), ("green", "left"), ("blue", "down"), ("yellow", "right")]
+# The set's speed: this fraction of the frame's shorter side a frame (1 px a frame at 32).
+SPEED = 1 / 32
 
 
 def caption_of(colour, shape, motion=None):
@@ -1080,9 +1082,9 @@ def draw_shape(H, W, colour, shape, cx, cy, r):
 
 def shapes_clip(H, W, colour, shape, motion, T, cx, cy, r, speed=None):
     """(T, H, W, 3) uint8: the shape starting at (cx, cy), moving `speed` pixels a frame (default
-    min(H, W) / 32, the set's speed) the motion's way; motion None: it stays put."""
+    SPEED x min(H, W), the set's speed) the motion's way; motion None: it stays put."""
     dx, dy = MOTIONS[motion] if motion else (0, 0)
-    step = min(H, W) / 32 if speed is None else speed
+    step = min(H, W) * SPEED if speed is None else speed
     return np.stack([draw_shape(H, W, colour, shape, cx + dx * step * t, cy + dy * step * t, r)
                      for t in range(T)])  # (T, H, W, 3)
 
@@ -1116,7 +1118,7 @@ def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), 
             colour, shape, motion = queue.pop()
             T = rng.choice(frames)
             dx, dy = MOTIONS[motion]
-            step = min(H, W) / 32
+            step = min(H, W) * SPEED
             span = step * (T - 1)  # total travel along the motion axis
             lo_x, hi_x = r + 1 + max(0, -dx) * span, W - r - 1 - max(0, dx) * span
             lo_y, hi_y = r + 1 + max(0, -dy) * span, H - r - 1 - max(0, dy) * span
@@ -1180,7 +1182,7 @@ def shapes_check(video, caption, min_area=0.015):
             the border and >= MIN_SIDE a side) is below FILL_SPLIT for a circle, above it for a
             square; no such frame fails (a shape too small to tell is not followed).
     motion: a line fitted to the centroid over time travels, along the prompted axis and way, at
-            least half the set's speed (min(H, W) / 32 pixels a frame), and across it at most half
+            least half the set's speed (SPEED x min(H, W) pixels a frame), and across it at most half
             of that; a caption without a motion asks for less than half that speed both ways.
     steady: the last two frames' object is as large (0.75-1.33x the area), as sharp and as bright
             (>= 0.75x) as the first two frames' (smearing, shrinking and fading fail)."""
@@ -1204,7 +1206,7 @@ def shapes_check(video, caption, min_area=0.015):
     res["fill"] = float(fills.median()) if len(fills) else float("nan")
     res["shape"] = shape is None or (len(fills) > 0 and (res["fill"] > FILL_SPLIT) == (shape == "square"))
     # motion: least-squares slope of the centroid, in pixels over the clip
-    speed = 0.5 * min(H, W) / 32 * (T - 1)  # half the training travel over T frames
+    speed = 0.5 * min(H, W) * SPEED * (T - 1)  # half the training travel over T frames
     if T > 1 and present.sum() >= 2:
         t = torch.arange(T, dtype=torch.float32)[present]
         tc = t - t.mean()

@@ -14,6 +14,7 @@ import weakref
 from types import SimpleNamespace
 
 import pytest
+import PIL.Image
 import torch
 from safetensors.torch import load_file
 
@@ -837,13 +838,24 @@ def test_context_parallel_vae_two_ranks_equals_one_process(assets, tmp_path, tor
 
 @pytest.mark.slow
 def test_demo_quick(tmp_path, capsys):
-    """`python train.py --quick`: the whole pipeline in a few steps; the checker is applied to every prompt."""
+    """`python train.py --quick`: the whole pipeline in a few steps: the matmul yardstick, the VAE
+    gate, DEMO_SEEDS checked videos per prompt named NN_[held_]<prompt>_s<seed>, one grid."""
     res = train.main(["--quick", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    n_seen = sum(not h for _, h in data.eval_prompts())
-    assert f"/{n_seen} follow their prompt, held-out" in out
-    assert res["seen"][1] == n_seen and res["held"][1] == len(data.eval_prompts()) - n_seen
-    assert len(list((tmp_path / "samples").glob("*.png"))) == len(data.eval_prompts())
+    prompts = data.eval_prompts()
+    n_seen, seeds = sum(not h for _, h in prompts), len(train.DEMO_SEEDS)
+    assert "2048^2 fp32 matmul" in out and "demo: VAE gate: reconstructions of training clips" in out
+    assert f"seen prompts x {seeds} seeds: " in out and "minutes per phase" in out
+    assert res["seen"]["n"] == n_seen * seeds and res["held"]["n"] == (len(prompts) - n_seen) * seeds
+    assert 0 < res["vae_gate"][1] and res["matmul_gflops"][0] > 0
+    videos = sorted(p.name for p in (tmp_path / "samples").glob("*.mp4"))
+    assert len(videos) == len(prompts) * seeds
+    assert "00_a_red_circle_moves_to_the_left_s0.mp4" in videos
+    held = next(i for i, (_, h) in enumerate(prompts) if h)
+    name = f"{held:02d}_held_{prompts[held][0].replace(' ', '_')}_s{seeds - 1}.mp4"
+    assert name in videos
+    grid = PIL.Image.open(tmp_path / "samples" / "grid.png")
+    assert grid.height >= len(prompts) * 32  # one row per prompt
 
 
 def test_i2v_condition_is_the_first_frame_encoded_alone():
