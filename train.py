@@ -123,16 +123,18 @@ PRESETS = {
     "tiny": TrainConfig(vae_stages=[S([(16, 16)], [1, 5, 9])], vae_steps=[4], dit_steps=[3, 3],
                         rows=2, batch=2, lr=1e-3, warmup=2, disc_start=2, disc_ch=8, save_every=0),
     # The shapes demo. Stage one of the DiT at 16 px, stage two at 32 px (the sampling size).
-    # The VAE sees 5-frame clips (one temporal compression step each way) and stills: the cheapest
-    # data that trains every part of it; the DiT then encodes longer clips with it (the causal VAE
-    # is length-agnostic). L2 as in §2.1: measured here, L1 at batch 8 still reconstructed black
-    # frames after 250 steps (0/24 clips kept their colour; the shapes cover ~7% of the pixels), L2
-    # at batch 2 kept every colour after 200. Stage two packs stills with clips cut to the sampled
-    # length: measured here, the same steps on 9/13/17-frame clips followed 13/24 seen and 3/8
-    # held-out prompts, on 9-frame clips 23/24 and 6/8 (motion is learned after colour, and short
-    # clips put ~2x more samples in each step). drop_last: the last Frame Pack batch of an epoch is
-    # nearly empty, a wasted and noisy step.
-    "shapes": TrainConfig(vae_stages=[S([(32, 32)], [1, 5])], vae_steps=[400], recon="l2",
+    # The VAE sees 9-frame clips (three latent frames, as the DiT's samples) and stills. Measured
+    # here by its gate (the checker on reconstructions of 48 training clips, shape included): 400
+    # steps on 5-frame clips 18/48 (squares' corners rounded off: fill 0.84-0.89, later frames
+    # smeared), 800 steps on 5-frame clips 35/48, 400 on 9-frame 30/48, 800 on 9-frame 43/48 (the
+    # misses: squares on 32x48 frames and the smallest squares). L2 as in §2.1: measured here, L1
+    # (800 steps, 9 frames) kept the colour of 12/48 clips only: the shapes cover ~7% of the
+    # pixels and L1 first learns the black background. Stage two packs stills with clips cut to
+    # the sampled length: measured here, the same steps on 9/13/17-frame clips followed 13/24 seen
+    # and 3/8 held-out prompts, on 9-frame clips 23/24 and 6/8 (motion is learned after colour, and
+    # short clips put ~2x more samples in each step). drop_last: the last Frame Pack batch of an
+    # epoch is nearly empty, a wasted and noisy step.
+    "shapes": TrainConfig(vae_stages=[S([(32, 32)], [1, 9])], vae_steps=[800], recon="l2",
                           dit_stages=[data.STAGES["shapes"][0], S([(32, 32), (32, 48)], [1, 9])],
                           dit_steps=[300, 1700], rows=12, max_tokens=[96, 256], batch=2, lr=1e-3,
                           warmup=50, vae_lr=2e-3, disc_start=10**9, disc_ch=16, save_every=250,
@@ -1919,6 +1921,11 @@ def counts(ok, n):
            f"{ok['motion']}, steady {ok['steady']})"
 
 
+def sample_name(i, prompt, held, seed):
+    """The file stem of evaluation prompt i's sample: NN_[held_]<prompt with underscores>_s<seed>."""
+    return f"{i:02d}_{'held_' if held else ''}{prompt.replace(' ', '_')}_s{seed}"
+
+
 def demo_samples(out, seeds, quick):
     """SEEDS videos per evaluation prompt from the exported model, each checked and written as
     samples/NN_[held_]<prompt>_s<seed>.mp4 + .png; samples/grid.png shows every prompt's first
@@ -1937,7 +1944,7 @@ def demo_samples(out, seeds, quick):
             res = data.shapes_check(v, p)
             for k in ok[held]:
                 ok[held][k] += res[k] if k != "n" else 1
-            name = f"{i:02d}_{'held_' if held else ''}{p.replace(' ', '_')}_s{seed}"
+            name = sample_name(i, p, held, seed)
             data.write_video(v, os.path.join(out, "samples", name + ".mp4"), scfg.fps)
             data.contact_sheet(v, os.path.join(out, "samples", name + ".png"))
             if seed == seeds[0]:

@@ -13,6 +13,7 @@ import sys
 import weakref
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import PIL.Image
 import torch
@@ -856,6 +857,23 @@ def test_demo_quick(tmp_path, capsys):
     assert name in videos
     grid = PIL.Image.open(tmp_path / "samples" / "grid.png")
     assert grid.height >= len(prompts) * 32  # one row per prompt
+
+
+def test_demo_sample_names_and_grid(tmp_path):
+    # NN_[held_]<prompt with underscores>_s<seed>; the grid: one row per video, PASS / FAIL marked
+    assert train.sample_name(3, "a red circle moves up", True, 2) == "03_held_a_red_circle_moves_up_s2"
+    assert train.sample_name(12, "a blue square moves down", False, 0) == \
+        "12_a_blue_square_moves_down_s0"
+    red = torch.from_numpy(data.shapes_clip(32, 32, "red", "square", "left", 9, 20.0, 16.0, 7.0))
+    red = red.permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, T, H, W) in [-1, 1]
+    data.shapes_grid([red, red], ["seen: a", "held-out: b"], [True, False], str(tmp_path / "g.png"))
+    g = torch.from_numpy(np.array(PIL.Image.open(tmp_path / "g.png").convert("RGB"))).int()
+    assert g.shape[0] == 2 * 64 + 2 and g.shape[1] == 300 + 9 * (64 + 2)  # 2 rows, 9 frames at 2x
+    label = g[:, :300]
+    green = (label[..., 1] > 100) & (label[..., 0] < 60)  # PASS in green in row 0 only
+    red_text = (label[..., 0] > 150) & (label[..., 1] < 60)  # FAIL in red in row 1 only
+    assert green[:64].any() and not green[66:].any() and red_text[66:].any() and not red_text[:64].any()
+    assert (g[:64, 300:300 + 64] == torch.tensor([255, 0, 0], dtype=torch.int32)).all(-1).any()
 
 
 def test_i2v_condition_is_the_first_frame_encoded_alone():
