@@ -1155,7 +1155,8 @@ def shapes_measure(video):
     obj = b > BRIGHT  # (T, H, W)
     palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255  # (K, 3)
     near = ((x.permute(1, 2, 3, 0)[..., None, :] - palette) ** 2).sum(-1).argmin(-1)  # (T, H, W)
-    votes = torch.stack([(obj & (near == k)).sum((1, 2)) for k in range(len(palette))], -1)  # (T, K)
+    votes = torch.stack([(obj & (near == k)).sum((1, 2))
+                         for k in range(len(palette))], -1)  # (T, K)
     area = obj.sum((1, 2)).float()  # (T,)
     safe = area.clamp(min=1)
     rows, cols = obj.any(2), obj.any(1)  # (T, H), (T, W): rows / columns the object touches
@@ -1182,8 +1183,9 @@ def shapes_check(video, caption, min_area=0.015):
             the border and >= MIN_SIDE a side) is below FILL_SPLIT for a circle, above it for a
             square; no such frame fails (a shape too small to tell is not followed).
     motion: a line fitted to the centroid over time travels, along the prompted axis and way, at
-            least half the set's speed (SPEED x min(H, W) pixels a frame), and across it at most half
-            of that; a caption without a motion asks for less than half that speed both ways.
+            least half the set's speed (SPEED x min(H, W) pixels a frame), and across it at
+            most half of that; a caption without a motion asks for less than half that speed
+            both ways.
     steady: the last two frames' object is as large (0.75-1.33x the area), as sharp and as bright
             (>= 0.75x) as the first two frames' (smearing, shrinking and fading fail)."""
     words = caption.lower().replace(",", " ").replace(".", " ").split()
@@ -1204,7 +1206,8 @@ def shapes_check(video, caption, min_area=0.015):
     clear = ~m["edge"] & present & (m["side"] >= MIN_SIDE)
     fills = m["fill"][clear]
     res["fill"] = float(fills.median()) if len(fills) else float("nan")
-    res["shape"] = shape is None or (len(fills) > 0 and (res["fill"] > FILL_SPLIT) == (shape == "square"))
+    told = len(fills) > 0 and (res["fill"] > FILL_SPLIT) == (shape == "square")
+    res["shape"] = shape is None or told
     # motion: least-squares slope of the centroid, in pixels over the clip
     speed = 0.5 * min(H, W) * SPEED * (T - 1)  # half the training travel over T frames
     if T > 1 and present.sum() >= 2:
@@ -1248,7 +1251,8 @@ def shapes_grid(videos, labels, passed, path, scale=2, gap=2, label_width=300):
     for i, (frames, label, ok) in enumerate(zip(rows, labels, passed)):
         y = i * (h + gap)
         draw.text((4, y + h // 2 - 12), label, fill="black")
-        draw.text((4, y + h // 2 + 2), "PASS" if ok else "FAIL", fill=(0, 140, 0) if ok else (200, 0, 0))
+        draw.text((4, y + h // 2 + 2), "PASS" if ok else "FAIL",
+                  fill=(0, 140, 0) if ok else (200, 0, 0))
         for t, f in enumerate(frames):
             big = Image.fromarray(f).resize((w, h), Image.NEAREST)
             sheet.paste(big, (label_width + t * (w + gap), y))

@@ -1922,14 +1922,14 @@ def counts(ok, n):
 
 
 def sample_name(i, prompt, held, seed):
-    """The file stem of evaluation prompt i's sample: NN_[held_]<prompt with underscores>_s<seed>."""
+    """The file stem of evaluation prompt i's sample: NN_[held_]<prompt, underscores>_s<seed>."""
     return f"{i:02d}_{'held_' if held else ''}{prompt.replace(' ', '_')}_s{seed}"
 
 
 def demo_samples(out, seeds, quick):
     """SEEDS videos per evaluation prompt from the exported model, each checked and written as
     samples/NN_[held_]<prompt>_s<seed>.mp4 + .png; samples/grid.png shows every prompt's first
-    sample, marked seen / held-out and PASS / FAIL. -> {False: seen, True: held-out} check counts."""
+    sample, marked seen / held-out and PASS / FAIL. -> {False: seen, True: held-out} counts."""
     import sample
     net, ae, text, scfg = sample.load_ckpt(os.path.join(out, "dit"))
     scfg = replace(scfg, steps=4) if quick else scfg

@@ -845,9 +845,11 @@ def test_demo_quick(tmp_path, capsys):
     out = capsys.readouterr().out
     prompts = data.eval_prompts()
     n_seen, seeds = sum(not h for _, h in prompts), len(train.DEMO_SEEDS)
-    assert "2048^2 fp32 matmul" in out and "demo: VAE gate: reconstructions of training clips" in out
+    assert "2048^2 fp32 matmul" in out
+    assert "demo: VAE gate: reconstructions of training clips" in out
     assert f"seen prompts x {seeds} seeds: " in out and "minutes per phase" in out
-    assert res["seen"]["n"] == n_seen * seeds and res["held"]["n"] == (len(prompts) - n_seen) * seeds
+    assert res["seen"]["n"] == n_seen * seeds
+    assert res["held"]["n"] == (len(prompts) - n_seen) * seeds
     assert 0 < res["vae_gate"][1] and res["matmul_gflops"][0] > 0
     videos = sorted(p.name for p in (tmp_path / "samples").glob("*.mp4"))
     assert len(videos) == len(prompts) * seeds
@@ -861,7 +863,8 @@ def test_demo_quick(tmp_path, capsys):
 
 def test_demo_sample_names_and_grid(tmp_path):
     # NN_[held_]<prompt with underscores>_s<seed>; the grid: one row per video, PASS / FAIL marked
-    assert train.sample_name(3, "a red circle moves up", True, 2) == "03_held_a_red_circle_moves_up_s2"
+    assert train.sample_name(3, "a red circle moves up", True, 2) == \
+        "03_held_a_red_circle_moves_up_s2"
     assert train.sample_name(12, "a blue square moves down", False, 0) == \
         "12_a_blue_square_moves_down_s0"
     red = torch.from_numpy(data.shapes_clip(32, 32, "red", "square", "left", 9, 20.0, 16.0, 7.0))
@@ -872,7 +875,8 @@ def test_demo_sample_names_and_grid(tmp_path):
     label = g[:, :300]
     green = (label[..., 1] > 100) & (label[..., 0] < 60)  # PASS in green in row 0 only
     red_text = (label[..., 0] > 150) & (label[..., 1] < 60)  # FAIL in red in row 1 only
-    assert green[:64].any() and not green[66:].any() and red_text[66:].any() and not red_text[:64].any()
+    assert green[:64].any() and not green[66:].any()
+    assert red_text[66:].any() and not red_text[:64].any()
     assert (g[:64, 300:300 + 64] == torch.tensor([255, 0, 0], dtype=torch.int32)).all(-1).any()
 
 
