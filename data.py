@@ -1053,6 +1053,8 @@ MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (
 # Held out of training: one motion per colour and one colour per motion, so every word is still
 # seen in training but these pairings never are; eval_prompts() asks for them to test composition.
 HELD_OUT = [("red", "up"), ("green", "left"), ("blue", "down"), ("yellow", "right")]
+# The set's speed: this fraction of the frame's shorter side a frame (1 px a frame at 32).
+SPEED = 1 / 32
 
 
 def caption_of(colour, shape, motion=None):
@@ -1078,8 +1080,17 @@ def draw_shape(H, W, colour, shape, cx, cy, r):
     return img
 
 
+def shapes_clip(H, W, colour, shape, motion, T, cx, cy, r, speed=None):
+    """(T, H, W, 3) uint8: the shape starting at (cx, cy), moving `speed` pixels a frame (default
+    SPEED x min(H, W), the set's speed) the motion's way; motion None: it stays put."""
+    dx, dy = MOTIONS[motion] if motion else (0, 0)
+    step = min(H, W) * SPEED if speed is None else speed
+    return np.stack([draw_shape(H, W, colour, shape, cx + dx * step * t, cy + dy * step * t, r)
+                     for t in range(T)])  # (T, H, W, 3)
+
+
 def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), fps=8,
-                image_every=5, progress=False):
+                image_every=5, radius=(0.18, 0.24), progress=False):
     """Write n captioned samples to `out` (clips: lossless .mkv, stills: .png) and
     out/manifest.jsonl; returns the manifest's path.
 
@@ -1095,7 +1106,7 @@ def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), 
         H, W = rng.choice(sizes)
         # ~6-8 px at 32: big enough to learn (with small shapes, ~7% of the pixels, a VAE
         # trained with L1 first learns an all-black frame)
-        r = min(H, W) * rng.uniform(0.18, 0.24)
+        r = min(H, W) * rng.uniform(*radius)
         if i % image_every == image_every - 1:
             colour, shape, motion, T = rng.choice(list(COLOURS)), rng.choice(SHAPES), None, 1
             cx, cy = rng.uniform(r + 1, W - r - 1), rng.uniform(r + 1, H - r - 1)
@@ -1107,13 +1118,12 @@ def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), 
             colour, shape, motion = queue.pop()
             T = rng.choice(frames)
             dx, dy = MOTIONS[motion]
-            step = min(H, W) / 32
+            step = min(H, W) * SPEED
             span = step * (T - 1)  # total travel along the motion axis
             lo_x, hi_x = r + 1 + max(0, -dx) * span, W - r - 1 - max(0, dx) * span
             lo_y, hi_y = r + 1 + max(0, -dy) * span, H - r - 1 - max(0, dy) * span
             cx, cy = rng.uniform(lo_x, max(lo_x, hi_x)), rng.uniform(lo_y, max(lo_y, hi_y))
-            clip = np.stack([draw_shape(H, W, colour, shape, cx + dx * step * t, cy + dy * step * t, r)
-                             for t in range(T)])  # (T, H, W, 3)
+            clip = shapes_clip(H, W, colour, shape, motion, T, cx, cy, r)  # (T, H, W, 3)
             path = os.path.join(out, f"{i:05d}.mkv")
             # uint8 -> [-1, 1] -> uint8 is exact, so the FFV1 file holds exactly these pixels
             write_video(torch.from_numpy(clip).permute(3, 0, 1, 2) / 127.5 - 1, path, fps)
@@ -1123,48 +1133,130 @@ def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), 
     return write_manifest(entries, os.path.join(out, "manifest.jsonl"))
 
 
-def shapes_follow(video, caption, min_area=0.015, min_travel=0.1):
-    """Does a (3, T, H, W) video in [-1, 1] show the caption's colour moving the caption's way?
+# ----- the shapes checker: does a video follow its caption? -----
+# Each threshold comes from the set's geometry, not from tuning on samples:
+BRIGHT = 0.5       # object pixel: brightest channel above half (hard edges blur around 0.5)
+DIM = 0.1          # above this a pixel is lit at all: object plus its blurred halo
+FILL_SPLIT = 0.89  # a disc fills pi/4 = 0.785 of its bounding box, a square 1.0: the midpoint
+MIN_SIDE = 8       # shape is judged on objects at least this many pixels a side (the set's: 11-15)
+STEADY = 0.75      # last frames vs first: area within 0.75-1.33x, sharpness and brightness >= 0.75x
 
-    Colour: each pixel is labelled with the nearest of the palette + black; the prompted colour must
-    cover >= min_area of the frame in at least half the frames and be the majority of the coloured
-    pixels. Motion: a line fitted to the colour's centroid over time must travel >= min_travel of
-    the frame along the prompted axis, in the prompted direction, more than along the other axis. A
-    caption without a motion asks for a still shape. The shape word is not checked (at 32x32 a
-    prototype's models followed circle vs square only at chance level)."""
+
+def shapes_measure(video):
+    """Per-frame measurements of the one object in a (3, T, H, W) video in [-1, 1] -> dict of (T,)
+    tensors: area (object pixels), colour (index of the palette colour most of them are nearest
+    to), colour_frac (its share of them), fill (area / bounding-box area), side (the box's
+    shorter side), cx, cy (centroid),
+    sharp (object pixels / lit pixels: 1 for a hard edge, lower with a blurred halo), bright
+    (mean brightness of the object) and edge (the box touches the frame border)."""
+    x = (video.float().clamp(-1, 1) + 1) / 2  # (3, T, H, W) in [0, 1]
+    _, T, H, W = x.shape
+    b = x.amax(0)  # (T, H, W) brightness
+    obj = b > BRIGHT  # (T, H, W)
+    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255  # (K, 3)
+    near = ((x.permute(1, 2, 3, 0)[..., None, :] - palette) ** 2).sum(-1).argmin(-1)  # (T, H, W)
+    votes = torch.stack([(obj & (near == k)).sum((1, 2))
+                         for k in range(len(palette))], -1)  # (T, K)
+    area = obj.sum((1, 2)).float()  # (T,)
+    safe = area.clamp(min=1)
+    rows, cols = obj.any(2), obj.any(1)  # (T, H), (T, W): rows / columns the object touches
+    # first..last touched row (column): the bounding box's sides; 0 for an empty frame
+    side = lambda m: (m.shape[1] - m.flip(1).float().argmax(1) - m.float().argmax(1)) * m.any(1)
+    box_h, box_w = side(rows), side(cols)  # (T,) bounding-box sides
+    ys, xs = torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32)
+    return {"area": area, "colour": votes.argmax(-1), "colour_frac": votes.amax(-1) / safe,
+            "fill": area / (box_h * box_w).clamp(min=1), "side": torch.minimum(box_h, box_w),
+            "cx": (obj.sum(1) * xs).sum(-1) / safe, "cy": (obj.sum(2) * ys).sum(-1) / safe,
+            "sharp": area / (b > DIM).sum((1, 2)).clamp(min=1),
+            "bright": (b * obj).sum((1, 2)) / safe,
+            "edge": rows[:, 0] | rows[:, -1] | cols[:, 0] | cols[:, -1]}
+
+
+def shapes_check(video, caption, min_area=0.015):
+    """Does a (3, T, H, W) video in [-1, 1] follow a shapes caption? -> {"colour", "shape",
+    "motion", "steady": bool, "pass": all four, "fill", "travel", "across": measured values}.
+
+    colour: in EVERY frame an object of >= min_area of the frame (and >= 3 pixels) whose pixels are
+            mostly nearest to the prompted palette colour (a colour change or a vanished object
+            fails).
+    shape:  the median fill ratio (object / bounding box, over the frames where the box is clear of
+            the border and >= MIN_SIDE a side) is below FILL_SPLIT for a circle, above it for a
+            square; no such frame fails (a shape too small to tell is not followed).
+    motion: a line fitted to the centroid over time travels, along the prompted axis and way, at
+            least half the set's speed (SPEED x min(H, W) pixels a frame), and across it at
+            most half of that; a caption without a motion asks for less than half that speed
+            both ways.
+    steady: the last two frames' object is as large (0.75-1.33x the area), as sharp and as bright
+            (>= 0.75x) as the first two frames' (smearing, shrinking and fading fail)."""
     words = caption.lower().replace(",", " ").replace(".", " ").split()
     colour = next((w for w in words if w in COLOURS), None)
     if colour is None:
         raise ValueError(f"caption {caption!r} names none of the colours {list(COLOURS)}")
+    shape = next((w for w in words if w in SHAPES), None)
     motion = next((w for w in words if w in MOTIONS), None)
-    x = (video.float().clamp(-1, 1) + 1) / 2  # (3, T, H, W) in [0, 1]
-    _, T, H, W = x.shape
-    palette = torch.tensor([*COLOURS.values(), (0, 0, 0)], dtype=torch.float32) / 255  # (K+1, 3)
-    dist = ((x.permute(1, 2, 3, 0)[..., None, :] - palette) ** 2).sum(-1)  # (T, H, W, K+1)
-    label = dist.argmin(-1)  # (T, H, W)
-    k = list(COLOURS).index(colour)
-    mask = (label == k).float()  # (T, H, W)
-    area = mask.sum(dim=(1, 2))  # (T,)
-    coloured = (label < len(COLOURS)).float().sum()
-    present = area >= max(3.0, min_area * H * W)
-    if present.sum() < max(1, T / 2) or mask.sum() < 0.5 * coloured:
-        return False
-    if T == 1:
-        return motion is None  # a single frame cannot show motion
-    ys, xs = torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32)
-    t = torch.arange(T, dtype=torch.float32)[present]
-    cx = (mask.sum(1) * xs).sum(-1)[present] / area[present]  # (T_present,)
-    cy = (mask.sum(2) * ys).sum(-1)[present] / area[present]
-    if len(t) < 2:
-        return motion is None
-    tc = t - t.mean()
-    slope = lambda c: float((tc * (c - c.mean())).sum() / (tc * tc).sum())
-    travel_x, travel_y = slope(cx) * (T - 1), slope(cy) * (T - 1)  # pixels over the clip
-    if motion is None:
-        return abs(travel_x) < min_travel * W and abs(travel_y) < min_travel * H
-    dx, dy = MOTIONS[motion]
-    along, across, size = (travel_x * dx, travel_y, W) if dx else (travel_y * dy, travel_x, H)
-    return along >= min_travel * size and along > abs(across)
+    m = shapes_measure(video)
+    _, T, H, W = video.shape
+    res = {"fill": float("nan"), "travel": 0.0, "across": 0.0}
+    # colour: every frame holds the object, mostly in the prompted colour
+    present = (m["area"] >= max(3.0, min_area * H * W)) & (m["colour_frac"] > 0.5)
+    res["colour"] = bool((present & (m["colour"] == list(COLOURS).index(colour))).all())
+    # shape: fill ratio of the bounding box, on frames where the box is clear of the border (a
+    # cut disc fills more) and at least MIN_SIDE pixels a side (a digital disc of radius 3 fills
+    # 24 of its 25 box pixels: too small to tell)
+    clear = ~m["edge"] & present & (m["side"] >= MIN_SIDE)
+    fills = m["fill"][clear]
+    res["fill"] = float(fills.median()) if len(fills) else float("nan")
+    told = len(fills) > 0 and (res["fill"] > FILL_SPLIT) == (shape == "square")
+    res["shape"] = shape is None or told
+    # motion: least-squares slope of the centroid, in pixels over the clip
+    speed = 0.5 * min(H, W) * SPEED * (T - 1)  # half the training travel over T frames
+    if T > 1 and present.sum() >= 2:
+        t = torch.arange(T, dtype=torch.float32)[present]
+        tc = t - t.mean()
+        slope = lambda c: float((tc * (c[present] - c[present].mean())).sum() / (tc * tc).sum())
+        tx, ty = slope(m["cx"]) * (T - 1), slope(m["cy"]) * (T - 1)
+        if motion is None:
+            res["motion"] = max(abs(tx), abs(ty)) < speed
+        else:
+            dx, dy = MOTIONS[motion]
+            res["travel"], res["across"] = (tx * dx, abs(ty)) if dx else (ty * dy, abs(tx))
+            res["motion"] = res["travel"] >= speed and res["across"] <= speed
+    else:  # a single frame (or an object in fewer than two frames) shows no motion
+        res["motion"] = motion is None and bool(present.any())
+    # steady: the end of the clip against its start
+    k = min(2, T)
+    first, last = slice(0, k), slice(T - k, T)
+    ratio = lambda key: float(m[key][last].mean() / m[key][first].mean().clamp(min=1e-6))
+    area_r = ratio("area")
+    res["steady"] = bool(present.all()) and STEADY <= area_r <= 1 / STEADY \
+        and ratio("sharp") >= STEADY and ratio("bright") >= STEADY
+    res["pass"] = res["colour"] and res["shape"] and res["motion"] and res["steady"]
+    return res
+
+
+def shapes_follow(video, caption, **kw):
+    """True when `video` passes all four checks of shapes_check (colour, shape, motion, steady)."""
+    return shapes_check(video, caption, **kw)["pass"]
+
+
+def shapes_grid(videos, labels, passed, path, scale=2, gap=2, label_width=300):
+    """One PNG, row i = videos[i] (3, T, H, W) in [-1, 1], frames left to right at `scale`x, after
+    a label column: labels[i] and PASS (green) or FAIL (red) from passed[i]. Written atomically."""
+    from PIL import ImageDraw
+    rows = [to_uint8(v) for v in videos]  # (T, H, W, 3) each
+    T, H, W = max(r.shape[0] for r in rows), *rows[0].shape[1:3]
+    h, w = H * scale, W * scale
+    sheet = Image.new("RGB", (label_width + T * (w + gap), len(rows) * (h + gap) - gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (frames, label, ok) in enumerate(zip(rows, labels, passed)):
+        y = i * (h + gap)
+        draw.text((4, y + h // 2 - 12), label, fill="black")
+        draw.text((4, y + h // 2 + 2), "PASS" if ok else "FAIL",
+                  fill=(0, 140, 0) if ok else (200, 0, 0))
+        for t, f in enumerate(frames):
+            big = Image.fromarray(f).resize((w, h), Image.NEAREST)
+            sheet.paste(big, (label_width + t * (w + gap), y))
+    atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
 # ----- command line -----

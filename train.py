@@ -123,16 +123,18 @@ PRESETS = {
     "tiny": TrainConfig(vae_stages=[S([(16, 16)], [1, 5, 9])], vae_steps=[4], dit_steps=[3, 3],
                         rows=2, batch=2, lr=1e-3, warmup=2, disc_start=2, disc_ch=8, save_every=0),
     # The shapes demo. Stage one of the DiT at 16 px, stage two at 32 px (the sampling size).
-    # The VAE sees 5-frame clips (one temporal compression step each way) and stills: the cheapest
-    # data that trains every part of it; the DiT then encodes longer clips with it (the causal VAE
-    # is length-agnostic). L2 as in §2.1: measured here, L1 at batch 8 still reconstructed black
-    # frames after 250 steps (0/24 clips kept their colour; the shapes cover ~7% of the pixels), L2
-    # at batch 2 kept every colour after 200. Stage two packs stills with clips cut to the sampled
-    # length: measured here, the same steps on 9/13/17-frame clips followed 13/24 seen and 3/8
-    # held-out prompts, on 9-frame clips 23/24 and 6/8 (motion is learned after colour, and short
-    # clips put ~2x more samples in each step). drop_last: the last Frame Pack batch of an epoch is
-    # nearly empty, a wasted and noisy step.
-    "shapes": TrainConfig(vae_stages=[S([(32, 32)], [1, 5])], vae_steps=[400], recon="l2",
+    # The VAE sees 9-frame clips (three latent frames, as the DiT's samples) and stills. Measured
+    # here by its gate (the checker on reconstructions of 48 training clips, shape included): 400
+    # steps on 5-frame clips 18/48 (squares' corners rounded off: fill 0.84-0.89, later frames
+    # smeared), 800 steps on 5-frame clips 35/48, 400 on 9-frame 30/48, 800 on 9-frame 43/48 (the
+    # misses: squares on 32x48 frames and the smallest squares). L2 as in §2.1: measured here, L1
+    # (800 steps, 9 frames) kept the colour of 12/48 clips only: the shapes cover ~7% of the
+    # pixels and L1 first learns the black background. Stage two packs stills with clips cut to
+    # the sampled length: measured here, the same steps on 9/13/17-frame clips followed 13/24 seen
+    # and 3/8 held-out prompts, on 9-frame clips 23/24 and 6/8 (motion is learned after colour, and
+    # short clips put ~2x more samples in each step). drop_last: the last Frame Pack batch of an
+    # epoch is nearly empty, a wasted and noisy step.
+    "shapes": TrainConfig(vae_stages=[S([(32, 32)], [1, 9])], vae_steps=[800], recon="l2",
                           dit_stages=[data.STAGES["shapes"][0], S([(32, 32), (32, 48)], [1, 9])],
                           dit_steps=[300, 1700], rows=12, max_tokens=[96, 256], batch=2, lr=1e-3,
                           warmup=50, vae_lr=2e-3, disc_start=10**9, disc_ch=16, save_every=250,
@@ -1879,12 +1881,83 @@ def report(args, track):
 
 # ----- the shapes demo: the whole paper at toy scale -----
 
-def demo(args):
-    """make_shapes -> the tiny VAE -> a tiny T5 -> the tiny DiT from cached latents (Frame Pack,
-    explicit uniform sampling, two progressive stages) -> one video per evaluation prompt ->
-    data.shapes_follow -> the score line. Every phase runs through the real command line."""
-    import sample
+# Videos per evaluation prompt (32 prompts -> 128 videos): with one each, 8 held-out prompts could
+# not tell a 75% model from a 100% one.
+DEMO_SEEDS = (0, 1, 2, 3)
 
+
+def matmul_rate(n=2048, reps=5):
+    """This machine's fp32 n x n matmul FLOP/s at the current thread count (median of reps): the
+    yardstick the demo's time target is scaled by."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / sorted(times)[reps // 2]
+
+
+def vae_gate(folder, manifest, n=48, frames=9):
+    """§2.1 the VAE gate: data.shapes_check on the VAE's reconstructions of the first n training
+    clips (frames frames, native size). The DiT can only draw what the decoder can: a shape the
+    VAE rounds off is lost before the DiT starts. -> ({check: clips passing}, n)."""
+    ae = vae.CausalVAE.load(folder).eval()
+    clips = [e for e in data.read_manifest(manifest) if e["frames"] >= frames][:n]
+    ok = dict.fromkeys(("colour", "shape", "motion", "steady", "pass"), 0)
+    with torch.no_grad():
+        for e in clips:
+            x = data.load_video(e["path"], frames, e["height"], e["width"])  # (3, T, H, W)
+            rec = ae.decode(ae.encode(x[None]).mean)[0]  # (3, T, H, W)
+            res = data.shapes_check(rec, e["caption"])
+            for k in ok:
+                ok[k] += res[k]
+    return ok, len(clips)
+
+
+def counts(ok, n):
+    return f"{ok['pass']}/{n} pass (colour {ok['colour']}, shape {ok['shape']}, motion " \
+           f"{ok['motion']}, steady {ok['steady']})"
+
+
+def sample_name(i, prompt, held, seed):
+    """The file stem of evaluation prompt i's sample: NN_[held_]<prompt, underscores>_s<seed>."""
+    return f"{i:02d}_{'held_' if held else ''}{prompt.replace(' ', '_')}_s{seed}"
+
+
+def demo_samples(out, seeds, quick):
+    """SEEDS videos per evaluation prompt from the exported model, each checked and written as
+    samples/NN_[held_]<prompt>_s<seed>.mp4 + .png; samples/grid.png shows every prompt's first
+    sample, marked seen / held-out and PASS / FAIL. -> {False: seen, True: held-out} counts."""
+    import sample
+    net, ae, text, scfg = sample.load_ckpt(os.path.join(out, "dit"))
+    scfg = replace(scfg, steps=4) if quick else scfg
+    prompts = data.eval_prompts()
+    ok = {h: dict.fromkeys(("colour", "shape", "motion", "steady", "pass", "n"), 0)
+          for h in (False, True)}
+    first = []
+    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+    for seed in seeds:  # one batch of every prompt per seed
+        videos = sample.generate(net, ae, text, [p for p, _ in prompts], scfg, seed=seed)
+        for i, ((p, held), v) in enumerate(zip(prompts, videos)):
+            res = data.shapes_check(v, p)
+            for k in ok[held]:
+                ok[held][k] += res[k] if k != "n" else 1
+            name = sample_name(i, p, held, seed)
+            data.write_video(v, os.path.join(out, "samples", name + ".mp4"), scfg.fps)
+            data.contact_sheet(v, os.path.join(out, "samples", name + ".png"))
+            if seed == seeds[0]:
+                first.append((v, f"{'held-out' if held else 'seen'}: {p}", res["pass"]))
+    data.shapes_grid(*zip(*first), os.path.join(out, "samples", "grid.png"))
+    return ok
+
+
+def demo(args):
+    """make_shapes -> the tiny VAE (and its gate: the checker on its reconstructions) -> a tiny T5
+    -> the tiny DiT from cached latents (Frame Pack, explicit uniform sampling, two progressive
+    stages) -> 4 videos per evaluation prompt -> data.shapes_check -> the score lines and a grid.
+    Every training phase runs through the real command line."""
     t0 = time.time()
     out, q = args.out or "out/shapes", args.quick
     # The time target is for an idle machine. When other processes keep a core busy, two OpenMP
@@ -1895,6 +1968,12 @@ def demo(args):
         torch.set_num_threads(1)
         print(f"demo: the machine is busy (load {os.getloadavg()[0]:.1f}): one thread, expect it "
               f"to run slower")
+    # The yardstick: the target is 10 minutes where a 2-thread 2048^2 fp32 matmul runs at 69
+    # GFLOP/s (a slow 2-core laptop), so 10 x 69 / rate minutes here.
+    rate = matmul_rate() / 1e9
+    load = f", load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"demo: {torch.get_num_threads()}-thread 2048^2 fp32 matmul {rate:.0f} GFLOP/s{load}: "
+          f"the target here is 10 x 69 / {rate:.0f} = {690 / rate:.1f} min")
     times = {}
     lap = lambda name: times.update({name: time.time() - t0 - sum(times.values())})
     scale = args.demo_scale if args.demo_scale else (0.01 if q else 1.0)
@@ -1906,15 +1985,17 @@ def demo(args):
     lap("data")
     common = ["--preset", "shapes", "--data", manifest, "--device", args.device,
               "--max-bad-steps", str(args.max_bad_steps)] + (["--resume"] if args.resume else [])
-    # (1) §2.1 the VAE
+    # (1) §2.1 the VAE, then its gate
     vdir = os.path.join(out, "vae", "vae")
     if not os.path.exists(os.path.join(vdir, "model.safetensors")):
-        vsteps = max(2, round(sum(tc.vae_steps) * scale))
+        vsteps = ",".join(str(max(2, round(s * scale))) for s in tc.vae_steps)
         res = train(parser().parse_args(["--stage", "vae", "--out", os.path.join(out, "vae"),
-                                         "--steps", str(vsteps), *common]))
+                                         "--steps", vsteps, *common]))
         if res["stopped"]:
             print("demo: stopped during VAE training; `python train.py --resume` continues")
             return {}
+    gate = vae_gate(vdir, manifest, n=8 if q else 48)
+    print(f"demo: VAE gate: reconstructions of training clips: {counts(*gate)}")
     lap("vae")
     # (2) the tiny T5 over every caption and prompt. Word-level tokenizer: a default unigram model
     # on ~50 short captions collapses to single characters (captions truncate to the same tokens).
@@ -1932,28 +2013,20 @@ def demo(args):
         print("demo: stopped during DiT training; `python train.py --resume` continues")
         return {}
     lap("dit")
-    # (4) one video per evaluation prompt, checked, with sample.PRESETS["tiny"] (a low guidance
-    # scale kept the held-out pairings better) and the clip size and schedule of sample.json
-    net, ae, text, scfg = sample.load_ckpt(os.path.join(out, "dit"))
-    scfg = replace(scfg, steps=4) if q else scfg
-    prompts = data.eval_prompts()
-    videos = sample.generate(net, ae, text, [p for p, _ in prompts], scfg, seed=0)
-    ok = {False: [0, 0], True: [0, 0]}
-    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-    for i, ((p, held), v) in enumerate(zip(prompts, videos)):
-        ok[held][0] += data.shapes_follow(v, p)
-        ok[held][1] += 1
-        name = os.path.join(out, "samples", f"{i:02d}_{'held_' if held else ''}{p.replace(' ', '_')}")
-        data.write_video(v, name + ".mp4", scfg.fps)
-        data.contact_sheet(v, name + ".png")
+    # (4) DEMO_SEEDS videos per evaluation prompt, checked, with sample.PRESETS["tiny"] and the
+    # clip size and schedule of sample.json
+    ok = demo_samples(out, DEMO_SEEDS, q)
     lap("sample")
-    mins = (time.time() - t0) / 60
-    print("demo: minutes per phase: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()))
-    print(f"shapes: seen {ok[False][0]}/{ok[False][1]} follow their prompt, held-out "
-          f"{ok[True][0]}/{ok[True][1]} ({mins:.1f} min; videos and contact sheets in "
-          f"{out}/samples)")
-    return {"seen": ok[False], "held": ok[True], "minutes": mins, "times": times,
-            "dit_losses": res["losses"]}
+    mins, rate_end = (time.time() - t0) / 60, matmul_rate() / 1e9
+    print("demo: minutes per phase: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items())
+          + f"; total {mins:.1f} (target here {690 / rate:.1f}; matmul at the end {rate_end:.0f} "
+          f"GFLOP/s)")
+    for held in (False, True):
+        print(f"shapes: {'held-out' if held else 'seen'} prompts x {len(DEMO_SEEDS)} seeds: "
+              f"{counts(ok[held], ok[held]['n'])}")
+    print(f"shapes: videos, contact sheets and grid.png in {out}/samples")
+    return {"seen": ok[False], "held": ok[True], "vae_gate": gate, "minutes": mins,
+            "times": times, "matmul_gflops": (rate, rate_end), "dit_losses": res["losses"]}
 
 
 # ----- command line -----

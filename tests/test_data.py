@@ -460,31 +460,78 @@ def test_shapes_set_deterministic_and_held_out(shapes_set, tmp_path):
     assert ("a red circle moves to the left", False) in prompts
 
 
-def test_shapes_follow_ground_truth_passes_wrong_fails(shapes_set):
+def test_shapes_check_passes_every_training_clip_and_fails_wrong_captions(shapes_set):
     entries = data.read_manifest(shapes_set)
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    other_shape = {"circle": "square", "square": "circle"}
     for e in entries:
-        # native and stage-1 size
-        for H, W in [(e["height"], e["width"]), (16, 16 * e["width"] // e["height"])]:
-            v = data.load_video(e["path"], 17, H, W)
-            assert data.shapes_follow(v, e["caption"]), (e, H, W)
-            wrong_colour = next(c for c in data.COLOURS if c != e["colour"])
-            assert not data.shapes_follow(v, data.caption_of(wrong_colour, e["shape"], e["motion"]))
-            if e["motion"] is None:
-                assert not data.shapes_follow(v, data.caption_of(e["colour"], e["shape"], "left"))
-                continue
-            reverse = data.caption_of(e["colour"], e["shape"], opposite[e["motion"]])
-            assert not data.shapes_follow(v, reverse)
-            side = "up" if e["motion"] in ("left", "right") else "left"
-            assert not data.shapes_follow(v, data.caption_of(e["colour"], e["shape"], side))
-            assert not data.shapes_follow(v.flip(1), e["caption"])  # played backwards
-            assert not data.shapes_follow(v[:, :1].expand_as(v), e["caption"])  # frozen: no motion
+        v = data.load_video(e["path"], 17, e["height"], e["width"])
+        res = data.shapes_check(v, e["caption"])
+        assert res["pass"], (e, res)  # colour, shape, motion and steadiness
+        assert data.shapes_follow(v, e["caption"])
+        # at the 16-pixel stage size a disc is too small to tell from a square: the rest holds
+        small = data.load_video(e["path"], 17, 16, 16 * e["width"] // e["height"])
+        res = data.shapes_check(small, e["caption"])
+        assert res["colour"] and res["motion"] and res["steady"] and not res["shape"], (e, res)
+        wrong_colour = next(c for c in data.COLOURS if c != e["colour"])
+        assert not data.shapes_follow(v, data.caption_of(wrong_colour, e["shape"], e["motion"]))
+        wrong_shape = data.caption_of(e["colour"], other_shape[e["shape"]], e["motion"])
+        assert not data.shapes_check(v, wrong_shape)["shape"]
+        if e["motion"] is None:
+            assert not data.shapes_follow(v, data.caption_of(e["colour"], e["shape"], "left"))
+            continue
+        assert not data.shapes_follow(v, data.caption_of(e["colour"], e["shape"]))  # a still
+        reverse = data.caption_of(e["colour"], e["shape"], opposite[e["motion"]])
+        assert not data.shapes_follow(v, reverse)
+        side = "up" if e["motion"] in ("left", "right") else "left"
+        assert not data.shapes_follow(v, data.caption_of(e["colour"], e["shape"], side))
+        assert not data.shapes_follow(v.flip(1), e["caption"])  # played backwards
+        assert not data.shapes_follow(v[:, :1].expand_as(v), e["caption"])  # frozen: no motion
     black = -torch.ones(3, 9, 32, 32)
     assert not data.shapes_follow(black, "a red circle moves up")
     noise = torch.rand(3, 9, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert not any(data.shapes_follow(noise, p) for p, _ in data.eval_prompts())
     with pytest.raises(ValueError, match="colours"):
         data.shapes_follow(black, "a purple circle moves up")
+
+
+def clip(colour="red", shape="square", motion="left", T=9, cx=22.0, cy=16.0, r=7.0, **kw):
+    """A rendered shapes clip as the checker sees it: (3, T, H, W) in [-1, 1]."""
+    x = data.shapes_clip(32, 32, colour, shape, motion, T, cx, cy, r, **kw)  # (T, H, W, 3)
+    return torch.from_numpy(x).permute(3, 0, 1, 2).float() / 127.5 - 1
+
+
+def test_shapes_check_fails_slow_drifting_fading_shrinking_smearing_recoloured():
+    cap = "a red square moves to the left"
+    for shape in data.SHAPES:  # both shapes, every size the set draws (r = 0.18-0.24 x 32)
+        for r in (5.8, 6.7, 7.7):
+            for cx in (20.0, 20.3, 20.5):
+                res = data.shapes_check(clip(shape=shape, r=r, cx=cx), f"a red {shape} moves "
+                                        f"to the left")
+                assert res["pass"], (shape, r, cx, res)
+    # motion: at least half the set's speed (1 px a frame at 32), and along the prompted axis
+    assert data.shapes_check(clip(speed=0.6), cap)["motion"]
+    assert not data.shapes_check(clip(speed=0.4), cap)["motion"]
+    drift = clip(speed=1.0)
+    drift = torch.stack([torch.roll(drift[:, t], -t, dims=1) for t in range(9)], 1)  # + up
+    assert not data.shapes_check(drift, cap)["motion"]
+    # steadiness: the last frames' object as bright, as large and as sharp as the first frames'
+    v = clip()
+    fade = torch.linspace(1, 0.6, 9).view(1, 9, 1, 1)
+    assert not data.shapes_check((v + 1) * fade - 1, cap)["steady"]
+    assert not data.shapes_check((v + 1) * fade.clamp(max=0.3).flip(1) - 1, cap)["pass"]  # gone
+    shrink = torch.stack([clip(T=1, cx=22.0 - t, r=7.0 - 0.4 * t)[:, 0] for t in range(9)], 1)
+    res = data.shapes_check(shrink, cap)
+    assert res["colour"] and res["motion"] and not res["steady"], res
+    blur = v.clone()
+    for _ in range(3):  # smear the last four frames
+        blur[:, 5:] = torch.nn.functional.avg_pool2d(blur[:, 5:], 3, 1, 1, count_include_pad=False)
+    res = data.shapes_check(blur, cap)
+    assert res["colour"] and res["motion"] and not res["steady"], res
+    # colour: in every frame (a shape that turns green in its last frames fails)
+    recolour = torch.cat([v[:, :6], clip(colour="green", cx=16.0)[:, 6:]], 1)
+    assert not data.shapes_check(recolour, cap)["colour"]
+    assert data.shapes_check(recolour, "a red square moves to the left")["motion"]
 
 
 def test_atomic_writes_use_unique_temp_names_and_clean_up(tmp_path, monkeypatch):

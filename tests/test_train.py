@@ -13,7 +13,9 @@ import sys
 import weakref
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import PIL.Image
 import torch
 from safetensors.torch import load_file
 
@@ -844,13 +846,45 @@ def test_context_parallel_vae_two_ranks_equals_one_process(assets, tmp_path, tor
 
 @pytest.mark.slow
 def test_demo_quick(tmp_path, capsys):
-    """`python train.py --quick`: the whole pipeline in a few steps; the checker is applied to every prompt."""
+    """`python train.py --quick`: the whole pipeline in a few steps: the matmul yardstick, the VAE
+    gate, DEMO_SEEDS checked videos per prompt named NN_[held_]<prompt>_s<seed>, one grid."""
     res = train.main(["--quick", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    n_seen = sum(not h for _, h in data.eval_prompts())
-    assert f"/{n_seen} follow their prompt, held-out" in out
-    assert res["seen"][1] == n_seen and res["held"][1] == len(data.eval_prompts()) - n_seen
-    assert len(list((tmp_path / "samples").glob("*.png"))) == len(data.eval_prompts())
+    prompts = data.eval_prompts()
+    n_seen, seeds = sum(not h for _, h in prompts), len(train.DEMO_SEEDS)
+    assert "2048^2 fp32 matmul" in out
+    assert "demo: VAE gate: reconstructions of training clips" in out
+    assert f"seen prompts x {seeds} seeds: " in out and "minutes per phase" in out
+    assert res["seen"]["n"] == n_seen * seeds
+    assert res["held"]["n"] == (len(prompts) - n_seen) * seeds
+    assert 0 < res["vae_gate"][1] and res["matmul_gflops"][0] > 0
+    videos = sorted(p.name for p in (tmp_path / "samples").glob("*.mp4"))
+    assert len(videos) == len(prompts) * seeds
+    assert "00_a_red_circle_moves_to_the_left_s0.mp4" in videos
+    held = next(i for i, (_, h) in enumerate(prompts) if h)
+    name = f"{held:02d}_held_{prompts[held][0].replace(' ', '_')}_s{seeds - 1}.mp4"
+    assert name in videos
+    grid = PIL.Image.open(tmp_path / "samples" / "grid.png")
+    assert grid.height >= len(prompts) * 32  # one row per prompt
+
+
+def test_demo_sample_names_and_grid(tmp_path):
+    # NN_[held_]<prompt with underscores>_s<seed>; the grid: one row per video, PASS / FAIL marked
+    assert train.sample_name(3, "a red circle moves up", True, 2) == \
+        "03_held_a_red_circle_moves_up_s2"
+    assert train.sample_name(12, "a blue square moves down", False, 0) == \
+        "12_a_blue_square_moves_down_s0"
+    red = torch.from_numpy(data.shapes_clip(32, 32, "red", "square", "left", 9, 20.0, 16.0, 7.0))
+    red = red.permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, T, H, W) in [-1, 1]
+    data.shapes_grid([red, red], ["seen: a", "held-out: b"], [True, False], str(tmp_path / "g.png"))
+    g = torch.from_numpy(np.array(PIL.Image.open(tmp_path / "g.png").convert("RGB"))).int()
+    assert g.shape[0] == 2 * 64 + 2 and g.shape[1] == 300 + 9 * (64 + 2)  # 2 rows, 9 frames at 2x
+    label = g[:, :300]
+    green = (label[..., 1] > 100) & (label[..., 0] < 60)  # PASS in green in row 0 only
+    red_text = (label[..., 0] > 150) & (label[..., 1] < 60)  # FAIL in red in row 1 only
+    assert green[:64].any() and not green[66:].any()
+    assert red_text[66:].any() and not red_text[:64].any()
+    assert (g[:64, 300:300 + 64] == torch.tensor([255, 0, 0], dtype=torch.int32)).all(-1).any()
 
 
 def test_i2v_condition_is_the_first_frame_encoded_alone():
