@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -243,6 +244,8 @@ class Seq(NamedTuple):
     # None, or per row the (first slot, end, modulation row) pieces that cover it: the same
     # modulation as idx without per-token (R, M, D) copies of it (speed section)
     pieces: list = None
+    # an SPGroup: the rows are this rank's 1/G of every row's slots (sequence parallel section)
+    sp: object = None
 
 
 def pack_mask(seg):
@@ -308,7 +311,9 @@ class Block(nn.Module):
         q, k = self.q_norm(q[:, q_from:]), self.k_norm(k)
         if seq.rot is not None:
             q, k = apply_rope(q, seq.rot[:, q_from:]), apply_rope(k, seq.rot)
-        o = attention(q.to(v.dtype), k.to(v.dtype), v, seq.mask)      # (R, N - q_from, H, d)
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        # SP: all-to-all to every slot of 1/G of the heads and back (sequence parallel section)
+        o = attention(q, k, v, seq.mask) if seq.sp is None else sp_attention(q, k, v, seq)
         return self.proj(o.reshape(R, N - q_from, D))                 # (R, N - q_from, D)
 
     def mlp(self, h, seq=None):
@@ -404,6 +409,8 @@ class ExpertDiT(nn.Module):
         # Frame Pack attention: "auto" | "dense" | "segments" | "flex" (see packed_attention)
         self.packed_attention = "auto"
         self._tables = {}            # cached RoPE / sin-cos tables keyed by grid and device
+        # an SPGroup: each sample's tokens split over a group of ranks (sequence parallel section)
+        self.sp = None
         self.init_weights()
 
     def init_weights(self, seed=None):
@@ -542,6 +549,8 @@ class ExpertDiT(nn.Module):
         if t.shape != (B,) or text.shape[0] != B or text.shape[2] != self.cfg.text_dim:
             raise ValueError(f"need t (B,) and text (B, L, {self.cfg.text_dim}) for B={B}; got t "
                              f"{tuple(t.shape)}, text {tuple(text.shape)}")
+        if self.sp is not None:  # sequence parallel: the packed layout, one sample per row
+            return torch.stack(self.forward_packed(list(x), t, text, range(B)))  # (B, C_out, ...)
         with self._amp(x.device):
             e = self._time_embed(t)                                    # (B, E)
             # §2.2: text tokens go before the video tokens; one sequence, one attention.
@@ -585,6 +594,7 @@ class ExpertDiT(nn.Module):
         R, M, dev = len(groups), max_tokens or max(used), text.device
         if max(used) > M:
             raise ValueError(f"a row holds {max(used)} tokens > max_tokens={max_tokens}")
+        M = sp_row_length(self, M)  # SP: a multiple of the group size (more padding slots)
         # Index plan, built on the host from shapes only. The token table holds each sample's
         # [L text; n video] tokens in sample order. For every slot of every row: which table token
         # fills it (src; the RoPE table has the same layout), which sample it belongs to (seg, for
@@ -622,12 +632,19 @@ class ExpertDiT(nn.Module):
                 # per-sample positions: every sample starts at (0, 0, 0), as if alone
                 rot = torch.cat([self._table("rope", L, *g, dev) for g in grids])  # (sum N, d/2)
                 seq = seq._replace(rot=rot[src][:, :, None])           # (R, M, 1, d/2)
+            if self.sp is not None:  # sequence parallel: this rank keeps 1/G of every row's slots
+                x, seq = sp_shard(self, x, seq, idx_rows)              # (R, M/G, D)
+                one = None                                   # modulation per piece (seq.pieces)
             x = self._blocks(x, e if one is None else e[one], seq)  # (R, M, D); e per row if one
-            # final (shift, scale) of every video token: (S, 2, D) -> (sum n, 2, D)
-            m = self.mod_out(e).view(S, 2, -1).repeat_interleave(
-                torch.tensor(nv, device=dev), 0, output_size=sum(nv))  # shapes known on the host
             vdst = torch.tensor([i for v in vdst for i in v], device=dev)  # (sum n,) sample order
-            out = self._final(x.flatten(0, 1)[vdst], m).to(latents[0].dtype)  # (sum n, p*p*C_out)
+            if self.sp is not None:  # the final layer on this rank's slots, gathered: (R, M, P)
+                out = sp_final(self, x, e, seq).flatten(0, 1)[vdst]    # (sum n, p*p*C_out)
+            else:
+                # final (shift, scale) of every video token: (S, 2, D) -> (sum n, 2, D)
+                m = self.mod_out(e).view(S, 2, -1).repeat_interleave(
+                    torch.tensor(nv, device=dev), 0, output_size=sum(nv))  # shapes on the host
+                out = self._final(x.flatten(0, 1)[vdst], m)              # (sum n, p*p*C_out)
+            out = out.to(latents[0].dtype)
         return [rearrange(o, "(t gh gw) (c pt ph pw) -> c (t pt) (gh ph) (gw pw)", t=T, gh=gh,
                           pt=pt, ph=p, pw=p)[:, -z.shape[1]:]  # (C_out, T_s, h_s, w_s)
                 for o, (T, gh, gw), z in zip(out.split(nv), grids, latents)]
@@ -1134,6 +1151,139 @@ def load_lora(model, path, scale=1.0):
         m.scale = s * scale
         _swap(model, n, m)
     return len(pairs)
+
+
+# ----- sequence parallel: one sample's tokens over a group of ranks (not in the paper) -----
+# DeepSpeed-Ulysses for the DiT, the transformer's counterpart of the VAE's context parallel
+# (§2.1): an 81x768x1360 clip is 85,906 tokens, and that one sample's activations are spread over a
+# group of G ranks. Each rank of the group holds 1/G of the slots of every row, text AND video
+# together: the L text tokens are the first slots of their sample's span, like any other token
+# (handling them as a separate stream is what goes wrong in xDiT #295). Rows are padded to a
+# multiple of G with Frame Pack's padding slots (sample -1: they attend only to each other, nobody
+# attends to them, their outputs are never read), so no token count has to divide by G (xDiT #358,
+# #471).
+# Everything per token runs on the rank's own slots: LayerNorms, QK-norm, RoPE at each token's own
+# 3D position, the modulation of its (sample, expert), the MLP and the final layer. Attention needs
+# every slot: one all-to-all turns q, k, v (R, M/G, H, d) into (R, M, H/G, d) -- the whole row for
+# H/G of the heads --, the unsharded model's attention runs there unchanged (with Frame Pack's
+# per-sample rule built for the whole row: dense mask, Segments or flex), and a second all-to-all
+# turns (R, M, H/G, d) back into (R, M/G, H, d). The final layer's output (p*p*C_out per slot,
+# small) is gathered, so every rank of the group returns the same whole output. The gather's
+# backward is its adjoint (a reduce-scatter sum): each rank's gradients, of the parameters and of
+# the inputs, are G times its slots' share, and their MEAN over the group is one process's gradient
+# -- the mean DDP and FSDP take over ranks anyway (train.py then scales by the data-parallel world).
+# Cost per block, forward: the two all-to-alls move 4·M·D values per row (q, k, v out, the output
+# back); each rank sends and receives (G-1)/G of its 4·M·D/G. Backward moves the same again.
+
+class SPGroup(NamedTuple):
+    """ExpertDiT.sp: the sequence-parallel group this rank belongs to (None: no SP)."""
+    group: object   # the torch.distributed process group of the G ranks that share each row
+    size: int       # G
+    rank: int       # this rank's place g: it holds slots [g·M/G, (g+1)·M/G) of every row
+
+
+def sp_group(group):
+    """A process group -> the SPGroup of this rank in it."""
+    return SPGroup(group, dist.get_world_size(group), dist.get_rank(group))
+
+
+def sp_row_length(model, M):
+    """Row length M -> M rounded up to a multiple of the group size (the added slots are padding).
+    Also the one check of the split: every rank takes H/G whole heads."""
+    sp = model.sp
+    if sp is None:
+        return M
+    H = model.cfg.heads
+    if H % sp.size:
+        divisors = [g for g in range(1, H + 1) if H % g == 0]
+        raise ValueError(f"sequence parallel over {sp.size} ranks: the {H} attention heads do not "
+                         f"divide by {sp.size}; use a group size in {divisors}")
+    return -(-M // sp.size) * sp.size
+
+
+def _all_to_all(x, sp, to_heads):
+    """to_heads: x (P, M/G, H, d) this rank's slots, every head -> (P, M, H/G, d) every slot,
+    this rank's H/G heads; else the inverse. P: the leading dims (rows, and q/k/v)."""
+    G = sp.size
+    if to_heads:
+        P, m, H, d = x.shape
+        # head group g goes to rank g: (G, P, m, H/G, d)
+        send = x.reshape(P, m, G, H // G, d).permute(2, 0, 1, 3, 4).contiguous()
+    else:
+        P, M, h, d = x.shape
+        send = x.reshape(P, G, M // G, h, d).transpose(0, 1).contiguous()  # (G, P, M/G, H/G, d)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=sp.group)  # block g now holds what rank g sent
+    if to_heads:  # block g: rank g's slots, our heads
+        return recv.transpose(0, 1).reshape(P, G * m, H // G, d)       # (P, M, H/G, d)
+    return recv.permute(1, 2, 0, 3, 4).reshape(P, M // G, G * h, d)   # (P, M/G, H, d)
+
+
+class _AllToAll(torch.autograd.Function):
+    """_all_to_all with autograd: the backward of one direction is the other direction."""
+
+    @staticmethod
+    def forward(ctx, x, sp, to_heads):
+        ctx.sp, ctx.to_heads = sp, to_heads
+        return _all_to_all(x, sp, to_heads)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_to_all(g, ctx.sp, not ctx.to_heads), None, None
+
+
+class _Gather(torch.autograd.Function):
+    """(R, M/G, P) this rank's slots -> (R, M, P) every slot, the same on every rank of the group.
+    Backward, its adjoint: the group's gradients summed, each rank keeping its own slots'."""
+
+    @staticmethod
+    def forward(ctx, x, sp):
+        ctx.sp = sp
+        R, m, P = x.shape
+        out = x.new_empty(sp.size * R, m, P)
+        dist.all_gather_single(out, x.contiguous(), group=sp.group)  # (G·R, M/G, P): rank by rank
+        return out.view(sp.size, R, m, P).transpose(0, 1).reshape(R, sp.size * m, P)  # (R, M, P)
+
+    @staticmethod
+    def backward(ctx, g):
+        sp, (R, M, P) = ctx.sp, g.shape
+        send = g.reshape(R, sp.size, M // sp.size, P).transpose(0, 1)  # (G, R, M/G, P)
+        send = send.reshape(sp.size * R, M // sp.size, P)                # block g for rank g
+        out = g.new_empty(R, M // sp.size, P)
+        dist.reduce_scatter_single(out, send, group=sp.group)        # (R, M/G, P) summed
+        return out, None
+
+
+def sp_shard(model, x, seq, idx_rows):
+    """forward_packed's rows -> this rank's slots. x (R, M, D) every slot of every row (M a
+    multiple of G); seq: the layout of the whole rows; idx_rows: each slot's modulation row
+    2s + (0 video | 1 text) -> (x (R, M/G, D), seq of this rank's slots). The attention plan
+    (seq.mask) stays the whole rows': it runs after the all-to-all."""
+    sp = model.sp
+    m = x.shape[1] // sp.size
+    a = sp.rank * m                                                   # our slots [a, a + m)
+    local = [row[a:a + m] for row in idx_rows]
+    seq = seq._replace(idx=torch.tensor(local, device=x.device), pieces=runs(local), sp=sp,
+                       rot=None if seq.rot is None else seq.rot[:, a:a + m])  # our positions
+    return x[:, a:a + m].clone(), seq  # a copy: the whole rows are freed
+
+
+def sp_attention(q, k, v, seq):
+    """Block.attn's attention under SP: q, k, v (R, M/G, H, d) -> (R, M/G, H, d). One all-to-all
+    carries all three; the attention (and Frame Pack's mask) sees whole rows."""
+    qkv = _AllToAll.apply(torch.cat([q, k, v]), seq.sp, True)       # (3R, M, H/G, d)
+    o = attention(*qkv.chunk(3), seq.mask)                            # (R, M, H/G, d)
+    return _AllToAll.apply(o, seq.sp, False)                          # (R, M/G, H, d)
+
+
+def sp_final(model, x, e, seq):
+    """The final AdaLN and projection on this rank's slots, piece by piece with each piece's
+    sample's (shift, scale), gathered over the group. x (R, M/G, D), e (S, E) -> (R, M, P), P =
+    p*p*C_out. Text and padding slots get a value too (unread)."""
+    mm = model.mod_out(e).view(len(e), 2, -1)                         # (S, [shift, scale], D)
+    out = torch.stack([torch.cat([model._final(x[r, a:b], mm[j // 2]) for a, b, j in pieces])
+                       for r, pieces in enumerate(seq.pieces)])       # (R, M/G, P)
+    return _Gather.apply(out, seq.sp)                                 # (R, M, P)
 
 
 # ----- CLI -----

@@ -7,6 +7,7 @@ One flat step loop, the same code on a laptop CPU and under torchrun on many GPU
          time, images mixed in as 1-frame videos
   §3.1   Frame Pack: data.FramePackSampler fills token rows with clips of any duration and images;
          dit.forward_packed runs those rows. --bucket is the released code's simple mode.
+         --sp N: N ranks share each row, 1/N of its tokens each (sequence parallel, Ulysses)
   §3.2   progressive stages from the preset (low res -> high res -> best 20%), weights carried over
   §3.3   explicit uniform timesteps over the global batch (--iid-timesteps for the ablation)
   App. A --i2v: the first frame's latent joins the noisy latent along channels, with noise added
@@ -30,6 +31,7 @@ Run:
   torchrun --nnodes 8 --nproc_per_node 8 ... train.py --stage dit --preset cogvideox-5b --fsdp \\
                   --grad-checkpoint ...
   torchrun --standalone --nproc_per_node 4 train.py --stage vae --cp 2 ...   # 2 CP groups of 2
+  torchrun --standalone --nproc_per_node 4 train.py --stage dit --sp 2 ...    # 2 SP groups of 2
   python train.py ... --resume                   # continue from --out's latest checkpoint, exactly
                                                  # (any number of ranks; see "checkpoints" below)
   python train.py --stage dit --preset cogvideox-5b --init-diffusers CogVideoX-5b --lora 64 \\
@@ -208,6 +210,21 @@ def setup(device, cp, timeout_min=30.0):
         made = dist.new_group(ranks)
         group = made if rank in ranks else group
     return rank, world, torch.device(device), group
+
+
+def sp_setup(world, sp, device):
+    """--sp N (DiT): the 2D device mesh (dp, sp) = (world / N, N). Ranks g·N .. g·N + N - 1 form
+    sequence-parallel group g: they read the same samples (the data-parallel rank is rank // N)
+    and each runs 1/N of every row's tokens (dit.py's sequence parallel section). DDP and FSDP
+    still span all ranks (FSDP shards every parameter over dp × sp). -> dit.SPGroup, or None."""
+    if world % sp:
+        raise SettingsError(f"--sp {sp} needs a multiple of {sp} ranks, got {world}: launch with "
+                            f"torchrun --nproc_per_node {sp} (or a multiple)")
+    if sp == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device.type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
+    return dit.sp_group(mesh.get_group("sp"))
 
 
 def all_sum(x):
@@ -416,11 +433,14 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
     mse = torch.stack([(a.float() - b.float()).pow(2).mean() for a, b in zip(v, target)])  # (S,)
     n = torch.tensor(n, dtype=torch.float32, device=device)  # (S,)
     real = float((n > 0).sum())
+    # --sp: the G ranks of a group hold the same samples; each reports 1/G of the sums, so the
+    # all-summed stats count a sample once (the backward keeps the whole sum: see train())
+    G = job.sp.size if job.sp is not None else 1
     # "loss" stays a tensor (no float(): no device sync per micro-batch, and the step simulator
     # runs this on fake tensors); the loop turns it into a number once per micro-batch
-    stats = {"loss": (n * mse.detach()).sum(), "n": float(n.sum()),
-             "tokens": float(n.sum()) + real * job.cfg.text_len, "mse": mse.detach(), "t": t,
-             "n_j": n}
+    stats = {"loss": (n * mse.detach()).sum() / G, "n": float(n.sum()) / G,
+             "tokens": (float(n.sum()) + real * job.cfg.text_len) / G, "mse": mse.detach(),
+             "t": t, "n_j": n}
     return (n * mse).sum(), stats
 
 
@@ -933,6 +953,7 @@ def check_numbers(args, tc, steps):
              ("--rows", tc.rows >= 1, f"must be >= 1, got {tc.rows}"),
              ("--batch", tc.batch >= 1, f"must be >= 1, got {tc.batch}"),
              ("--accum", tc.accum >= 1, f"must be >= 1, got {tc.accum}"),
+             ("--sp", args.sp >= 1, f"must be >= 1, got {args.sp}"),
              ("--workers", args.workers >= 0, f"must be >= 0 (0 = load in the main process), got "
                                                f"{args.workers}"),
              ("--max-bad-steps", args.max_bad_steps >= 1, f"must be >= 1, got "
@@ -1003,6 +1024,8 @@ def check(args, tc, stages, steps=(1,)):
         raise SettingsError("--fsdp shards the DiT; train the VAE with DDP (drop --fsdp)")
     elif args.i2v:
         raise SettingsError("--i2v fine-tunes the DiT (App. A); drop it for --stage vae")
+    elif args.sp > 1:
+        raise SettingsError("--sp splits the DiT's tokens; the VAE's context parallel is --cp")
 
 
 def lora_settings(args):
@@ -1048,7 +1071,11 @@ def check_lora(args, dc):
 def check_dit(args, tc, stages, ac, dc):
     """The DiT stage's settings against its VAE, its position table and its row length."""
     if args.cp > 1:
-        raise SettingsError("--cp is the VAE's context parallel; drop it for --stage dit")
+        raise SettingsError("--cp is the VAE's context parallel; for the DiT use --sp")
+    if dc.heads % args.sp:
+        ok = [g for g in range(1, dc.heads + 1) if dc.heads % g == 0]
+        raise SettingsError(f"--sp {args.sp}: the {tc.dit} DiT's {dc.heads} attention heads do not "
+                            f"divide by it (each rank takes whole heads); use one of {ok}")
     if not args.simulate and (not args.vae or not (args.cache or args.text_encoder)):
         raise SettingsError("--stage dit needs --vae DIR (its latents and scaling factor) and "
                             "--text-encoder DIR (or a --cache DIR already holding the text "
@@ -1163,6 +1190,7 @@ def build_dit(job):
     args, device = job.args, job.device
     model = make_dit(args, job.tc, device)
     job.fill = dit_source(args, model, job.tc.seed, job.say)
+    model.sp = job.sp  # --sp: each sample's tokens split over the group (dit.py)
     if args.lora:
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         job.say(f"LoRA rank {args.lora} (alpha {args.lora_alpha or args.lora}) on "
@@ -1320,12 +1348,15 @@ def train(args):
     tc, stages, steps = resolve(args)
     check(args, tc, stages, steps)  # before setup: a bad setting never reaches a collective
     rank, world, device, group = setup(args.device, args.cp, args.timeout_min)
+    sp = sp_setup(world, args.sp, device)  # --sp: the (dp, sp) mesh; sequence-parallel group
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     is_dit = args.stage == "dit"
     # What the phases share: settings, ranks, the models. A plain record, filled by build_*.
+    share = args.cp * args.sp  # ranks that read the same samples: a CP (VAE) or SP (DiT) group
     job = SimpleNamespace(args=args, tc=tc, stages=stages, rank=rank, world=world, device=device,
-                          group=group, dp_rank=rank // args.cp, dp_world=world // args.cp, say=say,
+                          group=group, sp=sp, share=share, dp_rank=rank // share,
+                          dp_world=world // share, say=say,
                           ac=diffusion.alphas_cumprod(snr_shift_scale=tc.snr_shift),  # §3
                           text=None, cache=None, ids=None, disc=None, lpips=None, fill=None,
                           entries=data.read_manifest(args.data))
@@ -1350,7 +1381,7 @@ def train(args):
     log = open_log(args.out, step) if rank == 0 else None
     total, ends = sum(steps), [sum(steps[:i + 1]) for i in range(len(steps))]
     say(f"{args.stage}: {sum(p.numel() for p in params):,} parameters | world {world}"
-        f"{f' (cp {args.cp})' if args.cp > 1 else ''}"
+        f"{f' (cp {args.cp})' if args.cp > 1 else ''}{f' (sp {args.sp})' if args.sp > 1 else ''}"
         f"{' fsdp' if args.fsdp else ' ddp' if world > 1 else ''} | {len(steps)} stage(s), "
         f"{total} steps | {device}")
     losses, consec_bad, since, stage_i = [], 0, None, -1
@@ -1389,19 +1420,23 @@ def train(args):
                     # the GAN step's input: the last micro-batch that read something (or a dummy)
                     gan_in = (st["x"], st["rec"]) if st["n"] > 0 or gan_in is None else gan_in
                 loss.backward()
-            tot += torch.tensor([float(st["loss"]), st["n"], batch["bad"], st["tokens"], 0],
-                                dtype=torch.float64)
+            # a CP / SP group's ranks read the same files: each counts 1/group of the bad ones
+            tot += torch.tensor([float(st["loss"]), st["n"], batch["bad"] / job.share,
+                                 st["tokens"], 0], dtype=torch.float64)
         tot[4] = read_here = float(tot[1] > 0)
         # The logged loss is the global one (every rank's share summed), not rank 0's, so one
         # process and a torchrun of the same global batch print the same number.
         red = all_sum(tot)
-        bad_files += int(red[2])
+        bad_files += round(float(red[2]))
         if red[1] == 0:  # not one readable sample on any rank (every rank sees the same sum)
             since = nothing_read(job, log, step, total, bad_files, since or dict(pos), pos)
             continue
         since, n_read = None, float(red[1])
         gloss = float(red[0]) / n_read  # Σ n_j·loss_j / N: the mean over what was read
-        scale_grads(params, job.dp_world / n_read)  # × world / N: DDP / FSDP averaged the sums
+        # × world / N: DDP / FSDP averaged the sums over the ranks. A CP (VAE) or SP (DiT) group's
+        # ranks each hold group-size × their share of the group's gradient (the adjoint of the
+        # group's gather sums them), so the average over all ranks is over the data-parallel world.
+        scale_grads(params, job.dp_world / n_read)
         # Clip on the global gradient norm (DDP gradients are averaged; FSDP's clip reduces over
         # shards). Every rank sees the same norm and loss, so all agree to skip a non-finite step.
         gnorm = float(local(torch.nn.utils.clip_grad_norm_(params, tc.clip)))
@@ -1682,6 +1717,7 @@ def simulate(args, fake=True):
     if args.fsdp and world > 1:  # before fake mode: building a mesh reads real tensors
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh("cpu", (world,))
+    sp = sp_setup(world, args.sp, torch.device("cpu"))  # --sp: this rank's group, also before
     track = MemTracker(args.peak_tflops * 1e12)
     vae.ONEDNN = False  # a CPU-only kernel choice: not what a GPU runs (nor can fake tensors)
     dit.HOST = "meta"  # offloaded activations leave the (simulated) device
@@ -1691,8 +1727,10 @@ def simulate(args, fake=True):
         # noise, latents) are made outside it and stay real, so checks on their values work.
         mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
         with mode:
-            build = simulate_dit if args.stage == "dit" else simulate_vae
-            step = build(args, tc, stages, mesh, track, mode)
+            if args.stage == "dit":
+                step = simulate_dit(args, tc, stages, mesh, track, mode, sp)
+            else:
+                step = simulate_vae(args, tc, stages, mesh, track, mode)
         with track:
             step()
     finally:
@@ -1720,8 +1758,9 @@ class InMode(nn.Module):
             return self.net(*args)
 
 
-def simulate_dit(args, tc, stages, mesh, track, mode):
-    """Builds the DiT as training does and returns the step: rows x clips of synthetic latents."""
+def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
+    """Builds the DiT as training does and returns the step: rows x clips of synthetic latents
+    (sp: the rank's sequence-parallel group; each of its ranks runs 1/G of every row)."""
     # the recipe of a GPU run: bf16 autocast and FSDP mixed precision (--fp32: neither)
     model = make_dit(args, tc, torch.device("cpu" if args.fp32 else "cuda"))  # on meta
     if isinstance(mode, nullcontext):  # real tensors (--real): training's starting values
@@ -1733,6 +1772,7 @@ def simulate_dit(args, tc, stages, mesh, track, mode):
                                                 t.requires_grad)  # (a LoRA's base: bf16)
             for k, t in [(k, t) for k, t in m._buffers.items() if t is not None]:
                 m._buffers[k] = torch.empty(t.shape, dtype=t.dtype)
+    model.sp, G = sp, sp.size if sp is not None else 1
     vcfg = vae.VAE_PRESETS[tc.vae]
     # DDP is simulated as the model itself: its gradients are views into DDP's buckets
     # (gradient_as_bucket_view), so it adds only its communication buffers
@@ -1748,21 +1788,23 @@ def simulate_dit(args, tc, stages, mesh, track, mode):
         raise SettingsError(f"one {T}x{H}x{W} clip is {per} tokens > --max-tokens {max_tokens}")
     rows, clips = (args.rows or tc.rows), max_tokens // per
     C, L = model.cfg.out_channels, model.cfg.text_len
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    dp = (dist.get_world_size() if dist.is_initialized() else 1) // G  # data-parallel ranks
     items = [{"mean": torch.randn(C, *lat), "logvar": torch.full((C, *lat), -4.0),
               "img_mean": torch.randn(C, 1, *lat[1:]), "img_logvar": torch.full((C, 1, *lat[1:]), -4.0),
               "text": torch.randn(L, model.cfg.text_dim), "row": r, "slot": r * clips + c,
-              "weight": 1.0 / (rows * clips * world), "n_global": rows * clips * world, "index": 0}
+              "weight": 1.0 / (rows * clips * dp), "n_global": rows * clips * dp, "index": 0}
              for r in range(rows) for c in range(clips)]
     job = SimpleNamespace(args=args, tc=tc, device=torch.device("cpu"), ac=diffusion.alphas_cumprod(),
-                          ae=SimpleNamespace(cfg=vcfg), cfg=model.cfg)
+                          ae=SimpleNamespace(cfg=vcfg), cfg=model.cfg, sp=sp)
     for p in params:  # AdamW's state as after the first step, so the step measured is a steady one
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    M = -(-max_tokens // G) * G  # --sp: rows padded to a multiple of G, 1/G of them per rank
     track.info = {"what": f"{args.preset} DiT, {rows} row(s) x {clips} clip(s) of {T}x{H}x{W} "
-                          f"({per} tokens each, rows of {max_tokens})",
-                  "tokens": rows * max_tokens, "row": max_tokens, "params": params, "opt": opt,
+                          f"({per} tokens each, rows of {max_tokens})"
+                          + (f", each row split over {G} ranks (sequence parallel)" if G > 1 else ""),
+                  "tokens": rows * M // G, "row": max_tokens, "params": params, "opt": opt,
                   "numel": sum(p.numel() for p in params)}
 
     def step():
@@ -1856,6 +1898,7 @@ def report(args, track):
         return r
     dit_ = args.stage == "dit"
     print(f"simulate: {info['what']} | {world} rank(s)"
+          f"{f' (sp {args.sp})' if getattr(args, 'sp', 1) > 1 else ''}"
           f"{' fsdp' if args.fsdp else ' ddp' if world > 1 else ''}"
           f"{' + checkpointing' if args.grad_checkpoint and dit_ else ''}"
           f"{' (inputs offloaded)' if getattr(args, 'offload_activations', False) else ''}"
@@ -2073,6 +2116,9 @@ def parser():
     a("--workers", type=int, default=0, help="DataLoader worker processes")
     a("--fsdp", action="store_true", help="shard the DiT with FSDP2 (fully_shard) instead of DDP")
     a("--cp", type=int, default=1, help="VAE: ranks per context-parallel group (§2.1)")
+    a("--sp", type=int, default=1, help="DiT: ranks per sequence-parallel group (DeepSpeed-"
+      "Ulysses): they share each Frame Pack row, 1/N of its tokens each; the attention heads must "
+      "divide by N")
     a("--i2v", action="store_true", help="image-to-video fine-tune (App. A)")
     a("--iid-timesteps", action="store_true", help="i.i.d. timesteps, not §3.3's explicit uniform")
     a("--bucket", action="store_true", help="one shape per batch (released code), not Frame Pack")

@@ -970,3 +970,31 @@ def test_simulated_mlp_chunks_lower_the_working_peak():
             "128x128", "--grad-checkpoint", "--fp32"]
     one, four = train.main(args), train.main(args + ["--mlp-chunks", "4"])
     assert four["working"] < 0.9 * one["working"], (one["working"], four["working"])
+
+
+# ----- sequence parallel (--sp): 4 ranks = 2 data-parallel groups x 2 ranks sharing each row -----
+
+ODD = ["--size", "24x24", "--frames", "1,5,9", "--steps", "2,1"]  # 21, 30 and 39 tokens per sample
+
+
+@pytest.fixture(scope="module")
+def one_process_odd(assets, tmp_path_factory):
+    """The reference for the --sp runs: one process, 2 rows per step (the 4-rank runs' global batch: 2 data-parallel
+    ranks x 1 row), at 24x24 pixels, where samples are 21 or 39 tokens (not a multiple of 2)."""
+    out = tmp_path_factory.mktemp("one_odd")
+    return train.main(dit_args(assets, out, *ODD, "--rows", "2")), out
+
+
+@pytest.mark.parametrize("extra", [[], ["--fsdp", "--grad-checkpoint"]], ids=["ddp", "fsdp-checkpointing"])
+def test_sp_dp2_x_sp2_equals_one_process(assets, tmp_path, torchrun, one_process_odd, extra):
+    """--sp 2 on 4 ranks, DDP or FSDP2 (+ activation checkpointing): each row's tokens split over 2 ranks, 2
+    data-parallel groups; the same losses and weights as one process running the combined batch, every random
+    draw the same (the loss depends on them), each sample counted once in the normalisation."""
+    one, ref = one_process_odd
+    out = tmp_path / "four"
+    p = torchrun(train.__file__, *dit_args(assets, out, *ODD, "--rows", "1", "--sp", "2", *extra), nproc=4)
+    assert f"world 4 (sp 2) {'fsdp' if extra else 'ddp'}" in p.stdout
+    assert [r["loss"] for r in log(out)] == pytest.approx(one["losses"], rel=1e-5, abs=1e-7)
+    a, b = weights(ref / "dit"), weights(out / "dit")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
+    assert [r["tok_s"] * r["ms"] for r in log(out)] == pytest.approx([r["tok_s"] * r["ms"] for r in log(ref)])

@@ -1,0 +1,113 @@
+"""Sequence-parallel workers for the tests (tests/test_dit.py, tests/test_sample.py), run under torchrun:
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/_sp_worker.py dit
+        The tiny DiT (random weights, modulation included) with --sp = every rank, against the same model in
+        this process without SP, unpacked and Frame Pack batches whose rows are not a multiple of the group:
+        outputs, input gradients and parameter gradients (each rank's, averaged over the group: see dit.py's
+        sequence parallel section). Rank 0 prints one line `SPDIFF {json}` of the largest differences.
+    python -m torch.distributed.run --nproc_per_node 2 tests/_sp_worker.py sample -- <sample.py arguments>
+        sample.py with data.write_video patched to also save the float video as <path>.rank<R>.pt (the
+        same patch, applied in pytest, gives the one-process reference; write() below).
+"""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import data
+import dit
+
+
+def randomize(model, seed=0, std=0.05):
+    """Every weight random (our init zeroes the modulation and the output: v would be 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            gain = "norm" in name and name.endswith("weight")  # LayerNorm gains around 1
+            p.copy_(torch.randn(p.shape, generator=g) * std + gain)
+    return model
+
+
+def run(model, fn, inputs, weight):
+    """fn(model, *inputs) -> outputs (a list), loss = Σ weight·output, backward -> (outputs, input grads,
+    parameter grads) detached."""
+    model.zero_grad(set_to_none=True)
+    xs = [z.detach().clone().requires_grad_() for z in inputs]
+    outs = fn(model, *xs)
+    sum(((o * w).sum() for o, w in zip(outs, weight)), torch.zeros(())).backward()
+    return ([o.detach() for o in outs], [z.grad for z in xs],
+            {k: p.grad.clone() for k, p in model.named_parameters()})
+
+
+def group_mean(grads, G):
+    """Each rank's gradients averaged over the group (what DDP / FSDP do over ranks)."""
+    for g in grads:
+        dist.all_reduce(g)
+        g /= G
+    return grads
+
+
+def diff(ref, got):
+    return max(float((a - b).abs().max()) for a, b in zip(ref, got))
+
+
+def check_dit():
+    dist.init_process_group("gloo")
+    G = dist.get_world_size()
+    sp = dit.sp_group(dist.group.WORLD)
+    report = {}
+    gen = torch.Generator().manual_seed(1)
+    rand = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731  (the same on every rank)
+    for pos in ("rope", "sincos"):
+        cfg = dit.DiTConfig(**{**dit.asdict(dit.DIT_PRESETS["tiny"]), "pos": pos, "layers": 2})
+        torch.manual_seed(0)
+        model = randomize(dit.ExpertDiT(cfg))
+        L, C = cfg.text_len, cfg.in_channels
+        # unpacked: 2 samples of 12 text + 3·3·3 video tokens = 39 (odd)
+        x, t, text = rand(2, C, 3, 6, 6), torch.tensor([17, 901]), rand(2, L, cfg.text_dim)
+        # Frame Pack: rows of 39 + 14 = 53 and 18 + 14 = 32 tokens (with the padding, 54 per row)
+        lat = [rand(C, 3, 6, 6), rand(C, 1, 4, 6), rand(C, 2, 2, 2), rand(C, 1, 2, 4)]
+        rows, tp, textp = [0, 1, 1, 0], torch.tensor([5, 300, 640, 999]), rand(4, L, cfg.text_dim)
+        cases = {"unpacked": (lambda m, x, text: [m(x, t, text)], [x, text]),
+                 "packed": (lambda m, text, *z: m.forward_packed(list(z), tp, text, rows), [textp, *lat])}
+        for name, (fn, inputs) in cases.items():
+            for mode in (("dense", "segments") if name == "packed" else ("auto",)):
+                for ck in (False, True):
+                    model.packed_attention, model.checkpointing, model.sp = mode, ck, None
+                    outs = fn(model, *inputs)
+                    # a random linear loss of O(1) gradients (so the tolerance means ~1e-5 relative)
+                    weight = [rand(*o.shape) / o.numel() ** 0.5 for o in outs]
+                    ref = run(model, fn, inputs, weight)
+                    model.sp = sp
+                    got = run(model, fn, inputs, weight)
+                    key = f"{pos}/{name}/{mode}{'/checkpointing' if ck else ''}"
+                    report[key] = {"out": diff(ref[0], got[0]),
+                                   "input_grad": diff(ref[1], group_mean(got[1], G)),
+                                   "param_grad": diff(list(ref[2].values()),
+                                                      group_mean(list(got[2].values()), G)),
+                                   "scale": [max(float(g.abs().max()) for g in ref[1]),
+                                             max(float(g.abs().max()) for g in ref[2].values())]}
+    if dist.get_rank() == 0:
+        print("SPDIFF " + json.dumps(report), flush=True)
+    dist.destroy_process_group()
+
+
+def write(set_=setattr):
+    """data.write_video also saves the float video it writes (to compare ranks and processes)."""
+    real = data.write_video
+
+    def write_video(video, path, *a, **k):
+        torch.save(video.clone(), f"{path}.rank{os.environ.get('RANK', 0)}.pt")
+        return real(video, path, *a, **k)
+    set_(data, "write_video", write_video)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "dit":
+        check_dit()
+    elif sys.argv[1] == "sample":
+        import sample
+        write()
+        sample.main(sys.argv[sys.argv.index("--") + 1:])
