@@ -28,6 +28,8 @@ Run:
         --lora-scale 0.8 --lora-merge --prompt "..." --out lora.mp4 --device cuda --bf16
   python sample.py --model-dir CogVideoX1.5-5B --prompt "..." --out a.mp4 --device cuda --bf16 \\
         --offload --stream                       # 1.5: 81 frames 768x1360 at 16 fps
+  torchrun --standalone --nproc_per_node 4 sample.py --sp 4 --model-dir CogVideoX-5b ...
+        # sequence parallel: 4 GPUs share every DiT row (dit.py), rank 0 writes the same video
   python -m pytest -q tests/test_sample.py
 
 Shape legend:
@@ -45,6 +47,7 @@ import sys
 from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 
 import data
@@ -400,6 +403,40 @@ def check_args(a):
                          f"{a.lora_scale}")
     if (a.lora_scale != 1.0 or a.lora_merge) and not a.lora:
         raise ValueError("--lora-scale / --lora-merge apply a LoRA: add --lora FILE")
+    check_sp(a)
+
+
+def check_sp(a):
+    """--sp N: N processes (torchrun) share each DiT row; each takes whole heads, so the DiT's head
+    count must divide by N. Read from the folder's config, before any model is loaded."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if a.sp < 1:
+        raise ValueError(f"--sp must be >= 1, got {a.sp}")
+    if world != a.sp:  # (under torchrun without --sp every process would write the same files)
+        raise ValueError(f"--sp {a.sp} with {world} process(es): launch N processes for --sp N, "
+                         f"torchrun --nproc_per_node N sample.py --sp N ...")
+    cfg, key = ((a.ckpt, "dit"), "heads") if a.ckpt else ((a.model_dir, "transformer"),
+                                                             "num_attention_heads")
+    path = os.path.join(*cfg, "config.json")
+    heads = _json(path).get(key) if os.path.isfile(path) else None
+    if heads and heads % a.sp:  # (a missing config: the loader names it)
+        ok = [g for g in range(1, heads + 1) if heads % g == 0]
+        raise ValueError(f"--sp {a.sp}: the DiT's {heads} attention heads do not divide by it "
+                         f"(each process takes whole heads); use one of {ok}")
+
+
+def sp_start(a):
+    """--sp N under torchrun: the process group, this process's device (cuda: one GPU per process)
+    -> rank. Every rank samples the same draws (CPU generator); the DiT splits each row over the
+    ranks and returns the whole output on each, so T5, the sampler and the VAE run unchanged."""
+    if a.sp == 1:
+        return 0
+    cuda = torch.device(a.device).type == "cuda"
+    if cuda:
+        a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(a.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank()
 
 
 def main(argv=None):
@@ -434,6 +471,8 @@ def main(argv=None):
                    "(diffusers' set_adapters weight; 0 = the base model)")
     p.add_argument("--lora-merge", action="store_true", help="fold the LoRA into the weights "
                    "before sampling (no adapter cost per step)")
+    p.add_argument("--sp", type=int, default=1, help="under torchrun: N processes share every DiT "
+                   "row (sequence parallel, Ulysses); the DiT's heads must divide by N")
     a = p.parse_args(argv)
     # Bad input (missing folder, wrong frame count or size, non-I2V model with --image): one line,
     # exit code 2.
@@ -441,6 +480,9 @@ def main(argv=None):
         run(a, p)
     except (ValueError, OSError) as e:
         p.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run(a, p):
@@ -452,12 +494,18 @@ def run(a, p):
     if not prompts:
         p.error("give a prompt: --prompt TEXT or --prompts-file FILE")
     check_args(a)
-    if a.upsample_model:  # App. B: an LLM rewrites short prompts into captions like training's
+    rank = sp_start(a)  # --sp: the process group; only rank 0 prints and writes
+    say = print if rank == 0 else (lambda *a, **k: None)
+    if a.upsample_model and rank == 0:  # App. B: an LLM rewrites short prompts like training's
         import caption
 
         llm = caption.load_llm(a.upsample_model, device=a.device)
         prompts = [caption.upsample_prompt(q, llm) for q in prompts]
         del llm  # free it before the video models load
+    if a.upsample_model and a.sp > 1:  # every rank samples rank 0's prompts
+        box = [prompts]
+        dist.broadcast_object_list(box, src=0)
+        prompts = box[0]
     dtype = torch.bfloat16 if a.bf16 else None
     load_dev = "cpu" if a.offload else a.device  # offload: everything starts (and rests) on the CPU
     if a.ckpt:  # ac None: generate builds the schedule from cfg.snr_shift_scale
@@ -466,6 +514,8 @@ def run(a, p):
         net, ae, text, cfg, ac = load_released(a.model_dir, load_dev, dtype)
     if a.lora:
         apply_lora(net, a.lora, a.lora_scale, a.lora_merge)
+    if a.sp > 1:  # the DiT's sequence-parallel group: every rank (dit.py)
+        net.sp = ditlib.sp_group(dist.group.WORLD)
     if a.preset:  # the preset's look (frames, size, steps, ...) but the checkpoint's noise schedule
         cfg = replace(PRESETS[a.preset], snr_shift_scale=cfg.snr_shift_scale, sampler=cfg.sampler,
                       uncond=cfg.uncond)
@@ -481,14 +531,15 @@ def run(a, p):
         except data.BadVideo as e:
             raise ValueError(f"cannot read image {a.image!r}: {e}; pass a PNG or JPEG") from None
     paths = out_paths(a.out, len(prompts), prompts)
-    print(f"sampling {len(prompts)} prompt(s): {cfg.num_frames}x{cfg.height}x{cfg.width} | "
+    say(f"sampling {len(prompts)} prompt(s): {cfg.num_frames}x{cfg.height}x{cfg.width} | "
           f"{cfg.sampler} {cfg.steps} steps | cfg {cfg.cfg}"
           f"{' dynamic' if cfg.dynamic_cfg else ''} | uncond {cfg.uncond}")
     for i in range(0, len(prompts), a.batch_size):
         chunk = prompts[i:i + a.batch_size]
         videos = generate(net, ae, text, chunk, cfg, seed=a.seed + i, ac=ac, image=image,
-                          device=a.device, offload=a.offload, stream=a.stream)  # (b, 3, T, H, W)
-        for j, video in enumerate(videos):
+                          device=a.device, offload=a.offload, stream=a.stream,
+                          progress=rank == 0)  # (b, 3, T, H, W), the same on every rank
+        for j, video in enumerate(videos if rank == 0 else []):  # rank 0 writes
             path = paths[i + j]
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             data.write_video(video, path, cfg.fps)

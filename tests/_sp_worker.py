@@ -7,7 +7,8 @@
         sequence parallel section). Rank 0 prints one line `SPDIFF {json}` of the largest differences.
     python -m torch.distributed.run --nproc_per_node 2 tests/_sp_worker.py sample -- <sample.py arguments>
         sample.py with data.write_video patched to also save the float video as <path>.rank<R>.pt (the
-        same patch, applied in pytest, gives the one-process reference; write() below).
+        same patch, applied in pytest, gives the one-process reference; write() below). Rank 0 prints
+        `ALL_TO_ALL n`: how many all-to-alls the DiT ran.
 """
 import json
 import os
@@ -110,4 +111,12 @@ if __name__ == "__main__":
     elif sys.argv[1] == "sample":
         import sample
         write()
+        calls, real = [], dist.all_to_all_single  # count the DiT's all-to-alls: SP really ran
+
+        def counted(*a, **k):
+            calls.append(1)
+            return real(*a, **k)
+        dist.all_to_all_single = counted
         sample.main(sys.argv[sys.argv.index("--") + 1:])
+        if os.environ.get("RANK") == "0":
+            print(f"ALL_TO_ALL {len(calls)}", flush=True)

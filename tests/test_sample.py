@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import _sp_worker
 import data
 import dit
 import sample
@@ -606,3 +607,44 @@ def test_long_prompt_cut_with_a_warning(ckpt, capsys):
     assert "a 2800-word prompt is 2801 tokens; the text encoder keeps its first 8" in capsys.readouterr().err
     text.encode([PROMPTS[0]])
     assert "warning" not in capsys.readouterr().err
+
+
+# ----- sequence parallel sampling: torchrun --nproc_per_node 2 sample.py --sp 2 -----
+
+@pytest.mark.parametrize("src", ["ckpt", "model-dir"])
+def test_sequence_parallel_sampling_equals_one_process(src, ckpt, released, tmp_path, torchrun, monkeypatch):
+    """2 gloo ranks share every DiT row (35 tokens: 8 text + 3x3x3 video, padded to 36) through the whole
+    sampler, with CFG (a batch of 2 prompts x [uncond; cond]): the decoded frames equal one process's within
+    1e-4, and only rank 0 writes (the .mp4, the .png and the float copy the worker saves)."""
+    folder = str(ckpt) if src == "ckpt" else str(released)
+    argv = [f"--{src}", folder, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--batch-size", "2",
+            "--seed", "5", "--steps", "3", "--num-frames", "9", "--height", "24", "--width", "24", "--cfg", "4"]
+    _sp_worker.write(monkeypatch.setattr)  # data.write_video also saves the float video
+    sample.main([*argv, "--out", str(tmp_path / "one")])
+    worker = os.path.join(os.path.dirname(__file__), "_sp_worker.py")
+    p = torchrun(worker, "sample", "--", *argv, "--out", str(tmp_path / "two"), "--sp", "2")
+    assert p.stdout.count("wrote ") == 2  # rank 0's lines only
+    # the DiT ran split: 2 all-to-alls per block (1 layer) per DiT call (3 steps; DDIM: 1 call each)
+    assert "ALL_TO_ALL 6" in p.stdout, p.stdout[-2000:]
+    one, two = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir())
+    assert [f.name for f in one] == [f.name for f in two] and len(one) == 6  # 2 x (.mp4, .png, .rank0.pt)
+    for a, b in zip(one, two):
+        if a.suffix == ".pt":
+            va, vb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+            assert va.shape == (3, 9, 24, 24) and va.std() > 0.05
+            assert (va - vb).abs().max() <= 1e-4, float((va - vb).abs().max())
+
+
+def test_sequence_parallel_sampling_bad_settings_exit_2(ckpt, tmp_path, monkeypatch, capsys):
+    """--sp without torchrun's processes, or heads that do not divide: one line, exit 2, nothing loaded."""
+    monkeypatch.setattr(sample, "load_ckpt", lambda *a, **k: pytest.fail("a model was loaded"))
+    argv = ["--ckpt", str(ckpt), "--prompt", "x", "--out", str(tmp_path / "o.mp4")]
+    for extra, env, words in ((["--sp", "2"], "1", "--sp 2 with 1 process(es)"),
+                              ([], "2", "--sp 1 with 2 process(es)"),
+                              (["--sp", "0"], "1", "--sp must be >= 1"),
+                              (["--sp", "4"], "4", "the DiT's 2 attention heads do not divide by it")):
+        monkeypatch.setenv("WORLD_SIZE", env)
+        with pytest.raises(SystemExit) as e:
+            sample.main(argv + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and words in err[-1], err
