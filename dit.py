@@ -15,7 +15,9 @@ Where we differ from the release (same values, checked against diffusers in the 
 video stay one sequence instead of two tensors concatenated per call, q, k, v are one fused Linear,
 and RoPE is one complex multiply. Speed-only code (the last block computing video rows only; Frame
 Pack attention without an (M, M) mask: each sample's span alone, or FlexAttention) is in the last
-section, each called from one line.
+section, each called from one line. Sequence parallel (DeepSpeed-Ulysses, not in the paper; its own
+section): with ExpertDiT.sp set, a group of ranks shares every row, 1/G of its tokens each, with an
+all-to-all around attention (train.py / sample.py --sp N).
 
 Run:
   python dit.py                            # tiny preset: parameters, timed forward+backward (CPU)
@@ -25,6 +27,7 @@ Run:
   python -m pytest -q tests/test_dit.py    # parity with diffusers, packed == alone, save/load
   python -m pytest -q tests/test_dit.py -m slow -k flex    # the compiled FlexAttention kernel
   python -m pytest -q tests/test_lora.py   # LoRA files both ways with diffusers / PEFT
+  python -m pytest -q tests/test_dit.py -k sequence_parallel  # SP on 2 gloo ranks == 1 process
 
 Shape legend:
   B batch        C latent channels   T latent frames (T' in the paper)   h, w latent height, width

@@ -1801,9 +1801,9 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
     opt.step()
     opt.zero_grad(set_to_none=True)
     M = -(-max_tokens // G) * G  # --sp: rows padded to a multiple of G, 1/G of them per rank
+    split = f", each row split over {G} ranks (sequence parallel)" if G > 1 else ""
     track.info = {"what": f"{args.preset} DiT, {rows} row(s) x {clips} clip(s) of {T}x{H}x{W} "
-                          f"({per} tokens each, rows of {max_tokens})"
-                          + (f", each row split over {G} ranks (sequence parallel)" if G > 1 else ""),
+                          f"({per} tokens each, rows of {max_tokens}){split}",
                   "tokens": rows * M // G, "row": max_tokens, "params": params, "opt": opt,
                   "numel": sum(p.numel() for p in params)}
 

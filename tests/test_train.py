@@ -497,6 +497,9 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--save-every", "-1"], "--save-every must be >= 0"),
     (["--vae", "{vae8}", "--size", "24x24"], "24x24 is not a positive multiple of 16"),  # the --vae given decides
     (["--vae", "{vae16}"], "--vae has 16 latent channels, the tiny DiT 8"),
+    (["--sp", "0"], "--sp must be >= 1, got 0"),
+    (["--sp", "3"], "--sp 3: the tiny DiT's 4 attention heads do not divide by it"),
+    (["--sp", "2"], "--sp 2 needs a multiple of 2 ranks, got 1"),
 ])
 def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsys, extra, words):
     """Each bad value: one line naming the fix, exit code 2, before any model is loaded (issue 20)."""
