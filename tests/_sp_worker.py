@@ -75,15 +75,18 @@ def check_dit():
                  "packed": (lambda m, text, *z: m.forward_packed(list(z), tp, text, rows), [textp, *lat])}
         for name, (fn, inputs) in cases.items():
             for mode in (("dense", "segments") if name == "packed" else ("auto",)):
-                for ck in (False, True):
-                    model.packed_attention, model.checkpointing, model.sp = mode, ck, None
+                # checkpointing: plain, and (once) with the block inputs offloaded to host memory
+                cks = (False, True, "offload") if (pos, mode) == ("rope", "segments") else (False, True)
+                for ck in cks:
+                    model.packed_attention, model.sp = mode, None
+                    model.checkpointing, model.offload = bool(ck), ck == "offload"
                     outs = fn(model, *inputs)
                     # a random linear loss of O(1) gradients (so the tolerance means ~1e-5 relative)
                     weight = [rand(*o.shape) / o.numel() ** 0.5 for o in outs]
                     ref = run(model, fn, inputs, weight)
                     model.sp = sp
                     got = run(model, fn, inputs, weight)
-                    key = f"{pos}/{name}/{mode}{'/checkpointing' if ck else ''}"
+                    key = f"{pos}/{name}/{mode}" + {False: "", True: "/checkpointing"}.get(ck, f"/{ck}")
                     report[key] = {"out": diff(ref[0], got[0]),
                                    "input_grad": diff(ref[1], group_mean(got[1], G)),
                                    "param_grad": diff(list(ref[2].values()),
