@@ -679,7 +679,7 @@ def test_init_from_a_released_diffusers_folder(tmp_path):
 def test_t5_is_released_once_every_caption_is_cached(assets, tmp_path):
     args = train.parser().parse_args(dit_args(assets, tmp_path / "out", "--cache", str(tmp_path / "cache")))
     job = SimpleNamespace(args=args, tc=train.PRESETS["tiny"], device=torch.device("cpu"), rank=0, world=1,
-                          say=print, text=None, entries=data.read_manifest(assets["manifest"]))
+                          say=print, text=None, sp=None, entries=data.read_manifest(assets["manifest"]))
     real = dit.TextEncoder
     made = []
     with pytest.MonkeyPatch.context() as mp:
