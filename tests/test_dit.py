@@ -716,13 +716,14 @@ def test_cli_bad_values_one_line(capsys):
 def test_sequence_parallel_two_ranks_equals_one_process(torchrun):
     """--sp 2: each rank runs half of every row's slots (text and video together, rows of 39 and 53
     tokens padded to an even count), all-to-all around attention. Unpacked and Frame Pack (dense and
-    Segments), RoPE and sin-cos, with and without checkpointing (once with offloaded block inputs):
-    outputs, input gradients and parameter gradients (averaged over the group, as DDP / FSDP do)
-    equal one process."""
+    Segments), RoPE, sin-cos and 1.5 (temporal patch, ofs), with and without checkpointing (once
+    with offloaded block inputs): outputs, input gradients and parameter gradients (averaged over
+    the group, as DDP / FSDP do) equal one process."""
     worker = os.path.join(os.path.dirname(__file__), "_sp_worker.py")
     line = next(x for x in torchrun(worker, "dit").stdout.splitlines() if x.startswith("SPDIFF "))
     report = json.loads(line[len("SPDIFF "):])
-    assert len(report) == 13 and "rope/packed/segments/offload" in report, sorted(report)
+    assert len(report) == 17 and "rope/packed/segments/offload" in report, sorted(report)
+    assert "1.5/unpacked/auto" in report and "1.5/packed/segments/checkpointing" in report
     for case, r in report.items():
         assert min(r["scale"]) > 1e-2, (case, r)  # gradients that mean something
         assert max(r["out"], r["input_grad"], r["param_grad"]) <= 1e-5, (case, r)
