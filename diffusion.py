@@ -139,6 +139,34 @@ def explicit_uniform_timesteps(batch_size, rank, world_size, num_steps=1000, gen
     return t[rank * batch_size : (rank + 1) * batch_size]
 
 
+def mass_strata_timesteps(masses, num_steps=1000, generator=None):
+    """§3.3 explicit uniform sampling for a loss that weighs sample j by its mass w_j (its share
+    of the batch's tokens): LongTensor (N,) of timesteps, one per sample.
+
+    With count strata (explicit_uniform_timesteps) a clip holding half the batch's tokens gets
+    one stratum of width 1/N yet half the loss, so the token-weighted distribution of t in a batch
+    is far from uniform. Here the samples, in random order, cover a circle of circumference 1 with
+    arcs of length w_j starting at a random offset; sample j draws t uniformly inside its own arc.
+    The token mass is then stratified as §3.3 stratifies samples (every arc holds one draw), and
+    each t_j alone is uniform on [0, 1) whatever its w_j (the random offset turns the circle), so
+    the expected loss is unchanged. Equal masses give §3.3's strata, shifted by a common offset.
+    (Precisely: on arcs starting at the offset the weighted CDF is within max_j w_j of uniform;
+    on [0, x) within 2·max_j w_j. The per-step token-weighted mean of a function of t varies
+    less than with count strata: tests/test_diffusion.py measures it.)"""
+    w = torch.as_tensor(masses, dtype=torch.float64)  # (N,)
+    n = len(w)
+    if n < 1 or bool((w < 0).any()) or not float(w.sum()) > 0:
+        raise ValueError(f"masses must be >= 0 with a positive sum, got {w.tolist()}")
+    w = w / w.sum()
+    perm = torch.randperm(n, generator=generator)  # (N,) the order of the arcs
+    u = torch.rand(n + 1, generator=generator, dtype=torch.float64)  # (N+1,) offset, then in-arc
+    start = torch.cumsum(w[perm], 0) - w[perm] + u[0]  # (N,) arc starts on the circle
+    pos = torch.remainder(start + u[1:] * w[perm], 1.0)  # (N,) in [0, 1)
+    t = torch.empty(n, dtype=torch.long)
+    t[perm] = torch.floor(pos * num_steps).long().clamp_(0, num_steps - 1)
+    return t  # (N,)
+
+
 def iid_timesteps(batch_size, num_steps=1000, generator=None):
     """The common practice §3.3 argues against: every sample draws t ~ U{0..N−1} independently."""
     return torch.randint(0, num_steps, (batch_size,), generator=generator)

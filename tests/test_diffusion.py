@@ -252,3 +252,40 @@ def test_cli_prints_the_schedule_and_rejects_bad_arguments():
         r = subprocess.run([sys.executable, "diffusion.py", *bad], capture_output=True, text=True,
                            cwd=D.__file__.rsplit("/", 1)[0])
         assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr, bad
+
+
+def test_mass_strata_hold_for_a_token_weighted_loss():
+    """Issue 17: the DiT's loss weighs each sample by its tokens, so §3.3's strata are laid over
+    token mass (mass_strata_timesteps). Each sample's t alone stays uniform (the expected loss is
+    unchanged); the weighted mass of t is stratified (within 2·max w of uniform on every [0, x));
+    and the per-step token-weighted mean of ā(t), the loss-scale proxy of the test above, varies
+    less than with count strata (and i.i.d. draws) on a mix of clips and images."""
+    ac = D.alphas_cumprod(snr_shift_scale=3.0).double()
+    w = torch.tensor([21.0, 13, 13, 5, 5, 5] + [1] * 10, dtype=torch.float64)  # latent frames
+    w, n = w / w.sum(), len(w)
+    g = torch.Generator().manual_seed(0)
+    mass, count, iid, ts = [], [], [], []
+    for _ in range(3000):
+        t = D.mass_strata_timesteps(w, generator=g)
+        assert t.shape == (n,) and t.dtype == torch.long and 0 <= t.min() and t.max() < 1000
+        o = torch.argsort(t)
+        cdf, x = torch.cumsum(w[o], 0), t[o].double() / 1000
+        assert ((cdf - w[o] - x).abs().max() <= 2 * w.max() + 1e-3
+                and (cdf - x - 1e-3).abs().max() <= 2 * w.max() + 1e-3)
+        ts.append(t)
+        mass.append((w * ac[t]).sum())
+        t = D.explicit_uniform_timesteps(n, 0, 1, generator=g)[torch.randperm(n, generator=g)]
+        count.append((w * ac[t]).sum())
+        iid.append((w * ac[D.iid_timesteps(n, generator=g)]).sum())
+    ts = torch.stack(ts)  # (3000, n)
+    for j in (0, n - 1):  # the heaviest and a lightest sample: each uniform on its own
+        hist = torch.bincount(ts[:, j] // 100, minlength=10).double() / len(ts)
+        assert (hist - 0.1).abs().max() < 0.025, hist
+    std = lambda v: torch.stack(v).std().item()
+    assert std(mass) < 0.85 * std(count) < 0.85 * std(iid), (std(mass), std(count), std(iid))
+    assert abs(torch.stack(mass).mean() - ac.mean()) < 0.01  # unbiased
+    eq = D.mass_strata_timesteps([1.0] * 8, generator=torch.Generator().manual_seed(1))
+    gaps = torch.diff(torch.sort(eq).values)  # equal masses: §3.3's strata, one offset
+    assert (gaps - 125).abs().max() <= 125
+    with pytest.raises(ValueError, match="masses"):
+        D.mass_strata_timesteps([0.0, 0.0])
