@@ -193,6 +193,28 @@ def find_videos(inputs):
     return found
 
 
+def _known_meta(inputs):
+    """{absolute path: data.META fields (+ "hash")} of the input manifests' entries that have
+    them, carried into the output as they are."""
+    known = {}
+    for item in map(Path, inputs):
+        if item.suffix == ".jsonl" and item.is_file():
+            for e in data.read_manifest(item):
+                if data.has_meta(e):
+                    keep = [*data.META, "hash"]
+                    known[os.path.abspath(e["path"])] = {k: e[k] for k in keep if k in e}
+    return known
+
+
+def _meta(path):
+    """A captioned video's data.META fields (one probe; its frames were just read, so it is
+    readable), or {} when the probe fails anyway (training then probes it)."""
+    try:
+        return data.media_info(path)
+    except (data.BadVideo, OSError):
+        return {}
+
+
 # ----- local Hugging Face models -----
 
 def _folder(folder, what):
@@ -549,7 +571,9 @@ def caption_videos(inputs, out, cfg=None, frame_captioner=None, summariser=None,
     """Caption every video in `inputs` (files, folders, manifests) into the JSONL manifest `out`.
 
     One line per video, the manifest format data.py reads: {"path", "caption", "frame_captions":
-    {"0.0": ..., "2.0": ...}, "short_caption"?}; "path" is relative to the output file's folder
+    {"0.0": ..., "2.0": ...}, "short_caption"?} + data.META ("height", "width", "frames", "fps",
+    "duration") and "hash", carried from an input manifest or probed;
+    "path" is relative to the output file's folder
     when the video lies inside it (the folder can then move as a whole), absolute otherwise.
     Resumable: videos already in `out` are skipped. Each finished line is appended with one write +
     fsync, so an interrupted run leaves only whole lines (a torn one is dropped on the next run).
@@ -569,6 +593,7 @@ def caption_videos(inputs, out, cfg=None, frame_captioner=None, summariser=None,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done, videos = _done(out), find_videos(inputs)
+    known = _known_meta(inputs)
     todo, seen = [], set(done)
     for p, short in videos:  # resume: skip captioned videos (and a video listed twice)
         if os.path.abspath(p) not in seen:
@@ -585,6 +610,7 @@ def caption_videos(inputs, out, cfg=None, frame_captioner=None, summariser=None,
                                               video_captioner, short_captioner)
             for e in entries:
                 p = os.path.abspath(e["path"])
+                e.update(known.get(p) or _meta(p))  # so training never probes (data.META)
                 e["path"] = os.path.relpath(p, root) if p.startswith(root + os.sep) else p
                 f.write(json.dumps(e, ensure_ascii=False) + "\n")  # one write per line: whole lines
                 f.flush()

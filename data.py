@@ -24,6 +24,7 @@ combined batch (tested); `weight` > 0 marks a real sample.
 Run:
   python data.py shapes  --out shapes --n 400              # the toy set the demo trains on
   python data.py inspect shapes/manifest.jsonl --height 32 --width 32 --frames 9
+  python data.py inspect raw.jsonl --write meta.jsonl   # + height, width, frames, fps, duration
   python data.py filter  shapes/manifest.jsonl --out shapes/kept.jsonl  # + .top20, .dropped.tsv
   python -m pytest -q tests/test_data.py
 Everything runs on the CPU (no --device; under torchrun, train.py gives the samplers its rank).
@@ -39,13 +40,14 @@ import hashlib
 import importlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import sys
 import uuid
 from collections import Counter, deque
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -330,9 +332,11 @@ def _load_image(path):
         raise _bad("unreadable image", e) from None
 
 
-def _cover_crop(x, height, width):
-    """(3, h, w) uint8 -> (3, H, W) float 0..255: resize to cover (aspect kept), then center crop.
-    A side given as None keeps its native size."""
+def _cover_crop(x, height, width, crop=None):
+    """(3, h, w) uint8 -> (3, H, W) float 0..255: resize to cover (aspect kept), then crop.
+    A side given as None keeps its native size. crop: None = the centre; (fy, fx) in [0, 1) = the
+    crop's place along each side's slack s (offset floor(f * (s + 1)): every offset equally likely
+    for a uniform f; the release's random crop, resize_for_rectangle_crop)."""
     _, h, w = x.shape
     height, width = height or h, width or w
     s = max(height / h, width / w)
@@ -342,11 +346,14 @@ def _cover_crop(x, height, width):
         # antialias: downscaling without it aliases thin edges (and flicker between frames)
         x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True,
                           align_corners=False)[0]  # (3, nh, nw)
-    top, left = (nh - height) // 2, (nw - width) // 2
+    if crop is None:
+        top, left = (nh - height) // 2, (nw - width) // 2
+    else:
+        top, left = (min(s, int(f * (s + 1))) for f, s in zip(crop, (nh - height, nw - width)))
     return x[:, top:top + height, left:left + width]  # (3, H, W)
 
 
-def _decode(path, num_frames, height, width, fps, start):
+def _decode(path, num_frames, height, width, fps, start, crop=None):
     """Decode only the frames needed -> list of (3, H, W) tensors (possibly fewer than num_frames).
 
     fps=None: consecutive frames from `start`. fps given: target times start + i / fps, each filled
@@ -359,7 +366,7 @@ def _decode(path, num_frames, height, width, fps, start):
 
     def conv(c):  # convert a decoded frame at most once, even when it fills several targets
         if c[2] is None:
-            c[2] = _cover_crop(_rgb(c[1]), height, width)
+            c[2] = _cover_crop(_rgb(c[1]), height, width, crop)
         return c[2]
 
     with closing(frames):
@@ -382,11 +389,12 @@ def _decode(path, num_frames, height, width, fps, start):
 
 
 def load_video(path, num_frames, height=None, width=None, fps=None, start=None, pad="nearest",
-               min_frames=None):
+               min_frames=None, crop=None):
     """Decode one clip (or image) as training sees it -> (3, T, H, W) float in [-1, 1].
 
     num_frames: 4k+1 frames wanted (§3: the causal VAE maps 4k+1 frames to k+1 latents).
-    height, width: resize to cover, then center crop; None keeps the native size (after rotation).
+    height, width: resize to cover, then crop; None keeps the native size (after rotation).
+    crop:       None = centre crop; (fy, fx) in [0, 1) = where the crop sits (see _cover_crop).
     fps:        sampling rate; frames are spread in time at this rate (None = native, every frame).
     start:      seconds from the beginning of the clip (seek; only what is needed is decoded).
     pad:        a clip too short for num_frames gives T = the largest 4k+1 it can fill ("nearest",
@@ -401,9 +409,9 @@ def load_video(path, num_frames, height=None, width=None, fps=None, start=None, 
     if pad not in ("nearest", "repeat"):
         raise ValueError(f"pad must be 'nearest' or 'repeat', got {pad!r}")
     if _is_image(path):
-        frames = [_cover_crop(_load_image(path), height, width)]
+        frames = [_cover_crop(_load_image(path), height, width, crop)]
     else:
-        frames = _decode(path, num_frames, height, width, fps, start)
+        frames = _decode(path, num_frames, height, width, fps, start, crop)
         if not frames:
             raise BadVideo("no frames decoded" + (f" after start={start}s" if start else ""))
         if min_frames and len(frames) < min_frames:
@@ -468,6 +476,76 @@ def probe(path):
         _, h, w = _rgb(first).shape
         frames = s.frames or max(1, round(seconds * rate))
         return {"height": h, "width": w, "frames": frames, "fps": rate or None, "seconds": seconds}
+
+
+# ----- metadata in the manifest: probed once, in parallel -----
+
+# What planning a stage needs of a file (VideoDataset): with these in the manifest no rank ever
+# opens a file to plan (`python data.py inspect MANIFEST --write OUT` records them).
+META = ("height", "width", "frames", "fps", "duration")
+
+
+def has_meta(entry):
+    return all(k in entry for k in META)
+
+
+def content_hash(path, sample=1 << 16):
+    """A cheap content hash (32 hex digits): sha256 of the size and three 64 KiB samples (start,
+    middle, end), not of the whole file, so recording it costs ~200 KiB of reading per file. A
+    replaced, re-encoded or truncated file changes it; an edit that keeps the size and touches no
+    sample does not (mtime and size, which the latent cache keys on, catch that one)."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for at in sorted({0, max(0, size // 2 - sample // 2), max(0, size - sample)}):
+            f.seek(at)
+            h.update(f.read(sample))
+    return h.hexdigest()[:32]
+
+
+def media_info(path):
+    """One file's manifest metadata: {"height", "width", "frames", "fps", "duration", "hash"}
+    (probe: the header and one decoded frame; duration in seconds). Raises BadVideo."""
+    m = probe(path)
+    return {"height": m["height"], "width": m["width"], "frames": m["frames"], "fps": m["fps"],
+            "duration": round(m["seconds"], 6), "hash": content_hash(path)}
+
+
+def _info_job(path):
+    """A probing worker's job: never raises, so one bad file cannot stop the pool."""
+    try:
+        return media_info(path), None
+    except BadVideo as e:
+        return None, str(e)
+    except OSError as e:  # e.g. removed between the probe and the hash
+        return None, f"unreadable ({e.strerror})"
+
+
+def probe_entries(entries, workers=0, force=False, progress=False):
+    """Record META (+ "hash") in every entry that lacks them (all of them with force=True), in
+    `workers` processes -> (new entries, {path: reason} of the unreadable ones).
+
+    An unreadable entry comes back with "unreadable": reason and no metadata (VideoDataset skips
+    it, warned once with the reason). Entries that have META are returned as they are."""
+    todo = [i for i, e in enumerate(entries) if force or not has_meta(e)]
+    paths = [entries[i]["path"] for i in todo]
+    bar = dict(total=len(paths), desc="probe", unit="file", disable=not progress or not paths)
+    if workers > 1 and len(paths) > 1:
+        # fork: the workers share the parent's imports (spawn would import torch again in each)
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+        chunk = max(1, min(64, len(paths) // (4 * workers)))
+        with ctx.Pool(workers) as pool:
+            results = list(tqdm(pool.imap(_info_job, paths, chunksize=chunk), **bar))
+    else:
+        results = [_info_job(p) for p in tqdm(paths, **bar)]
+    out, bad = list(entries), {}
+    for i, (meta, why) in zip(todo, results):
+        e = {k: v for k, v in entries[i].items() if k != "unreadable"}
+        out[i] = dict(e, **meta) if meta else dict(e, unreadable=why)
+        if why:
+            bad[e["path"]] = why
+    return out, bad
 
 
 # ----- writing video -----
@@ -546,28 +624,41 @@ class VideoDataset(torch.utils.data.Dataset):
     mode="pack":   a clip gets the largest stage frame count it can fill (its real duration, §3.1);
     mode="bucket": every clip gets max(stage.frames), short ones padded by repeating the last frame
                    (the released code's simple mode). Images are T = 1 in both.
-    Planning uses the manifest fields height/width/frames/fps when present (make_shapes writes
-    them), else reads the file header (probe). `shapes[i]` is None for a file that failed: samplers
-    skip it. ds[key] decodes; a bad file gives None (collate drops it), is counted in .skipped and
-    warned once. A truncated file (it decodes fewer frames than its header promised) is a bad file
-    too: silently repeating its last frame would teach frozen video. One missing frame is allowed
-    (header frame counts estimated from duration x rate are often one off) and padded."""
+    augment="random": each sample's temporal start and crop are drawn per (seed, epoch, index),
+                   as the release draws them (sat/data_video.py: a random start frame; its
+                   resize_for_rectangle_crop has a random mode); "fixed": the entry's own "start"
+                   (or 0) and the centre crop, the same every epoch (what the latent cache holds).
+    Planning uses the manifest fields height/width/frames/fps (make_shapes and `data.py inspect
+    --write` record them; train.py probes a manifest without them once, up front), else reads the
+    file header (probe). `shapes[i]` is None for a file that failed: samplers skip it. ds[key]
+    decodes; a bad file gives None (collate drops it), is counted in .skipped and warned once. A
+    truncated file (it decodes fewer frames than its header promised) is a bad file too: silently
+    repeating its last frame would teach frozen video. One missing frame is allowed (header frame
+    counts estimated from duration x rate are often one off) and padded."""
 
-    def __init__(self, entries, stage, mode="pack"):
+    def __init__(self, entries, stage, mode="pack", augment="fixed", seed=0):
         if mode not in ("pack", "bucket"):
             raise ValueError(f"mode must be 'pack' or 'bucket', got {mode!r}")
+        if augment not in ("fixed", "random"):
+            raise ValueError(f"augment must be 'fixed' or 'random', got {augment!r}")
         if stage.subset is not None:  # §3.2 high-quality fine-tune: the best by filter score
             if any("quality" not in e for e in entries):
                 raise ValueError("Stage.subset needs a 'quality' score per entry: run "
                                  "`python data.py filter` first")
             entries = top_quality(entries, stage.subset)
         self.entries, self.stage, self.mode, self.skipped, self.bad = list(entries), stage, mode, 0, {}
+        self.augment, self.seed = augment, seed
         plans = [self._plan(e) for e in self.entries]
-        # shapes[i]: the planned (T, H, W); frames[i]: the frames its header promises at that T
-        self.shapes, self.frames = [p and p[0] for p in plans], [p and p[1] for p in plans]
+        # shapes[i]: the planned (T, H, W); frames[i]: the frames its header promises at that T;
+        # avail[i]: frames the clip has at the stage's rate (a random start can move over the rest)
+        self.shapes, self.frames, self.avail = ([p and p[k] for p in plans] for k in range(3))
 
     def _plan(self, e):
-        """-> ((T, H, W), frames the header promises of those T), or None for a bad file."""
+        """-> ((T, H, W), frames the header promises of those T, frames at the stage rate), or
+        None for a bad file."""
+        if "unreadable" in e:  # probed before (probe_entries) and found bad
+            self._warn(e["path"], e["unreadable"])
+            return None
         try:
             meta = e if all(k in e for k in ("height", "width", "frames")) else probe(e["path"])
         except BadVideo as err:
@@ -578,15 +669,35 @@ class VideoDataset(torch.utils.data.Dataset):
         H, W = min(self.stage.resolutions,
                    key=lambda r: abs(math.log(r[1] / r[0]) - math.log(w / h)))
         if n <= 1 or _is_image(e["path"]):
-            return (1, H, W), 1
+            return (1, H, W), 1, 1
         if self.stage.fps and meta.get("fps"):  # frames available at the stage rate
             n = int((n - 1) * self.stage.fps / meta["fps"] + 1e-6) + 1
         clip_frames = [f for f in self.stage.frames if f > 1]
         if self.mode == "bucket":  # short clips are padded on purpose (released pad_last_frame)
-            return (max(clip_frames), H, W), min(n, max(clip_frames))
+            return (max(clip_frames), H, W), min(n, max(clip_frames)), n
         fits = [f for f in clip_frames if f <= n]
         T = max(fits) if fits else nearest_4k1(n)
-        return (T, H, W), T
+        return (T, H, W), T, n
+
+    def augmentation(self, index, epoch=0):
+        """-> (start in seconds or None, crop (fy, fx) or None = centre) of sample `index` in
+        `epoch`: a pure function of (seed, epoch, index), so any worker, rank or resumed run
+        draws the same. The start moves over the frames the clip has beyond its planned T."""
+        e, shape = self.entries[index], self.shapes[index]
+        if self.augment == "fixed" or shape is None:
+            return e.get("start"), None
+        # str seeds go through sha512: the same numbers in every process (hash() is salted)
+        rng = random.Random(f"augment|{self.seed}|{epoch}|{index}")
+        u_t, u_y, u_x = rng.random(), rng.random(), rng.random()
+        slack = self.avail[index] - shape[0]  # frames at the stage rate beyond the planned T
+        rate = self.stage.fps or e.get("fps")
+        start = e.get("start")
+        if shape[0] > 1 and slack > 0 and rate:
+            k = min(slack, int(u_t * (slack + 1)))  # frames to skip, each of 0..slack alike
+            # at the native rate (no stage fps) half a frame early, so frame k (time k / rate,
+            # rounded by the container) is the first one decoded
+            start = (start or 0.0) + (k - (0.0 if self.stage.fps else 0.5)) / rate if k else start
+        return start, (u_y, u_x)
 
     def _warn(self, path, reason):
         self.skipped += 1
@@ -598,21 +709,23 @@ class VideoDataset(torch.utils.data.Dataset):
         return len(self.entries)
 
     def __getitem__(self, key):
-        """key: an index, or a sampler key (index, row, slot, weight, n_global)."""
+        """key: an index, a sampler key (index, row, slot, weight, n_global), or a loader request
+        (the key + its epoch, see Requests): the epoch picks the random start and crop."""
         index, *rest = key if isinstance(key, tuple) else (key,)
         e, shape = self.entries[index], self.shapes[index]
         if shape is None:
             return None
+        start, crop = self.augmentation(index, rest[4] if len(rest) > 4 else 0)
         try:
             # pad="repeat": the sampler counted T frames, so a clip one frame short of its header
             # still fits the plan (bucket mode pads short clips by design); more is truncation
-            video = load_video(e["path"], *shape, self.stage.fps, e.get("start"), pad="repeat",
-                               min_frames=self.frames[index] - 1)
+            video = load_video(e["path"], *shape, self.stage.fps, start, pad="repeat",
+                               min_frames=self.frames[index] - 1, crop=crop)
         except BadVideo as err:
             self._warn(e["path"], str(err))
             return None
-        return {"video": video, "caption": e["caption"], "index": index,
-                **dict(zip(("row", "slot", "weight", "n_global"), rest))}
+        return {"video": video, "caption": e["caption"], "index": index, "start": start,
+                "crop": crop, **dict(zip(("row", "slot", "weight", "n_global"), rest))}
 
 
 # ----- Frame Pack (§3.1) and bucket batch samplers -----
@@ -688,27 +801,58 @@ class _GlobalBatchSampler:
         return [k[0] for b in self.global_batches(epoch) for k in b[self.rank] if k[3] > 0]
 
 
+def slot_masses(global_batch):
+    """A global batch (a list over ranks of keys) -> the planned weight of every slot, in slot
+    order: each sample's share of the batch's video tokens (pixels for the VAE). The same list on
+    every rank; train.draws lays the §3.3 timestep strata over it (see
+    diffusion.mass_strata_timesteps)."""
+    keys = [k for ks in global_batch for k in ks if k[2] >= 0]
+    out = [0.0] * len(keys)
+    for k in keys:
+        out[k[2]] = k[3]
+    return out
+
+
 class FramePackSampler(_GlobalBatchSampler):
     """§3.1 Frame Pack: samples of any duration (images too) and size share rows of max_tokens.
 
-    Each rank gets `rows` rows; the global batch has rows * world_size rows, filled greedily (first
-    fit) from the shuffled epoch. A sample that fits no row waits (it starts the next batch); after
-    `lookahead` such misses, or when no row can take even the smallest sample, the batch is closed.
-    The rows are decided here, once: each key carries its row (local to the rank) and
-    dit.forward_packed lays the samples out in exactly these rows. Per-sample tokens:
-    text_len + T' * h * w with the VAE factors tf (time), sf (space) and patch p passed in
-    (ceil(T' / pt) * h * w with a temporal patch pt, CogVideoX 1.5).
+    Each rank gets `rows` rows; the global batch has rows * world_size rows. The rows are decided
+    here, once: each key carries its row (local to the rank) and dit.forward_packed lays the
+    samples out in exactly these rows. Per-sample tokens: text_len + T' * h * w with the VAE
+    factors tf (time), sf (space) and patch p passed in (ceil(T' / pt) * h * w with a temporal
+    patch pt, CogVideoX 1.5).
+
+    balance=None: rows filled greedily (first fit) from the shuffled epoch; a sample that fits no
+    row waits (it starts the next batch); after `lookahead` such misses, or when no row can take
+    even the smallest sample, the batch is closed.
+    balance=tol (e.g. 0.05): rows of equal COST, so no rank waits for another (not in the paper).
+    A sample of n tokens (text + video, one attention span) costs n² + linear_cost·n: attention
+    is ~Σnᵢ² (4·D·n² FLOPs per layer), the projections and MLP ~Σnᵢ (24·D²·n), so
+    linear_cost = 6·D for hidden width D. One row of an 81-frame clip costs several times a row
+    of short clips with the same tokens, so token-filled rows leave most ranks idle. Here the
+    shuffled epoch is cut into pools of `pool` global batches' worth of tokens; each pool is
+    sorted by cost (ties keep the shuffled order) and each batch takes the largest samples first,
+    each into the row of least cost that has room, then fills the rows' gaps with the pool's
+    smallest samples. A batch whose rows' costs differ by more than tol is put back into the
+    next pool (where its samples meet others of their size); the last pool's leftovers close the
+    epoch as its final batches (unbalanced; drop_last leaves them out). The other batches are
+    shuffled. Rows are built over all rows * world_size at once and slots number them in that
+    order, so N ranks still run exactly one process's global batch; the rows then go to the
+    ranks by longest-first (each rank `rows` of them, the least loaded next).
 
     Planned weight of sample j = its video tokens / all video tokens of the global batch: the mean
     over real tokens, as if the global batch were one long sequence (train.py takes that mean over
     the tokens actually read in the whole optimizer step)."""
 
     def __init__(self, shapes, max_tokens, rows=1, text_len=226, tf=4, sf=8, p=2, seed=0, rank=0,
-                 world_size=1, lookahead=16, drop_last=False, pt=1):
+                 world_size=1, lookahead=16, drop_last=False, pt=1, balance=None,
+                 linear_cost=0.0, pool=64):
         super().__init__(shapes, seed, rank, world_size, drop_last)
         self.max_tokens, self.rows, self.lookahead = max_tokens, rows, lookahead
+        self.balance, self.pool = balance, pool
         self._factors = (tf, sf, p, pt)  # pt: latent frames per token (CogVideoX 1.5: 2)
         self.tokens = {i: num_tokens(*shapes[i], text_len, tf, sf, p, pt) for i in self.valid}
+        self.cost = {i: n * n + linear_cost * n for i, n in self.tokens.items()}
         big = [i for i in self.valid if self.tokens[i] > max_tokens]
         if big:
             raise ValueError(f"{len(big)} samples (e.g. index {big[0]}, shape {shapes[big[0]]}, "
@@ -716,6 +860,60 @@ class FramePackSampler(_GlobalBatchSampler):
                              "max_tokens or lower the stage's resolutions / frames")
 
     def _build(self, order, epoch):
+        if self.balance is None:
+            return self._first_fit(order)
+        n_rows, M = self.rows * self.world_size, self.max_tokens
+        pools, cur, mass = [], [], 0
+        for i in order:  # pools of `pool` global batches' worth of tokens
+            cur.append(i)
+            mass += self.tokens[i]
+            if mass >= self.pool * n_rows * M:
+                pools.append(cur)
+                cur, mass = [], 0
+        pools += [cur] if cur else []
+        batches, tail, left = [], [], []
+        for k, chunk in enumerate(pools):
+            pending = deque(sorted(left + chunk, key=lambda i: -self.cost[i]))  # (stable)
+            left = []
+            while pending:
+                groups = self._fill(pending)
+                if self._balanced(groups):
+                    batches.append(groups)
+                elif k + 1 < len(pools):
+                    left += [i for g in groups for i in g]  # into the next pool
+                else:
+                    tail.append(groups)
+        random.Random(self.seed * 1_000_003 + epoch + 2).shuffle(batches)
+        return batches + tail
+
+    def _fill(self, pending):
+        """One balanced global batch from `pending` (sorted by cost, largest first) -> rows."""
+        n_rows, M = self.rows * self.world_size, self.max_tokens
+        used, cost, groups, waiting = [0] * n_rows, [0.0] * n_rows, [[] for _ in range(n_rows)], []
+
+        def place(i):  # into the row of least cost that has room
+            rows = [r for r in range(n_rows) if used[r] + self.tokens[i] <= M]
+            if not rows:
+                return False
+            r = min(rows, key=lambda r: (cost[r], r))
+            used[r], cost[r] = used[r] + self.tokens[i], cost[r] + self.cost[i]
+            groups[r].append(i)
+            return True
+
+        while pending and len(waiting) < self.lookahead:  # the largest samples first
+            i = pending.popleft()
+            if not place(i):
+                waiting.append(i)
+        pending.extendleft(reversed(waiting))
+        while pending and place(pending[-1]):  # then the gaps, with the smallest
+            pending.pop()
+        return groups
+
+    def _balanced(self, groups):
+        costs = [sum(self.cost[i] for i in g) for g in groups]
+        return max(costs) <= (1 + self.balance) * min(costs)
+
+    def _first_fit(self, order):
         n_rows, M = self.rows * self.world_size, self.max_tokens
         smallest = min(self.tokens.values(), default=0)
         pending, batches = deque(order), []
@@ -734,19 +932,40 @@ class FramePackSampler(_GlobalBatchSampler):
         return batches
 
     def _full(self, groups):
-        """drop_last keeps a global batch whose rows are at least half full (all but the tail)."""
+        """drop_last keeps a global batch whose rows are at least half full (all but the tail)
+        and, with balance, whose rows' costs are within the tolerance."""
         used = sum(self.tokens[i] for g in groups for i in g)
-        return 2 * used >= self.rows * self.world_size * self.max_tokens
+        full = 2 * used >= self.rows * self.world_size * self.max_tokens
+        return full and (self.balance is None or self._balanced(groups))
 
     def _split(self, groups):
         R = self.rows
-        # rank r owns global rows [r*R, (r+1)*R); inside its batch they are rows 0..R-1
-        rows = [[(i, row % R, *rest) for i, row, *rest in keys] for keys in self._keys(groups)]
-        out = [rows[r * R:(r + 1) * R] for r in range(self.world_size)]
+        rows = self._keys(groups)  # slots number the global rows in order (any world size)
+        if self.balance is None:  # rank r owns global rows [r*R, (r+1)*R)
+            owner = [(g // R, g % R) for g in range(len(rows))]
+        else:  # longest-first: each row to the least loaded rank that has a row free
+            load, owner = [0.0] * self.world_size, [None] * len(rows)
+            free = [R] * self.world_size
+            for g in sorted(range(len(rows)), key=lambda g: -sum(self.cost[i] for i in groups[g])):
+                r = min((r for r in range(self.world_size) if free[r]), key=lambda r: (load[r], r))
+                owner[g] = (r, R - free[r])
+                free[r] -= 1
+                load[r] += sum(self.cost[i] for i in groups[g])
+        out = [[[] for _ in range(R)] for _ in range(self.world_size)]
+        for g, keys in enumerate(rows):
+            r, local = owner[g]
+            out[r][local] = [(i, local, *rest) for i, _, *rest in keys]
+        first = next(k for keys in rows for k in keys)
         for rank_rows in out:
             if not any(rank_rows):  # a last, nearly empty batch: a weight-0 filler keeps DDP going
-                rank_rows[0] = [(groups[0][0], 0, -1, 0.0, rows[0][0][4])]
+                rank_rows[0] = [(first[0], 0, -1, 0.0, first[4])]
         return [[k for row in rank_rows for k in row] for rank_rows in out]
+
+    def rank_costs(self, epoch=None):
+        """Per global batch of the epoch, each rank's cost (Σ n² + linear_cost·n of its real
+        samples): what the balance is measured on."""
+        return [[sum(self.cost[k[0]] for k in ks if k[3] > 0) for ks in b]
+                for b in self.global_batches(epoch)]
 
     def efficiency(self, epoch=None):
         """Real tokens / row tokens over the epoch (what padding costs; 1.0 is perfect packing)."""
@@ -785,6 +1004,42 @@ class BucketSampler(_GlobalBatchSampler):
                 else np.linspace(0, len(keys), world + 1).round().astype(int))
         out = [keys[cuts[r]:cuts[r + 1]] for r in range(world)]
         return [ks if ks else [(batch[0], 0, -1, 0.0, len(keys))] for ks in out]
+
+
+# ----- the loader: decoding in worker processes, one DataLoader per stage -----
+
+class Requests:
+    """The training loader's batch_sampler: this rank's batches from a data position {"epoch",
+    "batch"} on, epoch after epoch without end, so one DataLoader (and its persistent workers)
+    serves a whole stage. A request is a sampler key plus its epoch, (index, row, slot, weight,
+    n_global, epoch): the dataset draws the random start and crop from (seed, epoch, index), so
+    a worker needs no set_epoch. The loader runs ahead of training (prefetch) but returns batches
+    in order; `given` holds (epoch, batch, batches in the epoch, slot_masses) of every batch
+    handed out, and the consumer pops one per batch it receives to know its data position."""
+
+    def __init__(self, sampler, pos):
+        self.sampler, self.pos, self.given = sampler, dict(pos), deque()
+
+    def __iter__(self):
+        epoch, start = self.pos["epoch"], self.pos["batch"]
+        while True:
+            gbs = self.sampler.global_batches(epoch)
+            if not gbs:  # nothing readable at this stage's sizes: stop instead of spinning
+                raise ValueError("no readable sample fits this stage (see the skipped files "
+                                 "above); check the data with `python data.py inspect`")
+            for b in range(start, len(gbs)):
+                self.given.append((epoch, b, len(gbs), slot_masses(gbs[b])))
+                yield [k + (epoch,) for k in gbs[b][self.sampler.rank]]
+            epoch, start = epoch + 1, 0
+
+
+def make_loader(dataset, requests, workers=0, pin=False, prefetch=2):
+    """The DataLoader of a stage: `workers` processes decode (the dataset holds no model: the
+    main process encodes, see LatentEncoder), persistent, each `prefetch` batches ahead, batches
+    in page-locked memory when pin (a GPU run: the copy to the device can overlap)."""
+    more = dict(persistent_workers=True, prefetch_factor=prefetch) if workers else {}
+    return torch.utils.data.DataLoader(dataset, batch_sampler=requests, collate_fn=collate,
+                                       num_workers=workers, pin_memory=pin, **more)
 
 
 # ----- filters (§3.4) -----
@@ -870,13 +1125,16 @@ def top_quality(entries, fraction):
 
 
 def filter_manifest(manifest, out, cfg=FilterConfig(), top=0.2, classifier=None, progress=False):
-    """Score every entry; write the kept subset (entry["scores"], entry["quality"]) to `out`, the
+    """Score every entry; write the kept subset (entry["scores"], entry["quality"], and META
+    when the entry lacked it) to `out`, the
     best `top` fraction to <out>.top20.jsonl and the drops to <out>.dropped.tsv.
     Returns (kept, dropped [(path, reasons)])."""
     kept, dropped = [], []
     for e in tqdm(read_manifest(manifest), desc="filter", unit="clip", disable=not progress):
         try:
             s, why = score_entry(e, cfg, classifier)
+            # the metadata training plans with (META): carried when present, else recorded now
+            e = e if has_meta(e) or why else dict(e, **media_info(e["path"]))
         except BadVideo as err:
             s, why = {}, [f"unreadable ({err})"]
         if why:
@@ -908,18 +1166,21 @@ class LatentCache:
         os.makedirs(folder, exist_ok=True)
         self.hits = self.misses = 0
 
-    def key(self, path, shape, model_id, fps=None, start=None, pad="repeat", latent="posterior"):
-        """shape (T, H, W), fps, start and pad as passed to load_video (the defaults are
+    def key(self, path, shape, model_id, fps=None, start=None, pad="repeat", latent="posterior",
+            crop=None, mode=None):
+        """shape (T, H, W), fps, start, pad and crop as passed to load_video (the defaults are
         VideoDataset's for a stage without fps); latent: "posterior" (mean + logvar), "mean",
         "sample", or "posterior+frame0" (also the first frame's own posterior: Prepared's App. A
-        image condition)."""
+        image condition); mode: how the VAE ran (LatentEncoder: streaming, tiles, dtype all
+        change the latents a little)."""
         kinds = ("posterior", "posterior+frame0", "mean", "sample")
         if latent not in kinds:
             raise ValueError(f"latent must be one of {kinds}, got {latent!r}")
         st = os.stat(path)
         fps, start = (None if v is None else float(v) for v in (fps, start))  # 8 == 8.0 here
+        crop = None if crop is None else tuple(float(v) for v in crop)
         raw = (f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{tuple(shape)}|fps={fps}|"
-               f"start={start}|pad={pad}|{latent}|{model_id}")
+               f"start={start}|pad={pad}|{latent}|{model_id}|crop={crop}|mode={mode}")
         return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
     def text_key(self, caption, model_id):
@@ -927,6 +1188,9 @@ class LatentCache:
 
     def _file(self, key):
         return os.path.join(self.folder, key[:2], key + ".safetensors")
+
+    def has(self, key):
+        return os.path.exists(self._file(key))
 
     def get(self, key):
         """-> dict of tensors, or None when not cached."""
@@ -960,82 +1224,236 @@ def model_id(folder):
 
 
 class Prepared(torch.utils.data.Dataset):
-    """The DiT's dataset: a sampler key -> the clip's VAE posterior and its caption's T5 embedding.
+    """The DiT's dataset, as the loader's worker processes see it: no model in it.
 
-    Item: {"index", "row", "slot", "weight", "n_global"} (from the key) + "mean", "logvar"
-    (C, T', h, w) of the clip + "img_mean", "img_logvar" (C, 1, h, w) of its first frame encoded
-    alone (App. A) + "text" (L, D); None for a bad file. With a LatentCache everything is encoded
-    once and reused every epoch (fill() encodes the misses up front, in batches); without one, on
-    the spot. ae: the frozen VAE; text: the text encoder; ids: (VAE id, text encoder id), the model
-    parts of the cache keys (see model_id)."""
+    A request (a sampler key, + its epoch) -> {"index", "row", "slot", "weight", "n_global",
+    "caption"} + the clip's cached posterior "mean", "logvar" (C, T', h, w) and its first frame's
+    "img_mean", "img_logvar" (C, 1, h, w) (App. A), or, on a cache miss or without a cache, the
+    decoded "video" (3, T, H, W) and its "cache_key", for the main process to encode
+    (LatentEncoder.complete); + the caption's cached T5 embedding "text" (L, D) when there is one.
+    None for a bad file. The cache key names the decoding (shape, fps, start, crop) and how the
+    VAE ran (mode), so a latent is reused only for exactly the pixels and encoder it came from."""
 
-    def __init__(self, ds, ae, text, cache, ids):
-        self.ds, self.ae, self.text, self.cache, self.ids = ds, ae, text, cache, ids
+    def __init__(self, ds, cache=None, ids=("", ""), mode=None):
+        self.ds, self.cache, self.ids, self.mode = ds, cache, ids, mode
 
-    @torch.no_grad()
+    def key(self, index, start=None, crop=None):
+        # "+frame0": the entry also holds the first frame's own posterior (App. A's image condition)
+        return self.cache.key(self.ds.entries[index]["path"], self.ds.shapes[index], self.ids[0],
+                              fps=self.ds.stage.fps, start=start, latent="posterior+frame0",
+                              crop=crop, mode=self.mode)
+
+    def __len__(self):
+        return len(self.ds)
+
     def __getitem__(self, key):
         index, *rest = key if isinstance(key, tuple) else (key,)
         e = self.ds.entries[index]
         if self.ds.shapes[index] is None:
             return None
-
-        def encode():
-            item = self.ds[index]
-            if item is None:
-                raise BadVideo(self.ds.bad.get(e["path"], "unreadable"))
-            return {k: v[0] for k, v in self.posteriors(item["video"][None]).items()}
+        item = {"index": index, **dict(zip(("row", "slot", "weight", "n_global"), rest)),
+                "caption": e["caption"]}
         try:
-            post = self.cache.get_or_make(self._key(index), encode) if self.cache else encode()
-        except (BadVideo, OSError):  # counted by collate; VideoDataset warned with the reason
+            ck = self.key(index, *self.ds.augmentation(index, rest[4] if len(rest) > 4 else 0)) \
+                if self.cache else None
+            post = self.cache.get(ck) if ck else None
+        except OSError:  # a missing file: counted by collate, as VideoDataset would
+            self.ds._warn(e["path"], "missing file")
             return None
-        return {"index": index, **dict(zip(("row", "slot", "weight", "n_global"), rest)), **post,
-                **self._text(e["caption"])}
+        if post is None:
+            got = self.ds[key]  # decoded here, in the worker; encoded in the main process
+            if got is None:
+                return None
+            item.update(video=got["video"], cache_key=ck)
+        else:
+            item.update(post)
+        text = (self.cache.get(self.cache.text_key(e["caption"], self.ids[1])) if self.cache
+                else None)
+        return dict(item, **(text or {}))
+
+
+@dataclass(frozen=True)
+class EncodePlan:
+    """How the frozen VAE encodes one shape (CausalVAE.encode): stream = latent frames per chunk
+    with the causal cache (0 = the whole clip at once), tile = spatial tiles of that many pixels
+    (0 = whole frames), batch = clips per call; peak = the estimated bytes of one call."""
+    stream: int = 0
+    tile: int = 0
+    batch: int = 1
+    peak: int = 0
+
+    def __str__(self):
+        return ((f"stream{self.stream}" if self.stream else "whole")
+                + (f"+tile{self.tile}" if self.tile else ""))
+
+
+def encode_bytes(cfg, shape, plan, itemsize=4, clips=1):
+    """Estimated peak bytes of CausalVAE.encode (no grad) on `clips` clips of shape (T, H, W)
+    under `plan`, weights not included (not in the paper: a planning aid).
+
+    The widest activation is the first level's: cfg.channels[0] channels at full size, over
+    the frames of one piece (the whole clip, or the first stream chunk: chunk + T mod chunk) plus
+    the causal conv's 2 frames of padding. A ResBlock holds its input, the padded copy and the
+    conv's output at once, and the fused norm / SiLU a transient more: ENCODE_PEAK of those
+    (calibrated on the step simulator: python train.py --stage vae --simulate 1 --encode).
+    Streaming keeps each causal conv's last 2 input frames from chunk to chunk. The clip itself
+    arrives in float32 (the loader) and is cast to the VAE's dtype once."""
+    T, H0, W0 = shape
+    H, W = (min(H0, plan.tile), min(W0, plan.tile)) if plan.tile else (H0, W0)
+    chunk = plan.stream * cfg.temporal_factor
+    t = chunk + T % chunk if plan.stream and T >= chunk else T  # frames of the first piece
+    widest = cache = 0
+    for i, c in enumerate(cfg.channels):
+        h, w = H >> i, W >> i
+        widest = max(widest, c * (t + 2) * h * w)
+        convs = 2 * cfg.layers + (5 if i == len(cfg.channels) - 1 else 0)  # + mid blocks, conv_out
+        cache += 2 * h * w * (c * convs + (3 if i == 0 else 0)) if plan.stream else 0
+        t = 1 + (t - 1) // 2 if i < cfg.time_levels else t
+    clip = 3 * T * H0 * W0 * (4 + itemsize)
+    return clips * (itemsize * (ENCODE_PEAK * widest + cache) + clip)
+
+
+# peak / widest activation of an encode, measured by the step simulator on the released VAE
+# (4.5 streamed at 49x480x720 and streamed + tiled at 81x768x1360, bf16), rounded up
+ENCODE_PEAK = 5.0
+TILES = (512, 384, 256, 192, 128, 96, 64)
+
+
+def encode_plan(cfg, shape, budget, weights=0, itemsize=4, max_batch=16, mode=None):
+    """The least approximate way to encode a clip of `shape` within `budget` bytes (weights
+    included) -> EncodePlan with as many clips per call as fit (<= max_batch).
+
+    In order: the whole clip (GroupNorm statistics over the clip, as VAE training saw it); chunks
+    of cfg.stream_latents latent frames (what the diffusers port always does); those chunks on
+    spatial tiles, largest first. mode (an EncodePlan) fixes stream and tile and only sizes the
+    batch. Raises ValueError when nothing fits. Context parallel (vae.cp_split) is not a choice
+    here: it is exact but ties cp ranks to one clip in lockstep, while streaming reaches any
+    length at a constant memory on one rank."""
+    sf = cfg.spatial_factor
+    tiles = [t for t in TILES if t % sf == 0 and t < max(shape[1:])]
+    options = [mode] if mode else [EncodePlan(), EncodePlan(stream=cfg.stream_latents)] + [
+        EncodePlan(stream=cfg.stream_latents, tile=t) for t in tiles]
+    for p in options:
+        one = encode_bytes(cfg, shape, p, itemsize)
+        if weights + one <= budget:
+            n = max(1, min(max_batch, int((budget - weights) // one)))
+            return replace(p, batch=n, peak=weights + encode_bytes(cfg, shape, p, itemsize, n))
+    least = weights + encode_bytes(cfg, shape, options[-1], itemsize)
+    raise ValueError(f"encoding one {'x'.join(map(str, shape))} clip needs about "
+                     f"{least / 2**30:.1f} GiB even as {options[-1]}, over the {budget / 2**30:.1f}"
+                     f" GiB budget: raise --encode-memory or lower the stage's sizes")
+
+
+class LatentEncoder:
+    """The main process's half of the DiT's data path, on the training device: completes what
+    the loader's workers decoded - the VAE posterior of every decoded clip (batched by shape) and
+    the T5 embedding of every caption without one - and writes both to the cache.
+
+    ae: the frozen VAE, already on its device and in its dtype (bf16 on a GPU); text: the text
+    encoder (None: every caption must be cached); cache: a LatentCache or None; ids: (VAE id, text
+    encoder id), the model parts of the cache keys (see model_id); budget: bytes one encode call
+    may use. set_stage picks the stage's mode (stream / tile) from its largest clip; every clip of
+    the stage is then encoded that way, so a stage's latents all come from one encoder setting."""
+
+    def __init__(self, ae, text=None, cache=None, ids=("", ""), budget=12 * 2**30, max_batch=16):
+        self.ae, self.text, self.cache, self.ids = ae, text, cache, ids
+        self.budget, self.max_batch, self.mode, self.plans = budget, max_batch, EncodePlan(), {}
+        p = next(ae.parameters())
+        self.dtype = p.dtype
+        self.weights = sum(q.numel() * q.element_size() for q in ae.encoder.parameters())
+
+    def set_stage(self, shapes):
+        """The mode for a stage whose clips have these (T, H, W): the one its largest clip needs.
+        -> the mode's name for the cache keys. Raises ValueError when even that does not fit."""
+        size = lambda s: encode_bytes(self.ae.cfg, s, EncodePlan())
+        largest = max((tuple(s) for s in shapes if s), key=size, default=(1, 8, 8))
+        self.mode, self.plans = self._plan(largest), {}
+        return self.name()
+
+    def name(self):
+        return f"{self.mode}/{str(self.dtype).split('.')[-1]}"
+
+    def _plan(self, shape, mode=None):
+        return encode_plan(self.ae.cfg, shape, self.budget, self.weights,
+                           self.dtype.itemsize, self.max_batch, mode)
+
+    def plan(self, shape):
+        """This stage's mode, with as many clips of `shape` per call as fit the budget."""
+        shape = tuple(shape)
+        if shape not in self.plans:
+            self.plans[shape] = self._plan(shape, replace(self.mode, batch=1, peak=0))
+        return self.plans[shape]
 
     @torch.no_grad()
-    def fill(self, indices, bar=True, stage=0, chunk=16):
-        """Encode the cache misses among `indices` in batches of one shape (much faster than one by
-        one on a CPU), then embed their captions; `bar` shows a progress bar for this work."""
-        todo = {}  # shape -> [(index, key)] of the misses
-        for i in indices:
-            try:
-                k = self._key(i)
-            except OSError:
-                continue  # a missing file: skipped (and counted) when training reaches it
-            if self.cache.get(k) is None:
-                todo.setdefault(tuple(self.ds.shapes[i]), []).append((i, k))
-        work = [g[j:j + chunk] for g in todo.values() for j in range(0, len(g), chunk)]
-        for group in tqdm(work, f"caching latents (stage {stage})", disable=not bar, leave=False):
-            items = [(it, k) for it, k in ((self.ds[i], k) for i, k in group) if it is not None]
-            if items:
-                # GroupNorm is per sample: the same latents as one by one (up to rounding)
-                post = self.posteriors(torch.stack([it["video"] for it, _ in items]))
-                for j, (_, k) in enumerate(items):
-                    self.cache.put(k, {name: v[j] for name, v in post.items()})
-        for i in indices:  # the T5 embedding of each distinct caption, once
-            self._text(self.ds.entries[i]["caption"])
-
-    def _key(self, index):
-        # "+frame0": the entry also holds the first frame's own posterior (App. A's image condition)
-        return self.cache.key(self.ds.entries[index]["path"], self.ds.shapes[index], self.ids[0],
-                              fps=self.ds.stage.fps, latent="posterior+frame0")
-
-    def _text(self, caption):
-        embed = lambda: {"text": self.text.encode([caption])[0].float()}  # (L, D)
-        return embed() if self.cache is None else self.cache.get_or_make(
-            self.cache.text_key(caption, self.ids[1]), embed)
-
-    def posteriors(self, x):
+    def posteriors(self, x, plan=None):
         """x (B, 3, T, H, W) -> the clip's posterior and the first frame's own, each
         (B, C, T' or 1, h, w), float32.
 
         The I2V condition (App. A) is encode(first frame), exactly what sample.py feeds at
         inference. It is not latent frame 0 of the whole clip: the whole-clip GroupNorm statistics
         see the later frames."""
+        plan = plan or self.mode
         p = next(self.ae.parameters())
-        x = x.to(p.device, p.dtype)  # (B, 3, T, H, W)
-        post, img = self.ae.encode(x), self.ae.encode(x[:, :, :1])
+        x = x.to(p.device, p.dtype, non_blocking=True)  # (B, 3, T, H, W)
+        post = self.ae.encode(x, stream=plan.stream, tile=plan.tile or None)
+        img = self.ae.encode(x[:, :, :1], tile=plan.tile or None)
         return {"mean": post.mean.float(), "logvar": post.logvar.float(),
                 "img_mean": img.mean.float(), "img_logvar": img.logvar.float()}
+
+    def text_of(self, caption):
+        """The caption's T5 embedding {"text": (L, D)} (cached when there is a cache)."""
+        if self.text is None and (self.cache is None or not self.cache.has(
+                self.cache.text_key(caption, self.ids[1]))):
+            raise ValueError(f"no text encoder and no cached embedding of {caption!r}: pass "
+                             "--text-encoder")
+        embed = lambda: {"text": self.text.encode([caption])[0].float()}  # (L, D)
+        return embed() if self.cache is None else self.cache.get_or_make(
+            self.cache.text_key(caption, self.ids[1]), embed)
+
+    @torch.no_grad()
+    def complete(self, batch):
+        """A collated batch from the loader -> the same batch, every item with its posterior
+        and text: the decoded clips are encoded here, grouped by shape, plan(shape).batch at a
+        time (GroupNorm is per sample: the same latents as one by one, up to rounding)."""
+        groups = {}
+        for it in batch["items"]:
+            if "video" in it:
+                groups.setdefault(tuple(it["video"].shape[1:]), []).append(it)
+        for shape, group in groups.items():
+            n = self.plan(shape).batch
+            for j in range(0, len(group), n):
+                part = group[j:j + n]
+                post = self.posteriors(torch.stack([it.pop("video") for it in part]))
+                for k, it in enumerate(part):
+                    it.update({name: v[k] for name, v in post.items()})
+                    key = it.pop("cache_key", None)
+                    if self.cache is not None and key:
+                        self.cache.put(key, {name: v[k] for name, v in post.items()})
+        for it in batch["items"]:
+            if "text" not in it:
+                it.update(self.text_of(it["caption"]))
+        return batch
+
+    def fill(self, prepared, indices, workers=0, bar=True, stage=0, chunk=16):
+        """Encode the cache misses among `indices` up front: decoded by `workers` loader
+        processes in groups of one shape (<= chunk), encoded here (complete); then embed their
+        captions. The cache holds the fixed augmentation only (start and crop are part of the
+        key, see train.py's --augment)."""
+        todo = {}  # shape -> [index] of the misses
+        for i in indices:
+            try:
+                if not self.cache.has(prepared.key(i, *prepared.ds.augmentation(i))):
+                    todo.setdefault(tuple(prepared.ds.shapes[i]), []).append(i)
+            except OSError:
+                continue  # a missing file: skipped (and counted) when training reaches it
+        requests = [[(i, 0, -1, 0.0, 1) for i in g[j:j + chunk]]
+                    for g in todo.values() for j in range(0, len(g), chunk)]
+        loader = make_loader(prepared, requests, workers) if requests else []
+        for b in tqdm(loader, f"caching latents (stage {stage})", total=len(requests),
+                      disable=not bar, leave=False):
+            self.complete(b)
+        for caption in dict.fromkeys(prepared.ds.entries[i]["caption"] for i in indices):
+            self.text_of(caption)  # the T5 embedding of each distinct caption, once
 
 
 def collate(items):
@@ -1129,7 +1547,7 @@ def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), 
             write_video(torch.from_numpy(clip).permute(3, 0, 1, 2) / 127.5 - 1, path, fps)
         entries.append({"path": path, "caption": caption_of(colour, shape, motion), "colour": colour,
                         "shape": shape, "motion": motion, "frames": T, "height": H, "width": W,
-                        "fps": fps if T > 1 else None})
+                        "fps": fps if T > 1 else None, "duration": T / fps if T > 1 else 0.0})
     return write_manifest(entries, os.path.join(out, "manifest.jsonl"))
 
 
@@ -1267,7 +1685,21 @@ FILTER_ARGS = ("min_motion", "max_cut", "max_static", "min_seconds")  # FilterCo
 SIZE_MULTIPLE = 8
 
 
+def _record(entries, args):
+    """inspect --write: the metadata of every entry, probed in --workers processes."""
+    got, bad = probe_entries(entries, args.workers, force=True, progress=True)
+    write_manifest(got, args.write)
+    print(f"{len(got) - len(bad)} ok, {len(bad)} unreadable (kept, marked \"unreadable\") "
+          f"-> {args.write}")
+    for path, why in list(bad.items())[:20]:
+        print(f"{path}: skip: {why}")
+    if len(bad) == len(got):  # nothing usable: not a silent success
+        sys.exit(1)
+
+
 def _inspect(entries, args):
+    if args.write:
+        return _record(entries, args)
     ok = 0
     for e in entries:
         try:
@@ -1328,7 +1760,14 @@ def _check_args(args):
             raise ValueError(f"--n and --fps must be >= 1, got {args.n}, {args.fps}")
         check_writable(args.out, "--out", folder=True)  # now, not after writing every clip
         return
-    if args.cmd == "inspect":
+    if args.cmd == "inspect" and args.write:
+        if args.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {args.workers}")
+        check_writable(args.write, "--write")  # now, not after probing every file
+    elif args.cmd == "inspect":
+        if None in (args.frames, args.height, args.width):
+            raise ValueError("inspect needs --height, --width and --frames (to decode as training "
+                             "would), or --write OUT (to record every entry's metadata)")
         frames_ok(args.frames, "--frames")
         size_ok(args.height, args.width, "--height x --width")
         if args.fps is not None and args.fps <= 0:
@@ -1349,11 +1788,16 @@ def main(argv=None):
     p.add_argument("--sizes", default="32x32,32x48", help=f"HxW list, multiples of {SIZE_MULTIPLE}")
     p.add_argument("--frames", default="9,13,17", help="4k+1 clip lengths")
     p.add_argument("--fps", type=int, default=8)
-    p = sub.add_parser("inspect", help="decode every entry as training would; one line each")
+    p = sub.add_parser("inspect", help="decode every entry as training would; one line each "
+                       "(--write OUT: record each entry's metadata instead)")
     p.add_argument("manifest", help=".jsonl manifest or a folder of videos")
-    p.add_argument("--height", type=int, required=True)
-    p.add_argument("--width", type=int, required=True)
-    p.add_argument("--frames", type=int, required=True, help="4k+1")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--frames", type=int, help="4k+1")
+    p.add_argument("--write", metavar="OUT", help="write the manifest with height, width, frames, "
+                   "fps, duration and a content hash per entry (training then never probes)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="--write: probing processes")
     p.add_argument("--fps", type=float, default=None)
     p.add_argument("--pad", choices=("nearest", "repeat"), default="nearest")
     p = sub.add_parser("filter", help="score clips (§3.4): kept subset, top fraction, drop table")

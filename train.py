@@ -9,13 +9,13 @@ One flat step loop, the same code on a laptop CPU and under torchrun on many GPU
          dit.forward_packed runs those rows. --bucket is the released code's simple mode.
          --sp N: N ranks share each row, 1/N of its tokens each (sequence parallel, Ulysses)
   §3.2   progressive stages from the preset (low res -> high res -> best 20%), weights carried over
-  §3.3   explicit uniform timesteps over the global batch (--iid-timesteps for the ablation)
+  §3.3   explicit uniform timesteps over the global batch's token mass (--iid-timesteps: ablation)
   App. A --i2v: the first frame's latent joins the noisy latent along channels, with noise added
   (not in the paper) --lora RANK: low-rank adapters over frozen weights (dit.py's LoRA section),
          e.g. from a released folder (--init-diffusers); exports pytorch_lora_weights.safetensors
 
-Reading one DiT step, top to bottom: the sampler's keys -> data.Prepared (cached posterior + T5 text)
--> `draws` (timesteps, dropout, condition noise for the GLOBAL batch; each rank takes its slots) ->
+Reading one DiT step, top to bottom: the sampler's keys -> data.Prepared in the loader's workers
+(decoded clip, or cached posterior + T5 text) -> data.LatentEncoder here (VAE encode) -> `draws` (timesteps, dropout, condition noise for the GLOBAL batch; each rank takes its slots) ->
 `dit_loss` (q_sample, v target, forward_packed, per-sample MSE, Σ tokens·MSE) -> backward (DDP/FSDP
 average) -> after the last micro-batch, gradients × world / (tokens read, summed over ranks) -> clip
 -> AdamW -> EMA -> log line + JSONL -> checkpoint. A batch in which no rank read a sample is not a
@@ -92,6 +92,9 @@ class TrainConfig:
     rows: int = 8                     # Frame Pack rows per rank and micro-batch
     batch: int = 4                    # samples per rank (VAE, and the DiT's bucket mode)
     drop_last: bool = False           # skip each epoch's partial batches (data samplers' drop_last)
+    # Frame Pack rows of equal cost (attention ~Σn², the rest ~Σn) within this tolerance, so no
+    # rank waits for another (data.FramePackSampler); None = rows filled by tokens only
+    balance: float = 0.05
     accum: int = 1                    # micro-batches per optimizer step
     lr: float = 1e-4                  # not given in the paper; a usual DiT value
     warmup: int = 100
@@ -135,12 +138,13 @@ PRESETS = {
     # the sampled length: measured here, the same steps on 9/13/17-frame clips followed 13/24 seen
     # and 3/8 held-out prompts, on 9-frame clips 23/24 and 6/8 (motion is learned after colour, and
     # short clips put ~2x more samples in each step). drop_last: the last Frame Pack batch of an
-    # epoch is nearly empty, a wasted and noisy step.
+    # epoch is nearly empty, a wasted and noisy step. One process: no ranks to balance
+    # (balance=None keeps the measured recipe's batches).
     "shapes": TrainConfig(vae_stages=[S([(32, 32)], [1, 9])], vae_steps=[800], recon="l2",
                           dit_stages=[data.STAGES["shapes"][0], S([(32, 32), (32, 48)], [1, 9])],
                           dit_steps=[300, 1700], rows=12, max_tokens=[96, 256], batch=2, lr=1e-3,
                           warmup=50, vae_lr=2e-3, disc_start=10**9, disc_ch=16, save_every=250,
-                          drop_last=True),
+                          drop_last=True, balance=None),
     # Full scale (GPU clusters). The paper gives no optimizer numbers beyond AdamW's.
     "cogvideox-2b": TrainConfig(vae="cogvideox-2b", dit="cogvideox-2b", snr_shift=3.0,
                                 fit_scale=False, dit_stages=list(data.STAGES["cogvideox"]),
@@ -331,20 +335,25 @@ def gen(*xs):
     return torch.Generator().manual_seed(mix(*xs))
 
 
-def draws(tc, n, step, micro, iid):
+def draws(tc, n, step, micro, iid, masses=None):
     """Every per-sample random number of one micro-batch, for all N samples of the GLOBAL batch.
 
     Each rank takes its own slots (the sampler numbers the global batch), so 2 DDP ranks draw
     exactly what one process running the combined batch draws. §3.3: explicit uniform sampling
     splits [0, 1000) into N strata, sample i inside the i-th; the strata are then shuffled over
     the samples, since the packer orders samples (long clips that waited start the next batch)
-    and a fixed stratum per slot would tie timesteps to length."""
+    and a fixed stratum per slot would tie timesteps to length. masses (N,) the slots' shares of
+    the batch's tokens (data.slot_masses): the loss weighs each sample by its tokens, so the
+    strata are laid over token mass instead (diffusion.mass_strata_timesteps): each token, not
+    each sample, then sees a stratified, uniform t."""
     g = gen(tc.seed, step, micro)
     if iid or n > 1000:  # the common practice §3.3 argues against
         t = diffusion.iid_timesteps(n, 1000, generator=g)  # (N,)
     else:
         t = diffusion.explicit_uniform_timesteps(n, 0, 1, 1000, generator=g)
         t = t[torch.randperm(n, generator=g)]  # (N,)
+    if masses is not None and not iid:  # its own generator: the draws below stay as they were
+        t = diffusion.mass_strata_timesteps(masses, 1000, generator=gen(tc.seed, step, micro, 1))
     drop = torch.rand(n, generator=g) < tc.text_drop  # (N,) §3 text dropout
     # (N,) App. A: the noise level of the image condition
     sigma = (torch.randn(n, generator=g) * tc.i2v_noise[1] + tc.i2v_noise[0]).exp()
@@ -402,7 +411,7 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
     if not items:  # every file of this micro-batch was unreadable on this rank
         return dummy_dit_loss(job, net, max_tokens)
     t_all, drop_all, sigma_all, img_drop = draws(tc, items[0]["n_global"], step, micro,
-                                                 job.args.iid_timesteps)
+                                                 job.args.iid_timesteps, batch.get("masses"))
     slot = [max(it["slot"], 0) for it in items]  # a weight-0 filler (slot -1) borrows slot 0's draws
     t = t_all[slot].to(device)  # (S,)
     zt, target, n = [], [], []
@@ -890,6 +899,8 @@ def resolve(args):
             raise SettingsError(f"--size {args.size!r}: write HxW[,HxW...], e.g. 32x32,32x48")
         stages = [replace(st, resolutions=[(int(h), int(w)) for h, w in res]) for st in stages]
     tc = replace(tc, **{args.stage + "_stages": stages, args.stage + "_steps": steps})
+    if getattr(args, "augment", None) is None:  # the cache holds one latent per sample: fixed
+        args.augment = "fixed" if args.cache and args.stage == "dit" else "random"
     return tc, stages, steps
 
 
@@ -956,6 +967,8 @@ def check_numbers(args, tc, steps):
              ("--sp", args.sp >= 1, f"must be >= 1, got {args.sp}"),
              ("--workers", args.workers >= 0, f"must be >= 0 (0 = load in the main process), got "
                                                f"{args.workers}"),
+             ("--prefetch", args.prefetch >= 1, f"must be >= 1, got {args.prefetch}"),
+             ("--encode-memory", args.encode_memory > 0, f"is GiB > 0, got {args.encode_memory}"),
              ("--max-bad-steps", args.max_bad_steps >= 1, f"must be >= 1, got "
                                                            f"{args.max_bad_steps}"),
              ("--mlp-chunks", args.mlp_chunks >= 1, f"must be >= 1 (1 = off), got "
@@ -994,6 +1007,13 @@ def check(args, tc, stages, steps=(1,)):
         raise SettingsError(str(e)) from None
     if not args.simulate:
         check_data(args.data)
+    if args.augment == "random" and args.cache and args.stage == "dit":
+        raise SettingsError("--cache holds one latent per sample, so it is limited to --augment "
+                            "fixed (start 0, centre crop); drop --cache to draw a random start "
+                            "and crop every epoch")
+    if args.encode and not (args.simulate and args.stage == "vae"):
+        raise SettingsError("--encode simulates the data path's VAE encode: use it with "
+                            "--simulate N --stage vae")
     for name in ("vae", "text_encoder", "init", "init_diffusers"):
         p = getattr(args, name, None)
         if p and not os.path.isdir(p):
@@ -1200,11 +1220,16 @@ def build_dit(job):
         released = "_class_name" in json.load(f)
     ae = vae.CausalVAE.from_diffusers(args.vae) if released else vae.CausalVAE.load(args.vae)
     job.ae = ae.to(device).eval().requires_grad_(False)
+    if device.type == "cuda":  # the frozen VAE only encodes: bf16 halves its activations
+        job.ae.to(torch.bfloat16)
     if args.text_encoder:
         job.text = dit.TextEncoder(args.text_encoder, device=device, max_length=model.cfg.text_len)
     job.cache = data.LatentCache(args.cache) if args.cache else None
     t5 = f"{data.model_id(args.text_encoder)}|{model.cfg.text_len}" if args.text_encoder else ""
     job.ids = (data.model_id(args.vae), t5)
+    # the data path's main-process half: encodes what the loader's workers decode (enter_stage)
+    job.encoder = data.LatentEncoder(job.ae, job.text, job.cache, job.ids,
+                                     budget=args.encode_memory * 2**30)
     job.cfg, job.model, job.parts = model.cfg, model, {"dit": model}
     if job.cache is not None and job.text is not None:
         embed_captions(job)
@@ -1214,12 +1239,11 @@ def embed_captions(job):
     """Every caption's T5 embedding into the cache, each rank its share, then T5 is released:
     every later lookup of a caption, in every stage, is a cache hit, and T5 (4.7B parameters for
     the XXL) no longer sits beside the DiT. Without --cache T5 stays and encodes on the fly."""
-    prep = data.Prepared(None, None, job.text, job.cache, job.ids)
     for caption in sorted({e["caption"] for e in job.entries})[job.rank::job.world]:
-        prep._text(caption)
+        job.encoder.text_of(caption)
     if dist.is_initialized():
         dist.barrier()
-    job.text = prep.text = None
+    job.text = job.encoder.text = None
     gc.collect()
     if job.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1240,68 +1264,152 @@ def build_vae(job):
     job.ae, job.model, job.parts = model, move(model), {"vae": model, "disc": job.disc}
 
 
-def enter_stage(job, i, pos):
-    """§3.2 progressive training: stage i rebuilds the data (resolutions, frame counts, subset);
-    the model and optimizer carry over. RoPE positions are integer patch indices at any size
-    (extrapolation, §3.2), so a larger grid just sees new positions. -> (batch stream, row length)."""
+def load_entries(job):
+    """--data's entries, each with the metadata that planning a stage needs (data.META).
+    Entries without it are probed here, once for the whole run and every stage, in parallel: each
+    rank probes its share in a pool of processes and the ranks exchange the results. (A manifest
+    written by `python data.py inspect MANIFEST --write OUT` needs none of this.)"""
+    entries = data.read_manifest(job.args.data)
+    todo = [i for i, e in enumerate(entries) if not data.has_meta(e)]
+    if not todo:
+        return entries
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    workers = max(1, (os.cpu_count() or 1) // local)
+    job.say(f"data: {len(todo)} of {len(entries)} entries lack {', '.join(data.META)}: probing "
+            f"them once, {workers} process(es) per rank (record them with `python data.py "
+            f"inspect {job.args.data} --write OUT` to skip this)")
+    mine = [entries[i] for i in todo[job.rank::job.world]]
+    got, _ = data.probe_entries(mine, workers, progress=job.rank == 0)
+    if dist.is_initialized():  # every rank gets every rank's share
+        parts = [None] * job.world
+        dist.all_gather_object(parts, got)
+    else:
+        parts = [got]
+    for r, part in enumerate(parts):
+        for i, e in zip(todo[r::job.world], part):
+            entries[i] = e
+    return entries
+
+
+def plan_stage(job, i):
+    """Stage i's data as training will see it: (dataset, sampler, row length or 0). Pure
+    planning from the manifest's metadata (nothing is decoded), so check_stages can run it for
+    every stage before the first step. Bad data -> SettingsError naming the stage."""
     args, tc, stage, is_dit = job.args, job.tc, job.stages[i], job.args.stage == "dit"
-    ds = data.VideoDataset(job.entries, stage, mode="pack" if is_dit and not args.bucket else "bucket")
+    try:
+        ds = data.VideoDataset(job.entries, stage, mode="pack" if is_dit and not args.bucket
+                               else "bucket", augment=args.augment, seed=tc.seed)
+    except ValueError as e:  # e.g. a subset stage without "quality" in the manifest
+        raise SettingsError(f"stage {i}: {e}") from None
     if not is_dit and args.cp > 1:  # a CP group splits time: images and short clips cannot split
         ok = lambda s: s and s[0] > 1 and (s[0] - 1) % (4 * args.cp) == 0
         ds.shapes = [s if ok(s) else None for s in ds.shapes]
     if is_dit and args.i2v:  # App. A: a still's condition would be its own target; the released
-        stills = sum(1 for s in ds.shapes if s and s[0] == 1)  # I2V fine-tune saw videos only
+        ds.stills = sum(1 for s in ds.shapes if s and s[0] == 1)  # I2V fine-tune saw videos only
         ds.shapes = [s if s and s[0] > 1 else None for s in ds.shapes]
-        job.say(f"stage {i}: --i2v trains on videos only, {stills} still image(s) left out")
     if not any(ds.shapes):
         raise SettingsError(f"stage {i}: no readable sample in --data fits {stage.resolutions} x "
-                            f"frames {stage.frames} ({len(ds.bad)} unreadable); check with "
-                            f"`python data.py inspect`")
-    vcfg, split = job.ae.cfg, dict(seed=tc.seed, rank=job.dp_rank, world_size=job.dp_world,
-                                   drop_last=tc.drop_last)
-    max_tokens = 0
-    if is_dit and not args.bucket:  # §3.1 Frame Pack: rows of max_tokens, any mix of durations
-        factors = (job.cfg.text_len, vcfg.temporal_factor, vcfg.spatial_factor, job.cfg.patch)
-        pt = job.cfg.patch_t  # CogVideoX 1.5: 2 latent frames per token
-        need = max(data.num_tokens(*s, *factors, pt) for s in ds.shapes if s)
-        max_tokens = (tc.max_tokens[i] if isinstance(tc.max_tokens, list) else tc.max_tokens) or need
-        sampler = data.FramePackSampler(ds.shapes, max_tokens, tc.rows, *factors, pt=pt, **split)
-    else:  # one shape per batch: the VAE (whole clips), or the DiT in the released padded mode
-        sampler = data.BucketSampler(ds.shapes, tc.batch, **split)
-    src = data.Prepared(ds, job.ae, job.text, job.cache, job.ids) if is_dit else ds
-    if is_dit and job.cache is not None:  # fill the cache first, each rank its share, then read
-        mine = [k for k, s in enumerate(ds.shapes) if s and k % job.world == job.rank]
-        src.fill(mine, job.rank == 0, i)
-        if dist.is_initialized():
-            dist.barrier()
-    loader = lambda keys: torch.utils.data.DataLoader(src, batch_sampler=keys,
-                                                      collate_fn=data.collate,
-                                                      num_workers=args.workers)
+                            f"frames {stage.frames}{' (videos only: --i2v)' if args.i2v else ''}"
+                            f"{' (clips of 4·cp·k+1 frames: --cp)' if args.cp > 1 else ''} "
+                            f"({len(ds.bad)} unreadable); check with `python data.py inspect`")
+    split = dict(seed=tc.seed, rank=job.dp_rank, world_size=job.dp_world, drop_last=tc.drop_last)
+    if not is_dit or args.bucket:  # one shape per batch: the VAE (whole clips), or the release's
+        return ds, data.BucketSampler(ds.shapes, tc.batch, **split), 0
+    # §3.1 Frame Pack: rows of max_tokens, any mix of durations, rows of equal cost across ranks
+    factors = (job.cfg.text_len, job.vcfg.temporal_factor, job.vcfg.spatial_factor, job.cfg.patch)
+    pt = job.cfg.patch_t  # CogVideoX 1.5: 2 latent frames per token
+    need = max(data.num_tokens(*s, *factors, pt) for s in ds.shapes if s)
+    max_tokens = (tc.max_tokens[i] if isinstance(tc.max_tokens, list) else tc.max_tokens) or need
+    try:
+        sampler = data.FramePackSampler(ds.shapes, max_tokens, tc.rows, *factors, pt=pt, **split,
+                                        balance=tc.balance, linear_cost=6 * job.cfg.dim)
+    except ValueError as e:
+        raise SettingsError(f"stage {i}: {e}") from None
+    return ds, sampler, max_tokens
+
+
+def check_stages(job):
+    """Every stage's data requirements, before the first step (a stage that cannot run would
+    otherwise fail when it starts, e.g. the high-quality subset stage without a "quality" field
+    after 170k steps): the subset's quality scores, samples that fit each stage's frame counts and
+    sizes (and --cp / --i2v), rows that hold the largest sample, and a VAE encode of the largest
+    clip within --encode-memory. -> each stage's (dataset, sampler, row length)."""
+    plans = [plan_stage(job, i) for i in range(len(job.stages))]
+    if job.args.stage == "dit":
+        for i, (ds, _, _) in enumerate(plans):
+            shapes = [s for s in ds.shapes if s]
+            largest = max(shapes, key=lambda s: s[0] * s[1] * s[2])
+            try:  # the VAE's weights are not loaded yet: this checks the activations only
+                data.encode_plan(job.vcfg, largest, job.args.encode_memory * 2**30,
+                                 itemsize=2 if job.device.type == "cuda" else 4)
+            except ValueError as e:
+                raise SettingsError(f"stage {i}: {e}") from None
+    return plans
+
+
+def enter_stage(job, i, pos):
+    """§3.2 progressive training: stage i rebuilds the data (resolutions, frame counts, subset);
+    the model and optimizer carry over. RoPE positions are integer patch indices at any size
+    (extrapolation, §3.2), so a larger grid just sees new positions. -> (batch stream, row length).
+
+    The data path: one DataLoader for the stage whose --workers processes decode (persistent,
+    --prefetch batches ahead, pinned on a GPU); no model lives in a worker. The DiT's clips are
+    then encoded here, on the training device, in batches (data.LatentEncoder; with --cache the
+    stage's misses are encoded up front, each rank its share)."""
+    args, stage, is_dit = job.args, job.stages[i], job.args.stage == "dit"
+    ds, sampler, max_tokens = job.plans[i] if job.plans else plan_stage(job, i)
+    if is_dit and args.i2v:
+        job.say(f"stage {i}: --i2v trains on videos only, {ds.stills} still image(s) left out")
+    encoder, src = None, ds
+    if is_dit:  # the VAE's mode for this stage: the least approximate one its largest clip fits
+        encoder = job.encoder
+        try:
+            mode = encoder.set_stage(ds.shapes)
+        except ValueError as e:
+            raise SettingsError(f"stage {i}: {e}") from None
+        src = data.Prepared(ds, job.cache, job.ids, mode)
+        if job.cache is not None:  # fill the cache first, each rank its share, then read
+            mine = [k for k, s in enumerate(ds.shapes) if s and k % job.world == job.rank]
+            encoder.fill(src, mine, args.workers, job.rank == 0, i)
+            if dist.is_initialized():
+                dist.barrier()
+    requests = data.Requests(sampler, pos)
+    loader = data.make_loader(src, requests, args.workers, pin=job.device.type == "cuda",
+                              prefetch=args.prefetch)
     eff = sampler.efficiency() if max_tokens else 1.0
     n = len([s for s in ds.shapes if s])
     job.say(f"stage {i}: {stage.resolutions} x frames {stage.frames}"
             f"{f' top {stage.subset:.0%}' if stage.subset else ''} | {n} samples | "
             + (f"Frame Pack rows of {max_tokens} tokens, packing {eff:.0%}" if max_tokens
-               else "buckets"))
-    return batches(loader, sampler, pos), max_tokens
+               else "buckets")
+            + f" | {args.augment} start/crop | {args.workers} loader worker(s)"
+            + (f" | VAE encode: {mode}, {encoder.mode.peak / 2**30:.2f} GiB" if encoder else ""))
+    return batches(job, loader, requests, pos, encoder), max_tokens
 
 
-def batches(make_loader, sampler, pos):
+def batches(job, loader, requests, pos, encoder=None):
     """Endless stream of this rank's micro-batches; pos {"epoch", "batch"} counts what was used.
 
     The sampler's batches are a pure function of (seed, epoch), so the data position is two
-    integers: a resumed run rebuilds the epoch's batches and starts at pos["batch"]."""
+    integers: a resumed run rebuilds the epoch's batches and starts at pos["batch"]. The loader
+    runs ahead; requests.given says which batch each one it returns is. Each batch carries the
+    global batch's slot masses (§3.3 strata over tokens, train.draws); the DiT's are completed by
+    the encoder (posteriors and text, on the training device). job.wait adds up the seconds
+    the consumer waits (decoding not done ahead, and the encode)."""
+    it = None
     while True:
-        sampler.set_epoch(pos["epoch"])
-        keys = list(sampler)
-        if not keys:  # nothing readable at this stage's sizes: stop instead of spinning
-            raise SettingsError("no readable sample fits this stage (see the skipped files above); "
-                                "check --data, --size and --frames with `python data.py inspect`")
-        if pos["batch"] < len(keys):
-            for b in make_loader(keys[pos["batch"]:]):
-                pos["batch"] += 1
-                yield b
-        pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
+        t0 = time.perf_counter()
+        try:  # workers start (and the sampler runs ahead) at iter()
+            it = iter(loader) if it is None else it
+            batch = next(it)
+        except ValueError as e:  # no readable sample at this stage (data.Requests)
+            raise SettingsError(str(e)) from None
+        epoch, b, n, masses = requests.given.popleft()
+        pos["epoch"], pos["batch"] = (epoch, b + 1) if b + 1 < n else (epoch + 1, 0)
+        batch["masses"] = masses
+        batch = encoder.complete(batch) if encoder is not None else batch
+        job.wait = getattr(job, "wait", 0.0) + time.perf_counter() - t0
+        yield batch
 
 
 def export(job, ema, zstat):
@@ -1359,8 +1467,11 @@ def train(args):
                           dp_world=world // share, say=say,
                           ac=diffusion.alphas_cumprod(snr_shift_scale=tc.snr_shift),  # §3
                           text=None, cache=None, ids=None, disc=None, lpips=None, fill=None,
-                          entries=data.read_manifest(args.data))
+                          vcfg=vae_config(args, tc),
+                          cfg=dit.DIT_PRESETS[tc.dit] if is_dit else None)
     job.ckpt = find_checkpoint(args, sum(steps), say)  # refusals before any model is loaded
+    job.entries = load_entries(job)  # the manifest, with the metadata planning needs
+    job.plans = check_stages(job)  # every stage's data, before any model is built
     (build_dit if is_dit else build_vae)(job)
     model, net = job.model, wrap(job.model, args.fsdp, device, fill=job.fill)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1405,6 +1516,7 @@ def train(args):
         opt.zero_grad(set_to_none=True)
         # Σ n·loss, N, bad files, tokens (text + video: throughput), ranks that read something
         tot, per, ts, parts, gan_in = torch.zeros(5, dtype=torch.float64), [], [], {}, None
+        job.wait = 0.0  # seconds this step waits for data (batches adds them)
         for micro in range(tc.accum):
             batch = next(stream)
             with sync(net, micro == tc.accum - 1):
@@ -1467,7 +1579,8 @@ def train(args):
 
         # -- logs: one greppable line per step + JSONL --
         rec = {"step": step, "stage": stage_i, "loss": gloss, "lr": lr, "ms": ms, "grad_norm": gnorm,
-               "tok_s": float(red[3]) / (ms / 1000), "bad_files": bad_files, **parts}
+               "tok_s": float(red[3]) / (ms / 1000), "bad_files": bad_files,
+               "data_ms": 1000 * job.wait, **parts}
         if is_dit:
             rec.update(dit_log(torch.cat(per), torch.cat(ts), world))
             if max_tokens:
@@ -1601,7 +1714,7 @@ class MemTracker(TorchDispatchMode):
         super().__init__()
         self.live, self.sums, self.now, self.peak, self.phase = {}, {}, 0, 0, "setup"
         self.peak_phase, self.working = None, 0  # working: the peak of all but params/grads/opt
-        self.at_peak, self.flops, self.seconds = {}, {}, 0.0
+        self.at_peak, self.flops, self.seconds, self.grads = {}, {}, 0.0, 0
         self.peak_flops, self.bandwidth = peak_flops, bandwidth
         from torch.utils.flop_counter import flop_registry, shape_wrapper, sdpa_backward_flop_count
         from torch.utils.flop_counter import sdpa_flop_count
@@ -1729,6 +1842,8 @@ def simulate(args, fake=True):
         with mode:
             if args.stage == "dit":
                 step = simulate_dit(args, tc, stages, mesh, track, mode, sp)
+            elif args.encode:  # the DiT data path's encode of one clip
+                step = simulate_encode(args, tc, stages, mesh, track, mode)
             else:
                 step = simulate_vae(args, tc, stages, mesh, track, mode)
         with track:
@@ -1882,6 +1997,42 @@ def simulate_vae(args, tc, stages, mesh, track, mode):
     return step
 
 
+def simulate_encode(args, tc, stages, mesh, track, mode):
+    """The DiT data path's encode of one clip of the stage's largest shape, as a cache fill runs
+    it on the training device: the frozen VAE in bf16 (--fp32: fp32), no grad, in the mode that
+    data.LatentEncoder picks for the --encode-memory budget (whole clip, streamed, tiled), the
+    float32 clip from the loader included."""
+    dtype = torch.float32 if args.fp32 else torch.bfloat16
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype (a fake module cannot be converted)
+    try:
+        ae = vae.CausalVAE(vae.VAE_PRESETS[tc.vae]).eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(default)
+    enc = data.LatentEncoder(ae, budget=args.encode_memory * 2**30)
+    T, (H, W) = sim_shapes(args, tc, stages)
+    try:
+        enc.set_stage([(T, H, W)])
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
+    params = list(ae.parameters())
+    track.info = {"what": f"{args.preset} VAE encode (the DiT data path: no grad, "
+                          f"{str(dtype).split('.')[-1]}), 1 clip of {T}x{H}x{W}, mode "
+                          f"{enc.mode} (estimated {gib(enc.mode.peak):.2f} GiB for "
+                          f"{enc.mode.batch} clip(s) a call)",
+                  "tokens": T * H * W, "row": T * H * W, "params": params, "opt": None,
+                  "numel": sum(p.numel() for p in params), "unit": "pixels", "encode": enc.mode}
+
+    def step():
+        for p in params:
+            track.add(p, "param")
+        track.phase = "fwd"
+        with mode, torch.no_grad():
+            x = torch.rand(1, 3, T, H, W) * 2 - 1  # (1, 3, T, H, W) float32, as the loader gives it
+            enc.posteriors(x)
+    return step
+
+
 def report(args, track):
     """Prints the table and, last, `simulate: peak ... GiB per rank | ... TFLOP per step | ...
     tokens per row`; returns the numbers (bytes, FLOPs, seconds)."""
@@ -1891,8 +2042,11 @@ def report(args, track):
          "seconds": track.seconds, "tokens": info["tokens"], "row": info["row"],
          "grads_total": track.grads, "working": track.working}
     r["temporaries"] = r["peak"] - sum(r[k] for k in ("params", "grads", "optimizer", "activations"))
-    # MFU counts model FLOPs: forward + backward = 3 x forward (recomputation is not useful work)
-    r["mfu"] = 3 * track.flops.get("fwd", 0) / max(r["seconds"], 1e-12) / (args.peak_tflops * 1e12)
+    # MFU counts model FLOPs: forward + backward = 3 x forward (recomputation is not useful work);
+    # an encode (--encode) has no backward
+    passes = 1 if getattr(args, "encode", False) else 3
+    r["mfu"] = (passes * track.flops.get("fwd", 0) / max(r["seconds"], 1e-12)
+                / (args.peak_tflops * 1e12))
     world = dist.get_world_size() if dist.is_initialized() else 1
     if dist.is_initialized() and dist.get_rank() != 0:
         return r
@@ -1903,7 +2057,7 @@ def report(args, track):
           f"{' + checkpointing' if args.grad_checkpoint and dit_ else ''}"
           f"{' (inputs offloaded)' if getattr(args, 'offload_activations', False) else ''}"
           f"{f' + LoRA rank {args.lora}' if getattr(args, 'lora', None) and dit_ else ''}"
-          f"{' + bf16 autocast' if dit_ and not args.fp32 else ', fp32'}"
+          f"{' + bf16 autocast' if dit_ and not args.fp32 else '' if args.encode else ', fp32'}"
           f"{'' if track is None else ' (fake tensors)' if args.fake else ' (real tensors)'}")
     unit, div = ("GiB", 2**30) if track.peak >= 2**30 else ("MiB", 2**20)
     cols = ("params", "grads", "optimizer", "activations", "temporaries", "peak")
@@ -2113,7 +2267,15 @@ def parser():
     a("--ema", type=float, help="EMA decay, e.g. 0.9999 (0 = off)")
     a("--save-every", type=int)
     a("--seed", type=int)
-    a("--workers", type=int, default=0, help="DataLoader worker processes")
+    a("--workers", type=int, default=0, help="DataLoader worker processes that decode (0 = in the "
+      "main process); the models stay in the main process")
+    a("--prefetch", type=int, default=2, help="batches each loader worker decodes ahead")
+    a("--augment", choices=["random", "fixed"], help="each sample's temporal start and crop: "
+      "random per (seed, epoch, sample), as released (default), or fixed (start 0, centre; the "
+      "only mode the latent cache holds, and the default with --cache)")
+    a("--encode-memory", type=float, default=12.0, metavar="GiB", help="DiT stage: memory one VAE "
+      "encode call may use; the stage's mode (whole clip, streamed, tiled) is the least "
+      "approximate one its largest clip fits")
     a("--fsdp", action="store_true", help="shard the DiT with FSDP2 (fully_shard) instead of DDP")
     a("--cp", type=int, default=1, help="VAE: ranks per context-parallel group (§2.1)")
     a("--sp", type=int, default=1, help="DiT: ranks per sequence-parallel group (DeepSpeed-"
@@ -2143,6 +2305,8 @@ def parser():
     a("--simulate", type=int, metavar="N", help="simulate one step of N ranks on fake tensors "
       "(memory, FLOPs, time) instead of training")
     a("--fp32", action="store_true", help="--simulate: an fp32 run (default: bf16 autocast)")
+    a("--encode", action="store_true", help="--simulate --stage vae: the DiT data path's encode "
+      "of one clip (the cache fill: no grad, bf16, the mode --encode-memory allows)")
     a("--real", action="store_true", help="--simulate on real tensors, the same accounting (to "
       "validate it; N > 1 under torchrun with N ranks)")
     a("--peak-tflops", type=float, default=989.0, help="--simulate: accelerator peak (989 = H100 "

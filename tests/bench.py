@@ -19,6 +19,9 @@ machine, the same random weights on both sides (a diffusers model is saved, ours
   sim     (not in the default run; ~5-15 min) train.py's step simulator next to the same simulation
           of diffusers' CogVideoXTransformer3DModel (its own gradient checkpointing): one training
           step per rank of 8 fake FSDP2 ranks, bf16, one 49x480x720 clip per rank, 2B and 5B
+  loader  decoded clips/s through train.py's DataLoader (persistent workers, prefetch, random
+          start and crop) with 0, 1, 2 workers on mp4 / webm / avi clips, and the data wait of a
+          150 ms step
 
 Run (about 3-5 minutes on 2 cores; timings are meaningless on a loaded machine, see --max-load):
   python tests/bench.py --out bench.json
@@ -588,6 +591,71 @@ def bench_sim(args, res, tmp):
               f"-> {r['ratio']:.2f} ({r['ours_s']:.0f} s + {r['diffusers_s']:.0f} s)", flush=True)
 
 
+LOADER = dict(clips=12, frames=33, size=(240, 360), stage_frames=[17], stage_size=(240, 352),
+              step_ms=150, steps=12)
+
+
+def loader_clips(tmp):
+    """Clips in real formats (H.264 mp4, VP9 webm, MPEG-4 avi, 8 fps, 240x360, 33 frames), each
+    a moving gradient (so the codecs have real work), written once."""
+    import av
+    import numpy as np
+    folder = os.path.join(tmp, "loader")
+    os.makedirs(folder, exist_ok=True)
+    codecs = {".mp4": "libx264", ".webm": "libvpx-vp9", ".avi": "mpeg4"}
+    H, W = LOADER["size"]
+    yy, xx = np.mgrid[:H, :W]
+    entries = []
+    for i in range(LOADER["clips"]):
+        ext = list(codecs)[i % 3]
+        path = os.path.join(folder, f"{i:02d}{ext}")
+        with av.open(path, "w") as c:
+            st = c.add_stream(codecs[ext], rate=8)
+            st.height, st.width, st.pix_fmt = H, W, "yuv420p"
+            for t in range(LOADER["frames"]):
+                img = np.stack([(xx + 4 * t + 9 * i) % 256, (yy * 2 + t) % 256,
+                                (xx + yy + 7 * t) % 256], -1).astype(np.uint8)
+                for pk in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    c.mux(pk)
+            for pk in st.encode():
+                c.mux(pk)
+        entries.append({"path": path, "caption": f"clip {i}"})
+    return entries
+
+
+def bench_loader(args, res, tmp):
+    """Decoded clips per second through train.py's loader (data.make_loader over data.Requests:
+    persistent workers, prefetch 2, random start and crop) with 0, 1 and 2 decoding workers; and
+    the data wait of a training step that computes for LOADER["step_ms"] (a sleep: the CPU is
+    free for the workers, as it is while a GPU computes)."""
+    import data
+    entries, _ = data.probe_entries(loader_clips(tmp), 2)
+    stage = data.Stage([LOADER["stage_size"]], LOADER["stage_frames"], fps=8)
+    ds = data.VideoDataset(entries, stage, augment="random", seed=0)
+    sampler = data.BucketSampler(ds.shapes, 2, seed=0)
+    per = len(sampler.global_batches(0))
+    for workers in (0, 1, 2):
+        req = data.Requests(sampler, {"epoch": 0, "batch": 0})
+        loader = data.make_loader(ds, req, workers, prefetch=2)
+        it = iter(loader)
+        next(it)  # the workers started, the first batch is out
+        n, t0 = 0, time.perf_counter()
+        for _ in range(2 * per):
+            n += len(next(it)["items"])
+        rate = n / (time.perf_counter() - t0)
+        waits = []
+        for _ in range(LOADER["steps"]):
+            time.sleep(LOADER["step_ms"] / 1000)  # the step's compute
+            t1 = time.perf_counter()
+            next(it)
+            waits.append(1000 * (time.perf_counter() - t1))
+        del it, loader
+        r = {"clips_s": rate, "wait_ms": med(waits), "step_ms": LOADER["step_ms"]}
+        res[f"loader_w{workers}"] = r
+        print(f"  loader, {workers} worker(s): {rate:.1f} clips/s; a {LOADER['step_ms']} ms step "
+              f"waits {r['wait_ms']:.0f} ms for its batch of 2", flush=True)
+
+
 def table(res):
     rows = []   # (what, ours, baseline, ratio, target, ok)
     for T in (DIT["frames"], 2 * DIT["frames"]):
@@ -638,6 +706,13 @@ def table(res):
             rows.append((f"simulated peak per rank, {preset}, 8 FSDP ranks, 49x480x720",
                          f"{r['ours_gib']:.2f} GiB", f"{r['diffusers_gib']:.2f} GiB (diffusers)",
                          r["ratio"], f"<= {TARGETS['sim']}", r["ratio"] <= TARGETS["sim"]))
+    for workers in (0, 1, 2):
+        r = res.get(f"loader_w{workers}")
+        if r:
+            T, (H, W) = LOADER["stage_frames"][0], LOADER["stage_size"]
+            rows.append((f"decoded {T}x{H}x{W} clips/s (mp4/webm/avi), {workers} loader workers",
+                         f"{r['clips_s']:.1f} clips/s", f"data wait {r['wait_ms']:.0f} ms/step",
+                         None, "", None))
     w = max(len(r[0]) for r in rows) if rows else 10
     lines = [f"| {'measurement':<{w}} | {'ours':>18} | {'baseline':>26} | {'ratio':>6} | {'target':>7} | ok  |",
              f"|{'-' * (w + 2)}|{'-' * 20}|{'-' * 28}|{'-' * 8}|{'-' * 9}|-----|"]
@@ -657,7 +732,7 @@ def main():
     ap.add_argument("--mem-reps", type=int, default=2, help="fresh processes per VAE memory measurement (median)")
     ap.add_argument("--cp-frames", type=int, default=33, help="clip length of the context-parallel step")
     ap.add_argument("--cp-reps", type=int, default=2)
-    ap.add_argument("--only", default="dit,mfu,pack,vae,cp", help="comma-separated sections")
+    ap.add_argument("--only", default="dit,mfu,pack,vae,cp,loader", help="comma-separated sections")
     ap.add_argument("--max-load", type=float, default=None, help="wait (up to 10 min) for the 1-min load to drop below this")
     ap.add_argument("--profile", action="store_true", help="print where the time goes (torch.profiler) per section")
     ap.add_argument("--device", default="cpu", help="only cpu: the targets are CPU targets")
@@ -682,7 +757,8 @@ def main():
         res["matmul_flops"] = matmul_rate()
         print(f"  fp32 matmul 2048^2: {res['matmul_flops'] / 1e9:.1f} GFLOP/s", flush=True)
         for name, fn in (("dit", bench_dit), ("mfu", bench_mfu), ("pack", bench_pack), ("attn", bench_attn),
-                         ("vae", bench_vae), ("cp", bench_cp), ("sim", bench_sim)):
+                         ("vae", bench_vae), ("cp", bench_cp), ("sim", bench_sim),
+                         ("loader", bench_loader)):
             if name in sections:
                 fn(args, res, tmp)
         res["matmul_flops_end"] = matmul_rate()   # a drift between start and end means the load changed

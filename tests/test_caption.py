@@ -18,6 +18,7 @@ import torch
 import caption
 from caption import (PRESETS, SUMMARY_PROMPT, UPSAMPLER_PROMPT, FrameCaptioner, caption_videos,
                      clean_caption, load_llm, read_frames, summary_prompt, upsample_prompt)
+import data
 from data import BadVideo  # the one BadVideo: caption.py reads frames through data.py
 
 WORDS = ("<pad> <s> </s> <unk> a red blue green circle square moves left right up down the on of "
@@ -192,7 +193,7 @@ def test_pipeline_writes_manifest(tmp_path, models, capsys):
     for e in lines:
         assert (clips / e["path"]).is_file()
         assert isinstance(e["caption"], str) and e["caption"] and len(e["caption"].split()) <= 100
-        assert set(e) == {"path", "caption", "frame_captions"}
+        assert set(e) == {"path", "caption", "frame_captions", "hash", *data.META}
         # the rigged VED speaks
         assert all(c.startswith("circle") for c in e["frame_captions"].values())
     assert list(lines[0]["frame_captions"]) == ["0.0", "2.0", "4.0", "6.0", "8.0"]
@@ -558,3 +559,23 @@ def test_cli_bad_values_before_any_work(tmp_path, capsys, monkeypatch, extra, te
         caption.main(argv + [v.format(tmp=tmp_path) for v in extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and text in err[-1], err
+
+
+def test_manifest_carries_the_metadata_training_plans_with(tmp_path):
+    """Issue 17: every written entry has data.META (+ "hash"), probed from the video or carried
+    from an input manifest as it is (never probed again), so training never has to probe."""
+    write_clip(tmp_path / "a.mp4", 8)
+    out = tmp_path / "m.jsonl"
+    caption_videos([tmp_path / "a.mp4"], out, CFG, grey_captioner, Spy(None), progress=False)
+    (entry,) = data.read_manifest(out)
+    assert data.has_meta(entry) and len(entry["hash"]) == 32
+    assert (entry["height"], entry["width"], entry["frames"], entry["fps"]) == (32, 32, 8, FPS)
+    assert entry["duration"] == pytest.approx(8 / FPS, abs=1 / FPS)
+    # an input manifest's fields are carried, not re-probed (a marker value shows which)
+    meta = dict(height=32, width=32, frames=8, fps=FPS, duration=99.0, hash="x" * 32)
+    (tmp_path / "old.jsonl").write_text(json.dumps({"path": "a.mp4", "caption": "a", **meta})
+                                        + "\n")
+    caption_videos([tmp_path / "old.jsonl"], tmp_path / "n.jsonl", CFG, grey_captioner,
+                   Spy(None), progress=False)
+    (entry,) = data.read_manifest(tmp_path / "n.jsonl")
+    assert {k: entry[k] for k in meta} == meta

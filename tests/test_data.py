@@ -663,3 +663,176 @@ def test_truncated_clip_is_a_counted_bad_file(tmp_path):
     with pytest.raises(data.BadVideo, match="truncated"):
         data.load_video(cut, 17, min_frames=16)
     assert data.load_video(cut, 17, pad="repeat").shape[1] == 17  # no min_frames: padded as asked
+
+
+# ----- issue 17: a data path that feeds a cluster -----
+
+def test_inspect_write_records_metadata_in_parallel_and_training_never_probes(tmp_path, capsys,
+                                                                              monkeypatch):
+    """`data.py inspect M --write OUT` records META + a content hash for every entry (2 worker
+    processes here); an unreadable one is kept, marked, and planned out without a probe; a
+    VideoDataset on OUT opens no file to plan; `data.py filter` carries the fields through."""
+    a = write(tmp_path / "a.mp4", T=17, H=32, W=48, fps=8)
+    b = write(tmp_path / "b.mkv", T=9, H=48, W=32, fps=4)
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    m = data.write_manifest([{"path": p, "caption": "x", "keep": 1} for p in
+                             (a, b, str(tmp_path / "bad.mp4"))], tmp_path / "m.jsonl")
+    data.main(["inspect", m, "--write", str(tmp_path / "meta.jsonl"), "--workers", "2"])
+    assert "2 ok, 1 unreadable" in capsys.readouterr().out
+    got = data.read_manifest(tmp_path / "meta.jsonl")
+    assert [(e["height"], e["width"], e["frames"], e["fps"]) for e in got[:2]] == [
+        (32, 48, 17, 8), (48, 32, 9, 4)]
+    assert got[0]["duration"] == pytest.approx(17 / 8, abs=0.13) and got[0]["keep"] == 1
+    assert len({e["hash"] for e in got[:2]}) == 2 and data.content_hash(a) == got[0]["hash"]
+    assert "unreadable" in got[2] and not data.has_meta(got[2])
+    monkeypatch.setattr(data, "probe", lambda p: pytest.fail(f"probed {p}"))
+    ds = data.VideoDataset(got, data.Stage([(16, 24), (24, 16)], [1, 9, 17]))
+    assert ds.shapes[:2] == [(17, 16, 24), (9, 24, 16)] and ds.shapes[2] is None
+    monkeypatch.undo()
+    # a manifest where nothing is readable is no silent success
+    bad = data.write_manifest([{"path": str(tmp_path / "bad.mp4"), "caption": "x"}],
+                              tmp_path / "bad.jsonl")
+    with pytest.raises(SystemExit) as e:
+        data.main(["inspect", bad, "--write", str(tmp_path / "o.jsonl"), "--workers", "1"])
+    assert e.value.code == 1
+    with pytest.raises(SystemExit):  # without --write, the decode check needs its sizes
+        data.main(["inspect", m])
+    assert "--write OUT" in capsys.readouterr().err
+    # filter: an entry without META gets it recorded, one with META keeps its own
+    moving = lambda i: np.roll(np.eye(32, dtype=np.uint8)[:, :, None].repeat(3, 2) * 255, i, 1)
+    c = write(tmp_path / "c.mkv", T=10, H=32, W=32, fps=8, paint=moving)
+    mine = dict(height=32, width=32, frames=10, fps=8.0, duration=9.0)  # a marker duration
+    m2 = data.write_manifest([{"path": c, "caption": "x"}, {"path": c, "caption": "y", **mine}],
+                             tmp_path / "f.jsonl")
+    kept, _ = data.filter_manifest(m2, str(tmp_path / "kept.jsonl"), top=1.0)
+    assert len(kept) == 2 and all(data.has_meta(e) for e in kept)
+    assert kept[0]["duration"] == pytest.approx(10 / 8, abs=0.13) and kept[1]["duration"] == 9.0
+
+
+def test_random_start_and_crop_per_seed_epoch_sample(tmp_path):
+    """augment="random": the start (in frames at the stage rate, each of 0..slack alike) and the
+    crop are a pure function of (seed, epoch, index): the same in any process, or on resume; a
+    new epoch draws anew. Decoding shows exactly the drawn frames and pixels."""
+    ramp = lambda i: np.broadcast_to((np.arange(64) * 4).astype(np.uint8)[None, :, None],
+                                     (32, 64, 3)).copy()
+    p = write(tmp_path / "a.mkv", T=21, H=32, W=32, fps=8)  # frame i is grey(i)
+    r = write(tmp_path / "r.mkv", T=9, H=32, W=64, fps=8, paint=ramp)  # x-ramp: columns readable
+    entries = [{"path": p, "caption": "a", "frames": 21, "height": 32, "width": 32, "fps": 8},
+               {"path": r, "caption": "r", "frames": 9, "height": 32, "width": 64, "fps": 8}]
+    stage = data.Stage([(32, 32)], [9])
+    ds = data.VideoDataset(entries, stage, augment="random", seed=3)
+    again = data.VideoDataset(entries, stage, augment="random", seed=3)
+    draws = [ds.augmentation(0, e) for e in range(12)]
+    assert draws == [again.augmentation(0, e) for e in range(12)]  # reproducible
+    assert len(set(draws)) == 12 and ds.augmentation(0, 0) != data.VideoDataset(
+        entries, stage, augment="random", seed=4).augmentation(0, 0)
+    firsts = set()
+    for epoch in range(6):
+        v = ds[(0, 0, 0, 1.0, 1, epoch)]["video"]
+        ids = frame_ids(v)
+        k = ids[0]
+        assert ids == list(range(k, k + 9)) and 0 <= k <= 12  # 21 - 9 frames of slack
+        firsts.add(k)
+        start, _ = ds.augmentation(0, epoch)
+        assert k == (0 if start is None else round(start * 8 + 0.5))  # the drawn start
+    assert len(firsts) > 1
+    for epoch in range(4):  # the crop: 32 columns of the 64, at the drawn offset
+        fy, fx = ds.augmentation(1, epoch)[1]
+        left = min(32, int(fx * 33))
+        col = ((ds[(1, 0, 0, 1.0, 1, epoch)]["video"][0, 0, 16] + 1) * 127.5)  # (32,) one row
+        assert torch.allclose(col, torch.arange(left, left + 32) * 4.0, atol=6), (left, col)
+    fixed = data.VideoDataset(entries, stage, seed=3)  # augment="fixed": start 0, the centre
+    assert fixed.augmentation(0, 5) == (None, None)
+    assert frame_ids(fixed[(0, 0, 0, 1.0, 1, 5)]["video"]) == list(range(9))
+
+
+def test_frame_pack_rows_balanced_across_ranks_on_a_realistic_mix():
+    """balance=0.05: on images and 17/49/81-frame clips at 480x720 and 768x1360 (the released
+    VAE and patch, 226 text tokens), every global batch's ranks cost within 10% of each other
+    under attention ~ Σn² + the rest ~ Σn (D = 3072), where rows filled by tokens alone differ
+    by 2x; no sample is lost and N ranks still run one process's global batch."""
+    rng = random.Random(0)
+    shapes = [(rng.choice([1, 17, 49, 81]), *rng.choice([(480, 720), (768, 1360)]))
+              for _ in range(1500)]
+    f = dict(text_len=226, tf=4, sf=8, p=2, linear_cost=6 * 3072)
+    M = data.num_tokens(81, 768, 1360, 226, 4, 8, 2)
+    spread = lambda s: max(max(c) / max(min(c), 1) - 1 for c in s.rank_costs(0))
+    for world, rows in ((8, 1), (4, 2)):
+        make = lambda **k: [data.FramePackSampler(shapes, M, rows, **f, world_size=world, rank=r,
+                                                  seed=1, **k) for r in range(world)]
+        bal = make(balance=0.05, drop_last=True)
+        assert spread(bal[0]) <= 0.10, spread(bal[0])
+        assert spread(make(drop_last=True)[0]) > 1.0  # token-filled rows: far apart
+        assert bal[0].efficiency(0) > 0.85
+        full = make(balance=0.05)  # without drop_last every sample is seen once
+        seen = sorted(i for s in full for i in s.epoch_samples(0))
+        assert seen == list(range(len(shapes)))
+    one = data.FramePackSampler(shapes, M, 4, **f, seed=1, balance=0.05)
+    two = [data.FramePackSampler(shapes, M, 2, **f, world_size=2, rank=r, seed=1, balance=0.05)
+           for r in range(2)]
+    for b1, r0, r1 in zip(one, *two):
+        merged = sorted((i, s, w) for i, _, s, w, _ in r0 + r1 if w > 0)
+        assert merged == sorted((i, s, w) for i, _, s, w, _ in b1)
+
+
+def test_loader_workers_and_exact_data_position(shapes_set):
+    """One DataLoader per stage (data.make_loader over data.Requests): 2 persistent decoding
+    workers give exactly the main process's batches, epoch after epoch; the position each batch
+    reports resumes the stream exactly; the dataset holds no model (picklable, no torch module)."""
+    import pickle
+    entries = data.read_manifest(shapes_set)[:12]
+    ds = data.VideoDataset(entries, data.STAGES["shapes"][0], augment="random", seed=2)
+    assert not any(isinstance(v, torch.nn.Module) for v in vars(ds).values())
+    pickle.dumps(ds)
+    s = data.FramePackSampler(ds.shapes, max_tokens=64, rows=2, text_len=4, tf=4, sf=4, p=2,
+                              seed=0)
+    n = len(s.global_batches(0))
+
+    def run(workers, pos, count):
+        req = data.Requests(s, pos)
+        loader = data.make_loader(ds, req, workers, prefetch=2)
+        out = []
+        for b in loader:
+            out.append((req.given.popleft()[:2], [(it["index"], it["start"], it["crop"])
+                                                  for it in b["items"]],
+                        torch.cat([it["video"].flatten() for it in b["items"]])))
+            if len(out) == count:
+                break
+        return out, loader
+    main, _ = run(0, {"epoch": 0, "batch": 0}, 2 * n + 1)
+    two, loader = run(2, {"epoch": 0, "batch": 0}, 2 * n + 1)
+    assert loader.persistent_workers and loader.num_workers == 2
+    assert [(p, k) for p, k, _ in main] == [(p, k) for p, k, _ in two]
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(main, two))
+    assert [p for p, _, _ in main[:n + 1]] == [(0, b) for b in range(n)] + [(1, 0)]
+    assert main[0][1] != main[n][1]  # the next epoch: new order, new starts and crops
+    resumed, _ = run(0, {"epoch": 1, "batch": 1}, 2)  # resume mid-epoch: the same batches
+    assert [(p, k) for p, k, _ in resumed] == [(p, k) for p, k, _ in main[n + 1:n + 3]]
+
+
+def test_encode_plan_and_latent_encoder(tmp_path):
+    """The main process encodes in batches on the training device: complete() gives each
+    decoded clip the posterior a direct encode gives; the plan is the least approximate mode the
+    budget allows (whole clip, then streamed, then tiled), and a budget nothing fits is a clear
+    error. The released VAE at 49x480x720 in bf16 fits 12 GiB streamed (train.py's simulator
+    measures it)."""
+    import vae
+    torch.manual_seed(0)
+    ae = vae.CausalVAE(vae.VAE_PRESETS["tiny"]).eval()
+    enc = data.LatentEncoder(ae, budget=2**30)
+    assert str(enc.plan((9, 32, 32))) == "whole" and enc.plan((9, 32, 32)).batch > 1
+    x = torch.rand(3, 3, 9, 32, 32) * 2 - 1  # (B, 3, T, H, W)
+    items = [{"video": x[i], "caption": "c", "text": torch.zeros(2, 4)} for i in range(3)]
+    out = enc.complete({"items": items})["items"]
+    with torch.no_grad():
+        ref = ae.encode(x)
+    assert all("video" not in it for it in out)
+    assert torch.allclose(torch.stack([it["mean"] for it in out]), ref.mean, atol=1e-5)
+    cfg = vae.VAE_PRESETS["cogvideox-5b"]
+    whole = data.encode_bytes(cfg, (49, 480, 720), data.EncodePlan(), 2)
+    plan = data.encode_plan(cfg, (49, 480, 720), 12 * 2**30, itemsize=2)
+    assert whole > 12 * 2**30 and plan.stream and not plan.tile and plan.peak <= 12 * 2**30
+    big = data.encode_plan(cfg, (81, 768, 1360), 12 * 2**30, itemsize=2)
+    assert big.stream and big.peak <= 12 * 2**30
+    with pytest.raises(ValueError, match="--encode-memory"):
+        data.encode_plan(cfg, (81, 768, 1360), 2**28, itemsize=2)

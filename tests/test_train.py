@@ -895,7 +895,7 @@ def test_i2v_condition_is_the_first_frame_encoded_alone():
     # of the whole clip, whose GroupNorm statistics also see the later frames
     ae = vae.CausalVAE(vae.VAE_PRESETS["tiny"]).eval()
     x = torch.rand(2, 3, 9, 32, 32) * 2 - 1
-    prep = data.Prepared(None, ae, None, None, None)
+    prep = data.LatentEncoder(ae)  # the main process's encoder (the loader's workers hold no model)
     with torch.no_grad():
         post = prep.posteriors(x)
         alone = ae.encode(x[:, :, :1])
@@ -1025,3 +1025,65 @@ def test_simulated_5b_largest_stage_fits_with_sp4():
     r = train.main(["--stage", "dit", "--preset", "cogvideox-5b", "--simulate", "8", "--fsdp",
                     "--grad-checkpoint", "--frames", "81", "--size", "768x1360", "--sp", "4"])
     assert r["peak"] <= 80e9 and r["tokens"] == 85906 // 4 + 1, r["peak"] / 2**30
+
+
+# ----- issue 17: the data path -----
+
+def test_every_stage_checked_before_the_first_step(assets, tmp_path, monkeypatch, capsys):
+    """A later stage that cannot run fails before any model is built (exit 2, naming the stage):
+    a subset stage without "quality" in the manifest, a stage whose sizes no sample fits, an
+    encode that fits no --encode-memory."""
+    for phase in ("build_dit", "build_vae"):
+        monkeypatch.setattr(train, phase, lambda job: pytest.fail("a model was loaded"))
+    tiny = train.PRESETS["tiny"]
+    low = data.Stage([(16, 16)], [1, 5, 9])
+    cases = [([low, data.Stage([(16, 16)], [1, 9], subset=0.2)], [], "stage 1: Stage.subset "
+              "needs a 'quality' score per entry: run `python data.py filter` first"),
+             ([low, low], ["--encode-memory", "1e-6"], "stage 0: encoding one"),
+             ([low, low], ["--i2v", "--data", "{stills}"], "stage 0: no readable sample")]
+    stills = data.write_manifest([e for e in data.read_manifest(assets["manifest"])
+                                  if e["frames"] == 1], tmp_path / "stills.jsonl")
+    for stages, extra, words in cases:
+        monkeypatch.setitem(train.PRESETS, "tiny", train.replace(tiny, dit_stages=stages))
+        argv = dit_args(assets, tmp_path / "run", "--steps", "1", "--max-tokens", "64",
+                        *[v.format(stills=stills) for v in extra])
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and words in err[-1], err
+
+
+def test_a_manifest_without_metadata_is_probed_once_in_parallel(assets, tmp_path, monkeypatch,
+                                                                capsys):
+    """Training on a manifest without data.META probes every entry once (a pool of processes
+    per rank), says so, and plans every stage from that (no probe per stage)."""
+    bare = data.write_manifest([{"path": e["path"], "caption": e["caption"]}
+                                for e in data.read_manifest(assets["manifest"])],
+                               tmp_path / "bare.jsonl")
+    calls = []
+    real = data.probe_entries
+    monkeypatch.setattr(data, "probe_entries", lambda es, w, **k: calls.append((len(es), w))
+                        or real(es, w, **k))
+    planning, probe = [], data.probe  # the forked probing workers append to their own copies
+    monkeypatch.setattr(data, "probe", lambda p: planning.append(p) or probe(p))
+    monkeypatch.setattr(train, "build_dit", lambda job: (_ for _ in ()).throw(
+        train.SettingsError("stop here")))
+    with pytest.raises(SystemExit):
+        train.main(dit_args(assets, tmp_path / "run", *SMALL, "--steps", "1,1",
+                            "--data", bare))
+    out = capsys.readouterr().out
+    assert calls == [(8, os.cpu_count() or 1)] and planning == []
+    assert "8 of 8 entries lack height, width, frames, fps, duration: probing them once" in out
+
+
+def test_simulated_vae_encode_of_the_largest_clip_fits_12_gib():
+    """The DiT data path's encode (`--stage vae --simulate 1 --encode`): the released VAE on one
+    49x480x720 clip in bf16, in the mode data.LatentEncoder picks for 12 GiB (streamed), peaks
+    within 12 GiB on fake tensors, and within the plan's estimate."""
+    r = train.main(["--stage", "vae", "--preset", "cogvideox-5b", "--simulate", "1", "--encode",
+                    "--frames", "49", "--size", "480x720"])
+    assert r["peak"] <= 12 * 2**30 and r["flops"] > 1e14
+    cfg = vae.VAE_PRESETS["cogvideox-5b"]
+    plan = data.encode_plan(cfg, (49, 480, 720), 12 * 2**30, itemsize=2)
+    one = data.encode_bytes(cfg, (49, 480, 720), plan, 2)
+    assert plan.batch == 1 and r["peak"] - r["params"] <= one, (r["peak"] / 2**30, one / 2**30)
