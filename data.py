@@ -12,10 +12,11 @@ The released code pads short clips to one length (pad_last_frame): that is mode=
 How train.py uses it (every rank builds the same objects): VideoDataset(read_manifest(...), stage)
 plans the shapes; FramePackSampler (or BucketSampler) yields this rank's keys (index, row, slot,
 weight, n_global): slot numbers the global batch (0..n_global-1, -1 for a weight-0 filler), row is
-the Frame Pack row that dit.forward_packed uses as is. The loader is DataLoader(Prepared(...),
-batch_sampler=keys, collate_fn=collate). train.draws draws every per-sample random quantity
-(timesteps via diffusion.explicit_uniform_timesteps(n_global, 0, 1), shuffled over the slots; text
-dropout; the App. A condition noise) for the whole global batch from a generator seeded by (seed,
+the Frame Pack row that dit.forward_packed uses as is. The loader is make_loader(Prepared(...),
+Requests(sampler, position)): one DataLoader per stage whose workers decode (no model in them);
+LatentEncoder then VAE-encodes in the main process, on the training device, in batches.
+train.draws draws every per-sample random quantity (timesteps laid over the slots' token mass,
+diffusion.mass_strata_timesteps(slot_masses(...)); text dropout; the App. A condition noise) for the whole global batch from a generator seeded by (seed,
 step, micro-batch), and each rank takes its slots; noise tensors come from a generator keyed by
 (seed, step, micro-batch, slot, kind). The loss weighs each sample that was actually read by its
 video tokens over the whole optimizer step (train.dit_loss), so 2 DDP ranks equal one process on the
@@ -43,6 +44,7 @@ import math
 import multiprocessing
 import os
 import random
+import signal
 import sys
 import uuid
 from collections import Counter, deque
@@ -521,6 +523,15 @@ def _info_job(path):
         return None, f"unreadable ({e.strerror})"
 
 
+def _info_worker():
+    """A forked probing worker: the default SIGTERM / SIGINT (a training process's handlers would
+    keep it alive when the pool ends) and one torch thread (as DataLoader workers: the parent's
+    OpenMP pool does not survive a fork)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the pool
+    torch.set_num_threads(1)
+
+
 def probe_entries(entries, workers=0, force=False, progress=False):
     """Record META (+ "hash") in every entry that lacks them (all of them with force=True), in
     `workers` processes -> (new entries, {path: reason} of the unreadable ones).
@@ -535,8 +546,13 @@ def probe_entries(entries, workers=0, force=False, progress=False):
         methods = multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
         chunk = max(1, min(64, len(paths) // (4 * workers)))
-        with ctx.Pool(workers) as pool:
+        pool = ctx.Pool(workers, initializer=_info_worker)
+        try:
             results = list(tqdm(pool.imap(_info_job, paths, chunksize=chunk), **bar))
+            pool.close()  # the workers finish and exit
+        finally:
+            pool.terminate()  # (after close: they are gone; after an error: they are stopped)
+            pool.join()
     else:
         results = [_info_job(p) for p in tqdm(paths, **bar)]
     out, bad = list(entries), {}

@@ -141,8 +141,10 @@ def test_unreadable_files_change_nothing_but_the_count(assets, tmp_path, monkeyp
     if stage == "dit":  # global batches of 2 rows of one clip each
         total, args = 6, lambda m, out: dit_args(assets, out, m, "--steps", "4,2", "--rows", "2",
                                                  "--max-tokens", "24")
-    else:  # global batches of 2 clips (the GAN term starts at step 2)
-        total, args = 4, lambda m, out: vae_args(m, out, "--steps", "4", "--batch", "2")
+    else:  # global batches of 2 clips (the GAN term starts at step 2); --augment fixed: the same
+        # crop of the one clip in every slot (a random crop is drawn per sample index)
+        total, args = 4, lambda m, out: vae_args(m, out, "--steps", "4", "--batch", "2",
+                                                 "--augment", "fixed")
     clean = train.main(args(str(tmp_path / "clean.jsonl"), tmp_path / "clean"))
     res = train.main(args(dirty, tmp_path / "dirty"))
     assert res["step"] == total and res["losses"] == pytest.approx(clean["losses"], rel=1e-5, abs=1e-7)
