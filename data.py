@@ -41,10 +41,8 @@ import hashlib
 import importlib
 import json
 import math
-import multiprocessing
 import os
 import random
-import signal
 import sys
 import uuid
 from collections import Counter, deque
@@ -523,18 +521,9 @@ def _info_job(path):
         return None, f"unreadable ({e.strerror})"
 
 
-def _info_worker():
-    """A forked probing worker: the default SIGTERM / SIGINT (a training process's handlers would
-    keep it alive when the pool ends) and one torch thread (as DataLoader workers: the parent's
-    OpenMP pool does not survive a fork)."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the pool
-    torch.set_num_threads(1)
-
-
 def probe_entries(entries, workers=0, force=False, progress=False):
     """Record META (+ "hash") in every entry that lacks them (all of them with force=True), in
-    `workers` processes -> (new entries, {path: reason} of the unreadable ones).
+    `workers` threads -> (new entries, {path: reason} of the unreadable ones).
 
     An unreadable entry comes back with "unreadable": reason and no metadata (VideoDataset skips
     it, warned once with the reason). Entries that have META are returned as they are."""
@@ -542,17 +531,12 @@ def probe_entries(entries, workers=0, force=False, progress=False):
     paths = [entries[i]["path"] for i in todo]
     bar = dict(total=len(paths), desc="probe", unit="file", disable=not progress or not paths)
     if workers > 1 and len(paths) > 1:
-        # fork: the workers share the parent's imports (spawn would import torch again in each)
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+        # threads, not forked processes: a probe is mostly PyAV's decoder and file reads, which
+        # release the GIL, and a fork of a multi-threaded training process (OpenMP, gloo) can hang
+        from multiprocessing.pool import ThreadPool
         chunk = max(1, min(64, len(paths) // (4 * workers)))
-        pool = ctx.Pool(workers, initializer=_info_worker)
-        try:
+        with ThreadPool(workers) as pool:
             results = list(tqdm(pool.imap(_info_job, paths, chunksize=chunk), **bar))
-            pool.close()  # the workers finish and exit
-        finally:
-            pool.terminate()  # (after close: they are gone; after an error: they are stopped)
-            pool.join()
     else:
         results = [_info_job(p) for p in tqdm(paths, **bar)]
     out, bad = list(entries), {}
@@ -1702,7 +1686,7 @@ SIZE_MULTIPLE = 8
 
 
 def _record(entries, args):
-    """inspect --write: the metadata of every entry, probed in --workers processes."""
+    """inspect --write: the metadata of every entry, probed in --workers threads."""
     got, bad = probe_entries(entries, args.workers, force=True, progress=True)
     write_manifest(got, args.write)
     print(f"{len(got) - len(bad)} ok, {len(bad)} unreadable (kept, marked \"unreadable\") "

@@ -1055,7 +1055,7 @@ def test_every_stage_checked_before_the_first_step(assets, tmp_path, monkeypatch
 
 def test_a_manifest_without_metadata_is_probed_once_in_parallel(assets, tmp_path, monkeypatch,
                                                                 capsys):
-    """Training on a manifest without data.META probes every entry once (a pool of processes
+    """Training on a manifest without data.META probes every entry once (a pool of threads
     per rank), says so, and plans every stage from that (no probe per stage)."""
     bare = data.write_manifest([{"path": e["path"], "caption": e["caption"]}
                                 for e in data.read_manifest(assets["manifest"])],
@@ -1064,8 +1064,11 @@ def test_a_manifest_without_metadata_is_probed_once_in_parallel(assets, tmp_path
     real = data.probe_entries
     monkeypatch.setattr(data, "probe_entries", lambda es, w, **k: calls.append((len(es), w))
                         or real(es, w, **k))
-    planning, probe = [], data.probe  # the forked probing workers append to their own copies
-    monkeypatch.setattr(data, "probe", lambda p: planning.append(p) or probe(p))
+    # planning's probes run in the main thread; the probing pool's in its worker threads
+    import threading
+    planning, probe = [], data.probe
+    monkeypatch.setattr(data, "probe", lambda p: (threading.current_thread() is threading.main_thread()
+                                                  and planning.append(p)) or probe(p))
     monkeypatch.setattr(train, "build_dit", lambda job: (_ for _ in ()).throw(
         train.SettingsError("stop here")))
     with pytest.raises(SystemExit):
