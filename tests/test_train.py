@@ -250,11 +250,13 @@ def test_15_temporal_patch_trains_with_frame_pack_t2v_and_i2v(assets, tmp_path, 
 
 
 def test_overfitting_one_batch_lowers_the_loss(assets, tmp_path):
-    """The same clip 4 times (one global batch, stratified t): the loss must fall well below its start."""
+    """The same clip 4 times (one global batch, stratified t): the loss must fall well below its start.
+    40 steps: each step's loss moves with its 4 timesteps, and at 25 the last-4 mean sat near the line
+    (0.47-0.50 of the first-4 mean, depending on the strata's draws); at 40 it is 0.32."""
     e = data.read_manifest(assets["clips"])[0]
     data.write_manifest([e] * 4, str(tmp_path / "one.jsonl"))
     a = dict(assets, manifest=str(tmp_path / "one.jsonl"))
-    res = train.main(dit_args(a, tmp_path / "run", "--size", "16x16", "--frames", "9", "--steps", "25,1",
+    res = train.main(dit_args(a, tmp_path / "run", "--size", "16x16", "--frames", "9", "--steps", "40,1",
                               "--rows", "1", "--max-tokens", "96", "--lr", "3e-3"))
     first, last = sum(res["losses"][:4]) / 4, sum(res["losses"][-5:-1]) / 4
     assert last < 0.5 * first, res["losses"]
