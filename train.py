@@ -1491,10 +1491,8 @@ def train(args):
     os.makedirs(args.out, exist_ok=True)
     log = open_log(args.out, step) if rank == 0 else None
     total, ends = sum(steps), [sum(steps[:i + 1]) for i in range(len(steps))]
-    say(f"{args.stage}: {sum(p.numel() for p in params):,} parameters | world {world}"
-        f"{f' (cp {args.cp})' if args.cp > 1 else ''}{f' (sp {args.sp})' if args.sp > 1 else ''}"
-        f"{' fsdp' if args.fsdp else ' ddp' if world > 1 else ''} | {len(steps)} stage(s), "
-        f"{total} steps | {device}")
+    say(f"{args.stage}: {sum(p.numel() for p in params):,} parameters | {layout(job)} | "
+        f"{len(steps)} stage(s), {total} steps | {device}")
     losses, consec_bad, since, stage_i = [], 0, None, -1
 
     while step < total:
@@ -1578,21 +1576,10 @@ def train(args):
         losses.append(gloss)
 
         # -- logs: one greppable line per step + JSONL --
-        rec = {"step": step, "stage": stage_i, "loss": gloss, "lr": lr, "ms": ms, "grad_norm": gnorm,
-               "tok_s": float(red[3]) / (ms / 1000), "bad_files": bad_files,
-               "data_ms": 1000 * job.wait, **parts}
-        if is_dit:
-            rec.update(dit_log(torch.cat(per), torch.cat(ts), world))
-            if max_tokens:
-                rec["packing"] = float(red[3]) / (tc.accum * tc.rows * job.dp_world * max_tokens)
-        if rank == 0:
-            extra = "".join(f" | {k} {rec[k]:.4f}" for k in ("recon", "kl", "gan", "disc")
-                            if k in rec)
-            extra = f" | pack {rec['packing']:.0%}" if "packing" in rec else extra
-            print(f"step {step}/{total} | loss {gloss:.4f} | lr {lr:.1e} | {ms:.0f} ms | "
-                  f"{'tok/s' if is_dit else 'px/s'} {rec['tok_s']:.0f}{extra}", flush=True)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
+        log_step(job, log, {"step": step, "stage": stage_i, "loss": gloss, "lr": lr, "ms": ms,
+                            "grad_norm": gnorm, "tok_s": float(red[3]) / (ms / 1000),
+                            "bad_files": bad_files, "data_ms": 1000 * job.wait, **parts},
+                 per, ts, float(red[3]), max_tokens, total)
 
         # -- checkpoint: every save_every steps, at the end, and on a signal --
         # torchrun forwards SIGTERM to every worker, maybe not at the same step: summing the flags
@@ -1600,9 +1587,7 @@ def train(args):
         sig = int(all_sum([stop["sig"] or (step == args.stop_at)])[0]) > 0
         if (tc.save_every and step % tc.save_every == 0) or step == total or sig:
             state = {"step": step, "pos": dict(pos, stage=stage_i), "bad_files": bad_files,
-                     "zstat": zstat.tolist(), "preset": args.preset, "stage_kind": args.stage,
-                     "world": world, "lora": lora_settings(args),
-                     "config": asdict(tc), "model_config": asdict(job.cfg)}
+                     "zstat": zstat.tolist(), **run_settings(job)}
             save_checkpoint(args.out, step, rank, job.parts, opts, ema, state, tc.keep)
         if sig:
             say(f"stopped at step {step} ("
@@ -1617,6 +1602,41 @@ def train(args):
     for s, h in before.items():
         signal.signal(s, h)
     return {"losses": losses, "out": args.out, "step": step, "stopped": step < total}
+
+
+def run_settings(job):
+    """What a checkpoint records about the run besides its position: resume refuses another
+    preset, stage kind or LoRA setting by these."""
+    args = job.args
+    return {"preset": args.preset, "stage_kind": args.stage, "world": job.world,
+            "lora": lora_settings(args), "config": asdict(job.tc), "model_config": asdict(job.cfg)}
+
+
+def layout(job):
+    """"world 8 (sp 2) fsdp": the ranks and how the model is spread over them."""
+    a = job.args
+    return (f"world {job.world}{f' (cp {a.cp})' if a.cp > 1 else ''}"
+            f"{f' (sp {a.sp})' if a.sp > 1 else ''}"
+            f"{' fsdp' if a.fsdp else ' ddp' if job.world > 1 else ''}")
+
+
+def log_step(job, log, rec, per, ts, tokens, max_tokens, total):
+    """One step's record: the DiT's loss per timestep bucket (Fig. 3d) and Frame Pack's packing
+    added; rank 0 prints `step 420/5000 | loss ... | lr ... | ms | tok/s ...` and appends the
+    JSONL record."""
+    args, tc = job.args, job.tc
+    if args.stage == "dit":
+        rec.update(dit_log(torch.cat(per), torch.cat(ts), job.world))
+        if max_tokens:
+            rec["packing"] = tokens / (tc.accum * tc.rows * job.dp_world * max_tokens)
+    if job.rank == 0:
+        extra = "".join(f" | {k} {rec[k]:.4f}" for k in ("recon", "kl", "gan", "disc") if k in rec)
+        extra = f" | pack {rec['packing']:.0%}" if "packing" in rec else extra
+        print(f"step {rec['step']}/{total} | loss {rec['loss']:.4f} | lr {rec['lr']:.1e} | "
+              f"{rec['ms']:.0f} ms | {'tok/s' if args.stage == 'dit' else 'px/s'} "
+              f"{rec['tok_s']:.0f}{extra}", flush=True)
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
 
 
 def resume(job, opts, ema):
