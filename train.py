@@ -1479,8 +1479,7 @@ def train(args):
     opts = {args.stage: adamw(params, lr0, tc, device)}
     if job.disc is not None:  # §2.1 the discriminator: its own optimizer, plain DDP
         dnet = wrap(job.disc, False, device, call=False)
-        opts["disc"] = torch.optim.AdamW(job.disc.parameters(), lr=tc.disc_lr, betas=tc.betas,
-                                         eps=tc.eps)
+        opts["disc"] = torch.optim.AdamW(job.disc.parameters(), tc.disc_lr, tc.betas, tc.eps)
     opt, dopt = opts[args.stage], opts.get("disc")
     # EMA copies live next to the (maybe sharded) parameters: under FSDP each rank keeps its shard.
     ema = {k: p.detach().clone() for k, p in model.named_parameters()
@@ -1952,13 +1951,7 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
             p.register_post_accumulate_grad_hook(lambda p: track.retag(p.grad, "grad"))
         track.phase = "fwd"
         loss, _ = dit_loss(job, InMode(net, mode), {"items": items, "bad": 0}, 0, 0, max_tokens)
-        with mode:
-            track.phase = "bwd"
-            loss.backward()
-            track.grads = storage_bytes([p.grad for p in params if p.grad is not None])
-            track.phase = "step"
-            torch.nn.utils.clip_grad_norm_(params, tc.clip)
-            opt.step()
+        backward_and_step(track, mode, loss, params, opt, tc.clip)
     return step
 
 
@@ -2000,13 +1993,8 @@ def simulate_vae(args, tc, stages, mesh, track, mode):
                     track.add(x, "opt")
         track.phase = "fwd"
         loss, st = vae_loss(job, InMode(Call(model), mode), {"items": items, "bad": 0}, step_i, 0)
+        backward_and_step(track, mode, loss, params, opt, tc.clip)
         with mode:
-            track.phase = "bwd"
-            loss.backward()
-            track.grads = storage_bytes([p.grad for p in params if p.grad is not None])
-            track.phase = "step"
-            torch.nn.utils.clip_grad_norm_(params, tc.clip)
-            opt.step()
             # disc_step without its finiteness guard (a data-dependent branch fake tensors
             # cannot take)
             dloss, _ = vae.discriminator_loss(job.disc, st["x"], st["rec"].detach(), step_i,
@@ -2015,6 +2003,18 @@ def simulate_vae(args, tc, stages, mesh, track, mode):
             torch.nn.utils.clip_grad_norm_(job.disc.parameters(), tc.clip)
             dopt.step()
     return step
+
+
+def backward_and_step(track, mode, loss, params, opt, clip):
+    """The simulated step after its forward, in the fake mode: backward, the gradient bytes, the
+    clip and the AdamW step, each counted under its phase."""
+    with mode:
+        track.phase = "bwd"
+        loss.backward()
+        track.grads = storage_bytes([p.grad for p in params if p.grad is not None])
+        track.phase = "step"
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
 
 
 def simulate_encode(args, tc, stages, mesh, track, mode):
