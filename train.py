@@ -1486,7 +1486,7 @@ def train(args):
            if p.requires_grad} if tc.ema and is_dit else None  # LoRA: the adapters
 
     step, pos, bad_files, zstat = resume(job, opts, ema)
-    stop, before = catch_signals()
+    stop = catch_signals()
     os.makedirs(args.out, exist_ok=True)
     log = open_log(args.out, step) if rank == 0 else None
     total, ends = sum(steps), [sum(steps[:i + 1]) for i in range(len(steps))]
@@ -1598,8 +1598,7 @@ def train(args):
         export(job, ema, zstat)
     if log:
         log.close()
-    for s, h in before.items():
-        signal.signal(s, h)
+    release_signals(stop)
     return {"losses": losses, "out": args.out, "step": step, "stopped": step < total}
 
 
@@ -1686,14 +1685,21 @@ def nothing_read(job, log, step, total, bad_files, since, pos):
 
 def catch_signals():
     """SIGTERM / SIGINT: finish the step, write a checkpoint, exit; a second signal kills at once.
-    -> (flag dict {"sig"}, the previous handlers to restore)."""
+    -> {"sig": the signal caught or 0, "before": the previous handlers, for release_signals}."""
     stop = {"sig": 0}
 
     def on_signal(num, _):
         stop.update(sig=num)
         signal.signal(num, signal.SIG_DFL)
 
-    return stop, {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    stop["before"] = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    return stop
+
+
+def release_signals(stop):
+    """The handlers catch_signals replaced, back (train() may run again in the same process)."""
+    for s, h in stop["before"].items():
+        signal.signal(s, h)
 
 
 def adamw(params, lr, tc, device):
