@@ -1,7 +1,6 @@
 """diffusion.py: the schedule, v-prediction identities, explicit uniform sampling (§3.3), and the
 samplers against diffusers' CogVideoX schedulers (the oracle) on a fixed v_fn and the same noise."""
 
-import math
 
 import pytest
 import torch

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import dit
-from dit import DIT_PRESETS, DiTConfig, ExpertDiT
+from dit import DIT_PRESETS, ExpertDiT
 
 TINY = DIT_PRESETS["tiny"]
 

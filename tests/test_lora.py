@@ -10,9 +10,6 @@ and (slow) the demo-scale fine-tune that changes what the demo DiT samples.
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest

@@ -6,9 +6,7 @@ clips counted as bad files.
 CPU, tiny presets at 16x16 pixels; torchrun tests with gloo on 2 ranks. Patches: tests/_loss_worker.py.
 Run: python -m pytest -q tests/test_loss.py"""
 import json
-import math
 import os
-from dataclasses import replace
 
 import pytest
 import torch
