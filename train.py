@@ -15,10 +15,11 @@ One flat step loop, the same code on a laptop CPU and under torchrun on many GPU
          e.g. from a released folder (--init-diffusers); exports pytorch_lora_weights.safetensors
 
 Reading one DiT step, top to bottom: the sampler's keys -> data.Prepared in the loader's workers
-(decoded clip, or cached posterior + T5 text) -> data.LatentEncoder here (VAE encode) -> `draws` (timesteps, dropout, condition noise for the GLOBAL batch; each rank takes its slots) ->
-`dit_loss` (q_sample, v target, forward_packed, per-sample MSE, Σ tokens·MSE) -> backward (DDP/FSDP
-average) -> after the last micro-batch, gradients × world / (tokens read, summed over ranks) -> clip
--> AdamW -> EMA -> log line + JSONL -> checkpoint. A batch in which no rank read a sample is not a
+(decoded clip, or cached posterior + T5 text) -> data.LatentEncoder here (VAE encode) -> `draws`
+(timesteps, dropout, condition noise for the GLOBAL batch; each rank takes its slots) -> `dit_loss`
+(q_sample, v target, forward_packed, per-sample MSE, Σ tokens·MSE) -> backward (DDP/FSDP average)
+-> after the last micro-batch, gradients × world / (tokens read, summed over ranks) -> clip ->
+AdamW -> EMA -> log line + JSONL -> checkpoint. A batch in which no rank read a sample is not a
 step.
 
 Run:
