@@ -2126,6 +2126,27 @@ def matmul_rate(n=2048, reps=5):
     return 2 * n ** 3 / sorted(times)[reps // 2]
 
 
+def demo_threads(rate=None):
+    """-> this machine's matmul GFLOP/s at the thread count the demo keeps. The time target is for
+    an idle machine. When another process keeps a core busy, OpenMP threads spin-wait on each other
+    and run 10-100x slower than one, so the demo measures the matmul at the current thread count
+    and at one thread and keeps the faster (a measurement, not the load average, which lags by a
+    minute). An explicit OMP_NUM_THREADS choice of the user is left alone. rate: matmul_rate or a
+    stand-in (tests)."""
+    rate = rate or matmul_rate
+    n, here = torch.get_num_threads(), rate() / 1e9
+    if n == 1 or "OMP_NUM_THREADS" in os.environ:
+        return here
+    torch.set_num_threads(1)
+    one = rate() / 1e9
+    if one > here:
+        print(f"demo: one thread runs the matmul faster than {n} ({one:.0f} vs {here:.0f} GFLOP/s:"
+              f" the machine is busy): one thread, expect it to run slower")
+        return one
+    torch.set_num_threads(n)
+    return here
+
+
 def vae_gate(folder, manifest, n=48, frames=9):
     """§2.1 the VAE gate: data.shapes_check on the VAE's reconstructions of the first n training
     clips (frames frames, native size). The DiT can only draw what the decoder can: a shape the
@@ -2187,17 +2208,9 @@ def demo(args):
     Every training phase runs through the real command line."""
     t0 = time.time()
     out, q = args.out or "out/shapes", args.quick
-    # The time target is for an idle machine. When other processes keep a core busy, two OpenMP
-    # threads spin-wait on each other and run 10-100x slower than one, so take one thread then
-    # (an explicit OMP_NUM_THREADS / torch.set_num_threads choice of the user is left alone).
-    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
-    if busy and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1:
-        torch.set_num_threads(1)
-        print(f"demo: the machine is busy (load {os.getloadavg()[0]:.1f}): one thread, expect it "
-              f"to run slower")
     # The yardstick: the target is 10 minutes where a 2-thread 2048^2 fp32 matmul runs at 69
     # GFLOP/s (a slow 2-core laptop), so 10 x 69 / rate minutes here.
-    rate = matmul_rate() / 1e9
+    rate = demo_threads()
     load = f", load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"demo: {torch.get_num_threads()}-thread 2048^2 fp32 matmul {rate:.0f} GFLOP/s{load}: "
           f"the target here is 10 x 69 / {rate:.0f} = {690 / rate:.1f} min")

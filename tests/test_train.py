@@ -873,6 +873,24 @@ def test_demo_quick(tmp_path, capsys):
     assert grid.height >= len(prompts) * 32  # one row per prompt
 
 
+def test_demo_threads_keeps_the_faster(monkeypatch):
+    """The demo measures the matmul at its thread count and at one thread and keeps the faster:
+    one thread on a busy machine, all of them on an idle one, the user's OMP_NUM_THREADS always."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    n = torch.get_num_threads()
+    busy = lambda: 1e9 * (150 if torch.get_num_threads() == 1 else 20)  # noqa: E731
+    idle = lambda: 1e9 * (150 if torch.get_num_threads() == 1 else 290)  # noqa: E731
+    try:
+        torch.set_num_threads(2)
+        assert train.demo_threads(busy) == 150 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert train.demo_threads(idle) == 290 and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice stands
+        assert train.demo_threads(busy) == 20 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_demo_sample_names_and_grid(tmp_path):
     # NN_[held_]<prompt with underscores>_s<seed>; the grid: one row per video, PASS / FAIL marked
     assert train.sample_name(3, "a red circle moves up", True, 2) == \
