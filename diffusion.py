@@ -306,15 +306,24 @@ def cfg_scale(scale, t, num_steps=50, dynamic=False):
     return 1.0 + scale * (1.0 - math.cos(math.pi * ((num_steps - float(t)) / num_steps) ** 5.0)) / 2
 
 
-def guided(v_cond_uncond_fn, scale, num_steps=50, dynamic=False):
+def guided(v_cond_uncond_fn, scale, num_steps=50, dynamic=False, min_t=0, v_cond_fn=None):
     """Wrap a model call into a guided v_fn for `sample`.
 
     v_cond_uncond_fn(x_t, t) -> (v_cond, v_uncond); the unconditional input is the all-zeros text
     embedding we train with (10% text dropout), or T5("") as the diffusers port does — the caller
     picks. v̂ = v_uncond + w·(v_cond − v_uncond): for a linear parameterisation guiding v equals
-    guiding ε. With w = 1 the unconditional call is wasted, so callers may skip it (scale <= 1)."""
+    guiding ε. With w = 1 the unconditional call is wasted, so callers may skip it (scale <= 1).
+
+    min_t > 0 (not in the paper or the release, which guide every step): guidance only at
+    timesteps t >= min_t, below it v̂ = v_cond, from v_cond_fn(x_t, t) when given (no
+    unconditional call) — a guidance interval (Kynkäänniemi et al. 2024). Near the data, w·(v_c −
+    v_u) is mostly the model's error, amplified w times: on the shapes demo's 6000-step DiT,
+    guidance for t >= 400 only lifted the seen prompts from 68/96 to 86/96 (the squares' corners
+    survive)."""
 
     def v_fn(x, t):
+        if int(t[0]) < min_t:
+            return v_cond_fn(x, t) if v_cond_fn is not None else v_cond_uncond_fn(x, t)[0]
         v_c, v_u = v_cond_uncond_fn(x, t)
         w = cfg_scale(scale, int(t[0]), num_steps, dynamic)
         return v_u + w * (v_c - v_u)

@@ -229,6 +229,24 @@ def test_cfg_static_and_dynamic():
     torch.testing.assert_close(v, torch.full((2, 3), 6.0))
 
 
+def test_guidance_interval():
+    """min_t: guided at t >= min_t, below it the conditional prediction alone, taken from
+    v_cond_fn when given (the unconditional model never runs there)."""
+    vc, vu, x = torch.ones(2, 3), torch.zeros(2, 3), torch.zeros(2, 3)
+    calls = []
+    both = lambda x, t: calls.append("both") or (vc, vu)  # noqa: E731
+    cond = lambda x, t: calls.append("cond") or 2 * vc  # noqa: E731
+    at = lambda t: torch.tensor([t, t])  # noqa: E731
+    torch.testing.assert_close(D.guided(both, 6.0, min_t=400)(x, at(400)), torch.full((2, 3), 6.0))
+    torch.testing.assert_close(D.guided(both, 6.0, min_t=400)(x, at(399)), vc)
+    assert calls == ["both", "both"]
+    calls.clear()
+    torch.testing.assert_close(D.guided(both, 6.0, min_t=400, v_cond_fn=cond)(x, at(399)), 2 * vc)
+    torch.testing.assert_close(D.guided(both, 6.0, min_t=400, v_cond_fn=cond)(x, at(999)),
+                               torch.full((2, 3), 6.0))
+    assert calls == ["cond", "both"]
+
+
 def test_loss_by_bucket():
     loss = torch.tensor([1.0, 3.0, 10.0, 0.5])
     t = torch.tensor([5, 99, 100, 999])

@@ -162,6 +162,11 @@ def test_generate_t2v_seed_cfg_and_uncond(ckpt):
     n = sample.generate(net, ae, text, PROMPTS[:2], replace(sc, cfg=1.0), seed=1, return_latents=True,
                         **kw)
     assert not torch.allclose(z, e) and not torch.allclose(z, n)
+    # guidance interval: none of the 3 steps guided == no guidance; guided from t = 0 == always
+    g = lambda t: sample.generate(net, ae, text, PROMPTS[:2], replace(sc, cfg_min_t=t), seed=1,  # noqa: E731
+                                  return_latents=True, **kw)
+    assert torch.allclose(g(1000), n, atol=1e-5) and torch.equal(g(0), z)
+    assert not torch.allclose(g(500), z) and not torch.allclose(g(500), n)  # steps 999, 666 only
     # precomputed embeddings instead of an encoder give the same result
     assert torch.equal(z, sample.generate(net, ae, emb, PROMPTS[:2], sc, seed=1, return_latents=True,
                                           **kw))
@@ -551,6 +556,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--fps", "0"], "--fps must be > 0, got 0.0"),
     (["--cfg", "-1"], "--cfg must be >= 0"),
+    (["--cfg-min-t", "1001"], "--cfg-min-t must be in [0, 1000]"),
     (["--device", "tpu"], "--device 'tpu' is not a device"),
     (["--out", "{tmp}/adir.mp4"], "adir.mp4 is a folder; pass a file path"),
     (["--out", "{tmp}/afile"], "afile is a file; pass a folder"),
