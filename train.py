@@ -649,9 +649,9 @@ def dcp_call(fn, sd, **kw):
 def save_checkpoint(out, step, rank, parts, opts, ema, state, keep):
     """Every rank writes its tensors into out/ckpt/.tmp_step_N/ (DCP), then hashes its share of
     the files; rank 0 writes train.json (state + the hashes), renames the folder to step_N, points
-    `latest` at it and prunes to the `keep` newest (never the one `latest` names). On any error the
-    temp folder goes (a full disk leaves the previous checkpoint as it was) and the error is
-    raised."""
+    `latest` at it and prunes to the `keep` newest (never the one `latest` names); every rank
+    returns once it is in place. On any error the temp folder goes (a full disk leaves the previous
+    checkpoint as it was) and the error is raised."""
     import torch.distributed.checkpoint as dcp
     root = os.path.join(out, "ckpt")
     name = f"step_{step:07d}"
@@ -674,27 +674,32 @@ def save_checkpoint(out, step, rank, parts, opts, ema, state, keep):
                        for f in os.listdir(os.path.join(tmp, sub)))
         sums = {f: sha256(os.path.join(tmp, f)) for f in files[rank::world]}  # each rank a share
         sums = {f: h for got in everyone(sums) for f, h in got.items()}
-        if rank != 0:
-            return
-        state = dict(state, files=sums)
-        with open(os.path.join(tmp, "train.json"), "w") as f:
-            f.write(json.dumps(dict(state, check=digest(state)), indent=1))
+        if rank == 0:
+            state = dict(state, files=sums)
+            with open(os.path.join(tmp, "train.json"), "w") as f:
+                f.write(json.dumps(dict(state, check=digest(state)), indent=1))
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # A checkpoint of this step already there (e.g. a signal right after a save): swap it out by
-    # renames only, so `latest` never names a half-deleted folder.
-    trash = final + ".old"
-    if os.path.exists(final):
+    if rank == 0:
+        # A checkpoint of this step already there (e.g. a signal right after a save): swap it out
+        # by renames only, so `latest` never names a half-deleted folder.
+        trash = final + ".old"
+        if os.path.exists(final):
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
+        os.replace(tmp, final)
         shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-    os.replace(tmp, final)
-    shutil.rmtree(trash, ignore_errors=True)
-    write_text(os.path.join(root, "latest"), name)
-    older = sorted(d for d in os.listdir(root) if STEP_DIR.fullmatch(d) and d < name)
-    for d in older[:max(0, len(older) - (keep - 1))]:
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        write_text(os.path.join(root, "latest"), name)
+        older = sorted(d for d in os.listdir(root) if STEP_DIR.fullmatch(d) and d < name)
+        for d in older[:max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    if dist.is_initialized():
+        # every rank returns with the checkpoint in place: a rank that ran ahead into a --resume
+        # in the same process (a driver calling train.main twice) would find none there, start
+        # fresh and wait in another collective than rank 0 (a hang; tests/test_train.py ddp)
+        dist.barrier()
 
 
 def digest(state):

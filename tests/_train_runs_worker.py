@@ -6,8 +6,14 @@ Each `---`-separated group of arguments is one train.main() call. One launch ins
 2-core machine the launcher and the imports of two ranks cost more than the tiny runs themselves. The runs
 share the launch's process group (train.main would end it after each run; starting a second one in the same
 process is not reliable under torchrun), which is ended once at the end.
+
+TEST_SAVE_LAG=<seconds>: rank 0 finishes every checkpoint that much later (a sleep before it renames the
+folder into place), as on a loaded machine: a rank that ran ahead into the next run's --resume would find no
+checkpoint there.
 """
+import os
 import sys
+import time
 
 import torch.distributed as dist
 
@@ -21,6 +27,10 @@ if __name__ == "__main__":
             cur = []
         else:
             cur.append(a)
+    lag = float(os.environ.get("TEST_SAVE_LAG", 0))
+    if lag and os.environ.get("RANK") == "0":
+        digest = train.digest  # rank 0 only, right before the rename (and in verify: harmless)
+        train.digest = lambda state: (time.sleep(lag), digest(state))[1]
     end, dist.destroy_process_group = dist.destroy_process_group, lambda *a, **k: None
     for argv in runs:
         train.main(argv)

@@ -737,9 +737,14 @@ def ddp(assets, tmp_path_factory, torchrun):
     """One launch, DDP on 2 ranks: the uninterrupted run; a run stopped after step 2, then resumed."""
     root = tmp_path_factory.mktemp("ddp")
     ddp = [*PAR, "--rows", "1"]
-    p = torchrun(WORKER, *runs(dit_args(assets, root / "full", *ddp),
-                               dit_args(assets, root / "part", *ddp, "--stop-at", "2"),
-                               dit_args(assets, root / "part", *ddp, "--resume")), timeout=900)
+    # rank 0 renames each checkpoint into place 3 s late: the resume must still find it on every rank
+    os.environ["TEST_SAVE_LAG"] = "3"
+    try:
+        p = torchrun(WORKER, *runs(dit_args(assets, root / "full", *ddp),
+                                   dit_args(assets, root / "part", *ddp, "--stop-at", "2"),
+                                   dit_args(assets, root / "part", *ddp, "--resume")), timeout=900)
+    finally:
+        del os.environ["TEST_SAVE_LAG"]
     assert "world 2 ddp" in p.stdout and "stopped at step 2 (--stop-at)" in p.stdout
     return root
 
