@@ -1605,6 +1605,8 @@ def train(args):
 
     if step == total:
         export(job, ema, zstat)
+        if dist.is_initialized():  # every rank returns with the model on disk (rank 0 writes it):
+            dist.barrier()         # a driver's next run in the same process may --init from it
     if log:
         log.close()
     release_signals(stop)

@@ -7,9 +7,9 @@ Each `---`-separated group of arguments is one train.main() call. One launch ins
 share the launch's process group (train.main would end it after each run; starting a second one in the same
 process is not reliable under torchrun), which is ended once at the end.
 
-TEST_SAVE_LAG=<seconds>: rank 0 finishes every checkpoint that much later (a sleep before it renames the
-folder into place), as on a loaded machine: a rank that ran ahead into the next run's --resume would find no
-checkpoint there.
+TEST_SAVE_LAG=<seconds>: rank 0 finishes every checkpoint and export that much later (a sleep before it renames
+the checkpoint folder into place, and before it exports), as on a loaded machine: a rank that ran ahead into
+the next run's --resume or --init would find nothing there.
 """
 import os
 import sys
@@ -31,6 +31,8 @@ if __name__ == "__main__":
     if lag and os.environ.get("RANK") == "0":
         digest = train.digest  # rank 0 only, right before the rename (and in verify: harmless)
         train.digest = lambda state: (time.sleep(lag), digest(state))[1]
+        export = train.export
+        train.export = lambda *a: (time.sleep(lag), export(*a))[1]
     end, dist.destroy_process_group = dist.destroy_process_group, lambda *a, **k: None
     for argv in runs:
         train.main(argv)

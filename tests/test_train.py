@@ -734,18 +734,21 @@ def runs(*argvs):
 
 @pytest.fixture(scope="module")
 def ddp(assets, tmp_path_factory, torchrun):
-    """One launch, DDP on 2 ranks: the uninterrupted run; a run stopped after step 2, then resumed."""
+    """One launch, DDP on 2 ranks: the uninterrupted run; a run from its export (--init); a run
+    stopped after step 2, then resumed."""
     root = tmp_path_factory.mktemp("ddp")
     ddp = [*PAR, "--rows", "1"]
-    # rank 0 renames each checkpoint into place 3 s late: the resume must still find it on every rank
+    # rank 0 finishes each checkpoint and export 3 s late: the next run must find them on every rank
     os.environ["TEST_SAVE_LAG"] = "3"
     try:
         p = torchrun(WORKER, *runs(dit_args(assets, root / "full", *ddp),
+                                   dit_args(assets, root / "init", *ddp, "--init", root / "full" / "dit"),
                                    dit_args(assets, root / "part", *ddp, "--stop-at", "2"),
                                    dit_args(assets, root / "part", *ddp, "--resume")), timeout=900)
     finally:
         del os.environ["TEST_SAVE_LAG"]
     assert "world 2 ddp" in p.stdout and "stopped at step 2 (--stop-at)" in p.stdout
+    assert (root / "init" / "dit" / "model.safetensors").exists()
     return root
 
 
