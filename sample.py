@@ -549,7 +549,8 @@ def run(a, p):
     say(f"sampling {len(prompts)} prompt(s): {cfg.num_frames}x{cfg.height}x{cfg.width} | "
           f"{cfg.sampler} {cfg.steps} steps | cfg {cfg.cfg}"
           f"{' dynamic' if cfg.dynamic_cfg else ''}"
-          f"{f' for t >= {cfg.cfg_min_t}' if cfg.cfg_min_t else ''} | uncond {cfg.uncond}")
+          f"{f' for t >= {cfg.cfg_min_t}' if cfg.cfg_min_t and cfg.cfg > 1 else ''}"
+          f" | uncond {cfg.uncond}")
     for i in range(0, len(prompts), a.batch_size):
         chunk = prompts[i:i + a.batch_size]
         videos = generate(net, ae, text, chunk, cfg, seed=a.seed + i, ac=ac, image=image,

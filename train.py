@@ -2134,24 +2134,26 @@ def matmul_rate(n=2048, reps=5):
 
 
 def demo_threads(rate=None):
-    """-> this machine's matmul GFLOP/s at the thread count the demo keeps. The time target is for
-    an idle machine. When another process keeps a core busy, OpenMP threads spin-wait on each other
-    and run 10-100x slower than one, so the demo measures the matmul at the current thread count
-    and at one thread and keeps the faster (a measurement, not the load average, which lags by a
-    minute). An explicit OMP_NUM_THREADS choice of the user is left alone. rate: matmul_rate or a
-    stand-in (tests)."""
+    """-> this machine's 2048^2 matmul GFLOP/s at the thread count the demo keeps. The time target
+    is for an idle machine. When another process keeps a core busy, OpenMP threads spin-wait on
+    each other and run 10-100x slower than one, so the demo times a small (1024^2) matmul at the
+    current thread count and at one thread and keeps the faster (a measurement, not the load
+    average, which lags by a minute; the small probe costs a second even when busy), then
+    measures the yardstick there. An explicit OMP_NUM_THREADS choice is left alone. rate:
+    matmul_rate or a stand-in (tests)."""
     rate = rate or matmul_rate
-    n, here = torch.get_num_threads(), rate() / 1e9
-    if n == 1 or "OMP_NUM_THREADS" in os.environ:
-        return here
-    torch.set_num_threads(1)
-    one = rate() / 1e9
-    if one > here:
-        print(f"demo: one thread runs the matmul faster than {n} ({one:.0f} vs {here:.0f} GFLOP/s:"
-              f" the machine is busy): one thread, expect it to run slower")
-        return one
-    torch.set_num_threads(n)
-    return here
+    n = torch.get_num_threads()
+    if n > 1 and "OMP_NUM_THREADS" not in os.environ:
+        many = rate(n=1024, reps=3)
+        torch.set_num_threads(1)
+        one = rate(n=1024, reps=3)
+        if one > many:
+            print(f"demo: one thread runs a matmul faster than {n} ({one / 1e9:.0f} vs "
+                  f"{many / 1e9:.0f} GFLOP/s: the machine is busy): one thread, expect it to run "
+                  f"slower")
+        else:
+            torch.set_num_threads(n)
+    return rate() / 1e9
 
 
 def vae_gate(folder, manifest, n=48, frames=9):

@@ -739,6 +739,7 @@ def ddp(assets, tmp_path_factory, torchrun):
     root = tmp_path_factory.mktemp("ddp")
     ddp = [*PAR, "--rows", "1"]
     # rank 0 finishes each checkpoint and export 3 s late: the next run must find them on every rank
+    before = os.environ.get("TEST_SAVE_LAG")
     os.environ["TEST_SAVE_LAG"] = "3"
     try:
         p = torchrun(WORKER, *runs(dit_args(assets, root / "full", *ddp),
@@ -746,7 +747,10 @@ def ddp(assets, tmp_path_factory, torchrun):
                                    dit_args(assets, root / "part", *ddp, "--stop-at", "2"),
                                    dit_args(assets, root / "part", *ddp, "--resume")), timeout=900)
     finally:
-        del os.environ["TEST_SAVE_LAG"]
+        if before is None:
+            del os.environ["TEST_SAVE_LAG"]
+        else:
+            os.environ["TEST_SAVE_LAG"] = before
     assert "world 2 ddp" in p.stdout and "stopped at step 2 (--stop-at)" in p.stdout
     assert (root / "init" / "dit" / "model.safetensors").exists()
     return root
@@ -882,19 +886,30 @@ def test_demo_quick(tmp_path, capsys):
 
 
 def test_demo_threads_keeps_the_faster(monkeypatch):
-    """The demo measures the matmul at its thread count and at one thread and keeps the faster:
-    one thread on a busy machine, all of them on an idle one, the user's OMP_NUM_THREADS always."""
+    """The demo times a small matmul at its thread count and at one thread and keeps the faster:
+    one thread on a busy machine, all of them on an idle one, the user's OMP_NUM_THREADS always;
+    the yardstick (2048^2) is measured at the count it keeps."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     n = torch.get_num_threads()
-    busy = lambda: 1e9 * (150 if torch.get_num_threads() == 1 else 20)  # noqa: E731
-    idle = lambda: 1e9 * (150 if torch.get_num_threads() == 1 else 290)  # noqa: E731
+    calls = []
+
+    def stand_in(one, many):
+        def rate(n=2048, reps=5):
+            calls.append((n, torch.get_num_threads()))
+            return 1e9 * (one if torch.get_num_threads() == 1 else many)
+        return rate
+
+    busy, idle = stand_in(150, 20), stand_in(150, 290)
     try:
         torch.set_num_threads(2)
         assert train.demo_threads(busy) == 150 and torch.get_num_threads() == 1
+        assert calls == [(1024, 2), (1024, 1), (2048, 1)]
         torch.set_num_threads(2)
         assert train.demo_threads(idle) == 290 and torch.get_num_threads() == 2
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice stands
+        calls.clear()
         assert train.demo_threads(busy) == 20 and torch.get_num_threads() == 2
+        assert calls == [(2048, 2)]
     finally:
         torch.set_num_threads(n)
 
