@@ -1422,6 +1422,14 @@ def batches(job, loader, requests, pos, encoder=None):
 
 
 def export(job, ema, zstat):
+    """The finished model for sample.py: rank 0 writes it (write_export); every rank returns once
+    it is on disk, so a driver's next run in the same process may --init from it."""
+    write_export(job, ema, zstat)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def write_export(job, ema, zstat):
     """The finished model for sample.py (rank 0 writes). DiT: out/dit (the EMA weights when on),
     with the VAE and T5 it was trained with copied beside it (sample.load_ckpt reads dit/, vae/,
     text_encoder/, sample.json). VAE: out/vae, with its fitted scaling factor."""
@@ -1605,8 +1613,6 @@ def train(args):
 
     if step == total:
         export(job, ema, zstat)
-        if dist.is_initialized():  # every rank returns with the model on disk (rank 0 writes it):
-            dist.barrier()         # a driver's next run in the same process may --init from it
     if log:
         log.close()
     release_signals(stop)
