@@ -5,7 +5,8 @@ shift, zero terminal SNR: §3 "we adopt v-prediction and zero SNR, following the
 in LDM"); the forward process and v-prediction; timestep sampling for training (explicit uniform
 sampling, §3.3, and the i.i.d. baseline); the samplers used at inference (DDIM η = 0 and DPM++(2M)
 SDE with "trailing" timestep spacing, as released); classifier-free guidance (static and the
-released dynamic schedule); the loss per timestep range of Figure 3d. Nothing here knows about
+released dynamic schedule); the min-SNR loss weight (not in the paper; the toy demo's); the loss
+per timestep range of Figure 3d. Nothing here knows about
 videos: every function works on tensors of any shape (B, ...). The sampling defaults (steps,
 guidance, sampler) live in one place, sample.py's SampleConfig and PRESETS.
 
@@ -329,6 +330,23 @@ def guided(v_cond_uncond_fn, scale, num_steps=50, dynamic=False, min_t=0, v_cond
         return v_u + w * (v_c - v_u)
 
     return v_fn
+
+
+# ----- loss weight per timestep (not in the paper: the shapes demo's recipe) -----
+
+def min_snr_weight(t, ac, gamma):
+    """Min-SNR-γ weight of a v-prediction loss (Hang et al. 2023): w_t = min(SNR_t, γ) / (SNR_t + 1),
+    SNR_t = ā_t / (1 − ā_t). -> (B,) float32 in [0, γ/(γ+1)]; t (B,) timesteps, ac ā (N,).
+
+    Not in the paper: CogVideoX (and the release) trains on the plain v-MSE, w = 1. With it the
+    nearly-pure-noise steps dominate: at t >= 700, where x_t tells little and v ≈ −x0 is mostly
+    unpredictable, the toy DiT's v-MSE is 4-25x that of t < 700 (its log's loss_by_t), while what the shapes demo fails
+    on (a square's corners) is decided at moderate noise. w_t scales the noisy end by
+    SNR/(SNR+1) (0 at the zero-SNR step) and caps the clean end at γ/(SNR+1), so the weight peaks
+    where SNR = γ. Measured on the demo (train.PRESETS["shapes"] uses γ = 5)."""
+    a = ac.to(t.device, torch.float64)[t]                                # (B,) ā_t
+    snr = a / (1 - a).clamp(min=1e-12)                                   # (B,) 0 at ā = 0
+    return (snr.clamp(max=gamma) / (snr + 1)).float()                    # (B,)
 
 
 # ----- loss per timestep range (§3.3, Figure 3d) -----

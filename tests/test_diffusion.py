@@ -247,6 +247,24 @@ def test_guidance_interval():
     assert calls == ["cond", "both"]
 
 
+def test_min_snr_weight():
+    """min(SNR, γ) / (SNR + 1) per sample, from the schedule's ā: 0 at the zero-SNR step,
+    SNR / (SNR + 1) on the noisy side, γ / (SNR + 1) on the clean side, γ / (γ + 1) at most."""
+    ac = D.alphas_cumprod()
+    t = torch.tensor([0, 250, 500, 999])
+    w = D.min_snr_weight(t, ac, 5.0)
+    assert w.shape == (4,) and w.dtype == torch.float32
+    snr = {k: REF[1.0][k] / (1 - REF[1.0][k]) for k in (0, 250, 500)}  # 1175.5, 1.88, 0.318
+    assert w[0].item() == pytest.approx(5 / (snr[0] + 1), rel=1e-5)        # clean: capped
+    assert w[1].item() == pytest.approx(snr[250] / (snr[250] + 1), rel=1e-5)  # SNR < γ
+    assert w[2].item() == pytest.approx(snr[500] / (snr[500] + 1), rel=1e-5)
+    assert w[3].item() == 0.0
+    every = D.min_snr_weight(torch.arange(1000), ac, 5.0)
+    assert every.max().item() <= 5 / 6 + 1e-6 and every.min().item() >= 0.0
+    cross = int((ac / (1 - ac) >= 5).sum())  # the first step with SNR < γ
+    assert every.argmax().item() in (cross - 1, cross)  # the peak: one of the two around SNR = γ
+
+
 def test_loss_by_bucket():
     loss = torch.tensor([1.0, 3.0, 10.0, 0.5])
     t = torch.tensor([5, 99, 100, 999])

@@ -262,6 +262,28 @@ def test_overfitting_one_batch_lowers_the_loss(assets, tmp_path):
     assert last < 0.5 * first, res["losses"]
 
 
+def test_min_snr_weights_each_sample(assets, tmp_path, monkeypatch):
+    """--min-snr γ: the DiT's loss is Σ_j n_j·w_j·mse_j, w_j = min(SNR, γ) / (SNR + 1) at sample j's
+    timestep (computed here from ā); the per-sample v-MSE (loss_by_t's) is the plain one. The first
+    step of a run with and one without: the same draws and MSEs, only the weights differ."""
+    seen, real = {}, train.dit_loss
+
+    def spy(job, *a, **k):
+        out, st = real(job, *a, **k)
+        seen.setdefault(job.tc.min_snr, (float(out), st["mse"], st["t"], st["n_j"], job.ac))
+        return out, st
+    monkeypatch.setattr(train, "dit_loss", spy)
+    for g in ("0", "5"):
+        train.main(dit_args(assets, tmp_path / g, *SMALL, "--steps", "1,1", "--min-snr", g))
+    (l0, m0, t0, n0, ac), (l5, m5, t5, n5, _) = seen[0.0], seen[5.0]
+    assert torch.equal(t0, t5) and torch.equal(n0, n5) and torch.equal(m0, m5)
+    snr = ac[t0] / (1 - ac[t0])  # (S,) float64
+    w = torch.clamp(snr, max=5.0) / (snr + 1)
+    assert 0 < w.min() and w.max() < 5 / 6 + 1e-9  # no timestep of this draw has weight 1 or 0
+    assert l0 == pytest.approx(float((n0 * m0).sum()), rel=1e-6)
+    assert l5 == pytest.approx(float((n0 * w * m0).sum()), rel=1e-6)
+
+
 def test_attn_modes_reach_the_model_and_agree(assets, tmp_path, monkeypatch):
     """--attn picks how Frame Pack rows attend (dit.packed_attention): dense and segments train
     alike; flex gets rows padded to --max-tokens (one shape: one compile). FlexAttention has no
@@ -497,6 +519,7 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--steps", "0"], "--steps each stage needs >= 1 step"),
     (["--ema", "2"], "--ema is a decay in [0, 1)"),
     (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--min-snr", "-1"], "--min-snr is a gamma >= 0 (0 = off; e.g. 5), got -1.0"),
     (["--vae", "{vae8}", "--size", "24x24"], "24x24 is not a positive multiple of 16"),  # the --vae given decides
     (["--vae", "{vae16}"], "--vae has 16 latent channels, the tiny DiT 8"),
     (["--sp", "0"], "--sp must be >= 1, got 0"),
