@@ -6,9 +6,9 @@ in LDM"); the forward process and v-prediction; timestep sampling for training (
 sampling, §3.3, and the i.i.d. baseline); the samplers used at inference (DDIM η = 0 and DPM++(2M)
 SDE with "trailing" timestep spacing, as released); classifier-free guidance (static and the
 released dynamic schedule); the min-SNR loss weight (not in the paper; the toy demo's); the loss
-per timestep range of Figure 3d. Nothing here knows about
-videos: every function works on tensors of any shape (B, ...). The sampling defaults (steps,
-guidance, sampler) live in one place, sample.py's SampleConfig and PRESETS.
+per timestep range of Figure 3d. Nothing here knows about videos: every function works on tensors
+of any shape (B, ...). The sampling defaults (steps, guidance, sampler) live in one place,
+sample.py's SampleConfig and PRESETS.
 
 Run:
   python diffusion.py                      # the schedule (ā, SNR) at the 50 trailing sampling steps
@@ -340,10 +340,10 @@ def min_snr_weight(t, ac, gamma):
 
     Not in the paper: CogVideoX (and the release) trains on the plain v-MSE, w = 1. With it the
     nearly-pure-noise steps dominate: at t >= 700, where x_t tells little and v ≈ −x0 is mostly
-    unpredictable, the toy DiT's v-MSE is 4-25x that of t < 700 (its log's loss_by_t), while what the shapes demo fails
-    on (a square's corners) is decided at moderate noise. w_t scales the noisy end by
-    SNR/(SNR+1) (0 at the zero-SNR step) and caps the clean end at γ/(SNR+1), so the weight peaks
-    where SNR = γ. Measured on the demo (train.PRESETS["shapes"] uses γ = 5)."""
+    unpredictable, the toy DiT's v-MSE is 4-25x that of t < 700 (its log's loss_by_t), while
+    what the shapes demo fails on (a square's corners) is decided at moderate noise. w_t scales
+    the noisy end by SNR/(SNR+1) (0 at the zero-SNR step) and caps the clean end at γ/(SNR+1),
+    so the weight peaks where SNR = γ. Measured on the demo (train.PRESETS["shapes"], γ = 5)."""
     a = ac.to(t.device, torch.float64)[t]                                # (B,) ā_t
     snr = a / (1 - a).clamp(min=1e-12)                                   # (B,) 0 at ā = 0
     return (snr.clamp(max=gamma) / (snr + 1)).float()                    # (B,)
