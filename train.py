@@ -410,11 +410,12 @@ def dit_predict(job, net, zt, t, text, rows, max_tokens):
 
 
 def dit_loss(job, net, batch, step, micro, max_tokens):
-    """-> (Σ_j n_j·mse_j over this rank's readable samples, for backward; stats).
+    """-> (Σ_j n_j·w_j·mse_j over this rank's readable samples, for backward; stats).
 
     n_j = sample j's video tokens T'·(h/p)·(w/p), 0 for a weight-0 filler; not normalised here (see
     above). stats: "loss" Σ n_j·mse_j, "n" Σ n_j, "tokens" (text + video of the real samples: tok/s,
-    packing) and per sample "mse", "t", "n_j" (S,)."""
+    packing) and per sample "mse", "t", "n_j" (S,). w_j = 1, or the min-SNR weight with
+    tc.min_snr (then "loss" is the weighted sum and "mse" the plain per-sample v-MSE)."""
     tc, device, sf, p, pt = job.tc, job.device, job.ae.cfg.scaling_factor, job.cfg.patch, \
         job.cfg.patch_t
     items = batch["items"]
@@ -452,7 +453,7 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
     mse = torch.stack([(a.float() - b.float()).pow(2).mean() for a, b in zip(v, target)])  # (S,)
     n = torch.tensor(n, dtype=torch.float32, device=device)  # (S,)
     # not in the paper (its loss is the plain v-MSE): the demo's min-SNR weight per sample
-    w = diffusion.min_snr_weight(t, job.ac, tc.min_snr).to(device) if tc.min_snr else 1.0  # (S,)
+    w = diffusion.min_snr_weight(t, job.ac, tc.min_snr) if tc.min_snr else 1.0  # (S,)
     real = float((n > 0).sum())
     # --sp: the G ranks of a group hold the same samples; each reports 1/G of the sums, so the
     # all-summed stats count a sample once (the backward keeps the whole sum: see train())
