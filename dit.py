@@ -102,6 +102,10 @@ DIT_PRESETS = {
     # features; a forward takes milliseconds on a laptop CPU. Its base grid is the demo's clip.
     "tiny": DiTConfig(in_channels=8, out_channels=8, layers=4, heads=4, head_dim=32, time_dim=128,
                       text_dim=64, text_len=12, base_frames=3, base_height=8, base_width=8),
+    # The demo's DiT (train.py PRESETS["shapes"]): the tiny one on the 4-channel latents of
+    # vae.VAE_PRESETS["shapes"]
+    "shapes": DiTConfig(in_channels=4, out_channels=4, layers=4, heads=4, head_dim=32, time_dim=128,
+                        text_dim=64, text_len=12, base_frames=3, base_height=8, base_width=8),
     "cogvideox-2b": DiTConfig(layers=30, heads=30, pos="sincos"),
     "cogvideox-5b": DiTConfig(layers=42, heads=48),
     "cogvideox-5b-i2v": DiTConfig(in_channels=32, layers=42, heads=48, pos="learned"),

@@ -130,29 +130,29 @@ PRESETS = {
     "tiny": TrainConfig(vae_stages=[S([(16, 16)], [1, 5, 9])], vae_steps=[4], dit_steps=[3, 3],
                         rows=2, batch=2, lr=1e-3, warmup=2, disc_start=2, disc_ch=8, save_every=0),
     # The shapes demo. Stage one of the DiT at 16 px, stage two at 32 px (the sampling size).
-    # The VAE sees 9-frame clips (three latent frames, as the DiT's samples) and stills. Measured
-    # here by its gate (the checker on reconstructions of 48 training clips, shape included): 400
-    # steps on 5-frame clips 18/48 (squares' corners rounded off: fill 0.84-0.89, later frames
-    # smeared), 800 steps on 5-frame clips 35/48, 400 on 9-frame 30/48, 800 on 9-frame 43/48 (the
-    # misses: squares on 32x48 frames and the smallest squares). L2 as in §2.1: measured here, L1
-    # (800 steps, 9 frames) kept the colour of 12/48 clips only: the shapes cover ~7% of the
-    # pixels and L1 first learns the black background. Stage two packs stills with clips cut to
-    # the sampled length: measured here, the same steps on 9/13/17-frame clips followed 13/24 seen
-    # and 3/8 held-out prompts, on 9-frame clips 23/24 and 6/8 (motion is learned after colour, and
-    # short clips put ~2x more samples in each step). drop_last: the last Frame Pack batch of an
-    # epoch is nearly empty, a wasted and noisy step. One process: no ranks to balance
-    # (balance=None keeps the measured recipe's batches). The DiT's learning rate: measured here
-    # (4 seeds x 32 prompts), 300 + 1700 steps at 1e-3 passed 42/96 seen and 10/32 held-out
-    # prompts, 150 + 850 steps at 2e-3 40/96 and 7/32, at 3e-3 44/96 and 14/32, 150 + 600 at 4e-3
-    # 31/96 and 12/32: half the steps at 3e-3. Its squares come out as discs (shape 64/128).
-    # min_snr (not in the paper: diffusion.min_snr_weight), measured here on the DiT stage alone
-    # (4 seeds x 32 prompts, guidance for t >= 400): 150 + 850 steps 49/96 and 14/32 against
-    # 42/96 and 12-16/32 with the plain v-MSE (no square drawn either way); 150 + 3000 steps 75/96
-    # and 22/32 against 50/96 and 16/32 (squares' median fill 0.90 against 0.87), more than the
-    # plain loss reached in 150 + 6000 steps (72/96, 18/32).
-    "shapes": TrainConfig(vae_stages=[S([(32, 32)], [1, 9])], vae_steps=[800], recon="l2",
+    # Measured here, 4 seeds x 32 prompts (the DiT stage alone on the demo's data unless said):
+    # - The VAE (vae.VAE_PRESETS["shapes"]) sees 9-frame clips (three latent frames, as the DiT's
+    #   samples) and stills, L2 as in §2.1 (L1 kept the colour of 12/48 clips only: the shapes
+    #   cover ~7% of the pixels and L1 first learns the black background). Its gate (the checker
+    #   on reconstructions of 48 training clips): 8 latent channels x 800 steps 43/48, 4 x 800
+    #   47/48, 4 x 1600 48/48. What decides the samples is how its decoder takes the DiT's small
+    #   latent errors: squares' median fill (split 0.89) with noise 0.2 (DiT units) on the
+    #   latents 0.88, 0.90, 0.94 for these three; 150 + 3000 DiT steps on each passed 75/96,
+    #   89/96, 93/96 seen and 22/32, 27/32, 29/32 held-out prompts.
+    # - DiT steps, on that 1600-step VAE: 150 + 1500 passed 82/96 and 24/32, 150 + 2000 91/96
+    #   and 26/32, 150 + 3000 93/96 and 29/32. At 150 + 850 no VAE tried gives a square.
+    # - min_snr (not in the paper: diffusion.min_snr_weight): 150 + 3000 steps on the 8-channel
+    #   VAE 75/96 and 22/32 against 50/96 and 16/32 with the plain v-MSE.
+    # - lr 3e-3: at 150 + 850 steps 44/96 against 40/96 at 2e-3, 31/96 at 4e-3 (150 + 600 steps)
+    #   and 42/96 at 1e-3 with twice the steps.
+    # - Stage two packs stills with clips cut to the sampled length: on 9/13/17-frame clips the
+    #   same steps followed 13/24 seen prompts against 23/24 (short clips put ~2x more samples in
+    #   each step). drop_last: the last Frame Pack batch of an epoch is nearly empty, a wasted and
+    #   noisy step. One process: no ranks to balance (balance=None keeps the measured batches).
+    "shapes": TrainConfig(vae="shapes", dit="shapes", vae_stages=[S([(32, 32)], [1, 9])],
+                          vae_steps=[1600], recon="l2",
                           dit_stages=[data.STAGES["shapes"][0], S([(32, 32), (32, 48)], [1, 9])],
-                          dit_steps=[150, 850], rows=12, max_tokens=[96, 256], batch=2, lr=3e-3,
+                          dit_steps=[150, 3000], rows=12, max_tokens=[96, 256], batch=2, lr=3e-3,
                           warmup=50, vae_lr=2e-3, disc_start=10**9, disc_ch=16, save_every=250,
                           drop_last=True, balance=None, min_snr=5.0),
     # Full scale (GPU clusters). The paper gives no optimizer numbers beyond AdamW's.

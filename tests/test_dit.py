@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import dit
+import vae
 from dit import DIT_PRESETS, ExpertDiT
 
 TINY = DIT_PRESETS["tiny"]
@@ -52,6 +53,12 @@ def test_parameter_counts(name, count):
     assert sum(p.numel() for p in m.parameters()) == count
     if name == "cogvideox-5b-i2v":
         assert count == 5_570_283_072 + 16 * 3072 * 2 * 2 + (226 + 13 * 30 * 45) * 3072
+
+
+def test_shapes_preset_is_tiny_on_four_channels():
+    """The demo's DiT is the tiny one on the demo VAE's latents (4 channels)."""
+    assert DIT_PRESETS["shapes"] == replace(TINY, in_channels=4, out_channels=4)
+    assert DIT_PRESETS["shapes"].in_channels == vae.VAE_PRESETS["shapes"].latent
 
 
 def test_learned_position_table_trains_from_zero():

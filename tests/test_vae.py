@@ -61,7 +61,10 @@ def test_presets_param_counts_and_shapes():
     tiny = VAE_PRESETS["tiny"]
     assert (tiny.spatial_factor, tiny.temporal_factor) == (4, 4)
     m = CausalVAE(tiny).eval()
-    assert sum(p.numel() for p in m.parameters()) == 652_995  # the shapes demo's VAE (~0.65M)
+    assert sum(p.numel() for p in m.parameters()) == 652_995  # ~0.65M
+    shapes = VAE_PRESETS["shapes"]  # the demo's: the tiny one with 4 latent channels
+    assert replace(shapes, latent=8) == tiny
+    assert sum(p.numel() for p in CausalVAE(shapes).parameters()) == 638_779
     with torch.no_grad():
         post = m.encode(torch.rand(1, 3, 9, 32, 32) * 2 - 1)
         assert post.mean.shape == post.logvar.shape == (1, 8, 3, 8, 8)
