@@ -141,8 +141,9 @@ PRESETS = {
     #   89/96, 93/96 seen and 22/32, 27/32, 29/32 held-out prompts.
     # - DiT steps, on that 1600-step VAE: 150 + 1500 passed 82/96 and 24/32, 150 + 2000 91/96
     #   and 26/32, 150 + 2500 92/96 and 28/32, 150 + 3000 93/96 and 29/32 (with rows=8: 87/96
-    #   and 28/32). At 150 + 850 no VAE tried gives a square. The whole demo (`python
-    #   train.py`, 2 threads): 92/96 and 30/32, gate 48/48, 13.9 min (README).
+    #   and 28/32); 150 + 3000 with training seed 1 89/96 and 27/32: a small margin. At 150 + 850
+    #   no VAE tried gives a square. The whole demo (`python train.py`, 2 threads): 92/96 and
+    #   30/32, gate 48/48, 13.9 min (README).
     # - min_snr (not in the paper: diffusion.min_snr_weight): 150 + 3000 steps on the 8-channel
     #   VAE 75/96 and 22/32 against 50/96 and 16/32 with the plain v-MSE.
     # - lr 3e-3: at 150 + 850 steps 44/96 against 40/96 at 2e-3, 31/96 at 4e-3 (150 + 600 steps)
