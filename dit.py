@@ -46,7 +46,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -102,10 +102,6 @@ DIT_PRESETS = {
     # features; a forward takes milliseconds on a laptop CPU. Its base grid is the demo's clip.
     "tiny": DiTConfig(in_channels=8, out_channels=8, layers=4, heads=4, head_dim=32, time_dim=128,
                       text_dim=64, text_len=12, base_frames=3, base_height=8, base_width=8),
-    # The demo's DiT (train.py PRESETS["shapes"]): the tiny one on the 4-channel latents of
-    # vae.VAE_PRESETS["shapes"]
-    "shapes": DiTConfig(in_channels=4, out_channels=4, layers=4, heads=4, head_dim=32, time_dim=128,
-                        text_dim=64, text_len=12, base_frames=3, base_height=8, base_width=8),
     "cogvideox-2b": DiTConfig(layers=30, heads=30, pos="sincos"),
     "cogvideox-5b": DiTConfig(layers=42, heads=48),
     "cogvideox-5b-i2v": DiTConfig(in_channels=32, layers=42, heads=48, pos="learned"),
@@ -117,6 +113,9 @@ DIT_PRESETS = {
     "cogvideox1.5-5b-i2v": DiTConfig(in_channels=32, layers=42, heads=48, patch_t=2, ofs_dim=512,
                                      base_frames=21, base_height=300, base_width=300),
 }
+# The demo's DiT (train.py PRESETS["shapes"]): the tiny one on the 4-channel latents of
+# vae.VAE_PRESETS["shapes"]
+DIT_PRESETS["shapes"] = replace(DIT_PRESETS["tiny"], in_channels=4, out_channels=4)
 
 
 def num_tokens(cfg, T_lat, h_lat, w_lat):

@@ -93,17 +93,17 @@ VAE_PRESETS = {
     # clip on a CPU. Its scaling factor is a placeholder: train.py sets it from the trained
     # latents.
     "tiny": VAEConfig(channels=(16, 32, 32), layers=1, latent=8, groups=8, scaling_factor=1.0),
-    # The demo's VAE (train.py PRESETS["shapes"]): the tiny one with 4 latent channels. Its
-    # decoder takes latent errors better: squares' median fill of its reconstructions with noise
-    # 0.2 (DiT units) on the latents 0.90 against 0.88 with 8 channels (800 steps each; 0.89
-    # tells a square from a disc), and a DiT trained on it draws squares sooner (train.py).
-    "shapes": VAEConfig(channels=(16, 32, 32), layers=1, latent=4, groups=8, scaling_factor=1.0),
     # The released VAE of CogVideoX-2B and -5B: identical weights' shapes, different scaling factor.
     "cogvideox-2b": VAEConfig(),
     "cogvideox-5b": VAEConfig(scaling_factor=0.7),
     # CogVideoX 1.5 (released vae/config.json: scaling_factor 0.7, invert_scale_latents true)
     "cogvideox1.5-5b": VAEConfig(scaling_factor=0.7, invert_scale_latents=True),
 }
+# The demo's VAE (train.py PRESETS["shapes"]): the tiny one with 4 latent channels. Its decoder
+# takes latent errors better: squares' median fill of its reconstructions with noise 0.2 (DiT
+# units) on the latents 0.90 against 0.88 with 8 channels (800 steps each; 0.89 tells a square
+# from a disc), and a DiT trained on it draws squares sooner (train.py).
+VAE_PRESETS["shapes"] = replace(VAE_PRESETS["tiny"], latent=4)
 
 # ----- how a forward call sees time: whole clip, stream chunk, or a CP rank's share (§2.1) -----
 
