@@ -270,7 +270,7 @@ def test_min_snr_weights_each_sample(assets, tmp_path, monkeypatch):
 
     def spy(job, *a, **k):
         out, st = real(job, *a, **k)
-        seen.setdefault(job.tc.min_snr, (float(out), st["mse"], st["t"], st["n_j"], job.ac))
+        seen.setdefault(job.tc.min_snr, (float(out.detach()), st["mse"], st["t"], st["n_j"], job.ac))
         return out, st
     monkeypatch.setattr(train, "dit_loss", spy)
     for g in ("0", "5"):
