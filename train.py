@@ -145,9 +145,12 @@ PRESETS = {
     #   no VAE tried gives a square. The whole demo (`python train.py`, 2 threads): 92/96 and
     #   30/32, gate 48/48, 13.9 min (README).
     # - min_snr (not in the paper: diffusion.min_snr_weight): 150 + 3000 steps on the 8-channel
-    #   VAE 75/96 and 22/32 against 50/96 and 16/32 with the plain v-MSE.
+    #   VAE 75/96 and 22/32 against 50/96 and 16/32 with the plain v-MSE. Its γ, on the 4-channel
+    #   VAE: 2 at 150 + 1500 steps 72/96 and 22/32 (5: 82/96, 24/32); 10 at 150 + 3000 94/96 and
+    #   31/32, with training seed 1 89/96 and 27/32 (5: 93/96, 29/32 and 89/96, 27/32): no clear
+    #   difference between 5 and 10.
     # - lr 3e-3: at 150 + 850 steps 44/96 against 40/96 at 2e-3, 31/96 at 4e-3 (150 + 600 steps)
-    #   and 42/96 at 1e-3 with twice the steps.
+    #   and 42/96 at 1e-3 with twice the steps; at 150 + 3000 steps 2e-3 passed 93/96 and 28/32.
     # - Stage two packs stills with clips cut to the sampled length: on 9/13/17-frame clips the
     #   same steps followed 13/24 seen prompts against 23/24 (short clips put ~2x more samples in
     #   each step). drop_last: the last Frame Pack batch of an epoch is nearly empty, a wasted and
