@@ -138,7 +138,8 @@ PRESETS = {
     #   47/48, 4 x 1600 48/48. What decides the samples is how its decoder takes the DiT's small
     #   latent errors: squares' median fill (split 0.89) with noise 0.2 (DiT units) on the
     #   latents 0.88, 0.90, 0.94 for these three; 150 + 3000 DiT steps on each passed 75/96,
-    #   89/96, 93/96 seen and 22/32, 27/32, 29/32 held-out prompts.
+    #   89/96, 93/96 seen and 22/32, 27/32, 29/32 held-out prompts. Not alone: 2400 VAE steps
+    #   (48/48, 0.945) then 150 + 2000 DiT steps passed 87/96 and 23/32 (1600: 91/96, 26/32).
     # - DiT steps, on that 1600-step VAE: 150 + 1500 passed 82/96 and 24/32, 150 + 2000 91/96
     #   and 26/32, 150 + 2500 92/96 and 28/32, 150 + 3000 93/96 and 29/32 (with rows=8: 87/96
     #   and 28/32); 150 + 3000 with training seed 1 89/96 and 27/32: a small margin. At 150 + 850
