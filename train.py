@@ -135,9 +135,9 @@ PRESETS = {
     #   samples) and stills, L2 as in §2.1 (L1 kept the colour of 12/48 clips only: the shapes
     #   cover ~7% of the pixels and L1 first learns the black background). Its gate (the checker
     #   on reconstructions of 48 training clips): 8 latent channels x 800 steps 43/48, 4 x 800
-    #   47/48, 4 x 1600 48/48. What decides the samples is how its decoder takes the DiT's small
-    #   latent errors: squares' median fill (split 0.89) with noise 0.2 (DiT units) on the
-    #   latents 0.88, 0.90, 0.94 for these three; 150 + 3000 DiT steps on each passed 75/96,
+    #   47/48, 4 x 1600 48/48. Much of what decides the samples is how its decoder takes the
+    #   DiT's small latent errors: squares' median fill (split 0.89) with noise 0.2 (DiT units)
+    #   on the latents 0.88, 0.90, 0.94 for these three; 150 + 3000 DiT steps on each passed 75/96,
     #   89/96, 93/96 seen and 22/32, 27/32, 29/32 held-out prompts. Not alone: 2400 VAE steps
     #   (48/48, 0.945) then 150 + 2000 DiT steps passed 87/96 and 23/32 (1600: 91/96, 26/32).
     # - DiT steps, on that 1600-step VAE: 150 + 1500 passed 82/96 and 24/32, 150 + 2000 91/96
