@@ -76,3 +76,4 @@ if __name__ == "__main__":
     cut = sys.argv.index("--")
     apply(sys.argv[1])
     train.main(sys.argv[cut + 1:])
+    train.leave(0)  # see train.leave: no interpreter teardown after DDP

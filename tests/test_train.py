@@ -882,6 +882,24 @@ def test_context_parallel_vae_two_ranks_equals_one_process(assets, tmp_path, tor
     assert (tmp_path / "two" / "vae" / "model.safetensors").exists()
 
 
+
+def test_a_torchrun_worker_leaves_without_teardown(torchrun, monkeypatch):
+    """train.leave(): after a DDP step, a barrier and destroy_process_group (which leaves DDP's gloo group and
+    its worker threads alive), a torchrun worker ends with os._exit: its exit code, its unflushed output
+    flushed, and no interpreter teardown (an atexit handler would print), so the gloo worker threads cannot
+    abort it mid-teardown (CI: rank 1 "terminate called without an active exception" after a finished run).
+    The same worker ending as Python does runs the teardown. Outside torchrun leave() is sys.exit."""
+    worker = os.path.join(os.path.dirname(__file__), "_exit_worker.py")
+    out = {m: torchrun(worker, m).stdout for m in ("leave", "plain")}
+    for m, text in out.items():
+        assert all(f"rank {r}: done" in text for r in (0, 1)), (m, text)
+    assert "teardown" not in out["leave"] and out["plain"].count("interpreter teardown") == 2
+    monkeypatch.delenv("RANK", raising=False)
+    for code in (0, 2, None):
+        with pytest.raises(SystemExit) as e:
+            train.leave(code)
+        assert e.value.code == (code or 0)
+
 # ----- the shapes demo (issue 8) -----
 
 @pytest.mark.slow

@@ -1,0 +1,27 @@
+"""torchrun worker for tests/test_train.py::test_a_torchrun_worker_leaves_without_teardown.
+
+  torchrun --standalone --nproc_per_node 2 tests/_exit_worker.py leave|plain
+
+The pattern behind train.leave(): a DDP step (its all-reduces run inside backward), a barrier, the process
+group destroyed, then the end of the process. `plain` ends as Python does; `leave` through train.leave(0), which
+must skip the interpreter's teardown (an atexit handler tells whether it ran)."""
+import atexit
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import train
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    atexit.register(lambda: print(f"rank {rank}: interpreter teardown", flush=True))
+    net = DDP(torch.nn.Linear(4, 4))
+    net(torch.ones(2, 4)).sum().backward()
+    dist.barrier()
+    dist.destroy_process_group()
+    print(f"rank {rank}: done", end="\n")  # not flushed here: leave() must flush it
+    if sys.argv[1] == "leave":
+        train.leave(0)
