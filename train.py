@@ -2427,13 +2427,12 @@ def leave(code):
     worker threads still run after it). A worker thread frees a collective's record only after
     the caller's wait() has returned; the record keeps the thread-local state of its start,
     which inside backward() (DDP's all-reduces) holds a Python object, so freeing it takes the
-    GIL. Had the main thread meanwhile reached the interpreter's teardown, that GIL request
-    ends the thread (pthread_exit) through a C++ noexcept frame:
-    std::terminate, SIGABRT (rank 1 "terminate called without an active exception"), after a
-    run that had finished and written everything. Measured with a 3-step DDP script ending in a
-    barrier and destroy_process_group, 2 ranks on a loaded 2-core machine: 6 of 16 launches
-    aborted so, 0 of 16 ending here. By now every file train.py writes is closed and every
-    checkpoint renamed into place."""
+    GIL. Had the main thread meanwhile reached the interpreter's teardown, that GIL request ends
+    the thread (pthread_exit) through a C++ noexcept frame: std::terminate, SIGABRT ("terminate
+    called without an active exception") after a run that had finished and written everything.
+    A 3-step DDP script ending in a barrier and destroy_process_group, 2 ranks on a loaded 2-core
+    machine: 8 of 30 launches aborted so, 0 of 30 ending here. By now every file train.py
+    writes is closed and every checkpoint renamed into place."""
     code = 0 if code is None else code
     if "RANK" not in os.environ:  # one plain process: the usual exit
         sys.exit(code)
