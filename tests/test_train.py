@@ -882,7 +882,6 @@ def test_context_parallel_vae_two_ranks_equals_one_process(assets, tmp_path, tor
     assert (tmp_path / "two" / "vae" / "model.safetensors").exists()
 
 
-
 def test_a_torchrun_worker_leaves_without_teardown(torchrun, monkeypatch):
     """train.leave(): after a DDP step, a barrier and destroy_process_group (which leaves DDP's gloo group and
     its worker threads alive), a torchrun worker ends with os._exit: its exit code, its unflushed output
@@ -899,6 +898,7 @@ def test_a_torchrun_worker_leaves_without_teardown(torchrun, monkeypatch):
         with pytest.raises(SystemExit) as e:
             train.leave(code)
         assert e.value.code == (code or 0)
+
 
 # ----- the shapes demo (issue 8) -----
 
