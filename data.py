@@ -556,6 +556,19 @@ def to_uint8(video):
     return x.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
 
 
+def video_rate(fps):
+    """fps -> the exact frame rate a written file carries (a Fraction, denominator <= 1001), or one
+    ValueError: a rate of 0 would be written as the encoder's default (24 fps)."""
+    if not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a finite number > 0, got {fps}")
+    # NTSC rates given as 29.97, 23.976, 59.94 mean n * 1000/1001 exactly
+    ntsc = Fraction(round(fps * 1.001) * 1000, 1001)
+    rate = ntsc if ntsc and abs(ntsc - fps) < 1e-4 else Fraction(fps).limit_denominator(1001)
+    if rate == 0:  # below 1/2002 fps
+        raise ValueError(f"fps {fps:g} rounds to a frame rate of 0; pass at least 1/1001")
+    return rate
+
+
 def write_video(video, path, fps=8):
     """Write one video (3, T, H, W) in [-1, 1] atomically; the extension picks the format.
 
@@ -566,12 +579,8 @@ def write_video(video, path, fps=8):
     mp4 = str(path).lower().endswith(".mp4")
     if not mp4 and not str(path).lower().endswith(".mkv"):
         raise ValueError(f"write_video writes .mp4 or .mkv, got {str(path)!r}")
-    if not fps > 0:  # a rate of 0 would be written as the encoder's default (24 fps)
-        raise ValueError(f"fps must be > 0, got {fps}")
+    rate = video_rate(fps)
     frames = to_uint8(video)  # (T, H, W, 3)
-    # NTSC rates given as 29.97, 23.976, 59.94 mean n * 1000/1001 exactly
-    ntsc = Fraction(round(fps * 1.001) * 1000, 1001)
-    rate = ntsc if ntsc and abs(ntsc - fps) < 1e-4 else Fraction(fps).limit_denominator(1001)
     if mp4:
         _, h, w, _ = frames.shape
         frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")

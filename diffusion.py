@@ -45,7 +45,7 @@ def alphas_cumprod(num_steps=1000, beta_start=0.00085, beta_end=0.012, snr_shift
     """
     if num_steps < 2:
         raise ValueError(f"num_steps must be >= 2 (got {num_steps}); the released models use 1000")
-    if snr_shift_scale <= 0:
+    if not (math.isfinite(snr_shift_scale) and snr_shift_scale > 0):  # (NaN would pass a `<= 0`)
         raise ValueError(f"snr_shift_scale must be > 0 (got {snr_shift_scale}); 1.0 is no shift")
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
     ac = torch.cumprod(1.0 - betas, dim=0)  # (N,)
@@ -299,8 +299,8 @@ def cfg_scale(scale, t, num_steps=50, dynamic=False):
     Quirk: (n − t)/n is a large negative number (≈ −19 at t = 999, n = 50), so the cosine does not
     ramp smoothly from 1 to 1 + scale; w oscillates between 1 and 1 + scale from step to step. The
     authors say this is intended (CogVideo issue 267); we reproduce it as released."""
-    if scale < 0:
-        raise ValueError(f"guidance scale must be >= 0 (got {scale}); "
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"guidance scale must be a finite number >= 0 (got {scale}); "
                          "1 means no guidance, the released default is 6")
     if not dynamic:
         return float(scale)

@@ -677,7 +677,7 @@ class ExpertDiT(nn.Module):
     @classmethod
     def load(cls, folder, device="cpu", dtype=None):
         """Our checkpoint back (what save wrote); dtype None keeps the stored dtype."""
-        cfg = _config(_read_json(Path(folder, "config.json")))
+        cfg = load_config(folder)
         return _load_checked(cfg, _read_safetensors(Path(folder)), folder, dtype).to(device)
 
     @classmethod
@@ -709,6 +709,11 @@ def _read_json(path):
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); copy or export it again") from None
+
+
+def load_config(folder):
+    """Our checkpoint folder's DiTConfig, from its config.json alone (no weights read)."""
+    return _config(_read_json(Path(folder, "config.json")))
 
 
 def _config(d):

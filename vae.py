@@ -581,12 +581,7 @@ class CausalVAE(nn.Module):
 
     @classmethod
     def load(cls, folder, device="cpu"):
-        d = _read_config(folder, "CausalVAE.save")
-        unknown = set(d) - set(VAEConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{folder}/config.json has unknown VAEConfig fields {sorted(unknown)}"
-                             f"; for a diffusers folder use CausalVAE.from_diffusers")
-        model = cls(VAEConfig(**{**d, "channels": tuple(d["channels"])}))
+        model = cls(load_config(folder))
         _load_state(model, _read_safetensors(folder, stem="model"), folder)
         return model.to(device)
 
@@ -595,19 +590,35 @@ class CausalVAE(nn.Module):
         """Load a diffusers AutoencoderKLCogVideoX folder (released CogVideoX `vae/`): config.json +
         diffusion_pytorch_model[.variant].safetensors, or shards listed in
         *.safetensors.index*.json. Weights are cast to float32 (fp16/bf16 files are fine)."""
-        d = _read_config(folder, "a diffusers AutoencoderKLCogVideoX save_pretrained")
-        if d.get("_class_name") != "AutoencoderKLCogVideoX":  # e.g. the transformer/ next to vae/
-            raise ValueError(f"{folder}: config.json describes "
-                             f"{d.get('_class_name', 'no diffusers model')!r}, not "
-                             f"'AutoencoderKLCogVideoX'; pass the released model's vae/ folder "
-                             f"(our own checkpoints load with CausalVAE.load)")
-        if d.get("use_quant_conv") or d.get("use_post_quant_conv"):
-            raise ValueError(f"{folder}: quant convs are not in CogVideoX's VAE; not supported")
-        cfg = diffusers_config(d)
+        cfg = diffusers_folder_config(folder)
         sd = {_diffusers_key(k): v.float() for k, v in _read_safetensors(folder, variant).items()}
         model = cls(cfg)
         _load_state(model, sd, folder)
         return model.to(device)
+
+
+def load_config(folder):
+    """Our checkpoint folder's VAEConfig, from its config.json alone (no weights read)."""
+    d = _read_config(folder, "CausalVAE.save")
+    unknown = set(d) - set(VAEConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{folder}/config.json has unknown VAEConfig fields {sorted(unknown)}"
+                         f"; for a diffusers folder use CausalVAE.from_diffusers")
+    return VAEConfig(**{**d, "channels": tuple(d["channels"])})
+
+
+def diffusers_folder_config(folder):
+    """A diffusers AutoencoderKLCogVideoX folder's VAEConfig, from its config.json alone; refuses
+    another model's folder and what this file does not implement."""
+    d = _read_config(folder, "a diffusers AutoencoderKLCogVideoX save_pretrained")
+    if d.get("_class_name") != "AutoencoderKLCogVideoX":  # e.g. the transformer/ next to vae/
+        raise ValueError(f"{folder}: config.json describes "
+                         f"{d.get('_class_name', 'no diffusers model')!r}, not "
+                         f"'AutoencoderKLCogVideoX'; pass the released model's vae/ folder "
+                         f"(our own checkpoints load with CausalVAE.load)")
+    if d.get("use_quant_conv") or d.get("use_post_quant_conv"):
+        raise ValueError(f"{folder}: quant convs are not in CogVideoX's VAE; not supported")
+    return diffusers_config(d)
 
 
 def diffusers_config(d):
