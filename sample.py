@@ -88,7 +88,8 @@ PRESETS = {
                          cfg_min_t=400),
     # Released models: 6 s at 8 fps + 1 frame, 480x720, 50 steps, w = 6; the 2B samples with DDIM on
     # an SNR shift of 3, the 5B with DPM++ and no shift. Loading with --model-dir, the folder's
-    # scheduler_config.json decides sampler and shift instead.
+    # scheduler_config.json decides sampler and shift instead; --preset gives its sampler again
+    # (the shift always stays the model's: it is the schedule the DiT was trained on).
     "cogvideox-2b": SampleConfig(num_frames=49, height=480, width=720, snr_shift_scale=3.0),
     "cogvideox-5b": SampleConfig(num_frames=49, height=480, width=720, sampler="dpm"),
     # CogVideoX 1.5 (model card, cli_demo.py, the SAT config): 5 s at 16 fps + 1 frame (161 for
@@ -184,6 +185,32 @@ def embed_prompts(text, prompts, uncond, device):
     return cond.to(device), neg.to(device=device, dtype=cond.dtype)
 
 
+def check_sample(cfg, vae_cfg, dit_cfg, image=False, num_train=1000):
+    """A SampleConfig against the models' configs: one ValueError naming the fix. generate runs it
+    on the loaded models; the CLI on their config files alone, before any weights load (the 5B and
+    T5-XXL take minutes). image: an image is given (I2V); num_train: the DiT's training timesteps."""
+    sf, tf, patch = vae_cfg.spatial_factor, vae_cfg.temporal_factor, dit_cfg.patch
+    T, H, W = cfg.num_frames, cfg.height, cfg.width
+    if T < 1 or H < 1 or W < 1:
+        raise ValueError(f"num_frames, height and width must be >= 1, got {T}, {H}, {W}")
+    if (T - 1) % tf:
+        lo = (T - 1) // tf * tf + 1
+        raise ValueError(f"num_frames must be {tf}k+1 for this VAE (e.g. {lo} or {lo + tf})")
+    if H % (sf * patch) or W % (sf * patch):
+        raise ValueError(f"height and width must be multiples of {sf * patch} "
+                         "(VAE factor x patch size)")
+    if image != (dit_cfg.in_channels == 2 * dit_cfg.out_channels):
+        raise ValueError("--image needs an image-to-video model and an I2V model needs --image")
+    if cfg.sampler not in diffusion.SAMPLERS:
+        raise ValueError(f"sampler must be one of {diffusion.SAMPLERS}, not {cfg.sampler!r}")
+    if not 1 <= cfg.steps <= num_train:
+        raise ValueError(f"steps must be in [1, {num_train}] (the DiT's training timesteps), "
+                         f"got {cfg.steps}")
+    # diffusers' pipelines also run unguided for any w <= 1; refused so no run silently differs
+    if not (math.isfinite(cfg.cfg) and cfg.cfg >= 1):
+        raise ValueError(f"cfg must be a number >= 1 (1 = no guidance, released 6), got {cfg.cfg}")
+
+
 @torch.no_grad()
 def generate(dit, vae, text, prompts, cfg=SampleConfig(), *, seed=0, image=None, ac=None,
              device=None, offload=False, stream=False, progress=True, generator=None,
@@ -205,27 +232,18 @@ def generate(dit, vae, text, prompts, cfg=SampleConfig(), *, seed=0, image=None,
     image latent sits in (padding) frame 0, times vae.cfg.image_scale (z / 0.7 for 1.5).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts: pass at least one")
+    ac = diffusion.alphas_cumprod(snr_shift_scale=cfg.snr_shift_scale) if ac is None else ac
+    check_sample(cfg, vae.cfg, dit.cfg, image is not None, len(ac))
     cfgv = vae.cfg
-    sf, tf, patch = cfgv.spatial_factor, cfgv.temporal_factor, dit.cfg.patch
+    sf, tf = cfgv.spatial_factor, cfgv.temporal_factor
     T, H, W = cfg.num_frames, cfg.height, cfg.width
-    if T < 1 or H < 1 or W < 1:
-        raise ValueError(f"num_frames, height and width must be >= 1, got {T}, {H}, {W}")
-    if (T - 1) % tf:
-        lo = (T - 1) // tf * tf + 1
-        raise ValueError(f"num_frames must be {tf}k+1 for this VAE (e.g. {lo} or {lo + tf})")
-    if H % (sf * patch) or W % (sf * patch):
-        raise ValueError(f"height and width must be multiples of {sf * patch} "
-                         "(VAE factor x patch size)")
-    if (image is not None) != (dit.cfg.in_channels == 2 * dit.cfg.out_channels):
-        raise ValueError("--image needs an image-to-video model and an I2V model needs --image")
-    if cfg.sampler not in diffusion.SAMPLERS:
-        raise ValueError(f"sampler must be one of {diffusion.SAMPLERS}, not {cfg.sampler!r}")
     if image is not None and image.dim() == 4 and len(image) not in (1, len(prompts)):
         raise ValueError(f"got {len(image)} images for {len(prompts)} prompts; "
                          "pass one image or one per prompt")
     device = torch.device(device) if device is not None else next(dit.parameters()).device
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
-    ac = diffusion.alphas_cumprod(snr_shift_scale=cfg.snr_shift_scale) if ac is None else ac
     B, C = len(prompts), dit.cfg.out_channels
     k = -((T - 1) // tf + 1) % dit.cfg.patch_t  # 1.5: padding latent frames (dit.pad_frames)
     shape = (B, (T - 1) // tf + 1 + k, C, H // sf, W // sf)  # (B, T' + k, C, h, w)
@@ -288,14 +306,9 @@ def _text_encoder(folder, device, dtype, max_length):
                          "corrupt: copy or export it again") from None
 
 
-def load_ckpt(folder, device="cpu", dtype=None):
-    """Our checkpoint folder -> (dit, vae, text_encoder, SampleConfig).
-
-    Layout (train.py writes it): dit/ and vae/ (config.json + model.safetensors each, safetensors
-    only), text_encoder/ (a T5 folder for dit.TextEncoder) and optionally sample.json (SampleConfig
-    fields: the resolution, frame count, fps and noise schedule the DiT was trained with), which
-    overrides PRESETS["tiny"].
-    """
+def ckpt_sample_config(folder):
+    """Our checkpoint folder -> its SampleConfig: PRESETS["tiny"] overridden by sample.json (no
+    weights read). Refuses a folder that is not one of our checkpoints."""
     for sub in ("dit", "vae", "text_encoder"):
         if not os.path.isdir(os.path.join(folder, sub)):
             raise ValueError(f"{folder!r} has no {sub}/ folder: pass a checkpoint written by "
@@ -305,6 +318,18 @@ def load_ckpt(folder, device="cpu", dtype=None):
     if os.path.exists(meta):
         known = SampleConfig.__dataclass_fields__
         cfg = replace(cfg, **{k: v for k, v in _json(meta).items() if k in known})
+    return cfg
+
+
+def load_ckpt(folder, device="cpu", dtype=None):
+    """Our checkpoint folder -> (dit, vae, text_encoder, SampleConfig).
+
+    Layout (train.py writes it): dit/ and vae/ (config.json + model.safetensors each, safetensors
+    only), text_encoder/ (a T5 folder for dit.TextEncoder) and optionally sample.json (SampleConfig
+    fields: the resolution, frame count, fps and noise schedule the DiT was trained with), which
+    overrides PRESETS["tiny"].
+    """
+    cfg = ckpt_sample_config(folder)
     net = ditlib.ExpertDiT.load(os.path.join(folder, "dit"), device, dtype).eval()
     ae = vaelib.CausalVAE.load(os.path.join(folder, "vae"), device).to(dtype=dtype).eval()
     text = _text_encoder(os.path.join(folder, "text_encoder"), device, dtype, net.cfg.text_len)
@@ -324,10 +349,17 @@ def schedule_from_diffusers(path):
     if name not in SCHEDULERS:
         raise ValueError(f"{path}: scheduler {name!r} is not supported; "
                          f"expected one of {sorted(SCHEDULERS)}")
-    if (sc.get("prediction_type", "v_prediction") != "v_prediction"
-            or sc.get("timestep_spacing") not in (None, "trailing")):
-        raise ValueError(f"{path}: only v_prediction with trailing spacing is supported "
-                         "(CogVideoX's released setting)")
+    # What diffusion.py implements, the released setting; a missing key means diffusers' default
+    # (epsilon, leading spacing), which is refused too rather than sampled on the wrong schedule
+    # (clip_sample is read by neither CogVideoX scheduler's step; steps_offset not with trailing)
+    need = {"prediction_type": "v_prediction", "timestep_spacing": "trailing",
+            "beta_schedule": "scaled_linear", "set_alpha_to_one": True, "trained_betas": None}
+    default = {"prediction_type": "epsilon", "timestep_spacing": "leading",
+               "beta_schedule": "scaled_linear", "set_alpha_to_one": True, "trained_betas": None}
+    for k, v in need.items():
+        if sc.get(k, default[k]) != v:
+            raise ValueError(f"{path}: {k}={sc.get(k, default[k])!r} is not supported (need "
+                             f"{v!r}, CogVideoX's released setting)")
     ac = diffusion.alphas_cumprod(sc.get("num_train_timesteps", 1000),
                                   sc.get("beta_start", 0.00085), sc.get("beta_end", 0.012),
                                   sc.get("snr_shift_scale", 3.0),
@@ -340,24 +372,32 @@ def load_released(folder, device="cpu", dtype=None):
     (dit, vae, text_encoder, SampleConfig, alphas_cumprod).
 
     Every weight goes through our own loaders (nothing from diffusers is imported here)."""
+    cfg, ac = released_sample_config(folder)
+    net = ditlib.ExpertDiT.from_diffusers(os.path.join(folder, "transformer"), device,
+                                          dtype or torch.float32).eval()
+    ae = vaelib.CausalVAE.from_diffusers(os.path.join(folder, "vae"), device=device)
+    ae = ae.to(dtype=dtype).eval()
+    text = _text_encoder(folder, device, dtype, net.cfg.text_len)  # tokenizer/ + T5
+    return net, ae, text, cfg, ac
+
+
+def released_sample_config(folder):
+    """A released CogVideoX folder -> (its SampleConfig, alphas_cumprod), from the config files
+    alone (no weights read). Refuses a folder that is not in diffusers layout."""
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not os.path.isdir(os.path.join(folder, sub)):
             raise ValueError(f"{folder!r} has no {sub}/ folder: pass a CogVideoX folder in "
                              "diffusers layout (or one of our checkpoints with --ckpt)")
     sched = os.path.join(folder, "scheduler", "scheduler_config.json")
     sampler, ac = schedule_from_diffusers(sched)
-    net = ditlib.ExpertDiT.from_diffusers(os.path.join(folder, "transformer"), device,
-                                          dtype or torch.float32).eval()
-    ae = vaelib.CausalVAE.from_diffusers(os.path.join(folder, "vae"), device=device)
-    ae = ae.to(dtype=dtype).eval()
-    text = _text_encoder(folder, device, dtype, net.cfg.text_len)  # tokenizer/ + T5
     tc = _json(os.path.join(folder, "transformer", "config.json"))
-    sf = ae.cfg.spatial_factor
+    sf = vaelib.diffusers_folder_config(os.path.join(folder, "vae")).spatial_factor
+    patch_t = tc.get("patch_size_t") or 1
     # The released defaults: the transformer's training size (49 frames at 8 fps, 480x720), 50
     # steps, w = 6. Unconditional input T5(""), as the diffusers pipeline (the test checks we
     # reproduce it); the original code passes zeros (--uncond zeros).
     h, w, fps = tc.get("sample_height", 60) * sf, tc.get("sample_width", 90) * sf, 8
-    if net.cfg.patch_t > 1:
+    if patch_t > 1:
         # CogVideoX 1.5: sample_frames 81 at 16 fps. Its sample_height = sample_width = 300 bound
         # the RoPE grid (150 x 150 patches), not a size: the diffusers pipeline would default to
         # 2400x2400 from them. The size is the release's 768x1360 (model card).
@@ -366,7 +406,7 @@ def load_released(folder, device="cpu", dtype=None):
     cfg = SampleConfig(num_frames=tc.get("sample_frames", 49), height=h, width=w, fps=fps,
                        steps=50, sampler=sampler, uncond="empty",
                        snr_shift_scale=_json(sched).get("snr_shift_scale", 3.0))
-    return net, ae, text, cfg, ac
+    return cfg, ac
 
 
 def apply_lora(net, path, scale=1.0, merge=False):
@@ -392,16 +432,23 @@ def out_paths(out, n, prompts):
     return [os.path.join(out, f"{i:03d}_{s}.mp4") for i, s in enumerate(slugs)]
 
 
-def check_args(a):
-    """Bad command-line values as one ValueError naming the fix, before any model is loaded."""
+def check_args(a, n=1):
+    """Bad command-line values as one ValueError naming the fix, before any model is loaded.
+    n: the number of prompts (prompt i is drawn with seed + i)."""
     for k in ("num_frames", "height", "width", "steps", "batch_size"):
         v = getattr(a, k)
         if v is not None and v < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
-    if a.fps is not None and not a.fps > 0:  # (a 0 would print 0 fps and write a 24 fps file)
-        raise ValueError(f"--fps must be > 0, got {a.fps}")
-    if a.cfg is not None and a.cfg < 0:
-        raise ValueError(f"--cfg must be >= 0 (1 = no guidance, released 6), got {a.cfg}")
+    if a.fps is not None:  # (a rate of 0 would print the fps given and write a 24 fps file)
+        try:
+            data.video_rate(a.fps)
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
+    if a.cfg is not None and not (math.isfinite(a.cfg) and a.cfg >= 1):
+        raise ValueError(f"--cfg must be a number >= 1 (1 = no guidance, released 6), got {a.cfg}")
+    if not -2**63 <= a.seed <= 2**64 - n:  # torch.Generator.manual_seed's range
+        raise ValueError(f"--seed {a.seed}: prompt i uses seed + i, which must lie in "
+                         f"[-2**63, 2**64 - 1]; pass a smaller seed")
     if a.cfg_min_t is not None and not 0 <= a.cfg_min_t <= 1000:
         raise ValueError(f"--cfg-min-t must be in [0, 1000] (0 = guide every step), got "
                          f"{a.cfg_min_t}")
@@ -418,6 +465,42 @@ def check_args(a):
     if (a.lora_scale != 1.0 or a.lora_merge) and not a.lora:
         raise ValueError("--lora-scale / --lora-merge apply a LoRA: add --lora FILE")
     check_sp(a)
+
+
+def check_outputs(paths, a):
+    """No output (.mp4 or its .png contact sheet) may overwrite an input file: e.g. --image
+    cat.png --out cat.mp4 would replace the image with the sheet."""
+    inputs = {os.path.realpath(f): opt for f, opt in ((a.image, "--image"),
+                                                      (a.prompts_file, "--prompts-file"))
+              if f}
+    for path in paths:
+        for out in (path, path[:-4] + ".png"):
+            if os.path.realpath(out) in inputs:
+                raise ValueError(f"{out} would overwrite the {inputs[os.path.realpath(out)]} file; "
+                                 "pass another --out")
+
+
+def plan(a):
+    """-> (SampleConfig, alphas_cumprod or None, DiTConfig, VAEConfig) of the --ckpt / --model-dir
+    folder, from its config files alone, with --preset and the flags applied: the settings are
+    checked against the models (check_sample) before any weights load."""
+    if a.ckpt:  # ac None: generate builds the schedule from cfg.snr_shift_scale
+        cfg, ac = ckpt_sample_config(a.ckpt), None
+        dcfg = ditlib.load_config(os.path.join(a.ckpt, "dit"))
+        vcfg = vaelib.load_config(os.path.join(a.ckpt, "vae"))
+    else:
+        cfg, ac = released_sample_config(a.model_dir)
+        dcfg = ditlib.diffusers_folder_config(a.model_dir)[1]
+        vcfg = vaelib.diffusers_folder_config(os.path.join(a.model_dir, "vae"))
+    if a.preset:  # the preset's settings, but the noise schedule and the unconditional input the
+        # DiT was trained with
+        cfg = replace(PRESETS[a.preset], snr_shift_scale=cfg.snr_shift_scale, uncond=cfg.uncond)
+    over = dict(num_frames=a.num_frames, height=a.height, width=a.width, fps=a.fps, steps=a.steps,
+                sampler=a.sampler, cfg=a.cfg, uncond=a.uncond, cfg_min_t=a.cfg_min_t)
+    cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None},
+                  dynamic_cfg=a.dynamic_cfg or cfg.dynamic_cfg)
+    check_sample(cfg, vcfg, dcfg, a.image is not None, len(ac) if ac is not None else 1000)
+    return cfg, ac, dcfg, vcfg
 
 
 def check_sp(a):
@@ -509,7 +592,8 @@ def run(a, p):
             prompts += [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
         p.error("give a prompt: --prompt TEXT or --prompts-file FILE")
-    check_args(a)
+    check_args(a, len(prompts))
+    cfg, ac, _, _ = plan(a)  # every setting checked against the models' configs, nothing loaded
     rank = sp_start(a)  # --sp: the process group; only rank 0 prints and writes
     say = print if rank == 0 else (lambda *a, **k: None)
     if a.upsample_model and rank == 0:  # App. B: an LLM rewrites short prompts like training's
@@ -524,29 +608,20 @@ def run(a, p):
         prompts = box[0]
     dtype = torch.bfloat16 if a.bf16 else None
     load_dev = "cpu" if a.offload else a.device  # offload: everything starts (and rests) on the CPU
-    if a.ckpt:  # ac None: generate builds the schedule from cfg.snr_shift_scale
-        (net, ae, text, cfg), ac = load_ckpt(a.ckpt, load_dev, dtype), None
-    else:
-        net, ae, text, cfg, ac = load_released(a.model_dir, load_dev, dtype)
+    paths = out_paths(a.out, len(prompts), prompts)
+    check_outputs(paths, a)
+    net, ae, text = (load_ckpt(a.ckpt, load_dev, dtype) if a.ckpt
+                     else load_released(a.model_dir, load_dev, dtype))[:3]
     if a.lora:
         apply_lora(net, a.lora, a.lora_scale, a.lora_merge)
     if a.sp > 1:  # the DiT's sequence-parallel group: every rank (dit.py)
         net.sp = ditlib.sp_group(dist.group.WORLD)
-    if a.preset:  # the preset's look (frames, size, steps, ...) but the checkpoint's noise schedule
-        cfg = replace(PRESETS[a.preset], snr_shift_scale=cfg.snr_shift_scale, sampler=cfg.sampler,
-                      uncond=cfg.uncond)
-    over = dict(num_frames=a.num_frames, height=a.height, width=a.width, fps=a.fps, steps=a.steps,
-                sampler=a.sampler, cfg=a.cfg, uncond=a.uncond, cfg_min_t=a.cfg_min_t)
-    cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None},
-                  dynamic_cfg=a.dynamic_cfg or cfg.dynamic_cfg)
-
     image = None
     if a.image:  # resized to cover and center-cropped exactly as training images (1-frame videos)
         try:
             image = data.load_video(a.image, 1, cfg.height, cfg.width)[:, 0]  # (3, H, W)
         except data.BadVideo as e:
             raise ValueError(f"cannot read image {a.image!r}: {e}; pass a PNG or JPEG") from None
-    paths = out_paths(a.out, len(prompts), prompts)
     say(f"sampling {len(prompts)} prompt(s): {cfg.num_frames}x{cfg.height}x{cfg.width} | "
           f"{cfg.sampler} {cfg.steps} steps | cfg {cfg.cfg}"
           f"{' dynamic' if cfg.dynamic_cfg else ''}"

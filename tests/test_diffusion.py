@@ -81,8 +81,9 @@ def test_bad_arguments_raise_clear_errors():
         D.explicit_uniform_timesteps(2, 3, 2)
     with pytest.raises(ValueError, match="strata would be empty"):
         D.explicit_uniform_timesteps(8, 0, 200)
-    with pytest.raises(ValueError, match="snr_shift_scale"):
-        D.alphas_cumprod(snr_shift_scale=0)
+    for bad in (0, float("nan"), float("inf")):  # NaN and inf would pass a `<= 0` test
+        with pytest.raises(ValueError, match="snr_shift_scale"):
+            D.alphas_cumprod(snr_shift_scale=bad)
 
 
 # ----- explicit uniform sampling (§3.3) -----
@@ -222,8 +223,9 @@ def test_cfg_static_and_dynamic():
     # float64: ((50 − t)/50)^5 is −2,463,094.3 at t = 999, −2,214,259.7 at t = 979 and −5.0049 at t = 119
     for t, ref in [(999, 2.291487), (979, 2.543503), (119, 6.999645)]:
         assert D.cfg_scale(6.0, t, 50, True) == pytest.approx(ref, abs=2e-3), t
-    with pytest.raises(ValueError, match="guidance scale"):
-        D.cfg_scale(-1.0, 999)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance scale"):
+            D.cfg_scale(bad, 999)
     vc, vu = torch.ones(2, 3), torch.zeros(2, 3)
     v = D.guided(lambda x, t: (vc, vu), 6.0)(torch.zeros(2, 3), torch.tensor([999, 999]))
     torch.testing.assert_close(v, torch.full((2, 3), 6.0))
@@ -283,7 +285,7 @@ def test_cli_prints_the_schedule_and_rejects_bad_arguments():
     ok = subprocess.run([sys.executable, "diffusion.py", "--shift", "3.0", "--steps", "5"],  # the 2B
                         capture_output=True, text=True, cwd=D.__file__.rsplit("/", 1)[0])
     assert ok.returncode == 0 and " 999 " in ok.stdout and "0.000000" in ok.stdout
-    for bad in (["--steps", "0"], ["--shift", "-1"]):
+    for bad in (["--steps", "0"], ["--shift", "-1"], ["--shift", "nan"], ["--shift", "inf"]):
         r = subprocess.run([sys.executable, "diffusion.py", *bad], capture_output=True, text=True,
                            cwd=D.__file__.rsplit("/", 1)[0])
         assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr, bad

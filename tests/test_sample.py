@@ -248,6 +248,15 @@ def test_released_layout_cli_and_scheduler(released, tmp_path):
 
     sampler, ac = sample.schedule_from_diffusers(str(released / "scheduler" / "scheduler_config.json"))
     assert sampler == "ddim" and torch.allclose(ac, sample.diffusion.alphas_cumprod(snr_shift_scale=3.0))
+    # a scheduler config this sampler does not implement is refused, not sampled on another schedule
+    base = json.loads((released / "scheduler" / "scheduler_config.json").read_text())
+    for k, v in (("beta_schedule", "linear"), ("beta_schedule", "squaredcos_cap_v2"),
+                 ("set_alpha_to_one", False), ("prediction_type", None),
+                 ("timestep_spacing", None), ("trained_betas", [0.1] * 1000)):
+        bad = dict(base, **{k: v}) if v is not None else {x: y for x, y in base.items() if x != k}
+        (tmp_path / "s.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=f"{k}=.* is not supported"):
+            sample.schedule_from_diffusers(str(tmp_path / "s.json"))
     net, ae, text, cfg, _ = sample.load_released(str(released))
     assert (cfg.num_frames, cfg.height, cfg.width, cfg.sampler, cfg.snr_shift_scale) == (9, 16, 16, "ddim", 3.0)
     assert ae.cfg.scaling_factor == 0.7 and text.max_length == 8
@@ -554,8 +563,18 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     (["--num-frames", "0"], "--num-frames must be >= 1, got 0"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--fps", "0"], "--fps must be > 0, got 0.0"),
-    (["--cfg", "-1"], "--cfg must be >= 0"),
+    (["--fps", "0"], "--fps must be a finite number > 0, got 0.0"),
+    (["--fps", "1e-9"], "--fps 1e-09 rounds to a frame rate of 0"),  # would write 24 fps
+    (["--cfg", "-1"], "--cfg must be a number >= 1"),
+    (["--cfg", "0.5"], "--cfg must be a number >= 1"),  # would run unguided, as 1
+    (["--cfg", "nan"], "--cfg must be a number >= 1"),  # would run unguided, printing "cfg nan"
+    (["--cfg", "inf"], "--cfg must be a number >= 1"),  # would write an all-black video
+    (["--seed", str(2**64 - 1)], "--seed 18446744073709551615: prompt i uses seed + i"),
+    # checked against the models' config files, before their weights load
+    (["--steps", "2000"], "steps must be in [1, 1000]"),
+    (["--num-frames", "6"], "num_frames must be 4k+1 for this VAE (e.g. 5 or 9)"),
+    (["--height", "20"], "height and width must be multiples of 8"),
+    (["--image", "{tmp}/first.png"], "--image needs an image-to-video model"),
     (["--cfg-min-t", "1001"], "--cfg-min-t must be in [0, 1000]"),
     (["--device", "tpu"], "--device 'tpu' is not a device"),
     (["--out", "{tmp}/adir.mp4"], "adir.mp4 is a folder; pass a file path"),
@@ -566,12 +585,51 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
 def test_cli_bad_values_exit_2_before_loading(ckpt, tmp_path, monkeypatch, capsys, extra, words):
     (tmp_path / "adir.mp4").mkdir()
     (tmp_path / "afile").write_text("x")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "first.png")
     monkeypatch.setattr(sample, "load_ckpt", lambda *a, **k: pytest.fail("a model was loaded"))
     argv = ["--ckpt", str(ckpt), "--prompt", "x", "--prompt", "y", "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as e:
         sample.main(argv + [v.format(tmp=tmp_path) for v in extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and words in err[-1], err
+
+
+def test_outputs_never_overwrite_inputs(tmp_path, capsys):
+    """--image cat.png --out cat.mp4 would write the contact sheet over the image: refused, the
+    image kept; so is an output over the prompts file."""
+    root = make_ckpt(tmp_path / "i2v", i2v=True)
+    img = tmp_path / "cat.png"
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(img)
+    before = img.read_bytes()
+    for argv in (["--image", str(img), "--prompt", "x", "--out", str(tmp_path / "cat.mp4")],
+                 ["--image", str(img), "--prompts-file", str(tmp_path / "p.png"),
+                  "--out", str(tmp_path / "p.mp4")]):
+        (tmp_path / "p.png").write_text("a red circle\n")
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", str(root), *argv])
+        assert e.value.code == 2 and "would overwrite the" in capsys.readouterr().err
+    assert img.read_bytes() == before and not (tmp_path / "cat.mp4").exists()
+
+
+def test_preset_sets_the_sampler(ckpt, tmp_path, monkeypatch):
+    """--preset gives every sampling setting but the DiT's noise schedule and unconditional input:
+    the 5B preset samples with DPM++ on a checkpoint whose sample.json says nothing of it."""
+    seen = []
+
+    def fake(net, ae, text, prompts, cfg, **kw):
+        seen.append(cfg)
+        return torch.zeros(len(prompts), 3, cfg.num_frames, cfg.height, cfg.width)
+
+    monkeypatch.setattr(sample, "generate", fake)
+    small = ["--num-frames", "5", "--height", "16", "--width", "16"]
+    sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--out", str(tmp_path / "a.mp4"), *small,
+                 "--preset", "cogvideox-5b"])
+    sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--out", str(tmp_path / "b.mp4"), *small,
+                 "--preset", "cogvideox-5b", "--sampler", "ddim"])
+    five = sample.PRESETS["cogvideox-5b"]
+    assert seen[0].sampler == "dpm" == five.sampler and seen[0].steps == five.steps
+    assert seen[0].snr_shift_scale == sample.PRESETS["tiny"].snr_shift_scale  # the checkpoint's
+    assert seen[1].sampler == "ddim"  # a flag still wins
 
 
 def test_read_only_out_folder(ckpt, tmp_path, monkeypatch, capsys):
