@@ -39,6 +39,7 @@ Shape legend:
 import argparse
 import hashlib
 import importlib
+import itertools
 import json
 import math
 import os
@@ -282,7 +283,9 @@ def _frames(path, start=None):
 
     Seconds count from the stream's start; a frame without a timestamp gets its place on the rate
     grid. start: seek there first (to the keyframe before it: the caller drops what it does not
-    need). Open and decode errors raise BadVideo."""
+    need); when the seek lands later than start (MPEG-TS has no index and lands on the keyframe
+    AFTER it, or past the end), decode from the beginning instead. Open and decode errors raise
+    BadVideo."""
     container = _open(path)
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
@@ -291,14 +294,27 @@ def _frames(path, start=None):
     t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
 
     def frames():
-        with container:
-            try:
-                if start:
-                    container.seek(int((t0 + start) / tb), stream=stream, backward=True)
-                for k, frame in enumerate(container.decode(stream)):
-                    yield (frame.time if frame.time is not None else t0 + k / rate) - t0, frame
-            except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
-                raise _bad("decode error", e) from None
+        nonlocal container
+        try:
+            decoded = container.decode(stream)
+            if start:
+                container.seek(int((t0 + start) / tb), stream=stream, backward=True)
+                decoded = container.decode(stream)
+                first = next(decoded, None)
+                # a clip must not silently begin up to a GOP late: check where the seek landed
+                if first is None or first.time is None or first.time - t0 > start + 0.5 / rate:
+                    container.close()
+                    container = _open(path)
+                    container.streams.video[0].thread_type = "AUTO"
+                    decoded = container.decode(container.streams.video[0])
+                else:
+                    decoded = itertools.chain([first], decoded)
+            for k, frame in enumerate(decoded):
+                yield (frame.time if frame.time is not None else t0 + k / rate) - t0, frame
+        except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
+            raise _bad("decode error", e) from None
+        finally:
+            container.close()
     return rate, frames()
 
 

@@ -24,18 +24,20 @@ def grey(i):
 
 
 def write(path, T=9, H=32, W=48, fps=8, codec=None, audio=False, rotation=None, times=None,
-          paint=None):
+          paint=None, gop=None):
     """Write a clip; frame i is uniform grey(i) unless `paint(i) -> (H, W, 3)` is given.
-    times: explicit presentation times in seconds (variable frame rate)."""
+    times: explicit presentation times in seconds (variable frame rate); gop: a keyframe every
+    gop frames (libx264)."""
     ext = os.path.splitext(path)[1]
-    codecs = {".mp4": "libx264", ".avi": "mpeg4", ".webm": "libvpx-vp9", ".mkv": "ffv1"}
+    codecs = {".mp4": "libx264", ".avi": "mpeg4", ".webm": "libvpx-vp9", ".mkv": "ffv1",
+              ".ts": "libx264"}
     codec = codec or codecs[ext]
     with av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=fps)
         s.height, s.width = H, W
         s.pix_fmt = "yuv444p" if codec == "ffv1" else "yuv420p"
         if codec == "libx264":
-            s.options = {"crf": "10"}
+            s.options = {"crf": "10", **({"g": str(gop), "sc_threshold": "0"} if gop else {})}
         if rotation is not None:
             s.set_display_rotation(rotation)  # PyAV 18 ignores metadata["rotate"] when writing
         if times is not None:
@@ -125,6 +127,16 @@ def test_seek_start_and_fps(tmp_path):
     assert frame_ids(data.load_video(p, 5, 16, 16, fps=5, start=0.2)) == [2, 4, 6, 8, 10]
     # past the end: 20 frames at 10 fps sampled at 5 fps from 1.0 s give frames 10..18 only
     assert frame_ids(data.load_video(p, 9, 16, 16, fps=5, start=1.0)) == [10, 12, 14, 16, 18]
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".ts"])
+def test_seek_lands_on_start_in_every_container(tmp_path, ext):
+    """MPEG-TS has no index: its seek lands on the keyframe AFTER the time asked (a clip began up
+    to a GOP late, or decoded nothing); the decoder then reads from the beginning instead."""
+    p = write(tmp_path / f"g{ext}", T=20, fps=25, gop=9)  # keyframes at frames 0, 9, 18
+    assert frame_ids(data.load_video(p, 9, 16, 16, start=0.2)) == list(range(5, 14))
+    assert frame_ids(data.load_video(p, 5, 16, 16, start=0.4)) == list(range(10, 15))
+    assert frame_ids(data.load_video(p, 1, 16, 16, start=0.76)) == [19]  # past the last keyframe
 
 
 def test_audio_stream(tmp_path):
