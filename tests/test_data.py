@@ -633,7 +633,8 @@ def test_cli_output_paths_checked_before_the_work(tmp_path, capsys, monkeypatch)
 def test_write_video_fps_and_no_temp_file_on_failure(tmp_path, monkeypatch):
     import av
     video = torch.zeros(3, 5, 16, 16)
-    with pytest.raises(ValueError, match="fps must be > 0"):  # 0 was written as the encoder's 24 fps
+    # 0 was written as the encoder's 24 fps
+    with pytest.raises(ValueError, match="fps must be a finite number > 0"):
         data.write_video(video, str(tmp_path / "z.mp4"), fps=0)
     for fps, rate in ((12.5, "25/2"), (29.97, "30000/1001")):  # exact rates, never rounded
         data.write_video(video, str(tmp_path / "r.mp4"), fps=fps)
