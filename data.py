@@ -684,8 +684,8 @@ class VideoDataset(torch.utils.data.Dataset):
         if "unreadable" in e:  # probed before (probe_entries) and found bad
             self._warn(e["path"], e["unreadable"])
             return None
-        try:
-            meta = e if all(k in e for k in ("height", "width", "frames")) else probe(e["path"])
+        try:  # partial metadata (no fps) would skip the rate conversion below: probe instead
+            meta = e if has_meta(e) else probe(e["path"])
         except BadVideo as err:
             self._warn(e["path"], str(err))
             return None
@@ -695,6 +695,8 @@ class VideoDataset(torch.utils.data.Dataset):
                    key=lambda r: abs(math.log(r[1] / r[0]) - math.log(w / h)))
         if n <= 1 or _is_image(e["path"]):
             return (1, H, W), 1, 1
+        if e.get("start") and meta.get("fps"):  # decoding begins at the entry's start
+            n = max(1, n - math.ceil(e["start"] * meta["fps"] - 1e-6))
         if self.stage.fps and meta.get("fps"):  # frames available at the stage rate
             n = int((n - 1) * self.stage.fps / meta["fps"] + 1e-6) + 1
         clip_frames = [f for f in self.stage.frames if f > 1]

@@ -666,7 +666,8 @@ def test_truncated_clip_is_a_counted_bad_file(tmp_path):
     short = write(tmp_path / "short.mkv", T=16, H=32, W=32)  # its manifest entry says 17
     assert data.probe(cut)["frames"] == 17 and len(data._decode(cut, 17, 32, 32, None, None)) < 16
     entries = [{"path": cut, "caption": "cut"}, {"path": full, "caption": "whole"},
-               {"path": short, "caption": "one short", "height": 32, "width": 32, "frames": 17}]
+               {"path": short, "caption": "one short", "height": 32, "width": 32, "frames": 17,
+                "fps": 8, "duration": 2.0}]
     for mode in ("pack", "bucket"):
         ds = data.VideoDataset(entries, data.Stage([(32, 32)], [1, 9, 17]), mode=mode)
         assert ds.shapes == [(17, 32, 32)] * 3  # planned from the headers
@@ -757,6 +758,24 @@ def test_random_start_and_crop_per_seed_epoch_sample(tmp_path):
     fixed = data.VideoDataset(entries, stage, seed=3)  # augment="fixed": start 0, the centre
     assert fixed.augmentation(0, 5) == (None, None)
     assert frame_ids(fixed[(0, 0, 0, 1.0, 1, 5)]["video"]) == list(range(9))
+
+
+def test_plan_counts_frames_from_the_entry_start_and_needs_full_metadata(tmp_path):
+    """An entry's "start" leaves fewer frames to plan with (it was planned from the whole file,
+    then rejected as truncated); an entry with sizes and frames but no fps is probed (its frames
+    were taken as frames at the stage rate)."""
+    level = lambda i: np.full((32, 32, 3), 10 * i, np.uint8)  # frame i is grey level 10 * i
+    p = write(tmp_path / "a.mkv", T=24, H=32, W=32, fps=8, paint=level)  # 3 s
+    stage = data.Stage([(32, 32)], [1, 9, 13, 17])
+    ds = data.VideoDataset([{"path": p, "caption": "a", "start": 2.0}], stage)
+    assert ds.shapes == [(5, 32, 32)] and ds.avail == [8]  # frames 16..23 remain
+    got = levels(ds[0]["video"])  # (T,) grey levels
+    assert ds.skipped == 0 and torch.allclose(got, torch.arange(16, 21) * 10.0, atol=3), got
+    rnd = data.VideoDataset([{"path": p, "caption": "a", "start": 2.0}], stage, augment="random")
+    assert all(rnd[(0, 0, 0, 1.0, 1, e)] is not None for e in range(4)) and rnd.skipped == 0
+    partial = {"path": p, "caption": "a", "height": 32, "width": 32, "frames": 24}  # no fps
+    ds = data.VideoDataset([partial], data.Stage([(32, 32)], [1, 9, 17], fps=4))
+    assert ds.shapes == [(9, 32, 32)] and ds[0] is not None  # 12 frames at 4 fps, not 24
 
 
 def test_frame_pack_rows_balanced_across_ranks_on_a_realistic_mix():
