@@ -672,7 +672,10 @@ def main(argv=None):
         p.error("give VIDEOS and --out (or --upsample PROMPT)")
     try:  # bad input: one line (exit code 2) before any model loads, never a traceback
         data.check_writable(a.out, "--out")  # a folder or a read-only disk: now, not at the end
-        find_videos(a.videos)  # a missing path, a manifest line that is not JSON or has no "path"
+        # a missing path, a manifest line that is not JSON or has no "path"; nothing to caption
+        if not find_videos(a.videos):
+            raise ValueError(f"no videos in {' '.join(a.videos)}: pass video files, folders of "
+                             "videos or .jsonl manifests with entries")
         _done(Path(a.out))  # an --out file whose lines are not manifest lines
         video_fn = (data.import_fn(a.video_captioner, "--video-captioner")
                     if a.video_captioner else None)

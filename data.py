@@ -1721,7 +1721,13 @@ def _record(entries, args):
     for path, why in list(bad.items())[:20]:
         print(f"{path}: skip: {why}")
     if len(bad) == len(got):  # nothing usable: not a silent success
-        sys.exit(1)
+        _nothing_readable(len(got))
+
+
+def _nothing_readable(n):
+    """Every entry unreadable: an error line and exit code 1, as caption.py when all videos fail."""
+    print(f"error: every one of the {n} entries is unreadable (reasons above)", file=sys.stderr)
+    sys.exit(1)
 
 
 def _inspect(entries, args):
@@ -1736,6 +1742,8 @@ def _inspect(entries, args):
         except BadVideo as err:
             print(f"{e['path']}: skip: {err}")
     print(f"{ok} ok, {len(entries) - ok} skipped")
+    if not ok:
+        _nothing_readable(len(entries))
 
 
 def _filter(args, classifier):
@@ -1744,6 +1752,8 @@ def _filter(args, classifier):
     reasons = Counter(w.split(" (")[0] for _, ws in dropped for w in ws)
     print(f"kept {len(kept)}, dropped {len(dropped)} -> {args.out}")
     print("\n".join(f"{r:<28}{c:>6}" for r, c in [("reason", "clips"), *reasons.most_common()]))
+    if reasons["unreadable"] == len(dropped) and not kept:
+        _nothing_readable(len(dropped))
 
 
 def import_fn(spec, flag):
@@ -1841,6 +1851,9 @@ def main(argv=None):
         entries = read_manifest(args.manifest) if args.cmd != "shapes" else None
         classifier = (import_fn(args.classifier, "--classifier")
                       if args.cmd == "filter" and args.classifier else None)
+        if entries == []:  # nothing to do is no success (and --write would write an empty file)
+            raise ValueError(f"{args.manifest} has no entries: pass a folder of videos/images or "
+                             "a .jsonl manifest with one {\"path\", \"caption\"} per line")
     except ValueError as e:
         ap.error(str(e))
     if args.cmd == "shapes":

@@ -393,7 +393,11 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
     (tmp_path / "notjson.jsonl").write_text(json.dumps({"path": "a.mp4"}) + "\n{oops\n")
     (tmp_path / "nopath.jsonl").write_text(json.dumps({"caption": "x"}) + "\n")
     (tmp_path / "done.jsonl").write_text('["a list"]\n')
-    cases = [([str(tmp_path / "notjson.jsonl")], "notjson.jsonl:2: not JSON"),
+    (tmp_path / "none").mkdir()  # nothing to caption is no success (it was exit code 0)
+    (tmp_path / "empty.jsonl").write_text("")
+    cases = [([str(tmp_path / "none")], "no videos in"),
+             ([str(tmp_path / "empty.jsonl")], "no videos in"),
+             ([str(tmp_path / "notjson.jsonl")], "notjson.jsonl:2: not JSON"),
              ([str(tmp_path / "nopath.jsonl")], 'nopath.jsonl:1: needs a "path"'),
              ([str(tmp_path / "a.mp4"), "--video-captioner", "no_such_module:fn"],
               "no_such_module"),
@@ -404,6 +408,7 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
         assert e.value.code == 2, argv
         err = capsys.readouterr().err
         assert "Traceback" not in err and text in err.strip().splitlines()[-1], (argv, err)
+    assert not (tmp_path / "o.jsonl").exists()  # refused before any output
     with pytest.raises(SystemExit):  # an --out file that is not a manifest: named with its line
         caption.main([str(tmp_path / "a.mp4"), "--out", str(tmp_path / "done.jsonl"),
                       "--video-captioner", "x:y"])

@@ -602,6 +602,35 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "s").exists()  # checked before any work
 
 
+def test_cli_nothing_done_is_no_success(tmp_path, capsys):
+    """No entry at all: one error line, exit code 2, nothing written. Every entry unreadable: an
+    error line and exit code 1 (as caption.py when every video fails), never a silent 0."""
+    (tmp_path / "none").mkdir()
+    empty = data.write_manifest([], tmp_path / "empty.jsonl")
+    size = ["--height", "16", "--width", "16", "--frames", "9"]
+    for m in (str(tmp_path / "none"), empty):
+        for argv, out in [(["inspect", m, *size], None),
+                          (["inspect", m, "--write", str(tmp_path / "o.jsonl")], "o.jsonl"),
+                          (["filter", m, "--out", str(tmp_path / "f.jsonl")], "f.jsonl")]:
+            with pytest.raises(SystemExit) as e:
+                data.main(argv)
+            assert e.value.code == 2 and not (out and (tmp_path / out).exists()), argv
+            out_text, err = capsys.readouterr()
+            assert not out_text, argv
+            _one_line_error(err, "has no entries: pass a folder of videos")
+    (tmp_path / "bad").mkdir()
+    for n in "abc":
+        (tmp_path / "bad" / f"{n}.mp4").write_bytes(b"not a video")
+    bad = str(tmp_path / "bad")
+    for argv in (["inspect", bad, *size], ["inspect", bad, "--write", str(tmp_path / "o.jsonl")],
+                 ["filter", bad, "--out", str(tmp_path / "f.jsonl")]):
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and err[-1] == "error: every one of the 3 entries is unreadable "\
+            "(reasons above)", (argv, err)
+
+
 def test_shapes_cli_progress(tmp_path, capsys):
     data.main(["shapes", "--out", str(tmp_path / "s"), "--n", "3", "--sizes", "16x16"])
     out, err = capsys.readouterr()
