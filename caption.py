@@ -649,14 +649,16 @@ def main(argv=None):
     p.add_argument("--frame-tokens", type=int)
     p.add_argument("--summary-tokens", type=int)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: the folder's)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="default: the folder's")
     a = p.parse_args(argv)
     keys = ("every", "batch_size", "max_frames", "max_words", "frame_prompt", "frame_tokens",
             "summary_tokens")
     over = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
     cfg = replace(PRESETS[a.preset], **over)
-    try:
+    try:  # torch would only fail at the first .to(), with a traceback
         check_config(cfg)
+        data.check_device(a.device)
     except ValueError as e:
         p.error(str(e))
     if a.upsample is not None:
@@ -686,14 +688,20 @@ def main(argv=None):
     if video_fn is None and not (a.frame_model and a.summary_model):
         p.error("give --frame-model DIR and --summary-model DIR, or --video-captioner "
                 "module:function")
+    where, frames, llm = None, None, None  # where: the flag and folder being loaded
     try:
-        frames, llm = None, None
         if video_fn is None:
+            where = f"--frame-model {a.frame_model}"
             frames = FrameCaptioner(a.frame_model, cfg.frame_prompt, cfg.frame_tokens, a.device,
                                     a.dtype)
+            where = f"--summary-model {a.summary_model}"
             llm = load_llm(a.summary_model, a.device, a.dtype)
     except FileNotFoundError as e:
         p.error(str(e))  # one line, not a traceback
+    except (OSError, ValueError) as e:  # e.g. a folder of the wrong kind (the two swapped)
+        why = re.split(r"(?<=\.)\s", " ".join(str(e).split()))[0]  # transformers: a long list next
+        p.error(f"{where}: cannot load it ({why}); pass an "
+                "image-to-text model folder as --frame-model and a causal LM as --summary-model")
     try:
         stats = caption_videos(a.videos, a.out, cfg, frames, llm, video_fn, short_fn)
     except ValueError as e:  # e.g. a summariser whose context cannot hold the App. C prompt

@@ -441,6 +441,36 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, models):
                       str(models[0])])
 
 
+
+def test_cli_bad_device_dtype_or_model_kind_is_one_line(tmp_path, models, capsys, monkeypatch):
+    """An unusable --device, an unknown --dtype (before any model loads) or model folders of the
+    wrong kind (--frame-model and --summary-model swapped): one line, exit code 2, no traceback."""
+    write_clip(tmp_path / "a.mp4", 8)
+    frame, llm = map(str, models)
+    run = [str(tmp_path / "a.mp4"), "--out", str(tmp_path / "o.jsonl")]
+    swapped = run + ["--frame-model", llm, "--summary-model", frame]
+    cases = [(run + ["--frame-model", frame, "--summary-model", llm], ["--device", "cuda:99"],
+              "--device cuda:99"),
+             (["--upsample", "a cat", "--summary-model", llm], ["--device", "cuda:99"],
+              "--device cuda:99"),
+             (run + ["--video-captioner", "x:y"], ["--device", "nonsense"], "is not a device"),
+             (run + ["--frame-model", frame, "--summary-model", llm], ["--dtype", "bf16"],
+              "invalid choice: 'bf16'")]
+    real = caption.FrameCaptioner, caption.load_llm
+    monkeypatch.setattr(caption, "FrameCaptioner", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(caption, "load_llm", lambda *a, **k: pytest.fail("model loaded"))
+    for argv, extra, text in cases + [(swapped, [], "--frame-model " + llm + ": cannot load")]:
+        if not extra:  # the swapped folders: loading is what fails
+            caption.FrameCaptioner, caption.load_llm = real
+        with pytest.raises(SystemExit) as e:
+            caption.main(argv + extra)
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert e.value.code == 2 and "Traceback" not in err and ": error: " in last, (argv, err)
+        assert text in last, (argv, err)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 # ----- prompt upsampler (App. B) -----
 
 
