@@ -1243,11 +1243,17 @@ class LatentCache:
 
 
 def model_id(folder):
-    """Cache key part naming a model folder's exact weights (path, size, mtime of its files): a
-    retrained VAE or another T5 never reuses stale latents / embeddings from the cache."""
-    st = [(f, os.stat(os.path.join(folder, f))) for f in sorted(os.listdir(folder))]
-    return "|".join(f"{os.path.abspath(folder)}/{f}:{s.st_size}:{s.st_mtime_ns}"
-                    for f, s in st if f[0] != ".")
+    """Cache key part naming a model folder's exact weights (path, size, mtime of its files,
+    subfolders too: a pipeline folder keeps them in text_encoder/, tokenizer/, ...): a retrained
+    VAE or another T5 never reuses stale latents / embeddings from the cache. Hidden files and
+    folders are left out; a flat folder gives the same id as before subfolders were walked."""
+    folder, files = os.path.abspath(folder), []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if d[0] != ".")
+        files += [os.path.relpath(os.path.join(root, f), folder) for f in sorted(names)
+                  if f[0] != "."]
+    st = [(f, os.stat(os.path.join(folder, f))) for f in files]
+    return "|".join(f"{folder}/{f}:{s.st_size}:{s.st_mtime_ns}" for f, s in st)
 
 
 class Prepared(torch.utils.data.Dataset):

@@ -449,6 +449,28 @@ def test_latent_cache(tmp_path):
     assert files == [k + ".safetensors"]
 
 
+
+def test_model_id_sees_the_files_of_subfolders(tmp_path):
+    """A pipeline-layout text encoder (text_encoder/ + tokenizer/): new weights in a subfolder
+    change the id, so cached T5 embeddings are not reused stale; hidden files do not count; a flat
+    folder keeps the id it always had."""
+    root = tmp_path / "t5"
+    for f, text in [("model_index.json", "{}"), ("text_encoder/model.safetensors", "w1"),
+                    ("tokenizer/spiece.model", "t"), (".cache/lock", "x")]:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_text(text)
+    before = data.model_id(root)
+    (root / ".cache" / "lock").write_text("changed")
+    assert data.model_id(root) == before
+    (root / "text_encoder" / "model.safetensors").write_text("w2, retrained")
+    assert data.model_id(root) != before
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.bin").write_text("abc")
+    st = os.stat(flat / "a.bin")
+    assert data.model_id(flat) == f"{flat}/a.bin:{st.st_size}:{st.st_mtime_ns}"
+
+
 # ----- the shapes set and its checker -----
 
 def test_shapes_set_deterministic_and_held_out(shapes_set, tmp_path):
