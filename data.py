@@ -216,14 +216,25 @@ def read_manifest(path):
                 if name.lower().endswith(IMAGE_EXTS + VIDEO_EXTS):
                     p = os.path.join(root, name)
                     txt = os.path.splitext(p)[0] + ".txt"
-                    caption = Path(txt).read_text(encoding="utf-8") if os.path.exists(txt) else ""
+                    try:
+                        caption = (Path(txt).read_text(encoding="utf-8") if os.path.exists(txt)
+                                   else "")
+                    except UnicodeDecodeError:
+                        raise ValueError(f"caption file {txt} is not UTF-8 text; save it as "
+                                         "UTF-8") from None
                     out.append({"path": p, "caption": caption.strip()})
         return out
     if not os.path.exists(path):
         raise ValueError(f"manifest {path} does not exist; pass a .jsonl file or a video folder")
     base, out = os.path.dirname(path), []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named with its number
         for n, line in enumerate(f, 1):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{n}: not UTF-8 text; pass a UTF-8 JSONL manifest (one "
+                                 "{\"path\", \"caption\"} object per line) or a folder of "
+                                 "videos") from None
             if not line.strip():
                 continue
             try:
@@ -233,6 +244,10 @@ def read_manifest(path):
                                  "object per line") from None
             if not isinstance(e, dict) or "path" not in e:
                 raise ValueError(f"{path}:{n}: needs a \"path\" field")
+            for k in ("path", "caption"):
+                if k in e and not isinstance(e[k], str):
+                    raise ValueError(f"{path}:{n}: \"{k}\" must be a string, got "
+                                     f"{json.dumps(e[k])}")
             e["path"] = os.path.normpath(os.path.join(base, e["path"]))
             e.setdefault("caption", "")
             out.append(e)

@@ -226,6 +226,23 @@ def test_manifests(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{oops\n")
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         data.read_manifest(tmp_path / "bad.jsonl")
+    # a field of the wrong type, text that is not UTF-8 (a video passed as the manifest): the
+    # file, the line and the fix, not a TypeError or a bare codec error
+    for text, err in [('{"path": 5}', '"path" must be a string, got 5'),
+                      ('{"path": null}', '"path" must be a string, got null'),
+                      ('{"path": "a.mkv", "caption": ["x"]}', '"caption" must be a string')]:
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"path": "a.mkv"}) + "\n" + text + "\n")
+        with pytest.raises(ValueError, match=f"bad.jsonl:2: {err}"):
+            data.read_manifest(tmp_path / "bad.jsonl")
+    (tmp_path / "latin1.jsonl").write_bytes('{"path": "a.mkv", "caption": "caf\xe9"}\n'
+                                            .encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.jsonl:1: not UTF-8 text; pass a UTF-8 JSONL"):
+        data.read_manifest(tmp_path / "latin1.jsonl")
+    with pytest.raises(ValueError, match="a.mkv:1: not UTF-8 text"):  # a video, not a manifest
+        data.read_manifest(a)
+    (tmp_path / "sub" / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="caption file .*a.txt is not UTF-8 text; save it as"):
+        data.read_manifest(tmp_path / "sub")
 
 
 # ----- Frame Pack and bucket samplers -----
