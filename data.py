@@ -57,6 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -1207,6 +1208,7 @@ class LatentCache:
         self.folder = folder
         os.makedirs(folder, exist_ok=True)
         self.hits = self.misses = 0
+        self.corrupt = set()  # cache files found unreadable (warned once each)
 
     def key(self, path, shape, model_id, fps=None, start=None, pad="repeat", latent="posterior",
             crop=None, mode=None):
@@ -1235,9 +1237,23 @@ class LatentCache:
         return os.path.exists(self._file(key))
 
     def get(self, key):
-        """-> dict of tensors, or None when not cached."""
+        """-> dict of tensors, or None when not cached. A file that does not load (truncated by a
+        full disk, a crash outside atomic_write, ...) is a miss: warned once, deleted, re-encoded."""
         f = self._file(key)
-        return load_file(f) if os.path.exists(f) else None
+        if not os.path.exists(f):
+            return None
+        try:
+            return load_file(f)
+        except (SafetensorError, OSError) as e:
+            if f not in self.corrupt:
+                self.corrupt.add(f)
+                print(f"warning: latent cache file {f} is unreadable ({e}); deleted, it is "
+                      "encoded again", file=sys.stderr)
+            try:
+                os.remove(f)
+            except FileNotFoundError:  # another worker or rank deleted it first
+                pass
+            return None
 
     def put(self, key, tensors):
         f = self._file(key)
@@ -1450,11 +1466,11 @@ class LatentEncoder:
 
     def text_of(self, caption):
         """The caption's T5 embedding {"text": (L, D)} (cached when there is a cache)."""
-        if self.text is None and (self.cache is None or not self.cache.has(
-                self.cache.text_key(caption, self.ids[1]))):
-            raise ValueError(f"no text encoder and no cached embedding of {caption!r}: pass "
-                             "--text-encoder")
-        embed = lambda: {"text": self.text.encode([caption])[0].float()}  # (L, D)
+        def embed():  # only when not cached (or the cached file was unreadable)
+            if self.text is None:
+                raise ValueError(f"no text encoder and no cached embedding of {caption!r}: pass "
+                                 "--text-encoder")
+            return {"text": self.text.encode([caption])[0].float()}  # (L, D)
         return embed() if self.cache is None else self.cache.get_or_make(
             self.cache.text_key(caption, self.ids[1]), embed)
 

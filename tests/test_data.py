@@ -467,6 +467,26 @@ def test_latent_cache(tmp_path):
 
 
 
+def test_corrupt_latent_cache_file_is_a_miss(tmp_path, capsys):
+    """A cache file cut short (a full disk, a crash outside atomic_write) is a miss, not a
+    SafetensorError in training: warned once per file, deleted, encoded again."""
+    cache = data.LatentCache(tmp_path / "cache")
+    calls = []
+    make = lambda: calls.append(1) or {"z": torch.full((2, 3), float(len(calls)))}
+    k = cache.key(write(tmp_path / "c.mkv", T=5), (5, 32, 32), "vae")
+    cache.get_or_make(k, make)
+    f = cache._file(k)
+    for _ in range(2):
+        with open(f, "r+b") as fh:
+            fh.truncate(20)
+        z = cache.get_or_make(k, make)["z"]  # (2, 3)
+        assert torch.equal(z, torch.full((2, 3), float(len(calls))))
+        assert torch.equal(cache.get(k)["z"], z)  # re-encoded and written whole
+    err = capsys.readouterr().err
+    assert len(calls) == 3 and cache.misses == 3 and err.count("warning: latent cache file") == 1
+    assert f in err and "deleted, it is encoded again" in err
+
+
 def test_model_id_sees_the_files_of_subfolders(tmp_path):
     """A pipeline-layout text encoder (text_encoder/ + tokenizer/): new weights in a subfolder
     change the id, so cached T5 embeddings are not reused stale; hidden files do not count; a flat
