@@ -1237,8 +1237,9 @@ class LatentCache:
         return os.path.exists(self._file(key))
 
     def get(self, key):
-        """-> dict of tensors, or None when not cached. A file that does not load (truncated by a
-        full disk, a crash outside atomic_write, ...) is a miss: warned once, deleted, re-encoded."""
+        """-> dict of tensors, or None when not cached. A file that does not load (cut short by a
+        full disk, a crash outside atomic_write, ...) is a miss: warned once, deleted, encoded
+        again."""
         f = self._file(key)
         if not os.path.exists(f):
             return None
