@@ -27,6 +27,7 @@ Shape legend:
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -67,8 +68,8 @@ def check_config(cfg):
     """Bad CaptionConfig values as one ValueError (the CLI: one line, exit code 2). every <= 0
     would caption one frozen frame over and over, and the resumable output would then skip those
     videos as done."""
-    if not cfg.every > 0:
-        raise ValueError(f"--every must be > 0 seconds (App. C: 2), got {cfg.every}")
+    if not (math.isfinite(cfg.every) and cfg.every > 0):  # inf: zero frames, "done"
+        raise ValueError(f"--every must be > 0 seconds and finite (App. C: 2), got {cfg.every}")
     for k in ("batch_size", "max_frames", "max_words", "frame_tokens", "summary_tokens",
               "upsample_tokens"):
         if getattr(cfg, k) < 1:
@@ -551,10 +552,10 @@ def _done(out):
     first (the file is rewritten atomically)."""
     if not out.exists():
         return set()
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")  # as written, whatever the locale
     if text and not text.endswith("\n"):  # crash mid-append: rewrite without the partial line
         text = text[:text.rfind("\n") + 1]
-        data.atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+        data.atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     done = set()
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():

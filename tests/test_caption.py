@@ -415,6 +415,18 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
     assert "done.jsonl:1 is not a manifest line" in capsys.readouterr().err
 
 
+def test_done_reads_and_rewrites_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """Lines are written as UTF-8; the resume check read (and rewrote) them in the locale's
+    encoding: a non-ASCII caption under an ASCII locale crashed it, others could mangle it."""
+    import io
+    line = json.dumps({"path": "a.mp4", "caption": "café, 猫"}, ensure_ascii=False) + "\n"
+    out = tmp_path / "o.jsonl"
+    out.write_bytes((line + '{"path": "b').encode("utf-8"))  # + a torn last line
+    monkeypatch.setattr(io, "text_encoding", lambda enc, stacklevel=2: enc or "ascii")
+    assert caption._done(out) == {str(tmp_path / "a.mp4")}
+    assert out.read_bytes() == line.encode("utf-8")
+
+
 def test_torn_line_rewrite_uses_a_unique_temp_file(tmp_path, monkeypatch):
     out = tmp_path / "o.jsonl"
     out.write_text(json.dumps({"path": "a.mp4", "caption": "x"}) + '\n{"path": "b')
@@ -578,6 +590,8 @@ def test_short_context_upsampler(tmp_path, models, capsys):
 @pytest.mark.parametrize("extra, text", [
     (["--every", "0"], "--every must be > 0 seconds"),  # would caption one frozen frame, then skip it as done
     (["--every", "-2"], "--every must be > 0 seconds"),
+    (["--every", "inf"], "--every must be > 0 seconds and finite"),  # zero frames, then "done"
+    (["--every", "nan"], "--every must be > 0 seconds and finite"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--max-frames", "0"], "--max-frames must be >= 1"),
     (["--out", "{tmp}"], "is a folder; pass a file path"),
