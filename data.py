@@ -456,15 +456,17 @@ def load_video(path, num_frames, height=None, width=None, fps=None, start=None, 
     return video.div_(127.5).sub_(1)  # (3, T, H, W) in [-1, 1]
 
 
-def frames_every(path, every=2.0):
+def frames_every(path, every=2.0, start=0.0):
     """Yield (second, (H, W, 3) uint8) for the frame on screen at 0, every, 2 * every, ... seconds.
 
     Native size, upright (the decoder and rotation rule of load_video); caption.py's App. C frames.
     The frame on screen at second s is the last one whose time is <= s (half a frame early counts:
-    timestamps are rounded to the frame grid), so gaps and GIFs work; seconds count from the first
-    frame. Every frame is decoded in order: simple and exact (seeking lands on keyframes), and a
-    captioning model costs far more per picked frame. A decode error after the first frame ends the
-    video there (a warning on stderr); a file with no decodable frame raises BadVideo."""
+    timestamps are rounded to the frame grid), so gaps and GIFs work; seconds count from `start`
+    seconds after the first frame (a clip of a longer file: a manifest entry's "start"). Every
+    frame is decoded in order: simple and exact (seeking lands on keyframes), and a captioning
+    model costs far more per picked frame. A decode error after the first frame ends the video
+    there (a warning on stderr); a file with no decodable frame, or none at start, raises
+    BadVideo."""
     rate, frames = _frames(path)
     half, n, first, prev, t = 0.5 / rate, 0, None, None, 0.0
     rgb = lambda f: np.ascontiguousarray(_rgb(f).permute(1, 2, 0).numpy())  # (H, W, 3)
@@ -472,7 +474,7 @@ def frames_every(path, every=2.0):
         try:
             for t, frame in frames:
                 first = t if first is None else first
-                t -= first
+                t -= first + start  # < 0 before start: only kept as the frame on screen there
                 # when this frame comes later than the next target, the previous one was on screen
                 while prev is not None and t > n * every + half:
                     yield n * every, rgb(prev)
@@ -486,6 +488,8 @@ def frames_every(path, every=2.0):
         raise BadVideo("no frames decoded")
     if t + half >= n * every:  # the last frame is still on screen at the next target
         yield n * every, rgb(prev)
+    elif not n:
+        raise BadVideo(f"no frame at start={start:g}s: the video ends at {t + start:.2f}s")
 
 
 def probe(path):

@@ -275,6 +275,38 @@ def test_video_captioner_hook_and_short_captions(tmp_path):
     assert "'a grey square'" in spy.turns[0][1]  # Figure 7: the short caption joins the summary
 
 
+def test_clips_of_one_file_are_captioned_from_their_start(tmp_path, capsys):
+    """Manifest entries of one file with different "start"s are different clips: each is captioned
+    from its start (they were merged into one, captioned from 0 s), its line keeps "start" and the
+    entry's other fields; a clip listed twice is captioned once (and said so); resume is by clip."""
+    write_clip(tmp_path / "a.mp4", 24)  # 6 s at 4 fps: frame i at i / 4 s
+    m = tmp_path / "clips.jsonl"
+    m.write_text("".join(json.dumps(dict(path="a.mp4", caption="", **e)) + "\n" for e in [
+        {"start": 0.0, "scene": 1}, {"start": 3.0, "scene": 2},
+        {"start": 3, "scene": 3},  # the clip above again
+        {"start": 10.0, "scene": 4}]))  # past the end: fails, named
+    calls = []
+
+    def e2e(path, times, frames):
+        calls.append((times, grey_captioner(frames)))
+        return "A grey screen."
+
+    out = tmp_path / "out.jsonl"
+    stats = caption_videos([m], out, CFG, video_captioner=e2e, progress=False)
+    assert calls == [([0.0, 2.0, 4.0], ["frame 0", "frame 8", "frame 16"]),
+                     ([0.0, 2.0], ["frame 12", "frame 20"])]  # from 3 s: frames 12 and 20
+    assert stats["written"] == 2 and stats["skipped"] == 0
+    assert [r for _, r in stats["failed"]] == [f"{tmp_path / 'a.mp4'}: no frame at start=10s: "
+                                               "the video ends at 5.75s"]
+    assert "note: 1 inputs repeat a clip (same path and start)" in capsys.readouterr().err
+    lines = data.read_manifest(out)
+    assert [(e["start"], e["scene"]) for e in lines] == [(0.0, 1), (3.0, 2)]
+    assert all(data.has_meta(e) and e["caption"] == "A grey screen." for e in lines)
+    calls.clear()
+    again = caption_videos([m], out, CFG, video_captioner=e2e, progress=False)
+    assert again["written"] == 0 and again["skipped"] == 2 and calls == []
+
+
 def test_frame_captioner_blip_and_chat_vlm(tmp_path):
     """The two other processor paths: BLIP (unprompted) and a LLaVA-style chat VLM (prompt via chat
     template, echoed prompt stripped): one caption per frame, at most max_new_tokens words each."""
@@ -423,7 +455,7 @@ def test_done_reads_and_rewrites_utf8_whatever_the_locale(tmp_path, monkeypatch)
     out = tmp_path / "o.jsonl"
     out.write_bytes((line + '{"path": "b').encode("utf-8"))  # + a torn last line
     monkeypatch.setattr(io, "text_encoding", lambda enc, stacklevel=2: enc or "ascii")
-    assert caption._done(out) == {str(tmp_path / "a.mp4")}
+    assert caption._done(out) == {(str(tmp_path / "a.mp4"), 0.0)}
     assert out.read_bytes() == line.encode("utf-8")
 
 
@@ -432,7 +464,7 @@ def test_torn_line_rewrite_uses_a_unique_temp_file(tmp_path, monkeypatch):
     out.write_text(json.dumps({"path": "a.mp4", "caption": "x"}) + '\n{"path": "b')
     renamed, replace = [], os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: renamed.append(str(a)) or replace(a, b))
-    assert caption._done(out) == {str(tmp_path / "a.mp4")}
+    assert caption._done(out) == {(str(tmp_path / "a.mp4"), 0.0)}
     assert (len(renamed) == 1 and f".tmp{os.getpid()}_" in renamed[0]
             and sorted(os.listdir(tmp_path)) == ["o.jsonl"])
 
