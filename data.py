@@ -312,10 +312,10 @@ def _frames(path, start=None):
     def frames():
         nonlocal container
         try:
-            decoded = container.decode(stream)
             if start:
                 container.seek(int((t0 + start) / tb), stream=stream, backward=True)
-                decoded = container.decode(stream)
+            decoded = container.decode(stream)
+            if start:
                 first = next(decoded, None)
                 # a clip must not silently begin up to a GOP late: check where the seek landed
                 if first is None or first.time is None or first.time - t0 > start + 0.5 / rate:
