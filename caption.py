@@ -27,6 +27,7 @@ Shape legend:
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -67,8 +68,8 @@ def check_config(cfg):
     """Bad CaptionConfig values as one ValueError (the CLI: one line, exit code 2). every <= 0
     would caption one frozen frame over and over, and the resumable output would then skip those
     videos as done."""
-    if not cfg.every > 0:
-        raise ValueError(f"--every must be > 0 seconds (App. C: 2), got {cfg.every}")
+    if not (math.isfinite(cfg.every) and cfg.every > 0):  # inf: zero frames, "done"
+        raise ValueError(f"--every must be > 0 seconds and finite (App. C: 2), got {cfg.every}")
     for k in ("batch_size", "max_frames", "max_words", "frame_tokens", "summary_tokens",
               "upsample_tokens"):
         if getattr(cfg, k) < 1:
@@ -150,16 +151,17 @@ def clean_caption(text, max_words=100):
 
 # ----- frames every 2 s (App. C) -----
 
-def read_frames(path, every=2.0, max_frames=None):
+def read_frames(path, every=2.0, max_frames=None, start=None):
     """The frames of `path` on screen at 0, every, 2 * every, ... seconds -> (times, frames).
 
     times: floats [0.0, 2.0, ...]; frames: N arrays (H, W, 3) uint8, native size and upright
-    (data.frames_every). A 10 s clip gives 5 frames (0..8 s). At most max_frames: a longer video is
-    cut there, with a warning on stderr (its later content never reaches the caption). Raises
-    BadVideo("path: reason") when the file cannot be decoded."""
+    (data.frames_every). A 10 s clip gives 5 frames (0..8 s). start: the clip begins that many
+    seconds into the file (a manifest entry's "start"; times count from it). At most max_frames: a
+    longer video is cut there, with a warning on stderr (its later content never reaches the
+    caption). Raises BadVideo("path: reason") when the file cannot be decoded."""
     try:  # one frame more than max_frames tells whether the video is cut
         stop = max_frames + 1 if max_frames else None
-        picked = list(islice(data.frames_every(path, every), stop))  # [(second, frame)]
+        picked = list(islice(data.frames_every(path, every, start or 0.0), stop))  # [(s, frame)]
     except BadVideo as e:
         raise BadVideo(f"{path}: {e}") from None
     if max_frames and len(picked) > max_frames:
@@ -171,39 +173,37 @@ def read_frames(path, every=2.0, max_frames=None):
 
 
 def find_videos(inputs):
-    """Expand files, folders (recursive, by extension) and JSONL manifests into [(Path, short)].
+    """Expand files, folders (recursive, by extension) and JSONL manifests into
+    [(Path, short, entry)]: entry is the manifest entry (None for a file), carried into the output.
 
     A manifest's existing caption becomes the short caption (Figure 7's Panda-70M stage), so an old
     manifest with short captions can be re-captioned densely: `python caption.py old.jsonl ...`.
-    A bad manifest line stops the run (ValueError naming file and line): no video is lost
-    silently."""
+    An entry's "start" (seconds) makes it a clip of its file: captioned from there, and told apart
+    from other clips of the same file. A bad manifest line stops the run (ValueError naming file and
+    line): no video is lost silently."""
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += [(p, None) for p in sorted(item.rglob("*"))
+            found += [(p, None, None) for p in sorted(item.rglob("*"))
                       if p.suffix.lower() in data.VIDEO_EXTS and p.is_file()]
         elif item.suffix == ".jsonl" and item.is_file():
-            found += [(Path(e["path"]), e.get("short_caption") or e["caption"] or None)
-                      for e in data.read_manifest(item)]
+            for e in data.read_manifest(item):
+                start = e.get("start")
+                if start is not None and not (isinstance(start, (int, float)) and start >= 0):
+                    raise ValueError(f"{item}: {e['path']}: \"start\" must be seconds >= 0, got "
+                                     f"{json.dumps(start)}")
+                found.append((Path(e["path"]), e.get("short_caption") or e["caption"] or None, e))
         elif item.exists():
-            found.append((item, None))  # any extension: a non-video file is reported as bad
+            found.append((item, None, None))  # any extension: a non-video file is reported as bad
         else:
             raise FileNotFoundError(f"{item} does not exist: pass video files, folders of videos "
                                     "or .jsonl manifests")
     return found
 
 
-def _known_meta(inputs):
-    """{absolute path: data.META fields (+ "hash")} of the input manifests' entries that have
-    them, carried into the output as they are."""
-    known = {}
-    for item in map(Path, inputs):
-        if item.suffix == ".jsonl" and item.is_file():
-            for e in data.read_manifest(item):
-                if data.has_meta(e):
-                    keep = [*data.META, "hash"]
-                    known[os.path.abspath(e["path"])] = {k: e[k] for k in keep if k in e}
-    return known
+def _key(path, start):
+    """What names one clip, for resuming and de-duplicating: (absolute path, start in seconds)."""
+    return os.path.abspath(path), float(start or 0)
 
 
 def _meta(path):
@@ -466,17 +466,18 @@ def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_capt
                   short_captioner=None):
     """Caption a group of videos; returns (entries, failures).
 
-    videos: [(path, short_caption or None)]. entries: one dict per good video, in order, paths as
-    given: {"path", "caption", "frame_captions", "short_caption"?}. failures: [(path, reason)].
+    videos: [(path, short_caption or None, start in seconds or None)]. entries: one dict per good
+    video, in order, paths as given: {"path", "caption", "frame_captions", "short_caption"?,
+    "start"?}. failures: [(path, reason)].
     frame_captioner(frames) -> captions and summariser.generate(turns, max_new_tokens) -> replies
     are duck-typed (FrameCaptioner / LLM above); video_captioner(path, times, frames) -> caption
     replaces both (the paper's CogVLM2-Caption stage); short_captioner(path, times, frames) -> short
     caption stands in for Panda-70M when a video has none. Any exception on one video (decoding or
     a model) fails that video only: it is listed in failures and the others go on."""
     good, failures = [], []
-    for path, short in videos:
+    for path, short, start in videos:
         try:
-            times, frames = read_frames(path, cfg.every, cfg.max_frames)  # App. C: every 2 s
+            times, frames = read_frames(path, cfg.every, cfg.max_frames, start)  # App. C: every 2 s
             if short is None and short_captioner is not None:
                 short = short_captioner(path, times, frames)  # Figure 7: Panda-70M short caption
         except BadVideo as e:
@@ -485,7 +486,7 @@ def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_capt
         except Exception as e:  # noqa: BLE001 - e.g. a decoder crash or the short captioner raising
             failures.append(_failed(path, "reading / short captioning", e))
             continue
-        good.append(dict(path=path, short=short, times=times, frames=frames))
+        good.append(dict(path=path, short=short, start=start, times=times, frames=frames))
 
     def frame_captions(gs):  # Figure 7: dense image caption per frame, batched across the videos
         flat, caps = [f for g in gs for f in g["frames"]], []
@@ -522,7 +523,8 @@ def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_capt
             continue
         frame_captions = {str(float(t)): c for t, c in g["frame_captions"].items()}
         entries.append({"path": g["path"], "caption": caption, "frame_captions": frame_captions,
-                        **({"short_caption": g["short"]} if g["short"] else {})})
+                        **({"short_caption": g["short"]} if g["short"] else {}),
+                        **({"start": g["start"]} if g["start"] is not None else {})})
     return entries, failures
 
 
@@ -547,19 +549,20 @@ def _prompt(g, cfg, summariser, failures):
 
 
 def _done(out):
-    """Absolute paths already captioned in `out`; a torn last line (a crash mid-write) is dropped
-    first (the file is rewritten atomically)."""
+    """The clips already captioned in `out`, as _key (absolute path, start); a torn last line (a
+    crash mid-write) is dropped first (the file is rewritten atomically)."""
     if not out.exists():
         return set()
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")  # as written, whatever the locale
     if text and not text.endswith("\n"):  # crash mid-append: rewrite without the partial line
         text = text[:text.rfind("\n") + 1]
-        data.atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+        data.atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     done = set()
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                done.add(os.path.abspath(out.parent / json.loads(line)["path"]))
+                e = json.loads(line)
+                done.add(_key(out.parent / e["path"], e.get("start")))
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{out}:{n} is not a manifest line ({e}): fix or delete it, then "
                                  "re-run") from e
@@ -571,12 +574,14 @@ def caption_videos(inputs, out, cfg=None, frame_captioner=None, summariser=None,
     """Caption every video in `inputs` (files, folders, manifests) into the JSONL manifest `out`.
 
     One line per video, the manifest format data.py reads: {"path", "caption", "frame_captions":
-    {"0.0": ..., "2.0": ...}, "short_caption"?} + data.META ("height", "width", "frames", "fps",
-    "duration") and "hash", carried from an input manifest or probed;
-    "path" is relative to the output file's folder
-    when the video lies inside it (the folder can then move as a whole), absolute otherwise.
-    Resumable: videos already in `out` are skipped. Each finished line is appended with one write +
-    fsync, so an interrupted run leaves only whole lines (a torn one is dropped on the next run).
+    {"0.0": ..., "2.0": ...}, "short_caption"?, "start"?} + data.META ("height", "width", "frames",
+    "fps", "duration") and "hash", carried from an input manifest or probed; an input manifest
+    entry's other fields are carried too. A manifest entry with a "start" is a clip of its file:
+    captioned from there, apart from other clips of the file. "path" is relative to the output
+    file's folder when the video lies inside it (the folder can then move as a whole), absolute
+    otherwise. Resumable: clips (path and start) already in `out` are skipped. Each finished line
+    is appended with one write + fsync, so an interrupted run leaves only whole lines (a torn one
+    is dropped on the next run).
     A video that cannot be decoded, or on which a model raises, is reported on stderr and skipped
     (retried on the next run). Returns {"written": n, "skipped": n, "failed": [(path, reason)]}."""
     cfg = cfg or PRESETS["default"]
@@ -593,14 +598,17 @@ def caption_videos(inputs, out, cfg=None, frame_captioner=None, summariser=None,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done, videos = _done(out), find_videos(inputs)
-    known = _known_meta(inputs)
-    todo, seen = [], set(done)
-    for p, short in videos:  # resume: skip captioned videos (and a video listed twice)
-        if os.path.abspath(p) not in seen:
-            seen.add(os.path.abspath(p))
-            todo.append((p, short))
-    skipped = len({os.path.abspath(p) for p, _ in videos} & done)
-    stats = {"written": 0, "skipped": skipped, "failed": []}
+    keys = [_key(p, (e or {}).get("start")) for p, _, e in videos]  # clips of one file differ
+    todo, seen, given = [], set(done), {}  # given: the input manifest's entry of each clip
+    for k, (p, short, e) in zip(keys, videos):  # resume: skip captioned clips (and repeats)
+        if k not in seen:
+            seen.add(k)
+            todo.append((p, short, (e or {}).get("start")))
+            given[k] = e or {}
+    if len(keys) > len(set(keys)):
+        tqdm.write(f"note: {len(keys) - len(set(keys))} inputs repeat a clip (same path and start) "
+                   "listed before; each clip is captioned once", file=sys.stderr)
+    stats = {"written": 0, "skipped": len(set(keys) & done), "failed": []}
     root = os.path.abspath(out.parent)
     bar = tqdm(total=len(todo), desc="caption", unit="video", disable=not progress)
     with open(out, "a", encoding="utf-8") as f:
@@ -610,7 +618,12 @@ def caption_videos(inputs, out, cfg=None, frame_captioner=None, summariser=None,
                                               video_captioner, short_captioner)
             for e in entries:
                 p = os.path.abspath(e["path"])
-                e.update(known.get(p) or _meta(p))  # so training never probes (data.META)
+                # the input entry's other fields (its data.META among them) are carried; a clip
+                # read just now is not "unreadable"
+                e.update({f: v for f, v in given[_key(p, e.get("start"))].items()
+                          if f not in e and f != "unreadable"})
+                if not data.has_meta(e):
+                    e.update(_meta(p))  # so training never probes (data.META)
                 e["path"] = os.path.relpath(p, root) if p.startswith(root + os.sep) else p
                 f.write(json.dumps(e, ensure_ascii=False) + "\n")  # one write per line: whole lines
                 f.flush()
@@ -649,14 +662,16 @@ def main(argv=None):
     p.add_argument("--frame-tokens", type=int)
     p.add_argument("--summary-tokens", type=int)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: the folder's)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="default: the folder's")
     a = p.parse_args(argv)
     keys = ("every", "batch_size", "max_frames", "max_words", "frame_prompt", "frame_tokens",
             "summary_tokens")
     over = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
     cfg = replace(PRESETS[a.preset], **over)
-    try:
+    try:  # torch would only fail at the first .to(), with a traceback
         check_config(cfg)
+        data.check_device(a.device)
     except ValueError as e:
         p.error(str(e))
     if a.upsample is not None:
@@ -672,7 +687,10 @@ def main(argv=None):
         p.error("give VIDEOS and --out (or --upsample PROMPT)")
     try:  # bad input: one line (exit code 2) before any model loads, never a traceback
         data.check_writable(a.out, "--out")  # a folder or a read-only disk: now, not at the end
-        find_videos(a.videos)  # a missing path, a manifest line that is not JSON or has no "path"
+        # a missing path, a manifest line that is not JSON or has no "path"; nothing to caption
+        if not find_videos(a.videos):
+            raise ValueError(f"no videos in {' '.join(a.videos)}: pass video files, folders of "
+                             "videos or .jsonl manifests with entries")
         _done(Path(a.out))  # an --out file whose lines are not manifest lines
         video_fn = (data.import_fn(a.video_captioner, "--video-captioner")
                     if a.video_captioner else None)
@@ -683,14 +701,20 @@ def main(argv=None):
     if video_fn is None and not (a.frame_model and a.summary_model):
         p.error("give --frame-model DIR and --summary-model DIR, or --video-captioner "
                 "module:function")
+    where, frames, llm = None, None, None  # where: the flag and folder being loaded
     try:
-        frames, llm = None, None
         if video_fn is None:
+            where = f"--frame-model {a.frame_model}"
             frames = FrameCaptioner(a.frame_model, cfg.frame_prompt, cfg.frame_tokens, a.device,
                                     a.dtype)
+            where = f"--summary-model {a.summary_model}"
             llm = load_llm(a.summary_model, a.device, a.dtype)
     except FileNotFoundError as e:
         p.error(str(e))  # one line, not a traceback
+    except (OSError, ValueError) as e:  # e.g. a folder of the wrong kind (the two swapped)
+        why = re.split(r"(?<=\.)\s", " ".join(str(e).split()))[0]  # transformers: a long list next
+        p.error(f"{where}: cannot load it ({why}); pass an "
+                "image-to-text model folder as --frame-model and a causal LM as --summary-model")
     try:
         stats = caption_videos(a.videos, a.out, cfg, frames, llm, video_fn, short_fn)
     except ValueError as e:  # e.g. a summariser whose context cannot hold the App. C prompt

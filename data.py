@@ -39,6 +39,7 @@ Shape legend:
 import argparse
 import hashlib
 import importlib
+import itertools
 import json
 import math
 import os
@@ -56,6 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -215,14 +217,25 @@ def read_manifest(path):
                 if name.lower().endswith(IMAGE_EXTS + VIDEO_EXTS):
                     p = os.path.join(root, name)
                     txt = os.path.splitext(p)[0] + ".txt"
-                    caption = Path(txt).read_text(encoding="utf-8") if os.path.exists(txt) else ""
+                    try:
+                        caption = (Path(txt).read_text(encoding="utf-8") if os.path.exists(txt)
+                                   else "")
+                    except UnicodeDecodeError:
+                        raise ValueError(f"caption file {txt} is not UTF-8 text; save it as "
+                                         "UTF-8") from None
                     out.append({"path": p, "caption": caption.strip()})
         return out
     if not os.path.exists(path):
         raise ValueError(f"manifest {path} does not exist; pass a .jsonl file or a video folder")
     base, out = os.path.dirname(path), []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named with its number
         for n, line in enumerate(f, 1):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{n}: not UTF-8 text; pass a UTF-8 JSONL manifest (one "
+                                 "{\"path\", \"caption\"} object per line) or a folder of "
+                                 "videos") from None
             if not line.strip():
                 continue
             try:
@@ -232,6 +245,10 @@ def read_manifest(path):
                                  "object per line") from None
             if not isinstance(e, dict) or "path" not in e:
                 raise ValueError(f"{path}:{n}: needs a \"path\" field")
+            for k in ("path", "caption"):
+                if k in e and not isinstance(e[k], str):
+                    raise ValueError(f"{path}:{n}: \"{k}\" must be a string, got "
+                                     f"{json.dumps(e[k])}")
             e["path"] = os.path.normpath(os.path.join(base, e["path"]))
             e.setdefault("caption", "")
             out.append(e)
@@ -282,7 +299,9 @@ def _frames(path, start=None):
 
     Seconds count from the stream's start; a frame without a timestamp gets its place on the rate
     grid. start: seek there first (to the keyframe before it: the caller drops what it does not
-    need). Open and decode errors raise BadVideo."""
+    need); when the seek lands later than start (MPEG-TS has no index and lands on the keyframe
+    AFTER it, or past the end), decode from the beginning instead. Open and decode errors raise
+    BadVideo."""
     container = _open(path)
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
@@ -291,14 +310,27 @@ def _frames(path, start=None):
     t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
 
     def frames():
-        with container:
-            try:
-                if start:
-                    container.seek(int((t0 + start) / tb), stream=stream, backward=True)
-                for k, frame in enumerate(container.decode(stream)):
-                    yield (frame.time if frame.time is not None else t0 + k / rate) - t0, frame
-            except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
-                raise _bad("decode error", e) from None
+        nonlocal container
+        try:
+            if start:
+                container.seek(int((t0 + start) / tb), stream=stream, backward=True)
+            decoded = container.decode(stream)
+            if start:
+                first = next(decoded, None)
+                # a clip must not silently begin up to a GOP late: check where the seek landed
+                if first is None or first.time is None or first.time - t0 > start + 0.5 / rate:
+                    container.close()
+                    container = _open(path)
+                    container.streams.video[0].thread_type = "AUTO"
+                    decoded = container.decode(container.streams.video[0])
+                else:
+                    decoded = itertools.chain([first], decoded)
+            for k, frame in enumerate(decoded):
+                yield (frame.time if frame.time is not None else t0 + k / rate) - t0, frame
+        except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
+            raise _bad("decode error", e) from None
+        finally:
+            container.close()
     return rate, frames()
 
 
@@ -424,15 +456,17 @@ def load_video(path, num_frames, height=None, width=None, fps=None, start=None, 
     return video.div_(127.5).sub_(1)  # (3, T, H, W) in [-1, 1]
 
 
-def frames_every(path, every=2.0):
+def frames_every(path, every=2.0, start=0.0):
     """Yield (second, (H, W, 3) uint8) for the frame on screen at 0, every, 2 * every, ... seconds.
 
     Native size, upright (the decoder and rotation rule of load_video); caption.py's App. C frames.
     The frame on screen at second s is the last one whose time is <= s (half a frame early counts:
-    timestamps are rounded to the frame grid), so gaps and GIFs work; seconds count from the first
-    frame. Every frame is decoded in order: simple and exact (seeking lands on keyframes), and a
-    captioning model costs far more per picked frame. A decode error after the first frame ends the
-    video there (a warning on stderr); a file with no decodable frame raises BadVideo."""
+    timestamps are rounded to the frame grid), so gaps and GIFs work; seconds count from `start`
+    seconds after the first frame (a clip of a longer file: a manifest entry's "start"). Every
+    frame is decoded in order: simple and exact (seeking lands on keyframes), and a captioning
+    model costs far more per picked frame. A decode error after the first frame ends the video
+    there (a warning on stderr); a file with no decodable frame, or none at start, raises
+    BadVideo."""
     rate, frames = _frames(path)
     half, n, first, prev, t = 0.5 / rate, 0, None, None, 0.0
     rgb = lambda f: np.ascontiguousarray(_rgb(f).permute(1, 2, 0).numpy())  # (H, W, 3)
@@ -440,7 +474,7 @@ def frames_every(path, every=2.0):
         try:
             for t, frame in frames:
                 first = t if first is None else first
-                t -= first
+                t -= first + start  # < 0 before start: only kept as the frame on screen there
                 # when this frame comes later than the next target, the previous one was on screen
                 while prev is not None and t > n * every + half:
                     yield n * every, rgb(prev)
@@ -454,6 +488,8 @@ def frames_every(path, every=2.0):
         raise BadVideo("no frames decoded")
     if t + half >= n * every:  # the last frame is still on screen at the next target
         yield n * every, rgb(prev)
+    elif not n:
+        raise BadVideo(f"no frame at start={start:g}s: the video ends at {t + start:.2f}s")
 
 
 def probe(path):
@@ -668,8 +704,8 @@ class VideoDataset(torch.utils.data.Dataset):
         if "unreadable" in e:  # probed before (probe_entries) and found bad
             self._warn(e["path"], e["unreadable"])
             return None
-        try:
-            meta = e if all(k in e for k in ("height", "width", "frames")) else probe(e["path"])
+        try:  # partial metadata (no fps) would skip the rate conversion below: probe instead
+            meta = e if has_meta(e) else probe(e["path"])
         except BadVideo as err:
             self._warn(e["path"], str(err))
             return None
@@ -679,6 +715,8 @@ class VideoDataset(torch.utils.data.Dataset):
                    key=lambda r: abs(math.log(r[1] / r[0]) - math.log(w / h)))
         if n <= 1 or _is_image(e["path"]):
             return (1, H, W), 1, 1
+        if e.get("start") and meta.get("fps"):  # decoding begins at the entry's start
+            n = max(1, n - math.ceil(e["start"] * meta["fps"] - 1e-6))
         if self.stage.fps and meta.get("fps"):  # frames available at the stage rate
             n = int((n - 1) * self.stage.fps / meta["fps"] + 1e-6) + 1
         clip_frames = [f for f in self.stage.frames if f > 1]
@@ -1174,6 +1212,7 @@ class LatentCache:
         self.folder = folder
         os.makedirs(folder, exist_ok=True)
         self.hits = self.misses = 0
+        self.corrupt = set()  # cache files found unreadable (warned once each)
 
     def key(self, path, shape, model_id, fps=None, start=None, pad="repeat", latent="posterior",
             crop=None, mode=None):
@@ -1202,9 +1241,24 @@ class LatentCache:
         return os.path.exists(self._file(key))
 
     def get(self, key):
-        """-> dict of tensors, or None when not cached."""
+        """-> dict of tensors, or None when not cached. A file that does not load (cut short by a
+        full disk, a crash outside atomic_write, ...) is a miss: warned once, deleted, encoded
+        again."""
         f = self._file(key)
-        return load_file(f) if os.path.exists(f) else None
+        if not os.path.exists(f):
+            return None
+        try:
+            return load_file(f)
+        except (SafetensorError, OSError) as e:
+            if f not in self.corrupt:
+                self.corrupt.add(f)
+                print(f"warning: latent cache file {f} is unreadable ({e}); deleted, it is "
+                      "encoded again", file=sys.stderr)
+            try:
+                os.remove(f)
+            except FileNotFoundError:  # another worker or rank deleted it first
+                pass
+            return None
 
     def put(self, key, tensors):
         f = self._file(key)
@@ -1225,11 +1279,17 @@ class LatentCache:
 
 
 def model_id(folder):
-    """Cache key part naming a model folder's exact weights (path, size, mtime of its files): a
-    retrained VAE or another T5 never reuses stale latents / embeddings from the cache."""
-    st = [(f, os.stat(os.path.join(folder, f))) for f in sorted(os.listdir(folder))]
-    return "|".join(f"{os.path.abspath(folder)}/{f}:{s.st_size}:{s.st_mtime_ns}"
-                    for f, s in st if f[0] != ".")
+    """Cache key part naming a model folder's exact weights (path, size, mtime of its files,
+    subfolders too: a pipeline folder keeps them in text_encoder/, tokenizer/, ...): a retrained
+    VAE or another T5 never reuses stale latents / embeddings from the cache. Hidden files and
+    folders are left out; a flat folder gives the same id as before subfolders were walked."""
+    folder, files = os.path.abspath(folder), []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if d[0] != ".")
+        files += [os.path.relpath(os.path.join(root, f), folder) for f in sorted(names)
+                  if f[0] != "."]
+    st = [(f, os.stat(os.path.join(folder, f))) for f in files]
+    return "|".join(f"{folder}/{f}:{s.st_size}:{s.st_mtime_ns}" for f, s in st)
 
 
 class Prepared(torch.utils.data.Dataset):
@@ -1411,11 +1471,11 @@ class LatentEncoder:
 
     def text_of(self, caption):
         """The caption's T5 embedding {"text": (L, D)} (cached when there is a cache)."""
-        if self.text is None and (self.cache is None or not self.cache.has(
-                self.cache.text_key(caption, self.ids[1]))):
-            raise ValueError(f"no text encoder and no cached embedding of {caption!r}: pass "
-                             "--text-encoder")
-        embed = lambda: {"text": self.text.encode([caption])[0].float()}  # (L, D)
+        def embed():  # only when not cached (or the cached file was unreadable)
+            if self.text is None:
+                raise ValueError(f"no text encoder and no cached embedding of {caption!r}: pass "
+                                 "--text-encoder")
+            return {"text": self.text.encode([caption])[0].float()}  # (L, D)
         return embed() if self.cache is None else self.cache.get_or_make(
             self.cache.text_key(caption, self.ids[1]), embed)
 
@@ -1703,7 +1763,13 @@ def _record(entries, args):
     for path, why in list(bad.items())[:20]:
         print(f"{path}: skip: {why}")
     if len(bad) == len(got):  # nothing usable: not a silent success
-        sys.exit(1)
+        _nothing_readable(len(got))
+
+
+def _nothing_readable(n):
+    """Every entry unreadable: an error line and exit code 1, as caption.py when all videos fail."""
+    print(f"error: every one of the {n} entries is unreadable (reasons above)", file=sys.stderr)
+    sys.exit(1)
 
 
 def _inspect(entries, args):
@@ -1718,6 +1784,8 @@ def _inspect(entries, args):
         except BadVideo as err:
             print(f"{e['path']}: skip: {err}")
     print(f"{ok} ok, {len(entries) - ok} skipped")
+    if not ok:
+        _nothing_readable(len(entries))
 
 
 def _filter(args, classifier):
@@ -1726,6 +1794,8 @@ def _filter(args, classifier):
     reasons = Counter(w.split(" (")[0] for _, ws in dropped for w in ws)
     print(f"kept {len(kept)}, dropped {len(dropped)} -> {args.out}")
     print("\n".join(f"{r:<28}{c:>6}" for r, c in [("reason", "clips"), *reasons.most_common()]))
+    if reasons["unreadable"] == len(dropped) and not kept:
+        _nothing_readable(len(dropped))
 
 
 def import_fn(spec, flag):
@@ -1823,6 +1893,9 @@ def main(argv=None):
         entries = read_manifest(args.manifest) if args.cmd != "shapes" else None
         classifier = (import_fn(args.classifier, "--classifier")
                       if args.cmd == "filter" and args.classifier else None)
+        if entries == []:  # nothing to do is no success (and --write would write an empty file)
+            raise ValueError(f"{args.manifest} has no entries: pass a folder of videos/images or "
+                             "a .jsonl manifest with one {\"path\", \"caption\"} per line")
     except ValueError as e:
         ap.error(str(e))
     if args.cmd == "shapes":

@@ -275,6 +275,38 @@ def test_video_captioner_hook_and_short_captions(tmp_path):
     assert "'a grey square'" in spy.turns[0][1]  # Figure 7: the short caption joins the summary
 
 
+def test_clips_of_one_file_are_captioned_from_their_start(tmp_path, capsys):
+    """Manifest entries of one file with different "start"s are different clips: each is captioned
+    from its start (they were merged into one, captioned from 0 s), its line keeps "start" and the
+    entry's other fields; a clip listed twice is captioned once (and said so); resume is by clip."""
+    write_clip(tmp_path / "a.mp4", 24)  # 6 s at 4 fps: frame i at i / 4 s
+    m = tmp_path / "clips.jsonl"
+    m.write_text("".join(json.dumps(dict(path="a.mp4", caption="", **e)) + "\n" for e in [
+        {"start": 0.0, "scene": 1}, {"start": 3.0, "scene": 2},
+        {"start": 3, "scene": 3},  # the clip above again
+        {"start": 10.0, "scene": 4}]))  # past the end: fails, named
+    calls = []
+
+    def e2e(path, times, frames):
+        calls.append((times, grey_captioner(frames)))
+        return "A grey screen."
+
+    out = tmp_path / "out.jsonl"
+    stats = caption_videos([m], out, CFG, video_captioner=e2e, progress=False)
+    assert calls == [([0.0, 2.0, 4.0], ["frame 0", "frame 8", "frame 16"]),
+                     ([0.0, 2.0], ["frame 12", "frame 20"])]  # from 3 s: frames 12 and 20
+    assert stats["written"] == 2 and stats["skipped"] == 0
+    assert [r for _, r in stats["failed"]] == [f"{tmp_path / 'a.mp4'}: no frame at start=10s: "
+                                               "the video ends at 5.75s"]
+    assert "note: 1 inputs repeat a clip (same path and start)" in capsys.readouterr().err
+    lines = data.read_manifest(out)
+    assert [(e["start"], e["scene"]) for e in lines] == [(0.0, 1), (3.0, 2)]
+    assert all(data.has_meta(e) and e["caption"] == "A grey screen." for e in lines)
+    calls.clear()
+    again = caption_videos([m], out, CFG, video_captioner=e2e, progress=False)
+    assert again["written"] == 0 and again["skipped"] == 2 and calls == []
+
+
 def test_frame_captioner_blip_and_chat_vlm(tmp_path):
     """The two other processor paths: BLIP (unprompted) and a LLaVA-style chat VLM (prompt via chat
     template, echoed prompt stripped): one caption per frame, at most max_new_tokens words each."""
@@ -393,7 +425,11 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
     (tmp_path / "notjson.jsonl").write_text(json.dumps({"path": "a.mp4"}) + "\n{oops\n")
     (tmp_path / "nopath.jsonl").write_text(json.dumps({"caption": "x"}) + "\n")
     (tmp_path / "done.jsonl").write_text('["a list"]\n')
-    cases = [([str(tmp_path / "notjson.jsonl")], "notjson.jsonl:2: not JSON"),
+    (tmp_path / "none").mkdir()  # nothing to caption is no success (it was exit code 0)
+    (tmp_path / "empty.jsonl").write_text("")
+    cases = [([str(tmp_path / "none")], "no videos in"),
+             ([str(tmp_path / "empty.jsonl")], "no videos in"),
+             ([str(tmp_path / "notjson.jsonl")], "notjson.jsonl:2: not JSON"),
              ([str(tmp_path / "nopath.jsonl")], 'nopath.jsonl:1: needs a "path"'),
              ([str(tmp_path / "a.mp4"), "--video-captioner", "no_such_module:fn"],
               "no_such_module"),
@@ -404,10 +440,23 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
         assert e.value.code == 2, argv
         err = capsys.readouterr().err
         assert "Traceback" not in err and text in err.strip().splitlines()[-1], (argv, err)
+    assert not (tmp_path / "o.jsonl").exists()  # refused before any output
     with pytest.raises(SystemExit):  # an --out file that is not a manifest: named with its line
         caption.main([str(tmp_path / "a.mp4"), "--out", str(tmp_path / "done.jsonl"),
                       "--video-captioner", "x:y"])
     assert "done.jsonl:1 is not a manifest line" in capsys.readouterr().err
+
+
+def test_done_reads_and_rewrites_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """Lines are written as UTF-8; the resume check read (and rewrote) them in the locale's
+    encoding: a non-ASCII caption under an ASCII locale crashed it, others could mangle it."""
+    import io
+    line = json.dumps({"path": "a.mp4", "caption": "café, 猫"}, ensure_ascii=False) + "\n"
+    out = tmp_path / "o.jsonl"
+    out.write_bytes((line + '{"path": "b').encode("utf-8"))  # + a torn last line
+    monkeypatch.setattr(io, "text_encoding", lambda enc, stacklevel=2: enc or "ascii")
+    assert caption._done(out) == {(str(tmp_path / "a.mp4"), 0.0)}
+    assert out.read_bytes() == line.encode("utf-8")
 
 
 def test_torn_line_rewrite_uses_a_unique_temp_file(tmp_path, monkeypatch):
@@ -415,7 +464,7 @@ def test_torn_line_rewrite_uses_a_unique_temp_file(tmp_path, monkeypatch):
     out.write_text(json.dumps({"path": "a.mp4", "caption": "x"}) + '\n{"path": "b')
     renamed, replace = [], os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: renamed.append(str(a)) or replace(a, b))
-    assert caption._done(out) == {str(tmp_path / "a.mp4")}
+    assert caption._done(out) == {(str(tmp_path / "a.mp4"), 0.0)}
     assert (len(renamed) == 1 and f".tmp{os.getpid()}_" in renamed[0]
             and sorted(os.listdir(tmp_path)) == ["o.jsonl"])
 
@@ -434,6 +483,36 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, models):
     with pytest.raises(SystemExit):
         caption.main([str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "--frame-model",
                       str(models[0])])
+
+
+
+def test_cli_bad_device_dtype_or_model_kind_is_one_line(tmp_path, models, capsys, monkeypatch):
+    """An unusable --device, an unknown --dtype (before any model loads) or model folders of the
+    wrong kind (--frame-model and --summary-model swapped): one line, exit code 2, no traceback."""
+    write_clip(tmp_path / "a.mp4", 8)
+    frame, llm = map(str, models)
+    run = [str(tmp_path / "a.mp4"), "--out", str(tmp_path / "o.jsonl")]
+    swapped = run + ["--frame-model", llm, "--summary-model", frame]
+    cases = [(run + ["--frame-model", frame, "--summary-model", llm], ["--device", "cuda:99"],
+              "--device cuda:99"),
+             (["--upsample", "a cat", "--summary-model", llm], ["--device", "cuda:99"],
+              "--device cuda:99"),
+             (run + ["--video-captioner", "x:y"], ["--device", "nonsense"], "is not a device"),
+             (run + ["--frame-model", frame, "--summary-model", llm], ["--dtype", "bf16"],
+              "invalid choice: 'bf16'")]
+    real = caption.FrameCaptioner, caption.load_llm
+    monkeypatch.setattr(caption, "FrameCaptioner", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(caption, "load_llm", lambda *a, **k: pytest.fail("model loaded"))
+    for argv, extra, text in cases + [(swapped, [], "--frame-model " + llm + ": cannot load")]:
+        if not extra:  # the swapped folders: loading is what fails
+            caption.FrameCaptioner, caption.load_llm = real
+        with pytest.raises(SystemExit) as e:
+            caption.main(argv + extra)
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert e.value.code == 2 and "Traceback" not in err and ": error: " in last, (argv, err)
+        assert text in last, (argv, err)
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 # ----- prompt upsampler (App. B) -----
@@ -543,6 +622,8 @@ def test_short_context_upsampler(tmp_path, models, capsys):
 @pytest.mark.parametrize("extra, text", [
     (["--every", "0"], "--every must be > 0 seconds"),  # would caption one frozen frame, then skip it as done
     (["--every", "-2"], "--every must be > 0 seconds"),
+    (["--every", "inf"], "--every must be > 0 seconds and finite"),  # zero frames, then "done"
+    (["--every", "nan"], "--every must be > 0 seconds and finite"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--max-frames", "0"], "--max-frames must be >= 1"),
     (["--out", "{tmp}"], "is a folder; pass a file path"),

@@ -24,18 +24,20 @@ def grey(i):
 
 
 def write(path, T=9, H=32, W=48, fps=8, codec=None, audio=False, rotation=None, times=None,
-          paint=None):
+          paint=None, gop=None):
     """Write a clip; frame i is uniform grey(i) unless `paint(i) -> (H, W, 3)` is given.
-    times: explicit presentation times in seconds (variable frame rate)."""
+    times: explicit presentation times in seconds (variable frame rate); gop: a keyframe every
+    gop frames (libx264)."""
     ext = os.path.splitext(path)[1]
-    codecs = {".mp4": "libx264", ".avi": "mpeg4", ".webm": "libvpx-vp9", ".mkv": "ffv1"}
+    codecs = {".mp4": "libx264", ".avi": "mpeg4", ".webm": "libvpx-vp9", ".mkv": "ffv1",
+              ".ts": "libx264"}
     codec = codec or codecs[ext]
     with av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=fps)
         s.height, s.width = H, W
         s.pix_fmt = "yuv444p" if codec == "ffv1" else "yuv420p"
         if codec == "libx264":
-            s.options = {"crf": "10"}
+            s.options = {"crf": "10", **({"g": str(gop), "sc_threshold": "0"} if gop else {})}
         if rotation is not None:
             s.set_display_rotation(rotation)  # PyAV 18 ignores metadata["rotate"] when writing
         if times is not None:
@@ -127,6 +129,16 @@ def test_seek_start_and_fps(tmp_path):
     assert frame_ids(data.load_video(p, 9, 16, 16, fps=5, start=1.0)) == [10, 12, 14, 16, 18]
 
 
+@pytest.mark.parametrize("ext", [".mp4", ".ts"])
+def test_seek_lands_on_start_in_every_container(tmp_path, ext):
+    """MPEG-TS has no index: its seek lands on the keyframe AFTER the time asked (a clip began up
+    to a GOP late, or decoded nothing); the decoder then reads from the beginning instead."""
+    p = write(tmp_path / f"g{ext}", T=20, fps=25, gop=9)  # keyframes at frames 0, 9, 18
+    assert frame_ids(data.load_video(p, 9, 16, 16, start=0.2)) == list(range(5, 14))
+    assert frame_ids(data.load_video(p, 5, 16, 16, start=0.4)) == list(range(10, 15))
+    assert frame_ids(data.load_video(p, 1, 16, 16, start=0.76)) == [19]  # past the last keyframe
+
+
 def test_audio_stream(tmp_path):
     p = write(tmp_path / "a.mp4", T=9, audio=True)
     with av.open(p) as c:
@@ -214,6 +226,23 @@ def test_manifests(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{oops\n")
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         data.read_manifest(tmp_path / "bad.jsonl")
+    # a field of the wrong type, text that is not UTF-8 (a video passed as the manifest): the
+    # file, the line and the fix, not a TypeError or a bare codec error
+    for text, err in [('{"path": 5}', '"path" must be a string, got 5'),
+                      ('{"path": null}', '"path" must be a string, got null'),
+                      ('{"path": "a.mkv", "caption": ["x"]}', '"caption" must be a string')]:
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"path": "a.mkv"}) + "\n" + text + "\n")
+        with pytest.raises(ValueError, match=f"bad.jsonl:2: {err}"):
+            data.read_manifest(tmp_path / "bad.jsonl")
+    (tmp_path / "latin1.jsonl").write_bytes('{"path": "a.mkv", "caption": "caf\xe9"}\n'
+                                            .encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.jsonl:1: not UTF-8 text; pass a UTF-8 JSONL"):
+        data.read_manifest(tmp_path / "latin1.jsonl")
+    with pytest.raises(ValueError, match="a.mkv:1: not UTF-8 text"):  # a video, not a manifest
+        data.read_manifest(a)
+    (tmp_path / "sub" / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="caption file .*a.txt is not UTF-8 text; save it as"):
+        data.read_manifest(tmp_path / "sub")
 
 
 # ----- Frame Pack and bucket samplers -----
@@ -437,6 +466,48 @@ def test_latent_cache(tmp_path):
     assert files == [k + ".safetensors"]
 
 
+
+def test_corrupt_latent_cache_file_is_a_miss(tmp_path, capsys):
+    """A cache file cut short (a full disk, a crash outside atomic_write) is a miss, not a
+    SafetensorError in training: warned once per file, deleted, encoded again."""
+    cache = data.LatentCache(tmp_path / "cache")
+    calls = []
+    make = lambda: calls.append(1) or {"z": torch.full((2, 3), float(len(calls)))}
+    k = cache.key(write(tmp_path / "c.mkv", T=5), (5, 32, 32), "vae")
+    cache.get_or_make(k, make)
+    f = cache._file(k)
+    for _ in range(2):
+        with open(f, "r+b") as fh:
+            fh.truncate(20)
+        z = cache.get_or_make(k, make)["z"]  # (2, 3)
+        assert torch.equal(z, torch.full((2, 3), float(len(calls))))
+        assert torch.equal(cache.get(k)["z"], z)  # re-encoded and written whole
+    err = capsys.readouterr().err
+    assert len(calls) == 3 and cache.misses == 3 and err.count("warning: latent cache file") == 1
+    assert f in err and "deleted, it is encoded again" in err
+
+
+def test_model_id_sees_the_files_of_subfolders(tmp_path):
+    """A pipeline-layout text encoder (text_encoder/ + tokenizer/): new weights in a subfolder
+    change the id, so cached T5 embeddings are not reused stale; hidden files do not count; a flat
+    folder keeps the id it always had."""
+    root = tmp_path / "t5"
+    for f, text in [("model_index.json", "{}"), ("text_encoder/model.safetensors", "w1"),
+                    ("tokenizer/spiece.model", "t"), (".cache/lock", "x")]:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_text(text)
+    before = data.model_id(root)
+    (root / ".cache" / "lock").write_text("changed")
+    assert data.model_id(root) == before
+    (root / "text_encoder" / "model.safetensors").write_text("w2, retrained")
+    assert data.model_id(root) != before
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.bin").write_text("abc")
+    st = os.stat(flat / "a.bin")
+    assert data.model_id(flat) == f"{flat}/a.bin:{st.st_size}:{st.st_mtime_ns}"
+
+
 # ----- the shapes set and its checker -----
 
 def test_shapes_set_deterministic_and_held_out(shapes_set, tmp_path):
@@ -590,6 +661,35 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "s").exists()  # checked before any work
 
 
+def test_cli_nothing_done_is_no_success(tmp_path, capsys):
+    """No entry at all: one error line, exit code 2, nothing written. Every entry unreadable: an
+    error line and exit code 1 (as caption.py when every video fails), never a silent 0."""
+    (tmp_path / "none").mkdir()
+    empty = data.write_manifest([], tmp_path / "empty.jsonl")
+    size = ["--height", "16", "--width", "16", "--frames", "9"]
+    for m in (str(tmp_path / "none"), empty):
+        for argv, out in [(["inspect", m, *size], None),
+                          (["inspect", m, "--write", str(tmp_path / "o.jsonl")], "o.jsonl"),
+                          (["filter", m, "--out", str(tmp_path / "f.jsonl")], "f.jsonl")]:
+            with pytest.raises(SystemExit) as e:
+                data.main(argv)
+            assert e.value.code == 2 and not (out and (tmp_path / out).exists()), argv
+            out_text, err = capsys.readouterr()
+            assert not out_text, argv
+            _one_line_error(err, "has no entries: pass a folder of videos")
+    (tmp_path / "bad").mkdir()
+    for n in "abc":
+        (tmp_path / "bad" / f"{n}.mp4").write_bytes(b"not a video")
+    bad = str(tmp_path / "bad")
+    for argv in (["inspect", bad, *size], ["inspect", bad, "--write", str(tmp_path / "o.jsonl")],
+                 ["filter", bad, "--out", str(tmp_path / "f.jsonl")]):
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and err[-1] == "error: every one of the 3 entries is unreadable "\
+            "(reasons above)", (argv, err)
+
+
 def test_shapes_cli_progress(tmp_path, capsys):
     data.main(["shapes", "--out", str(tmp_path / "s"), "--n", "3", "--sizes", "16x16"])
     out, err = capsys.readouterr()
@@ -621,7 +721,8 @@ def test_cli_output_paths_checked_before_the_work(tmp_path, capsys, monkeypatch)
 def test_write_video_fps_and_no_temp_file_on_failure(tmp_path, monkeypatch):
     import av
     video = torch.zeros(3, 5, 16, 16)
-    with pytest.raises(ValueError, match="fps must be > 0"):  # 0 was written as the encoder's 24 fps
+    # 0 was written as the encoder's 24 fps
+    with pytest.raises(ValueError, match="fps must be a finite number > 0"):
         data.write_video(video, str(tmp_path / "z.mp4"), fps=0)
     for fps, rate in ((12.5, "25/2"), (29.97, "30000/1001")):  # exact rates, never rounded
         data.write_video(video, str(tmp_path / "r.mp4"), fps=fps)
@@ -653,7 +754,8 @@ def test_truncated_clip_is_a_counted_bad_file(tmp_path):
     short = write(tmp_path / "short.mkv", T=16, H=32, W=32)  # its manifest entry says 17
     assert data.probe(cut)["frames"] == 17 and len(data._decode(cut, 17, 32, 32, None, None)) < 16
     entries = [{"path": cut, "caption": "cut"}, {"path": full, "caption": "whole"},
-               {"path": short, "caption": "one short", "height": 32, "width": 32, "frames": 17}]
+               {"path": short, "caption": "one short", "height": 32, "width": 32, "frames": 17,
+                "fps": 8, "duration": 2.0}]
     for mode in ("pack", "bucket"):
         ds = data.VideoDataset(entries, data.Stage([(32, 32)], [1, 9, 17]), mode=mode)
         assert ds.shapes == [(17, 32, 32)] * 3  # planned from the headers
@@ -744,6 +846,24 @@ def test_random_start_and_crop_per_seed_epoch_sample(tmp_path):
     fixed = data.VideoDataset(entries, stage, seed=3)  # augment="fixed": start 0, the centre
     assert fixed.augmentation(0, 5) == (None, None)
     assert frame_ids(fixed[(0, 0, 0, 1.0, 1, 5)]["video"]) == list(range(9))
+
+
+def test_plan_counts_frames_from_the_entry_start_and_needs_full_metadata(tmp_path):
+    """An entry's "start" leaves fewer frames to plan with (it was planned from the whole file,
+    then rejected as truncated); an entry with sizes and frames but no fps is probed (its frames
+    were taken as frames at the stage rate)."""
+    level = lambda i: np.full((32, 32, 3), 10 * i, np.uint8)  # frame i is grey level 10 * i
+    p = write(tmp_path / "a.mkv", T=24, H=32, W=32, fps=8, paint=level)  # 3 s
+    stage = data.Stage([(32, 32)], [1, 9, 13, 17])
+    ds = data.VideoDataset([{"path": p, "caption": "a", "start": 2.0}], stage)
+    assert ds.shapes == [(5, 32, 32)] and ds.avail == [8]  # frames 16..23 remain
+    got = levels(ds[0]["video"])  # (T,) grey levels
+    assert ds.skipped == 0 and torch.allclose(got, torch.arange(16, 21) * 10.0, atol=3), got
+    rnd = data.VideoDataset([{"path": p, "caption": "a", "start": 2.0}], stage, augment="random")
+    assert all(rnd[(0, 0, 0, 1.0, 1, e)] is not None for e in range(4)) and rnd.skipped == 0
+    partial = {"path": p, "caption": "a", "height": 32, "width": 32, "frames": 24}  # no fps
+    ds = data.VideoDataset([partial], data.Stage([(32, 32)], [1, 9, 17], fps=4))
+    assert ds.shapes == [(9, 32, 32)] and ds[0] is not None  # 12 frames at 4 fps, not 24
 
 
 def test_frame_pack_rows_balanced_across_ranks_on_a_realistic_mix():
