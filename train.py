@@ -54,6 +54,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -61,13 +62,14 @@ import sys
 import time
 import weakref
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -200,6 +202,26 @@ PRESETS = {
 
 class SettingsError(ValueError):
     """Bad settings: main() prints the one-line message (which names the fix) and exits with 2."""
+
+
+@contextmanager
+def loading(flag, path, fix="copy or export it again"):
+    """A model file the user named that does not load (truncated, damaged, another model's, not a
+    weight file) -> one line naming the option and the fix (exit code 2). Only the loading calls
+    go in here: an error of training itself keeps its traceback."""
+    try:
+        yield
+    except SettingsError:
+        raise
+    except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError,
+            SafetensorError) as e:
+        why = " ".join(str(e).split())
+        if isinstance(e, pickle.UnpicklingError):  # torch's text suggests weights_only=False: no
+            why = "not a file of plain tensors"
+        tail = "" if fix in why else f"; {fix}"
+        why = why if len(why) <= 160 else why[:160] + " ..."
+        raise SettingsError(f"{flag} {path} does not load ({type(e).__name__}: {why}){tail}") \
+            from None
 
 
 # ----- distributed setup: one process, or torchrun (RANK in the environment) -----
@@ -1198,12 +1220,15 @@ def dit_source(args, model, seed, say=print):
     from safetensors import safe_open
     own = {k: tuple(t.shape) for k, t in [*model.named_parameters(), *model.named_buffers()]}
     path = os.path.join(init, "model.safetensors")
+    flag = "--init" if args.init else "--init-diffusers"
     if os.path.exists(path):
-        f = safe_open(path, framework="pt")
-        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        with loading(flag, init):
+            f = safe_open(path, framework="pt")
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         read = lambda k, index: f.get_slice(k)[index]
     else:
-        sd = dit.ExpertDiT.from_diffusers(init).state_dict()
+        with loading(flag, init):
+            sd = dit.ExpertDiT.from_diffusers(init).state_dict()
         have = {k: tuple(v.shape) for k, v in sd.items()}
         read = lambda k, index: sd.pop(k)[index]  # each tensor is asked for once
     C, p2 = model.cfg.in_channels, model.cfg.patch_t * model.cfg.patch ** 2  # 1.5: pt·p·p
@@ -1245,12 +1270,15 @@ def build_dit(job):
                 f"{sum(p.numel() for p in model.parameters()) - n:,} frozen")
     with open(os.path.join(args.vae, "config.json")) as f:  # ours, or a released vae/ folder
         released = "_class_name" in json.load(f)
-    ae = vae.CausalVAE.from_diffusers(args.vae) if released else vae.CausalVAE.load(args.vae)
+    with loading("--vae", args.vae):
+        ae = vae.CausalVAE.from_diffusers(args.vae) if released else vae.CausalVAE.load(args.vae)
     job.ae = ae.to(device).eval().requires_grad_(False)
     if device.type == "cuda":  # the frozen VAE only encodes: bf16 halves its activations
         job.ae.to(torch.bfloat16)
     if args.text_encoder:
-        job.text = dit.TextEncoder(args.text_encoder, device=device, max_length=model.cfg.text_len)
+        with loading("--text-encoder", args.text_encoder):
+            job.text = dit.TextEncoder(args.text_encoder, device=device,
+                                       max_length=model.cfg.text_len)
     job.cache = data.LatentCache(args.cache) if args.cache else None
     t5 = f"{data.model_id(args.text_encoder)}|{model.cfg.text_len}" if args.text_encoder else ""
     job.ids = (data.model_id(args.vae), t5)
@@ -1282,11 +1310,14 @@ def build_vae(job):
     job.cfg = cfg = vae.VAE_PRESETS[tc.vae]
     model = vae.CausalVAE(cfg)
     if args.init:
-        model.load_state_dict(load_file(os.path.join(args.init, "model.safetensors")))
+        with loading("--init", args.init, f"pass a --stage vae model folder of the {args.preset} "
+                     f"preset (e.g. runs/vae/vae), or copy or export it again"):
+            model.load_state_dict(load_file(os.path.join(args.init, "model.safetensors")))
     # built on the CPU; moved only to another device (a no-op move of fake tensors would fail)
     move = (lambda m: m) if device.type == "cpu" else (lambda m: m.to(device))
     job.disc = move(vae.Discriminator3D(tc.disc_ch))
-    lpips = vae.load_lpips(args.lpips) if job.rank == 0 or args.lpips else None
+    with loading("--lpips", args.lpips, "pass VGG16 / LPIPS weights (.safetensors, .pth)"):
+        lpips = vae.load_lpips(args.lpips) if job.rank == 0 or args.lpips else None
     job.lpips = move(lpips) if lpips is not None else None
     job.ae, job.model, job.parts = model, move(model), {"vae": model, "disc": job.disc}
 

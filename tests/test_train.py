@@ -570,6 +570,41 @@ def test_dit_needs_vae_and_text_encoder(assets, tmp_path, capsys):
     assert e.value.code == 2 and "--vae" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("case, words", [
+    ("vae-init-dit", "pass a --stage vae model folder of the tiny preset"),
+    ("vae-truncated", "model.safetensors: not a readable safetensors file"),
+    ("init-truncated", "(SafetensorError: "),
+    ("t5-truncated", "copy or export it again"),
+    ("lpips-not-torch", "(UnpicklingError: "),
+])
+def test_damaged_or_wrong_model_files_exit_2(assets, tmp_path, capsys, case, words):
+    """A truncated or wrong model file (--vae, --init, --text-encoder, --lpips): one line naming the option,
+    the folder and the fix, exit code 2, no traceback."""
+    def cut(src):  # a copy of the model folder src with its model.safetensors cut to half
+        shutil.copytree(src, tmp_path / "cut")
+        truncate(tmp_path / "cut" / "model.safetensors", 0.5)
+        return str(tmp_path / "cut")
+    dit.ExpertDiT(dit.DIT_PRESETS["tiny"]).save(str(tmp_path / "dit"))
+    (tmp_path / "notes.pth").write_text("not a weight file\n")
+    if case == "vae-init-dit":
+        flag, path = "--init", str(tmp_path / "dit")
+        argv = vae_args(assets["manifest"], tmp_path / "run", "--init", path)
+    elif case == "lpips-not-torch":
+        flag, path = "--lpips", str(tmp_path / "notes.pth")
+        argv = vae_args(assets["manifest"], tmp_path / "run", "--lpips", path)
+    else:
+        flag, src = {"vae-truncated": ("--vae", assets["vae"]), "init-truncated": ("--init", tmp_path / "dit"),
+                     "t5-truncated": ("--text-encoder", assets["t5"])}[case]
+        path = cut(src)
+        argv = dit_args(assets, tmp_path / "run", *SMALL, "--steps", "1", "--cache", str(tmp_path / "cache"),
+                        flag, path)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith(f"error: {flag} {path} does not load (") and words in err[0], err
+
+
 def test_nan_loss_skips_the_step_then_stops(assets, tmp_path, monkeypatch, capsys):
     real = train.dit_loss
 
