@@ -1149,6 +1149,10 @@ def check_dit(args, tc, stages, ac, dc):
         raise SettingsError("--stage dit needs --vae DIR (its latents and scaling factor) and "
                             "--text-encoder DIR (or a --cache DIR already holding the text "
                             "embeddings)")
+    if not args.simulate and args.cache and not args.text_encoder and not recorded_t5(args.cache):
+        raise SettingsError(f"--cache {args.cache} names no text encoder (a run with "
+                            f"--text-encoder records the T5 that filled it): add "
+                            f"--text-encoder DIR")
     if args.attn == "flex" and torch.device(args.device).type == "cpu":
         raise SettingsError("--attn flex needs a GPU (FlexAttention has no backward on CPU); "
                             "use --attn segments or auto")
@@ -1176,6 +1180,19 @@ def check_dit(args, tc, stages, ac, dc):
             raise SettingsError(f"--max-tokens {max_tokens}: a stage-{i} sample can need {need} "
                                 f"tokens ({max(st.frames)} frames at the largest size); use >= "
                                 f"{need}, or 0 (the largest sample)")
+
+
+T5_RECORD = "text_encoder.json"  # in a --cache: the T5 whose embeddings it holds
+
+
+def recorded_t5(cache):
+    """The data.model_id of the T5 whose caption embeddings --cache holds, as recorded by the run
+    that embedded them (build_dit), or None: a later run may leave out --text-encoder."""
+    try:
+        with open(os.path.join(cache, T5_RECORD)) as f:
+            return json.load(f)["id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def make_dit(args, tc, device):
@@ -1268,6 +1285,19 @@ def build_dit(job):
         job.say(f"LoRA rank {args.lora} (alpha {args.lora_alpha or args.lora}) on "
                 f"{args.lora_targets or 'attn'}: {n:,} trainable parameters, "
                 f"{sum(p.numel() for p in model.parameters()) - n:,} frozen")
+    job.cache = data.LatentCache(args.cache) if args.cache else None
+    # the captions' embeddings are keyed by the T5's id: without --text-encoder, the one the
+    # cache records (check_dit made sure there is one), and then every caption must be there
+    t5 = data.model_id(args.text_encoder) if args.text_encoder else \
+        recorded_t5(args.cache) if args.cache else None
+    t5 = f"{t5}|{model.cfg.text_len}" if t5 else ""
+    if job.cache is not None and not args.text_encoder:
+        miss = [c for c in sorted({e["caption"] for e in job.entries})
+                if not job.cache.has(job.cache.text_key(c, t5))]
+        if miss:
+            raise SettingsError(f"--cache {args.cache} holds no text embedding of {len(miss)} "
+                                f"caption(s) (e.g. {miss[0]!r}) for this DiT: add "
+                                f"--text-encoder DIR")
     with open(os.path.join(args.vae, "config.json")) as f:  # ours, or a released vae/ folder
         released = "_class_name" in json.load(f)
     with loading("--vae", args.vae):
@@ -1279,8 +1309,6 @@ def build_dit(job):
         with loading("--text-encoder", args.text_encoder):
             job.text = dit.TextEncoder(args.text_encoder, device=device,
                                        max_length=model.cfg.text_len)
-    job.cache = data.LatentCache(args.cache) if args.cache else None
-    t5 = f"{data.model_id(args.text_encoder)}|{model.cfg.text_len}" if args.text_encoder else ""
     job.ids = (data.model_id(args.vae), t5)
     # the data path's main-process half: encodes what the loader's workers decode (enter_stage)
     job.encoder = data.LatentEncoder(job.ae, job.text, job.cache, job.ids,
@@ -1288,6 +1316,10 @@ def build_dit(job):
     job.cfg, job.model, job.parts = model.cfg, model, {"dit": model}
     if job.cache is not None and job.text is not None:
         embed_captions(job)
+        if job.rank == 0:  # a later run on this cache may leave out --text-encoder
+            write_text(os.path.join(args.cache, T5_RECORD), json.dumps(
+                {"text_encoder": os.path.abspath(args.text_encoder),
+                 "id": data.model_id(args.text_encoder)}))
 
 
 def embed_captions(job):

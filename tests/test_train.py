@@ -605,6 +605,28 @@ def test_damaged_or_wrong_model_files_exit_2(assets, tmp_path, capsys, case, wor
     assert err[0].startswith(f"error: {flag} {path} does not load (") and words in err[0], err
 
 
+def test_cache_without_text_encoder_uses_the_t5_it_records(assets, tmp_path, capsys):
+    """A run with --text-encoder and --cache records that T5 in the cache; a later run on the same cache may leave
+    --text-encoder out (its captions' embeddings are keyed by the T5's id). A cache that records no T5, or lacks a
+    caption's embedding: one line naming --text-encoder, exit code 2."""
+    cache = str(tmp_path / "cache")
+    no_t5 = lambda argv: [a for i, a in enumerate(argv) if "--text-encoder" not in argv[max(0, i - 1):i + 1]]
+    with pytest.raises(SystemExit) as e:  # an empty cache: nothing recorded
+        train.main(no_t5(dit_args(assets, tmp_path / "a", *SMALL, "--steps", "1", "--cache", cache)))
+    assert e.value.code == 2 and "names no text encoder" in capsys.readouterr().err.strip().splitlines()[-1]
+    train.main(dit_args(assets, tmp_path / "b", *SMALL, "--steps", "1", "--cache", cache))
+    res = train.main(no_t5(dit_args(assets, tmp_path / "c", *SMALL, "--steps", "1", "--cache", cache)))
+    assert res["step"] == 2 and all(math.isfinite(v) for v in res["losses"])
+    entries = data.read_manifest(assets["manifest"])
+    entries[0]["caption"] = "a caption never embedded"
+    data.write_manifest(entries, str(tmp_path / "m.jsonl"))
+    with pytest.raises(SystemExit) as e:
+        train.main(no_t5(dit_args(dict(assets, manifest=str(tmp_path / "m.jsonl")), tmp_path / "d", *SMALL,
+                                  "--steps", "1", "--cache", cache)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "holds no text embedding of 1 caption(s) (e.g. 'a caption never" in err[-1], err
+
+
 def test_nan_loss_skips_the_step_then_stops(assets, tmp_path, monkeypatch, capsys):
     real = train.dit_loss
 
