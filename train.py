@@ -785,8 +785,9 @@ def find_checkpoint(args, total, say):
 
     Without --resume an --out that already holds checkpoints is refused (a new run there would
     mix with the old one). With it: the folder `latest` names if intact (verify), else the newest
-    intact older one, with a warning naming both. Also refused: a checkpoint of the other --stage
-    or another --preset, and one already past the --steps asked for."""
+    intact older one, with a warning naming both. Also refused: a checkpoint of the other --stage,
+    another --preset, --lora setting or LoRA base, or --i2v, and one already past the --steps
+    asked for."""
     root = os.path.join(args.out, "ckpt")
     names = sorted(d for d in os.listdir(root) if STEP_DIR.fullmatch(d)) \
         if os.path.isdir(root) else []
@@ -825,6 +826,18 @@ def find_checkpoint(args, total, say):
             raise SettingsError(f"--resume: {args.out} holds a run " + (
                 f"with --lora {was[0]} --lora-alpha {was[1]:g} --lora-targets {was[2]}"
                 if was else "without --lora") + "; pass the same (or another --out)")
+        was, base = st.get("lora_base"), lora_base(args)
+        if st.get("lora") and was != base:  # the adapters were trained on another base
+            on = f"{was[0]} {was[1]}" if was else "a random base (no --init)"
+            same = was and was[:2] == (base or [])[:2]
+            raise SettingsError(f"--resume: {args.out} holds LoRA adapters trained on {on}"
+                                f"{' (its files have changed since)' if same else ''}; pass the "
+                                f"same (or another --out)")
+        mc = st.get("model_config", {})  # App. A: an I2V DiT takes twice the latent channels
+        was = st["stage_kind"] == "dit" and mc.get("in_channels") == 2 * mc.get("out_channels", 0)
+        if was != bool(getattr(args, "i2v", False)):  # other tensor shapes
+            raise SettingsError(f"--resume: {args.out} holds a run {'with' if was else 'without'} "
+                                f"--i2v; pass the same (or another --out)")
         if st["step"] > total:
             raise SettingsError(f"--resume: the checkpoint is at step {st['step']}, past the "
                                 f"{total} steps asked for; pass --steps adding up to more than "
@@ -1102,6 +1115,18 @@ def lora_settings(args):
     if not getattr(args, "lora", None):
         return None
     return [args.lora, float(args.lora_alpha or args.lora), args.lora_targets or "attn"]
+
+
+def lora_base(args):
+    """A LoRA run's frozen base: [option, folder, data.model_id of its weights], or None (no
+    --lora, or a random base). Its checkpoints hold the adapters only and the base is read again
+    at each start, so a resume must name the same one."""
+    if not getattr(args, "lora", None) or not (args.init or args.init_diffusers):
+        return None
+    if args.init:
+        return ["--init", os.path.abspath(args.init), data.model_id(args.init)]
+    return ["--init-diffusers", os.path.abspath(args.init_diffusers),
+            data.model_id(os.path.join(args.init_diffusers, "transformer"))]
 
 
 def check_lora(args, dc):
@@ -1702,10 +1727,11 @@ def train(args):
 
 def run_settings(job):
     """What a checkpoint records about the run besides its position: resume refuses another
-    preset, stage kind or LoRA setting by these."""
+    preset, stage kind, LoRA setting or base, or --i2v (model_config's channels) by these."""
     args = job.args
     return {"preset": args.preset, "stage_kind": args.stage, "world": job.world,
-            "lora": lora_settings(args), "config": asdict(job.tc), "model_config": asdict(job.cfg)}
+            "lora": lora_settings(args), "lora_base": lora_base(args), "config": asdict(job.tc),
+            "model_config": asdict(job.cfg)}
 
 
 def layout(job):

@@ -113,11 +113,14 @@ def test_vae_steps_one_process_with_discriminator(assets, tmp_path, capsys):
     assert "px/s" in capsys.readouterr().out
 
 
-def test_i2v_and_bucket_modes(assets, tmp_path):
+def test_i2v_and_bucket_modes(assets, tmp_path, capsys):
     """--i2v: the DiT takes [noisy; image] latents (2C channels); --bucket: the released one-shape batches."""
     train.main(dit_args(assets, tmp_path / "i2v", *SMALL, "--steps", "1", "--i2v"))
     net = dit.ExpertDiT.load(str(tmp_path / "i2v" / "dit"))
     assert net.cfg.in_channels == 2 * net.cfg.out_channels
+    with pytest.raises(SystemExit) as e:  # resumed without --i2v: other tensor shapes, refused up front
+        train.main(dit_args(assets, tmp_path / "i2v", *SMALL, "--steps", "1", "--resume"))
+    assert e.value.code == 2 and "holds a run with --i2v; pass the same" in capsys.readouterr().err
     train.main(dit_args(assets, tmp_path / "bucket", *SMALL, "--steps", "1", "--bucket", "--batch", "2",
                         "--grad-checkpoint"))
     assert all("packing" not in r and math.isfinite(r["loss"]) for r in log(tmp_path / "bucket"))
@@ -405,6 +408,7 @@ def test_empty_or_garbled_latest_takes_the_newest_intact(three_ckpts, tmp_path, 
 @pytest.mark.parametrize("extra, words", [
     ([], "already holds a run (checkpoints up to step_0000003): add --resume to continue it, or pick another --out"),
     (["--resume", "--steps", "1"], "the checkpoint is at step 3, past the 2 steps asked for"),
+    (["--resume", "--i2v"], "holds a run without --i2v; pass the same (or another --out)"),
 ])
 def test_rerun_refusals_keep_the_run(assets, three_ckpts, capsys, extra, words):
     """A second run into the same --out without --resume, or a --resume with fewer steps than done: one line,
@@ -422,6 +426,31 @@ def test_resume_with_the_wrong_stage_names_the_checkpoints(assets, three_ckpts, 
     with pytest.raises(SystemExit) as e:
         train.main(vae_args(assets["manifest"], three_ckpts, "--resume"))
     assert e.value.code == 2 and "holds a --stage dit --preset tiny run" in capsys.readouterr().err
+
+
+def test_resume_of_a_lora_run_needs_the_same_base(assets, tmp_path, capsys):
+    """A LoRA checkpoint holds the adapters only; the frozen base is read from --init at each start. A resume
+    without it, with another base, or with its files changed since: one line, exit code 2; with the same: on."""
+    for name in ("base", "other"):
+        dit.ExpertDiT(dit.DIT_PRESETS["tiny"]).save(str(tmp_path / name))
+    lora = [*SMALL, "--steps", "1", "--lora", "2"]
+    out, base = tmp_path / "run", str(tmp_path / "base")
+    assert train.main(dit_args(assets, out, *lora, "--init", base, "--stop-at", "1"))["stopped"]
+    capsys.readouterr()
+    for extra, words in (([], f"holds LoRA adapters trained on --init {base}; pass the same"),
+                         (["--init", str(tmp_path / "other")], f"trained on --init {base}; pass"),
+                         (["--init", base], f"trained on --init {base} (its files have changed since)")):
+        if extra == ["--init", base]:  # the same folder, its weights written again
+            dit.ExpertDiT(dit.DIT_PRESETS["tiny"]).save(base)
+        with pytest.raises(SystemExit) as e:
+            train.main(dit_args(assets, out, *lora, *extra, "--resume"))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and words in err[-1], err
+    st = json.load(open(out / "ckpt" / "step_0000001" / "train.json"))
+    st["lora_base"][2] = data.model_id(base)  # as if written with today's base: resumes
+    st["check"] = train.digest(st)
+    (out / "ckpt" / "step_0000001" / "train.json").write_text(json.dumps(st))
+    assert train.main(dit_args(assets, out, *lora, "--init", base, "--resume"))["step"] == 2
 
 
 def test_pruning_never_removes_the_new_checkpoint(tmp_path):
