@@ -1556,10 +1556,7 @@ def write_export(job, ema, zstat):
         for name, src in (("vae", args.vae), ("text_encoder", args.text_encoder)):
             if src and os.path.abspath(src) != os.path.abspath(os.path.join(out, name)):
                 shutil.copytree(src, os.path.join(out, name), dirs_exist_ok=True)
-        last = job.stages[-1]
-        H, W = last.resolutions[0]
-        meta = {"num_frames": max(last.frames), "height": H, "width": W, "fps": last.fps or 8.0,
-                "snr_shift_scale": job.tc.snr_shift}
+        meta = sample_meta(job.tc, job.stages[-1])
         write_text(os.path.join(out, "sample.json"), json.dumps(meta, indent=1))
         return
     n, s1, s2, var = all_sum(zstat).tolist()
@@ -1569,6 +1566,18 @@ def write_export(job, ema, zstat):
             model.cfg = replace(model.cfg, scaling_factor=1.0 / std)
             job.say(f"vae: scaling_factor = {model.cfg.scaling_factor:.4f} (1 / std of the latents)")
         model.save(os.path.join(out, "vae"), state_dict=sd)
+
+
+def sample_meta(tc, last):
+    """sample.json: the sampling settings of the trained DiT's family (sample.PRESETS: steps,
+    sampler, guidance; an I2V DiT samples as its T2V, the shapes demo's as "tiny") with the clip
+    size and rate of the last stage and the SNR shift trained with. sample.load_ckpt starts from
+    PRESETS["tiny"]: without these a 5B would sample with the toy's 20 steps and CFG 4."""
+    import sample
+    base = sample.PRESETS.get(tc.dit.removesuffix("-i2v"), sample.PRESETS["tiny"])
+    H, W = last.resolutions[0]
+    return dict(asdict(base), num_frames=max(last.frames), height=H, width=W,
+                fps=last.fps or 8.0, snr_shift_scale=tc.snr_shift)
 
 
 # ----- the training loop -----

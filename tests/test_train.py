@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import data
 import dit
+import sample
 import train
 import vae
 
@@ -96,10 +97,29 @@ def test_dit_two_progressive_stages_one_process(assets, tmp_path, capsys):
     net = dit.ExpertDiT.load(str(tmp_path / "dit"))  # exported for sample.py, with vae/, text_encoder/, sample.json
     assert net.cfg == dit.DIT_PRESETS["tiny"]
     assert (tmp_path / "vae" / "model.safetensors").exists() and (tmp_path / "text_encoder").is_dir()
-    assert json.load(open(tmp_path / "sample.json"))["height"] == 32
+    meta, tiny = json.load(open(tmp_path / "sample.json")), sample.PRESETS["tiny"]
+    assert meta["height"] == 32 and meta["width"] == 32
+    assert (meta["steps"], meta["sampler"], meta["cfg"], meta["cfg_min_t"]) == (20, "ddim", 4.0, 400) == \
+        (tiny.steps, tiny.sampler, tiny.cfg, tiny.cfg_min_t)  # the preset the tiny DiT samples with
     assert (tmp_path / "ckpt" / "latest").read_text() == "step_0000004"
     mode = lambda f: os.stat(tmp_path / "dit" / f).st_mode & 0o777  # weights as readable as their config
     assert mode("model.safetensors") == mode("config.json") == 0o666 & ~data.UMASK
+
+
+def test_sample_json_holds_the_sampling_preset_of_the_dit():
+    """sample.json: a released-size DiT's sampling settings, not the toy's (sample.load_ckpt starts from "tiny"); an
+    I2V DiT samples as its T2V; the clip and the SNR shift are the last stage's."""
+    for preset, want in (("cogvideox-5b-i2v", "cogvideox-5b"), ("cogvideox-2b", "cogvideox-2b"),
+                         ("cogvideox1.5-5b-i2v", "cogvideox1.5-5b"), ("shapes", "tiny")):
+        tc = train.PRESETS[preset]
+        last = tc.dit_stages[-1]
+        meta, ref = train.sample_meta(tc, last), sample.PRESETS[want]
+        assert (meta["steps"], meta["sampler"], meta["cfg"], meta["cfg_min_t"]) == \
+            (ref.steps, ref.sampler, ref.cfg, ref.cfg_min_t), preset
+        assert (meta["num_frames"], [meta["height"], meta["width"]], meta["snr_shift_scale"]) == \
+            (max(last.frames), list(last.resolutions[0]), tc.snr_shift)
+    assert train.sample_meta(train.PRESETS["cogvideox-5b-i2v"], last)["sampler"] == "dpm"
+    assert sample.SampleConfig(**train.sample_meta(train.PRESETS["cogvideox-2b"], last)).snr_shift_scale == 3.0
 
 
 def test_vae_steps_one_process_with_discriminator(assets, tmp_path, capsys):
