@@ -1080,6 +1080,21 @@ def check(args, tc, stages, steps=(1,)):
         p = getattr(args, name, None)
         if p and not os.path.isdir(p):
             raise SettingsError(f"--{name.replace('_', '-')} {p!r} is not a folder")
+    # model folders as exported (e.g. a run's --out holds its model in out/vae or out/dit)
+    sub = "vae" if args.stage == "vae" else "dit"
+    for flag, p, need, inside in (("--vae", args.vae, ("config.json",), "vae"),
+                                  ("--init", args.init, ("model.safetensors",) if sub == "vae"
+                                   else ("config.json", "transformer/config.json"), sub)):
+        if p and not any(os.path.isfile(os.path.join(p, f)) for f in need):
+            there = os.path.join(p, inside)  # a run's --out given for its exported model
+            e_g = there if os.path.isfile(os.path.join(there, need[0])) else \
+                f"runs/{inside}/{inside}"
+            raise SettingsError(f"{flag} {p} holds no {need[0]}: pass the exported model folder, "
+                                f"e.g. {e_g}")
+    for f in (args.lpips.split(",") if getattr(args, "lpips", None) else []):
+        if not os.path.isfile(f):
+            raise SettingsError(f"--lpips {f} not found: pass local VGG16 / LPIPS weight file(s) "
+                                f"(.safetensors or .pth, comma-separated)")
     ac, dc = vae_config(args, tc), dit_config(args, tc)
     tf, sf = ac.temporal_factor, ac.spatial_factor
     size = sf * (dc.patch if args.stage == "dit" else 1)

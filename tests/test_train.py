@@ -592,6 +592,29 @@ def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsy
     assert e.value.code == 2 and "Traceback" not in "".join(err) and words in err[-1], err
 
 
+def test_model_folders_and_lpips_files_are_checked_first(assets, tmp_path, monkeypatch, capsys):
+    """--vae / --init without the model's files (e.g. a run's --out for its exported model) and a missing --lpips
+    file: one line naming the folder to pass, exit code 2, before any model is loaded (not a bare errno line)."""
+    for phase in ("build_dit", "build_vae"):
+        monkeypatch.setattr(train, phase, lambda job: pytest.fail("a model was loaded"))
+    shutil.copytree(assets["vae"], tmp_path / "vaerun" / "vae")  # a VAE run's --out: its model in vae/
+    (tmp_path / "empty").mkdir()
+    run, empty = str(tmp_path / "vaerun"), str(tmp_path / "empty")
+    cases = [(dit_args(assets, tmp_path / "d", "--vae", run), f"--vae {run} holds no config.json: pass the "
+              f"exported model folder, e.g. {run}/vae"),
+             (dit_args(assets, tmp_path / "d", "--init", empty), f"--init {empty} holds no config.json: pass the "
+              f"exported model folder, e.g. runs/dit/dit"),
+             (vae_args(assets["manifest"], tmp_path / "v", "--init", run), f"--init {run} holds no "
+              f"model.safetensors: pass the exported model folder, e.g. {run}/vae"),
+             (vae_args(assets["manifest"], tmp_path / "v", "--lpips", "/nonexistent.pth"),
+              "--lpips /nonexistent.pth not found: pass local VGG16 / LPIPS weight file(s)")]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {words}"), err
+
+
 def test_read_only_out_and_i2v_settings(assets, tmp_path, monkeypatch, capsys):
     """--out on a read-only disk, simulated by os.access (tests run as root: chmod would not stop a write);
     --i2v for the VAE; an image-conditioned preset without --i2v."""
