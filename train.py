@@ -2371,6 +2371,10 @@ def demo(args):
     lap("data")
     common = ["--preset", "shapes", "--data", manifest, "--device", args.device,
               "--max-bad-steps", str(args.max_bad_steps)] + (["--resume"] if args.resume else [])
+    again = " ".join(["python train.py", *(["--out", args.out] if args.out else []),
+                      *(["--quick"] if q else []),
+                      *(["--demo-scale", f"{args.demo_scale:g}"] if args.demo_scale else []),
+                      "--resume"])  # the command that continues this demo
     # (1) §2.1 the VAE, then its gate
     vdir = os.path.join(out, "vae", "vae")
     if not os.path.exists(os.path.join(vdir, "model.safetensors")):
@@ -2378,7 +2382,7 @@ def demo(args):
         res = train(parser().parse_args(["--stage", "vae", "--out", os.path.join(out, "vae"),
                                          "--steps", vsteps, *common]))
         if res["stopped"]:
-            print("demo: stopped during VAE training; `python train.py --resume` continues")
+            print(f"demo: stopped during VAE training; `{again}` continues")
             return {}
     gate = vae_gate(vdir, manifest, n=8 if q else 48)
     print(f"demo: VAE gate: reconstructions of training clips: {counts(*gate)}")
@@ -2396,7 +2400,7 @@ def demo(args):
                                      "--steps", dsteps, "--vae", vdir, "--text-encoder", t5,
                                      "--cache", os.path.join(out, "cache"), *common]))
     if res["stopped"]:
-        print("demo: stopped during DiT training; `python train.py --resume` continues")
+        print(f"demo: stopped during DiT training; `{again}` continues")
         return {}
     lap("dit")
     # (4) DEMO_SEEDS videos per evaluation prompt, checked, with sample.PRESETS["tiny"] and the
@@ -2506,12 +2510,27 @@ def parser():
     return p
 
 
+# what demo() reads; any other option without --stage was meant for a training run
+DEMO_OPTIONS = {"out", "device", "quick", "demo_scale", "resume", "max_bad_steps"}
+
+
+def given(argv=None):
+    """The options the command line sets (their dests), defaults left out."""
+    p, unset = parser(), object()
+    ns = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(p.parse_args([])), unset)))
+    return [k for k, v in vars(ns).items() if v is not unset]
+
+
 def main(argv=None):
     """The command line -> train()'s (or demo()'s) result. Bad settings exit with 2 here; the
     script's exit code for a result is exit_code(): EXIT_STOPPED for a run stopped early."""
     args = parser().parse_args(argv)
     try:
         if args.stage is None:
+            extra = sorted(set(given(argv)) - DEMO_OPTIONS)
+            if extra:  # meant for a training run: the demo would ignore them for 15 minutes
+                raise SettingsError(f"{', '.join('--' + o.replace('_', '-') for o in extra)}: add "
+                                    f"--stage vae|dit (without it train.py runs the shapes demo)")
             threads = torch.get_num_threads()  # demo() may take one thread when busy: restore it
             try:
                 return demo(args)

@@ -1055,6 +1055,23 @@ def test_demo_quick(tmp_path, capsys):
     assert grid.height >= len(prompts) * 32  # one row per prompt
 
 
+def test_training_options_without_stage_do_not_start_the_demo(tmp_path, monkeypatch, capsys):
+    """Without --stage train.py runs the shapes demo, which reads only --out, --device, --quick, --demo-scale,
+    --resume and --max-bad-steps: any other option is refused (one line, exit code 2), not ignored for 15
+    minutes. A stopped demo names the command that continues it, with its --out."""
+    monkeypatch.setattr(train, "demo_threads", lambda: 69.0)
+    monkeypatch.setattr(data, "make_shapes", lambda *a, **k: None)
+    monkeypatch.setattr(train, "train", lambda args: {"stopped": True})  # as if stopped by a signal
+    with pytest.raises(SystemExit) as e:
+        train.main(["--preset", "tiny", "--data", "D", "--steps", "1", "--lora", "4", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == ["error: --data, --lora, --preset, --steps: add --stage vae|dit (without "
+                                         "it train.py runs the shapes demo)"], err
+    assert train.main(["--out", str(tmp_path), "--quick", "--device", "cpu"]) == {}
+    out = capsys.readouterr().out
+    assert f"stopped during VAE training; `python train.py --out {tmp_path} --quick --resume` continues" in out
+
+
 def test_demo_threads_keeps_the_faster(monkeypatch):
     """The demo times a small matmul at its thread count and at one thread and keeps the faster:
     one thread on a busy machine, all of them on an idle one, the user's OMP_NUM_THREADS always;
