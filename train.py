@@ -1034,7 +1034,13 @@ def check_numbers(args, tc, steps):
              ("--max-bad-steps", args.max_bad_steps >= 1, f"must be >= 1, got "
                                                            f"{args.max_bad_steps}"),
              ("--mlp-chunks", args.mlp_chunks >= 1, f"must be >= 1 (1 = off), got "
-                                                     f"{args.mlp_chunks}")]
+                                                     f"{args.mlp_chunks}"),
+             ("--stop-at", args.stop_at is None or args.stop_at >= 1, f"is a step >= 1, got "
+                                                                      f"{args.stop_at}"),
+             ("--simulate", args.simulate is None or args.simulate >= 1,
+              f"N is a number of ranks >= 1, got {args.simulate}"),
+             ("--peak-tflops", math.isfinite(args.peak_tflops) and args.peak_tflops > 0,
+              f"must be > 0 (e.g. 989, an H100's dense bf16), got {args.peak_tflops}")]
     for flag, ok, why in rules:
         if not ok:
             raise SettingsError(f"{flag} {why}")
@@ -2536,7 +2542,7 @@ def main(argv=None):
                 return demo(args)
             finally:
                 torch.set_num_threads(threads)
-        if args.simulate:
+        if args.simulate is not None:  # (check_numbers refuses N < 1)
             if args.real and args.simulate > 1 and "RANK" in os.environ:
                 setup(args.device, 1)
             return simulate(args, fake=not args.real)

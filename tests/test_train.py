@@ -574,6 +574,12 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--sp", "0"], "--sp must be >= 1, got 0"),
     (["--sp", "3"], "--sp 3: the tiny DiT's 4 attention heads do not divide by it"),
     (["--sp", "2"], "--sp 2 needs a multiple of 2 ranks, got 1"),
+    (["--stop-at", "0"], "--stop-at is a step >= 1, got 0"),  # it would never fire
+    (["--simulate", "0"], "--simulate N is a number of ranks >= 1, got 0"),
+    (["--simulate", "-1"], "--simulate N is a number of ranks >= 1, got -1"),
+    (["--simulate", "1", "--peak-tflops", "0"], "--peak-tflops must be > 0 (e.g. 989, an H100's dense bf16), got 0.0"),
+    (["--simulate", "1", "--peak-tflops", "-5"], "--peak-tflops must be > 0"),
+    (["--simulate", "1", "--peak-tflops", "inf"], "--peak-tflops must be > 0"),
 ])
 def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsys, extra, words):
     """Each bad value: one line naming the fix, exit code 2, before any model is loaded (issue 20)."""
