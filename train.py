@@ -1129,6 +1129,9 @@ def check(args, tc, stages, steps=(1,)):
         raise SettingsError("--i2v fine-tunes the DiT (App. A); drop it for --stage vae")
     elif args.sp > 1:
         raise SettingsError("--sp splits the DiT's tokens; the VAE's context parallel is --cp")
+    elif args.ema:  # (a preset's own EMA is the DiT's: the VAE stage leaves it)
+        raise SettingsError("--ema keeps an average of the DiT's weights; the VAE stage has none: "
+                            "drop --ema")
 
 
 def lora_settings(args):

@@ -623,10 +623,11 @@ def test_model_folders_and_lpips_files_are_checked_first(assets, tmp_path, monke
 
 def test_read_only_out_and_i2v_settings(assets, tmp_path, monkeypatch, capsys):
     """--out on a read-only disk, simulated by os.access (tests run as root: chmod would not stop a write);
-    --i2v for the VAE; an image-conditioned preset without --i2v."""
+    --i2v or --ema (it would be ignored) for the VAE; an image-conditioned preset without --i2v."""
     for phase in ("build_dit", "build_vae"):
         monkeypatch.setattr(train, phase, lambda job: pytest.fail("a model was loaded"))
     cases = [(vae_args(assets["manifest"], tmp_path / "v", "--i2v"), "--i2v fine-tunes the DiT"),
+             (vae_args(assets["manifest"], tmp_path / "v", "--ema", "0.9"), "the VAE stage has none: drop --ema"),
              (dit_args(assets, tmp_path / "d", "--preset", "cogvideox-5b-i2v", "--vae", str(tmp_path / "v16")),
               "the cogvideox-5b-i2v DiT takes an image condition: add --i2v")]
     vae.CausalVAE(vae.VAEConfig(channels=(8, 8, 8, 8), layers=1, latent=16, groups=4)).save(str(tmp_path / "v16"))
