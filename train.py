@@ -826,17 +826,19 @@ def find_checkpoint(args, total, say):
             raise SettingsError(f"--resume: {args.out} holds a run " + (
                 f"with --lora {was[0]} --lora-alpha {was[1]:g} --lora-targets {was[2]}"
                 if was else "without --lora") + "; pass the same (or another --out)")
-        was, base = st.get("lora_base"), lora_base(args)
-        if st.get("lora") and was != base:  # the adapters were trained on another base
+        # the adapters were trained on another base? (rank 0's view, as train.json is rank 0's:
+        # every rank decides alike, even with per-node copies of the base)
+        was, base = st.get("lora_base"), everyone(lora_base(args))[0] if st.get("lora") else None
+        if st.get("lora") and was != base:
             on = f"{was[0]} {was[1]}" if was else "a random base (no --init)"
             same = was and was[:2] == (base or [])[:2]
             raise SettingsError(f"--resume: {args.out} holds LoRA adapters trained on {on}"
                                 f"{' (its files have changed since)' if same else ''}; pass the "
                                 f"same (or another --out)")
         mc = st.get("model_config", {})  # App. A: an I2V DiT takes twice the latent channels
-        was = st["stage_kind"] == "dit" and mc.get("in_channels") == 2 * mc.get("out_channels", 0)
-        if was != bool(getattr(args, "i2v", False)):  # other tensor shapes
-            raise SettingsError(f"--resume: {args.out} holds a run {'with' if was else 'without'} "
+        i2v = st["stage_kind"] == "dit" and mc.get("in_channels") == 2 * mc.get("out_channels", 0)
+        if i2v != bool(getattr(args, "i2v", False)):  # other tensor shapes
+            raise SettingsError(f"--resume: {args.out} holds a run {'with' if i2v else 'without'} "
                                 f"--i2v; pass the same (or another --out)")
         if st["step"] > total:
             raise SettingsError(f"--resume: the checkpoint is at step {st['step']}, past the "
