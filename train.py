@@ -54,6 +54,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -61,13 +62,14 @@ import sys
 import time
 import weakref
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -200,6 +202,26 @@ PRESETS = {
 
 class SettingsError(ValueError):
     """Bad settings: main() prints the one-line message (which names the fix) and exits with 2."""
+
+
+@contextmanager
+def loading(flag, path, fix="copy or export it again"):
+    """A model file the user named that does not load (truncated, damaged, another model's, not a
+    weight file) -> one line naming the option and the fix (exit code 2). Only the loading calls
+    go in here: an error of training itself keeps its traceback."""
+    try:
+        yield
+    except SettingsError:
+        raise
+    except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError,
+            SafetensorError) as e:
+        why = " ".join(str(e).split())
+        if isinstance(e, pickle.UnpicklingError):  # torch's text suggests weights_only=False: no
+            why = "not a file of plain tensors"
+        tail = "" if fix in why else f"; {fix}"
+        why = why if len(why) <= 160 else why[:160] + " ..."
+        raise SettingsError(f"{flag} {path} does not load ({type(e).__name__}: {why}){tail}") \
+            from None
 
 
 # ----- distributed setup: one process, or torchrun (RANK in the environment) -----
@@ -763,8 +785,9 @@ def find_checkpoint(args, total, say):
 
     Without --resume an --out that already holds checkpoints is refused (a new run there would
     mix with the old one). With it: the folder `latest` names if intact (verify), else the newest
-    intact older one, with a warning naming both. Also refused: a checkpoint of the other --stage
-    or another --preset, and one already past the --steps asked for."""
+    intact older one, with a warning naming both. Also refused: a checkpoint of the other --stage,
+    another --preset, --lora setting or LoRA base, or --i2v, and one already past the --steps
+    asked for."""
     root = os.path.join(args.out, "ckpt")
     names = sorted(d for d in os.listdir(root) if STEP_DIR.fullmatch(d)) \
         if os.path.isdir(root) else []
@@ -803,6 +826,20 @@ def find_checkpoint(args, total, say):
             raise SettingsError(f"--resume: {args.out} holds a run " + (
                 f"with --lora {was[0]} --lora-alpha {was[1]:g} --lora-targets {was[2]}"
                 if was else "without --lora") + "; pass the same (or another --out)")
+        # the adapters were trained on another base? (rank 0's view, as train.json is rank 0's:
+        # every rank decides alike, even with per-node copies of the base)
+        was, base = st.get("lora_base"), everyone(lora_base(args))[0] if st.get("lora") else None
+        if st.get("lora") and was != base:
+            on = f"{was[0]} {was[1]}" if was else "a random base (no --init)"
+            same = was and was[:2] == (base or [])[:2]
+            raise SettingsError(f"--resume: {args.out} holds LoRA adapters trained on {on}"
+                                f"{' (its files have changed since)' if same else ''}; pass the "
+                                f"same (or another --out)")
+        mc = st.get("model_config", {})  # App. A: an I2V DiT takes twice the latent channels
+        i2v = st["stage_kind"] == "dit" and mc.get("in_channels") == 2 * mc.get("out_channels", 0)
+        if i2v != bool(getattr(args, "i2v", False)):  # other tensor shapes
+            raise SettingsError(f"--resume: {args.out} holds a run {'with' if i2v else 'without'} "
+                                f"--i2v; pass the same (or another --out)")
         if st["step"] > total:
             raise SettingsError(f"--resume: the checkpoint is at step {st['step']}, past the "
                                 f"{total} steps asked for; pass --steps adding up to more than "
@@ -999,7 +1036,13 @@ def check_numbers(args, tc, steps):
              ("--max-bad-steps", args.max_bad_steps >= 1, f"must be >= 1, got "
                                                            f"{args.max_bad_steps}"),
              ("--mlp-chunks", args.mlp_chunks >= 1, f"must be >= 1 (1 = off), got "
-                                                     f"{args.mlp_chunks}")]
+                                                     f"{args.mlp_chunks}"),
+             ("--stop-at", args.stop_at is None or args.stop_at >= 1, f"is a step >= 1, got "
+                                                                      f"{args.stop_at}"),
+             ("--simulate", args.simulate is None or args.simulate >= 1,
+              f"N is a number of ranks >= 1, got {args.simulate}"),
+             ("--peak-tflops", math.isfinite(args.peak_tflops) and args.peak_tflops > 0,
+              f"must be > 0 (e.g. 989, an H100's dense bf16), got {args.peak_tflops}")]
     for flag, ok, why in rules:
         if not ok:
             raise SettingsError(f"{flag} {why}")
@@ -1045,6 +1088,21 @@ def check(args, tc, stages, steps=(1,)):
         p = getattr(args, name, None)
         if p and not os.path.isdir(p):
             raise SettingsError(f"--{name.replace('_', '-')} {p!r} is not a folder")
+    # model folders as exported (e.g. a run's --out holds its model in out/vae or out/dit)
+    sub = "vae" if args.stage == "vae" else "dit"
+    for flag, p, need, inside in (("--vae", args.vae, ("config.json",), "vae"),
+                                  ("--init", args.init, ("model.safetensors",) if sub == "vae"
+                                   else ("config.json", "transformer/config.json"), sub)):
+        if p and not any(os.path.isfile(os.path.join(p, f)) for f in need):
+            there = os.path.join(p, inside)  # a run's --out given for its exported model
+            e_g = there if os.path.isfile(os.path.join(there, need[0])) else \
+                f"runs/{inside}/{inside}"
+            raise SettingsError(f"{flag} {p} holds no {need[0]}: pass the exported model folder, "
+                                f"e.g. {e_g}")
+    for f in (args.lpips.split(",") if getattr(args, "lpips", None) else []):
+        if not os.path.isfile(f):
+            raise SettingsError(f"--lpips {f} not found: pass local VGG16 / LPIPS weight file(s) "
+                                f"(.safetensors or .pth, comma-separated)")
     ac, dc = vae_config(args, tc), dit_config(args, tc)
     tf, sf = ac.temporal_factor, ac.spatial_factor
     size = sf * (dc.patch if args.stage == "dit" else 1)
@@ -1073,6 +1131,9 @@ def check(args, tc, stages, steps=(1,)):
         raise SettingsError("--i2v fine-tunes the DiT (App. A); drop it for --stage vae")
     elif args.sp > 1:
         raise SettingsError("--sp splits the DiT's tokens; the VAE's context parallel is --cp")
+    elif args.ema:  # (a preset's own EMA is the DiT's: the VAE stage leaves it)
+        raise SettingsError("--ema keeps an average of the DiT's weights; the VAE stage has none: "
+                            "drop --ema")
 
 
 def lora_settings(args):
@@ -1080,6 +1141,18 @@ def lora_settings(args):
     if not getattr(args, "lora", None):
         return None
     return [args.lora, float(args.lora_alpha or args.lora), args.lora_targets or "attn"]
+
+
+def lora_base(args):
+    """A LoRA run's frozen base: [option, folder, data.model_id of its weights], or None (no
+    --lora, or a random base). Its checkpoints hold the adapters only and the base is read again
+    at each start, so a resume must name the same one."""
+    if not getattr(args, "lora", None) or not (args.init or args.init_diffusers):
+        return None
+    if args.init:
+        return ["--init", os.path.abspath(args.init), data.model_id(args.init)]
+    return ["--init-diffusers", os.path.abspath(args.init_diffusers),
+            data.model_id(os.path.join(args.init_diffusers, "transformer"))]
 
 
 def check_lora(args, dc):
@@ -1127,6 +1200,10 @@ def check_dit(args, tc, stages, ac, dc):
         raise SettingsError("--stage dit needs --vae DIR (its latents and scaling factor) and "
                             "--text-encoder DIR (or a --cache DIR already holding the text "
                             "embeddings)")
+    if not args.simulate and args.cache and not args.text_encoder and not recorded_t5(args.cache):
+        raise SettingsError(f"--cache {args.cache} names no text encoder (a run with "
+                            f"--text-encoder records the T5 that filled it): add "
+                            f"--text-encoder DIR")
     if args.attn == "flex" and torch.device(args.device).type == "cpu":
         raise SettingsError("--attn flex needs a GPU (FlexAttention has no backward on CPU); "
                             "use --attn segments or auto")
@@ -1154,6 +1231,19 @@ def check_dit(args, tc, stages, ac, dc):
             raise SettingsError(f"--max-tokens {max_tokens}: a stage-{i} sample can need {need} "
                                 f"tokens ({max(st.frames)} frames at the largest size); use >= "
                                 f"{need}, or 0 (the largest sample)")
+
+
+T5_RECORD = "text_encoder.json"  # in a --cache: the T5 whose embeddings it holds
+
+
+def recorded_t5(cache):
+    """The data.model_id of the T5 whose caption embeddings --cache holds, as recorded by the run
+    that embedded them (build_dit), or None: a later run may leave out --text-encoder."""
+    try:
+        with open(os.path.join(cache, T5_RECORD)) as f:
+            return json.load(f)["id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def make_dit(args, tc, device):
@@ -1198,12 +1288,15 @@ def dit_source(args, model, seed, say=print):
     from safetensors import safe_open
     own = {k: tuple(t.shape) for k, t in [*model.named_parameters(), *model.named_buffers()]}
     path = os.path.join(init, "model.safetensors")
+    flag = "--init" if args.init else "--init-diffusers"
     if os.path.exists(path):
-        f = safe_open(path, framework="pt")
-        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        with loading(flag, init):
+            f = safe_open(path, framework="pt")
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         read = lambda k, index: f.get_slice(k)[index]
     else:
-        sd = dit.ExpertDiT.from_diffusers(init).state_dict()
+        with loading(flag, init):
+            sd = dit.ExpertDiT.from_diffusers(init).state_dict()
         have = {k: tuple(v.shape) for k, v in sd.items()}
         read = lambda k, index: sd.pop(k)[index]  # each tensor is asked for once
     C, p2 = model.cfg.in_channels, model.cfg.patch_t * model.cfg.patch ** 2  # 1.5: pt·p·p
@@ -1243,16 +1336,30 @@ def build_dit(job):
         job.say(f"LoRA rank {args.lora} (alpha {args.lora_alpha or args.lora}) on "
                 f"{args.lora_targets or 'attn'}: {n:,} trainable parameters, "
                 f"{sum(p.numel() for p in model.parameters()) - n:,} frozen")
+    job.cache = data.LatentCache(args.cache) if args.cache else None
+    # the captions' embeddings are keyed by the T5's id: without --text-encoder, the one the
+    # cache records (check_dit made sure there is one), and then every caption must be there
+    t5 = data.model_id(args.text_encoder) if args.text_encoder else \
+        recorded_t5(args.cache) if args.cache else None
+    t5 = f"{t5}|{model.cfg.text_len}" if t5 else ""
+    if job.cache is not None and not args.text_encoder:
+        miss = [c for c in sorted({e["caption"] for e in job.entries})
+                if not job.cache.has(job.cache.text_key(c, t5))]
+        if miss:
+            raise SettingsError(f"--cache {args.cache} holds no text embedding of {len(miss)} "
+                                f"caption(s) (e.g. {miss[0]!r}) for this DiT: add "
+                                f"--text-encoder DIR")
     with open(os.path.join(args.vae, "config.json")) as f:  # ours, or a released vae/ folder
         released = "_class_name" in json.load(f)
-    ae = vae.CausalVAE.from_diffusers(args.vae) if released else vae.CausalVAE.load(args.vae)
+    with loading("--vae", args.vae):
+        ae = vae.CausalVAE.from_diffusers(args.vae) if released else vae.CausalVAE.load(args.vae)
     job.ae = ae.to(device).eval().requires_grad_(False)
     if device.type == "cuda":  # the frozen VAE only encodes: bf16 halves its activations
         job.ae.to(torch.bfloat16)
     if args.text_encoder:
-        job.text = dit.TextEncoder(args.text_encoder, device=device, max_length=model.cfg.text_len)
-    job.cache = data.LatentCache(args.cache) if args.cache else None
-    t5 = f"{data.model_id(args.text_encoder)}|{model.cfg.text_len}" if args.text_encoder else ""
+        with loading("--text-encoder", args.text_encoder):
+            job.text = dit.TextEncoder(args.text_encoder, device=device,
+                                       max_length=model.cfg.text_len)
     job.ids = (data.model_id(args.vae), t5)
     # the data path's main-process half: encodes what the loader's workers decode (enter_stage)
     job.encoder = data.LatentEncoder(job.ae, job.text, job.cache, job.ids,
@@ -1260,6 +1367,10 @@ def build_dit(job):
     job.cfg, job.model, job.parts = model.cfg, model, {"dit": model}
     if job.cache is not None and job.text is not None:
         embed_captions(job)
+        if job.rank == 0:  # a later run on this cache may leave out --text-encoder
+            write_text(os.path.join(args.cache, T5_RECORD), json.dumps(
+                {"text_encoder": os.path.abspath(args.text_encoder),
+                 "id": data.model_id(args.text_encoder)}))
 
 
 def embed_captions(job):
@@ -1282,11 +1393,14 @@ def build_vae(job):
     job.cfg = cfg = vae.VAE_PRESETS[tc.vae]
     model = vae.CausalVAE(cfg)
     if args.init:
-        model.load_state_dict(load_file(os.path.join(args.init, "model.safetensors")))
+        with loading("--init", args.init, f"pass a --stage vae model folder of the {args.preset} "
+                     f"preset (e.g. runs/vae/vae), or copy or export it again"):
+            model.load_state_dict(load_file(os.path.join(args.init, "model.safetensors")))
     # built on the CPU; moved only to another device (a no-op move of fake tensors would fail)
     move = (lambda m: m) if device.type == "cpu" else (lambda m: m.to(device))
     job.disc = move(vae.Discriminator3D(tc.disc_ch))
-    lpips = vae.load_lpips(args.lpips) if job.rank == 0 or args.lpips else None
+    with loading("--lpips", args.lpips, "pass VGG16 / LPIPS weights (.safetensors, .pth)"):
+        lpips = vae.load_lpips(args.lpips) if job.rank == 0 or args.lpips else None
     job.lpips = move(lpips) if lpips is not None else None
     job.ae, job.model, job.parts = model, move(model), {"vae": model, "disc": job.disc}
 
@@ -1468,10 +1582,7 @@ def write_export(job, ema, zstat):
         for name, src in (("vae", args.vae), ("text_encoder", args.text_encoder)):
             if src and os.path.abspath(src) != os.path.abspath(os.path.join(out, name)):
                 shutil.copytree(src, os.path.join(out, name), dirs_exist_ok=True)
-        last = job.stages[-1]
-        H, W = last.resolutions[0]
-        meta = {"num_frames": max(last.frames), "height": H, "width": W, "fps": last.fps or 8.0,
-                "snr_shift_scale": job.tc.snr_shift}
+        meta = sample_meta(job.tc, job.stages[-1])
         write_text(os.path.join(out, "sample.json"), json.dumps(meta, indent=1))
         return
     n, s1, s2, var = all_sum(zstat).tolist()
@@ -1481,6 +1592,18 @@ def write_export(job, ema, zstat):
             model.cfg = replace(model.cfg, scaling_factor=1.0 / std)
             job.say(f"vae: scaling_factor = {model.cfg.scaling_factor:.4f} (1 / std of the latents)")
         model.save(os.path.join(out, "vae"), state_dict=sd)
+
+
+def sample_meta(tc, last):
+    """sample.json: the sampling settings of the trained DiT's family (sample.PRESETS: steps,
+    sampler, guidance; an I2V DiT samples as its T2V, the shapes demo's as "tiny") with the clip
+    size and rate of the last stage and the SNR shift trained with. sample.load_ckpt starts from
+    PRESETS["tiny"]: without these a 5B would sample with the toy's 20 steps and CFG 4."""
+    import sample
+    base = sample.PRESETS.get(tc.dit.removesuffix("-i2v"), sample.PRESETS["tiny"])
+    H, W = last.resolutions[0]
+    return dict(asdict(base), num_frames=max(last.frames), height=H, width=W,
+                fps=last.fps or 8.0, snr_shift_scale=tc.snr_shift)
 
 
 # ----- the training loop -----
@@ -1639,10 +1762,11 @@ def train(args):
 
 def run_settings(job):
     """What a checkpoint records about the run besides its position: resume refuses another
-    preset, stage kind or LoRA setting by these."""
+    preset, stage kind, LoRA setting or base, or --i2v (model_config's channels) by these."""
     args = job.args
     return {"preset": args.preset, "stage_kind": args.stage, "world": job.world,
-            "lora": lora_settings(args), "config": asdict(job.tc), "model_config": asdict(job.cfg)}
+            "lora": lora_settings(args), "lora_base": lora_base(args), "config": asdict(job.tc),
+            "model_config": asdict(job.cfg)}
 
 
 def layout(job):
@@ -2258,6 +2382,10 @@ def demo(args):
     lap("data")
     common = ["--preset", "shapes", "--data", manifest, "--device", args.device,
               "--max-bad-steps", str(args.max_bad_steps)] + (["--resume"] if args.resume else [])
+    again = " ".join(["python train.py", *(["--out", args.out] if args.out else []),
+                      *(["--quick"] if q else []),
+                      *(["--demo-scale", f"{args.demo_scale:g}"] if args.demo_scale else []),
+                      "--resume"])  # the command that continues this demo
     # (1) §2.1 the VAE, then its gate
     vdir = os.path.join(out, "vae", "vae")
     if not os.path.exists(os.path.join(vdir, "model.safetensors")):
@@ -2265,7 +2393,7 @@ def demo(args):
         res = train(parser().parse_args(["--stage", "vae", "--out", os.path.join(out, "vae"),
                                          "--steps", vsteps, *common]))
         if res["stopped"]:
-            print("demo: stopped during VAE training; `python train.py --resume` continues")
+            print(f"demo: stopped during VAE training; `{again}` continues")
             return {}
     gate = vae_gate(vdir, manifest, n=8 if q else 48)
     print(f"demo: VAE gate: reconstructions of training clips: {counts(*gate)}")
@@ -2283,7 +2411,7 @@ def demo(args):
                                      "--steps", dsteps, "--vae", vdir, "--text-encoder", t5,
                                      "--cache", os.path.join(out, "cache"), *common]))
     if res["stopped"]:
-        print("demo: stopped during DiT training; `python train.py --resume` continues")
+        print(f"demo: stopped during DiT training; `{again}` continues")
         return {}
     lap("dit")
     # (4) DEMO_SEEDS videos per evaluation prompt, checked, with sample.PRESETS["tiny"] and the
@@ -2393,18 +2521,33 @@ def parser():
     return p
 
 
+# what demo() reads; any other option without --stage was meant for a training run
+DEMO_OPTIONS = {"out", "device", "quick", "demo_scale", "resume", "max_bad_steps"}
+
+
+def given(argv=None):
+    """The options the command line sets (their dests), defaults left out."""
+    p, unset = parser(), object()
+    ns = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(p.parse_args([])), unset)))
+    return [k for k, v in vars(ns).items() if v is not unset]
+
+
 def main(argv=None):
     """The command line -> train()'s (or demo()'s) result. Bad settings exit with 2 here; the
     script's exit code for a result is exit_code(): EXIT_STOPPED for a run stopped early."""
     args = parser().parse_args(argv)
     try:
         if args.stage is None:
+            extra = sorted(set(given(argv)) - DEMO_OPTIONS)
+            if extra:  # meant for a training run: the demo would ignore them for 15 minutes
+                raise SettingsError(f"{', '.join('--' + o.replace('_', '-') for o in extra)}: add "
+                                    f"--stage vae|dit (without it train.py runs the shapes demo)")
             threads = torch.get_num_threads()  # demo() may take one thread when busy: restore it
             try:
                 return demo(args)
             finally:
                 torch.set_num_threads(threads)
-        if args.simulate:
+        if args.simulate is not None:  # (check_numbers refuses N < 1)
             if args.real and args.simulate > 1 and "RANK" in os.environ:
                 setup(args.device, 1)
             return simulate(args, fake=not args.real)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import data
 import dit
+import sample
 import train
 import vae
 
@@ -96,10 +97,29 @@ def test_dit_two_progressive_stages_one_process(assets, tmp_path, capsys):
     net = dit.ExpertDiT.load(str(tmp_path / "dit"))  # exported for sample.py, with vae/, text_encoder/, sample.json
     assert net.cfg == dit.DIT_PRESETS["tiny"]
     assert (tmp_path / "vae" / "model.safetensors").exists() and (tmp_path / "text_encoder").is_dir()
-    assert json.load(open(tmp_path / "sample.json"))["height"] == 32
+    meta, tiny = json.load(open(tmp_path / "sample.json")), sample.PRESETS["tiny"]
+    assert meta["height"] == 32 and meta["width"] == 32
+    assert (meta["steps"], meta["sampler"], meta["cfg"], meta["cfg_min_t"]) == (20, "ddim", 4.0, 400) == \
+        (tiny.steps, tiny.sampler, tiny.cfg, tiny.cfg_min_t)  # the preset the tiny DiT samples with
     assert (tmp_path / "ckpt" / "latest").read_text() == "step_0000004"
     mode = lambda f: os.stat(tmp_path / "dit" / f).st_mode & 0o777  # weights as readable as their config
     assert mode("model.safetensors") == mode("config.json") == 0o666 & ~data.UMASK
+
+
+def test_sample_json_holds_the_sampling_preset_of_the_dit():
+    """sample.json: a released-size DiT's sampling settings, not the toy's (sample.load_ckpt starts from "tiny"); an
+    I2V DiT samples as its T2V; the clip and the SNR shift are the last stage's."""
+    for preset, want in (("cogvideox-5b-i2v", "cogvideox-5b"), ("cogvideox-2b", "cogvideox-2b"),
+                         ("cogvideox1.5-5b-i2v", "cogvideox1.5-5b"), ("shapes", "tiny")):
+        tc = train.PRESETS[preset]
+        last = tc.dit_stages[-1]
+        meta, ref = train.sample_meta(tc, last), sample.PRESETS[want]
+        assert (meta["steps"], meta["sampler"], meta["cfg"], meta["cfg_min_t"]) == \
+            (ref.steps, ref.sampler, ref.cfg, ref.cfg_min_t), preset
+        assert (meta["num_frames"], [meta["height"], meta["width"]], meta["snr_shift_scale"]) == \
+            (max(last.frames), list(last.resolutions[0]), tc.snr_shift)
+    assert train.sample_meta(train.PRESETS["cogvideox-5b-i2v"], last)["sampler"] == "dpm"
+    assert sample.SampleConfig(**train.sample_meta(train.PRESETS["cogvideox-2b"], last)).snr_shift_scale == 3.0
 
 
 def test_vae_steps_one_process_with_discriminator(assets, tmp_path, capsys):
@@ -113,11 +133,14 @@ def test_vae_steps_one_process_with_discriminator(assets, tmp_path, capsys):
     assert "px/s" in capsys.readouterr().out
 
 
-def test_i2v_and_bucket_modes(assets, tmp_path):
+def test_i2v_and_bucket_modes(assets, tmp_path, capsys):
     """--i2v: the DiT takes [noisy; image] latents (2C channels); --bucket: the released one-shape batches."""
     train.main(dit_args(assets, tmp_path / "i2v", *SMALL, "--steps", "1", "--i2v"))
     net = dit.ExpertDiT.load(str(tmp_path / "i2v" / "dit"))
     assert net.cfg.in_channels == 2 * net.cfg.out_channels
+    with pytest.raises(SystemExit) as e:  # resumed without --i2v: other tensor shapes, refused up front
+        train.main(dit_args(assets, tmp_path / "i2v", *SMALL, "--steps", "1", "--resume"))
+    assert e.value.code == 2 and "holds a run with --i2v; pass the same" in capsys.readouterr().err
     train.main(dit_args(assets, tmp_path / "bucket", *SMALL, "--steps", "1", "--bucket", "--batch", "2",
                         "--grad-checkpoint"))
     assert all("packing" not in r and math.isfinite(r["loss"]) for r in log(tmp_path / "bucket"))
@@ -405,6 +428,7 @@ def test_empty_or_garbled_latest_takes_the_newest_intact(three_ckpts, tmp_path, 
 @pytest.mark.parametrize("extra, words", [
     ([], "already holds a run (checkpoints up to step_0000003): add --resume to continue it, or pick another --out"),
     (["--resume", "--steps", "1"], "the checkpoint is at step 3, past the 2 steps asked for"),
+    (["--resume", "--i2v"], "holds a run without --i2v; pass the same (or another --out)"),
 ])
 def test_rerun_refusals_keep_the_run(assets, three_ckpts, capsys, extra, words):
     """A second run into the same --out without --resume, or a --resume with fewer steps than done: one line,
@@ -422,6 +446,31 @@ def test_resume_with_the_wrong_stage_names_the_checkpoints(assets, three_ckpts, 
     with pytest.raises(SystemExit) as e:
         train.main(vae_args(assets["manifest"], three_ckpts, "--resume"))
     assert e.value.code == 2 and "holds a --stage dit --preset tiny run" in capsys.readouterr().err
+
+
+def test_resume_of_a_lora_run_needs_the_same_base(assets, tmp_path, capsys):
+    """A LoRA checkpoint holds the adapters only; the frozen base is read from --init at each start. A resume
+    without it, with another base, or with its files changed since: one line, exit code 2; with the same: on."""
+    for name in ("base", "other"):
+        dit.ExpertDiT(dit.DIT_PRESETS["tiny"]).save(str(tmp_path / name))
+    lora = [*SMALL, "--steps", "1", "--lora", "2"]
+    out, base = tmp_path / "run", str(tmp_path / "base")
+    assert train.main(dit_args(assets, out, *lora, "--init", base, "--stop-at", "1"))["stopped"]
+    capsys.readouterr()
+    for extra, words in (([], f"holds LoRA adapters trained on --init {base}; pass the same"),
+                         (["--init", str(tmp_path / "other")], f"trained on --init {base}; pass"),
+                         (["--init", base], f"trained on --init {base} (its files have changed since)")):
+        if extra == ["--init", base]:  # the same folder, its weights written again
+            dit.ExpertDiT(dit.DIT_PRESETS["tiny"]).save(base)
+        with pytest.raises(SystemExit) as e:
+            train.main(dit_args(assets, out, *lora, *extra, "--resume"))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and words in err[-1], err
+    st = json.load(open(out / "ckpt" / "step_0000001" / "train.json"))
+    st["lora_base"][2] = data.model_id(base)  # as if written with today's base: resumes
+    st["check"] = train.digest(st)
+    (out / "ckpt" / "step_0000001" / "train.json").write_text(json.dumps(st))
+    assert train.main(dit_args(assets, out, *lora, "--init", base, "--resume"))["step"] == 2
 
 
 def test_pruning_never_removes_the_new_checkpoint(tmp_path):
@@ -525,6 +574,12 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--sp", "0"], "--sp must be >= 1, got 0"),
     (["--sp", "3"], "--sp 3: the tiny DiT's 4 attention heads do not divide by it"),
     (["--sp", "2"], "--sp 2 needs a multiple of 2 ranks, got 1"),
+    (["--stop-at", "0"], "--stop-at is a step >= 1, got 0"),  # it would never fire
+    (["--simulate", "0"], "--simulate N is a number of ranks >= 1, got 0"),
+    (["--simulate", "-1"], "--simulate N is a number of ranks >= 1, got -1"),
+    (["--simulate", "1", "--peak-tflops", "0"], "--peak-tflops must be > 0 (e.g. 989, an H100's dense bf16), got 0.0"),
+    (["--simulate", "1", "--peak-tflops", "-5"], "--peak-tflops must be > 0"),
+    (["--simulate", "1", "--peak-tflops", "inf"], "--peak-tflops must be > 0"),
 ])
 def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsys, extra, words):
     """Each bad value: one line naming the fix, exit code 2, before any model is loaded (issue 20)."""
@@ -543,12 +598,36 @@ def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsy
     assert e.value.code == 2 and "Traceback" not in "".join(err) and words in err[-1], err
 
 
+def test_model_folders_and_lpips_files_are_checked_first(assets, tmp_path, monkeypatch, capsys):
+    """--vae / --init without the model's files (e.g. a run's --out for its exported model) and a missing --lpips
+    file: one line naming the folder to pass, exit code 2, before any model is loaded (not a bare errno line)."""
+    for phase in ("build_dit", "build_vae"):
+        monkeypatch.setattr(train, phase, lambda job: pytest.fail("a model was loaded"))
+    shutil.copytree(assets["vae"], tmp_path / "vaerun" / "vae")  # a VAE run's --out: its model in vae/
+    (tmp_path / "empty").mkdir()
+    run, empty = str(tmp_path / "vaerun"), str(tmp_path / "empty")
+    cases = [(dit_args(assets, tmp_path / "d", "--vae", run), f"--vae {run} holds no config.json: pass the "
+              f"exported model folder, e.g. {run}/vae"),
+             (dit_args(assets, tmp_path / "d", "--init", empty), f"--init {empty} holds no config.json: pass the "
+              f"exported model folder, e.g. runs/dit/dit"),
+             (vae_args(assets["manifest"], tmp_path / "v", "--init", run), f"--init {run} holds no "
+              f"model.safetensors: pass the exported model folder, e.g. {run}/vae"),
+             (vae_args(assets["manifest"], tmp_path / "v", "--lpips", "/nonexistent.pth"),
+              "--lpips /nonexistent.pth not found: pass local VGG16 / LPIPS weight file(s)")]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {words}"), err
+
+
 def test_read_only_out_and_i2v_settings(assets, tmp_path, monkeypatch, capsys):
     """--out on a read-only disk, simulated by os.access (tests run as root: chmod would not stop a write);
-    --i2v for the VAE; an image-conditioned preset without --i2v."""
+    --i2v or --ema (it would be ignored) for the VAE; an image-conditioned preset without --i2v."""
     for phase in ("build_dit", "build_vae"):
         monkeypatch.setattr(train, phase, lambda job: pytest.fail("a model was loaded"))
     cases = [(vae_args(assets["manifest"], tmp_path / "v", "--i2v"), "--i2v fine-tunes the DiT"),
+             (vae_args(assets["manifest"], tmp_path / "v", "--ema", "0.9"), "the VAE stage has none: drop --ema"),
              (dit_args(assets, tmp_path / "d", "--preset", "cogvideox-5b-i2v", "--vae", str(tmp_path / "v16")),
               "the cogvideox-5b-i2v DiT takes an image condition: add --i2v")]
     vae.CausalVAE(vae.VAEConfig(channels=(8, 8, 8, 8), layers=1, latent=16, groups=4)).save(str(tmp_path / "v16"))
@@ -568,6 +647,63 @@ def test_dit_needs_vae_and_text_encoder(assets, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--stage", "dit", "--data", assets["manifest"], "--out", str(tmp_path)])
     assert e.value.code == 2 and "--vae" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, words", [
+    ("vae-init-dit", "pass a --stage vae model folder of the tiny preset"),
+    ("vae-truncated", "model.safetensors: not a readable safetensors file"),
+    ("init-truncated", "(SafetensorError: "),
+    ("t5-truncated", "copy or export it again"),
+    ("lpips-not-torch", "(UnpicklingError: "),
+])
+def test_damaged_or_wrong_model_files_exit_2(assets, tmp_path, capsys, case, words):
+    """A truncated or wrong model file (--vae, --init, --text-encoder, --lpips): one line naming the option,
+    the folder and the fix, exit code 2, no traceback."""
+    def cut(src):  # a copy of the model folder src with its model.safetensors cut to half
+        shutil.copytree(src, tmp_path / "cut")
+        truncate(tmp_path / "cut" / "model.safetensors", 0.5)
+        return str(tmp_path / "cut")
+    dit.ExpertDiT(dit.DIT_PRESETS["tiny"]).save(str(tmp_path / "dit"))
+    (tmp_path / "notes.pth").write_text("not a weight file\n")
+    if case == "vae-init-dit":
+        flag, path = "--init", str(tmp_path / "dit")
+        argv = vae_args(assets["manifest"], tmp_path / "run", "--init", path)
+    elif case == "lpips-not-torch":
+        flag, path = "--lpips", str(tmp_path / "notes.pth")
+        argv = vae_args(assets["manifest"], tmp_path / "run", "--lpips", path)
+    else:
+        flag, src = {"vae-truncated": ("--vae", assets["vae"]), "init-truncated": ("--init", tmp_path / "dit"),
+                     "t5-truncated": ("--text-encoder", assets["t5"])}[case]
+        path = cut(src)
+        argv = dit_args(assets, tmp_path / "run", *SMALL, "--steps", "1", "--cache", str(tmp_path / "cache"),
+                        flag, path)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith(f"error: {flag} {path} does not load (") and words in err[0], err
+
+
+def test_cache_without_text_encoder_uses_the_t5_it_records(assets, tmp_path, capsys):
+    """A run with --text-encoder and --cache records that T5 in the cache; a later run on the same cache may leave
+    --text-encoder out (its captions' embeddings are keyed by the T5's id). A cache that records no T5, or lacks a
+    caption's embedding: one line naming --text-encoder, exit code 2."""
+    cache = str(tmp_path / "cache")
+    no_t5 = lambda argv: [a for i, a in enumerate(argv) if "--text-encoder" not in argv[max(0, i - 1):i + 1]]
+    with pytest.raises(SystemExit) as e:  # an empty cache: nothing recorded
+        train.main(no_t5(dit_args(assets, tmp_path / "a", *SMALL, "--steps", "1", "--cache", cache)))
+    assert e.value.code == 2 and "names no text encoder" in capsys.readouterr().err.strip().splitlines()[-1]
+    train.main(dit_args(assets, tmp_path / "b", *SMALL, "--steps", "1", "--cache", cache))
+    res = train.main(no_t5(dit_args(assets, tmp_path / "c", *SMALL, "--steps", "1", "--cache", cache)))
+    assert res["step"] == 2 and all(math.isfinite(v) for v in res["losses"])
+    entries = data.read_manifest(assets["manifest"])
+    entries[0]["caption"] = "a caption never embedded"
+    data.write_manifest(entries, str(tmp_path / "m.jsonl"))
+    with pytest.raises(SystemExit) as e:
+        train.main(no_t5(dit_args(dict(assets, manifest=str(tmp_path / "m.jsonl")), tmp_path / "d", *SMALL,
+                                  "--steps", "1", "--cache", cache)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "holds no text embedding of 1 caption(s) (e.g. 'a caption never" in err[-1], err
 
 
 def test_nan_loss_skips_the_step_then_stops(assets, tmp_path, monkeypatch, capsys):
@@ -924,6 +1060,23 @@ def test_demo_quick(tmp_path, capsys):
     assert name in videos
     grid = PIL.Image.open(tmp_path / "samples" / "grid.png")
     assert grid.height >= len(prompts) * 32  # one row per prompt
+
+
+def test_training_options_without_stage_do_not_start_the_demo(tmp_path, monkeypatch, capsys):
+    """Without --stage train.py runs the shapes demo, which reads only --out, --device, --quick, --demo-scale,
+    --resume and --max-bad-steps: any other option is refused (one line, exit code 2), not ignored for 15
+    minutes. A stopped demo names the command that continues it, with its --out."""
+    monkeypatch.setattr(train, "demo_threads", lambda: 69.0)
+    monkeypatch.setattr(data, "make_shapes", lambda *a, **k: None)
+    monkeypatch.setattr(train, "train", lambda args: {"stopped": True})  # as if stopped by a signal
+    with pytest.raises(SystemExit) as e:
+        train.main(["--preset", "tiny", "--data", "D", "--steps", "1", "--lora", "4", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == ["error: --data, --lora, --preset, --steps: add --stage vae|dit (without "
+                                         "it train.py runs the shapes demo)"], err
+    assert train.main(["--out", str(tmp_path), "--quick", "--device", "cpu"]) == {}
+    out = capsys.readouterr().out
+    assert f"stopped during VAE training; `python train.py --out {tmp_path} --quick --resume` continues" in out
 
 
 def test_demo_threads_keeps_the_faster(monkeypatch):
