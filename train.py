@@ -829,7 +829,10 @@ def find_checkpoint(args, total, say):
         # the adapters were trained on another base? (rank 0's view, as train.json is rank 0's:
         # every rank decides alike, even with per-node copies of the base)
         was, base = st.get("lora_base"), everyone(lora_base(args))[0] if st.get("lora") else None
-        if st.get("lora") and was != base:
+        if st.get("lora") and "lora_base" not in st:  # written before bases were recorded
+            say("warning: --resume: this checkpoint does not record its LoRA base; make sure "
+                "--init / --init-diffusers name the one it was trained on", file=sys.stderr)
+        elif st.get("lora") and was != base:
             on = f"{was[0]} {was[1]}" if was else "a random base (no --init)"
             same = was and was[:2] == (base or [])[:2]
             raise SettingsError(f"--resume: {args.out} holds LoRA adapters trained on {on}"

@@ -467,6 +467,13 @@ def test_resume_of_a_lora_run_needs_the_same_base(assets, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and words in err[-1], err
     st = json.load(open(out / "ckpt" / "step_0000001" / "train.json"))
+    old = dict(st)  # a checkpoint written before bases were recorded: resumes, with a warning
+    del old["lora_base"]
+    old["check"] = train.digest(old)
+    shutil.copytree(out, tmp_path / "old")
+    (tmp_path / "old" / "ckpt" / "step_0000001" / "train.json").write_text(json.dumps(old))
+    assert train.main(dit_args(assets, tmp_path / "old", *lora, "--init", base, "--resume"))["step"] == 2
+    assert "does not record its LoRA base" in capsys.readouterr().err
     st["lora_base"][2] = data.model_id(base)  # as if written with today's base: resumes
     st["check"] = train.digest(st)
     (out / "ckpt" / "step_0000001" / "train.json").write_text(json.dumps(st))
