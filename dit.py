@@ -713,7 +713,12 @@ def _read_json(path):
 
 def load_config(folder):
     """Our checkpoint folder's DiTConfig, from its config.json alone (no weights read)."""
-    return _config(_read_json(Path(folder, "config.json")))
+    d = _read_json(Path(folder, "config.json"))
+    if "_class_name" in d:
+        raise ValueError(f"{folder} holds a diffusers {d['_class_name']}, not one of our "
+                         "checkpoints: load it with ExpertDiT.from_diffusers (sample.py "
+                         "--model-dir)")
+    return _config(d)
 
 
 def _config(d):
@@ -731,6 +736,11 @@ def diffusers_folder_config(folder, **overrides):
     if (folder / "transformer" / "config.json").exists():
         folder = folder / "transformer"
     dc = _read_json(folder / "config.json")
+    if dc.get("_class_name") != "CogVideoXTransformer3DModel":  # e.g. the vae/ next to it
+        raise ValueError(f"{folder}: config.json describes "
+                         f"{dc.get('_class_name', 'no diffusers model')!r}, not "
+                         "'CogVideoXTransformer3DModel'; pass the released model's folder or its "
+                         "transformer/ (our own checkpoints load with ExpertDiT.load)")
     return folder, _config({**_diffusers_config(dc), **overrides})
 
 
@@ -969,13 +979,14 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         """x (..., in) -> (..., out)."""
         y = F.linear(x, self.weight, self.bias)                       # (..., out)
-        u = F.linear(x, self.lora_A)                                 # (..., P·r)
+        # the adapters stay float32 over a bf16 base (add_lora): cast in, and the update back
+        u = F.linear(x.to(self.lora_A.dtype), self.lora_A)           # (..., P·r)
         if self.parts == 1:
             d = F.linear(u, self.lora_B)                             # (..., out)
         else:  # part p: its r columns of u through its out/P rows of B
             d = torch.cat([F.linear(up, bp) for up, bp in               # (..., out)
                            zip(u.chunk(self.parts, -1), self.lora_B.chunk(self.parts))], -1)
-        return torch.add(y, d, alpha=self.scale)
+        return torch.add(y, d.to(y.dtype), alpha=self.scale)
 
     def delta(self):
         """scale · [B_1 A_1; ...; B_P A_P] (out, in) in float32: what merging adds to W."""
@@ -1041,7 +1052,8 @@ def lora_state(model, state_dict=None):
         A = sd[f"{name}.lora_A"].detach().cpu().chunk(m.parts)       # P x (r, in)
         B = sd[f"{name}.lora_B"].detach().cpu().chunk(m.parts)       # P x (out/P, r)
         for theirs, a, b in zip(names[name], A, B):
-            if name == "patch":  # the Conv2d's shapes: A (r, C, p, p), B (D, r, 1, 1)
+            # the 1.0 release's Conv2d shapes: A (r, C, p, p), B (D, r, 1, 1); 1.5's is a Linear
+            if name == "patch" and model.cfg.patch_t == 1:
                 a, b = a.reshape(m.r, -1, p, p), b[:, :, None, None]
             out[f"transformer.{theirs}.lora_A.weight"] = a.contiguous()
             out[f"transformer.{theirs}.lora_B.weight"] = b.contiguous()
@@ -1312,12 +1324,13 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.batch < 1:
         ap.error(f"--batch must be >= 1, got {a.batch}")
+    import data  # the CLIs' one device check; imported here so dit.py stays importable alone
     try:
-        torch.device(a.device)
-    except RuntimeError:
-        ap.error(f"--device {a.device!r} is not a device: use cpu, cuda or cuda:N")
+        data.check_device(a.device)
+    except ValueError as e:
+        ap.error(str(e))
     cfg, count = DIT_PRESETS[a.preset], lambda m: f"{sum(p.numel() for p in m.parameters()):,}"
-    if a.preset != "tiny" and a.device == "cpu":
+    if a.preset not in ("tiny", "shapes") and a.device == "cpu":  # the full-size ones: meta
         with torch.device("meta"):
             print(f"{a.preset}: {count(ExpertDiT(cfg))} parameters (meta device: none allocated)")
         return

@@ -517,6 +517,9 @@ class CausalVAE(nn.Module):
                              f"{tf + 1}, {2 * tf + 1}) — trim or pad the clip" if first else
                              f"encode: context-parallel rank holds {T} frames, need a multiple of "
                              f"{tf}; split the clip with cp_split")
+        if tile and not (tile > 0 and 0 <= overlap < tile):  # else tiles vanish: 0/0 blends
+            raise ValueError(f"{what}: tile={tile}, overlap={overlap}: need tile > 0 and "
+                             f"0 <= overlap < tile")
         if tile and encoding and (tile % sf or overlap % sf):
             raise ValueError(f"encode: tile and overlap must be multiples of {sf}, got {tile}, {overlap}")
 
@@ -894,6 +897,9 @@ def main(argv=None):
     try:
         if not out.lower().endswith((".mp4", ".mkv")):
             raise ValueError(f"--out {out}: write a .mp4 or .mkv path")
+        if os.path.realpath(out) == os.path.realpath(a.reconstruct):
+            raise ValueError(f"--out {out} would overwrite the --reconstruct input; pass another "
+                             "--out")
         data.check_writable(out, "--out")  # before the work, not after it
         data.check_device(a.device)
         if a.ckpt:

@@ -711,11 +711,29 @@ def test_text_encoder_is_offline_and_names_a_missing_folder(tmp_path):
 
 
 def test_cli_bad_values_one_line(capsys):
-    for argv, text in ((["--batch", "0"], "--batch must be >= 1, got 0"), (["--device", "tpu"], "not a device")):
+    cases = [(["--batch", "0"], "--batch must be >= 1, got 0"), (["--device", "tpu"], "not a device")]
+    if not torch.cuda.is_available():  # the docstring's own --device cuda, on a CPU machine
+        cases.append((["--device", "cuda"], "--device cuda: not available here; use cpu"))
+    for argv, text in cases:
         with pytest.raises(SystemExit) as e:
             dit.main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and text in err[-1], err
+    dit.main(["--preset", "shapes", "--batch", "1"])  # the demo's DiT is small: a timed step too
+    assert "forward+backward" in capsys.readouterr().out
+
+
+def test_wrong_folder_kind_is_one_line(tmp_path):
+    """A diffusers vae/ given as the transformer, or a diffusers transformer to our loader: named."""
+    from diffusers import AutoencoderKLCogVideoX
+    AutoencoderKLCogVideoX(block_out_channels=(8,), down_block_types=("CogVideoXDownBlock3D",),
+                           up_block_types=("CogVideoXUpBlock3D",), norm_num_groups=4,
+                           latent_channels=4).save_pretrained(tmp_path / "vae")
+    with pytest.raises(ValueError, match="'AutoencoderKLCogVideoX', not 'CogVideoXTransformer3DModel'"):
+        ExpertDiT.from_diffusers(tmp_path / "vae")
+    diffusers_model().save_pretrained(tmp_path / "transformer")
+    with pytest.raises(ValueError, match="load it with ExpertDiT.from_diffusers"):
+        ExpertDiT.load(tmp_path / "transformer")
 
 
 # ----- sequence parallel (Ulysses): 2 gloo ranks share every row -----

@@ -156,6 +156,45 @@ def test_lora_on_a_15_i2v_model_loads_into_the_pipeline_with_the_same_output(tmp
         assert (a - b).abs().max() <= 1e-4, (a - b).abs().max()
 
 
+def test_15_patch_adapter_round_trips_through_our_exporter(tmp_path):
+    """CogVideoX 1.5's patch_embed.proj is a Linear (1.0: a Conv2d): a diffusers adapter on it
+    loads into ours, and our re-export keeps the Linear's shapes, so diffusers reads it back."""
+    from diffusers import CogVideoXPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    base = diffusers_15()
+    base.save_pretrained(tmp_path / "model" / "transformer")
+    ref = copy.deepcopy(base)
+    ref.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["patch_embed.proj", "to_q"]))
+    fill(lora_params(ref))
+    CogVideoXPipeline.save_lora_weights(tmp_path / "lora", get_peft_model_state_dict(ref),
+                                        transformer_lora_adapter_metadata=ref.peft_config["default"].to_dict())
+    ours = ExpertDiT.from_diffusers(tmp_path / "model").eval()
+    assert dit.load_lora(ours, tmp_path / "lora") == 2 + 1  # to_q per block, the patch
+    x, t, text = inputs(ours.cfg, B=1, T=4, h=6, w=8, L=5)
+    with torch.no_grad():
+        got = ours(x, t, text)
+    assert (run_diffusers_15(ref, x, t, text) - got).abs().max() <= 1e-4
+    dit.save_lora(ours, tmp_path / "again")
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None,
+                             transformer=copy.deepcopy(base), scheduler=None)
+    pipe.load_lora_weights(str(tmp_path / "again"))  # raised a size mismatch: (r, C, p, p)
+    assert (run_diffusers_15(pipe.transformer, x, t, text) - got).abs().max() <= 1e-4
+
+
+def test_fp32_adapters_run_over_a_bf16_base_without_autocast():
+    """add_lora's fp32 adapters over a bf16 base: the input is cast in and the update back out
+    (as PEFT does), the output stays bf16 and the adapters' gradients float32."""
+    torch.manual_seed(0)
+    m = ExpertDiT(small()).to(torch.bfloat16)
+    fill(dit.add_lora(m, 4))
+    x, t, text = inputs(m.cfg, B=1, T=2, h=4, w=4, L=5)
+    out = m(x.bfloat16(), t, text.bfloat16())
+    out.float().square().mean().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora_params(m))
+
+
 @pytest.mark.parametrize("how", ["diffusers+metadata", "diffusers", "peft"])
 def test_diffusers_and_peft_files_load_into_ours_with_the_same_output(tmp_path, how):
     """An adapter on every Linear and the patch Conv2d, to_k at rank 2 (rank_pattern: our qkv pads

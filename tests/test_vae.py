@@ -86,6 +86,12 @@ def test_bad_inputs_are_clear_errors():
     assert cp_sizes(17, 2) == [9, 8] and cp_sizes(5, 1, factor=1) == [5]
     with pytest.raises(ValueError, match="groups"):
         CausalVAE(VAEConfig(channels=(16, 24), groups=16))
+    # tiles that leave no room (overlap >= tile) blended to 0/0 = NaN, or failed deep in conv3d
+    x, z = torch.zeros(1, 3, 5, 32, 40), torch.zeros(1, 8, 2, 8, 10)
+    for call, tile, overlap in ((m.encode, 16, 24), (m.decode, 4, 6), (m.decode, 4, 4),
+                                (m.decode, -4, 0)):
+        with pytest.raises(ValueError, match="need tile > 0 and 0 <= overlap < tile"):
+            call(x if call == m.encode else z, tile=tile, overlap=overlap)
 
 
 # ----- causality -----
@@ -523,15 +529,18 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
     _one_line_error(p.stderr, "/nonexistent.mp4: no such file")
     clip = tmp_path / "clip.mp4"
     data.write_video(torch.zeros(3, 5, 16, 16), str(clip), fps=8)
+    before = clip.read_bytes()
     (tmp_path / "notes.mp4").write_text("not a video\n" * 20)
     cases = [(["--reconstruct", str(tmp_path / "notes.mp4")], "notes.mp4: cannot decode"),
              (["--reconstruct", str(tmp_path / "gone.mp4")], "gone.mp4: no such file"),
              (["--reconstruct", str(clip), "--ckpt", str(tmp_path / "no_ckpt")],
               "no_ckpt does not exist"),
              (["--reconstruct", str(clip), "--tile", "6"], "multiple of the spatial factor 4"),
-             (["--reconstruct", str(clip), "--frames", "0"], "--frames")]
+             (["--reconstruct", str(clip), "--frames", "0"], "--frames"),
+             (["--reconstruct", str(clip), "--out", str(clip)], "would overwrite the --reconstruct")]
     for argv, text in cases:
         with pytest.raises(SystemExit) as e:
             vae.main(argv + ["--device", "cpu"])
         assert e.value.code == 2, argv
         _one_line_error(capsys.readouterr().err, text)
+    assert clip.read_bytes() == before  # the input kept
