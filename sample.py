@@ -83,7 +83,7 @@ PRESETS = {
     # (4 seeds x 32 prompts): on the demo's DiT no change (seen 44 -> 42/96, held-out 14 -> 16/32),
     # on one trained 7x longer (and a 4-channel VAE) 68 -> 86/96 and 19 -> 24/32 (t >= 600: 87,
     # 24; CFG 2 at every step: 85, 24; with the demo's 8-channel VAE 55 -> 72/96, 16 -> 18/32).
-    # A checkpoint's sample.json overrides the clip fields.
+    # A checkpoint's sample.json overrides these (train.py writes its family's preset and clip).
     "tiny": SampleConfig(num_frames=9, height=32, width=32, fps=8.0, steps=20, cfg=4.0,
                          cfg_min_t=400),
     # Released models: 6 s at 8 fps + 1 frame, 480x720, 50 steps, w = 6; the 2B samples with DDIM on
