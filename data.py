@@ -245,6 +245,8 @@ def read_manifest(path):
                                  "object per line") from None
             if not isinstance(e, dict) or "path" not in e:
                 raise ValueError(f"{path}:{n}: needs a \"path\" field")
+            if e.get("caption", "") is None:  # an uncaptioned video (pandas writes null)
+                e["caption"] = ""
             for k in ("path", "caption"):
                 if k in e and not isinstance(e[k], str):
                     raise ValueError(f"{path}:{n}: \"{k}\" must be a string, got "
@@ -300,8 +302,8 @@ def _frames(path, start=None):
     Seconds count from the stream's start; a frame without a timestamp gets its place on the rate
     grid. start: seek there first (to the keyframe before it: the caller drops what it does not
     need); when the seek lands later than start (MPEG-TS has no index and lands on the keyframe
-    AFTER it, or past the end), decode from the beginning instead. Open and decode errors raise
-    BadVideo."""
+    AFTER it, or past the end), seek 1, 2, 4, ... 16 s earlier, and only then decode from the
+    beginning. Open and decode errors raise BadVideo."""
     container = _open(path)
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
@@ -309,22 +311,30 @@ def _frames(path, start=None):
     rate = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
     t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
 
-    def frames():
+    def reopen():
         nonlocal container
+        container.close()
+        container = _open(path)
+        container.streams.video[0].thread_type = "AUTO"
+        return container.streams.video[0]
+
+    def frames():
+        s, decoded = stream, None
         try:
-            if start:
-                container.seek(int((t0 + start) / tb), stream=stream, backward=True)
-            decoded = container.decode(stream)
-            if start:
-                first = next(decoded, None)
+            for back in (0, 1, 2, 4, 8, 16) if start else ():
+                if start - back <= 0:
+                    break
+                container.seek(int((t0 + start - back) / tb), stream=s, backward=True)
+                it = container.decode(s)
+                first = next(it, None)
                 # a clip must not silently begin up to a GOP late: check where the seek landed
-                if first is None or first.time is None or first.time - t0 > start + 0.5 / rate:
-                    container.close()
-                    container = _open(path)
-                    container.streams.video[0].thread_type = "AUTO"
-                    decoded = container.decode(container.streams.video[0])
-                else:
-                    decoded = itertools.chain([first], decoded)
+                if first is not None and first.time is not None and \
+                        first.time - t0 <= start + 0.5 / rate:
+                    decoded = itertools.chain([first], it)
+                    break
+                s = reopen()
+            if decoded is None:  # no start, or no seek landed early enough: from the beginning
+                decoded = container.decode(s)
             for k, frame in enumerate(decoded):
                 yield (frame.time if frame.time is not None else t0 + k / rate) - t0, frame
         except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
@@ -461,19 +471,20 @@ def frames_every(path, every=2.0, start=0.0):
 
     Native size, upright (the decoder and rotation rule of load_video); caption.py's App. C frames.
     The frame on screen at second s is the last one whose time is <= s (half a frame early counts:
-    timestamps are rounded to the frame grid), so gaps and GIFs work; seconds count from `start`
-    seconds after the first frame (a clip of a longer file: a manifest entry's "start"). Every
-    frame is decoded in order: simple and exact (seeking lands on keyframes), and a captioning
-    model costs far more per picked frame. A decode error after the first frame ends the video
+    timestamps are rounded to the frame grid), so gaps and GIFs work; seconds count from the first
+    frame, or from `start` seconds into the stream as load_video counts them (a clip of a longer
+    file: a manifest entry's "start"; seeked to, then every frame from the keyframe before it is
+    decoded in order: exact, and a captioning model costs far more per picked frame). A decode error after the first frame ends the video
     there (a warning on stderr); a file with no decodable frame, or none at start, raises
     BadVideo."""
-    rate, frames = _frames(path)
+    rate, frames = _frames(path, start)  # seeks: only what a clip late in a file needs is decoded
     half, n, first, prev, t = 0.5 / rate, 0, None, None, 0.0
     rgb = lambda f: np.ascontiguousarray(_rgb(f).permute(1, 2, 0).numpy())  # (H, W, 3)
     with closing(frames):
         try:
             for t, frame in frames:
-                first = t if first is None else first
+                # (after a seek the first frame is a keyframe before start: count from 0)
+                first = (0.0 if start else t) if first is None else first
                 t -= first + start  # < 0 before start: only kept as the frame on screen there
                 # when this frame comes later than the next target, the previous one was on screen
                 while prev is not None and t > n * every + half:
@@ -1283,13 +1294,30 @@ def model_id(folder):
     subfolders too: a pipeline folder keeps them in text_encoder/, tokenizer/, ...): a retrained
     VAE or another T5 never reuses stale latents / embeddings from the cache. Hidden files and
     folders are left out; a flat folder gives the same id as before subfolders were walked."""
-    folder, files = os.path.abspath(folder), []
+    folder = os.path.abspath(folder)
+    st = [(f, os.stat(os.path.join(folder, f))) for f in _model_files(folder)]
+    return "|".join(f"{folder}/{f}:{s.st_size}:{s.st_mtime_ns}" for f, s in st)
+
+
+def model_fingerprint(folder):
+    """A model folder's content, not its place or file times (32 hex digits): sha256 of each
+    file's relative name and content_hash (its size and three samples, the weights' values
+    among them). The same weights moved or copied give the same value; another model of the same
+    shapes (a fine-tune) another. train.py checks a LoRA run's frozen base with it on resume."""
+    h = hashlib.sha256()
+    for f in _model_files(folder):
+        h.update(f"{f}:{content_hash(os.path.join(folder, f))}|".encode())
+    return h.hexdigest()[:32]
+
+
+def _model_files(folder):
+    """A model folder's files, relative, sorted, subfolders included, hidden ones left out."""
+    files = []
     for root, dirs, names in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if d[0] != ".")
         files += [os.path.relpath(os.path.join(root, f), folder) for f in sorted(names)
                   if f[0] != "."]
-    st = [(f, os.stat(os.path.join(folder, f))) for f in files]
-    return "|".join(f"{folder}/{f}:{s.st_size}:{s.st_mtime_ns}" for f, s in st)
+    return files
 
 
 class Prepared(torch.utils.data.Dataset):

@@ -979,8 +979,11 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         """x (..., in) -> (..., out)."""
         y = F.linear(x, self.weight, self.bias)                       # (..., out)
-        # the adapters stay float32 over a bf16 base (add_lora): cast in, and the update back
-        u = F.linear(x.to(self.lora_A.dtype), self.lora_A)           # (..., P·r)
+        # the adapters stay float32 over a bf16 base (add_lora): without autocast (which casts
+        # by itself, and no extra copy of x is kept) cast in, and the update back out
+        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)                              # (..., in)
+        u = F.linear(x, self.lora_A)                                 # (..., P·r)
         if self.parts == 1:
             d = F.linear(u, self.lora_B)                             # (..., out)
         else:  # part p: its r columns of u through its out/P rows of B

@@ -211,7 +211,7 @@ def loading(flag, path, fix="copy or export it again"):
     go in here: an error of training itself keeps its traceback."""
     try:
         yield
-    except SettingsError:
+    except (SettingsError, torch.OutOfMemoryError):  # (out of memory is no damaged file)
         raise
     except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError,
             SafetensorError) as e:
@@ -832,12 +832,15 @@ def find_checkpoint(args, total, say):
         if st.get("lora") and "lora_base" not in st:  # written before bases were recorded
             say("warning: --resume: this checkpoint does not record its LoRA base; make sure "
                 "--init / --init-diffusers name the one it was trained on", file=sys.stderr)
-        elif st.get("lora") and was != base:
+        elif st.get("lora") and ((was is None) != (base is None) or (was and was[2] != base[2])):
             on = f"{was[0]} {was[1]}" if was else "a random base (no --init)"
             same = was and was[:2] == (base or [])[:2]
             raise SettingsError(f"--resume: {args.out} holds LoRA adapters trained on {on}"
-                                f"{' (its files have changed since)' if same else ''}; pass the "
-                                f"same (or another --out)")
+                                f"{' (its weights have changed since)' if same else ''}; pass "
+                                f"the same weights (or another --out)")
+        elif was and was[:2] != base[:2]:  # the same weights, moved or copied: fine
+            say(f"note: --resume: the LoRA base {was[0]} {was[1]} is now {base[0]} {base[1]} "
+                f"(the same weights)")
         mc = st.get("model_config", {})  # App. A: an I2V DiT takes twice the latent channels
         i2v = st["stage_kind"] == "dit" and mc.get("in_channels") == 2 * mc.get("out_channels", 0)
         if i2v != bool(getattr(args, "i2v", False)):  # other tensor shapes
@@ -1147,15 +1150,15 @@ def lora_settings(args):
 
 
 def lora_base(args):
-    """A LoRA run's frozen base: [option, folder, data.model_id of its weights], or None (no
-    --lora, or a random base). Its checkpoints hold the adapters only and the base is read again
-    at each start, so a resume must name the same one."""
+    """A LoRA run's frozen base: [option, folder, data.model_fingerprint of its weights], or None
+    (no --lora, or a random base). Its checkpoints hold the adapters only and the base is read
+    again at each start, so a resume must name the same weights (moved or copied: the same)."""
     if not getattr(args, "lora", None) or not (args.init or args.init_diffusers):
         return None
     if args.init:
-        return ["--init", os.path.abspath(args.init), data.model_id(args.init)]
+        return ["--init", os.path.abspath(args.init), data.model_fingerprint(args.init)]
     return ["--init-diffusers", os.path.abspath(args.init_diffusers),
-            data.model_id(os.path.join(args.init_diffusers, "transformer"))]
+            data.model_fingerprint(os.path.join(args.init_diffusers, "transformer"))]
 
 
 def check_lora(args, dc):
@@ -1590,7 +1593,12 @@ def write_export(job, ema, zstat):
         return
     n, s1, s2, var = all_sum(zstat).tolist()
     if job.rank == 0:
-        if job.tc.fit_scale:  # LDM practice: latents of unit std, which the noise schedule assumes
+        if job.tc.fit_scale and n == 0:  # e.g. resumed with --steps ending before the window
+            job.say(f"warning: vae: no latent statistics (gathered over the last 20% of the "
+                    f"steps, none of which ran); scaling_factor stays "
+                    f"{model.cfg.scaling_factor:g}: resume with more --steps to fit it",
+                    file=sys.stderr)
+        elif job.tc.fit_scale:  # LDM practice: latents of unit std, which the noise schedule assumes
             std = math.sqrt(max(s2 / n - (s1 / n) ** 2 + var / n, 1e-12))  # Var z = Var mean + E var
             model.cfg = replace(model.cfg, scaling_factor=1.0 / std)
             job.say(f"vae: scaling_factor = {model.cfg.scaling_factor:.4f} (1 / std of the latents)")

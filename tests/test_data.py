@@ -139,6 +139,25 @@ def test_seek_lands_on_start_in_every_container(tmp_path, ext):
     assert frame_ids(data.load_video(p, 1, 16, 16, start=0.76)) == [19]  # past the last keyframe
 
 
+def test_ts_seek_steps_back_before_reading_from_the_start(tmp_path):
+    """A .ts seek past the last keyframe before start lands on nothing: seeking 1 s earlier finds
+    that keyframe, so a clip late in a long file is not decoded from frame 0."""
+    p = write(tmp_path / "k.ts", T=20, fps=5, gop=5)  # keyframes at 0, 1, 2, 3 s
+    rate, frames = data._frames(p, 3.2)
+    assert next(frames)[0] == pytest.approx(3.0)  # the keyframe before start, not frame 0
+    frames.close()
+    assert frame_ids(data.load_video(p, 1, 16, 16, start=3.2)) == [16]
+
+
+def test_frames_every_seeks_to_start(tmp_path, monkeypatch):
+    """caption.py's frames of a clip late in a file: a seek, not a decode from frame 0."""
+    p = write(tmp_path / "f.mp4", T=20, fps=5, gop=5)
+    asked, real = [], data._frames
+    monkeypatch.setattr(data, "_frames", lambda path, start=None: asked.append(start) or real(path, start))
+    got = [(t, round((int(img.mean()) - 10) / 12)) for t, img in data.frames_every(p, 1.0, start=2.2)]
+    assert asked == [2.2] and got == [(0.0, 11), (1.0, 16)]  # the frames on screen at 2.2 and 3.2 s
+
+
 def test_audio_stream(tmp_path):
     p = write(tmp_path / "a.mp4", T=9, audio=True)
     with av.open(p) as c:
@@ -228,6 +247,8 @@ def test_manifests(tmp_path):
         data.read_manifest(tmp_path / "bad.jsonl")
     # a field of the wrong type, text that is not UTF-8 (a video passed as the manifest): the
     # file, the line and the fix, not a TypeError or a bare codec error
+    (tmp_path / "n.jsonl").write_text('{"path": "a.mkv", "caption": null}\n')  # uncaptioned
+    assert data.read_manifest(str(tmp_path / "n.jsonl"))[0]["caption"] == ""
     for text, err in [('{"path": 5}', '"path" must be a string, got 5'),
                       ('{"path": null}', '"path" must be a string, got null'),
                       ('{"path": "a.mkv", "caption": ["x"]}', '"caption" must be a string')]:

@@ -369,6 +369,19 @@ def test_resume_equals_uninterrupted(assets, tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_vae_resumed_at_its_end_before_the_statistics_window_exports(assets, tmp_path, capsys):
+    """The scaling factor is fitted on the last 20% of the steps: a VAE run stopped before them and
+    resumed with --steps ending there exports with the preset's factor and a warning (it divided
+    by zero)."""
+    out = tmp_path / "v"
+    assert train.main(vae_args(assets["manifest"], out, "--stop-at", "2"))["stopped"]
+    capsys.readouterr()
+    assert train.main(vae_args(assets["manifest"], out, "--resume", "--steps", "2"))["step"] == 2
+    assert "no latent statistics" in capsys.readouterr().err
+    cfg = json.loads((out / "vae" / "config.json").read_text())
+    assert cfg["scaling_factor"] == vae.VAE_PRESETS["tiny"].scaling_factor
+
+
 @pytest.fixture(scope="module")
 def three_ckpts(assets, tmp_path_factory):
     """A finished 3-step DiT run with a checkpoint every step (keep 2: step_2 and step_3 stay)."""
@@ -459,7 +472,7 @@ def test_resume_of_a_lora_run_needs_the_same_base(assets, tmp_path, capsys):
     capsys.readouterr()
     for extra, words in (([], f"holds LoRA adapters trained on --init {base}; pass the same"),
                          (["--init", str(tmp_path / "other")], f"trained on --init {base}; pass"),
-                         (["--init", base], f"trained on --init {base} (its files have changed since)")):
+                         (["--init", base], f"trained on --init {base} (its weights have changed since)")):
         if extra == ["--init", base]:  # the same folder, its weights written again
             dit.ExpertDiT(dit.DIT_PRESETS["tiny"]).save(base)
         with pytest.raises(SystemExit) as e:
@@ -474,10 +487,14 @@ def test_resume_of_a_lora_run_needs_the_same_base(assets, tmp_path, capsys):
     (tmp_path / "old" / "ckpt" / "step_0000001" / "train.json").write_text(json.dumps(old))
     assert train.main(dit_args(assets, tmp_path / "old", *lora, "--init", base, "--resume"))["step"] == 2
     assert "does not record its LoRA base" in capsys.readouterr().err
-    st["lora_base"][2] = data.model_id(base)  # as if written with today's base: resumes
+    st["lora_base"][2] = data.model_fingerprint(base)  # as if written with today's base
     st["check"] = train.digest(st)
     (out / "ckpt" / "step_0000001" / "train.json").write_text(json.dumps(st))
-    assert train.main(dit_args(assets, out, *lora, "--init", base, "--resume"))["step"] == 2
+    moved = str(tmp_path / "moved")  # the same weights elsewhere (a plain copy: new file times)
+    shutil.copytree(base, moved, copy_function=shutil.copy)
+    shutil.rmtree(base)
+    assert train.main(dit_args(assets, out, *lora, "--init", moved, "--resume"))["step"] == 2
+    assert f"the LoRA base --init {base} is now --init {moved} (the same weights)" in capsys.readouterr().out
 
 
 def test_pruning_never_removes_the_new_checkpoint(tmp_path):
