@@ -464,8 +464,12 @@ def test_resume_with_the_wrong_stage_names_the_checkpoints(assets, three_ckpts, 
 def test_resume_of_a_lora_run_needs_the_same_base(assets, tmp_path, capsys):
     """A LoRA checkpoint holds the adapters only; the frozen base is read from --init at each start. A resume
     without it, with another base, or with its files changed since: one line, exit code 2; with the same: on."""
-    for name in ("base", "other"):
-        dit.ExpertDiT(dit.DIT_PRESETS["tiny"]).save(str(tmp_path / name))
+    def save(folder, seed):  # explicit seeds: the global generator's state is other tests' (train.main seeds it)
+        m = dit.ExpertDiT(dit.DIT_PRESETS["tiny"])
+        m.init_weights(seed)
+        m.save(str(folder))
+    for seed, name in enumerate(("base", "other")):
+        save(tmp_path / name, seed)
     lora = [*SMALL, "--steps", "1", "--lora", "2"]
     out, base = tmp_path / "run", str(tmp_path / "base")
     assert train.main(dit_args(assets, out, *lora, "--init", base, "--stop-at", "1"))["stopped"]
@@ -474,7 +478,7 @@ def test_resume_of_a_lora_run_needs_the_same_base(assets, tmp_path, capsys):
                          (["--init", str(tmp_path / "other")], f"trained on --init {base}; pass"),
                          (["--init", base], f"trained on --init {base} (its weights have changed since)")):
         if extra == ["--init", base]:  # the same folder, its weights written again
-            dit.ExpertDiT(dit.DIT_PRESETS["tiny"]).save(base)
+            save(base, 2)
         with pytest.raises(SystemExit) as e:
             train.main(dit_args(assets, out, *lora, *extra, "--resume"))
         err = capsys.readouterr().err.strip().splitlines()
