@@ -474,9 +474,9 @@ def frames_every(path, every=2.0, start=0.0):
     timestamps are rounded to the frame grid), so gaps and GIFs work; seconds count from the first
     frame, or from `start` seconds into the stream as load_video counts them (a clip of a longer
     file: a manifest entry's "start"; seeked to, then every frame from the keyframe before it is
-    decoded in order: exact, and a captioning model costs far more per picked frame). A decode error after the first frame ends the video
-    there (a warning on stderr); a file with no decodable frame, or none at start, raises
-    BadVideo."""
+    decoded in order: exact, and a captioning model costs far more per picked frame). A decode
+    error after the first frame ends the video there (a warning on stderr); a file with no
+    decodable frame, or none at start, raises BadVideo."""
     rate, frames = _frames(path, start)  # seeks: only what a clip late in a file needs is decoded
     half, n, first, prev, t = 0.5 / rate, 0, None, None, 0.0
     rgb = lambda f: np.ascontiguousarray(_rgb(f).permute(1, 2, 0).numpy())  # (H, W, 3)

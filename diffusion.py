@@ -46,7 +46,8 @@ def alphas_cumprod(num_steps=1000, beta_start=0.00085, beta_end=0.012, snr_shift
     if num_steps < 2:
         raise ValueError(f"num_steps must be >= 2 (got {num_steps}); the released models use 1000")
     if not (math.isfinite(snr_shift_scale) and snr_shift_scale > 0):  # (NaN would pass a `<= 0`)
-        raise ValueError(f"snr_shift_scale must be a finite number > 0 (got {snr_shift_scale}); 1.0 is no shift")
+        raise ValueError(f"snr_shift_scale must be a finite number > 0 (got {snr_shift_scale}); "
+                         "1.0 is no shift")
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
     ac = torch.cumprod(1.0 - betas, dim=0)  # (N,)
     ac = ac / (snr_shift_scale + (1.0 - snr_shift_scale) * ac)  # SNR shift (released code)

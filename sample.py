@@ -187,8 +187,9 @@ def embed_prompts(text, prompts, uncond, device):
 
 def check_sample(cfg, vae_cfg, dit_cfg, image=False, num_train=1000):
     """A SampleConfig against the models' configs: one ValueError naming the fix. generate runs it
-    on the loaded models; the CLI on their config files alone, before any weights load (the 5B and
-    T5-XXL take minutes). image: an image is given (I2V); num_train: the DiT's training timesteps."""
+    on the loaded models; the CLI on their config files alone, before any weights load (the 5B
+    and T5-XXL take minutes). image: an image is given (I2V); num_train: the DiT's training
+    timesteps."""
     sf, tf, patch = vae_cfg.spatial_factor, vae_cfg.temporal_factor, dit_cfg.patch
     T, H, W = cfg.num_frames, cfg.height, cfg.width
     if T < 1 or H < 1 or W < 1:
