@@ -667,10 +667,15 @@ def checkpoint_state(parts, opts, ema):
                                                          get_optimizer_state_dict)
     model = {f"{name}.{k}": v for name, m in parts.items()
              for k, v in get_model_state_dict(m, options=trained()).items()}
-    optim = {f"{name}.{fqn}.{k}": v for name, o in opts.items()
-             # creates the AdamW state (zeros, via a step with lr 0) if no step was taken yet
-             for fqn, st in get_optimizer_state_dict(parts[name], o)["state"].items()
-             for k, v in st.items()}
+    fresh = [o for o in opts.values() if not o.state]
+    # creates the AdamW state (zeros, via a step with lr 0) if no step was taken yet
+    osds = {name: get_optimizer_state_dict(parts[name], o) for name, o in opts.items()}
+    for o in fresh:  # that lr-0 step counted as one: a fresh AdamW state is at step 0
+        for st in o.state.values():
+            if "step" in st:
+                st["step"].zero_()
+    optim = {f"{name}.{fqn}.{k}": v for name, osd in osds.items()
+             for fqn, st in osd["state"].items() for k, v in st.items()}
     optim["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         optim["rng.cuda"] = torch.cuda.get_rng_state()

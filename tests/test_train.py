@@ -123,9 +123,14 @@ def test_sample_json_holds_the_sampling_preset_of_the_dit():
 
 
 def test_vae_steps_one_process_with_discriminator(assets, tmp_path, capsys):
-    """Tiny VAE: 4 steps, the discriminator (own optimizer) switches on at step 2; scaling factor fitted."""
+    """Tiny VAE: 4 steps, the discriminator (own optimizer) switches on at step 2; scaling factor fitted.
+    A checkpoint every step (the discriminator's AdamW state written before its first step) changes
+    nothing: the same losses."""
     train.main(vae_args(assets["manifest"], tmp_path, "--steps", "4", "--size", "16x16"))
     recs = log(tmp_path)
+    train.main(vae_args(assets["manifest"], tmp_path / "ck", "--steps", "4", "--size", "16x16",
+                        "--save-every", "1"))
+    assert [r["loss"] for r in log(tmp_path / "ck")] == [r["loss"] for r in recs]
     assert len(recs) == 4 and all(math.isfinite(r["loss"]) for r in recs)
     assert recs[0]["gan"] == 0 and "disc" not in recs[0] and "disc" in recs[3]  # disc_start = 2 in "tiny"
     ae = vae.CausalVAE.load(str(tmp_path / "vae"))
