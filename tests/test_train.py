@@ -1051,6 +1051,34 @@ def test_context_parallel_vae_two_ranks_equals_one_process(assets, tmp_path, tor
     assert (tmp_path / "two" / "vae" / "model.safetensors").exists()
 
 
+def test_sigterm_to_torchrun_with_loader_workers_writes_a_checkpoint(assets, tmp_path):
+    """SIGTERM to torchrun, which sends it to each rank's process group: the ranks' DataLoader workers
+    (--workers 1) are in groups of their own, so they live on; the ranks finish the step and write
+    the checkpoint, and rank 0 names the signal."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(train.__file__), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           train.__file__, *dit_args(assets, tmp_path, *SMALL, "--steps", "5000", "--rows", "1",
+                                     "--workers", "1")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                         start_new_session=True)
+    try:
+        for line in p.stdout:
+            if line.startswith("step 2/"):
+                p.send_signal(signal.SIGTERM)
+                break
+        rest, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    # torchrun itself ends with its SignalException (no exit codes of the ranks); a rank whose
+    # loader worker died would report "DataLoader worker (pid ...) is killed by signal"
+    assert "DataLoader worker" not in rest and "[rank" not in rest, rest[-3000:]
+    stopped = int(rest.split("stopped at step ")[1].split()[0])
+    assert stopped >= 2 and "(signal 15)" in rest
+    latest = (tmp_path / "ckpt" / "latest").read_text()
+    assert json.load(open(tmp_path / "ckpt" / latest / "train.json"))["step"] == stopped
+
+
 def test_a_torchrun_worker_leaves_without_teardown(torchrun, monkeypatch):
     """train.leave(): after a DDP step, a barrier and destroy_process_group (which leaves DDP's gloo group and
     its worker threads alive), a torchrun worker ends with os._exit: its exit code, its unflushed output
