@@ -1760,7 +1760,8 @@ def train(args):
         sig = int(all_sum([stop["sig"] or (step == args.stop_at)])[0]) > 0
         if (tc.save_every and step % tc.save_every == 0) or step == total or sig:
             state = {"step": step, "pos": dict(pos, stage=stage_i), "bad_files": bad_files,
-                     "zstat": zstat.tolist(), **run_settings(job)}
+                     # each rank holds the latent statistics of its own samples: keep the sums
+                     "zstat": all_sum(zstat).tolist(), **run_settings(job)}
             save_checkpoint(args.out, step, rank, job.parts, opts, ema, state, tc.keep)
         if sig:
             say(f"stopped at step {step} ("
@@ -1824,7 +1825,9 @@ def resume(job, opts, ema):
                 f"{st.get('world', 1)} rank(s))")
         if ema and not os.path.isdir(os.path.join(job.ckpt, "ema")):
             job.say("--ema: the checkpoint has no EMA; it starts from the resumed weights")
-        return st["step"], pos, st["bad_files"], torch.tensor(st["zstat"], dtype=torch.float64)
+        # the sums over the ranks that wrote it: rank 0 carries them, or export counts them twice
+        z = torch.tensor(st["zstat"], dtype=torch.float64)
+        return st["step"], pos, st["bad_files"], z if job.rank == 0 else torch.zeros_like(z)
     # the VAE's zstat: count, Σ mean, Σ mean², Σ var of the latents (for the scaling factor)
     return 0, {"stage": 0, "epoch": 0, "batch": 0}, 0, torch.zeros(4, dtype=torch.float64)
 

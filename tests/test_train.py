@@ -924,10 +924,14 @@ def runs(*argvs):
     return [a for i, argv in enumerate(argvs) for a in ([] if i == 0 else ["---"]) + list(argv)]
 
 
+VDDP = ["--steps", "10", "--size", "16x16", "--frames", "1,5"]
+
+
 @pytest.fixture(scope="module")
 def ddp(assets, tmp_path_factory, torchrun):
     """One launch, DDP on 2 ranks: the uninterrupted run; a run from its export (--init); a run
-    stopped after step 2, then resumed."""
+    stopped after step 2, then resumed; a VAE run, and one stopped inside its statistics window
+    (its last 2 steps), then resumed."""
     root = tmp_path_factory.mktemp("ddp")
     ddp = [*PAR, "--rows", "1"]
     # rank 0 finishes each checkpoint and export 3 s late: the next run must find them on every rank
@@ -937,7 +941,10 @@ def ddp(assets, tmp_path_factory, torchrun):
         p = torchrun(WORKER, *runs(dit_args(assets, root / "full", *ddp),
                                    dit_args(assets, root / "init", *ddp, "--init", root / "full" / "dit"),
                                    dit_args(assets, root / "part", *ddp, "--stop-at", "2"),
-                                   dit_args(assets, root / "part", *ddp, "--resume")), timeout=900)
+                                   dit_args(assets, root / "part", *ddp, "--resume"),
+                                   *(vae_args(assets["manifest"], root / name, *VDDP, *extra)
+                                     for name, extra in (("vfull", []), ("vpart", ["--stop-at", "9"]),
+                                                         ("vpart", ["--resume"])))), timeout=900)
     finally:
         if before is None:
             del os.environ["TEST_SAVE_LAG"]
@@ -995,6 +1002,15 @@ def test_ddp_resume_equals_uninterrupted(ddp):
     assert [r["loss"] for r in log(ddp / "part")] == [r["loss"] for r in log(ddp / "full")]  # bit-exact
     a, b = weights(ddp / "full" / "dit"), weights(ddp / "part" / "dit")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_vae_resume_exports_the_same_scaling_factor(ddp):
+    """The VAE's latent statistics are per rank: a checkpoint keeps their sum over the ranks, which
+    one rank takes back on resume, so the exported scaling factor is the uninterrupted run's."""
+    assert [r["loss"] for r in log(ddp / "vpart")] == [r["loss"] for r in log(ddp / "vfull")]
+    a, b = (json.loads((ddp / o / "vae" / "config.json").read_text()) for o in ("vfull", "vpart"))
+    assert a["scaling_factor"] != vae.VAE_PRESETS["tiny"].scaling_factor
+    assert a["scaling_factor"] == pytest.approx(b["scaling_factor"], rel=1e-9)
 
 
 def test_fsdp_resume_equals_uninterrupted(fsdp):
