@@ -792,7 +792,7 @@ def find_checkpoint(args, total, say):
     mix with the old one). With it: the folder `latest` names if intact (verify), else the newest
     intact older one, with a warning naming both. Also refused: a checkpoint of the other --stage,
     another --preset, --lora setting or LoRA base, or --i2v, and one already past the --steps
-    asked for."""
+    asked for or at / past --stop-at."""
     root = os.path.join(args.out, "ckpt")
     names = sorted(d for d in os.listdir(root) if STEP_DIR.fullmatch(d)) \
         if os.path.isdir(root) else []
@@ -855,6 +855,10 @@ def find_checkpoint(args, total, say):
             raise SettingsError(f"--resume: the checkpoint is at step {st['step']}, past the "
                                 f"{total} steps asked for; pass --steps adding up to more than "
                                 f"{st['step']}")
+        stop_at = getattr(args, "stop_at", None)
+        if stop_at is not None and stop_at <= st["step"]:  # it would never fire
+            raise SettingsError(f"--stop-at {stop_at} is not after the checkpoint's step "
+                                f"{st['step']}; pass a later step (or drop it)")
         return os.path.join(root, d)
     raise SettingsError(f"--resume: no intact checkpoint in {root} ({'; '.join(damaged)}); start "
                         f"again in another --out")

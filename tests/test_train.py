@@ -447,10 +447,11 @@ def test_empty_or_garbled_latest_takes_the_newest_intact(three_ckpts, tmp_path, 
     ([], "already holds a run (checkpoints up to step_0000003): add --resume to continue it, or pick another --out"),
     (["--resume", "--steps", "1"], "the checkpoint is at step 3, past the 2 steps asked for"),
     (["--resume", "--i2v"], "holds a run without --i2v; pass the same (or another --out)"),
+    (["--resume", "--steps", "3", "--stop-at", "3"], "--stop-at 3 is not after the checkpoint's step 3"),
 ])
 def test_rerun_refusals_keep_the_run(assets, three_ckpts, capsys, extra, words):
-    """A second run into the same --out without --resume, or a --resume with fewer steps than done: one line,
-    exit 2, before any model is loaded, and nothing in --out is touched."""
+    """A second run into the same --out without --resume, or a --resume with fewer steps than done (or a
+    --stop-at already passed): one line, exit 2, before any model is loaded, and nothing in --out is touched."""
     before = {f: os.stat(f).st_mtime_ns for f in three_ckpts.rglob("*")}
     with pytest.raises(SystemExit) as e:
         train.main(dit_args(assets, three_ckpts, *SMALL, *extra))
