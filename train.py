@@ -270,13 +270,14 @@ def sp_setup(world, sp, device):
     return dit.sp_group(mesh.get_group("sp"))
 
 
-def all_sum(x):
+def all_sum(x, op=dist.ReduceOp.SUM):
     """Sum a float tensor over all ranks (no-op in one process): what the log reports (global
-    loss, tokens, bad files) and decisions every rank must take alike (skip a step, stop)."""
+    loss, tokens, bad files) and decisions every rank must take alike (skip a step, stop).
+    op=dist.ReduceOp.MAX: the largest value of each element instead."""
     x = torch.as_tensor(x, dtype=torch.float64).clone()
     if dist.is_initialized():
         x = x.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(x)
+        dist.all_reduce(x, op=op)
     return x.cpu()
 
 
@@ -1759,9 +1760,11 @@ def train(args):
                  per, ts, float(red[3]), max_tokens, total)
 
         # -- checkpoint: every save_every steps, at the end, and on a signal --
-        # torchrun forwards SIGTERM to every worker, maybe not at the same step: summing the flags
-        # makes all ranks stop after the same step, so the checkpoint's collectives line up.
-        sig = int(all_sum([stop["sig"] or (step == args.stop_at)])[0]) > 0
+        # torchrun forwards SIGTERM to every worker, maybe not at the same step (or one rank alone
+        # gets a signal): the largest signal number over the ranks makes all ranks stop after the
+        # same step, so the checkpoint's collectives line up, and rank 0 can name the signal.
+        signum, at = all_sum([stop["sig"], step == args.stop_at], op=dist.ReduceOp.MAX).tolist()
+        sig = signum > 0 or at > 0
         if (tc.save_every and step % tc.save_every == 0) or step == total or sig:
             state = {"step": step, "pos": dict(pos, stage=stage_i), "bad_files": bad_files,
                      # each rank holds the latent statistics of its own samples: keep the sums
@@ -1769,7 +1772,7 @@ def train(args):
             save_checkpoint(args.out, step, rank, job.parts, opts, ema, state, tc.keep)
         if sig:
             say(f"stopped at step {step} ("
-                f"{'signal ' + str(stop['sig']) if stop['sig'] else '--stop-at'}); "
+                f"{f'signal {signum:.0f}' if signum else '--stop-at'}); "
                 f"checkpoint written, continue with --resume")
             break
 
