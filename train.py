@@ -2029,6 +2029,13 @@ def simulate(args, fake=True):
     tc, stages, steps = resolve(args)
     check(args, tc, stages)
     n = args.simulate
+    # the layouts training refuses (setup, sp_setup), named by the flag that sets the ranks here
+    if n % args.cp:
+        raise SettingsError(f"--simulate {n}: --cp {args.cp} does not divide the {n} ranks; "
+                            f"simulate a multiple of {args.cp} ranks")
+    if n % args.sp:
+        raise SettingsError(f"--simulate {n}: --sp {args.sp} needs a multiple of {args.sp} ranks; "
+                            f"simulate {args.sp * (n // args.sp + 1)} (or another multiple)")
     if fake and n > 1 and not dist.is_initialized():
         from torch.testing._internal.distributed.fake_pg import FakeStore
         dist.init_process_group("fake", rank=0, world_size=n, store=FakeStore())

@@ -614,6 +614,10 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--simulate", "1", "--peak-tflops", "0"], "--peak-tflops must be > 0 (e.g. 989, an H100's dense bf16), got 0.0"),
     (["--simulate", "1", "--peak-tflops", "-5"], "--peak-tflops must be > 0"),
     (["--simulate", "1", "--peak-tflops", "inf"], "--peak-tflops must be > 0"),
+    (["--simulate", "3", "--sp", "2"], "--simulate 3: --sp 2 needs a multiple of 2 ranks; simulate 4"),
+    *((["--stage", "vae", "--cache", "", "--frames", f, "--simulate", n, "--cp", cp],
+      f"--simulate {n}: --cp {cp} does not divide the {n} ranks")
+      for f, n, cp in (("13", "2", "3"), ("9", "1", "2"), ("9", "3", "2"))),
 ])
 def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsys, extra, words):
     """Each bad value: one line naming the fix, exit code 2, before any model is loaded (issue 20)."""
