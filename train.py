@@ -2107,7 +2107,7 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
     model.sp, G = sp, sp.size if sp is not None else 1
     vcfg = vae.VAE_PRESETS[tc.vae]
     # DDP is simulated as the model itself: its gradients are views into DDP's buckets
-    # (gradient_as_bucket_view), so it adds only its communication buffers
+    # (gradient_as_bucket_view), kept alive by ddp_buckets for the whole step
     net = wrap(model, True, torch.device("cpu"), mesh=mesh, bf16=not args.fp32) if args.fsdp \
         else Call(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -2147,6 +2147,8 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
                 track.add(x, "opt")
         for p in params:  # a gradient, once written (FSDP2: its shard), counts as "grad"
             p.register_post_accumulate_grad_hook(lambda p: track.retag(p.grad, "grad"))
+        if not args.fsdp:
+            ddp_buckets(track, mode, params)
         track.phase = "fwd"
         loss, _ = dit_loss(job, InMode(net, mode), {"items": items, "bad": 0}, 0, 0, max_tokens)
         backward_and_step(track, mode, loss, params, opt, tc.clip)
@@ -2189,6 +2191,7 @@ def simulate_vae(args, tc, stages, mesh, track, mode):
             for v in o.state.values():
                 for x in v.values():
                     track.add(x, "opt")
+        ddp_buckets(track, mode, params + list(job.disc.parameters()))  # both are DDP in training
         track.phase = "fwd"
         loss, st = vae_loss(job, InMode(Call(model), mode), {"items": items, "bad": 0}, step_i, 0)
         backward_and_step(track, mode, loss, params, opt, tc.clip)
@@ -2201,6 +2204,19 @@ def simulate_vae(args, tc, stages, mesh, track, mode):
             torch.nn.utils.clip_grad_norm_(job.disc.parameters(), tc.clip)
             dopt.step()
     return step
+
+
+def ddp_buckets(track, mode, params):
+    """Under DDP (more than one rank, no --fsdp) the gradients are views into DDP's buckets, which
+    outlive zero_grad(set_to_none=True) (it drops the views only): from the second step on, the
+    full-size gradients are held through the forward too. Simulated as gradients there from the
+    start of the step (backward accumulates into them in place), tagged "grad"."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    with mode:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+            track.retag(p.grad, "grad")
 
 
 def backward_and_step(track, mode, loss, params, opt, clip):

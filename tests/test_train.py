@@ -1323,6 +1323,15 @@ def test_sp_dp2_x_sp2_equals_one_process(assets, tmp_path, torchrun, one_process
     assert [r["tok_s"] * r["ms"] for r in log(out)] == pytest.approx([r["tok_s"] * r["ms"] for r in log(ref)])
 
 
+def test_simulated_ddp_holds_its_gradient_buckets_through_the_step():
+    """DDP's gradients are views into its buckets, which zero_grad(set_to_none=True) keeps: a
+    simulated DDP rank holds the full gradients at its peak (in the forward), one process none."""
+    args = ["--stage", "dit", "--preset", "tiny", "--fp32", "--frames", "17", "--size", "64x64"]
+    one, two = (train.main([*args, "--simulate", n]) for n in ("1", "2"))
+    assert one["grads"] == 0 and two["grads"] == two["grads_total"] == one["grads_total"] > 0
+    assert two["peak"] == pytest.approx(one["peak"] + two["grads_total"], rel=1e-4)
+
+
 def sim_sp(sp, *extra):
     return train.main(["--stage", "dit", "--preset", "tiny", "--simulate", "4", "--sp", str(sp),
                        "--frames", "17", "--size", "128x128", "--rows", "1", "--grad-checkpoint",
