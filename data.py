@@ -1095,9 +1095,17 @@ def make_loader(dataset, requests, workers=0, pin=False, prefetch=2):
     """The DataLoader of a stage: `workers` processes decode (the dataset holds no model: the
     main process encodes, see LatentEncoder), persistent, each `prefetch` batches ahead, batches
     in page-locked memory when pin (a GPU run: the copy to the device can overlap)."""
-    more = dict(persistent_workers=True, prefetch_factor=prefetch) if workers else {}
+    more = dict(persistent_workers=True, prefetch_factor=prefetch,
+                worker_init_fn=_own_group) if workers else {}
     return torch.utils.data.DataLoader(dataset, batch_sampler=requests, collate_fn=collate,
                                        num_workers=workers, pin_memory=pin, **more)
+
+
+def _own_group(_):
+    """A loader worker leaves its rank's process group: torchrun's SIGTERM / SIGINT (sent to the
+    whole group) and a terminal's Ctrl-C reach the training process alone, which finishes the
+    step, checkpoints and shuts its workers down (a worker also ends when its parent does)."""
+    os.setpgrp()
 
 
 # ----- filters (§3.4) -----

@@ -270,13 +270,14 @@ def sp_setup(world, sp, device):
     return dit.sp_group(mesh.get_group("sp"))
 
 
-def all_sum(x):
+def all_sum(x, op=dist.ReduceOp.SUM):
     """Sum a float tensor over all ranks (no-op in one process): what the log reports (global
-    loss, tokens, bad files) and decisions every rank must take alike (skip a step, stop)."""
+    loss, tokens, bad files) and decisions every rank must take alike (skip a step, stop).
+    op=dist.ReduceOp.MAX: the largest value of each element instead."""
     x = torch.as_tensor(x, dtype=torch.float64).clone()
     if dist.is_initialized():
         x = x.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(x)
+        dist.all_reduce(x, op=op)
     return x.cpu()
 
 
@@ -667,10 +668,15 @@ def checkpoint_state(parts, opts, ema):
                                                          get_optimizer_state_dict)
     model = {f"{name}.{k}": v for name, m in parts.items()
              for k, v in get_model_state_dict(m, options=trained()).items()}
-    optim = {f"{name}.{fqn}.{k}": v for name, o in opts.items()
-             # creates the AdamW state (zeros, via a step with lr 0) if no step was taken yet
-             for fqn, st in get_optimizer_state_dict(parts[name], o)["state"].items()
-             for k, v in st.items()}
+    fresh = [o for o in opts.values() if not o.state]
+    # creates the AdamW state (zeros, via a step with lr 0) if no step was taken yet
+    osds = {name: get_optimizer_state_dict(parts[name], o) for name, o in opts.items()}
+    for o in fresh:  # that lr-0 step counted as one: a fresh AdamW state is at step 0
+        for st in o.state.values():
+            if "step" in st:
+                st["step"].zero_()
+    optim = {f"{name}.{fqn}.{k}": v for name, osd in osds.items()
+             for fqn, st in osd["state"].items() for k, v in st.items()}
     optim["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         optim["rng.cuda"] = torch.cuda.get_rng_state()
@@ -787,7 +793,7 @@ def find_checkpoint(args, total, say):
     mix with the old one). With it: the folder `latest` names if intact (verify), else the newest
     intact older one, with a warning naming both. Also refused: a checkpoint of the other --stage,
     another --preset, --lora setting or LoRA base, or --i2v, and one already past the --steps
-    asked for."""
+    asked for or at / past --stop-at."""
     root = os.path.join(args.out, "ckpt")
     names = sorted(d for d in os.listdir(root) if STEP_DIR.fullmatch(d)) \
         if os.path.isdir(root) else []
@@ -850,6 +856,10 @@ def find_checkpoint(args, total, say):
             raise SettingsError(f"--resume: the checkpoint is at step {st['step']}, past the "
                                 f"{total} steps asked for; pass --steps adding up to more than "
                                 f"{st['step']}")
+        stop_at = getattr(args, "stop_at", None)
+        if stop_at is not None and stop_at <= st["step"]:  # it would never fire
+            raise SettingsError(f"--stop-at {stop_at} is not after the checkpoint's step "
+                                f"{st['step']}; pass a later step (or drop it)")
         return os.path.join(root, d)
     raise SettingsError(f"--resume: no intact checkpoint in {root} ({'; '.join(damaged)}); start "
                         f"again in another --out")
@@ -1750,16 +1760,19 @@ def train(args):
                  per, ts, float(red[3]), max_tokens, total)
 
         # -- checkpoint: every save_every steps, at the end, and on a signal --
-        # torchrun forwards SIGTERM to every worker, maybe not at the same step: summing the flags
-        # makes all ranks stop after the same step, so the checkpoint's collectives line up.
-        sig = int(all_sum([stop["sig"] or (step == args.stop_at)])[0]) > 0
+        # torchrun forwards SIGTERM to every worker, maybe not at the same step (or one rank alone
+        # gets a signal): the largest signal number over the ranks makes all ranks stop after the
+        # same step, so the checkpoint's collectives line up, and rank 0 can name the signal.
+        signum, at = all_sum([stop["sig"], step == args.stop_at], op=dist.ReduceOp.MAX).tolist()
+        sig = signum > 0 or at > 0
         if (tc.save_every and step % tc.save_every == 0) or step == total or sig:
             state = {"step": step, "pos": dict(pos, stage=stage_i), "bad_files": bad_files,
-                     "zstat": zstat.tolist(), **run_settings(job)}
+                     # each rank holds the latent statistics of its own samples: keep the sums
+                     "zstat": all_sum(zstat).tolist(), **run_settings(job)}
             save_checkpoint(args.out, step, rank, job.parts, opts, ema, state, tc.keep)
         if sig:
             say(f"stopped at step {step} ("
-                f"{'signal ' + str(stop['sig']) if stop['sig'] else '--stop-at'}); "
+                f"{f'signal {signum:.0f}' if signum else '--stop-at'}); "
                 f"checkpoint written, continue with --resume")
             break
 
@@ -1819,7 +1832,9 @@ def resume(job, opts, ema):
                 f"{st.get('world', 1)} rank(s))")
         if ema and not os.path.isdir(os.path.join(job.ckpt, "ema")):
             job.say("--ema: the checkpoint has no EMA; it starts from the resumed weights")
-        return st["step"], pos, st["bad_files"], torch.tensor(st["zstat"], dtype=torch.float64)
+        # the sums over the ranks that wrote it: rank 0 carries them, or export counts them twice
+        z = torch.tensor(st["zstat"], dtype=torch.float64)
+        return st["step"], pos, st["bad_files"], z if job.rank == 0 else torch.zeros_like(z)
     # the VAE's zstat: count, Σ mean, Σ mean², Σ var of the latents (for the scaling factor)
     return 0, {"stage": 0, "epoch": 0, "batch": 0}, 0, torch.zeros(4, dtype=torch.float64)
 
@@ -2014,6 +2029,13 @@ def simulate(args, fake=True):
     tc, stages, steps = resolve(args)
     check(args, tc, stages)
     n = args.simulate
+    # the layouts training refuses (setup, sp_setup), named by the flag that sets the ranks here
+    if n % args.cp:
+        raise SettingsError(f"--simulate {n}: --cp {args.cp} does not divide the {n} ranks; "
+                            f"simulate a multiple of {args.cp} ranks")
+    if n % args.sp:
+        raise SettingsError(f"--simulate {n}: --sp {args.sp} needs a multiple of {args.sp} ranks; "
+                            f"simulate {args.sp * (n // args.sp + 1)} (or another multiple)")
     if fake and n > 1 and not dist.is_initialized():
         from torch.testing._internal.distributed.fake_pg import FakeStore
         dist.init_process_group("fake", rank=0, world_size=n, store=FakeStore())
@@ -2085,7 +2107,7 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
     model.sp, G = sp, sp.size if sp is not None else 1
     vcfg = vae.VAE_PRESETS[tc.vae]
     # DDP is simulated as the model itself: its gradients are views into DDP's buckets
-    # (gradient_as_bucket_view), so it adds only its communication buffers
+    # (gradient_as_bucket_view), kept alive by ddp_buckets for the whole step
     net = wrap(model, True, torch.device("cpu"), mesh=mesh, bf16=not args.fp32) if args.fsdp \
         else Call(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -2125,6 +2147,8 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
                 track.add(x, "opt")
         for p in params:  # a gradient, once written (FSDP2: its shard), counts as "grad"
             p.register_post_accumulate_grad_hook(lambda p: track.retag(p.grad, "grad"))
+        if not args.fsdp:
+            ddp_buckets(track, mode, params)
         track.phase = "fwd"
         loss, _ = dit_loss(job, InMode(net, mode), {"items": items, "bad": 0}, 0, 0, max_tokens)
         backward_and_step(track, mode, loss, params, opt, tc.clip)
@@ -2167,6 +2191,7 @@ def simulate_vae(args, tc, stages, mesh, track, mode):
             for v in o.state.values():
                 for x in v.values():
                     track.add(x, "opt")
+        ddp_buckets(track, mode, params + list(job.disc.parameters()))  # both are DDP in training
         track.phase = "fwd"
         loss, st = vae_loss(job, InMode(Call(model), mode), {"items": items, "bad": 0}, step_i, 0)
         backward_and_step(track, mode, loss, params, opt, tc.clip)
@@ -2179,6 +2204,19 @@ def simulate_vae(args, tc, stages, mesh, track, mode):
             torch.nn.utils.clip_grad_norm_(job.disc.parameters(), tc.clip)
             dopt.step()
     return step
+
+
+def ddp_buckets(track, mode, params):
+    """Under DDP (more than one rank, no --fsdp) the gradients are views into DDP's buckets, which
+    outlive zero_grad(set_to_none=True) (it drops the views only): from the second step on, the
+    full-size gradients are held through the forward too. Simulated as gradients there from the
+    start of the step (backward accumulates into them in place), tagged "grad"."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    with mode:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+            track.retag(p.grad, "grad")
 
 
 def backward_and_step(track, mode, loss, params, opt, clip):

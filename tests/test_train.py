@@ -123,9 +123,14 @@ def test_sample_json_holds_the_sampling_preset_of_the_dit():
 
 
 def test_vae_steps_one_process_with_discriminator(assets, tmp_path, capsys):
-    """Tiny VAE: 4 steps, the discriminator (own optimizer) switches on at step 2; scaling factor fitted."""
+    """Tiny VAE: 4 steps, the discriminator (own optimizer) switches on at step 2; scaling factor fitted.
+    A checkpoint every step (the discriminator's AdamW state written before its first step) changes
+    nothing: the same losses."""
     train.main(vae_args(assets["manifest"], tmp_path, "--steps", "4", "--size", "16x16"))
     recs = log(tmp_path)
+    train.main(vae_args(assets["manifest"], tmp_path / "ck", "--steps", "4", "--size", "16x16",
+                        "--save-every", "1"))
+    assert [r["loss"] for r in log(tmp_path / "ck")] == [r["loss"] for r in recs]
     assert len(recs) == 4 and all(math.isfinite(r["loss"]) for r in recs)
     assert recs[0]["gan"] == 0 and "disc" not in recs[0] and "disc" in recs[3]  # disc_start = 2 in "tiny"
     ae = vae.CausalVAE.load(str(tmp_path / "vae"))
@@ -442,10 +447,11 @@ def test_empty_or_garbled_latest_takes_the_newest_intact(three_ckpts, tmp_path, 
     ([], "already holds a run (checkpoints up to step_0000003): add --resume to continue it, or pick another --out"),
     (["--resume", "--steps", "1"], "the checkpoint is at step 3, past the 2 steps asked for"),
     (["--resume", "--i2v"], "holds a run without --i2v; pass the same (or another --out)"),
+    (["--resume", "--steps", "3", "--stop-at", "3"], "--stop-at 3 is not after the checkpoint's step 3"),
 ])
 def test_rerun_refusals_keep_the_run(assets, three_ckpts, capsys, extra, words):
-    """A second run into the same --out without --resume, or a --resume with fewer steps than done: one line,
-    exit 2, before any model is loaded, and nothing in --out is touched."""
+    """A second run into the same --out without --resume, or a --resume with fewer steps than done (or a
+    --stop-at already passed): one line, exit 2, before any model is loaded, and nothing in --out is touched."""
     before = {f: os.stat(f).st_mtime_ns for f in three_ckpts.rglob("*")}
     with pytest.raises(SystemExit) as e:
         train.main(dit_args(assets, three_ckpts, *SMALL, *extra))
@@ -608,6 +614,10 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--simulate", "1", "--peak-tflops", "0"], "--peak-tflops must be > 0 (e.g. 989, an H100's dense bf16), got 0.0"),
     (["--simulate", "1", "--peak-tflops", "-5"], "--peak-tflops must be > 0"),
     (["--simulate", "1", "--peak-tflops", "inf"], "--peak-tflops must be > 0"),
+    (["--simulate", "3", "--sp", "2"], "--simulate 3: --sp 2 needs a multiple of 2 ranks; simulate 4"),
+    *((["--stage", "vae", "--cache", "", "--frames", f, "--simulate", n, "--cp", cp],
+      f"--simulate {n}: --cp {cp} does not divide the {n} ranks")
+      for f, n, cp in (("13", "2", "3"), ("9", "1", "2"), ("9", "3", "2"))),
 ])
 def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsys, extra, words):
     """Each bad value: one line naming the fix, exit code 2, before any model is loaded (issue 20)."""
@@ -919,10 +929,14 @@ def runs(*argvs):
     return [a for i, argv in enumerate(argvs) for a in ([] if i == 0 else ["---"]) + list(argv)]
 
 
+VDDP = ["--steps", "10", "--size", "16x16", "--frames", "1,5"]
+
+
 @pytest.fixture(scope="module")
 def ddp(assets, tmp_path_factory, torchrun):
     """One launch, DDP on 2 ranks: the uninterrupted run; a run from its export (--init); a run
-    stopped after step 2, then resumed."""
+    stopped after step 2, then resumed; a VAE run, and one stopped inside its statistics window
+    (its last 2 steps), then resumed."""
     root = tmp_path_factory.mktemp("ddp")
     ddp = [*PAR, "--rows", "1"]
     # rank 0 finishes each checkpoint and export 3 s late: the next run must find them on every rank
@@ -932,7 +946,10 @@ def ddp(assets, tmp_path_factory, torchrun):
         p = torchrun(WORKER, *runs(dit_args(assets, root / "full", *ddp),
                                    dit_args(assets, root / "init", *ddp, "--init", root / "full" / "dit"),
                                    dit_args(assets, root / "part", *ddp, "--stop-at", "2"),
-                                   dit_args(assets, root / "part", *ddp, "--resume")), timeout=900)
+                                   dit_args(assets, root / "part", *ddp, "--resume"),
+                                   *(vae_args(assets["manifest"], root / name, *VDDP, *extra)
+                                     for name, extra in (("vfull", []), ("vpart", ["--stop-at", "9"]),
+                                                         ("vpart", ["--resume"])))), timeout=900)
     finally:
         if before is None:
             del os.environ["TEST_SAVE_LAG"]
@@ -992,6 +1009,15 @@ def test_ddp_resume_equals_uninterrupted(ddp):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ddp_vae_resume_exports_the_same_scaling_factor(ddp):
+    """The VAE's latent statistics are per rank: a checkpoint keeps their sum over the ranks, which
+    one rank takes back on resume, so the exported scaling factor is the uninterrupted run's."""
+    assert [r["loss"] for r in log(ddp / "vpart")] == [r["loss"] for r in log(ddp / "vfull")]
+    a, b = (json.loads((ddp / o / "vae" / "config.json").read_text()) for o in ("vfull", "vpart"))
+    assert a["scaling_factor"] != vae.VAE_PRESETS["tiny"].scaling_factor
+    assert a["scaling_factor"] == pytest.approx(b["scaling_factor"], rel=1e-9)
+
+
 def test_fsdp_resume_equals_uninterrupted(fsdp):
     """FSDP on 2 ranks, stopped after step 2 and resumed on 2 ranks: losses, weights and EMA are exact."""
     assert [r["loss"] for r in log(fsdp / "part")] == [r["loss"] for r in log(fsdp / "full")]
@@ -1044,6 +1070,35 @@ def test_context_parallel_vae_two_ranks_equals_one_process(assets, tmp_path, tor
         a, b = ck(tmp_path / "one", step, part), ck(tmp_path / "two", step, part)
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a), (step, part)
     assert (tmp_path / "two" / "vae" / "model.safetensors").exists()
+
+
+def test_sigterm_to_one_rank_with_loader_workers_writes_a_checkpoint(assets, tmp_path):
+    """SIGTERM to rank 1's process group alone, as torchrun sends it to each rank's: the rank's
+    DataLoader worker (--workers 1) is in a group of its own, so it lives on; both ranks finish the
+    step, write the checkpoint and exit with EXIT_STOPPED, and rank 0 names rank 1's signal."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(train.__file__), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           train.__file__, *dit_args(assets, tmp_path, *SMALL, "--steps", "5000", "--rows", "1",
+                                     "--workers", "1")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                         start_new_session=True)
+    try:
+        for line in p.stdout:
+            if line.startswith("step 2/"):
+                kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                                      text=True).stdout.split()
+                envs = {int(k): open(f"/proc/{k}/environ", "rb").read().split(b"\0") for k in kids}
+                os.killpg(next(k for k, e in envs.items() if b"RANK=1" in e), signal.SIGTERM)
+                break
+        rest, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert "DataLoader worker" not in rest and rest.count("exitcode  : 75") == 2, rest[-3000:]
+    stopped = int(rest.split("stopped at step ")[1].split()[0])
+    assert stopped >= 2 and "(signal 15)" in rest  # printed by rank 0, which got none
+    latest = (tmp_path / "ckpt" / "latest").read_text()
+    assert json.load(open(tmp_path / "ckpt" / latest / "train.json"))["step"] == stopped
 
 
 def test_a_torchrun_worker_leaves_without_teardown(torchrun, monkeypatch):
@@ -1266,6 +1321,15 @@ def test_sp_dp2_x_sp2_equals_one_process(assets, tmp_path, torchrun, one_process
     a, b = weights(ref / "dit"), weights(out / "dit")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
     assert [r["tok_s"] * r["ms"] for r in log(out)] == pytest.approx([r["tok_s"] * r["ms"] for r in log(ref)])
+
+
+def test_simulated_ddp_holds_its_gradient_buckets_through_the_step():
+    """DDP's gradients are views into its buckets, which zero_grad(set_to_none=True) keeps: a
+    simulated DDP rank holds the full gradients at its peak (in the forward), one process none."""
+    args = ["--stage", "dit", "--preset", "tiny", "--fp32", "--frames", "17", "--size", "64x64"]
+    one, two = (train.main([*args, "--simulate", n]) for n in ("1", "2"))
+    assert one["grads"] == 0 and two["grads"] == two["grads_total"] == one["grads_total"] > 0
+    assert two["peak"] == pytest.approx(one["peak"] + two["grads_total"], rel=1e-4)
 
 
 def sim_sp(sp, *extra):
