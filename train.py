@@ -1564,9 +1564,40 @@ def batches(job, loader, requests, pos, encoder=None):
         epoch, b, n, masses = requests.given.popleft()
         pos["epoch"], pos["batch"] = (epoch, b + 1) if b + 1 < n else (epoch + 1, 0)
         batch["masses"] = masses
+        batch = agree_on_reads(job, batch)  # --sp / --cp: the group's ranks keep the same items
         batch = encoder.complete(batch) if encoder is not None else batch
         job.wait = getattr(job, "wait", 0.0) + time.perf_counter() - t0
         yield batch
+
+
+def agree_on_reads(job, batch):
+    """--sp / --cp: keep only the items that every rank of this rank's group read.
+
+    The ranks of a sequence-parallel (DiT) or context-parallel (VAE) group request the same
+    items and split each one between them (a row's tokens, a clip's frames), so the group's
+    collectives (Ulysses' all-to-alls, the CP halo exchanges and gathers) expect the same items on
+    every rank. But each rank reads the files itself: one that fails on a file its partners read
+    (a transient I/O error, a node-local copy) would hold fewer items, other rows or another time
+    split, and the collectives would not match (gloo: "collective mismatch"; NCCL may hang). The
+    zero-weight dummy of a rank with nothing read keeps DDP / FSDP in step, not a group.
+
+    So before anything is encoded or run, the group takes the MIN of per-slot "read" flags (slot
+    + 1: a filler's slot is -1; the global batch's slot count is known to every rank, even one
+    that read nothing) and every rank drops what any of them failed on. Such an item is a bad file
+    of the group, counted alike on each rank (the loop adds 1/group per rank: once in all). Every
+    rank of a group runs this on every micro-batch (batches yields one per micro-batch on every
+    rank), so the collective is always matched."""
+    group = job.group if job.group is not None else job.sp.group if job.sp is not None else None
+    if group is None:  # no group, or a group of one
+        return batch
+    items, asked = batch["items"], len(batch["items"]) + batch["bad"]
+    read = torch.zeros(len(batch["masses"]) + 1)  # (slots + 1,) 1: read here
+    read[[it["slot"] + 1 for it in items]] = 1.0
+    read = read.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(read, op=dist.ReduceOp.MIN, group=group)
+    read = read.cpu()
+    items = [it for it in items if read[it["slot"] + 1] > 0]
+    return dict(batch, items=items, bad=asked - len(items))
 
 
 def export(job, ema, zstat):

@@ -12,7 +12,8 @@ merged          every micro-batch is two consecutive sampler batches merged into
                 exactly the samples that --accum 2 spreads over two micro-batches.
 deaf:R:H        the files of global rows >= H are unreadable, with R rows per rank (the row of a
                 Frame Pack key; a Bucket key's row is its place in the global batch); deaf:1:1 under
-                torchrun with one row per rank: rank 1 reads nothing at all.
+                torchrun with one row per rank: rank 1 reads nothing at all. An --sp / --cp group's
+                ranks hold the same rows: deaf:2:3 with 2 rows, rank 1 alone fails on row 1.
 """
 import itertools
 import os

@@ -1,7 +1,7 @@
 """train.py's loss weighting and unreadable data: micro-batches and ranks weighted by the tokens they really
 read (--accum == one big batch, in one process, DDP and FSDP), unreadable files renormalised away, a batch with
-nothing readable skipped (no update, no LR step), a rank with nothing readable still in step (no hang), truncated
-clips counted as bad files.
+nothing readable skipped (no update, no LR step), a rank with nothing readable still in step (no hang), a file
+one rank of an --sp / --cp group cannot read dropped by the whole group, truncated clips counted as bad files.
 
 CPU, tiny presets at 16x16 pixels; torchrun tests with gloo on 2 ranks. Patches: tests/_loss_worker.py.
 Run: python -m pytest -q tests/test_loss.py"""
@@ -205,36 +205,53 @@ def one_clip(assets, tmp_path_factory):
 DEAF = ["--steps", "2,1", "--accum", "2"]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "sp"])
 def test_a_rank_with_nothing_readable_stays_in_step(assets, tmp_path, torchrun, one_clip, mode):
     """Rank 1's files are all unreadable (each of its micro-batches, --accum 2). It runs a zero-weight dummy
     sample through the wrapped model, so no DDP / FSDP collective waits for it (before: FSDP failed with "mixed
     torch.Tensor and DTensor" / hung), and the ranks agree on N: the loss is rank 0's alone, not halved (before,
-    under DDP). Every sample is the same clip here, so the run equals one process reading them all."""
+    under DDP). Every sample is the same clip here, so the run equals one process reading them all.
+    sp: one --sp 2 group, both ranks holding both rows; rank 1 alone fails on row 1 (deaf:2:3), which rank 0
+    reads. The group drops it on both ranks (before: their rows differed and gloo failed with "collective
+    mismatch"), and the bad file is counted once, not 1/2."""
     manifest, ref, ref_out = one_clip
-    extra = ["--fsdp"] if mode == "fsdp" else []
-    torchrun(WORKER, "same_draws,deaf:1:1", "--",
-             *dit_args(assets, tmp_path, manifest, *DEAF, "--rows", "1", *extra))
+    deaf, extra = {"ddp": ("deaf:1:1", ["--rows", "1"]), "fsdp": ("deaf:1:1", ["--rows", "1", "--fsdp"]),
+                   "sp": ("deaf:2:3", ["--rows", "2", "--sp", "2"])}[mode]
+    torchrun(WORKER, "same_draws," + deaf, "--", *dit_args(assets, tmp_path, manifest, *DEAF, *extra))
     recs = log(tmp_path)
     assert [r["loss"] for r in recs] == pytest.approx(ref, rel=1e-5, abs=1e-7)
-    assert recs[-1]["bad_files"] == 6  # rank 1's sample of every micro-batch
+    assert recs[-1]["bad_files"] == 6  # one sample of every micro-batch
     same(ckpt_weights(ref_out, 3), ckpt_weights(tmp_path, 3))
 
 
-def test_vae_rank_with_nothing_readable_stays_in_step(assets, tmp_path, torchrun, monkeypatch):
+@pytest.mark.parametrize("mode", ["ddp", "cp"])
+def test_vae_rank_with_nothing_readable_stays_in_step(assets, tmp_path, torchrun, monkeypatch, mode):
     """The VAE under DDP, rank 1 reading nothing: a dummy clip keeps the VAE's and the discriminator's DDP in
     step (the GAN step gives it weight 0). Before: "stack expects a non-empty TensorList" on rank 1. Equals one
-    process with the same files unreadable, the discriminator steps included."""
-    common = ["--steps", "4", "--batch", "1"]
+    process with the same files unreadable, the discriminator steps included.
+    cp: one --cp 2 group on 9-frame clips, both ranks holding both clips of a batch; rank 1 alone fails on the
+    second (deaf:2:3). The group drops it on both ranks (before: their time splits differed and gloo failed
+    with "collective mismatch"), counted as one bad file. 2 steps: the GAN's weight differs under CP by
+    design."""
+    manifest, common = assets["manifest"], ["--steps", "4"]
+    if mode == "cp":  # clips only: a CP group leaves stills out, one process would not
+        manifest = str(tmp_path / "clips.jsonl")
+        data.write_manifest([e for e in data.read_manifest(assets["manifest"]) if e["frames"] > 1], manifest)
+        common = ["--steps", "2", "--frames", "9"]
     with monkeypatch.context() as mp:
         _loss_worker.apply("deaf:0:1", mp.setattr)  # one process, batch 2: the second sample unreadable
-        one = train.main(vae_args(assets["manifest"], tmp_path / "one", *common[:2], "--batch", "2"))
-    torchrun(WORKER, "deaf:0:1", "--", *vae_args(assets["manifest"], tmp_path / "two", *common))
-    recs = log(tmp_path / "two")
+        one = train.main(vae_args(manifest, tmp_path / "one", *common, "--batch", "2"))
+    deaf, extra = {"ddp": ("deaf:0:1", ["--batch", "1"]),
+                   "cp": ("deaf:2:3", ["--batch", "2", "--cp", "2"])}[mode]
+    torchrun(WORKER, deaf, "--", *vae_args(manifest, tmp_path / "two", *common, *extra))
+    recs, steps = log(tmp_path / "two"), len(one["losses"])
     assert [r["loss"] for r in recs] == pytest.approx(one["losses"], rel=1e-5, abs=1e-7)
-    assert "disc" in recs[-1] and recs[-1]["disc"] == pytest.approx(log(tmp_path / "one")[-1]["disc"], rel=1e-5)
-    same(ckpt_weights(tmp_path / "one", 4, "vae"), ckpt_weights(tmp_path / "two", 4, "vae"))
-    same(ckpt_weights(tmp_path / "one", 4, "disc"), ckpt_weights(tmp_path / "two", 4, "disc"))
+    assert recs[-1]["bad_files"] == log(tmp_path / "one")[-1]["bad_files"] == steps  # one a step
+    same(ckpt_weights(tmp_path / "one", steps, "vae"), ckpt_weights(tmp_path / "two", steps, "vae"))
+    if mode == "ddp":
+        assert "disc" in recs[-1] and recs[-1]["disc"] == pytest.approx(log(tmp_path / "one")[-1]["disc"],
+                                                                        rel=1e-5)
+        same(ckpt_weights(tmp_path / "one", 4, "disc"), ckpt_weights(tmp_path / "two", 4, "disc"))
 
 
 def test_nothing_readable_at_all_stops_with_exit_code_2(assets, tmp_path, capsys):
