@@ -1791,19 +1791,14 @@ def train(args):
                  per, ts, float(red[3]), max_tokens, total)
 
         # -- checkpoint: every save_every steps, at the end, and on a signal --
-        # torchrun forwards SIGTERM to every worker, maybe not at the same step (or one rank alone
-        # gets a signal): the largest signal number over the ranks makes all ranks stop after the
-        # same step, so the checkpoint's collectives line up, and rank 0 can name the signal.
-        signum, at = all_sum([stop["sig"], step == args.stop_at], op=dist.ReduceOp.MAX).tolist()
-        sig = signum > 0 or at > 0
+        sig, signum = stop_now(stop, step, args.stop_at)  # every rank alike
         if (tc.save_every and step % tc.save_every == 0) or step == total or sig:
             state = {"step": step, "pos": dict(pos, stage=stage_i), "bad_files": bad_files,
                      # each rank holds the latent statistics of its own samples: keep the sums
                      "zstat": all_sum(zstat).tolist(), **run_settings(job)}
             save_checkpoint(args.out, step, rank, job.parts, opts, ema, state, tc.keep)
         if sig:
-            say(f"stopped at step {step} ("
-                f"{f'signal {signum:.0f}' if signum else '--stop-at'}); "
+            say(f"stopped at step {step} ({f'signal {signum}' if signum else '--stop-at'}); "
                 f"checkpoint written, continue with --resume")
             break
 
@@ -1813,6 +1808,15 @@ def train(args):
         log.close()
     release_signals(stop)
     return {"losses": losses, "out": args.out, "step": step, "stopped": step < total}
+
+
+def stop_now(stop, step, stop_at):
+    """-> (stop after this step?, the signal number or 0), the same on every rank. torchrun
+    forwards SIGTERM to every worker, maybe not at the same step (or one rank alone gets a
+    signal): the largest signal number over the ranks makes all ranks stop after the same step,
+    so the checkpoint's collectives line up, and rank 0 can name the signal."""
+    signum, at = all_sum([stop["sig"], step == stop_at], op=dist.ReduceOp.MAX).tolist()
+    return signum > 0 or at > 0, int(signum)
 
 
 def run_settings(job):
