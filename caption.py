@@ -187,11 +187,7 @@ def find_videos(inputs):
             found += [(p, None, None) for p in sorted(item.rglob("*"))
                       if p.suffix.lower() in data.VIDEO_EXTS and p.is_file()]
         elif item.suffix == ".jsonl" and item.is_file():
-            for e in data.read_manifest(item):
-                start = e.get("start")
-                if start is not None and not (isinstance(start, (int, float)) and start >= 0):
-                    raise ValueError(f"{item}: {e['path']}: \"start\" must be seconds >= 0, got "
-                                     f"{json.dumps(start)}")
+            for e in data.read_manifest(item):  # (which checks "start")
                 found.append((Path(e["path"]), e.get("short_caption") or e["caption"] or None, e))
         elif item.exists():
             found.append((item, None, None))  # any extension: a non-video file is reported as bad

@@ -153,6 +153,16 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def check_not_input(outs, inputs, flag="--out"):
+    """No output path may be an input file (a contact sheet over sample.py's --image, a
+    reconstruction over vae.py's video): one ValueError naming both. inputs: {path: its flag}."""
+    named = {os.path.realpath(p): f for p, f in inputs.items() if p}
+    for out in outs:
+        if os.path.realpath(out) in named:
+            raise ValueError(f"{out} would overwrite the {named[os.path.realpath(out)]} input; "
+                             f"pass another {flag}")
+
+
 def check_writable(path, flag, folder=False):
     """Before any work: can `path` (a file, or a folder when folder=True) be written? Raises a
     one-line ValueError naming `flag` when it is a folder where a file is wanted (or the reverse),
@@ -245,14 +255,18 @@ def read_manifest(path):
                                  "object per line") from None
             if not isinstance(e, dict) or "path" not in e:
                 raise ValueError(f"{path}:{n}: needs a \"path\" field")
-            if e.get("caption", "") is None:  # an uncaptioned video (pandas writes null)
+            if e.get("caption") is None:  # none, or an uncaptioned video (pandas writes null)
                 e["caption"] = ""
             for k in ("path", "caption"):
-                if k in e and not isinstance(e[k], str):
+                if not isinstance(e[k], str):
                     raise ValueError(f"{path}:{n}: \"{k}\" must be a string, got "
                                      f"{json.dumps(e[k])}")
+            start = e.get("start")  # a clip of a longer file (load_video, caption.py)
+            if start is not None and (isinstance(start, bool) or
+                                      not isinstance(start, (int, float)) or not start >= 0):
+                raise ValueError(f"{path}:{n}: \"start\" must be seconds >= 0, got "
+                                 f"{json.dumps(start)}")
             e["path"] = os.path.normpath(os.path.join(base, e["path"]))
-            e.setdefault("caption", "")
             out.append(e)
     return out
 
@@ -1231,7 +1245,6 @@ class LatentCache:
         self.folder = folder
         os.makedirs(folder, exist_ok=True)
         self.hits = self.misses = 0
-        self.corrupt = set()  # cache files found unreadable (warned once each)
 
     def key(self, path, shape, model_id, fps=None, start=None, pad="repeat", latent="posterior",
             crop=None, mode=None):
@@ -1261,7 +1274,7 @@ class LatentCache:
 
     def get(self, key):
         """-> dict of tensors, or None when not cached. A file that does not load (cut short by a
-        full disk, a crash outside atomic_write, ...) is a miss: warned once, deleted, encoded
+        full disk, a crash outside atomic_write, ...) is a miss: warned, deleted, encoded
         again."""
         f = self._file(key)
         if not os.path.exists(f):
@@ -1269,10 +1282,8 @@ class LatentCache:
         try:
             return load_file(f)
         except (SafetensorError, OSError) as e:
-            if f not in self.corrupt:
-                self.corrupt.add(f)
-                print(f"warning: latent cache file {f} is unreadable ({e}); deleted, it is "
-                      "encoded again", file=sys.stderr)
+            print(f"warning: latent cache file {f} is unreadable ({e}); deleted, it is "
+                  "encoded again", file=sys.stderr)
             try:
                 os.remove(f)
             except FileNotFoundError:  # another worker or rank deleted it first

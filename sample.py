@@ -327,8 +327,8 @@ def load_ckpt(folder, device="cpu", dtype=None):
 
     Layout (train.py writes it): dit/ and vae/ (config.json + model.safetensors each, safetensors
     only), text_encoder/ (a T5 folder for dit.TextEncoder) and optionally sample.json (SampleConfig
-    fields: the resolution, frame count, fps and noise schedule the DiT was trained with), which
-    overrides PRESETS["tiny"].
+    fields: the DiT family's sampling preset with the resolution, frame count, fps and noise
+    schedule it was trained with; train.sample_meta), which overrides PRESETS["tiny"].
     """
     cfg = ckpt_sample_config(folder)
     net = ditlib.ExpertDiT.load(os.path.join(folder, "dit"), device, dtype).eval()
@@ -471,14 +471,8 @@ def check_args(a, n=1):
 def check_outputs(paths, a):
     """No output (.mp4 or its .png contact sheet) may overwrite an input file: e.g. --image
     cat.png --out cat.mp4 would replace the image with the sheet."""
-    inputs = {os.path.realpath(f): opt for f, opt in ((a.image, "--image"),
-                                                      (a.prompts_file, "--prompts-file"))
-              if f}
-    for path in paths:
-        for out in (path, path[:-4] + ".png"):
-            if os.path.realpath(out) in inputs:
-                raise ValueError(f"{out} would overwrite the {inputs[os.path.realpath(out)]} file; "
-                                 "pass another --out")
+    data.check_not_input([f for p in paths for f in (p, p[:-4] + ".png")],
+                         {a.image: "--image", a.prompts_file: "--prompts-file"})
 
 
 def plan(a):

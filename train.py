@@ -270,14 +270,15 @@ def sp_setup(world, sp, device):
     return dit.sp_group(mesh.get_group("sp"))
 
 
-def all_sum(x, op=dist.ReduceOp.SUM):
+def all_sum(x, op=dist.ReduceOp.SUM, group=None):
     """Sum a float tensor over all ranks (no-op in one process): what the log reports (global
     loss, tokens, bad files) and decisions every rank must take alike (skip a step, stop).
-    op=dist.ReduceOp.MAX: the largest value of each element instead."""
+    op=dist.ReduceOp.MAX / MIN: the largest / smallest value of each element instead; group: over
+    that group's ranks only."""
     x = torch.as_tensor(x, dtype=torch.float64).clone()
     if dist.is_initialized():
         x = x.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(x, op=op)
+        dist.all_reduce(x, op=op, group=group)
     return x.cpu()
 
 
@@ -785,7 +786,7 @@ def verify(folder):
     return next((w for w in everyone(why) if w), None)
 
 
-def find_checkpoint(args, total, say):
+def find_checkpoint(args, total, say, base=None):
     """The checkpoint --resume continues from, checked before any model is built -> its folder,
     or None for a fresh start.
 
@@ -793,7 +794,7 @@ def find_checkpoint(args, total, say):
     mix with the old one). With it: the folder `latest` names if intact (verify), else the newest
     intact older one, with a warning naming both. Also refused: a checkpoint of the other --stage,
     another --preset, --lora setting or LoRA base, or --i2v, and one already past the --steps
-    asked for or at / past --stop-at."""
+    asked for or at / past --stop-at. base: this run's lora_base (rank 0's view)."""
     root = os.path.join(args.out, "ckpt")
     names = sorted(d for d in os.listdir(root) if STEP_DIR.fullmatch(d)) \
         if os.path.isdir(root) else []
@@ -834,7 +835,7 @@ def find_checkpoint(args, total, say):
                 if was else "without --lora") + "; pass the same (or another --out)")
         # the adapters were trained on another base? (rank 0's view, as train.json is rank 0's:
         # every rank decides alike, even with per-node copies of the base)
-        was, base = st.get("lora_base"), everyone(lora_base(args))[0] if st.get("lora") else None
+        was = st.get("lora_base")
         if st.get("lora") and "lora_base" not in st:  # written before bases were recorded
             say("warning: --resume: this checkpoint does not record its LoRA base; make sure "
                 "--init / --init-diffusers name the one it was trained on", file=sys.stderr)
@@ -1355,9 +1356,9 @@ def build_dit(job):
     job.cache = data.LatentCache(args.cache) if args.cache else None
     # the captions' embeddings are keyed by the T5's id: without --text-encoder, the one the
     # cache records (check_dit made sure there is one), and then every caption must be there
-    t5 = data.model_id(args.text_encoder) if args.text_encoder else \
+    t5_id = data.model_id(args.text_encoder) if args.text_encoder else \
         recorded_t5(args.cache) if args.cache else None
-    t5 = f"{t5}|{model.cfg.text_len}" if t5 else ""
+    t5 = f"{t5_id}|{model.cfg.text_len}" if t5_id else ""
     if job.cache is not None and not args.text_encoder:
         miss = [c for c in sorted({e["caption"] for e in job.entries})
                 if not job.cache.has(job.cache.text_key(c, t5))]
@@ -1386,7 +1387,7 @@ def build_dit(job):
         if job.rank == 0:  # a later run on this cache may leave out --text-encoder
             write_text(os.path.join(args.cache, T5_RECORD), json.dumps(
                 {"text_encoder": os.path.abspath(args.text_encoder),
-                 "id": data.model_id(args.text_encoder)}))
+                 "id": t5_id}))
 
 
 def embed_captions(job):
@@ -1593,9 +1594,7 @@ def agree_on_reads(job, batch):
     items, asked = batch["items"], len(batch["items"]) + batch["bad"]
     read = torch.zeros(len(batch["masses"]) + 1)  # (slots + 1,) 1: read here
     read[[it["slot"] + 1 for it in items]] = 1.0
-    read = read.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(read, op=dist.ReduceOp.MIN, group=group)
-    read = read.cpu()
+    read = all_sum(read, dist.ReduceOp.MIN, group)  # 1: read by every rank of the group
     items = [it for it in items if read[it["slot"] + 1] > 0]
     return dict(batch, items=items, bad=asked - len(items))
 
@@ -1679,7 +1678,9 @@ def train(args):
                           text=None, cache=None, ids=None, disc=None, lpips=None, fill=None,
                           vcfg=vae_config(args, tc),
                           cfg=dit.DIT_PRESETS[tc.dit] if is_dit else None)
-    job.ckpt = find_checkpoint(args, sum(steps), say)  # refusals before any model is loaded
+    # a LoRA run's frozen base, fingerprinted once (rank 0's files: train.json is rank 0's)
+    job.lora_base = everyone(lora_base(args) if rank == 0 else None)[0]
+    job.ckpt = find_checkpoint(args, sum(steps), say, job.lora_base)  # refusals before any model
     job.entries = load_entries(job)  # the manifest, with the metadata planning needs
     job.plans = check_stages(job)  # every stage's data, before any model is built
     (build_dit if is_dit else build_vae)(job)
@@ -1815,8 +1816,8 @@ def stop_now(stop, step, stop_at):
     forwards SIGTERM to every worker, maybe not at the same step (or one rank alone gets a
     signal): the largest signal number over the ranks makes all ranks stop after the same step,
     so the checkpoint's collectives line up, and rank 0 can name the signal."""
-    signum, at = all_sum([stop["sig"], step == stop_at], op=dist.ReduceOp.MAX).tolist()
-    return signum > 0 or at > 0, int(signum)
+    signum = int(all_sum([stop["sig"]], op=dist.ReduceOp.MAX)[0])
+    return signum > 0 or step == stop_at, signum
 
 
 def run_settings(job):
@@ -1824,7 +1825,7 @@ def run_settings(job):
     preset, stage kind, LoRA setting or base, or --i2v (model_config's channels) by these."""
     args = job.args
     return {"preset": args.preset, "stage_kind": args.stage, "world": job.world,
-            "lora": lora_settings(args), "lora_base": lora_base(args), "config": asdict(job.tc),
+            "lora": lora_settings(args), "lora_base": job.lora_base, "config": asdict(job.tc),
             "model_config": asdict(job.cfg)}
 
 

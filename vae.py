@@ -897,9 +897,7 @@ def main(argv=None):
     try:
         if not out.lower().endswith((".mp4", ".mkv")):
             raise ValueError(f"--out {out}: write a .mp4 or .mkv path")
-        if os.path.realpath(out) == os.path.realpath(a.reconstruct):
-            raise ValueError(f"--out {out} would overwrite the --reconstruct input; pass another "
-                             "--out")
+        data.check_not_input([out], {a.reconstruct: "--reconstruct"})
         data.check_writable(out, "--out")  # before the work, not after it
         data.check_device(a.device)
         if a.ckpt:

@@ -249,6 +249,10 @@ def test_manifests(tmp_path):
     # file, the line and the fix, not a TypeError or a bare codec error
     (tmp_path / "n.jsonl").write_text('{"path": "a.mkv", "caption": null}\n')  # uncaptioned
     assert data.read_manifest(str(tmp_path / "n.jsonl"))[0]["caption"] == ""
+    for start in ('"2"', "-1", "true"):  # a clip's start: seconds >= 0 (training crashed on these)
+        (tmp_path / "s.jsonl").write_text('{"path": "a.mkv", "start": %s}\n' % start)
+        with pytest.raises(ValueError, match='s.jsonl:1: "start" must be seconds >= 0'):
+            data.read_manifest(str(tmp_path / "s.jsonl"))
     for text, err in [('{"path": 5}', '"path" must be a string, got 5'),
                       ('{"path": null}', '"path" must be a string, got null'),
                       ('{"path": "a.mkv", "caption": ["x"]}', '"caption" must be a string')]:
@@ -490,7 +494,7 @@ def test_latent_cache(tmp_path):
 
 def test_corrupt_latent_cache_file_is_a_miss(tmp_path, capsys):
     """A cache file cut short (a full disk, a crash outside atomic_write) is a miss, not a
-    SafetensorError in training: warned once per file, deleted, encoded again."""
+    SafetensorError in training: warned, deleted, encoded again (each time it is found so)."""
     cache = data.LatentCache(tmp_path / "cache")
     calls = []
     make = lambda: calls.append(1) or {"z": torch.full((2, 3), float(len(calls)))}
@@ -504,7 +508,7 @@ def test_corrupt_latent_cache_file_is_a_miss(tmp_path, capsys):
         assert torch.equal(z, torch.full((2, 3), float(len(calls))))
         assert torch.equal(cache.get(k)["z"], z)  # re-encoded and written whole
     err = capsys.readouterr().err
-    assert len(calls) == 3 and cache.misses == 3 and err.count("warning: latent cache file") == 1
+    assert len(calls) == 3 and cache.misses == 3 and err.count("warning: latent cache file") == 2
     assert f in err and "deleted, it is encoded again" in err
 
 
