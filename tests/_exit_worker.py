@@ -3,8 +3,8 @@
   torchrun --standalone --nproc_per_node 2 tests/_exit_worker.py leave|plain
 
 The pattern behind train.leave(): a DDP step (its all-reduces run inside backward), a barrier, the process
-group destroyed, then the end of the process. `plain` ends as Python does; `leave` through train.leave(0), which
-must skip the interpreter's teardown (an atexit handler tells whether it ran)."""
+group destroyed, then the end of the process through train.leave(0), which must skip the interpreter's teardown
+(an atexit handler tells whether it ran). `plain` (the control: no DDP) ends as Python does."""
 import atexit
 import sys
 
@@ -18,7 +18,11 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     atexit.register(lambda: print(f"rank {rank}: interpreter teardown", flush=True))
-    net = DDP(torch.nn.Linear(4, 4))
+    # plain: the control that the atexit handler shows a teardown. Without DDP, whose gloo threads
+    # outlive destroy_process_group and can abort that teardown (the race leave() avoids: here
+    # about 1 launch in 9 aborted the control itself)
+    lin = torch.nn.Linear(4, 4)
+    net = DDP(lin) if sys.argv[1] == "leave" else lin
     net(torch.ones(2, 4)).sum().backward()
     dist.barrier()
     dist.destroy_process_group()

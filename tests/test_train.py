@@ -1106,7 +1106,7 @@ def test_a_torchrun_worker_leaves_without_teardown(torchrun, monkeypatch):
     its worker threads alive), a torchrun worker ends with os._exit: its exit code, its unflushed output
     flushed, and no interpreter teardown (an atexit handler would print), so the gloo worker threads cannot
     abort it mid-teardown (CI: rank 1 "terminate called without an active exception" after a finished run).
-    The same worker ending as Python does runs the teardown. Outside torchrun leave() is sys.exit."""
+    The control (no DDP) ending as Python does runs the teardown. Outside torchrun leave() is sys.exit."""
     worker = os.path.join(os.path.dirname(__file__), "_exit_worker.py")
     out = {m: torchrun(worker, m).stdout for m in ("leave", "plain")}
     for m, text in out.items():
