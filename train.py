@@ -1022,10 +1022,8 @@ def vae_config(args, tc):
         return vae.VAE_PRESETS[tc.vae]
     try:
         with open(os.path.join(args.vae, "config.json")) as f:
-            d = json.load(f)
-        if "_class_name" in d:  # a released vae/ folder (diffusers layout)
-            return vae.diffusers_config(d)
-        return vae.VAEConfig(**{**d, "channels": tuple(d["channels"])})
+            released = "_class_name" in json.load(f)  # a released vae/ folder (diffusers layout)
+        return (vae.diffusers_folder_config if released else vae.load_config)(args.vae)
     except (ValueError, TypeError, KeyError) as e:
         raise SettingsError(f"--vae {args.vae}: config.json is not a CausalVAE.save config ({e})") \
             from None
