@@ -127,6 +127,11 @@ class TrainConfig:
 
 
 S = data.Stage
+# §2.1's two VAE stages for every preset of the released VAE (2B, 5B and 1.5 share its
+# architecture; only the scaling factor differs): short clips first, then longer ones, which
+# need --cp (context parallel) at scale. Without it a preset trained the toy TrainConfig default.
+RELEASED_VAE = dict(vae_stages=[S([(256, 256)], [17], fps=8), S([(256, 256)], [49], fps=8)],
+                    vae_steps=[100_000, 20_000])
 PRESETS = {
     # Seconds on a CPU, for tests: both stages of the shapes schedule, a few steps each.
     "tiny": TrainConfig(vae_stages=[S([(16, 16)], [1, 5, 9])], vae_steps=[4], dit_steps=[3, 3],
@@ -167,27 +172,26 @@ PRESETS = {
     # Full scale (GPU clusters). The paper gives no optimizer numbers beyond AdamW's.
     "cogvideox-2b": TrainConfig(vae="cogvideox-2b", dit="cogvideox-2b", snr_shift=3.0,
                                 fit_scale=False, dit_stages=list(data.STAGES["cogvideox"]),
-                                vae_stages=[S([(256, 256)], [17], fps=8),
-                                            S([(256, 256)], [49], fps=8)],
-                                vae_steps=[100_000, 20_000],
-                                dit_steps=[100_000, 50_000, 5_000], rows=1, batch=1,
-                                ema=0.9999, warmup=1000, save_every=1000),
+                                **RELEASED_VAE, dit_steps=[100_000, 50_000, 5_000], rows=1,
+                                batch=1, ema=0.9999, warmup=1000, save_every=1000),
     "cogvideox-5b": TrainConfig(vae="cogvideox-5b", dit="cogvideox-5b", snr_shift=1.0,
                                 fit_scale=False, dit_stages=list(data.STAGES["cogvideox"]),
+                                **RELEASED_VAE,
                                 dit_steps=[100_000, 50_000, 5_000], rows=1, batch=1,
                                 ema=0.9999, warmup=1000, save_every=1000),
     # App. A: fine-tuned from the T2V model (--init), 49-frame 480x720 clips, image latent on 16
     # more input channels.
     "cogvideox-5b-i2v": TrainConfig(vae="cogvideox-5b", dit="cogvideox-5b-i2v", snr_shift=1.0,
                                     fit_scale=False, dit_stages=[S([(480, 720)], [49], fps=8)],
-                                    dit_steps=[20_000], rows=1, batch=1, warmup=500,
-                                    save_every=1000),
+                                    **RELEASED_VAE, dit_steps=[20_000], rows=1, batch=1,
+                                    warmup=500, save_every=1000),
     # CogVideoX 1.5: the 5B with a temporal patch of 2, trained through the later paper text's
     # stages (data.STAGES["cogvideox1.5"]: 256 -> 480 -> 768 px, 6 s -> 10 s at 16 fps, best
     # 20%); its VAE config divides the I2V image latent by the scaling factor (vae.image_scale).
     "cogvideox1.5-5b": TrainConfig(vae="cogvideox1.5-5b", dit="cogvideox1.5-5b", snr_shift=1.0,
                                    fit_scale=False, dit_stages=list(data.STAGES["cogvideox1.5"]),
-                                   dit_steps=[100_000, 50_000, 20_000, 5_000], rows=1, batch=1,
+                                   **RELEASED_VAE, dit_steps=[100_000, 50_000, 20_000, 5_000],
+                                   rows=1, batch=1,
                                    ema=0.9999, warmup=1000, save_every=1000),
     # The 1.5 I2V (from the 1.5 T2V with --init): RoPE only (any size, no table), the ofs
     # embedding; 81-frame 768x1360 clips at 16 fps, the size the release samples.
@@ -195,8 +199,8 @@ PRESETS = {
                                        snr_shift=1.0, fit_scale=False,
                                        dit_stages=[S(data.STAGES["cogvideox1.5"][-1].resolutions,
                                                      [81], fps=16)],
-                                       dit_steps=[20_000], rows=1, batch=1, warmup=500,
-                                       save_every=1000),
+                                       **RELEASED_VAE, dit_steps=[20_000], rows=1, batch=1,
+                                       warmup=500, save_every=1000),
 }
 
 

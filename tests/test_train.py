@@ -215,6 +215,18 @@ def test_released_presets_end_where_the_releases_are():
     assert train.PRESETS["cogvideox1.5-5b-i2v"].dit_stages[-1].frames == [81]
 
 
+@pytest.mark.parametrize("name", ["cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v", "cogvideox1.5-5b",
+                                  "cogvideox1.5-5b-i2v"])
+def test_released_presets_train_the_vae_in_the_two_stages_of_the_paper(name):
+    """§2.1: short clips, then longer ones (context parallel at scale), at the released VAE's 256 px.
+    `--stage vae --preset cogvideox-5b` (or a 1.5 preset) trained on the toy 32x32 default."""
+    args = train.parser().parse_args(["--stage", "vae", "--preset", name])
+    tc, stages, steps = train.resolve(args)
+    assert len(stages) == len(steps) == 2 and min(steps) >= 10_000, (name, steps)
+    assert max(stages[0].frames) < max(stages[1].frames), name
+    assert all(min(r) >= 256 for st in stages for r in st.resolutions), name
+
+
 def test_15_temporal_patch_trains_with_frame_pack_t2v_and_i2v(assets, tmp_path, monkeypatch, capsys):
     """A CogVideoX-1.5-shaped tiny DiT (temporal patch 2, RoPE), stills and 9-frame clips = 1 and 3 latent
     frames: Frame Pack rows of several samples; an odd latent count is padded in front before the noise
