@@ -85,13 +85,14 @@ class Stage:
 
 
 # Progressive schedules. "shapes" is the CPU demo (tiny VAE spatial factor 4 x patch 2 = 8, so every
-# side is a multiple of 8). "cogvideox": the paper's 256 -> 480 (§3.2), then the best 20%, ending
-# at what the 1.0 models were released for: 49 frames (6 s at 8 fps, §1), 480x720. "cogvideox1.5":
-# the later paper text (arXiv v2+: 10 s at 16 fps, 768x1360): 256 -> 480 -> 768 px with 6 s clips
-# growing to 10 s, then the best 20% at 768x1360 and 10 s. At 16 fps 6 s is 97 frames and 10 s
-# 161; 81 (5 s) is what the 1.5 release samples by default. The text gives sizes and durations
-# only; the frame counts below them, the aspect buckets and the 16 fps of the early stages are
-# ours (the 1.5 release runs at 16 fps).
+# side is a multiple of 8). "cogvideox": §3.2's low -> high resolution, 256 px (the first-stage
+# grid the released 2B's sin-cos table is scaled to: 480 / 1.875; §3.2 gives no sizes) -> 480, then
+# the best 20%, ending at what the 1.0 models were released for: 49 frames (6 s at 8 fps, §1),
+# 480x720. "cogvideox1.5": the later paper text (arXiv v2+: 10 s at 16 fps, 768x1360):
+# 256 -> 480 -> 768 px with 6 s clips growing to 10 s, then the best 20% at 768x1360 and 10 s.
+# At 16 fps 6 s is 97 frames and 10 s 161; 81 (5 s) is what the 1.5 release samples by default.
+# The text gives sizes and durations only; the frame counts below them, the aspect buckets and
+# the 16 fps of the early stages are ours (the 1.5 release runs at 16 fps).
 _R10 = [(480, 720), (480, 480), (720, 480)]
 _R15 = [(768, 1360), (768, 768), (1360, 768)]
 STAGES = {

@@ -546,7 +546,7 @@ class ExpertDiT(nn.Module):
         return torch.autocast(device.type, dtype=self.autocast or torch.bfloat16,
                               enabled=self.autocast is not None)
 
-    # ----- forward (§2.2, Figure 4) -----
+    # ----- forward (§2.2, Figure 1) -----
 
     def forward(self, x, t, text):
         """x (B, C_in, T, h, w) latents (already times the VAE scaling factor), t (B,) steps,
