@@ -16,9 +16,9 @@ the Frame Pack row that dit.forward_packed uses as is. The loader is make_loader
 Requests(sampler, position)): one DataLoader per stage whose workers decode (no model in them);
 LatentEncoder then VAE-encodes in the main process, on the training device, in batches.
 train.draws draws every per-sample random quantity (timesteps laid over the slots' token mass,
-diffusion.mass_strata_timesteps(slot_masses(...)); text dropout; the App. A condition noise) for the whole global batch from a generator seeded by (seed,
-step, micro-batch), and each rank takes its slots; noise tensors come from a generator keyed by
-(seed, step, micro-batch, slot, kind). The loss weighs each sample that was actually read by its
+diffusion.mass_strata_timesteps(slot_masses(...)); text dropout; the App. A condition noise) for
+the whole global batch from a generator seeded by (seed, step, micro-batch), and each rank takes
+its slots; noise tensors come from a generator keyed by (seed, step, micro-batch, slot, kind). The loss weighs each sample that was actually read by its
 video tokens over the whole optimizer step (train.dit_loss), so 2 DDP ranks equal one process on the
 combined batch (tested); `weight` > 0 marks a real sample.
 
@@ -824,9 +824,9 @@ class _GlobalBatchSampler:
     A global batch is a list of slots; slot j is one real sample with its planned weight
     (tokens_j / sum over the global batch). This rank's keys are (index, row, slot, weight,
     n_global). train.py weighs by the tokens of the samples actually read, over all micro-batches
-    and ranks of a step (an unreadable file does not shrink the others); weight 0 marks a filler. A rank whose slice would be empty (only in the last batch) gets one copy of a real
-    sample with weight 0 and slot -1, so every rank runs the same number of steps and DDP never
-    stalls. drop_last=True leaves out the epoch's partial batches instead (see each _full)."""
+    and ranks of a step (an unreadable file does not shrink the others); weight 0 marks a filler.
+    A rank whose slice would be empty (only in the last batch) gets one copy of a real sample with
+    weight 0 and slot -1, so every rank runs the same number of steps and DDP never stalls. drop_last=True leaves out the epoch's partial batches instead (see each _full)."""
 
     def __init__(self, shapes, seed, rank, world_size, drop_last=False):
         if not 0 <= rank < world_size:
