@@ -856,6 +856,13 @@ def _load_checked(cfg, sd, where, dtype):
 
 # ----- T5 text encoder -----
 
+def t5_folders(folder):
+    """-> (tokenizer folder, encoder folder) of a T5 folder: a pipeline folder (a released model)
+    keeps them in tokenizer/ and text_encoder/ beside its other models; a plain one has both."""
+    f = Path(folder)
+    return tuple(f / n if (f / n).is_dir() else f for n in ("tokenizer", "text_encoder"))
+
+
 class TextEncoder:
     """Frozen T5 encoder from a local folder (no hub access). As released: pad every prompt to
     max_length tokens and run the encoder WITHOUT an attention mask (the padding tokens' outputs
@@ -864,9 +871,7 @@ class TextEncoder:
 
     def __init__(self, folder, device="cpu", dtype=None, max_length=226):
         from transformers import T5EncoderModel, T5Tokenizer
-        # a pipeline folder keeps the tokenizer and the encoder in subfolders; a plain one has both
-        f = Path(folder)
-        tok, enc = (f / n if (f / n).is_dir() else f for n in ("tokenizer", "text_encoder"))
+        tok, enc = t5_folders(folder)
         # Offline only: a missing folder must not turn into a hub lookup of a repo id of that name.
         if not (enc / "config.json").is_file():
             raise FileNotFoundError(f"T5 text encoder folder {enc} not found (no config.json): "

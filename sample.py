@@ -332,7 +332,7 @@ def load_ckpt(folder, device="cpu", dtype=None):
     """
     cfg = ckpt_sample_config(folder)
     net = ditlib.ExpertDiT.load(os.path.join(folder, "dit"), device, dtype).eval()
-    ae = vaelib.CausalVAE.load(os.path.join(folder, "vae"), device).to(dtype=dtype).eval()
+    ae = vaelib.CausalVAE.load_folder(os.path.join(folder, "vae"), device).to(dtype=dtype).eval()
     text = _text_encoder(os.path.join(folder, "text_encoder"), device, dtype, net.cfg.text_len)
     return net, ae, text, cfg
 
@@ -482,7 +482,7 @@ def plan(a):
     if a.ckpt:  # ac None: generate builds the schedule from cfg.snr_shift_scale
         cfg, ac = ckpt_sample_config(a.ckpt), None
         dcfg = ditlib.load_config(os.path.join(a.ckpt, "dit"))
-        vcfg = vaelib.load_config(os.path.join(a.ckpt, "vae"))
+        vcfg = vaelib.folder_config(os.path.join(a.ckpt, "vae"))
     else:
         cfg, ac = released_sample_config(a.model_dir)
         dcfg = ditlib.diffusers_folder_config(a.model_dir)[1]

@@ -1021,9 +1021,7 @@ def vae_config(args, tc):
                                                                               "config.json")):
         return vae.VAE_PRESETS[tc.vae]
     try:
-        with open(os.path.join(args.vae, "config.json")) as f:
-            released = "_class_name" in json.load(f)  # a released vae/ folder (diffusers layout)
-        return (vae.diffusers_folder_config if released else vae.load_config)(args.vae)
+        return vae.folder_config(args.vae)  # ours, or a released vae/ folder (diffusers layout)
     except (ValueError, TypeError, KeyError) as e:
         raise SettingsError(f"--vae {args.vae}: config.json is not a CausalVAE.save config ({e})") \
             from None
@@ -1364,10 +1362,8 @@ def build_dit(job):
             raise SettingsError(f"--cache {args.cache} holds no text embedding of {len(miss)} "
                                 f"caption(s) (e.g. {miss[0]!r}) for this DiT: add "
                                 f"--text-encoder DIR")
-    with open(os.path.join(args.vae, "config.json")) as f:  # ours, or a released vae/ folder
-        released = "_class_name" in json.load(f)
-    with loading("--vae", args.vae):
-        ae = vae.CausalVAE.from_diffusers(args.vae) if released else vae.CausalVAE.load(args.vae)
+    with loading("--vae", args.vae):  # ours, or a released vae/ folder
+        ae = vae.CausalVAE.load_folder(args.vae)
     job.ae = ae.to(device).eval().requires_grad_(False)
     if device.type == "cuda":  # the frozen VAE only encodes: bf16 halves its activations
         job.ae.to(torch.bfloat16)
@@ -1623,7 +1619,12 @@ def write_export(job, ema, zstat):
             job.say(f"LoRA adapters (EMA: {ema is not None}) -> {path}; sample.py --lora {path}")
             return
         model.save(os.path.join(out, "dit"), state_dict=sd)
-        for name, src in (("vae", args.vae), ("text_encoder", args.text_encoder)):
+        copies = [(args.vae, "vae")]
+        if args.text_encoder:  # of a released folder (--init-diffusers) its T5 alone, not all
+            tok, enc = dit.t5_folders(args.text_encoder)
+            copies += [(tok, "text_encoder")] if tok == enc else \
+                [(tok, "text_encoder/tokenizer"), (enc, "text_encoder/text_encoder")]
+        for src, name in copies:
             if src and os.path.abspath(src) != os.path.abspath(os.path.join(out, name)):
                 shutil.copytree(src, os.path.join(out, name), dirs_exist_ok=True)
         meta = sample_meta(job.tc, job.stages[-1])

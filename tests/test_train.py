@@ -24,6 +24,7 @@ import dit
 import sample
 import train
 import vae
+from test_sample import PROMPTS, released  # noqa: F401  (a fixture: the released layout)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,27 @@ def test_sample_json_holds_the_sampling_preset_of_the_dit():
             (max(last.frames), list(last.resolutions[0]), tc.snr_shift)
     assert train.sample_meta(train.PRESETS["cogvideox-5b-i2v"], last)["sampler"] == "dpm"
     assert sample.SampleConfig(**train.sample_meta(train.PRESETS["cogvideox-2b"], last)).snr_shift_scale == 3.0
+
+
+def test_fine_tune_of_a_released_folder_exports_what_sample_loads(released, assets,  # noqa: F811
+                                                                 tmp_path):
+    """--init-diffusers without --lora: the export keeps the released VAE folder (diffusers layout)
+    and sample.py --ckpt loads it (it refused: "unknown VAEConfig fields"); its text_encoder/ holds
+    the released tokenizer and T5 alone (it copied the whole folder, the transformer included)."""
+    out = tmp_path / "run"
+    train.main(["--stage", "dit", "--preset", "tiny", "--data", assets["manifest"],
+                "--init-diffusers", str(released), *SMALL, "--steps", "1,1", "--out", str(out)])
+    assert sorted(os.listdir(out / "text_encoder")) == ["text_encoder", "tokenizer"]
+    net, ae, text, _ = sample.load_ckpt(str(out))
+    ref = vae.CausalVAE.from_diffusers(str(released / "vae"))
+    assert ae.cfg == ref.cfg and ae.cfg.scaling_factor == 0.7
+    assert all(torch.equal(a, b) for a, b in zip(ae.state_dict().values(),
+                                                 ref.state_dict().values()))
+    t5 = dit.TextEncoder(str(released), max_length=net.cfg.text_len)
+    assert torch.equal(text.encode(PROMPTS[:2]), t5.encode(PROMPTS[:2]))
+    sample.main(["--ckpt", str(out), "--prompt", PROMPTS[0], "--out", str(tmp_path / "v.mp4"),
+                 "--num-frames", "5", "--height", "16", "--width", "16", "--steps", "2"])
+    assert (tmp_path / "v.mp4").exists()
 
 
 def test_vae_steps_one_process_with_discriminator(assets, tmp_path, capsys):
