@@ -1113,12 +1113,17 @@ def read_lora(path):
     cfg = {}
     if "lora_adapter_metadata" in header:   # diffusers: keys prefixed by the component
         meta = json.loads(header["lora_adapter_metadata"])
-        mine = {k[12:]: v for k, v in meta.items() if k.startswith("transformer.")}
-        cfg = mine or meta
+        # a bare LoraConfig has no dotted keys; else the transformer's part (none: alpha = r)
+        cfg = {k[12:]: v for k, v in meta.items() if k.startswith("transformer.")} \
+            if any("." in k for k in meta) else meta
     elif (p.parent / "adapter_config.json").is_file():  # PEFT's save_pretrained
         cfg = _read_json(p.parent / "adapter_config.json")
     if cfg.get("use_dora") or cfg.get("lora_bias"):
         raise ValueError(f"{p}: a DoRA / LoRA-bias adapter; only plain LoRA is supported")
+    text = [k for k in sd if k.startswith("text_encoder")]
+    if text:  # diffusers' CogVideoX pipelines drop these: the transformer's alone is not the result
+        raise ValueError(f"{p}: {len(text)} tensors adapt the text encoder (e.g. {text[0]}); "
+                         "only transformer adapters are supported: save its transformer.* alone")
     pairs = {}
     for k, v in sd.items():
         name = k.removeprefix("transformer.").removeprefix("base_model.model.")
