@@ -125,6 +125,13 @@ def num_tokens(cfg, T_lat, h_lat, w_lat):
     return cfg.text_len + -(-T_lat // cfg.patch_t) * (h_lat // cfg.patch) * (w_lat // cfg.patch)
 
 
+def learned_cover(cfg, sf, tf):
+    """What a "learned" position table (5B-I2V, App. A) covers, in pixels: ((H, W), the most
+    frames), for a VAE of spatial / temporal factors sf, tf. The table has the native grid's rows
+    only: other sizes and longer clips are refused (train.py and sample.py check it up front)."""
+    return (cfg.base_height * sf, cfg.base_width * sf), (cfg.base_frames - 1) * tf + 1
+
+
 def pad_frames(x, pt):
     """(..., T, h, w) -> (..., T + k, h, w), k = (-T) mod pt: latent frame 0 repeated k times in
     front, so the frames split into whole temporal patches (CogVideoX 1.5). The release's padding:

@@ -200,6 +200,12 @@ def check_sample(cfg, vae_cfg, dit_cfg, image=False, num_train=1000):
     if H % (sf * patch) or W % (sf * patch):
         raise ValueError(f"height and width must be multiples of {sf * patch} "
                          "(VAE factor x patch size)")
+    if dit_cfg.pos == "learned":  # the 5B-I2V (App. A): its table covers the native grid only
+        (h, w), longest = ditlib.learned_cover(dit_cfg, sf, tf)
+        if (H, W) != (h, w) or T > longest:
+            raise ValueError(f"this DiT's learned position table covers {h}x{w} and up to "
+                             f"{longest} frames: sample at height {h}, width {w} and num_frames "
+                             f"<= {longest}")
     if image != (dit_cfg.in_channels == 2 * dit_cfg.out_channels):
         raise ValueError("--image needs an image-to-video model and an I2V model needs --image")
     if cfg.sampler not in diffusion.SAMPLERS:

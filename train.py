@@ -1228,8 +1228,7 @@ def check_dit(args, tc, stages, ac, dc):
     tf, sf = ac.temporal_factor, ac.spatial_factor
     for i, st in enumerate(stages):
         if dc.pos == "learned":  # App. A: the table covers the native grid only
-            native = (dc.base_height * sf, dc.base_width * sf)
-            longest = (dc.base_frames - 1) * tf + 1
+            native, longest = dit.learned_cover(dc, sf, tf)
             if any(r != native for r in st.resolutions) or max(st.frames) > longest:
                 raise SettingsError(f"stage {i}: the {tc.dit} DiT's learned position table covers "
                                     f"{native[0]}x{native[1]} and up to {longest} frames; use "
