@@ -63,7 +63,7 @@ import time
 import weakref
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from types import SimpleNamespace
 
 import torch
@@ -1014,6 +1014,40 @@ def dit_config(args, tc):
         raise SettingsError(f"--init-diffusers: {e}") from None
 
 
+def built_config(args, tc):
+    """The DiT make_dit builds: dit_config, widened by --i2v from a T2V one (App. A: [noisy; image]
+    latents; the 1.5 I2V also adds the ofs embedding)."""
+    cfg = dit_config(args, tc)
+    if args.i2v and cfg.in_channels == cfg.out_channels:
+        cfg = replace(cfg, in_channels=2 * cfg.out_channels)
+        if cfg.patch_t > 1 and not cfg.ofs_dim:
+            cfg = replace(cfg, ofs_dim=cfg.time_dim)
+    return cfg
+
+
+def check_init(args, tc):
+    """--init DIR (ours or a released transformer) holds a DiT config of its own, and the weights
+    go into the preset's DiT: any other field (positions, RoPE base, norms, native grid) would be
+    dropped without a word, e.g. a sin-cos checkpoint trained on with RoPE. Only what a T2V -> I2V
+    start grows (--i2v, App. A) may differ: the input channels, a learned table, the ofs MLP."""
+    if not args.init or args.stage != "dit":
+        return
+    try:
+        ours = os.path.isfile(os.path.join(args.init, "model.safetensors"))  # as dit_source
+        init = dit.load_config(args.init) if ours else dit.diffusers_folder_config(args.init)[1]
+    except ValueError as e:
+        raise SettingsError(f"--init {args.init}: {e}") from None
+    want, ok = built_config(args, tc), set()
+    if args.i2v and init.in_channels == init.out_channels:  # a T2V start of an I2V DiT grows
+        ok = {"in_channels", "ofs_dim"} | ({"pos"} if init.pos == "rope" else set())
+    diff = [f.name for f in fields(want) if f.name not in ok and
+            getattr(init, f.name) != getattr(want, f.name)]
+    if diff:
+        show = lambda c: ", ".join(f"{k}={getattr(c, k)!r}" for k in diff[:4])  # noqa: E731
+        raise SettingsError(f"--init {args.init} holds a DiT with {show(init)}, the {tc.dit} "
+                            f"preset's has {show(want)}: pass the preset it was made with")
+
+
 def vae_config(args, tc):
     """The VAE whose latents the DiT learns: the --vae folder's config (its factors and channels
     decide the sizes), else the preset's."""
@@ -1202,7 +1236,9 @@ def check_lora(args, dc):
 
 
 def check_dit(args, tc, stages, ac, dc):
-    """The DiT stage's settings against its VAE, its position table and its row length."""
+    """The DiT stage's settings against its VAE, its --init, its position table and its row
+    length."""
+    check_init(args, tc)
     if args.cp > 1:
         raise SettingsError("--cp is the VAE's context parallel; for the DiT use --sp")
     if dc.heads % args.sp:
@@ -1262,11 +1298,7 @@ def make_dit(args, tc, device):
     """§2.2 the expert DiT to train, built on the meta device (no memory, no values yet: wrap()
     materialises it with dit_source's values), with its memory switches. --lora: every weight
     frozen, adapters added (their starting values: ExpertDiT.initial, B = 0 as PEFT's)."""
-    cfg = dit_config(args, tc)
-    if args.i2v and cfg.in_channels == cfg.out_channels:  # App. A: [noisy; image] latents
-        cfg = replace(cfg, in_channels=2 * cfg.out_channels)
-        if cfg.patch_t > 1 and not cfg.ofs_dim:  # the 1.5 I2V adds the ofs embedding
-            cfg = replace(cfg, ofs_dim=cfg.time_dim)
+    cfg = built_config(args, tc)
     with torch.device("meta"):
         model = dit.ExpertDiT(cfg)
         if args.lora:  # only the adapters train (fp32), in the optimizer, EMA and checkpoints

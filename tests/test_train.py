@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import weakref
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -895,6 +896,36 @@ def test_init_from_a_released_diffusers_folder(tmp_path):
     train.wrap(model, False, torch.device("cpu"), fill=train.dit_source(args, model, seed=0))
     ref = dit.ExpertDiT.from_diffusers(str(tmp_path / "released")).state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+
+
+def test_init_holding_another_dit_config_is_refused(assets, tmp_path, monkeypatch, capsys):
+    """--init DIR's own config against the DiT being built: a sin-cos checkpoint of ours, one with
+    another RoPE base, or a released sin-cos folder under the RoPE tiny preset is one line, exit
+    code 2, before any model (they trained with the preset's positions and exported pos='rope').
+    A T2V -> I2V start (--i2v into a learned-table preset) still passes."""
+    from diffusers import CogVideoXTransformer3DModel
+    monkeypatch.setattr(train, "build_dit", lambda job: pytest.fail("a model was loaded"))
+    c = dit.DIT_PRESETS["tiny"]
+    dit.ExpertDiT(replace(c, pos="sincos")).save(str(tmp_path / "sincos"))
+    dit.ExpertDiT(replace(c, rope_theta=500.0)).save(str(tmp_path / "theta"))
+    CogVideoXTransformer3DModel(num_attention_heads=c.heads, attention_head_dim=c.head_dim,
+                                in_channels=c.in_channels, out_channels=c.out_channels,
+                                time_embed_dim=c.time_dim, text_embed_dim=c.text_dim,
+                                num_layers=c.layers, max_text_seq_length=c.text_len, sample_width=8,
+                                sample_height=8, sample_frames=9).save_pretrained(tmp_path / "rel")
+    for name, words in (("sincos", "pos='sincos', the tiny preset's has pos='rope'"),
+                        ("theta", "rope_theta=500.0, the tiny preset's has rope_theta=10000.0"),
+                        ("rel", "pos='sincos', the tiny preset's has pos='rope'")):
+        with pytest.raises(SystemExit) as e:
+            train.main(dit_args(assets, tmp_path / "run", "--init", str(tmp_path / name)))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and f"--init {tmp_path / name} holds a DiT with {words}" in err[-1]
+    dit.ExpertDiT(c).save(str(tmp_path / "t2v"))
+    monkeypatch.setitem(dit.DIT_PRESETS, "tiny-i2v", replace(c, in_channels=16, pos="learned"))
+    monkeypatch.setitem(train.PRESETS, "tiny-i2v", replace(train.PRESETS["tiny"], dit="tiny-i2v"))
+    args = train.parser().parse_args(dit_args(assets, tmp_path / "run", "--preset", "tiny-i2v",
+                                              "--i2v", "--init", str(tmp_path / "t2v")))
+    train.check_init(args, train.PRESETS["tiny-i2v"])  # grows: input channels, learned table
 
 
 def test_t5_is_released_once_every_caption_is_cached(assets, tmp_path):
