@@ -125,6 +125,13 @@ def num_tokens(cfg, T_lat, h_lat, w_lat):
     return cfg.text_len + -(-T_lat // cfg.patch_t) * (h_lat // cfg.patch) * (w_lat // cfg.patch)
 
 
+def learned_cover(cfg, sf, tf):
+    """What a "learned" position table (5B-I2V, App. A) covers, in pixels: ((H, W), the most
+    frames), for a VAE of spatial / temporal factors sf, tf. The table has the native grid's rows
+    only: other sizes and longer clips are refused (train.py and sample.py check it up front)."""
+    return (cfg.base_height * sf, cfg.base_width * sf), (cfg.base_frames - 1) * tf + 1
+
+
 def pad_frames(x, pt):
     """(..., T, h, w) -> (..., T + k, h, w), k = (-T) mod pt: latent frame 0 repeated k times in
     front, so the frames split into whole temporal patches (CogVideoX 1.5). The release's padding:
@@ -856,6 +863,13 @@ def _load_checked(cfg, sd, where, dtype):
 
 # ----- T5 text encoder -----
 
+def t5_folders(folder):
+    """-> (tokenizer folder, encoder folder) of a T5 folder: a pipeline folder (a released model)
+    keeps them in tokenizer/ and text_encoder/ beside its other models; a plain one has both."""
+    f = Path(folder)
+    return tuple(f / n if (f / n).is_dir() else f for n in ("tokenizer", "text_encoder"))
+
+
 class TextEncoder:
     """Frozen T5 encoder from a local folder (no hub access). As released: pad every prompt to
     max_length tokens and run the encoder WITHOUT an attention mask (the padding tokens' outputs
@@ -864,9 +878,7 @@ class TextEncoder:
 
     def __init__(self, folder, device="cpu", dtype=None, max_length=226):
         from transformers import T5EncoderModel, T5Tokenizer
-        # a pipeline folder keeps the tokenizer and the encoder in subfolders; a plain one has both
-        f = Path(folder)
-        tok, enc = (f / n if (f / n).is_dir() else f for n in ("tokenizer", "text_encoder"))
+        tok, enc = t5_folders(folder)
         # Offline only: a missing folder must not turn into a hub lookup of a repo id of that name.
         if not (enc / "config.json").is_file():
             raise FileNotFoundError(f"T5 text encoder folder {enc} not found (no config.json): "
@@ -1108,12 +1120,17 @@ def read_lora(path):
     cfg = {}
     if "lora_adapter_metadata" in header:   # diffusers: keys prefixed by the component
         meta = json.loads(header["lora_adapter_metadata"])
-        mine = {k[12:]: v for k, v in meta.items() if k.startswith("transformer.")}
-        cfg = mine or meta
+        # a bare LoraConfig has no dotted keys; else the transformer's part (none: alpha = r)
+        cfg = {k[12:]: v for k, v in meta.items() if k.startswith("transformer.")} \
+            if any("." in k for k in meta) else meta
     elif (p.parent / "adapter_config.json").is_file():  # PEFT's save_pretrained
         cfg = _read_json(p.parent / "adapter_config.json")
     if cfg.get("use_dora") or cfg.get("lora_bias"):
         raise ValueError(f"{p}: a DoRA / LoRA-bias adapter; only plain LoRA is supported")
+    text = [k for k in sd if k.startswith("text_encoder")]
+    if text:  # diffusers' CogVideoX pipelines drop these: the transformer's alone is not the result
+        raise ValueError(f"{p}: {len(text)} tensors adapt the text encoder (e.g. {text[0]}); "
+                         "only transformer adapters are supported: save its transformer.* alone")
     pairs = {}
     for k, v in sd.items():
         name = k.removeprefix("transformer.").removeprefix("base_model.model.")

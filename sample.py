@@ -200,6 +200,12 @@ def check_sample(cfg, vae_cfg, dit_cfg, image=False, num_train=1000):
     if H % (sf * patch) or W % (sf * patch):
         raise ValueError(f"height and width must be multiples of {sf * patch} "
                          "(VAE factor x patch size)")
+    if dit_cfg.pos == "learned":  # the 5B-I2V (App. A): its table covers the native grid only
+        (h, w), longest = ditlib.learned_cover(dit_cfg, sf, tf)
+        if (H, W) != (h, w) or T > longest:
+            raise ValueError(f"this DiT's learned position table covers {h}x{w} and up to "
+                             f"{longest} frames: sample at height {h}, width {w} and num_frames "
+                             f"<= {longest}")
     if image != (dit_cfg.in_channels == 2 * dit_cfg.out_channels):
         raise ValueError("--image needs an image-to-video model and an I2V model needs --image")
     if cfg.sampler not in diffusion.SAMPLERS:
@@ -332,7 +338,7 @@ def load_ckpt(folder, device="cpu", dtype=None):
     """
     cfg = ckpt_sample_config(folder)
     net = ditlib.ExpertDiT.load(os.path.join(folder, "dit"), device, dtype).eval()
-    ae = vaelib.CausalVAE.load(os.path.join(folder, "vae"), device).to(dtype=dtype).eval()
+    ae = vaelib.CausalVAE.load_folder(os.path.join(folder, "vae"), device).to(dtype=dtype).eval()
     text = _text_encoder(os.path.join(folder, "text_encoder"), device, dtype, net.cfg.text_len)
     return net, ae, text, cfg
 
@@ -482,7 +488,7 @@ def plan(a):
     if a.ckpt:  # ac None: generate builds the schedule from cfg.snr_shift_scale
         cfg, ac = ckpt_sample_config(a.ckpt), None
         dcfg = ditlib.load_config(os.path.join(a.ckpt, "dit"))
-        vcfg = vaelib.load_config(os.path.join(a.ckpt, "vae"))
+        vcfg = vaelib.folder_config(os.path.join(a.ckpt, "vae"))
     else:
         cfg, ac = released_sample_config(a.model_dir)
         dcfg = ditlib.diffusers_folder_config(a.model_dir)[1]

@@ -63,7 +63,7 @@ import time
 import weakref
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from types import SimpleNamespace
 
 import torch
@@ -1018,6 +1018,40 @@ def dit_config(args, tc):
         raise SettingsError(f"--init-diffusers: {e}") from None
 
 
+def built_config(args, tc):
+    """The DiT make_dit builds: dit_config, widened by --i2v from a T2V one (App. A: [noisy; image]
+    latents; the 1.5 I2V also adds the ofs embedding)."""
+    cfg = dit_config(args, tc)
+    if args.i2v and cfg.in_channels == cfg.out_channels:
+        cfg = replace(cfg, in_channels=2 * cfg.out_channels)
+        if cfg.patch_t > 1 and not cfg.ofs_dim:
+            cfg = replace(cfg, ofs_dim=cfg.time_dim)
+    return cfg
+
+
+def check_init(args, tc):
+    """--init DIR (ours or a released transformer) holds a DiT config of its own, and the weights
+    go into the preset's DiT: any other field (positions, RoPE base, norms, native grid) would be
+    dropped without a word, e.g. a sin-cos checkpoint trained on with RoPE. Only what a T2V -> I2V
+    start grows (--i2v, App. A) may differ: the input channels, a learned table, the ofs MLP."""
+    if not args.init or args.stage != "dit":
+        return
+    try:
+        ours = os.path.isfile(os.path.join(args.init, "model.safetensors"))  # as dit_source
+        init = dit.load_config(args.init) if ours else dit.diffusers_folder_config(args.init)[1]
+    except ValueError as e:
+        raise SettingsError(f"--init {args.init}: {e}") from None
+    want, ok = built_config(args, tc), set()
+    if args.i2v and init.in_channels == init.out_channels:  # a T2V start of an I2V DiT grows
+        ok = {"in_channels", "ofs_dim"} | ({"pos"} if init.pos == "rope" else set())
+    diff = [f.name for f in fields(want) if f.name not in ok and
+            getattr(init, f.name) != getattr(want, f.name)]
+    if diff:
+        show = lambda c: ", ".join(f"{k}={getattr(c, k)!r}" for k in diff[:4])  # noqa: E731
+        raise SettingsError(f"--init {args.init} holds a DiT with {show(init)}, the {tc.dit} "
+                            f"preset's has {show(want)}: pass the preset it was made with")
+
+
 def vae_config(args, tc):
     """The VAE whose latents the DiT learns: the --vae folder's config (its factors and channels
     decide the sizes), else the preset's."""
@@ -1025,9 +1059,7 @@ def vae_config(args, tc):
                                                                               "config.json")):
         return vae.VAE_PRESETS[tc.vae]
     try:
-        with open(os.path.join(args.vae, "config.json")) as f:
-            released = "_class_name" in json.load(f)  # a released vae/ folder (diffusers layout)
-        return (vae.diffusers_folder_config if released else vae.load_config)(args.vae)
+        return vae.folder_config(args.vae)  # ours, or a released vae/ folder (diffusers layout)
     except (ValueError, TypeError, KeyError) as e:
         raise SettingsError(f"--vae {args.vae}: config.json is not a CausalVAE.save config ({e})") \
             from None
@@ -1208,7 +1240,9 @@ def check_lora(args, dc):
 
 
 def check_dit(args, tc, stages, ac, dc):
-    """The DiT stage's settings against its VAE, its position table and its row length."""
+    """The DiT stage's settings against its VAE, its --init, its position table and its row
+    length."""
+    check_init(args, tc)
     if args.cp > 1:
         raise SettingsError("--cp is the VAE's context parallel; for the DiT use --sp")
     if dc.heads % args.sp:
@@ -1234,8 +1268,7 @@ def check_dit(args, tc, stages, ac, dc):
     tf, sf = ac.temporal_factor, ac.spatial_factor
     for i, st in enumerate(stages):
         if dc.pos == "learned":  # App. A: the table covers the native grid only
-            native = (dc.base_height * sf, dc.base_width * sf)
-            longest = (dc.base_frames - 1) * tf + 1
+            native, longest = dit.learned_cover(dc, sf, tf)
             if any(r != native for r in st.resolutions) or max(st.frames) > longest:
                 raise SettingsError(f"stage {i}: the {tc.dit} DiT's learned position table covers "
                                     f"{native[0]}x{native[1]} and up to {longest} frames; use "
@@ -1269,11 +1302,7 @@ def make_dit(args, tc, device):
     """§2.2 the expert DiT to train, built on the meta device (no memory, no values yet: wrap()
     materialises it with dit_source's values), with its memory switches. --lora: every weight
     frozen, adapters added (their starting values: ExpertDiT.initial, B = 0 as PEFT's)."""
-    cfg = dit_config(args, tc)
-    if args.i2v and cfg.in_channels == cfg.out_channels:  # App. A: [noisy; image] latents
-        cfg = replace(cfg, in_channels=2 * cfg.out_channels)
-        if cfg.patch_t > 1 and not cfg.ofs_dim:  # the 1.5 I2V adds the ofs embedding
-            cfg = replace(cfg, ofs_dim=cfg.time_dim)
+    cfg = built_config(args, tc)
     with torch.device("meta"):
         model = dit.ExpertDiT(cfg)
         if args.lora:  # only the adapters train (fp32), in the optimizer, EMA and checkpoints
@@ -1368,10 +1397,8 @@ def build_dit(job):
             raise SettingsError(f"--cache {args.cache} holds no text embedding of {len(miss)} "
                                 f"caption(s) (e.g. {miss[0]!r}) for this DiT: add "
                                 f"--text-encoder DIR")
-    with open(os.path.join(args.vae, "config.json")) as f:  # ours, or a released vae/ folder
-        released = "_class_name" in json.load(f)
-    with loading("--vae", args.vae):
-        ae = vae.CausalVAE.from_diffusers(args.vae) if released else vae.CausalVAE.load(args.vae)
+    with loading("--vae", args.vae):  # ours, or a released vae/ folder
+        ae = vae.CausalVAE.load_folder(args.vae)
     job.ae = ae.to(device).eval().requires_grad_(False)
     if device.type == "cuda":  # the frozen VAE only encodes: bf16 halves its activations
         job.ae.to(torch.bfloat16)
@@ -1627,7 +1654,12 @@ def write_export(job, ema, zstat):
             job.say(f"LoRA adapters (EMA: {ema is not None}) -> {path}; sample.py --lora {path}")
             return
         model.save(os.path.join(out, "dit"), state_dict=sd)
-        for name, src in (("vae", args.vae), ("text_encoder", args.text_encoder)):
+        copies = [(args.vae, "vae")]
+        if args.text_encoder:  # of a released folder (--init-diffusers) its T5 alone, not all
+            tok, enc = dit.t5_folders(args.text_encoder)
+            copies += [(tok, "text_encoder")] if tok == enc else \
+                [(tok, "text_encoder/tokenizer"), (enc, "text_encoder/text_encoder")]
+        for src, name in copies:
             if src and os.path.abspath(src) != os.path.abspath(os.path.join(out, name)):
                 shutil.copytree(src, os.path.join(out, name), dirs_exist_ok=True)
         meta = sample_meta(job.tc, job.stages[-1])

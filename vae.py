@@ -589,6 +589,13 @@ class CausalVAE(nn.Module):
         return model.to(device)
 
     @classmethod
+    def load_folder(cls, folder, device="cpu"):
+        """Our checkpoint (load) or a released vae/ folder (from_diffusers), by its config.json: a
+        DiT trained on a released VAE keeps that folder as it is in its export."""
+        diffusers = "_class_name" in _read_config(folder, FOLDER_KINDS)
+        return (cls.from_diffusers if diffusers else cls.load)(folder, device=device)
+
+    @classmethod
     def from_diffusers(cls, folder, variant=None, device="cpu"):
         """Load a diffusers AutoencoderKLCogVideoX folder (released CogVideoX `vae/`): config.json +
         diffusion_pytorch_model[.variant].safetensors, or shards listed in
@@ -608,6 +615,16 @@ def load_config(folder):
         raise ValueError(f"{folder}/config.json has unknown VAEConfig fields {sorted(unknown)}"
                          f"; for a diffusers folder use CausalVAE.from_diffusers")
     return VAEConfig(**{**d, "channels": tuple(d["channels"])})
+
+
+FOLDER_KINDS = "CausalVAE.save or diffusers save_pretrained"  # what a VAE folder may hold
+
+
+def folder_config(folder):
+    """The VAEConfig of our checkpoint folder or of a released vae/ folder (load_folder's
+    counterpart), from its config.json alone."""
+    diffusers = "_class_name" in _read_config(folder, FOLDER_KINDS)
+    return (diffusers_folder_config if diffusers else load_config)(folder)
 
 
 def diffusers_folder_config(folder):
@@ -901,9 +918,7 @@ def main(argv=None):
         data.check_writable(out, "--out")  # before the work, not after it
         data.check_device(a.device)
         if a.ckpt:
-            what = "CausalVAE.save or diffusers save_pretrained"
-            is_diffusers = "_class_name" in _read_config(a.ckpt, what)
-            vae = (CausalVAE.from_diffusers if is_diffusers else CausalVAE.load)(a.ckpt)
+            vae = CausalVAE.load_folder(a.ckpt)
         else:
             print(f"no --ckpt: random {a.preset} weights (a smoke test, not a reconstruction)")
             vae = CausalVAE(VAE_PRESETS[a.preset])

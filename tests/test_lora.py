@@ -292,6 +292,39 @@ def test_bad_lora_files_are_one_line(tmp_path):
         dit.load_lora(m, tmp_path / "shape.safetensors")
 
 
+def test_text_encoder_adapters_are_refused_and_other_components_headers_ignored(tmp_path):
+    """A diffusers-layout file that also adapts the text encoder (text_encoder.* tensors) is one
+    line naming them (it was "not modules of this ... transformer (another model's LoRA?)"; the
+    transformer's half alone would sample another model than the one trained). A header that
+    describes other components only gives the transformer nothing: alpha = r, as a file without a
+    header (it read text_encoder's LoraConfig as the transformer's: lora_alpha defaulted to 8)."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    m = ExpertDiT(small())
+    A, B = torch.randn(4, m.cfg.dim), torch.randn(m.cfg.dim, 4)
+    tr = {"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": A,
+          "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": B}
+    te = {f"text_encoder.encoder.block.0.layer.0.SelfAttention.q.lora_{ab}.weight":
+          torch.zeros(4, 4) for ab in "AB"}
+    head = {"format": "pt", "lora_adapter_metadata": json.dumps({"text_encoder.r": 4,
+                                                                 "text_encoder.lora_alpha": 4})}
+    save_file({**tr, **te}, str(tmp_path / "both.safetensors"), metadata=head)
+    with pytest.raises(ValueError, match="2 tensors adapt the text encoder") as e:
+        dit.load_lora(copy.deepcopy(m), tmp_path / "both.safetensors")
+    assert "\n" not in str(e.value)
+    save_file(tr, str(tmp_path / "plain.safetensors"))
+    save_file(tr, str(tmp_path / "te_head.safetensors"), metadata=head)
+    x, t, text = inputs(m.cfg, B=1, T=2, h=4, w=4, L=5)
+    outs = []
+    for name in ("plain", "te_head"):
+        net = copy.deepcopy(m).eval()
+        dit.load_lora(net, tmp_path / f"{name}.safetensors")
+        assert net.blocks[0].qkv.scale == 1.0
+        with torch.no_grad():
+            outs.append(net(x, t, text))
+    assert torch.equal(*outs)
+
+
 # ----- sample.py --lora -----
 
 def test_sample_cli_lora_scale_and_merge(tmp_path, capsys):

@@ -419,6 +419,25 @@ def test_release_matches_diffusers_pipeline(released, tmp_path, name):
     assert ref.abs().mean() > 0.1 and torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
 
 
+@pytest.mark.parametrize("extra", [["--num-frames", "13"], ["--height", "32"]])
+def test_learned_table_bounds_checked_before_loading(released, tmp_path, monkeypatch, capsys,
+                                                     extra):
+    """A 5B-I2V folder (learned position table: its native grid only) at another size or with more
+    frames is one line naming the settings it covers, before any weights load (it loaded the 5B
+    and T5-XXL first, then named latent shapes)."""
+    _, folder = release_folder(released, tmp_path, "5b-i2v")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "first.png")
+    monkeypatch.setattr(sample, "load_released", lambda *a, **k: pytest.fail("a model was loaded"))
+    argv = ["--model-dir", str(folder), "--prompt", "x", "--image", str(tmp_path / "first.png"),
+            "--out", str(tmp_path / "o.mp4"), "--height", "16", "--width", "16",
+            "--num-frames", "9"]
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "learned position table covers 16x16 and up to 9 frames: sample " \
+        "at height 16, width 16 and num_frames <= 9" in err[-1], err
+
+
 # ----- CogVideoX 1.5 folders (temporal patch 2; the I2V's ofs and inverted image-latent scale) -----
 
 def tiny_15_transformer(i2v, seed):

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import weakref
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,6 +25,7 @@ import dit
 import sample
 import train
 import vae
+from test_sample import PROMPTS, released  # noqa: F401  (a fixture: the released layout)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +122,27 @@ def test_sample_json_holds_the_sampling_preset_of_the_dit():
             (max(last.frames), list(last.resolutions[0]), tc.snr_shift)
     assert train.sample_meta(train.PRESETS["cogvideox-5b-i2v"], last)["sampler"] == "dpm"
     assert sample.SampleConfig(**train.sample_meta(train.PRESETS["cogvideox-2b"], last)).snr_shift_scale == 3.0
+
+
+def test_fine_tune_of_a_released_folder_exports_what_sample_loads(released, assets,  # noqa: F811
+                                                                 tmp_path):
+    """--init-diffusers without --lora: the export keeps the released VAE folder (diffusers layout)
+    and sample.py --ckpt loads it (it refused: "unknown VAEConfig fields"); its text_encoder/ holds
+    the released tokenizer and T5 alone (it copied the whole folder, the transformer included)."""
+    out = tmp_path / "run"
+    train.main(["--stage", "dit", "--preset", "tiny", "--data", assets["manifest"],
+                "--init-diffusers", str(released), *SMALL, "--steps", "1,1", "--out", str(out)])
+    assert sorted(os.listdir(out / "text_encoder")) == ["text_encoder", "tokenizer"]
+    net, ae, text, _ = sample.load_ckpt(str(out))
+    ref = vae.CausalVAE.from_diffusers(str(released / "vae"))
+    assert ae.cfg == ref.cfg and ae.cfg.scaling_factor == 0.7
+    assert all(torch.equal(a, b) for a, b in zip(ae.state_dict().values(),
+                                                 ref.state_dict().values()))
+    t5 = dit.TextEncoder(str(released), max_length=net.cfg.text_len)
+    assert torch.equal(text.encode(PROMPTS[:2]), t5.encode(PROMPTS[:2]))
+    sample.main(["--ckpt", str(out), "--prompt", PROMPTS[0], "--out", str(tmp_path / "v.mp4"),
+                 "--num-frames", "5", "--height", "16", "--width", "16", "--steps", "2"])
+    assert (tmp_path / "v.mp4").exists()
 
 
 def test_vae_steps_one_process_with_discriminator(assets, tmp_path, capsys):
@@ -885,6 +908,36 @@ def test_init_from_a_released_diffusers_folder(tmp_path):
     train.wrap(model, False, torch.device("cpu"), fill=train.dit_source(args, model, seed=0))
     ref = dit.ExpertDiT.from_diffusers(str(tmp_path / "released")).state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+
+
+def test_init_holding_another_dit_config_is_refused(assets, tmp_path, monkeypatch, capsys):
+    """--init DIR's own config against the DiT being built: a sin-cos checkpoint of ours, one with
+    another RoPE base, or a released sin-cos folder under the RoPE tiny preset is one line, exit
+    code 2, before any model (they trained with the preset's positions and exported pos='rope').
+    A T2V -> I2V start (--i2v into a learned-table preset) still passes."""
+    from diffusers import CogVideoXTransformer3DModel
+    monkeypatch.setattr(train, "build_dit", lambda job: pytest.fail("a model was loaded"))
+    c = dit.DIT_PRESETS["tiny"]
+    dit.ExpertDiT(replace(c, pos="sincos")).save(str(tmp_path / "sincos"))
+    dit.ExpertDiT(replace(c, rope_theta=500.0)).save(str(tmp_path / "theta"))
+    CogVideoXTransformer3DModel(num_attention_heads=c.heads, attention_head_dim=c.head_dim,
+                                in_channels=c.in_channels, out_channels=c.out_channels,
+                                time_embed_dim=c.time_dim, text_embed_dim=c.text_dim,
+                                num_layers=c.layers, max_text_seq_length=c.text_len, sample_width=8,
+                                sample_height=8, sample_frames=9).save_pretrained(tmp_path / "rel")
+    for name, words in (("sincos", "pos='sincos', the tiny preset's has pos='rope'"),
+                        ("theta", "rope_theta=500.0, the tiny preset's has rope_theta=10000.0"),
+                        ("rel", "pos='sincos', the tiny preset's has pos='rope'")):
+        with pytest.raises(SystemExit) as e:
+            train.main(dit_args(assets, tmp_path / "run", "--init", str(tmp_path / name)))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and f"--init {tmp_path / name} holds a DiT with {words}" in err[-1]
+    dit.ExpertDiT(c).save(str(tmp_path / "t2v"))
+    monkeypatch.setitem(dit.DIT_PRESETS, "tiny-i2v", replace(c, in_channels=16, pos="learned"))
+    monkeypatch.setitem(train.PRESETS, "tiny-i2v", replace(train.PRESETS["tiny"], dit="tiny-i2v"))
+    args = train.parser().parse_args(dit_args(assets, tmp_path / "run", "--preset", "tiny-i2v",
+                                              "--i2v", "--init", str(tmp_path / "t2v")))
+    train.check_init(args, train.PRESETS["tiny-i2v"])  # grows: input channels, learned table
 
 
 def test_t5_is_released_once_every_caption_is_cached(assets, tmp_path):
