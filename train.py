@@ -1711,7 +1711,7 @@ def train(args):
                           ac=diffusion.alphas_cumprod(snr_shift_scale=tc.snr_shift),  # §3
                           text=None, cache=None, ids=None, disc=None, lpips=None, fill=None,
                           vcfg=vae_config(args, tc),
-                          cfg=dit.DIT_PRESETS[tc.dit] if is_dit else None)
+                          cfg=dit_config(args, tc) if is_dit else None)  # plans' tokens
     # a LoRA run's frozen base, fingerprinted once (rank 0's files: train.json is rank 0's)
     job.lora_base = everyone(lora_base(args) if rank == 0 else None)[0]
     job.ckpt = find_checkpoint(args, sum(steps), say, job.lora_base)  # refusals before any model

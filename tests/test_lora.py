@@ -465,6 +465,11 @@ def test_train_lora_from_a_released_folder_then_sample(released, assets, tmp_pat
     assert res["step"] == 2 and all(math.isfinite(x) for x in res["losses"])
     out = capsys.readouterr().out
     assert "LoRA rank 2 (alpha 2) on attn" in out
+    # rows planned with the released DiT's text length (8), not the preset's (12)
+    rel = dit.diffusers_folder_config(str(released))[1]
+    assert rel.text_len == 8 != dit.DIT_PRESETS["tiny"].text_len
+    sf = vae.diffusers_folder_config(str(released / "vae")).spatial_factor
+    assert f"Frame Pack rows of {data.num_tokens(9, 16, 16, 8, 4, sf, rel.patch)} tokens" in out
     lora = tmp_path / "run" / dit.LORA_FILE
     ref = ExpertDiT.from_diffusers(released)
     assert dit.load_lora(ref, lora) == 4 * ref.cfg.layers  # to_q, to_k, to_v, to_out.0
