@@ -1924,7 +1924,7 @@ def main(argv=None):
     p.add_argument("--write", metavar="OUT", help="write the manifest with height, width, frames, "
                    "fps, duration and a content hash per entry (training then never probes)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="--write: probing processes")
+                   help="--write: probing threads (PyAV decodes without the GIL)")
     p.add_argument("--fps", type=float, default=None)
     p.add_argument("--pad", choices=("nearest", "repeat"), default="nearest")
     p = sub.add_parser("filter", help="score clips (§3.4): kept subset, top fraction, drop table")

@@ -859,8 +859,8 @@ def find_checkpoint(args, total, say, base=None):
                                 f"--i2v; pass the same (or another --out)")
         if st["step"] > total:
             raise SettingsError(f"--resume: the checkpoint is at step {st['step']}, past the "
-                                f"{total} steps asked for; pass --steps adding up to more than "
-                                f"{st['step']}")
+                                f"{total} steps asked for; pass --steps adding up to at least "
+                                f"{st['step']} (as many re-exports its model)")
         stop_at = getattr(args, "stop_at", None)
         if stop_at is not None and stop_at <= st["step"]:  # it would never fire
             raise SettingsError(f"--stop-at {stop_at} is not after the checkpoint's step "

@@ -480,7 +480,8 @@ def test_empty_or_garbled_latest_takes_the_newest_intact(three_ckpts, tmp_path, 
 
 @pytest.mark.parametrize("extra, words", [
     ([], "already holds a run (checkpoints up to step_0000003): add --resume to continue it, or pick another --out"),
-    (["--resume", "--steps", "1"], "the checkpoint is at step 3, past the 2 steps asked for"),
+    (["--resume", "--steps", "1"], "the checkpoint is at step 3, past the 2 steps asked for; pass "
+                                   "--steps adding up to at least 3 (as many re-exports its model)"),
     (["--resume", "--i2v"], "holds a run without --i2v; pass the same (or another --out)"),
     (["--resume", "--steps", "3", "--stop-at", "3"], "--stop-at 3 is not after the checkpoint's step 3"),
 ])
