@@ -865,9 +865,17 @@ def _load_checked(cfg, sd, where, dtype):
 
 def t5_folders(folder):
     """-> (tokenizer folder, encoder folder) of a T5 folder: a pipeline folder (a released model)
-    keeps them in tokenizer/ and text_encoder/ beside its other models; a plain one has both."""
+    keeps them in tokenizer/ and text_encoder/ beside its other models; a plain one has both, and
+    a release's text_encoder/ passed alone takes the tokenizer/ beside it."""
     f = Path(folder)
-    return tuple(f / n if (f / n).is_dir() else f for n in ("tokenizer", "text_encoder"))
+    tok, enc = (f / n if (f / n).is_dir() else f for n in ("tokenizer", "text_encoder"))
+    if tok == f and not has_tokenizer(f) and has_tokenizer(f.parent / "tokenizer"):
+        tok = f.parent / "tokenizer"
+    return tok, enc
+
+
+def has_tokenizer(folder):
+    return (folder / "spiece.model").is_file() or (folder / "tokenizer.json").is_file()
 
 
 class TextEncoder:
@@ -883,7 +891,7 @@ class TextEncoder:
         if not (enc / "config.json").is_file():
             raise FileNotFoundError(f"T5 text encoder folder {enc} not found (no config.json): "
                                     "pass a local T5 folder (a released model's, build_tiny_t5's)")
-        if not (tok / "spiece.model").is_file() and not (tok / "tokenizer.json").is_file():
+        if not has_tokenizer(tok):
             raise FileNotFoundError(f"T5 tokenizer not found in {tok} (no spiece.model / .json)")
         self.tok = T5Tokenizer.from_pretrained(str(tok), local_files_only=True)
         self.model = T5EncoderModel.from_pretrained(str(enc), dtype=dtype, local_files_only=True)

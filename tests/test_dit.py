@@ -710,6 +710,21 @@ def test_text_encoder_is_offline_and_names_a_missing_folder(tmp_path):
         dit.TextEncoder(tmp_path / "t5")
 
 
+def test_text_encoder_of_a_release_takes_the_tokenizer_beside_it(tmp_path):
+    """A released folder keeps T5 in text_encoder/ and its tokenizer in tokenizer/: the folder,
+    or its text_encoder/ alone (was: "tokenizer not found"), loads the same T5."""
+    import shutil
+    dit.build_tiny_t5(tmp_path / "t5", CAPTIONS, d_model=64)
+    rel = tmp_path / "CogVideoX-5b"
+    shutil.copytree(tmp_path / "t5", rel / "tokenizer")
+    shutil.copytree(tmp_path / "t5", rel / "text_encoder")
+    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
+        (rel / "text_encoder" / name).unlink()
+    a, b = (dit.TextEncoder(f, max_length=8).encode(CAPTIONS[:2])
+            for f in (rel, rel / "text_encoder"))
+    assert torch.equal(a, b)
+
+
 def test_cli_bad_values_one_line(capsys):
     cases = [(["--batch", "0"], "--batch must be >= 1, got 0"), (["--device", "tpu"], "not a device")]
     if not torch.cuda.is_available():  # the docstring's own --device cuda, on a CPU machine
