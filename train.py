@@ -1796,7 +1796,7 @@ def train(args):
                      # each rank holds the latent statistics of its own samples: keep the sums
                      "zstat": all_sum(zstat).tolist(), **run_settings(job)}
             save_checkpoint(args.out, step, rank, job.parts, opts, ema, state, tc.keep)
-        if sig:
+        if sig and step < total:  # (at the last step the run just finishes: exported, exit 0)
             say(f"stopped at step {step} ({f'signal {signum}' if signum else '--stop-at'}); "
                 f"checkpoint written, continue with --resume")
             break

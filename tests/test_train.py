@@ -349,7 +349,8 @@ def test_attn_modes_reach_the_model_and_agree(assets, tmp_path, monkeypatch):
 # ----- resume -----
 
 def test_resume_equals_uninterrupted(assets, tmp_path, capsys):
-    """Stop after step 4 (inside stage 1, as on SIGTERM), --resume: steps 5-6 and the final EMA weights are exact.
+    """Stop after step 4 (inside stage 1, as on SIGTERM), --resume (with --stop-at its last step,
+    which just finishes): steps 5-6 and the final EMA weights are exact.
     A copy whose newest checkpoint has 200 flipped bytes in its weights resumes from the one before (step 2), with
     a warning naming both, and exactly; its log then holds each step once."""
     common = [*SMALL, "--steps", "3,3", "--ema", "0.5", "--save-every", "2"]
@@ -359,7 +360,10 @@ def test_resume_equals_uninterrupted(assets, tmp_path, capsys):
     assert train.exit_code(part) == train.EXIT_STOPPED and train.exit_code(full) == 0
     assert not (tmp_path / "part" / "dit").exists()  # not finished: nothing exported yet
     shutil.copytree(tmp_path / "part", tmp_path / "bad")
-    rest = train.main(dit_args(assets, tmp_path / "part", *common, "--resume"))
+    capsys.readouterr()
+    # --stop-at the last step: the run finishes (exported, exit code 0), no "stopped ... --resume"
+    rest = train.main(dit_args(assets, tmp_path / "part", *common, "--resume", "--stop-at", "6"))
+    assert not rest["stopped"] and "stopped at" not in capsys.readouterr().out
     assert rest["losses"] == full["losses"][4:]  # bit-exact
     a, b = weights(tmp_path / "full" / "dit"), weights(tmp_path / "part" / "dit")
     assert all(torch.equal(a[k], b[k]) for k in a)
