@@ -247,12 +247,18 @@ def setup(device, cp, timeout_min=30.0):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if cp < 1 or world % cp:
         raise SettingsError(f"--cp {cp} does not divide the {world} ranks; pick a divisor of it")
+    return rank, world, torch.device(device), cp_group(rank, world, cp)
+
+
+def cp_group(rank, world, cp):
+    """--cp: the world cut into groups of cp consecutive ranks, each sharing one clip -> this
+    rank's group (None for cp 1). Every rank creates every group, in one order."""
     group = None
-    for g in range(world // cp if cp > 1 else 0):  # every rank creates every group, in one order
+    for g in range(world // cp if cp > 1 else 0):
         ranks = list(range(g * cp, (g + 1) * cp))
         made = dist.new_group(ranks)
         group = made if rank in ranks else group
-    return rank, world, torch.device(device), group
+    return group
 
 
 def sp_setup(world, sp, device):
@@ -2211,10 +2217,8 @@ def simulate_vae(args, tc, stages, mesh, track, mode):
     the discriminator's own step, of one batch of the stage's largest clip (--cp N: split in time)."""
     job = SimpleNamespace(args=args, tc=tc, rank=0, device=torch.device("cpu"))
     build_vae(job)
-    if args.cp > 1:  # the context-parallel group of this rank (a fake one in the simulation)
-        job.group = dist.new_group(list(range(args.cp)))
-    else:
-        job.group = None
+    # this rank's context-parallel group (a fake one in the simulation; --real: the real one)
+    job.group = cp_group(dist.get_rank(), dist.get_world_size(), args.cp) if args.cp > 1 else None
     model, params = job.model, list(job.model.parameters())
     opt = adamw(params, tc.vae_lr, tc, torch.device("cpu"))
     dopt = torch.optim.AdamW(job.disc.parameters(), lr=tc.disc_lr, betas=tc.betas, eps=tc.eps)

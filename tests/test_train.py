@@ -1266,6 +1266,20 @@ def test_simulated_fsdp_step_equals_two_real_ranks(torchrun):
     assert all(fake[k] == pytest.approx(real[k], rel=0.10, abs=0.01) for k in ROLES), (fake, real)
 
 
+def test_simulated_cp_vae_step_equals_four_real_ranks(torchrun):
+    """--stage vae --cp 2 on 4 real gloo ranks (2 context-parallel groups) vs the fake 4-rank
+    process group: every rank runs the step in its own group (ranks 2 and 3 were given the
+    group of ranks 0 and 1 and failed), and rank 0 prints the fake table."""
+    args = ["--stage", "vae", "--preset", "tiny", "--frames", "9", "--size", "32x32", "--batch",
+            "1", "--simulate", "4", "--cp", "2"]
+    real = sim_row(torchrun(train.__file__, *args, "--real", nproc=4).stdout)
+    p = subprocess.run([sys.executable, train.__file__, *args], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    fake = sim_row(p.stdout)
+    assert all(fake[k] == pytest.approx(real[k], rel=0.10, abs=0.01) for k in ROLES), (fake, real)
+
+
 def test_simulated_shards_are_the_analytic_bytes():
     """FSDP2 on 4 fake ranks, fp32 AdamW: parameter, gradient and optimizer bytes per rank are the
     parameters' bytes / 4 (each parameter's dim 0 padded to a multiple of 4, as FSDP2 shards)."""
