@@ -2098,8 +2098,8 @@ def simulate(args, fake=True):
         dist.init_process_group("fake", rank=0, world_size=n, store=FakeStore())
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world != n:
-        raise SettingsError(f"--simulate {n} with fake=False runs on {world} real ranks: launch "
-                            f"{n} ranks with torchrun")
+        raise SettingsError(f"--simulate {n} --real runs on {world} real rank(s): launch {n} "
+                            f"ranks (torchrun --nproc_per_node {n} train.py ...)")
     mesh = None
     if args.fsdp and world > 1:  # before fake mode: building a mesh reads real tensors
         from torch.distributed.device_mesh import init_device_mesh
