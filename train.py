@@ -1830,7 +1830,14 @@ def run_settings(job):
     args = job.args
     return {"preset": args.preset, "stage_kind": args.stage, "world": job.world,
             "lora": lora_settings(args), "lora_base": job.lora_base, "config": asdict(job.tc),
-            "model_config": asdict(job.cfg)}
+            "model_config": asdict(job.cfg), "data_order": data_order(job)}
+
+
+def data_order(job):
+    """What the epochs' batches are cut by, besides the data: [the global batch, the seed]. The
+    global batch: Frame Pack rows (the DiT), else samples, per rank x data-parallel ranks."""
+    per = job.tc.rows if job.args.stage == "dit" and not job.args.bucket else job.tc.batch
+    return [per * job.dp_world, job.tc.seed]
 
 
 def layout(job):
@@ -1872,6 +1879,12 @@ def resume(job, opts, ema):
                 f"{st.get('world', 1)} rank(s))")
         if ema and not os.path.isdir(os.path.join(job.ckpt, "ema")):
             job.say("--ema: the checkpoint has no EMA; it starts from the resumed weights")
+        was, now = st.get("data_order"), data_order(job)
+        if was is not None and was != now:  # pos counts batches cut by was
+            job.say(f"warning: --resume: global batch {now[0]} and seed {now[1]}, the checkpoint's "
+                    f"{was[0]} and {was[1]}: the data order differs from the uninterrupted "
+                    f"run's (keep --rows / --batch x data-parallel ranks and --seed to "
+                    f"continue it)", file=sys.stderr)
         # the sums over the ranks that wrote it: rank 0 carries them, or export counts them twice
         z = torch.tensor(st["zstat"], dtype=torch.float64)
         return st["step"], pos, st["bad_files"], z if job.rank == 0 else torch.zeros_like(z)

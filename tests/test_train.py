@@ -378,6 +378,20 @@ def test_resume_equals_uninterrupted(assets, tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_another_global_batch_or_seed_warns(assets, tmp_path, capsys):
+    """The data position counts batches of the checkpoint's global batch: a resume with another
+    (e.g. on fewer ranks with the same --rows) or another --seed continues in other batches, with
+    a warning saying so; the same ones resume silently."""
+    common = [*SMALL, "--steps", "2,1"]
+    train.main(dit_args(assets, tmp_path, *common, "--rows", "2", "--stop-at", "1"))
+    capsys.readouterr()
+    train.main(dit_args(assets, tmp_path, *common, "--rows", "2", "--resume", "--stop-at", "2"))
+    assert "data order" not in capsys.readouterr().err
+    train.main(dit_args(assets, tmp_path, *common, "--rows", "1", "--seed", "5", "--resume"))
+    err = capsys.readouterr().err
+    assert "global batch 1 and seed 5, the checkpoint's 2 and 0: the data order differs" in err
+
+
 def test_vae_resumed_at_its_end_before_the_statistics_window_exports(assets, tmp_path, capsys):
     """The scaling factor is fitted on the last 20% of the steps: a VAE run stopped before them and
     resumed with --steps ending there exports with the preset's factor and a warning (it divided
