@@ -384,7 +384,8 @@ def test_attn_modes_reach_the_model_and_agree(assets, tmp_path, monkeypatch):
 # ----- resume -----
 
 def test_resume_equals_uninterrupted(assets, tmp_path, capsys):
-    """Stop after step 4 (inside stage 1, as on SIGTERM), --resume: steps 5-6 and the final EMA weights are exact.
+    """Stop after step 4 (inside stage 1, as on SIGTERM), --resume (with --stop-at its last step,
+    which just finishes): steps 5-6 and the final EMA weights are exact.
     A copy whose newest checkpoint has 200 flipped bytes in its weights resumes from the one before (step 2), with
     a warning naming both, and exactly; its log then holds each step once."""
     common = [*SMALL, "--steps", "3,3", "--ema", "0.5", "--save-every", "2"]
@@ -394,7 +395,10 @@ def test_resume_equals_uninterrupted(assets, tmp_path, capsys):
     assert train.exit_code(part) == train.EXIT_STOPPED and train.exit_code(full) == 0
     assert not (tmp_path / "part" / "dit").exists()  # not finished: nothing exported yet
     shutil.copytree(tmp_path / "part", tmp_path / "bad")
-    rest = train.main(dit_args(assets, tmp_path / "part", *common, "--resume"))
+    capsys.readouterr()
+    # --stop-at the last step: the run finishes (exported, exit code 0), no "stopped ... --resume"
+    rest = train.main(dit_args(assets, tmp_path / "part", *common, "--resume", "--stop-at", "6"))
+    assert not rest["stopped"] and "stopped at" not in capsys.readouterr().out
     assert rest["losses"] == full["losses"][4:]  # bit-exact
     a, b = weights(tmp_path / "full" / "dit"), weights(tmp_path / "part" / "dit")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -407,6 +411,20 @@ def test_resume_equals_uninterrupted(assets, tmp_path, capsys):
     assert [r["step"] for r in log(tmp_path / "bad")] == [1, 2, 3, 4, 5, 6]  # steps 3-4 of the first run: gone
     b = weights(tmp_path / "bad" / "dit")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_another_global_batch_or_seed_warns(assets, tmp_path, capsys):
+    """The data position counts batches of the checkpoint's global batch: a resume with another
+    (e.g. on fewer ranks with the same --rows) or another --seed continues in other batches, with
+    a warning saying so; the same ones resume silently."""
+    common = [*SMALL, "--steps", "2,1"]
+    train.main(dit_args(assets, tmp_path, *common, "--rows", "2", "--stop-at", "1"))
+    capsys.readouterr()
+    train.main(dit_args(assets, tmp_path, *common, "--rows", "2", "--resume", "--stop-at", "2"))
+    assert "data order" not in capsys.readouterr().err
+    train.main(dit_args(assets, tmp_path, *common, "--rows", "1", "--seed", "5", "--resume"))
+    err = capsys.readouterr().err
+    assert "global batch 1 and seed 5, the checkpoint's 2 and 0: the data order differs" in err
 
 
 def test_vae_resumed_at_its_end_before_the_statistics_window_exports(assets, tmp_path, capsys):
@@ -651,6 +669,7 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--simulate", "1", "--peak-tflops", "-5"], "--peak-tflops must be > 0"),
     (["--simulate", "1", "--peak-tflops", "inf"], "--peak-tflops must be > 0"),
     (["--simulate", "3", "--sp", "2"], "--simulate 3: --sp 2 needs a multiple of 2 ranks; simulate 4"),
+    (["--simulate", "2", "--real"], "--simulate 2 --real runs on 1 real rank(s): launch 2 ranks (torchrun"),
     *((["--stage", "vae", "--cache", "", "--frames", f, "--simulate", n, "--cp", cp],
       f"--simulate {n}: --cp {cp} does not divide the {n} ranks")
       for f, n, cp in (("13", "2", "3"), ("9", "1", "2"), ("9", "3", "2"))),
@@ -1306,10 +1325,12 @@ def sim_row(stdout):
 
 def test_simulated_step_equals_the_real_step_one_process(capsys):
     """The same step on fake tensors and on real ones, through the same accounting: every role's
-    bytes at the peak agree (the validation the full-size numbers rest on)."""
+    bytes at the peak, the FLOPs and the roofline time agree (the validation the full-size numbers
+    rest on; the time once counted the fake tensors' own metadata queries: 1.9x the real one's)."""
     fake = train.main([*SIM, "--simulate", "1"])
     real = train.main([*SIM, "--simulate", "1", "--real"])
-    for k in ("params", "grads", "optimizer", "activations", "temporaries", "peak", "flops"):
+    for k in ("params", "grads", "optimizer", "activations", "temporaries", "peak", "flops",
+              "seconds"):
         assert fake[k] == pytest.approx(real[k], rel=0.10), k
     assert fake["peak"] > fake["params"] + fake["optimizer"] > 0 and fake["activations"] > 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -1321,6 +1342,20 @@ def test_simulated_fsdp_step_equals_two_real_ranks(torchrun):
     real = sim_row(torchrun(train.__file__, *SIM, "--simulate", "2", "--fsdp", "--real").stdout)
     p = subprocess.run([sys.executable, train.__file__, *SIM, "--simulate", "2", "--fsdp"],
                        capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    fake = sim_row(p.stdout)
+    assert all(fake[k] == pytest.approx(real[k], rel=0.10, abs=0.01) for k in ROLES), (fake, real)
+
+
+def test_simulated_cp_vae_step_equals_four_real_ranks(torchrun):
+    """--stage vae --cp 2 on 4 real gloo ranks (2 context-parallel groups) vs the fake 4-rank
+    process group: every rank runs the step in its own group (ranks 2 and 3 were given the
+    group of ranks 0 and 1 and failed), and rank 0 prints the fake table."""
+    args = ["--stage", "vae", "--preset", "tiny", "--frames", "9", "--size", "32x32", "--batch",
+            "1", "--simulate", "4", "--cp", "2"]
+    real = sim_row(torchrun(train.__file__, *args, "--real", nproc=4).stdout)
+    p = subprocess.run([sys.executable, train.__file__, *args], capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     fake = sim_row(p.stdout)
     assert all(fake[k] == pytest.approx(real[k], rel=0.10, abs=0.01) for k in ROLES), (fake, real)
