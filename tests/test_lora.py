@@ -377,6 +377,23 @@ def ckpt_dir(out, step):
     return out / "ckpt" / f"step_{step:07d}"
 
 
+def test_ema_of_a_lora_does_not_linger_at_its_zero_start(assets, tmp_path):  # noqa: F811
+    """The presets' EMA 0.9999 over a LoRA: the export holds the EMA's adapters, whose B starts at
+    zero; with a fixed decay they would stay ~0.9999^n of the way there (B ~0.0004x the trained
+    one after 4 steps). train.ema_decay ramps the decay as (1 + n) / (10 + n)."""
+    assert [round(train.ema_decay(0.9999, n), 4) for n in (0, 1, 90, 10**6)] == \
+        [0.1, 0.1818, 0.91, 0.9999]
+    assert train.ema_decay(0.5, 10**6) == 0.5
+    base_dit(tmp_path / "base")
+    train.main(dit_args(assets, tmp_path / "run", *SMALL, "--steps", "2,2", "--ema", "0.9999",
+                        "--init", str(tmp_path / "base"), "--lora", "4"))
+    trained = ckpt_tensors(ckpt_dir(tmp_path / "run", 4))
+    exported = load_file(tmp_path / "run" / dit.LORA_FILE)
+    # sum of squares of every B (the export splits qkv's B into to_q / to_k / to_v rows)
+    sq = lambda sd, end: sum(float(v.square().sum()) for k, v in sd.items() if k.endswith(end))
+    assert sq(exported, "lora_B.weight") > 0.4 ** 2 * sq(trained, "lora_B") > 0
+
+
 def test_train_lora_trains_and_stores_only_the_adapters(assets, tmp_path, capsys):  # noqa: F811
     """--lora 4 --lora-targets attn+mlp over a frozen --init base, with the EMA: the optimizer
     state, the EMA and the checkpoint hold the adapters only; the export is the EMA adapters in
