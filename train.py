@@ -1973,6 +1973,10 @@ def catch_signals():
     def on_signal(num, _):
         stop.update(sig=num)
         signal.signal(num, signal.SIG_DFL)
+        if os.environ.get("RANK", "0") == "0":  # said at once: a cache fill or a long step may
+            # keep the run going for minutes. os.write: print() may be mid-write on this stream.
+            os.write(2, f"train.py: {signal.Signals(num).name}: the run stops after this step "
+                        "with a checkpoint (send it again to stop at once)\n".encode())
 
     stop["before"] = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     return stop

@@ -598,10 +598,12 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_sigterm_writes_a_checkpoint_and_stops(assets, tmp_path):
     """SIGTERM mid-run: the step finishes, a checkpoint is written atomically, the process exits with
-    EXIT_STOPPED (not 0: `train && sample` must not go on without an exported model)."""
+    EXIT_STOPPED (not 0: `train && sample` must not go on without an exported model). The signal
+    is acknowledged at once on stderr (a long step or cache fill would otherwise look ignored)."""
     env = dict(os.environ, PYTHONPATH=os.path.dirname(train.__file__), PYTHONUNBUFFERED="1")
+    err = open(tmp_path / "stderr.txt", "w")
     p = subprocess.Popen([sys.executable, train.__file__, *dit_args(assets, tmp_path, *SMALL, "--steps", "5000")],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+                         stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     seen = []
     for line in p.stdout:
         seen.append(line)
@@ -612,6 +614,9 @@ def test_sigterm_writes_a_checkpoint_and_stops(assets, tmp_path):
     assert p.returncode == train.EXIT_STOPPED == 75, rest
     stopped = int(rest.split("stopped at step ")[1].split()[0])
     assert stopped >= 2 and "signal 15" in rest
+    err.close()
+    assert "train.py: SIGTERM: the run stops after this step with a checkpoint" in \
+        (tmp_path / "stderr.txt").read_text()
     latest = (tmp_path / "ckpt" / "latest").read_text()
     assert json.load(open(tmp_path / "ckpt" / latest / "train.json"))["step"] == stopped
     assert not list((tmp_path / "ckpt").glob(".tmp*"))
