@@ -1223,12 +1223,18 @@ def filter_manifest(manifest, out, cfg=FilterConfig(), top=0.2, classifier=None,
             # scores nested (no clash with a manifest's own fields); quality on top for Stage.subset
             kept.append(dict(e, scores={k: round(v, 5) for k, v in s.items()},
                              quality=round(s["quality"], 5)))
+    out, top_out, drop_out = filter_outputs(out, top)
     write_manifest(kept, out)
-    stem = os.path.splitext(os.path.abspath(out))[0]
-    write_manifest(top_quality(kept, top) if kept else [], f"{stem}.top{round(top * 100)}.jsonl")
-    _write_text(stem + ".dropped.tsv",
+    write_manifest(top_quality(kept, top) if kept else [], top_out)
+    _write_text(drop_out,
                 "path\treasons\n" + "".join(f"{p}\t{'; '.join(w)}\n" for p, w in dropped))
     return kept, dropped
+
+
+def filter_outputs(out, top):
+    """The three files filter_manifest writes: out, its top fraction, its drop table."""
+    stem = os.path.splitext(os.path.abspath(out))[0]
+    return out, f"{stem}.top{round(top * 100)}.jsonl", stem + ".dropped.tsv"
 
 
 # ----- latent and text cache, the DiT's dataset (§3) -----
@@ -1896,11 +1902,18 @@ def _check_args(args):
                              "would), or --write OUT (to record every entry's metadata)")
         frames_ok(args.frames, "--frames")
         size_ok(args.height, args.width, "--height x --width")
-        if args.fps is not None and args.fps <= 0:
-            raise ValueError(f"--fps must be > 0, got {args.fps}")
+        if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+            # nan decoded no frame of any clip; inf one frame repeated
+            raise ValueError(f"--fps must be a finite number > 0, got {args.fps}")
     else:
         if not 0 < args.top <= 1:
             raise ValueError(f"--top is a fraction in (0, 1], got {args.top}")
+        for k in FILTER_ARGS:  # a nan threshold compares False: that filter silently off
+            if not (math.isfinite(getattr(args, k)) and getattr(args, k) >= 0):
+                raise ValueError(f"--{k.replace('_', '-')} must be a finite number >= 0, got "
+                                 f"{getattr(args, k)}")
+        # the kept subset written over the manifest it was read from loses every dropped entry
+        check_not_input(filter_outputs(args.out, args.top), {args.manifest: "manifest"})
         check_writable(args.out, "--out")  # now, not after scoring every clip
 
 

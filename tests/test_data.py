@@ -677,13 +677,28 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
              (["inspect", m, "--height", "20", "--width", "16", "--frames", "9"], "multiples of 8"),
              (["shapes", "--out", str(tmp_path / "s"), "--sizes", "30x30"], "multiples of 8"),
              (["shapes", "--out", str(tmp_path / "s"), "--sizes", "32by32"], "--sizes"),
-             (["shapes", "--out", str(tmp_path / "s"), "--frames", "9,8"], "--frames must be 4k+1")]
+             (["shapes", "--out", str(tmp_path / "s"), "--frames", "9,8"], "--frames must be 4k+1"),
+             # nan: every clip "no frames decoded"; inf: the first frame repeated
+             *((["inspect", m, "--height", "16", "--width", "16", "--frames", "9", "--fps", v],
+                f"--fps must be a finite number > 0, got {v}") for v in ("nan", "inf")),
+             # a nan threshold compares False: that filter off, every clip kept
+             (["filter", m, *o, "--min-motion", "nan"], "--min-motion must be a finite number >= 0"),
+             (["filter", m, *o, "--max-cut", "-1"], "--max-cut must be a finite number >= 0")]
+    # the kept subset (or the top fraction, or the drop table) written over the manifest read
+    for name, out in (("kept.jsonl", "kept.jsonl"), ("kept.top20.jsonl", "kept.jsonl"),
+                      ("k.top50.jsonl", "k.jsonl"), ("kept.dropped.tsv", "kept.jsonl")):
+        src = data.write_manifest([{"path": "a.mkv", "caption": "a"}], tmp_path / name)
+        top = ["--top", "0.5"] if "50" in name else []
+        cases.append((["filter", src, "--out", str(tmp_path / out), *top],
+                      f"would overwrite the manifest input; pass another --out"))
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     for argv, text in cases:
         with pytest.raises(SystemExit) as e:
             data.main(argv)
         assert e.value.code == 2, argv
         _one_line_error(capsys.readouterr().err, text)
     assert not (tmp_path / "s").exists()  # checked before any work
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 def test_cli_nothing_done_is_no_success(tmp_path, capsys):
