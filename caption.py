@@ -683,6 +683,8 @@ def main(argv=None):
         p.error("give VIDEOS and --out (or --upsample PROMPT)")
     try:  # bad input: one line (exit code 2) before any model loads, never a traceback
         data.check_writable(a.out, "--out")  # a folder or a read-only disk: now, not at the end
+        # an input manifest as --out: its entries read as captioned, every one skipped, exit 0
+        data.check_not_input([a.out], {v: "VIDEOS" for v in a.videos})
         # a missing path, a manifest line that is not JSON or has no "path"; nothing to caption
         if not find_videos(a.videos):
             raise ValueError(f"no videos in {' '.join(a.videos)}: pass video files, folders of "

@@ -447,6 +447,31 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
     assert "done.jsonl:1 is not a manifest line" in capsys.readouterr().err
 
 
+def grey_video(path, times, frames):  # a --video-captioner for the CLI (test_caption:grey_video)
+    return "The video shows a grey screen."
+
+
+def test_cli_out_that_is_an_input_is_refused(tmp_path, capsys):
+    """An input manifest given as --out read as captioned: every entry skipped, "wrote 0", exit 0
+    with nothing done; a video given as --out: a UnicodeDecodeError line. Both one line naming
+    --out, exit code 2, the input kept."""
+    write_clip(tmp_path / "a.mp4", 8)
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"path": "a.mp4", "caption": ""}) + "\n")
+    for src in (m, tmp_path / "a.mp4"):
+        before = src.read_bytes()
+        with pytest.raises(SystemExit) as e:
+            caption.main([str(src), "--out", str(src), "--video-captioner",
+                          "test_caption:grey_video"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and "would overwrite the VIDEOS input; pass another --out" in \
+            err[-1], err
+        assert src.read_bytes() == before
+    caption.main([str(m), "--out", str(tmp_path / "o.jsonl"), "--video-captioner",
+                  "test_caption:grey_video"])  # the hook works: another --out is captioned
+    assert json.loads((tmp_path / "o.jsonl").read_text())["caption"] == "A grey screen."
+
+
 def test_done_reads_and_rewrites_utf8_whatever_the_locale(tmp_path, monkeypatch):
     """Lines are written as UTF-8; the resume check read (and rewrote) them in the locale's
     encoding: a non-ASCII caption under an ASCII locale crashed it, others could mangle it."""
