@@ -48,7 +48,7 @@ import sys
 import uuid
 from collections import Counter, deque
 from contextlib import closing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -188,6 +188,38 @@ def check_writable(path, flag, folder=False):
     except OSError as e:
         raise ValueError(f"{flag} {path}: cannot create files in {where} ({e.strerror}); pass a "
                          f"writable location") from None
+
+
+def json_object(path):
+    """A config file (a model's config.json, sample.json, a scheduler's) -> its dict. Torn JSON,
+    or JSON that is no object (a list, a number), is one ValueError naming the file and the fix;
+    a missing file: FileNotFoundError."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); copy or export it again") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds a JSON {type(d).__name__}, not an object of settings; "
+                         "copy or export it again")
+    return d
+
+
+def config_from(cls, d, path):
+    """A config file's dict -> cls(**d), every value of its dataclass field's type (a float field
+    takes an int; a tuple field a list of ints): a hand-edited or damaged value is one ValueError
+    naming the field and the file, not a TypeError deep in a model's construction or a string
+    scaling factor failing mid-training."""
+    ok = {bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          tuple: lambda v: isinstance(v, (list, tuple)) and all(
+              isinstance(x, int) and not isinstance(x, bool) for x in v)}
+    for f in fields(cls):
+        if f.name in d and not ok[f.type](d[f.name]):
+            kind = "a list of whole numbers" if f.type is tuple else f"of type {f.type.__name__}"
+            raise ValueError(f"{path}: {f.name} = {d[f.name]!r} is not {kind}; fix it, or copy "
+                             "or export the file again")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def check_device(name, flag="--device"):

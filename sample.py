@@ -40,11 +40,10 @@ Shape legend:
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -287,14 +286,6 @@ def generate(dit, vae, text, prompts, cfg=SampleConfig(), *, seed=0, image=None,
 
 # ----- loading: our checkpoints and the released diffusers layout -----
 
-def _json(path):
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
-
-
 def _text_encoder(folder, device, dtype, max_length):
     """dit.TextEncoder, with a truncated or corrupt T5 file as one line naming the folder."""
     try:
@@ -318,7 +309,8 @@ def ckpt_sample_config(folder):
     meta = os.path.join(folder, "sample.json")
     if os.path.exists(meta):
         known = SampleConfig.__dataclass_fields__
-        cfg = replace(cfg, **{k: v for k, v in _json(meta).items() if k in known})
+        given = {k: v for k, v in data.json_object(meta).items() if k in known}
+        cfg = data.config_from(SampleConfig, {**asdict(cfg), **given}, meta)
     return cfg
 
 
@@ -345,7 +337,7 @@ def schedule_from_diffusers(path):
     """scheduler_config.json -> (sampler, alphas_cumprod). The class name picks DDIM or DPM++,
     snr_shift_scale the §3 SNR shift (2B: 3.0, 5B: 1.0), rescale_betas_zero_snr the zero terminal
     SNR."""
-    sc = _json(path)
+    sc = data.json_object(path)
     name = sc.get("_class_name")
     if name not in SCHEDULERS:
         raise ValueError(f"{path}: scheduler {name!r} is not supported; "
@@ -391,7 +383,7 @@ def released_sample_config(folder):
                              "diffusers layout (or one of our checkpoints with --ckpt)")
     sched = os.path.join(folder, "scheduler", "scheduler_config.json")
     sampler, ac = schedule_from_diffusers(sched)
-    tc = _json(os.path.join(folder, "transformer", "config.json"))
+    tc = data.json_object(os.path.join(folder, "transformer", "config.json"))
     sf = vaelib.diffusers_folder_config(os.path.join(folder, "vae")).spatial_factor
     patch_t = tc.get("patch_size_t") or 1
     # The released defaults: the transformer's training size (49 frames at 8 fps, 480x720), 50
@@ -406,7 +398,7 @@ def released_sample_config(folder):
         h, w, fps = rel.height, rel.width, rel.fps
     cfg = SampleConfig(num_frames=tc.get("sample_frames", 49), height=h, width=w, fps=fps,
                        steps=50, sampler=sampler, uncond="empty",
-                       snr_shift_scale=_json(sched).get("snr_shift_scale", 3.0))
+                       snr_shift_scale=data.json_object(sched).get("snr_shift_scale", 3.0))
     return cfg, ac
 
 
@@ -510,8 +502,9 @@ def check_sp(a):
     cfg, key = ((a.ckpt, "dit"), "heads") if a.ckpt else ((a.model_dir, "transformer"),
                                                              "num_attention_heads")
     path = os.path.join(*cfg, "config.json")
-    heads = _json(path).get(key) if os.path.isfile(path) else None
-    if heads and heads % a.sp:  # (a missing config: the loader names it)
+    heads = data.json_object(path).get(key) if os.path.isfile(path) else None
+    # (a missing config, or a count that is no number: plan's loading names it)
+    if isinstance(heads, int) and heads and heads % a.sp:
         ok = [g for g in range(1, heads + 1) if heads % g == 0]
         raise ValueError(f"--sp {a.sp}: the DiT's {heads} attention heads do not divide by it "
                          f"(each process takes whole heads); use one of {ok}")

@@ -1192,8 +1192,11 @@ def check_lora(args, dc):
         raise SettingsError(f"--lora-alpha must be > 0 (default: the rank), got {args.lora_alpha}")
     base_in = dc.in_channels
     if args.init and os.path.isfile(os.path.join(args.init, "config.json")):
-        with open(os.path.join(args.init, "config.json")) as f:
-            base_in = json.load(f).get("in_channels", base_in)
+        try:  # ours or a diffusers transformer's: both name it in_channels
+            base_in = data.json_object(os.path.join(args.init, "config.json")).get("in_channels",
+                                                                                   base_in)
+        except ValueError as e:
+            raise SettingsError(f"--init {args.init}: {e}") from None
     if args.i2v and base_in == dc.out_channels:  # the grown patch embedding would stay frozen at 0
         raise SettingsError("--lora --i2v adapts an image-to-video DiT: start from one (--init "
                             "DIR or --init-diffusers CogVideoX-5b-I2V); a T2V -> I2V fine-tune "

@@ -39,7 +39,6 @@ Shape legend:
 """
 import argparse
 import json
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, replace
@@ -602,12 +601,13 @@ class CausalVAE(nn.Module):
 
 def load_config(folder):
     """Our checkpoint folder's VAEConfig, from its config.json alone (no weights read)."""
+    import data  # imported here: vae.py stays importable without data.py
     d = _read_config(folder, "CausalVAE.save")
     unknown = set(d) - set(VAEConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"{folder}/config.json has unknown VAEConfig fields {sorted(unknown)}"
                          f"; for a diffusers folder use CausalVAE.from_diffusers")
-    return VAEConfig(**{**d, "channels": tuple(d["channels"])})
+    return data.config_from(VAEConfig, d, os.path.join(folder, "config.json"))
 
 
 def diffusers_folder_config(folder):
@@ -621,31 +621,31 @@ def diffusers_folder_config(folder):
                          f"(our own checkpoints load with CausalVAE.load)")
     if d.get("use_quant_conv") or d.get("use_post_quant_conv"):
         raise ValueError(f"{folder}: quant convs are not in CogVideoX's VAE; not supported")
-    return diffusers_config(d)
+    return diffusers_config(d, os.path.join(folder, "config.json"))
 
 
-def diffusers_config(d):
+def diffusers_config(d, path="config.json"):
     """A diffusers AutoencoderKLCogVideoX config.json (as a dict) -> VAEConfig."""
-    return VAEConfig(
-        channels=tuple(d.get("block_out_channels", (128, 256, 256, 512))),
+    import data  # imported here: vae.py stays importable without data.py
+    ratio = d.get("temporal_compression_ratio", 4)
+    if not (isinstance(ratio, int) and ratio >= 1 and ratio & (ratio - 1) == 0):
+        raise ValueError(f"{path}: temporal_compression_ratio = {ratio!r} is not a power of 2")
+    return data.config_from(VAEConfig, dict(
+        channels=d.get("block_out_channels", (128, 256, 256, 512)),
         layers=d.get("layers_per_block", 3), latent=d.get("latent_channels", 16),
         groups=d.get("norm_num_groups", 32), eps=d.get("norm_eps", 1e-6),
-        time_levels=int(math.log2(d.get("temporal_compression_ratio", 4))),
-        scaling_factor=d.get("scaling_factor", 1.15258426),
-        invert_scale_latents=bool(d.get("invert_scale_latents", False)))
+        time_levels=ratio.bit_length() - 1, scaling_factor=d.get("scaling_factor", 1.15258426),
+        invert_scale_latents=bool(d.get("invert_scale_latents", False))), path)
 
 
 def _read_config(folder, what):
     """folder/config.json as a dict, or a one-line error naming what the folder should be."""
+    import data  # imported here: vae.py stays importable without data.py
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         why = "does not exist" if not os.path.isdir(folder) else "has no config.json"
         raise FileNotFoundError(f"VAE folder {folder} {why}: pass a folder written by {what}")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
+    return data.json_object(path)
 
 
 def _diffusers_key(k):

@@ -655,6 +655,31 @@ def test_truncated_model_file_is_one_line(ckpt, tmp_path, capsys, part):
     assert e.value.code == 2 and "Traceback" not in "".join(err) and part.split("/")[0] in err[-1], err
 
 
+@pytest.mark.parametrize("part, edit, words", [
+    ("dit/config.json", dict(heads="2"), "heads = '2' is not of type int"),  # --sp's check: a TypeError
+    ("vae/config.json", dict(channels=8), "channels = 8 is not a list of whole numbers"),
+    ("sample.json", dict(steps="3"), "steps = '3' is not of type int"),
+    ("sample.json", dict(fps=None), "fps = None is not of type float"),
+    ("sample.json", ["a list"], "sample.json holds a JSON list, not an object"),
+    ("dit/config.json", 42, "config.json holds a JSON int, not an object"),
+])
+def test_config_of_a_wrong_type_is_one_line(ckpt, tmp_path, monkeypatch, capsys, part, edit, words):
+    """A hand-edited or damaged config file (a value of another type, JSON that is no object): one
+    line naming the file and the field, exit code 2, before any weights load (was a TypeError or
+    AttributeError traceback)."""
+    import shutil
+    root = tmp_path / "ck"
+    shutil.copytree(ckpt, root)
+    f = root / part
+    new = {**json.loads(f.read_text()), **edit} if isinstance(edit, dict) else edit
+    f.write_text(json.dumps(new))
+    monkeypatch.setattr(sample, "load_ckpt", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(root), "--prompt", "x", "--out", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and str(f) in err[-1] and words in err[-1], err
+
+
 def test_num_frames_suggestion(ckpt):
     net, ae, text, _ = sample.load_ckpt(str(ckpt))
     for n, hint in ((6, "e.g. 5 or 9"), (2, "e.g. 1 or 5")):

@@ -605,6 +605,9 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--min-snr", "-1"], "--min-snr is a gamma >= 0 (0 = off; e.g. 5), got -1.0"),
     (["--vae", "{vae8}", "--size", "24x24"], "24x24 is not a positive multiple of 16"),  # the --vae given decides
     (["--vae", "{vae16}"], "--vae has 16 latent channels, the tiny DiT 8"),
+    # a hand-edited config: a TypeError mid-training (after writing OUT/log.jsonl), an AttributeError
+    (["--vae", "{vaestr}"], "vaestr/config.json: scaling_factor = 'x' is not of type float"),
+    (["--init", "{initlist}", "--lora", "2"], "initlist/config.json holds a JSON list, not an object"),
     (["--sp", "0"], "--sp must be >= 1, got 0"),
     (["--sp", "3"], "--sp 3: the tiny DiT's 4 attention heads do not divide by it"),
     (["--sp", "2"], "--sp 2 needs a multiple of 2 ranks, got 1"),
@@ -626,10 +629,16 @@ def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsy
     for name, cfg in (("vae8", vae.VAEConfig(channels=(8, 8, 8, 8), layers=1, latent=8, groups=4)),
                       ("vae16", vae.VAEConfig(channels=(8, 8, 8), layers=1, latent=16, groups=4))):
         vae.CausalVAE(cfg).save(str(tmp_path / name))
+    shutil.copytree(assets["vae"], tmp_path / "vaestr")
+    cfg = json.loads((tmp_path / "vaestr" / "config.json").read_text())
+    (tmp_path / "vaestr" / "config.json").write_text(json.dumps(dict(cfg, scaling_factor="x")))
+    (tmp_path / "initlist").mkdir()
+    (tmp_path / "initlist" / "config.json").write_text("[3]")
     clip = next(e["path"] for e in data.read_manifest(assets["manifest"]) if e["path"].endswith(".mkv"))
     for phase in ("build_dit", "build_vae"):
         monkeypatch.setattr(train, phase, lambda job: pytest.fail("a model was loaded"))
-    fmt = dict(tmp=tmp_path, clip=clip, vae8=tmp_path / "vae8", vae16=tmp_path / "vae16")
+    fmt = dict(tmp=tmp_path, clip=clip, vae8=tmp_path / "vae8", vae16=tmp_path / "vae16",
+               vaestr=tmp_path / "vaestr", initlist=tmp_path / "initlist")
     with pytest.raises(SystemExit) as e:
         train.main(dit_args(assets, tmp_path / "run", *[v.format(**fmt) for v in extra]))
     err = capsys.readouterr().err.strip().splitlines()

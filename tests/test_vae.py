@@ -538,6 +538,20 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
              (["--reconstruct", str(clip), "--tile", "6"], "multiple of the spatial factor 4"),
              (["--reconstruct", str(clip), "--frames", "0"], "--frames"),
              (["--reconstruct", str(clip), "--out", str(clip)], "would overwrite the --reconstruct")]
+    # a hand-edited or damaged config.json: a TypeError / ZeroDivisionError traceback before
+    ck = tmp_path / "ck"
+    CausalVAE(VAE_PRESETS["tiny"]).save(ck)
+    good = json.loads((ck / "config.json").read_text())
+    for edit, text in (({"channels": 8}, "channels = 8 is not a list of whole numbers"),
+                       ({"latent": "four"}, "latent = 'four' is not of type int"),
+                       ({"channels": [16, "32", 32]}, "is not a list of whole numbers"),
+                       (42, "config.json holds a JSON int, not an object of settings")):
+        bad = tmp_path / f"bad{len(cases)}"
+        bad.mkdir()
+        (bad / "model.safetensors").symlink_to(ck / "model.safetensors")
+        (bad / "config.json").write_text(json.dumps({**good, **edit} if isinstance(edit, dict)
+                                                    else edit))
+        cases.append((["--reconstruct", str(clip), "--ckpt", str(bad)], text))
     for argv, text in cases:
         with pytest.raises(SystemExit) as e:
             vae.main(argv + ["--device", "cpu"])
