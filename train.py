@@ -2609,6 +2609,30 @@ def parser():
 
 # what demo() reads; any other option without --stage was meant for a training run
 DEMO_OPTIONS = {"out", "device", "quick", "demo_scale", "resume", "max_bad_steps"}
+# what only the demo, or only --simulate, reads: a training run would ignore them
+DEMO_ONLY, SIMULATE_ONLY = ("quick", "demo_scale"), ("fp32", "real", "peak_tflops")
+
+
+def check_given(args, argv=None):
+    """Options the run would silently ignore (e.g. --quick with --stage: the full run, not a few
+    steps) -> one line naming them (exit code 2)."""
+    flags = lambda opts: ", ".join("--" + o.replace("_", "-") for o in opts)
+    opts = set(given(argv))
+    if args.stage is None:
+        extra = sorted(opts - DEMO_OPTIONS)
+        if extra:  # meant for a training run: the demo would ignore them for 15 minutes
+            raise SettingsError(f"{flags(extra)}: add --stage vae|dit (without it train.py runs "
+                                f"the shapes demo)")
+        return
+    demo_only = [o for o in DEMO_ONLY if o in opts]
+    if demo_only:
+        raise SettingsError(f"{flags(demo_only)}: options of the shapes demo (train.py without "
+                            f"--stage), which a --stage run ignores: drop them (--steps sets "
+                            f"the run's length)")
+    sim_only = [o for o in SIMULATE_ONLY if o in opts]
+    if sim_only and args.simulate is None:
+        raise SettingsError(f"{flags(sim_only)}: options of --simulate N, which a training run "
+                            f"ignores: drop them, or add --simulate N")
 
 
 def given(argv=None):
@@ -2623,11 +2647,8 @@ def main(argv=None):
     script's exit code for a result is exit_code(): EXIT_STOPPED for a run stopped early."""
     args = parser().parse_args(argv)
     try:
+        check_given(args, argv)
         if args.stage is None:
-            extra = sorted(set(given(argv)) - DEMO_OPTIONS)
-            if extra:  # meant for a training run: the demo would ignore them for 15 minutes
-                raise SettingsError(f"{', '.join('--' + o.replace('_', '-') for o in extra)}: add "
-                                    f"--stage vae|dit (without it train.py runs the shapes demo)")
             threads = torch.get_num_threads()  # demo() may take one thread when busy: restore it
             try:
                 return demo(args)

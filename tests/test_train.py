@@ -612,6 +612,12 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--sp", "3"], "--sp 3: the tiny DiT's 4 attention heads do not divide by it"),
     (["--sp", "2"], "--sp 2 needs a multiple of 2 ranks, got 1"),
     (["--stop-at", "0"], "--stop-at is a step >= 1, got 0"),  # it would never fire
+    # options a --stage run ignored: --quick ran every step, not a few
+    (["--quick"], "--quick: options of the shapes demo (train.py without --stage)"),
+    (["--quick", "--demo-scale", "0.1"], "--quick, --demo-scale: options of the shapes demo"),
+    (["--fp32", "--peak-tflops", "500"], "--fp32, --peak-tflops: options of --simulate N, which a "
+                                         "training run ignores"),
+    (["--real"], "--real: options of --simulate N"),
     (["--simulate", "0"], "--simulate N is a number of ranks >= 1, got 0"),
     (["--simulate", "-1"], "--simulate N is a number of ranks >= 1, got -1"),
     (["--simulate", "1", "--peak-tflops", "0"], "--peak-tflops must be > 0 (e.g. 989, an H100's dense bf16), got 0.0"),
