@@ -2611,6 +2611,12 @@ def parser():
 DEMO_OPTIONS = {"out", "device", "quick", "demo_scale", "resume", "max_bad_steps"}
 # what only the demo, or only --simulate, reads: a training run would ignore them
 DEMO_ONLY, SIMULATE_ONLY = ("quick", "demo_scale"), ("fp32", "real", "peak_tflops")
+# what only one stage reads: the other stage's run ignored them (e.g. --min-snr on the VAE, a
+# broken --lpips file on the DiT). The DiT reads --batch in --bucket mode only; the VAE
+# --encode-memory in --simulate --encode only (the DiT data path's encode).
+STAGE_ONLY = {"vae": ("lpips", "recon", "batch"),
+              "dit": ("vae", "text_encoder", "cache", "min_snr", "iid_timesteps", "attn", "rows",
+                      "max_tokens", "grad_checkpoint", "mlp_chunks", "bucket", "encode_memory")}
 
 
 def check_given(args, argv=None):
@@ -2633,6 +2639,13 @@ def check_given(args, argv=None):
     if sim_only and args.simulate is None:
         raise SettingsError(f"{flags(sim_only)}: options of --simulate N, which a training run "
                             f"ignores: drop them, or add --simulate N")
+    other = "dit" if args.stage == "vae" else "vae"
+    unread = [o for o in STAGE_ONLY[other] if o in opts and not (
+        (o == "batch" and args.bucket) or (o == "encode_memory" and args.encode))]
+    if unread:
+        raise SettingsError(f"{flags(unread)}: {'options' if len(unread) > 1 else 'an option'} "
+                            f"of --stage {other}, which a --stage {args.stage} run ignores: drop "
+                            f"{'them' if len(unread) > 1 else 'it'}")
 
 
 def given(argv=None):

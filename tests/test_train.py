@@ -624,9 +624,16 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--simulate", "1", "--peak-tflops", "-5"], "--peak-tflops must be > 0"),
     (["--simulate", "1", "--peak-tflops", "inf"], "--peak-tflops must be > 0"),
     (["--simulate", "3", "--sp", "2"], "--simulate 3: --sp 2 needs a multiple of 2 ranks; simulate 4"),
-    *((["--stage", "vae", "--cache", "", "--frames", f, "--simulate", n, "--cp", cp],
+    *((["--stage", "vae", "--frames", f, "--simulate", n, "--cp", cp],
       f"--simulate {n}: --cp {cp} does not divide the {n} ranks")
       for f, n, cp in (("13", "2", "3"), ("9", "1", "2"), ("9", "3", "2"))),
+    # another stage's options: the run ignored them (--min-snr on the VAE; a broken --lpips file)
+    (["--stage", "vae", "--min-snr", "5", "--rows", "2"], "--min-snr, --rows: options of --stage "
+                                                          "dit, which a --stage vae run ignores"),
+    (["--stage", "vae", "--cache", "{tmp}/c"], "--cache: an option of --stage dit"),
+    (["--stage", "vae", "--encode-memory", "4"], "--encode-memory: an option of --stage dit"),
+    (["--lpips", "{tmp}/afile"], "--lpips: an option of --stage vae, which a --stage dit run ignores"),
+    (["--recon", "l1", "--batch", "2"], "--recon, --batch: options of --stage vae"),
 ])
 def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsys, extra, words):
     """Each bad value: one line naming the fix, exit code 2, before any model is loaded (issue 20)."""
@@ -645,8 +652,10 @@ def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsy
         monkeypatch.setattr(train, phase, lambda job: pytest.fail("a model was loaded"))
     fmt = dict(tmp=tmp_path, clip=clip, vae8=tmp_path / "vae8", vae16=tmp_path / "vae16",
                vaestr=tmp_path / "vaestr", initlist=tmp_path / "initlist")
-    with pytest.raises(SystemExit) as e:
-        train.main(dit_args(assets, tmp_path / "run", *[v.format(**fmt) for v in extra]))
+    argv = [v.format(**fmt) for v in extra]
+    with pytest.raises(SystemExit) as e:  # a VAE case: no DiT options (--vae, --text-encoder, --cache)
+        train.main(vae_args(assets["manifest"], tmp_path / "run", *argv) if "vae" in extra
+                   else dit_args(assets, tmp_path / "run", *argv))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and "Traceback" not in "".join(err) and words in err[-1], err
 
