@@ -417,7 +417,7 @@ def apply_lora(net, path, scale=1.0, merge=False):
 def out_paths(out, n, prompts):
     """Where prompt i goes: `out` itself for one prompt ending in .mp4, else numbered files (in
     folder `out`)."""
-    if out.endswith(".mp4"):
+    if out.lower().endswith(".mp4"):
         if n == 1:
             return [out]
         return [f"{out[:-4]}_{i:03d}.mp4" for i in range(n)]
@@ -446,7 +446,12 @@ def check_args(a, n=1):
         raise ValueError(f"--cfg-min-t must be in [0, 1000] (0 = guide every step), got "
                          f"{a.cfg_min_t}")
     data.check_device(a.device)
-    data.check_writable(a.out, "--out", folder=not a.out.endswith(".mp4"))
+    # another video or image suffix was taken for a folder name (out.mkv/000_x.mp4)
+    if a.out.lower().endswith(data.VIDEO_EXTS + data.IMAGE_EXTS) and \
+            not a.out.lower().endswith(".mp4"):
+        raise ValueError(f"--out {a.out}: sample.py writes .mp4 videos (and .png contact sheets); "
+                         f"pass NAME.mp4 or a folder")
+    data.check_writable(a.out, "--out", folder=not a.out.lower().endswith(".mp4"))
     if a.image and not os.path.isfile(a.image):
         raise ValueError(f"cannot read image {a.image!r}: no such file; pass a PNG or JPEG")
     if a.lora and not os.path.exists(a.lora):

@@ -581,6 +581,9 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     (["--out", "{tmp}/afile"], "afile is a file; pass a folder"),
     (["--out", "/proc/nope/x.mp4"], "cannot create files in /proc"),  # /proc: no file can be created there
     (["--image", "{tmp}/missing.png"], "cannot read image"),
+    # taken for a folder name: out.mkv/000_x.mp4
+    (["--out", "{tmp}/v.mkv"], "--out {tmp}/v.mkv: sample.py writes .mp4 videos"),
+    (["--out", "{tmp}/v.PNG"], "sample.py writes .mp4 videos (and .png contact sheets)"),
 ])
 def test_cli_bad_values_exit_2_before_loading(ckpt, tmp_path, monkeypatch, capsys, extra, words):
     (tmp_path / "adir.mp4").mkdir()
@@ -591,7 +594,18 @@ def test_cli_bad_values_exit_2_before_loading(ckpt, tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit) as e:
         sample.main(argv + [v.format(tmp=tmp_path) for v in extra])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and words in err[-1], err
+    assert e.value.code == 2 and words.format(tmp=tmp_path) in err[-1], err
+
+
+def test_out_suffix_in_any_case_is_a_file(ckpt, tmp_path, monkeypatch):
+    """--out clip.MP4 is the file clip.MP4 (it was a folder named clip.MP4 holding 000_x.mp4)."""
+    monkeypatch.setattr(sample, "generate", lambda net, ae, text, prompts, cfg, **kw: torch.zeros(
+        len(prompts), 3, cfg.num_frames, cfg.height, cfg.width))
+    sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--out", str(tmp_path / "clip.MP4")])
+    assert (tmp_path / "clip.MP4").is_file() and (tmp_path / "clip.png").is_file()
+    sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--prompt", "y", "--out", str(tmp_path / "b.Mp4")])
+    assert sorted(p.name for p in tmp_path.glob("b_*")) == ["b_000.mp4", "b_000.png", "b_001.mp4",
+                                                            "b_001.png"]
 
 
 def test_outputs_never_overwrite_inputs(tmp_path, capsys):
