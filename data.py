@@ -627,6 +627,7 @@ def probe_entries(entries, workers=0, force=False, progress=False):
         # threads, not forked processes: a probe is mostly PyAV's decoder and file reads, which
         # release the GIL, and a fork of a multi-threaded training process (OpenMP, gloo) can hang
         from multiprocessing.pool import ThreadPool
+        workers = min(workers, len(paths))  # no idle threads (--workers 100000: "can't start")
         chunk = max(1, min(64, len(paths) // (4 * workers)))
         with ThreadPool(workers) as pool:
             results = list(tqdm(pool.imap(_info_job, paths, chunksize=chunk), **bar))

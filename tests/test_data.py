@@ -819,8 +819,15 @@ def test_inspect_write_records_metadata_in_parallel_and_training_never_probes(tm
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     m = data.write_manifest([{"path": p, "caption": "x", "keep": 1} for p in
                              (a, b, str(tmp_path / "bad.mp4"))], tmp_path / "m.jsonl")
+    import multiprocessing.pool
+    pools, real_pool = [], multiprocessing.pool.ThreadPool
+    monkeypatch.setattr(multiprocessing.pool, "ThreadPool",
+                        lambda n: pools.append(n) or real_pool(min(n, 3)))  # (never 100000)
     data.main(["inspect", m, "--write", str(tmp_path / "meta.jsonl"), "--workers", "2"])
     assert "2 ok, 1 unreadable" in capsys.readouterr().out
+    # --workers 100000 started threads until "can't start new thread" (a traceback after 20 s)
+    data.main(["inspect", m, "--write", str(tmp_path / "meta2.jsonl"), "--workers", "100000"])
+    assert pools == [2, 3] and "2 ok, 1 unreadable" in capsys.readouterr().out
     got = data.read_manifest(tmp_path / "meta.jsonl")
     assert [(e["height"], e["width"], e["frames"], e["fps"]) for e in got[:2]] == [
         (32, 48, 17, 8), (48, 32, 9, 4)]
