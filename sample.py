@@ -581,8 +581,14 @@ def run(a, p):
     """The CLI body: load, optionally upsample the prompts (App. B), generate in batches, write."""
     prompts = list(a.prompt)
     if a.prompts_file:
-        with open(a.prompts_file) as f:
-            prompts += [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        try:  # a folder, a missing or non-UTF-8 file: named with the flag (not a bare errno line)
+            with open(a.prompts_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason})"
+            raise ValueError(f"--prompts-file {a.prompts_file}: {why}; pass a UTF-8 text file, "
+                             "one prompt per line") from None
+        prompts += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
         p.error("give a prompt: --prompt TEXT or --prompts-file FILE")
     check_args(a, len(prompts))

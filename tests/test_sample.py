@@ -584,10 +584,15 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     # taken for a folder name: out.mkv/000_x.mp4
     (["--out", "{tmp}/v.mkv"], "--out {tmp}/v.mkv: sample.py writes .mp4 videos"),
     (["--out", "{tmp}/v.PNG"], "sample.py writes .mp4 videos (and .png contact sheets)"),
+    # were "[Errno 21] Is a directory: ..." and "'utf-8' codec can't decode ...", no flag named
+    (["--prompts-file", "{tmp}/adir.mp4"], "--prompts-file {tmp}/adir.mp4: Is a directory; pass a "
+                                           "UTF-8 text file, one prompt per line"),
+    (["--prompts-file", "{tmp}/latin1.txt"], "--prompts-file {tmp}/latin1.txt: not UTF-8 text"),
 ])
 def test_cli_bad_values_exit_2_before_loading(ckpt, tmp_path, monkeypatch, capsys, extra, words):
     (tmp_path / "adir.mp4").mkdir()
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "first.png")
     monkeypatch.setattr(sample, "load_ckpt", lambda *a, **k: pytest.fail("a model was loaded"))
     argv = ["--ckpt", str(ckpt), "--prompt", "x", "--prompt", "y", "--out", str(tmp_path / "o")]
