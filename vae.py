@@ -912,7 +912,9 @@ def main(argv=None):
             raise ValueError(f"--tile must be a positive multiple of the spatial factor {sf}, got "
                              f"{a.tile}")
         if not os.path.isfile(a.reconstruct):
-            raise ValueError(f"{a.reconstruct}: no such file")
+            raise ValueError(f"{a.reconstruct}: " + ("a folder; pass one video file" if
+                                                     os.path.isdir(a.reconstruct) else
+                                                     "no such file"))
         try:  # native size, turned upright; at most --frames frames, trimmed to 4k+1
             x = data.load_video(a.reconstruct, (a.frames - 1) // 4 * 4 + 1)  # (3, T, H, W)
             fps = data.probe(a.reconstruct)["fps"] or 8
