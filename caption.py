@@ -635,6 +635,28 @@ def caption_videos(inputs, out, cfg=None, frame_captioner=None, summariser=None,
 
 # ----- command line -----
 
+def check_combination(a):
+    """Options the run would silently ignore -> one ValueError naming them: --upsample prints one
+    prompt and exits 0 without captioning the VIDEOS given; --video-captioner replaces the models
+    (a missing --frame-model folder went unnoticed)."""
+    def given(*pairs):
+        return ", ".join(flag for flag, v in pairs if v not in (None, []))
+    if a.upsample is not None:
+        extra = given(("VIDEOS", a.videos), ("--out", a.out), ("--frame-model", a.frame_model),
+                      ("--video-captioner", a.video_captioner),
+                      ("--short-captioner", a.short_captioner))
+        if extra:
+            raise ValueError(f"--upsample PROMPT prints one upsampled prompt and exits, captioning "
+                             f"nothing: drop {extra} (or drop --upsample to caption)")
+    elif a.video_captioner:
+        extra = given(("--frame-model", a.frame_model), ("--summary-model", a.summary_model),
+                      ("--frame-prompt", a.frame_prompt), ("--frame-tokens", a.frame_tokens),
+                      ("--summary-tokens", a.summary_tokens), ("--dtype", a.dtype))
+        if extra:
+            raise ValueError(f"--video-captioner replaces both models, which {extra} would set: "
+                             f"drop them (or drop --video-captioner)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Dense video captions (CogVideoX App. C) and prompt "
                                             "upsampling (App. B).")
@@ -667,6 +689,7 @@ def main(argv=None):
     cfg = replace(PRESETS[a.preset], **over)
     try:  # torch would only fail at the first .to(), with a traceback
         check_config(cfg)
+        check_combination(a)
         data.check_device(a.device)
     except ValueError as e:
         p.error(str(e))

@@ -653,6 +653,12 @@ def test_short_context_upsampler(tmp_path, models, capsys):
     (["--max-frames", "0"], "--max-frames must be >= 1"),
     (["--out", "{tmp}"], "is a folder; pass a file path"),
     (["--out", "/proc/nope/o.jsonl"], "cannot create files in /proc"),  # /proc: no file can be created there
+    # ignored before: the models (even a missing folder) by the hook, the videos by --upsample
+    (["--frame-model", "/nonexistent"], "--video-captioner replaces both models, which --frame-model "
+                                        "would set: drop them"),
+    (["--dtype", "float16", "--frame-tokens", "9"], "which --frame-tokens, --dtype would set"),
+    (["--upsample", "a cat"], "--upsample PROMPT prints one upsampled prompt and exits, captioning "
+                              "nothing: drop VIDEOS, --out, --video-captioner"),
 ])
 def test_cli_bad_values_before_any_work(tmp_path, capsys, monkeypatch, extra, text):
     write_clip(tmp_path / "a.mp4", 8)
