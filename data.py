@@ -1925,6 +1925,17 @@ def _check_args(args):
             raise ValueError(f"--n and --fps must be >= 1, got {args.n}, {args.fps}")
         check_writable(args.out, "--out", folder=True)  # now, not after writing every clip
         return
+    if args.cmd == "inspect":  # each mode's own options: the other mode ignored them
+        decode = [f"--{k}" for k in ("height", "width", "frames", "fps", "pad")
+                  if getattr(args, k) is not None]
+        if args.write and decode:
+            raise ValueError(f"--write records each entry's metadata and decodes nothing: drop "
+                             f"{', '.join(decode)} (or --write, to decode every entry)")
+        if not args.write and args.workers is not None:
+            raise ValueError("--workers sets --write's probing processes: add --write OUT, or "
+                             "drop --workers")
+        args.workers = (os.cpu_count() or 1) if args.workers is None else args.workers
+        args.pad = args.pad or "nearest"
     if args.cmd == "inspect" and args.write:
         if args.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {args.workers}")
@@ -1968,10 +1979,9 @@ def main(argv=None):
     p.add_argument("--frames", type=int, help="4k+1")
     p.add_argument("--write", metavar="OUT", help="write the manifest with height, width, frames, "
                    "fps, duration and a content hash per entry (training then never probes)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="--write: probing processes")
+    p.add_argument("--workers", type=int, help="--write: probing processes (default: the CPUs)")
     p.add_argument("--fps", type=float, default=None)
-    p.add_argument("--pad", choices=("nearest", "repeat"), default="nearest")
+    p.add_argument("--pad", choices=("nearest", "repeat"), help="default: nearest")
     p = sub.add_parser("filter", help="score clips (§3.4): kept subset, top fraction, drop table")
     p.add_argument("manifest", help=".jsonl manifest or a folder of videos")
     p.add_argument("--out", required=True)

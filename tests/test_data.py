@@ -683,7 +683,13 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
                 f"--fps must be a finite number > 0, got {v}") for v in ("nan", "inf")),
              # a nan threshold compares False: that filter off, every clip kept
              (["filter", m, *o, "--min-motion", "nan"], "--min-motion must be a finite number >= 0"),
-             (["filter", m, *o, "--max-cut", "-1"], "--max-cut must be a finite number >= 0")]
+             (["filter", m, *o, "--max-cut", "-1"], "--max-cut must be a finite number >= 0"),
+             # one inspect mode's options in the other: ignored (even --height 17, --frames 8)
+             (["inspect", m, "--write", str(tmp_path / "w.jsonl"), "--height", "17", "--frames", "8"],
+              "--write records each entry's metadata and decodes nothing: drop --height, --frames"),
+             (["inspect", m, "--write", str(tmp_path / "w.jsonl"), "--pad", "repeat"], "drop --pad"),
+             (["inspect", m, "--height", "16", "--width", "16", "--frames", "9", "--workers", "4"],
+              "--workers sets --write's probing processes")]
     # the kept subset (or the top fraction, or the drop table) written over the manifest read
     for name, out in (("kept.jsonl", "kept.jsonl"), ("kept.top20.jsonl", "kept.jsonl"),
                       ("k.top50.jsonl", "k.jsonl"), ("kept.dropped.tsv", "kept.jsonl")):
