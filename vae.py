@@ -881,8 +881,8 @@ def main(argv=None):
                    help="input video; writes --out (default VIDEO_STEM.recon.mp4 next to it)")
     p.add_argument("--out", help="the reconstruction's path (.mp4 or .mkv, lossless)")
     p.add_argument("--ckpt", help="a CausalVAE.save folder, or a diffusers AutoencoderKLCogVideoX one")
-    p.add_argument("--preset", default="tiny", choices=sorted(VAE_PRESETS),
-                   help="random-weight model when --ckpt is not given")
+    p.add_argument("--preset", choices=sorted(VAE_PRESETS),
+                   help="random-weight model when --ckpt is not given (default: tiny)")
     p.add_argument("--frames", type=int, default=49,
                    help="at most this many frames (trimmed to 4k+1)")
     p.add_argument("--tile", type=int, default=None,
@@ -891,6 +891,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.frames < 1:
         p.error(f"--frames must be >= 1, got {a.frames}")
+    if a.ckpt and a.preset:  # the checkpoint's config decides: the preset was ignored
+        p.error("--preset picks a random-weight model; --ckpt has its own: drop one")
+    a.preset = a.preset or "tiny"
     import data  # the one home of video I/O; imported here so vae.py stays importable alone
     out = a.out or os.path.splitext(a.reconstruct)[0] + ".recon.mp4"
     # bad input is a one-line error (exit code 2), never a traceback

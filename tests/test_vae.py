@@ -534,6 +534,8 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
     cases = [(["--reconstruct", str(tmp_path / "notes.mp4")], "notes.mp4: cannot decode"),
              (["--reconstruct", str(tmp_path / "gone.mp4")], "gone.mp4: no such file"),
              (["--reconstruct", str(tmp_path)], f"{tmp_path}: a folder; pass one video file"),
+             (["--reconstruct", str(clip), "--ckpt", str(tmp_path), "--preset", "cogvideox-2b"],
+              "--preset picks a random-weight model; --ckpt has its own: drop one"),  # was ignored
              (["--reconstruct", str(clip), "--ckpt", str(tmp_path / "no_ckpt")],
               "no_ckpt does not exist"),
              (["--reconstruct", str(clip), "--tile", "6"], "multiple of the spatial factor 4"),
