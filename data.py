@@ -1924,6 +1924,9 @@ def _check_args(args):
         if args.n < 1 or args.fps < 1:
             raise ValueError(f"--n and --fps must be >= 1, got {args.n}, {args.fps}")
         check_writable(args.out, "--out", folder=True)  # now, not after writing every clip
+        if os.path.isdir(args.out) and os.listdir(args.out):  # e.g. a folder of one's own clips
+            raise ValueError(f"--out {args.out} is not empty: the set's 00000.mkv, ... and "
+                             f"manifest.jsonl would replace files there; pass a new folder")
         return
     if args.cmd == "inspect":  # each mode's own options: the other mode ignored them
         decode = [f"--{k}" for k in ("height", "width", "frames", "fps", "pad")

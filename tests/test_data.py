@@ -678,6 +678,10 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
              (["shapes", "--out", str(tmp_path / "s"), "--sizes", "30x30"], "multiples of 8"),
              (["shapes", "--out", str(tmp_path / "s"), "--sizes", "32by32"], "--sizes"),
              (["shapes", "--out", str(tmp_path / "s"), "--frames", "9,8"], "--frames must be 4k+1"),
+             # it wrote its 00000.mkv ... and manifest.jsonl over the folder's own
+             (["shapes", "--out", str(tmp_path), "--n", "2", "--sizes", "16x16"],
+              f"--out {tmp_path} is not empty: the set's 00000.mkv, ... and manifest.jsonl would "
+              "replace files there; pass a new folder"),
              # nan: every clip "no frames decoded"; inf: the first frame repeated
              *((["inspect", m, "--height", "16", "--width", "16", "--frames", "9", "--fps", v],
                 f"--fps must be a finite number > 0, got {v}") for v in ("nan", "inf")),
