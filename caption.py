@@ -699,7 +699,7 @@ def main(argv=None):
         try:
             print(upsample_prompt(a.upsample, load_llm(a.summary_model, a.device, a.dtype),
                                   cfg.upsample_tokens))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, *data.hf_config_errors()) as e:
             p.error(" ".join(str(e).split()))
         return None
     if not a.videos or not a.out:
@@ -732,7 +732,8 @@ def main(argv=None):
             llm = load_llm(a.summary_model, a.device, a.dtype)
     except FileNotFoundError as e:
         p.error(str(e))  # one line, not a traceback
-    except (OSError, ValueError) as e:  # e.g. a folder of the wrong kind (the two swapped)
+    # e.g. a folder of the wrong kind (the two swapped), a config value of the wrong type
+    except (OSError, ValueError, *data.hf_config_errors()) as e:
         why = re.split(r"(?<=\.)\s", " ".join(str(e).split()))[0]  # transformers: a long list next
         p.error(f"{where}: cannot load it ({why}); pass an "
                 "image-to-text model folder as --frame-model and a causal LM as --summary-model")

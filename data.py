@@ -204,6 +204,17 @@ def json_object(path):
     return d
 
 
+def hf_config_errors():
+    """What transformers' from_pretrained raises for a config.json value of the wrong type besides
+    ValueError: huggingface_hub's strict-dataclass error (hub 1.x; a plain Exception), which the
+    CLIs' loaders catch next to OSError / ValueError; () with an older hub."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
 def config_from(cls, d, path):
     """A config file's dict -> cls(**d), every value of its dataclass field's type (a float field
     takes an int; a tuple field a list of ints): a hand-edited or damaged value is one ValueError

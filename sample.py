@@ -290,7 +290,8 @@ def _text_encoder(folder, device, dtype, max_length):
     """dit.TextEncoder, with a truncated or corrupt T5 file as one line naming the folder."""
     try:
         return ditlib.TextEncoder(folder, device, dtype, max_length=max_length)
-    except (SafetensorError, RuntimeError, EOFError, OSError) as e:
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError,
+            *data.hf_config_errors()) as e:  # (ValueError: e.g. a torn tokenizer.json)
         if isinstance(e, FileNotFoundError):
             raise
         raise ValueError(f"{folder}: cannot load the T5 text encoder ({type(e).__name__}: "
@@ -570,7 +571,7 @@ def main(argv=None):
     # exit code 2.
     try:
         run(a, p)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, *data.hf_config_errors()) as e:  # (the last: --upsample-model's)
         p.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     finally:
         if dist.is_initialized():

@@ -214,7 +214,7 @@ def loading(flag, path, fix="copy or export it again"):
     except (SettingsError, torch.OutOfMemoryError):  # (out of memory is no damaged file)
         raise
     except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError,
-            SafetensorError) as e:
+            SafetensorError, *data.hf_config_errors()) as e:
         why = " ".join(str(e).split())
         if isinstance(e, pickle.UnpicklingError):  # torch's text suggests weights_only=False: no
             why = "not a file of plain tensors"

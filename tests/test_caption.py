@@ -543,6 +543,25 @@ def test_cli_bad_device_dtype_or_model_kind_is_one_line(tmp_path, models, capsys
 # ----- prompt upsampler (App. B) -----
 
 
+def test_model_config_of_a_wrong_type_is_one_line(tmp_path, models, capsys):
+    """A config.json value of the wrong type: transformers raises huggingface_hub's strict-dataclass
+    error (no ValueError): one line naming the flag, exit code 2 (was a traceback)."""
+    import shutil
+    bad = tmp_path / "llm"
+    shutil.copytree(models[1], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(cfg, n_embd="x")))
+    write_clip(tmp_path / "a.mp4", 8)
+    for argv in (["--upsample", "a cat", "--summary-model", str(bad)],
+                 [str(tmp_path / "a.mp4"), "--out", str(tmp_path / "o.jsonl"), "--frame-model",
+                  str(models[0]), "--summary-model", str(bad)]):
+        with pytest.raises(SystemExit) as e:
+            caption.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err, err
+        assert "n_embd" in err.strip().splitlines()[-1], err
+
+
 def test_upsample_prompt(models, capsys):
     class Fixed:
         def __init__(self, reply):

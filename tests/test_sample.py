@@ -699,6 +699,23 @@ def test_config_of_a_wrong_type_is_one_line(ckpt, tmp_path, monkeypatch, capsys,
     assert e.value.code == 2 and str(f) in err[-1] and words in err[-1], err
 
 
+@pytest.mark.parametrize("part, text, words", [
+    ("text_encoder/tokenizer.json", "", "(JSONDecodeError: "),  # was the bare "Expecting value: ..."
+    ("text_encoder/config.json", None, "(StrictDataclassFieldValidationError: "),  # a traceback
+])
+def test_damaged_t5_file_is_one_line_naming_the_folder(ckpt, tmp_path, capsys, part, text, words):
+    import shutil
+    root = tmp_path / "ck"
+    shutil.copytree(ckpt, root)
+    f = root / part
+    f.write_text(text if text is not None else json.dumps(dict(json.loads(f.read_text()), d_model="x")))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(root), "--prompt", "x", "--out", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "Traceback" not in "".join(err), err
+    assert f"{root / 'text_encoder'}: cannot load the T5 text encoder {words}" in err[-1], err
+
+
 def test_num_frames_suggestion(ckpt):
     net, ae, text, _ = sample.load_ckpt(str(ckpt))
     for n, hint in ((6, "e.g. 5 or 9"), (2, "e.g. 1 or 5")):

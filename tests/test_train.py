@@ -716,6 +716,8 @@ def test_dit_needs_vae_and_text_encoder(assets, tmp_path, capsys):
     ("vae-truncated", "model.safetensors: not a readable safetensors file"),
     ("init-truncated", "(SafetensorError: "),
     ("t5-truncated", "copy or export it again"),
+    # a config value of the wrong type: transformers' StrictDataclassError, a traceback before
+    ("t5-config-type", "Validation error for field 'd_model'"),
     ("lpips-not-torch", "(UnpicklingError: "),
 ])
 def test_damaged_or_wrong_model_files_exit_2(assets, tmp_path, capsys, case, words):
@@ -733,6 +735,13 @@ def test_damaged_or_wrong_model_files_exit_2(assets, tmp_path, capsys, case, wor
     elif case == "lpips-not-torch":
         flag, path = "--lpips", str(tmp_path / "notes.pth")
         argv = vae_args(assets["manifest"], tmp_path / "run", "--lpips", path)
+    elif case == "t5-config-type":
+        flag, path = "--text-encoder", str(tmp_path / "t5")
+        shutil.copytree(assets["t5"], path)
+        cfg = json.loads((tmp_path / "t5" / "config.json").read_text())
+        (tmp_path / "t5" / "config.json").write_text(json.dumps(dict(cfg, d_model="x")))
+        argv = dit_args(assets, tmp_path / "run", *SMALL, "--steps", "1", "--cache", str(tmp_path / "cache"),
+                        flag, path)
     else:
         flag, src = {"vae-truncated": ("--vae", assets["vae"]), "init-truncated": ("--init", tmp_path / "dit"),
                      "t5-truncated": ("--text-encoder", assets["t5"])}[case]
