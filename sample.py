@@ -334,6 +334,24 @@ def load_ckpt(folder, device="cpu", dtype=None):
 SCHEDULERS = {"CogVideoXDDIMScheduler": "ddim", "CogVideoXDPMScheduler": "dpm"}
 
 
+@dataclass(frozen=True)
+class SchedulerNumbers:
+    """What diffusion.alphas_cumprod reads of a scheduler_config.json (absent: diffusers'
+    CogVideoX defaults), each of its type (data.config_from)."""
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    snr_shift_scale: float = 3.0
+    rescale_betas_zero_snr: bool = False
+
+
+def scheduler_numbers(path):
+    """scheduler_config.json -> its SchedulerNumbers, each value of its type (or one ValueError)."""
+    known = SchedulerNumbers.__dataclass_fields__
+    sc = data.json_object(path)
+    return data.config_from(SchedulerNumbers, {k: v for k, v in sc.items() if k in known}, path)
+
+
 def schedule_from_diffusers(path):
     """scheduler_config.json -> (sampler, alphas_cumprod). The class name picks DDIM or DPM++,
     snr_shift_scale the §3 SNR shift (2B: 3.0, 5B: 1.0), rescale_betas_zero_snr the zero terminal
@@ -354,10 +372,9 @@ def schedule_from_diffusers(path):
         if sc.get(k, default[k]) != v:
             raise ValueError(f"{path}: {k}={sc.get(k, default[k])!r} is not supported (need "
                              f"{v!r}, CogVideoX's released setting)")
-    ac = diffusion.alphas_cumprod(sc.get("num_train_timesteps", 1000),
-                                  sc.get("beta_start", 0.00085), sc.get("beta_end", 0.012),
-                                  sc.get("snr_shift_scale", 3.0),
-                                  sc.get("rescale_betas_zero_snr", False))
+    n = scheduler_numbers(path)
+    ac = diffusion.alphas_cumprod(n.num_train_timesteps, n.beta_start, n.beta_end,
+                                  n.snr_shift_scale, n.rescale_betas_zero_snr)
     return SCHEDULERS[name], ac
 
 
@@ -383,7 +400,8 @@ def released_sample_config(folder):
             raise ValueError(f"{folder!r} has no {sub}/ folder: pass a CogVideoX folder in "
                              "diffusers layout (or one of our checkpoints with --ckpt)")
     sched = os.path.join(folder, "scheduler", "scheduler_config.json")
-    sampler, ac = schedule_from_diffusers(sched)
+    sampler, ac = schedule_from_diffusers(sched)  # (its numbers checked: a shift read below)
+    ditlib.diffusers_folder_config(folder)  # its values checked: some are read below
     tc = data.json_object(os.path.join(folder, "transformer", "config.json"))
     sf = vaelib.diffusers_folder_config(os.path.join(folder, "vae")).spatial_factor
     patch_t = tc.get("patch_size_t") or 1
@@ -399,7 +417,7 @@ def released_sample_config(folder):
         h, w, fps = rel.height, rel.width, rel.fps
     cfg = SampleConfig(num_frames=tc.get("sample_frames", 49), height=h, width=w, fps=fps,
                        steps=50, sampler=sampler, uncond="empty",
-                       snr_shift_scale=data.json_object(sched).get("snr_shift_scale", 3.0))
+                       snr_shift_scale=scheduler_numbers(sched).snr_shift_scale)
     return cfg, ac
 
 

@@ -996,11 +996,11 @@ def use_released(args, tc):
         raise SettingsError(f"--init-diffusers {d!r} is not a released CogVideoX folder: it needs "
                             f"transformer/, vae/, text_encoder/, tokenizer/ and scheduler/")
     args.vae, args.text_encoder = args.vae or os.path.join(d, "vae"), args.text_encoder or d
-    try:
-        with open(sched) as f:  # absent: diffusers' CogVideoX schedulers default to 3.0
-            return replace(tc, snr_shift=float(json.load(f).get("snr_shift_scale", 3.0)))
-    except ValueError as e:
-        raise SettingsError(f"--init-diffusers: {sched} is not valid JSON ({e})") from None
+    import sample  # the one reader of a scheduler's numbers
+    try:  # absent: diffusers' CogVideoX schedulers default to 3.0
+        return replace(tc, snr_shift=float(sample.scheduler_numbers(sched).snr_shift_scale))
+    except ValueError as e:  # torn JSON, a value of the wrong type
+        raise SettingsError(f"--init-diffusers: {e}") from None
 
 
 def dit_config(args, tc):

@@ -257,6 +257,18 @@ def test_released_layout_cli_and_scheduler(released, tmp_path):
         (tmp_path / "s.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=f"{k}=.* is not supported"):
             sample.schedule_from_diffusers(str(tmp_path / "s.json"))
+    # a number of the wrong type: one line naming it (were TypeErrors inside alphas_cumprod)
+    for k, v in (("snr_shift_scale", "3"), ("beta_end", None), ("num_train_timesteps", 1000.5)):
+        (tmp_path / "s.json").write_text(json.dumps(dict(base, **{k: v})))
+        with pytest.raises(ValueError, match=f"s.json: {k} = .* is not of type"):
+            sample.schedule_from_diffusers(str(tmp_path / "s.json"))
+    import shutil  # the CLI: the transformer's values read before they were checked (a TypeError)
+    shutil.copytree(released, tmp_path / "rb")
+    tcfg = json.loads((tmp_path / "rb" / "transformer" / "config.json").read_text())
+    (tmp_path / "rb" / "transformer" / "config.json").write_text(json.dumps(dict(tcfg, patch_size_t="2")))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--model-dir", str(tmp_path / "rb"), "--prompt", "x", "--out", str(tmp_path / "x.mp4")])
+    assert e.value.code == 2
     net, ae, text, cfg, _ = sample.load_released(str(released))
     assert (cfg.num_frames, cfg.height, cfg.width, cfg.sampler, cfg.snr_shift_scale) == (9, 16, 16, "ddim", 3.0)
     assert ae.cfg.scaling_factor == 0.7 and text.max_length == 8

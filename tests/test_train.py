@@ -618,6 +618,9 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--fp32", "--peak-tflops", "500"], "--fp32, --peak-tflops: options of --simulate N, which a "
                                          "training run ignores"),
     (["--real"], "--real: options of --simulate N"),
+    # a released folder's scheduler number of the wrong type (a None shift: a TypeError traceback)
+    (["--init-diffusers", "{tmp}/rel"], "--init-diffusers: {tmp}/rel/scheduler/scheduler_config.json: "
+                                        "snr_shift_scale = None is not of type float"),
     (["--simulate", "0"], "--simulate N is a number of ranks >= 1, got 0"),
     (["--simulate", "-1"], "--simulate N is a number of ranks >= 1, got -1"),
     (["--simulate", "1", "--peak-tflops", "0"], "--peak-tflops must be > 0 (e.g. 989, an H100's dense bf16), got 0.0"),
@@ -647,6 +650,10 @@ def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsy
     (tmp_path / "vaestr" / "config.json").write_text(json.dumps(dict(cfg, scaling_factor="x")))
     (tmp_path / "initlist").mkdir()
     (tmp_path / "initlist" / "config.json").write_text("[3]")
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (tmp_path / "rel" / sub).mkdir(parents=True)
+    (tmp_path / "rel" / "scheduler" / "scheduler_config.json").write_text('{"snr_shift_scale": null}')
+    (tmp_path / "rel" / "transformer" / "config.json").write_text("{}")  # (read after the scheduler)
     clip = next(e["path"] for e in data.read_manifest(assets["manifest"]) if e["path"].endswith(".mkv"))
     for phase in ("build_dit", "build_vae"):
         monkeypatch.setattr(train, phase, lambda job: pytest.fail("a model was loaded"))
@@ -657,7 +664,7 @@ def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsy
         train.main(vae_args(assets["manifest"], tmp_path / "run", *argv) if "vae" in extra
                    else dit_args(assets, tmp_path / "run", *argv))
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and "Traceback" not in "".join(err) and words in err[-1], err
+    assert e.value.code == 2 and "Traceback" not in "".join(err) and words.format(tmp=tmp_path) in err[-1], err
 
 
 def test_model_folders_and_lpips_files_are_checked_first(assets, tmp_path, monkeypatch, capsys):
