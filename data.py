@@ -1230,7 +1230,10 @@ def score_entry(entry, cfg=FilterConfig(), classifier=None):
     else:  # images: a blank frame is the only cheap sign of a bad one
         s["quality"] = min(s["contrast"] / 0.25, 1.0) if not clip else 0.0
     if classifier is not None:
-        neg = {k: float(v) for k, v in classifier(video).items()}
+        try:
+            neg = {k: float(v) for k, v in classifier(video).items()}
+        except Exception as e:  # the hook failed on this clip: dropped and named, the run goes on
+            return s, why + [f"classifier failed ({type(e).__name__}: {' '.join(str(e).split())})"]
         s.update({f"p_{k}": v for k, v in neg.items()})
         why += [f"classifier: {k} {v:.2f} > {cfg.max_negative}" for k, v in neg.items()
                 if v > cfg.max_negative]
@@ -1891,8 +1894,13 @@ def _filter(args, classifier):
     reasons = Counter(w.split(" (")[0] for _, ws in dropped for w in ws)
     print(f"kept {len(kept)}, dropped {len(dropped)} -> {args.out}")
     print("\n".join(f"{r:<28}{c:>6}" for r, c in [("reason", "clips"), *reasons.most_common()]))
-    if reasons["unreadable"] == len(dropped) and not kept:
-        _nothing_readable(len(dropped))
+    failed = ("unreadable", "classifier failed")  # not one clip judged: no silent success
+    if not kept and all(w.startswith(failed) for _, ws in dropped for w in ws):
+        if reasons["unreadable"] == len(dropped):
+            _nothing_readable(len(dropped))
+        print(f"error: every one of the {len(dropped)} clips is unreadable or failed the "
+              f"--classifier (reasons in {filter_outputs(args.out, args.top)[2]})", file=sys.stderr)
+        sys.exit(1)
 
 
 def import_fn(spec, flag):

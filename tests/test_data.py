@@ -8,6 +8,7 @@ import fractions
 import json
 import os
 import random
+import sys
 
 import av
 import numpy as np
@@ -460,6 +461,28 @@ def test_filters_cli(tmp_path, capsys):
     # the learned-classifier hook: its negative-label probabilities become scores and drop reasons
     s, why = data.score_entry(entries[0], classifier=lambda v: {"lecture": 0.9, "editing": 0.1})
     assert s["p_lecture"] == 0.9 and why == ["classifier: lecture 0.90 > 0.5"]
+    # a hook raising on one clip drops that clip, named; the run goes on (it was a traceback and
+    # nothing written); raising on every clip is no success (exit code 1)
+    calls = []
+
+    def flaky(video):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error:\ndevice-side assert")
+        return {"lecture": 0.1}
+    kept, dropped = data.filter_manifest(m, tmp_path / "k2.jsonl", classifier=flaky)
+    assert kept == [] and len(calls) == 5  # every readable clip scored (good.mkv first)
+    assert ("classifier failed (RuntimeError: CUDA error: device-side assert)"
+            in dict(dropped)[entries[0]["path"]])
+    good = data.write_manifest(entries[:1], tmp_path / "good.jsonl")
+    sys.modules["flaky_hook"] = type(sys)("flaky_hook")
+    sys.modules["flaky_hook"].fail = lambda v: 1 / 0
+    with pytest.raises(SystemExit) as e:
+        data.main(["filter", good, "--out", str(tmp_path / "k3.jsonl"), "--classifier",
+                   "flaky_hook:fail"])
+    assert e.value.code == 1 and "error: every one of the 1 clips is unreadable or failed the " \
+        "--classifier" in capsys.readouterr().err
+    del sys.modules["flaky_hook"]
 
 
 # ----- latent cache -----
