@@ -635,6 +635,28 @@ def caption_videos(inputs, out, cfg=None, frame_captioner=None, summariser=None,
 
 # ----- command line -----
 
+def check_combination(a):
+    """Options the run would silently ignore -> one ValueError naming them: --upsample prints one
+    prompt and exits 0 without captioning the VIDEOS given; --video-captioner replaces the models
+    (a missing --frame-model folder went unnoticed)."""
+    def given(*pairs):
+        return ", ".join(flag for flag, v in pairs if v not in (None, []))
+    if a.upsample is not None:
+        extra = given(("VIDEOS", a.videos), ("--out", a.out), ("--frame-model", a.frame_model),
+                      ("--video-captioner", a.video_captioner),
+                      ("--short-captioner", a.short_captioner))
+        if extra:
+            raise ValueError(f"--upsample PROMPT prints one upsampled prompt and exits, captioning "
+                             f"nothing: drop {extra} (or drop --upsample to caption)")
+    elif a.video_captioner:
+        extra = given(("--frame-model", a.frame_model), ("--summary-model", a.summary_model),
+                      ("--frame-prompt", a.frame_prompt), ("--frame-tokens", a.frame_tokens),
+                      ("--summary-tokens", a.summary_tokens), ("--dtype", a.dtype))
+        if extra:
+            raise ValueError(f"--video-captioner replaces both models, which {extra} would set: "
+                             f"drop them (or drop --video-captioner)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Dense video captions (CogVideoX App. C) and prompt "
                                             "upsampling (App. B).")
@@ -667,6 +689,7 @@ def main(argv=None):
     cfg = replace(PRESETS[a.preset], **over)
     try:  # torch would only fail at the first .to(), with a traceback
         check_config(cfg)
+        check_combination(a)
         data.check_device(a.device)
     except ValueError as e:
         p.error(str(e))
@@ -676,13 +699,15 @@ def main(argv=None):
         try:
             print(upsample_prompt(a.upsample, load_llm(a.summary_model, a.device, a.dtype),
                                   cfg.upsample_tokens))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, *data.hf_config_errors()) as e:
             p.error(" ".join(str(e).split()))
         return None
     if not a.videos or not a.out:
         p.error("give VIDEOS and --out (or --upsample PROMPT)")
     try:  # bad input: one line (exit code 2) before any model loads, never a traceback
         data.check_writable(a.out, "--out")  # a folder or a read-only disk: now, not at the end
+        # an input manifest as --out: its entries read as captioned, every one skipped, exit 0
+        data.check_not_input([a.out], {v: "VIDEOS" for v in a.videos})
         # a missing path, a manifest line that is not JSON or has no "path"; nothing to caption
         if not find_videos(a.videos):
             raise ValueError(f"no videos in {' '.join(a.videos)}: pass video files, folders of "
@@ -707,7 +732,8 @@ def main(argv=None):
             llm = load_llm(a.summary_model, a.device, a.dtype)
     except FileNotFoundError as e:
         p.error(str(e))  # one line, not a traceback
-    except (OSError, ValueError) as e:  # e.g. a folder of the wrong kind (the two swapped)
+    # e.g. a folder of the wrong kind (the two swapped), a config value of the wrong type
+    except (OSError, ValueError, *data.hf_config_errors()) as e:
         why = re.split(r"(?<=\.)\s", " ".join(str(e).split()))[0]  # transformers: a long list next
         p.error(f"{where}: cannot load it ({why}); pass an "
                 "image-to-text model folder as --frame-model and a causal LM as --summary-model")

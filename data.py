@@ -48,7 +48,7 @@ import sys
 import uuid
 from collections import Counter, deque
 from contextlib import closing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -189,6 +189,49 @@ def check_writable(path, flag, folder=False):
     except OSError as e:
         raise ValueError(f"{flag} {path}: cannot create files in {where} ({e.strerror}); pass a "
                          f"writable location") from None
+
+
+def json_object(path):
+    """A config file (a model's config.json, sample.json, a scheduler's) -> its dict. Torn JSON,
+    or JSON that is no object (a list, a number), is one ValueError naming the file and the fix;
+    a missing file: FileNotFoundError."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); copy or export it again") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds a JSON {type(d).__name__}, not an object of settings; "
+                         "copy or export it again")
+    return d
+
+
+def hf_config_errors():
+    """What transformers' from_pretrained raises for a config.json value of the wrong type besides
+    ValueError: huggingface_hub's strict-dataclass error (hub 1.x; a plain Exception), which the
+    CLIs' loaders catch next to OSError / ValueError; () with an older hub."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
+def config_from(cls, d, path):
+    """A config file's dict -> cls(**d), every value of its dataclass field's type (a float field
+    takes an int; a tuple field a list of ints): a hand-edited or damaged value is one ValueError
+    naming the field and the file, not a TypeError deep in a model's construction or a string
+    scaling factor failing mid-training."""
+    ok = {bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          tuple: lambda v: isinstance(v, (list, tuple)) and all(
+              isinstance(x, int) and not isinstance(x, bool) for x in v)}
+    for f in fields(cls):
+        if f.name in d and not ok[f.type](d[f.name]):
+            kind = "a list of whole numbers" if f.type is tuple else f"of type {f.type.__name__}"
+            raise ValueError(f"{path}: {f.name} = {d[f.name]!r} is not {kind}; fix it, or copy "
+                             "or export the file again")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def check_device(name, flag="--device"):
@@ -596,6 +639,7 @@ def probe_entries(entries, workers=0, force=False, progress=False):
         # threads, not forked processes: a probe is mostly PyAV's decoder and file reads, which
         # release the GIL, and a fork of a multi-threaded training process (OpenMP, gloo) can hang
         from multiprocessing.pool import ThreadPool
+        workers = min(workers, len(paths))  # no idle threads (--workers 100000: "can't start")
         chunk = max(1, min(64, len(paths) // (4 * workers)))
         with ThreadPool(workers) as pool:
             results = list(tqdm(pool.imap(_info_job, paths, chunksize=chunk), **bar))
@@ -1187,7 +1231,10 @@ def score_entry(entry, cfg=FilterConfig(), classifier=None):
     else:  # images: a blank frame is the only cheap sign of a bad one
         s["quality"] = min(s["contrast"] / 0.25, 1.0) if not clip else 0.0
     if classifier is not None:
-        neg = {k: float(v) for k, v in classifier(video).items()}
+        try:
+            neg = {k: float(v) for k, v in classifier(video).items()}
+        except Exception as e:  # the hook failed on this clip: dropped and named, the run goes on
+            return s, why + [f"classifier failed ({type(e).__name__}: {' '.join(str(e).split())})"]
         s.update({f"p_{k}": v for k, v in neg.items()})
         why += [f"classifier: {k} {v:.2f} > {cfg.max_negative}" for k, v in neg.items()
                 if v > cfg.max_negative]
@@ -1224,12 +1271,18 @@ def filter_manifest(manifest, out, cfg=FilterConfig(), top=0.2, classifier=None,
             # scores nested (no clash with a manifest's own fields); quality on top for Stage.subset
             kept.append(dict(e, scores={k: round(v, 5) for k, v in s.items()},
                              quality=round(s["quality"], 5)))
+    out, top_out, drop_out = filter_outputs(out, top)
     write_manifest(kept, out)
-    stem = os.path.splitext(os.path.abspath(out))[0]
-    write_manifest(top_quality(kept, top) if kept else [], f"{stem}.top{round(top * 100)}.jsonl")
-    _write_text(stem + ".dropped.tsv",
+    write_manifest(top_quality(kept, top) if kept else [], top_out)
+    _write_text(drop_out,
                 "path\treasons\n" + "".join(f"{p}\t{'; '.join(w)}\n" for p, w in dropped))
     return kept, dropped
+
+
+def filter_outputs(out, top):
+    """The three files filter_manifest writes: out, its top fraction, its drop table."""
+    stem = os.path.splitext(os.path.abspath(out))[0]
+    return out, f"{stem}.top{round(top * 100)}.jsonl", stem + ".dropped.tsv"
 
 
 # ----- latent and text cache, the DiT's dataset (§3) -----
@@ -1842,8 +1895,13 @@ def _filter(args, classifier):
     reasons = Counter(w.split(" (")[0] for _, ws in dropped for w in ws)
     print(f"kept {len(kept)}, dropped {len(dropped)} -> {args.out}")
     print("\n".join(f"{r:<28}{c:>6}" for r, c in [("reason", "clips"), *reasons.most_common()]))
-    if reasons["unreadable"] == len(dropped) and not kept:
-        _nothing_readable(len(dropped))
+    failed = ("unreadable", "classifier failed")  # not one clip judged: no silent success
+    if not kept and all(w.startswith(failed) for _, ws in dropped for w in ws):
+        if reasons["unreadable"] == len(dropped):
+            _nothing_readable(len(dropped))
+        print(f"error: every one of the {len(dropped)} clips is unreadable or failed the "
+              f"--classifier (reasons in {filter_outputs(args.out, args.top)[2]})", file=sys.stderr)
+        sys.exit(1)
 
 
 def import_fn(spec, flag):
@@ -1886,7 +1944,21 @@ def _check_args(args):
         if args.n < 1 or args.fps < 1:
             raise ValueError(f"--n and --fps must be >= 1, got {args.n}, {args.fps}")
         check_writable(args.out, "--out", folder=True)  # now, not after writing every clip
+        if os.path.isdir(args.out) and os.listdir(args.out):  # e.g. a folder of one's own clips
+            raise ValueError(f"--out {args.out} is not empty: the set's 00000.mkv, ... and "
+                             f"manifest.jsonl would replace files there; pass a new folder")
         return
+    if args.cmd == "inspect":  # each mode's own options: the other mode ignored them
+        decode = [f"--{k}" for k in ("height", "width", "frames", "fps", "pad")
+                  if getattr(args, k) is not None]
+        if args.write and decode:
+            raise ValueError(f"--write records each entry's metadata and decodes nothing: drop "
+                             f"{', '.join(decode)} (or --write, to decode every entry)")
+        if not args.write and args.workers is not None:
+            raise ValueError("--workers sets --write's probing processes: add --write OUT, or "
+                             "drop --workers")
+        args.workers = (os.cpu_count() or 1) if args.workers is None else args.workers
+        args.pad = args.pad or "nearest"
     if args.cmd == "inspect" and args.write:
         if args.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {args.workers}")
@@ -1897,11 +1969,18 @@ def _check_args(args):
                              "would), or --write OUT (to record every entry's metadata)")
         frames_ok(args.frames, "--frames")
         size_ok(args.height, args.width, "--height x --width")
-        if args.fps is not None and args.fps <= 0:
-            raise ValueError(f"--fps must be > 0, got {args.fps}")
+        if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+            # nan decoded no frame of any clip; inf one frame repeated
+            raise ValueError(f"--fps must be a finite number > 0, got {args.fps}")
     else:
         if not 0 < args.top <= 1:
             raise ValueError(f"--top is a fraction in (0, 1], got {args.top}")
+        for k in FILTER_ARGS:  # a nan threshold compares False: that filter silently off
+            if not (math.isfinite(getattr(args, k)) and getattr(args, k) >= 0):
+                raise ValueError(f"--{k.replace('_', '-')} must be a finite number >= 0, got "
+                                 f"{getattr(args, k)}")
+        # the kept subset written over the manifest it was read from loses every dropped entry
+        check_not_input(filter_outputs(args.out, args.top), {args.manifest: "manifest"})
         check_writable(args.out, "--out")  # now, not after scoring every clip
 
 
@@ -1923,10 +2002,10 @@ def main(argv=None):
     p.add_argument("--frames", type=int, help="4k+1")
     p.add_argument("--write", metavar="OUT", help="write the manifest with height, width, frames, "
                    "fps, duration and a content hash per entry (training then never probes)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="--write: probing threads (PyAV decodes without the GIL)")
+    p.add_argument("--workers", type=int, help="--write: probing threads (default: the CPUs; "
+                   "PyAV decodes without the GIL)")
     p.add_argument("--fps", type=float, default=None)
-    p.add_argument("--pad", choices=("nearest", "repeat"), default="nearest")
+    p.add_argument("--pad", choices=("nearest", "repeat"), help="default: nearest")
     p = sub.add_parser("filter", help="score clips (§3.4): kept subset, top fraction, drop table")
     p.add_argument("manifest", help=".jsonl manifest or a folder of videos")
     p.add_argument("--out", required=True)

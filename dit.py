@@ -711,11 +711,10 @@ def i2v_input(z, image):
 # ----- released-weight loading -----
 
 def _read_json(path):
-    """A config file, or one line naming it when it is torn (a missing one: FileNotFoundError)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); copy or export it again") from None
+    """A config file as a dict, or one line naming it when it is torn or no JSON object (a missing
+    one: FileNotFoundError)."""
+    from data import json_object  # lazily: dit.py stays importable without data.py
+    return json_object(path)
 
 
 def load_config(folder):
@@ -725,15 +724,17 @@ def load_config(folder):
         raise ValueError(f"{folder} holds a diffusers {d['_class_name']}, not one of our "
                          "checkpoints: load it with ExpertDiT.from_diffusers (sample.py "
                          "--model-dir)")
-    return _config(d)
+    return _config(d, Path(folder, "config.json"))
 
 
-def _config(d):
+def _config(d, path="config.json"):
+    """A dict of DiTConfig fields (from the file `path`) -> DiTConfig, each value of its type."""
+    from data import config_from  # lazily: dit.py stays importable without data.py
     d = {k: v for k, v in d.items() if k != "learned_trainable"}  # retired: the table always trains
     extra = sorted(set(d) - {f.name for f in fields(DiTConfig)})
     if extra:
         raise ValueError(f"unknown DiTConfig fields {extra}: a checkpoint of another version")
-    return DiTConfig(**d)
+    return config_from(DiTConfig, d, path)
 
 
 def diffusers_folder_config(folder, **overrides):
@@ -748,7 +749,12 @@ def diffusers_folder_config(folder, **overrides):
                          f"{dc.get('_class_name', 'no diffusers model')!r}, not "
                          "'CogVideoXTransformer3DModel'; pass the released model's folder or its "
                          "transformer/ (our own checkpoints load with ExpertDiT.load)")
-    return folder, _config({**_diffusers_config(dc), **overrides})
+    try:  # a value of the wrong type in the arithmetic below, a key missing
+        cfg = _diffusers_config(dc)
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{folder / 'config.json'}: not a CogVideoXTransformer3DModel config "
+                         f"({type(e).__name__}: {e}); copy or export it again") from None
+    return folder, _config({**cfg, **overrides}, folder / "config.json")
 
 
 def _diffusers_config(dc):

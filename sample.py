@@ -40,11 +40,10 @@ Shape legend:
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -293,19 +292,12 @@ def generate(dit, vae, text, prompts, cfg=SampleConfig(), *, seed=0, image=None,
 
 # ----- loading: our checkpoints and the released diffusers layout -----
 
-def _json(path):
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
-
-
 def _text_encoder(folder, device, dtype, max_length):
     """dit.TextEncoder, with a truncated or corrupt T5 file as one line naming the folder."""
     try:
         return ditlib.TextEncoder(folder, device, dtype, max_length=max_length)
-    except (SafetensorError, RuntimeError, EOFError, OSError) as e:
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError,
+            *data.hf_config_errors()) as e:  # (ValueError: e.g. a torn tokenizer.json)
         if isinstance(e, FileNotFoundError):
             raise
         raise ValueError(f"{folder}: cannot load the T5 text encoder ({type(e).__name__}: "
@@ -324,7 +316,8 @@ def ckpt_sample_config(folder):
     meta = os.path.join(folder, "sample.json")
     if os.path.exists(meta):
         known = SampleConfig.__dataclass_fields__
-        cfg = replace(cfg, **{k: v for k, v in _json(meta).items() if k in known})
+        given = {k: v for k, v in data.json_object(meta).items() if k in known}
+        cfg = data.config_from(SampleConfig, {**asdict(cfg), **given}, meta)
     return cfg
 
 
@@ -347,11 +340,29 @@ def load_ckpt(folder, device="cpu", dtype=None):
 SCHEDULERS = {"CogVideoXDDIMScheduler": "ddim", "CogVideoXDPMScheduler": "dpm"}
 
 
+@dataclass(frozen=True)
+class SchedulerNumbers:
+    """What diffusion.alphas_cumprod reads of a scheduler_config.json (absent: diffusers'
+    CogVideoX defaults), each of its type (data.config_from)."""
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    snr_shift_scale: float = 3.0
+    rescale_betas_zero_snr: bool = False
+
+
+def scheduler_numbers(path):
+    """scheduler_config.json -> its SchedulerNumbers, each value of its type (or one ValueError)."""
+    known = SchedulerNumbers.__dataclass_fields__
+    sc = data.json_object(path)
+    return data.config_from(SchedulerNumbers, {k: v for k, v in sc.items() if k in known}, path)
+
+
 def schedule_from_diffusers(path):
     """scheduler_config.json -> (sampler, alphas_cumprod). The class name picks DDIM or DPM++,
     snr_shift_scale the §3 SNR shift (2B: 3.0, 5B: 1.0), rescale_betas_zero_snr the zero terminal
     SNR."""
-    sc = _json(path)
+    sc = data.json_object(path)
     name = sc.get("_class_name")
     if name not in SCHEDULERS:
         raise ValueError(f"{path}: scheduler {name!r} is not supported; "
@@ -367,10 +378,9 @@ def schedule_from_diffusers(path):
         if sc.get(k, default[k]) != v:
             raise ValueError(f"{path}: {k}={sc.get(k, default[k])!r} is not supported (need "
                              f"{v!r}, CogVideoX's released setting)")
-    ac = diffusion.alphas_cumprod(sc.get("num_train_timesteps", 1000),
-                                  sc.get("beta_start", 0.00085), sc.get("beta_end", 0.012),
-                                  sc.get("snr_shift_scale", 3.0),
-                                  sc.get("rescale_betas_zero_snr", False))
+    n = scheduler_numbers(path)
+    ac = diffusion.alphas_cumprod(n.num_train_timesteps, n.beta_start, n.beta_end,
+                                  n.snr_shift_scale, n.rescale_betas_zero_snr)
     return SCHEDULERS[name], ac
 
 
@@ -396,8 +406,9 @@ def released_sample_config(folder):
             raise ValueError(f"{folder!r} has no {sub}/ folder: pass a CogVideoX folder in "
                              "diffusers layout (or one of our checkpoints with --ckpt)")
     sched = os.path.join(folder, "scheduler", "scheduler_config.json")
-    sampler, ac = schedule_from_diffusers(sched)
-    tc = _json(os.path.join(folder, "transformer", "config.json"))
+    sampler, ac = schedule_from_diffusers(sched)  # (its numbers checked: a shift read below)
+    ditlib.diffusers_folder_config(folder)  # its values checked: some are read below
+    tc = data.json_object(os.path.join(folder, "transformer", "config.json"))
     sf = vaelib.diffusers_folder_config(os.path.join(folder, "vae")).spatial_factor
     patch_t = tc.get("patch_size_t") or 1
     # The released defaults: the transformer's training size (49 frames at 8 fps, 480x720), 50
@@ -412,7 +423,7 @@ def released_sample_config(folder):
         h, w, fps = rel.height, rel.width, rel.fps
     cfg = SampleConfig(num_frames=tc.get("sample_frames", 49), height=h, width=w, fps=fps,
                        steps=50, sampler=sampler, uncond="empty",
-                       snr_shift_scale=_json(sched).get("snr_shift_scale", 3.0))
+                       snr_shift_scale=scheduler_numbers(sched).snr_shift_scale)
     return cfg, ac
 
 
@@ -431,7 +442,7 @@ def apply_lora(net, path, scale=1.0, merge=False):
 def out_paths(out, n, prompts):
     """Where prompt i goes: `out` itself for one prompt ending in .mp4, else numbered files (in
     folder `out`)."""
-    if out.endswith(".mp4"):
+    if out.lower().endswith(".mp4"):
         if n == 1:
             return [out]
         return [f"{out[:-4]}_{i:03d}.mp4" for i in range(n)]
@@ -460,7 +471,12 @@ def check_args(a, n=1):
         raise ValueError(f"--cfg-min-t must be in [0, 1000] (0 = guide every step), got "
                          f"{a.cfg_min_t}")
     data.check_device(a.device)
-    data.check_writable(a.out, "--out", folder=not a.out.endswith(".mp4"))
+    # another video or image suffix was taken for a folder name (out.mkv/000_x.mp4)
+    if a.out.lower().endswith(data.VIDEO_EXTS + data.IMAGE_EXTS) and \
+            not a.out.lower().endswith(".mp4"):
+        raise ValueError(f"--out {a.out}: sample.py writes .mp4 videos (and .png contact sheets); "
+                         f"pass NAME.mp4 or a folder")
+    data.check_writable(a.out, "--out", folder=not a.out.lower().endswith(".mp4"))
     if a.image and not os.path.isfile(a.image):
         raise ValueError(f"cannot read image {a.image!r}: no such file; pass a PNG or JPEG")
     if a.lora and not os.path.exists(a.lora):
@@ -516,8 +532,9 @@ def check_sp(a):
     cfg, key = ((a.ckpt, "dit"), "heads") if a.ckpt else ((a.model_dir, "transformer"),
                                                              "num_attention_heads")
     path = os.path.join(*cfg, "config.json")
-    heads = _json(path).get(key) if os.path.isfile(path) else None
-    if heads and heads % a.sp:  # (a missing config: the loader names it)
+    heads = data.json_object(path).get(key) if os.path.isfile(path) else None
+    # (a missing config, or a count that is no number: plan's loading names it)
+    if isinstance(heads, int) and heads and heads % a.sp:
         ok = [g for g in range(1, heads + 1) if heads % g == 0]
         raise ValueError(f"--sp {a.sp}: the DiT's {heads} attention heads do not divide by it "
                          f"(each process takes whole heads); use one of {ok}")
@@ -578,7 +595,7 @@ def main(argv=None):
     # exit code 2.
     try:
         run(a, p)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, *data.hf_config_errors()) as e:  # (the last: --upsample-model's)
         p.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     finally:
         if dist.is_initialized():
@@ -589,8 +606,14 @@ def run(a, p):
     """The CLI body: load, optionally upsample the prompts (App. B), generate in batches, write."""
     prompts = list(a.prompt)
     if a.prompts_file:
-        with open(a.prompts_file) as f:
-            prompts += [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        try:  # a folder, a missing or non-UTF-8 file: named with the flag (not a bare errno line)
+            with open(a.prompts_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason})"
+            raise ValueError(f"--prompts-file {a.prompts_file}: {why}; pass a UTF-8 text file, "
+                             "one prompt per line") from None
+        prompts += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
         p.error("give a prompt: --prompt TEXT or --prompts-file FILE")
     check_args(a, len(prompts))

@@ -218,7 +218,7 @@ def loading(flag, path, fix="copy or export it again"):
     except (SettingsError, torch.OutOfMemoryError):  # (out of memory is no damaged file)
         raise
     except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError,
-            SafetensorError) as e:
+            SafetensorError, *data.hf_config_errors()) as e:
         why = " ".join(str(e).split())
         if isinstance(e, pickle.UnpicklingError):  # torch's text suggests weights_only=False: no
             why = "not a file of plain tensors"
@@ -1006,11 +1006,11 @@ def use_released(args, tc):
         raise SettingsError(f"--init-diffusers {d!r} is not a released CogVideoX folder: it needs "
                             f"transformer/, vae/, text_encoder/, tokenizer/ and scheduler/")
     args.vae, args.text_encoder = args.vae or os.path.join(d, "vae"), args.text_encoder or d
-    try:
-        with open(sched) as f:  # absent: diffusers' CogVideoX schedulers default to 3.0
-            return replace(tc, snr_shift=float(json.load(f).get("snr_shift_scale", 3.0)))
-    except ValueError as e:
-        raise SettingsError(f"--init-diffusers: {sched} is not valid JSON ({e})") from None
+    import sample  # the one reader of a scheduler's numbers
+    try:  # absent: diffusers' CogVideoX schedulers default to 3.0
+        return replace(tc, snr_shift=float(sample.scheduler_numbers(sched).snr_shift_scale))
+    except ValueError as e:  # torn JSON, a value of the wrong type
+        raise SettingsError(f"--init-diffusers: {e}") from None
 
 
 def dit_config(args, tc):
@@ -1234,8 +1234,11 @@ def check_lora(args, dc):
         raise SettingsError(f"--lora-alpha must be > 0 (default: the rank), got {args.lora_alpha}")
     base_in = dc.in_channels
     if args.init and os.path.isfile(os.path.join(args.init, "config.json")):
-        with open(os.path.join(args.init, "config.json")) as f:
-            base_in = json.load(f).get("in_channels", base_in)
+        try:  # ours or a diffusers transformer's: both name it in_channels
+            base_in = data.json_object(os.path.join(args.init, "config.json")).get("in_channels",
+                                                                                   base_in)
+        except ValueError as e:
+            raise SettingsError(f"--init {args.init}: {e}") from None
     if args.i2v and base_in == dc.out_channels:  # the grown patch embedding would stay frozen at 0
         raise SettingsError("--lora --i2v adapts an image-to-video DiT: start from one (--init "
                             "DIR or --init-diffusers CogVideoX-5b-I2V); a T2V -> I2V fine-tune "
@@ -2688,6 +2691,43 @@ def parser():
 
 # what demo() reads; any other option without --stage was meant for a training run
 DEMO_OPTIONS = {"out", "device", "quick", "demo_scale", "resume", "max_bad_steps"}
+# what only the demo, or only --simulate, reads: a training run would ignore them
+DEMO_ONLY, SIMULATE_ONLY = ("quick", "demo_scale"), ("fp32", "real", "peak_tflops")
+# what only one stage reads: the other stage's run ignored them (e.g. --min-snr on the VAE, a
+# broken --lpips file on the DiT). The DiT reads --batch in --bucket mode only; the VAE
+# --encode-memory in --simulate --encode only (the DiT data path's encode).
+STAGE_ONLY = {"vae": ("lpips", "recon", "batch"),
+              "dit": ("vae", "text_encoder", "cache", "min_snr", "iid_timesteps", "attn", "rows",
+                      "max_tokens", "grad_checkpoint", "mlp_chunks", "bucket", "encode_memory")}
+
+
+def check_given(args, argv=None):
+    """Options the run would silently ignore (e.g. --quick with --stage: the full run, not a few
+    steps) -> one line naming them (exit code 2)."""
+    flags = lambda opts: ", ".join("--" + o.replace("_", "-") for o in opts)
+    opts = set(given(argv))
+    if args.stage is None:
+        extra = sorted(opts - DEMO_OPTIONS)
+        if extra:  # meant for a training run: the demo would ignore them for 15 minutes
+            raise SettingsError(f"{flags(extra)}: add --stage vae|dit (without it train.py runs "
+                                f"the shapes demo)")
+        return
+    demo_only = [o for o in DEMO_ONLY if o in opts]
+    if demo_only:
+        raise SettingsError(f"{flags(demo_only)}: options of the shapes demo (train.py without "
+                            f"--stage), which a --stage run ignores: drop them (--steps sets "
+                            f"the run's length)")
+    sim_only = [o for o in SIMULATE_ONLY if o in opts]
+    if sim_only and args.simulate is None:
+        raise SettingsError(f"{flags(sim_only)}: options of --simulate N, which a training run "
+                            f"ignores: drop them, or add --simulate N")
+    other = "dit" if args.stage == "vae" else "vae"
+    unread = [o for o in STAGE_ONLY[other] if o in opts and not (
+        (o == "batch" and args.bucket) or (o == "encode_memory" and args.encode))]
+    if unread:
+        raise SettingsError(f"{flags(unread)}: {'options' if len(unread) > 1 else 'an option'} "
+                            f"of --stage {other}, which a --stage {args.stage} run ignores: drop "
+                            f"{'them' if len(unread) > 1 else 'it'}")
 
 
 def given(argv=None):
@@ -2702,11 +2742,8 @@ def main(argv=None):
     script's exit code for a result is exit_code(): EXIT_STOPPED for a run stopped early."""
     args = parser().parse_args(argv)
     try:
+        check_given(args, argv)
         if args.stage is None:
-            extra = sorted(set(given(argv)) - DEMO_OPTIONS)
-            if extra:  # meant for a training run: the demo would ignore them for 15 minutes
-                raise SettingsError(f"{', '.join('--' + o.replace('_', '-') for o in extra)}: add "
-                                    f"--stage vae|dit (without it train.py runs the shapes demo)")
             threads = torch.get_num_threads()  # demo() may take one thread when busy: restore it
             try:
                 return demo(args)

@@ -39,7 +39,6 @@ Shape legend:
 """
 import argparse
 import json
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, replace
@@ -609,12 +608,13 @@ class CausalVAE(nn.Module):
 
 def load_config(folder):
     """Our checkpoint folder's VAEConfig, from its config.json alone (no weights read)."""
+    import data  # imported here: vae.py stays importable without data.py
     d = _read_config(folder, "CausalVAE.save")
     unknown = set(d) - set(VAEConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"{folder}/config.json has unknown VAEConfig fields {sorted(unknown)}"
                          f"; for a diffusers folder use CausalVAE.from_diffusers")
-    return VAEConfig(**{**d, "channels": tuple(d["channels"])})
+    return data.config_from(VAEConfig, d, os.path.join(folder, "config.json"))
 
 
 FOLDER_KINDS = "CausalVAE.save or diffusers save_pretrained"  # what a VAE folder may hold
@@ -638,31 +638,31 @@ def diffusers_folder_config(folder):
                          f"(our own checkpoints load with CausalVAE.load)")
     if d.get("use_quant_conv") or d.get("use_post_quant_conv"):
         raise ValueError(f"{folder}: quant convs are not in CogVideoX's VAE; not supported")
-    return diffusers_config(d)
+    return diffusers_config(d, os.path.join(folder, "config.json"))
 
 
-def diffusers_config(d):
+def diffusers_config(d, path="config.json"):
     """A diffusers AutoencoderKLCogVideoX config.json (as a dict) -> VAEConfig."""
-    return VAEConfig(
-        channels=tuple(d.get("block_out_channels", (128, 256, 256, 512))),
+    import data  # imported here: vae.py stays importable without data.py
+    ratio = d.get("temporal_compression_ratio", 4)
+    if not (isinstance(ratio, int) and ratio >= 1 and ratio & (ratio - 1) == 0):
+        raise ValueError(f"{path}: temporal_compression_ratio = {ratio!r} is not a power of 2")
+    return data.config_from(VAEConfig, dict(
+        channels=d.get("block_out_channels", (128, 256, 256, 512)),
         layers=d.get("layers_per_block", 3), latent=d.get("latent_channels", 16),
         groups=d.get("norm_num_groups", 32), eps=d.get("norm_eps", 1e-6),
-        time_levels=int(math.log2(d.get("temporal_compression_ratio", 4))),
-        scaling_factor=d.get("scaling_factor", 1.15258426),
-        invert_scale_latents=bool(d.get("invert_scale_latents", False)))
+        time_levels=ratio.bit_length() - 1, scaling_factor=d.get("scaling_factor", 1.15258426),
+        invert_scale_latents=bool(d.get("invert_scale_latents", False))), path)
 
 
 def _read_config(folder, what):
     """folder/config.json as a dict, or a one-line error naming what the folder should be."""
+    import data  # imported here: vae.py stays importable without data.py
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         why = "does not exist" if not os.path.isdir(folder) else "has no config.json"
         raise FileNotFoundError(f"VAE folder {folder} {why}: pass a folder written by {what}")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
+    return data.json_object(path)
 
 
 def _diffusers_key(k):
@@ -898,8 +898,8 @@ def main(argv=None):
                    help="input video; writes --out (default VIDEO_STEM.recon.mp4 next to it)")
     p.add_argument("--out", help="the reconstruction's path (.mp4 or .mkv, lossless)")
     p.add_argument("--ckpt", help="a CausalVAE.save folder, or a diffusers AutoencoderKLCogVideoX one")
-    p.add_argument("--preset", default="tiny", choices=sorted(VAE_PRESETS),
-                   help="random-weight model when --ckpt is not given")
+    p.add_argument("--preset", choices=sorted(VAE_PRESETS),
+                   help="random-weight model when --ckpt is not given (default: tiny)")
     p.add_argument("--frames", type=int, default=49,
                    help="at most this many frames (trimmed to 4k+1)")
     p.add_argument("--tile", type=int, default=None,
@@ -908,6 +908,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.frames < 1:
         p.error(f"--frames must be >= 1, got {a.frames}")
+    if a.ckpt and a.preset:  # the checkpoint's config decides: the preset was ignored
+        p.error("--preset picks a random-weight model; --ckpt has its own: drop one")
+    a.preset = a.preset or "tiny"
     import data  # the one home of video I/O; imported here so vae.py stays importable alone
     out = a.out or os.path.splitext(a.reconstruct)[0] + ".recon.mp4"
     # bad input is a one-line error (exit code 2), never a traceback
@@ -927,7 +930,9 @@ def main(argv=None):
             raise ValueError(f"--tile must be a positive multiple of the spatial factor {sf}, got "
                              f"{a.tile}")
         if not os.path.isfile(a.reconstruct):
-            raise ValueError(f"{a.reconstruct}: no such file")
+            raise ValueError(f"{a.reconstruct}: " + ("a folder; pass one video file" if
+                                                     os.path.isdir(a.reconstruct) else
+                                                     "no such file"))
         try:  # native size, turned upright; at most --frames frames, trimmed to 4k+1
             x = data.load_video(a.reconstruct, (a.frames - 1) // 4 * 4 + 1)  # (3, T, H, W)
             fps = data.probe(a.reconstruct)["fps"] or 8

@@ -447,6 +447,31 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
     assert "done.jsonl:1 is not a manifest line" in capsys.readouterr().err
 
 
+def grey_video(path, times, frames):  # a --video-captioner for the CLI (test_caption:grey_video)
+    return "The video shows a grey screen."
+
+
+def test_cli_out_that_is_an_input_is_refused(tmp_path, capsys):
+    """An input manifest given as --out read as captioned: every entry skipped, "wrote 0", exit 0
+    with nothing done; a video given as --out: a UnicodeDecodeError line. Both one line naming
+    --out, exit code 2, the input kept."""
+    write_clip(tmp_path / "a.mp4", 8)
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"path": "a.mp4", "caption": ""}) + "\n")
+    for src in (m, tmp_path / "a.mp4"):
+        before = src.read_bytes()
+        with pytest.raises(SystemExit) as e:
+            caption.main([str(src), "--out", str(src), "--video-captioner",
+                          "test_caption:grey_video"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and "would overwrite the VIDEOS input; pass another --out" in \
+            err[-1], err
+        assert src.read_bytes() == before
+    caption.main([str(m), "--out", str(tmp_path / "o.jsonl"), "--video-captioner",
+                  "test_caption:grey_video"])  # the hook works: another --out is captioned
+    assert json.loads((tmp_path / "o.jsonl").read_text())["caption"] == "A grey screen."
+
+
 def test_done_reads_and_rewrites_utf8_whatever_the_locale(tmp_path, monkeypatch):
     """Lines are written as UTF-8; the resume check read (and rewrote) them in the locale's
     encoding: a non-ASCII caption under an ASCII locale crashed it, others could mangle it."""
@@ -516,6 +541,25 @@ def test_cli_bad_device_dtype_or_model_kind_is_one_line(tmp_path, models, capsys
 
 
 # ----- prompt upsampler (App. B) -----
+
+
+def test_model_config_of_a_wrong_type_is_one_line(tmp_path, models, capsys):
+    """A config.json value of the wrong type: transformers raises huggingface_hub's strict-dataclass
+    error (no ValueError): one line naming the flag, exit code 2 (was a traceback)."""
+    import shutil
+    bad = tmp_path / "llm"
+    shutil.copytree(models[1], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(cfg, n_embd="x")))
+    write_clip(tmp_path / "a.mp4", 8)
+    for argv in (["--upsample", "a cat", "--summary-model", str(bad)],
+                 [str(tmp_path / "a.mp4"), "--out", str(tmp_path / "o.jsonl"), "--frame-model",
+                  str(models[0]), "--summary-model", str(bad)]):
+        with pytest.raises(SystemExit) as e:
+            caption.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err, err
+        assert "n_embd" in err.strip().splitlines()[-1], err
 
 
 def test_upsample_prompt(models, capsys):
@@ -628,6 +672,12 @@ def test_short_context_upsampler(tmp_path, models, capsys):
     (["--max-frames", "0"], "--max-frames must be >= 1"),
     (["--out", "{tmp}"], "is a folder; pass a file path"),
     (["--out", "/proc/nope/o.jsonl"], "cannot create files in /proc"),  # /proc: no file can be created there
+    # ignored before: the models (even a missing folder) by the hook, the videos by --upsample
+    (["--frame-model", "/nonexistent"], "--video-captioner replaces both models, which --frame-model "
+                                        "would set: drop them"),
+    (["--dtype", "float16", "--frame-tokens", "9"], "which --frame-tokens, --dtype would set"),
+    (["--upsample", "a cat"], "--upsample PROMPT prints one upsampled prompt and exits, captioning "
+                              "nothing: drop VIDEOS, --out, --video-captioner"),
 ])
 def test_cli_bad_values_before_any_work(tmp_path, capsys, monkeypatch, extra, text):
     write_clip(tmp_path / "a.mp4", 8)

@@ -8,6 +8,7 @@ import fractions
 import json
 import os
 import random
+import sys
 
 import av
 import numpy as np
@@ -460,6 +461,28 @@ def test_filters_cli(tmp_path, capsys):
     # the learned-classifier hook: its negative-label probabilities become scores and drop reasons
     s, why = data.score_entry(entries[0], classifier=lambda v: {"lecture": 0.9, "editing": 0.1})
     assert s["p_lecture"] == 0.9 and why == ["classifier: lecture 0.90 > 0.5"]
+    # a hook raising on one clip drops that clip, named; the run goes on (it was a traceback and
+    # nothing written); raising on every clip is no success (exit code 1)
+    calls = []
+
+    def flaky(video):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error:\ndevice-side assert")
+        return {"lecture": 0.1}
+    kept, dropped = data.filter_manifest(m, tmp_path / "k2.jsonl", classifier=flaky)
+    assert kept == [] and len(calls) == 5  # every readable clip scored (good.mkv first)
+    assert ("classifier failed (RuntimeError: CUDA error: device-side assert)"
+            in dict(dropped)[entries[0]["path"]])
+    good = data.write_manifest(entries[:1], tmp_path / "good.jsonl")
+    sys.modules["flaky_hook"] = type(sys)("flaky_hook")
+    sys.modules["flaky_hook"].fail = lambda v: 1 / 0
+    with pytest.raises(SystemExit) as e:
+        data.main(["filter", good, "--out", str(tmp_path / "k3.jsonl"), "--classifier",
+                   "flaky_hook:fail"])
+    assert e.value.code == 1 and "error: every one of the 1 clips is unreadable or failed the " \
+        "--classifier" in capsys.readouterr().err
+    del sys.modules["flaky_hook"]
 
 
 # ----- latent cache -----
@@ -677,13 +700,38 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
              (["inspect", m, "--height", "20", "--width", "16", "--frames", "9"], "multiples of 8"),
              (["shapes", "--out", str(tmp_path / "s"), "--sizes", "30x30"], "multiples of 8"),
              (["shapes", "--out", str(tmp_path / "s"), "--sizes", "32by32"], "--sizes"),
-             (["shapes", "--out", str(tmp_path / "s"), "--frames", "9,8"], "--frames must be 4k+1")]
+             (["shapes", "--out", str(tmp_path / "s"), "--frames", "9,8"], "--frames must be 4k+1"),
+             # it wrote its 00000.mkv ... and manifest.jsonl over the folder's own
+             (["shapes", "--out", str(tmp_path), "--n", "2", "--sizes", "16x16"],
+              f"--out {tmp_path} is not empty: the set's 00000.mkv, ... and manifest.jsonl would "
+              "replace files there; pass a new folder"),
+             # nan: every clip "no frames decoded"; inf: the first frame repeated
+             *((["inspect", m, "--height", "16", "--width", "16", "--frames", "9", "--fps", v],
+                f"--fps must be a finite number > 0, got {v}") for v in ("nan", "inf")),
+             # a nan threshold compares False: that filter off, every clip kept
+             (["filter", m, *o, "--min-motion", "nan"], "--min-motion must be a finite number >= 0"),
+             (["filter", m, *o, "--max-cut", "-1"], "--max-cut must be a finite number >= 0"),
+             # one inspect mode's options in the other: ignored (even --height 17, --frames 8)
+             (["inspect", m, "--write", str(tmp_path / "w.jsonl"), "--height", "17", "--frames", "8"],
+              "--write records each entry's metadata and decodes nothing: drop --height, --frames"),
+             (["inspect", m, "--write", str(tmp_path / "w.jsonl"), "--pad", "repeat"], "drop --pad"),
+             (["inspect", m, "--height", "16", "--width", "16", "--frames", "9", "--workers", "4"],
+              "--workers sets --write's probing processes")]
+    # the kept subset (or the top fraction, or the drop table) written over the manifest read
+    for name, out in (("kept.jsonl", "kept.jsonl"), ("kept.top20.jsonl", "kept.jsonl"),
+                      ("k.top50.jsonl", "k.jsonl"), ("kept.dropped.tsv", "kept.jsonl")):
+        src = data.write_manifest([{"path": "a.mkv", "caption": "a"}], tmp_path / name)
+        top = ["--top", "0.5"] if "50" in name else []
+        cases.append((["filter", src, "--out", str(tmp_path / out), *top],
+                      f"would overwrite the manifest input; pass another --out"))
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     for argv, text in cases:
         with pytest.raises(SystemExit) as e:
             data.main(argv)
         assert e.value.code == 2, argv
         _one_line_error(capsys.readouterr().err, text)
     assert not (tmp_path / "s").exists()  # checked before any work
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 def test_cli_nothing_done_is_no_success(tmp_path, capsys):
@@ -804,8 +852,15 @@ def test_inspect_write_records_metadata_in_parallel_and_training_never_probes(tm
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     m = data.write_manifest([{"path": p, "caption": "x", "keep": 1} for p in
                              (a, b, str(tmp_path / "bad.mp4"))], tmp_path / "m.jsonl")
+    import multiprocessing.pool
+    pools, real_pool = [], multiprocessing.pool.ThreadPool
+    monkeypatch.setattr(multiprocessing.pool, "ThreadPool",
+                        lambda n: pools.append(n) or real_pool(min(n, 3)))  # (never 100000)
     data.main(["inspect", m, "--write", str(tmp_path / "meta.jsonl"), "--workers", "2"])
     assert "2 ok, 1 unreadable" in capsys.readouterr().out
+    # --workers 100000 started threads until "can't start new thread" (a traceback after 20 s)
+    data.main(["inspect", m, "--write", str(tmp_path / "meta2.jsonl"), "--workers", "100000"])
+    assert pools == [2, 3] and "2 ok, 1 unreadable" in capsys.readouterr().out
     got = data.read_manifest(tmp_path / "meta.jsonl")
     assert [(e["height"], e["width"], e["frames"], e["fps"]) for e in got[:2]] == [
         (32, 48, 17, 8), (48, 32, 9, 4)]

@@ -329,6 +329,20 @@ def test_from_diffusers_key_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "activation_fn": "swiglu"}))
     with pytest.raises(ValueError, match="activation_fn"):
         ExpertDiT.from_diffusers(tmp_path)
+    # a value of another type, a required key missing: one ValueError naming the file (were a
+    # TypeError / KeyError from the conversion, or from the model's construction)
+    for edit, msg in (({"sample_frames": "49"}, r"config.json: not a CogVideoXTransformer3DModel "
+                                                r"config \(TypeError"),
+                      ({"num_layers": None}, "layers = None is not of type int"),
+                      ({"in_channels": None, "out_channels": 4}, "in_channels = None is not of"),
+                      ({"num_attention_heads": "2"}, "heads = '2' is not of type int")):
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, **edit}))
+        with pytest.raises(ValueError, match=msg):
+            ExpertDiT.from_diffusers(tmp_path)
+    d = {k: v for k, v in cfg.items() if k != "text_embed_dim"}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"\(KeyError: 'text_embed_dim'\)"):
+        ExpertDiT.from_diffusers(tmp_path)
     # 1.0 weights under a 1.5 config (temporal patch 2): the patch shapes are named
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "patch_size_t": 2}))
     sd.pop("transformer_blocks.2.norm1.linear.weight")

@@ -257,6 +257,18 @@ def test_released_layout_cli_and_scheduler(released, tmp_path):
         (tmp_path / "s.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=f"{k}=.* is not supported"):
             sample.schedule_from_diffusers(str(tmp_path / "s.json"))
+    # a number of the wrong type: one line naming it (were TypeErrors inside alphas_cumprod)
+    for k, v in (("snr_shift_scale", "3"), ("beta_end", None), ("num_train_timesteps", 1000.5)):
+        (tmp_path / "s.json").write_text(json.dumps(dict(base, **{k: v})))
+        with pytest.raises(ValueError, match=f"s.json: {k} = .* is not of type"):
+            sample.schedule_from_diffusers(str(tmp_path / "s.json"))
+    import shutil  # the CLI: the transformer's values read before they were checked (a TypeError)
+    shutil.copytree(released, tmp_path / "rb")
+    tcfg = json.loads((tmp_path / "rb" / "transformer" / "config.json").read_text())
+    (tmp_path / "rb" / "transformer" / "config.json").write_text(json.dumps(dict(tcfg, patch_size_t="2")))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--model-dir", str(tmp_path / "rb"), "--prompt", "x", "--out", str(tmp_path / "x.mp4")])
+    assert e.value.code == 2
     net, ae, text, cfg, _ = sample.load_released(str(released))
     assert (cfg.num_frames, cfg.height, cfg.width, cfg.sampler, cfg.snr_shift_scale) == (9, 16, 16, "ddim", 3.0)
     assert ae.cfg.scaling_factor == 0.7 and text.max_length == 8
@@ -600,17 +612,36 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     (["--out", "{tmp}/afile"], "afile is a file; pass a folder"),
     (["--out", "/proc/nope/x.mp4"], "cannot create files in /proc"),  # /proc: no file can be created there
     (["--image", "{tmp}/missing.png"], "cannot read image"),
+    # taken for a folder name: out.mkv/000_x.mp4
+    (["--out", "{tmp}/v.mkv"], "--out {tmp}/v.mkv: sample.py writes .mp4 videos"),
+    (["--out", "{tmp}/v.PNG"], "sample.py writes .mp4 videos (and .png contact sheets)"),
+    # were "[Errno 21] Is a directory: ..." and "'utf-8' codec can't decode ...", no flag named
+    (["--prompts-file", "{tmp}/adir.mp4"], "--prompts-file {tmp}/adir.mp4: Is a directory; pass a "
+                                           "UTF-8 text file, one prompt per line"),
+    (["--prompts-file", "{tmp}/latin1.txt"], "--prompts-file {tmp}/latin1.txt: not UTF-8 text"),
 ])
 def test_cli_bad_values_exit_2_before_loading(ckpt, tmp_path, monkeypatch, capsys, extra, words):
     (tmp_path / "adir.mp4").mkdir()
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "first.png")
     monkeypatch.setattr(sample, "load_ckpt", lambda *a, **k: pytest.fail("a model was loaded"))
     argv = ["--ckpt", str(ckpt), "--prompt", "x", "--prompt", "y", "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as e:
         sample.main(argv + [v.format(tmp=tmp_path) for v in extra])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and words in err[-1], err
+    assert e.value.code == 2 and words.format(tmp=tmp_path) in err[-1], err
+
+
+def test_out_suffix_in_any_case_is_a_file(ckpt, tmp_path, monkeypatch):
+    """--out clip.MP4 is the file clip.MP4 (it was a folder named clip.MP4 holding 000_x.mp4)."""
+    monkeypatch.setattr(sample, "generate", lambda net, ae, text, prompts, cfg, **kw: torch.zeros(
+        len(prompts), 3, cfg.num_frames, cfg.height, cfg.width))
+    sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--out", str(tmp_path / "clip.MP4")])
+    assert (tmp_path / "clip.MP4").is_file() and (tmp_path / "clip.png").is_file()
+    sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--prompt", "y", "--out", str(tmp_path / "b.Mp4")])
+    assert sorted(p.name for p in tmp_path.glob("b_*")) == ["b_000.mp4", "b_000.png", "b_001.mp4",
+                                                            "b_001.png"]
 
 
 def test_outputs_never_overwrite_inputs(tmp_path, capsys):
@@ -672,6 +703,48 @@ def test_truncated_model_file_is_one_line(ckpt, tmp_path, capsys, part):
         sample.main(["--ckpt", str(root), "--prompt", "x", "--out", str(tmp_path / "o.mp4")])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and "Traceback" not in "".join(err) and part.split("/")[0] in err[-1], err
+
+
+@pytest.mark.parametrize("part, edit, words", [
+    ("dit/config.json", dict(heads="2"), "heads = '2' is not of type int"),  # --sp's check: a TypeError
+    ("vae/config.json", dict(channels=8), "channels = 8 is not a list of whole numbers"),
+    ("sample.json", dict(steps="3"), "steps = '3' is not of type int"),
+    ("sample.json", dict(fps=None), "fps = None is not of type float"),
+    ("sample.json", ["a list"], "sample.json holds a JSON list, not an object"),
+    ("dit/config.json", 42, "config.json holds a JSON int, not an object"),
+])
+def test_config_of_a_wrong_type_is_one_line(ckpt, tmp_path, monkeypatch, capsys, part, edit, words):
+    """A hand-edited or damaged config file (a value of another type, JSON that is no object): one
+    line naming the file and the field, exit code 2, before any weights load (was a TypeError or
+    AttributeError traceback)."""
+    import shutil
+    root = tmp_path / "ck"
+    shutil.copytree(ckpt, root)
+    f = root / part
+    new = {**json.loads(f.read_text()), **edit} if isinstance(edit, dict) else edit
+    f.write_text(json.dumps(new))
+    monkeypatch.setattr(sample, "load_ckpt", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(root), "--prompt", "x", "--out", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and str(f) in err[-1] and words in err[-1], err
+
+
+@pytest.mark.parametrize("part, text, words", [
+    ("text_encoder/tokenizer.json", "", "(JSONDecodeError: "),  # was the bare "Expecting value: ..."
+    ("text_encoder/config.json", None, "(StrictDataclassFieldValidationError: "),  # a traceback
+])
+def test_damaged_t5_file_is_one_line_naming_the_folder(ckpt, tmp_path, capsys, part, text, words):
+    import shutil
+    root = tmp_path / "ck"
+    shutil.copytree(ckpt, root)
+    f = root / part
+    f.write_text(text if text is not None else json.dumps(dict(json.loads(f.read_text()), d_model="x")))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(root), "--prompt", "x", "--out", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "Traceback" not in "".join(err), err
+    assert f"{root / 'text_encoder'}: cannot load the T5 text encoder {words}" in err[-1], err
 
 
 def test_num_frames_suggestion(ckpt):

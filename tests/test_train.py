@@ -664,10 +664,22 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--min-snr", "-1"], "--min-snr is a gamma >= 0 (0 = off; e.g. 5), got -1.0"),
     (["--vae", "{vae8}", "--size", "24x24"], "24x24 is not a positive multiple of 16"),  # the --vae given decides
     (["--vae", "{vae16}"], "--vae has 16 latent channels, the tiny DiT 8"),
+    # a hand-edited config: a TypeError mid-training (after writing OUT/log.jsonl), an AttributeError
+    (["--vae", "{vaestr}"], "vaestr/config.json: scaling_factor = 'x' is not of type float"),
+    (["--init", "{initlist}", "--lora", "2"], "initlist/config.json holds a JSON list, not an object"),
     (["--sp", "0"], "--sp must be >= 1, got 0"),
     (["--sp", "3"], "--sp 3: the tiny DiT's 4 attention heads do not divide by it"),
     (["--sp", "2"], "--sp 2 needs a multiple of 2 ranks, got 1"),
     (["--stop-at", "0"], "--stop-at is a step >= 1, got 0"),  # it would never fire
+    # options a --stage run ignored: --quick ran every step, not a few
+    (["--quick"], "--quick: options of the shapes demo (train.py without --stage)"),
+    (["--quick", "--demo-scale", "0.1"], "--quick, --demo-scale: options of the shapes demo"),
+    (["--fp32", "--peak-tflops", "500"], "--fp32, --peak-tflops: options of --simulate N, which a "
+                                         "training run ignores"),
+    (["--real"], "--real: options of --simulate N"),
+    # a released folder's scheduler number of the wrong type (a None shift: a TypeError traceback)
+    (["--init-diffusers", "{tmp}/rel"], "--init-diffusers: {tmp}/rel/scheduler/scheduler_config.json: "
+                                        "snr_shift_scale = None is not of type float"),
     (["--simulate", "0"], "--simulate N is a number of ranks >= 1, got 0"),
     (["--simulate", "-1"], "--simulate N is a number of ranks >= 1, got -1"),
     (["--simulate", "1", "--peak-tflops", "0"], "--peak-tflops must be > 0 (e.g. 989, an H100's dense bf16), got 0.0"),
@@ -675,9 +687,16 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--simulate", "1", "--peak-tflops", "inf"], "--peak-tflops must be > 0"),
     (["--simulate", "3", "--sp", "2"], "--simulate 3: --sp 2 needs a multiple of 2 ranks; simulate 4"),
     (["--simulate", "2", "--real"], "--simulate 2 --real runs on 1 real rank(s): launch 2 ranks (torchrun"),
-    *((["--stage", "vae", "--cache", "", "--frames", f, "--simulate", n, "--cp", cp],
+    *((["--stage", "vae", "--frames", f, "--simulate", n, "--cp", cp],
       f"--simulate {n}: --cp {cp} does not divide the {n} ranks")
       for f, n, cp in (("13", "2", "3"), ("9", "1", "2"), ("9", "3", "2"))),
+    # another stage's options: the run ignored them (--min-snr on the VAE; a broken --lpips file)
+    (["--stage", "vae", "--min-snr", "5", "--rows", "2"], "--min-snr, --rows: options of --stage "
+                                                          "dit, which a --stage vae run ignores"),
+    (["--stage", "vae", "--cache", "{tmp}/c"], "--cache: an option of --stage dit"),
+    (["--stage", "vae", "--encode-memory", "4"], "--encode-memory: an option of --stage dit"),
+    (["--lpips", "{tmp}/afile"], "--lpips: an option of --stage vae, which a --stage dit run ignores"),
+    (["--recon", "l1", "--batch", "2"], "--recon, --batch: options of --stage vae"),
 ])
 def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsys, extra, words):
     """Each bad value: one line naming the fix, exit code 2, before any model is loaded (issue 20)."""
@@ -686,14 +705,26 @@ def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsy
     for name, cfg in (("vae8", vae.VAEConfig(channels=(8, 8, 8, 8), layers=1, latent=8, groups=4)),
                       ("vae16", vae.VAEConfig(channels=(8, 8, 8), layers=1, latent=16, groups=4))):
         vae.CausalVAE(cfg).save(str(tmp_path / name))
+    shutil.copytree(assets["vae"], tmp_path / "vaestr")
+    cfg = json.loads((tmp_path / "vaestr" / "config.json").read_text())
+    (tmp_path / "vaestr" / "config.json").write_text(json.dumps(dict(cfg, scaling_factor="x")))
+    (tmp_path / "initlist").mkdir()
+    (tmp_path / "initlist" / "config.json").write_text("[3]")
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (tmp_path / "rel" / sub).mkdir(parents=True)
+    (tmp_path / "rel" / "scheduler" / "scheduler_config.json").write_text('{"snr_shift_scale": null}')
+    (tmp_path / "rel" / "transformer" / "config.json").write_text("{}")  # (read after the scheduler)
     clip = next(e["path"] for e in data.read_manifest(assets["manifest"]) if e["path"].endswith(".mkv"))
     for phase in ("build_dit", "build_vae"):
         monkeypatch.setattr(train, phase, lambda job: pytest.fail("a model was loaded"))
-    fmt = dict(tmp=tmp_path, clip=clip, vae8=tmp_path / "vae8", vae16=tmp_path / "vae16")
-    with pytest.raises(SystemExit) as e:
-        train.main(dit_args(assets, tmp_path / "run", *[v.format(**fmt) for v in extra]))
+    fmt = dict(tmp=tmp_path, clip=clip, vae8=tmp_path / "vae8", vae16=tmp_path / "vae16",
+               vaestr=tmp_path / "vaestr", initlist=tmp_path / "initlist")
+    argv = [v.format(**fmt) for v in extra]
+    with pytest.raises(SystemExit) as e:  # a VAE case: no DiT options (--vae, --text-encoder, --cache)
+        train.main(vae_args(assets["manifest"], tmp_path / "run", *argv) if "vae" in extra
+                   else dit_args(assets, tmp_path / "run", *argv))
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and "Traceback" not in "".join(err) and words in err[-1], err
+    assert e.value.code == 2 and "Traceback" not in "".join(err) and words.format(tmp=tmp_path) in err[-1], err
 
 
 def test_model_folders_and_lpips_files_are_checked_first(assets, tmp_path, monkeypatch, capsys):
@@ -752,6 +783,8 @@ def test_dit_needs_vae_and_text_encoder(assets, tmp_path, capsys):
     ("vae-truncated", "model.safetensors: not a readable safetensors file"),
     ("init-truncated", "(SafetensorError: "),
     ("t5-truncated", "copy or export it again"),
+    # a config value of the wrong type: transformers' StrictDataclassError, a traceback before
+    ("t5-config-type", "Validation error for field 'd_model'"),
     ("lpips-not-torch", "(UnpicklingError: "),
 ])
 def test_damaged_or_wrong_model_files_exit_2(assets, tmp_path, capsys, case, words):
@@ -769,6 +802,13 @@ def test_damaged_or_wrong_model_files_exit_2(assets, tmp_path, capsys, case, wor
     elif case == "lpips-not-torch":
         flag, path = "--lpips", str(tmp_path / "notes.pth")
         argv = vae_args(assets["manifest"], tmp_path / "run", "--lpips", path)
+    elif case == "t5-config-type":
+        flag, path = "--text-encoder", str(tmp_path / "t5")
+        shutil.copytree(assets["t5"], path)
+        cfg = json.loads((tmp_path / "t5" / "config.json").read_text())
+        (tmp_path / "t5" / "config.json").write_text(json.dumps(dict(cfg, d_model="x")))
+        argv = dit_args(assets, tmp_path / "run", *SMALL, "--steps", "1", "--cache", str(tmp_path / "cache"),
+                        flag, path)
     else:
         flag, src = {"vae-truncated": ("--vae", assets["vae"]), "init-truncated": ("--init", tmp_path / "dit"),
                      "t5-truncated": ("--text-encoder", assets["t5"])}[case]

@@ -533,11 +533,28 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
     (tmp_path / "notes.mp4").write_text("not a video\n" * 20)
     cases = [(["--reconstruct", str(tmp_path / "notes.mp4")], "notes.mp4: cannot decode"),
              (["--reconstruct", str(tmp_path / "gone.mp4")], "gone.mp4: no such file"),
+             (["--reconstruct", str(tmp_path)], f"{tmp_path}: a folder; pass one video file"),
+             (["--reconstruct", str(clip), "--ckpt", str(tmp_path), "--preset", "cogvideox-2b"],
+              "--preset picks a random-weight model; --ckpt has its own: drop one"),  # was ignored
              (["--reconstruct", str(clip), "--ckpt", str(tmp_path / "no_ckpt")],
               "no_ckpt does not exist"),
              (["--reconstruct", str(clip), "--tile", "6"], "multiple of the spatial factor 4"),
              (["--reconstruct", str(clip), "--frames", "0"], "--frames"),
              (["--reconstruct", str(clip), "--out", str(clip)], "would overwrite the --reconstruct")]
+    # a hand-edited or damaged config.json: a TypeError / ZeroDivisionError traceback before
+    ck = tmp_path / "ck"
+    CausalVAE(VAE_PRESETS["tiny"]).save(ck)
+    good = json.loads((ck / "config.json").read_text())
+    for edit, text in (({"channels": 8}, "channels = 8 is not a list of whole numbers"),
+                       ({"latent": "four"}, "latent = 'four' is not of type int"),
+                       ({"channels": [16, "32", 32]}, "is not a list of whole numbers"),
+                       (42, "config.json holds a JSON int, not an object of settings")):
+        bad = tmp_path / f"bad{len(cases)}"
+        bad.mkdir()
+        (bad / "model.safetensors").symlink_to(ck / "model.safetensors")
+        (bad / "config.json").write_text(json.dumps({**good, **edit} if isinstance(edit, dict)
+                                                    else edit))
+        cases.append((["--reconstruct", str(clip), "--ckpt", str(bad)], text))
     for argv, text in cases:
         with pytest.raises(SystemExit) as e:
             vae.main(argv + ["--device", "cpu"])
