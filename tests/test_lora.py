@@ -21,6 +21,7 @@ import data
 import dit
 import sample
 import train
+import vae
 from dit import ExpertDiT
 from test_dit import (diffusers_15, diffusers_model, inputs, randomize, run_diffusers,
                       run_diffusers_15, small)
@@ -492,7 +493,7 @@ def test_train_lora_from_a_released_folder_then_sample(released, assets, tmp_pat
     assert dit.load_lora(ref, lora) == 4 * ref.cfg.layers  # to_q, to_k, to_v, to_out.0
     sample.main(["--model-dir", str(released), "--lora", str(lora), "--prompt", PROMPTS[0],
                  "--out", str(tmp_path / "v.mp4"), "--num-frames", "5", "--height", "16",
-                 "--width", "16",                 "--steps", "2"])
+                 "--width", "16", "--steps", "2"])
     assert (tmp_path / "v.mp4").exists()
 
 
