@@ -181,10 +181,16 @@ def sampling_timesteps(num_steps=50, num_train_steps=1000):
     round(arange(N, 0, −N/n)) − 1.
 
     For n = 50: 999, 979, …, 19. It always starts at N−1, where zero terminal SNR makes x_t pure
-    noise. Rounding is half-to-even, like numpy's (torch.round does the same)."""
+    noise. Rounding is half-to-even, like numpy's (torch.round does the same). The values are
+    numpy's arange to the bit, N + i·δ with δ = (N − N/n) − N: torch.arange computes N − i·(N/n),
+    which differs in the last bit, and where N/n·i is a half (n = 48: 937.5, 687.5, ...) the two
+    round apart: 6 of the 48 timesteps were one off the released scheduler's."""
     if not 1 <= num_steps <= num_train_steps:
         raise ValueError(f"num_steps must be in [1, {num_train_steps}] (got {num_steps})")
-    ts = torch.arange(num_train_steps, 0, -num_train_steps / num_steps, dtype=torch.float64)  # (n,)
+    step = -num_train_steps / num_steps
+    n = len(torch.arange(num_train_steps, 0, step, dtype=torch.float64))  # numpy's length too
+    delta = (num_train_steps + step) - num_train_steps  # numpy's fill: the first gap, rounded
+    ts = num_train_steps + torch.arange(n, dtype=torch.float64) * delta  # (n,)
     return torch.round(ts).long() - 1  # (n,)
 
 

@@ -46,6 +46,20 @@ def test_schedule_equals_diffusers(shift):
         assert torch.equal(D.sampling_timesteps(n), _diffusers_sched("ddim", shift, n).timesteps), n
 
 
+def test_sampling_timesteps_equal_diffusers_for_every_step_count():
+    """Every n in 1..N, for N = 1000 and the odd N = 999: the released trailing timesteps to the
+    integer (numpy's arange rounds apart from torch's where N/n·i is a half: n = 48, 96, ...)."""
+    for N in (1000, 999):
+        s = _diffusers_sched("ddim", 1.0, 1)
+        s.register_to_config(num_train_timesteps=N)
+        off = []
+        for n in range(1, N + 1):
+            s.set_timesteps(n)
+            if not torch.equal(D.sampling_timesteps(n, N), s.timesteps):
+                off.append(n)
+        assert not off, (N, off[:10], len(off))
+
+
 def test_v_prediction_identities():
     g = torch.Generator().manual_seed(0)
     ac = D.alphas_cumprod(snr_shift_scale=3.0)
