@@ -137,6 +137,15 @@ def guided(dit, cond, uncond, scale, steps, dynamic=False, image=None, min_t=0):
 
 # ----- generation: Figure 1 read backwards (§3, App. A) -----
 
+def randn(shape, g):
+    """torch.randn(shape) on the CPU from generator g, or, g a list of one generator per row (per
+    prompt), row i from g[i] alone (diffusers' randn_tensor): a prompt's noise is then its own
+    seed's whatever the batch it is sampled in."""
+    if isinstance(g, torch.Generator):
+        return torch.randn(shape, generator=g)
+    return torch.cat([torch.randn((1, *shape[1:]), generator=gi) for gi in g])  # (B, ...)
+
+
 @contextlib.contextmanager
 def on(module, device, offload):
     """Runs a stage with `module` on `device`; with offload it goes back to the CPU afterwards, so a
@@ -229,9 +238,11 @@ def generate(dit, vae, text, prompts, cfg=SampleConfig(), *, seed=0, image=None,
     was trained with (default: diffusion.alphas_cumprod with cfg.snr_shift_scale); device: where
     to run (default: where the DiT is); offload: keep each model on the CPU except during its own
     stage (big models on one accelerator); stream: chunked VAE decode (low memory). `generator` (a
-    CPU torch.Generator) overrides `seed`. Random draws follow the diffusers pipeline (image
-    latent, then the initial noise as (B, T', C, h, w), then the sampler's noise), so the same
-    generator gives the same latents (DPM++ too: diffusion.sample draws as the released scheduler).
+    CPU torch.Generator, or a list of one per prompt) overrides `seed`. Random draws follow the
+    diffusers pipeline (image latent, then the initial noise as (B, T', C, h, w), then the
+    sampler's noise), so the same generator gives the same latents (DPM++ too: diffusion.sample
+    draws as the released scheduler); with a list, prompt i draws its rows from generator i alone
+    (as the pipeline given a list), so its video does not depend on the prompts batched with it.
     return_latents: the final DiT-space latent (B, C, T', h, w) instead of the video.
     A DiT with a temporal patch (CogVideoX 1.5) denoises T' + k latent frames, k padding frames in
     front making whole patches, and drops them at the end, as the 1.5 pipelines do; for I2V the
@@ -248,6 +259,9 @@ def generate(dit, vae, text, prompts, cfg=SampleConfig(), *, seed=0, image=None,
     if image is not None and image.dim() == 4 and len(image) not in (1, len(prompts)):
         raise ValueError(f"got {len(image)} images for {len(prompts)} prompts; "
                          "pass one image or one per prompt")
+    if isinstance(generator, (list, tuple)) and len(generator) != len(prompts):
+        raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts; "
+                         "pass one generator or one per prompt")
     device = torch.device(device) if device is not None else next(dit.parameters()).device
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
     B, C = len(prompts), dit.cfg.out_channels
@@ -265,20 +279,21 @@ def generate(dit, vae, text, prompts, cfg=SampleConfig(), *, seed=0, image=None,
             x = image[:, :, None].to(device, next(vae.parameters()).dtype)  # (B, 3, 1, H, W)
             post = [vae.encode(x[i:i + 1]) for i in range(B)]
             # eps drawn on the CPU generator, so a CUDA run gets the same numbers
-            z0 = torch.cat([p.sample(eps=torch.randn(p.mean.shape, generator=g))
-                            for p in post])  # (B, C, 1, h, w)
+            one = isinstance(g, torch.Generator)  # else image i draws from generator i
+            z0 = torch.cat([p.sample(eps=randn(p.mean.shape, g if one else g[i:i + 1]))
+                            for i, p in enumerate(post)])  # (B, C, 1, h, w)
         img = z0.float() * cfgv.image_scale  # (B, C, 1, h, w); 1.5: z / scaling factor (vae.py)
 
     # The released pipeline draws (B, T', C, h, w) and permutes; drawing this shape keeps the same
     # noise per seed. All draws use the CPU generator and move, so a seed means the same video on
     # any device.
-    x_T = torch.randn(shape, generator=g).permute(0, 2, 1, 3, 4).to(device)  # (B, C, T', h, w)
+    x_T = randn(shape, g).permute(0, 2, 1, 3, 4).to(device)  # (B, C, T', h, w)
     with on(dit, device, offload):  # stage 2: the denoising loop, §3
         dtype = next(dit.parameters()).dtype
         v_fn = guided(dit, cond.to(dtype), neg.to(dtype), cfg.cfg, cfg.steps, cfg.dynamic_cfg, img,
                       cfg.cfg_min_t)
         # DPM++ noise in the pipeline's layout too: (B, T', C, h, w) drawn, then permuted
-        draw = lambda: torch.randn(shape, generator=g).permute(0, 2, 1, 3, 4)  # noqa: E731
+        draw = lambda: randn(shape, g).permute(0, 2, 1, 3, 4)  # noqa: E731
         z = diffusion.sample(v_fn, x_T, ac, cfg.steps, cfg.sampler, progress=progress, draw=draw)
     z = z[:, :, k:]  # (B, C, T', h, w): the padding frames in front dropped (1.5)
     if return_latents:
@@ -563,7 +578,8 @@ def main(argv=None):
     p.add_argument("--prompts-file", help="one prompt per line (blank lines and #comments skipped)")
     p.add_argument("--out", default="samples", help="output .mp4 (one prompt) or folder")
     p.add_argument("--preset", choices=sorted(PRESETS), help="sampling defaults (else the ckpt's)")
-    p.add_argument("--seed", type=int, default=0, help="the batch from prompt i uses seed + i")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (whatever "
+                   "--batch-size)")
     p.add_argument("--num-frames", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
@@ -653,7 +669,9 @@ def run(a, p):
           f" | uncond {cfg.uncond}")
     for i in range(0, len(prompts), a.batch_size):
         chunk = prompts[i:i + a.batch_size]
-        videos = generate(net, ae, text, chunk, cfg, seed=a.seed + i, ac=ac, image=image,
+        # prompt j draws from seed + j alone: the same video whatever --batch-size
+        gens = [torch.Generator().manual_seed(a.seed + i + j) for j in range(len(chunk))]
+        videos = generate(net, ae, text, chunk, cfg, generator=gens, ac=ac, image=image,
                           device=a.device, offload=a.offload, stream=a.stream,
                           progress=rank == 0)  # (b, 3, T, H, W), the same on every rank
         for j, video in enumerate(videos if rank == 0 else []):  # rank 0 writes

@@ -429,6 +429,17 @@ def test_release_matches_diffusers_pipeline(released, tmp_path, name):
     ours = sample.generate(net, ae, text, PROMPTS[:1], sc, seed=4, ac=ac, image=img, progress=False,
                            return_latents=True)  # (1, C, T', h, w)
     assert ref.abs().mean() > 0.1 and torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
+    # one generator per prompt (what the CLI passes: prompt i from seed + i) == the pipeline given
+    # a list of generators: the image latents, the initial noise and DPM++'s noise row by row
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (4, 9)]  # noqa: E731
+    imgs = torch.stack([img, -img]) if img is not None else None  # (2, 3, H, W)
+    kw = dict(image=imgs) if img is not None else {}
+    ref = pipe(prompt=PROMPTS[:2], num_frames=9, height=16, width=16, num_inference_steps=4,
+               guidance_scale=5.0, generator=gens(), output_type="latent", max_sequence_length=8,
+               **kw).frames.permute(0, 2, 1, 3, 4)  # (2, C, T', h, w)
+    ours = sample.generate(net, ae, text, PROMPTS[:2], sc, generator=gens(), ac=ac, image=imgs,
+                           progress=False, return_latents=True)  # (2, C, T', h, w)
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
 
 
 @pytest.mark.parametrize("extra", [["--num-frames", "13"], ["--height", "32"]])
@@ -631,6 +642,32 @@ def test_cli_bad_values_exit_2_before_loading(ckpt, tmp_path, monkeypatch, capsy
         sample.main(argv + [v.format(tmp=tmp_path) for v in extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and words.format(tmp=tmp_path) in err[-1], err
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_batch_size_does_not_change_a_prompts_video(ckpt, tmp_path, monkeypatch, sampler):
+    """--seed S: prompt i's video is drawn from seed S + i alone, whatever --batch-size (a batch
+    of 2 drew both prompts from S: prompt 1's video changed, and with DPM++ prompt 0's too), and it
+    is generate(prompt i alone, seed=S + i)."""
+    got = {}
+    monkeypatch.setattr(sample.data, "write_video", lambda v, path, fps: got.setdefault(
+        (bs, os.path.basename(path)), v.clone()))
+    monkeypatch.setattr(sample.data, "contact_sheet", lambda *a, **k: None)
+    for bs in (1, 2, 3):
+        sample.main(["--ckpt", str(ckpt), *sum([["--prompt", q] for q in PROMPTS], []), "--out",
+                     str(tmp_path / "o"), "--seed", "5", "--sampler", sampler,
+                     "--batch-size", str(bs)])
+    net, ae, text, cfg = sample.load_ckpt(str(ckpt))
+    names = sorted(n for b, n in got if b == 1)
+    assert len(names) == 3 and len(got) == 9
+    for i, name in enumerate(names):
+        alone = sample.generate(net, ae, text, PROMPTS[i:i + 1], replace(cfg, sampler=sampler),
+                                seed=5 + i, progress=False)[0]
+        for bs in (1, 2, 3):
+            assert torch.allclose(got[bs, name], alone, atol=1e-5), (bs, name)
+    with pytest.raises(ValueError, match="one per prompt"):
+        sample.generate(net, ae, text, PROMPTS[:2], cfg, generator=[torch.Generator()],
+                        progress=False)
 
 
 def test_out_suffix_in_any_case_is_a_file(ckpt, tmp_path, monkeypatch):
