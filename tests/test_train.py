@@ -1273,6 +1273,13 @@ def test_demo_quick(tmp_path, capsys):
     assert name in videos
     grid = PIL.Image.open(tmp_path / "samples" / "grid.png")
     assert grid.height >= len(prompts) * 32  # one row per prompt
+    # the file's seed is the one sample.py takes: the same prompt and seed give the same video
+    # (--steps 4: the quick demo's; the others from the checkpoint's sample.json)
+    sample.main(["--ckpt", str(tmp_path / "dit"), "--prompt", prompts[held][0], "--steps", "4",
+                 "--seed", str(seeds - 1), "--out", str(tmp_path / "again.mp4")])
+    a, b = (data.load_video(str(f), 9) for f in (tmp_path / "samples" / name,
+                                                  tmp_path / "again.mp4"))
+    assert torch.equal(a, b)
 
 
 def test_training_options_without_stage_do_not_start_the_demo(tmp_path, monkeypatch, capsys):
