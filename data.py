@@ -565,22 +565,54 @@ def probe(path):
     """Header facts without decoding a clip: {"height", "width", "frames", "fps", "seconds"}.
 
     Height and width after rotation. webm/mkv store no frame count (stream.frames == 0): it is
-    estimated from duration x rate."""
+    estimated from the video stream's own duration x rate (see _video_seconds)."""
     if _is_image(path):
         x = _load_image(path)  # (3, h, w)
         return {"height": x.shape[1], "width": x.shape[2], "frames": 1, "fps": None, "seconds": 0.0}
     with _open(path) as container:
         s = container.streams.video[0]
         rate = float(s.average_rate or s.guessed_rate or 0)
-        seconds = (float(s.duration * s.time_base) if s.duration is not None
-                   else (container.duration or 0) / av.time_base)
         try:
             first = next(container.decode(s))  # one frame: its rotation (phone clips) and true size
         except (StopIteration, av.FFmpegError) as e:
             raise BadVideo(f"no frames decoded ({e})") from None
         _, h, w = _rgb(first).shape
-        frames = s.frames or max(1, round(seconds * rate))
+        seconds, counted = _video_seconds(path, container)
+        frames = s.frames or counted or max(1, round(seconds * rate))
         return {"height": h, "width": w, "frames": frames, "fps": rate or None, "seconds": seconds}
+
+
+def _video_seconds(path, container):
+    """The video stream's own length -> (seconds, frames counted or 0): its duration, else the
+    DURATION tag mkv / webm muxers write per stream, else the container's when it holds nothing
+    else, else its packets are read (demuxed, not decoded) and counted: a file written without a
+    duration (a live or browser recording) was planned as a 1-frame still. A longer audio track
+    sets the container's duration (a 47-frame webm with 0.5 s more audio was planned as 59
+    frames, then dropped as truncated)."""
+    s = container.streams.video[0]
+    if s.duration is not None:
+        return float(s.duration * s.time_base), 0
+    tag = s.metadata.get("DURATION", "")  # "HH:MM:SS.nnnnnnnnn"
+    try:
+        hms = [float(v) for v in tag.split(":")]
+        if len(hms) == 3 and all(math.isfinite(v) and v >= 0 for v in hms) and any(hms):
+            return hms[0] * 3600 + hms[1] * 60 + hms[2], 0
+    except ValueError:
+        pass
+    if container.duration and len(container.streams) == 1:
+        return container.duration / av.time_base, 0
+    n, end, t0 = 0, None, s.start_time or 0
+    try:
+        with _open(path) as c:
+            v = c.streams.video[0]
+            tb = v.time_base
+            for p in c.demux(v):
+                if p.size and p.pts is not None:  # (the demuxer's final packet is empty)
+                    n += 1
+                    end = max(end or 0, p.pts + (p.duration or 0))
+    except av.FFmpegError:  # a damaged tail: what was read so far
+        pass
+    return (float((end - t0) * tb) if end is not None else 0.0), n
 
 
 # ----- metadata in the manifest: probed once, in parallel -----

@@ -166,6 +166,47 @@ def test_audio_stream(tmp_path):
     assert frame_ids(data.load_video(p, 9, 32, 32)) == list(range(9))
 
 
+def test_probe_counts_the_video_not_a_longer_audio_track_or_a_missing_duration(tmp_path):
+    """mkv / webm hold no frame count: it came from the container's duration, which a longer audio
+    track sets (47 frames planned as 59, then dropped as truncated), and a file written without a
+    duration (a live or browser recording) was planned as a 1-frame still."""
+    import io
+
+    class Pipe(io.RawIOBase):  # a non-seekable output: the muxer cannot go back to write lengths
+        def __init__(self, f):
+            self.f = f
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            return self.f.write(b)
+
+    def clip(path, T, fps, audio_seconds, live):
+        with open(path, "wb") as raw:
+            with av.open(Pipe(raw) if live else raw, "w", format="matroska") as c:
+                s = c.add_stream("ffv1", rate=fps)
+                s.height, s.width, s.pix_fmt = 32, 32, "yuv444p"
+                a = c.add_stream("aac", rate=16000)
+                for i in range(T):
+                    f = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 5 * i, np.uint8),
+                                                   format="rgb24")
+                    for p in s.encode(f):
+                        c.mux(p)
+                for p in s.encode():
+                    c.mux(p)
+                silence(c, a, int(16000 * audio_seconds) // 1024, "fltp", np.float32)
+        return str(path)
+
+    stage = data.Stage([(32, 32)], [1, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49])
+    for live in (False, True):
+        p = clip(tmp_path / f"a{int(live)}.mkv", 47, 24, 47 / 24 + 0.5, live)
+        meta = data.probe(p)
+        assert meta["frames"] == 47 and abs(meta["seconds"] - 47 / 24) < 0.01, (live, meta)
+        ds = data.VideoDataset([{"path": p, "caption": ""}], stage)
+        assert ds.shapes == [(45, 32, 32)] and ds[0] is not None and ds.skipped == 0
+
+
 def test_rotation_metadata(tmp_path):
     def paint(i):  # stored landscape 48x32 with a red block in the top-left corner
         img = np.zeros((32, 48, 3), np.uint8)
