@@ -1237,12 +1237,14 @@ def score_entry(entry, cfg=FilterConfig(), classifier=None):
     a callable (3, T, H, W) -> {label: probability of that negative label}; each becomes a score and
     drops the clip above cfg.max_negative."""
     meta = probe(entry["path"])
-    clip = not _is_image(entry["path"])
-    video = load_video(entry["path"], cfg.max_frames, cfg.size, cfg.size, fps=cfg.fps)
+    clip, start = not _is_image(entry["path"]), entry.get("start")
+    # an entry's "start" makes it a clip of its file: scored from there, as training decodes it
+    video = load_video(entry["path"], cfg.max_frames, cfg.size, cfg.size, fps=cfg.fps, start=start)
     if clip and video.shape[1] < 5:  # too short to sample at cfg.fps: score every frame instead
-        video = load_video(entry["path"], cfg.max_frames, cfg.size, cfg.size)
+        video = load_video(entry["path"], cfg.max_frames, cfg.size, cfg.size, start=start)
     s = clip_scores(video, cfg)
-    s["seconds"] = meta["seconds"] or (meta["frames"] - 1) / (meta["fps"] or cfg.fps)
+    s["seconds"] = max(0.0, (meta["seconds"] or (meta["frames"] - 1) / (meta["fps"] or cfg.fps))
+                       - (start or 0.0))
     why = []
     if s["highlight"] < cfg.min_highlight:
         why.append(f"too dark (highlight {s['highlight']:.3f} < {cfg.min_highlight})")
@@ -1911,7 +1913,8 @@ def _inspect(entries, args):
     ok = 0
     for e in entries:
         try:
-            v = load_video(e["path"], args.frames, args.height, args.width, args.fps, pad=args.pad)
+            v = load_video(e["path"], args.frames, args.height, args.width, args.fps,
+                           e.get("start"), pad=args.pad)
             print(f"{e['path']}: ok {tuple(v.shape)}")
             ok += 1
         except BadVideo as err:

@@ -468,6 +468,23 @@ def test_stage_subset_top_quality(shapes_set):
 
 # ----- filters -----
 
+def test_filter_and_inspect_take_an_entry_from_its_start(tmp_path, capsys):
+    """An entry's "start" (a clip of a longer file, as training decodes it) was ignored by the
+    filters and `inspect`: scored from second 0 of the file (its still black first half dropped
+    the moving clip as "static frames") with the file's whole length as its seconds."""
+    def paint(i):  # 2 s of black, then 2 s of a moving square (8 fps)
+        img = np.zeros((32, 32, 3), np.uint8)
+        if i >= 16:
+            img[10:20, 2 + (i - 16):12 + (i - 16)] = (255, 255, 255)
+        return img
+    p = write(tmp_path / "two.mkv", T=32, H=32, W=32, fps=8, paint=paint)
+    s, why = data.score_entry({"path": p, "caption": "", "start": 2.0})
+    assert why == [] and s["static"] == 0 and s["seconds"] == pytest.approx(2.0), (s, why)
+    m = data.write_manifest([{"path": p, "caption": "", "start": 3.5}], tmp_path / "m.jsonl")
+    data.main(["inspect", m, "--height", "32", "--width", "32", "--frames", "9"])
+    assert f"{p}: ok (3, 1, 32, 32)" in capsys.readouterr().out  # 4 frames left after 3.5 s
+
+
 def test_filters_cli(tmp_path, capsys):
     rng = np.random.default_rng(0)
 
