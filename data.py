@@ -821,7 +821,9 @@ class VideoDataset(torch.utils.data.Dataset):
             n = max(1, n - math.ceil(e["start"] * meta["fps"] - 1e-6))
         if self.stage.fps and meta.get("fps"):  # frames available at the stage rate
             n = int((n - 1) * self.stage.fps / meta["fps"] + 1e-6) + 1
-        clip_frames = [f for f in self.stage.frames if f > 1]
+        # a stage of stills only (frames [1]): a clip gives one frame, as the stage asks (it was
+        # planned at its whole length in pack mode and failed in bucket mode)
+        clip_frames = [f for f in self.stage.frames if f > 1] or [1]
         if self.mode == "bucket":  # short clips are padded on purpose (released pad_last_frame)
             return (max(clip_frames), H, W), min(n, max(clip_frames)), n
         fits = [f for f in clip_frames if f <= n]

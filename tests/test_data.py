@@ -1004,6 +1004,17 @@ def test_plan_counts_frames_from_the_entry_start_and_needs_full_metadata(tmp_pat
     assert ds.shapes == [(9, 32, 32)] and ds[0] is not None  # 12 frames at 4 fps, not 24
 
 
+def test_a_stage_of_stills_takes_one_frame_of_each_clip(tmp_path):
+    """train.py --frames 1 (every stage of stills): a clip gives its first frame. Pack mode planned
+    it at its whole length (21 frames, in a stage that asks for 1) and bucket mode (the VAE) failed
+    with 'max() arg is an empty sequence'."""
+    p = write(tmp_path / "a.mkv", T=21, H=32, W=32, fps=8)
+    for mode in ("pack", "bucket"):
+        ds = data.VideoDataset([{"path": p, "caption": ""}], data.Stage([(32, 32)], [1]), mode)
+        assert ds.shapes == [(1, 32, 32)], mode
+        assert frame_ids(ds[0]["video"]) == [0] and ds.skipped == 0
+
+
 def test_frame_pack_rows_balanced_across_ranks_on_a_realistic_mix():
     """balance=0.05: on images and 17/49/81-frame clips at 480x720 and 768x1360 (the released
     VAE and patch, 226 text tokens), every global batch's ranks cost within 10% of each other
