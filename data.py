@@ -623,7 +623,16 @@ META = ("height", "width", "frames", "fps", "duration")
 
 
 def has_meta(entry):
-    return all(k in entry for k in META)
+    """Does the entry hold META that can plan it? Sizes and frame count whole numbers > 0, fps a
+    number > 0 or None (a still, or a rate its header does not give), as probe records them. A
+    manifest from another tool may hold null, 0 or strings there (a webm's frame count 0 planned
+    a clip as a 1-frame still; null was a TypeError): such an entry is probed like one without."""
+    if not all(k in entry for k in META):
+        return False
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
+    fps = entry["fps"]
+    return all(whole(entry[k]) for k in ("height", "width", "frames")) and (fps is None or (
+        isinstance(fps, (int, float)) and not isinstance(fps, bool) and 0 < fps < math.inf))
 
 
 def content_hash(path, sample=1 << 16):

@@ -1004,6 +1004,25 @@ def test_plan_counts_frames_from_the_entry_start_and_needs_full_metadata(tmp_pat
     assert ds.shapes == [(9, 32, 32)] and ds[0] is not None  # 12 frames at 4 fps, not 24
 
 
+def test_metadata_of_the_wrong_kind_is_probed_again(tmp_path):
+    """A manifest from another tool may hold null, 0 or strings in data.META (a webm's frame
+    count is 0 in its header; pandas writes null): such an entry is probed, as one without META.
+    Frames 0 planned a 21-frame clip as a 1-frame still, silently; null was a TypeError."""
+    p = write(tmp_path / "a.mkv", T=21, H=32, W=48, fps=8)
+    good = {"path": p, "caption": "", "height": 32, "width": 48, "frames": 21, "fps": 8,
+            "duration": 2.625}
+    assert data.has_meta(good) and data.has_meta(dict(good, fps=None, duration=None))
+    stage = data.Stage([(32, 48)], [1, 9, 17])
+    for k, v in [("frames", 0), ("frames", None), ("frames", "21"), ("frames", 21.0),
+                 ("height", None), ("width", 0), ("height", True), ("fps", 0), ("fps", "8")]:
+        e = dict(good, **{k: v})
+        assert not data.has_meta(e), (k, v)
+        ds = data.VideoDataset([e], stage)
+        assert ds.shapes == [(17, 32, 48)] and ds.skipped == 0, (k, v)
+        (got,), bad = data.probe_entries([e])  # train.py's up-front probe re-records it
+        assert not bad and data.has_meta(got) and got["frames"] == 21 and got["width"] == 48
+
+
 def test_a_stage_of_stills_takes_one_frame_of_each_clip(tmp_path):
     """train.py --frames 1 (every stage of stills): a clip gives its first frame. Pack mode planned
     it at its whole length (21 frames, in a stage that asks for 1) and bucket mode (the VAE) failed
