@@ -565,22 +565,54 @@ def probe(path):
     """Header facts without decoding a clip: {"height", "width", "frames", "fps", "seconds"}.
 
     Height and width after rotation. webm/mkv store no frame count (stream.frames == 0): it is
-    estimated from duration x rate."""
+    estimated from the video stream's own duration x rate (see _video_seconds)."""
     if _is_image(path):
         x = _load_image(path)  # (3, h, w)
         return {"height": x.shape[1], "width": x.shape[2], "frames": 1, "fps": None, "seconds": 0.0}
     with _open(path) as container:
         s = container.streams.video[0]
         rate = float(s.average_rate or s.guessed_rate or 0)
-        seconds = (float(s.duration * s.time_base) if s.duration is not None
-                   else (container.duration or 0) / av.time_base)
         try:
             first = next(container.decode(s))  # one frame: its rotation (phone clips) and true size
         except (StopIteration, av.FFmpegError) as e:
             raise BadVideo(f"no frames decoded ({e})") from None
         _, h, w = _rgb(first).shape
-        frames = s.frames or max(1, round(seconds * rate))
+        seconds, counted = _video_seconds(path, container)
+        frames = s.frames or counted or max(1, round(seconds * rate))
         return {"height": h, "width": w, "frames": frames, "fps": rate or None, "seconds": seconds}
+
+
+def _video_seconds(path, container):
+    """The video stream's own length -> (seconds, frames counted or 0): its duration, else the
+    DURATION tag mkv / webm muxers write per stream, else the container's when it holds nothing
+    else, else its packets are read (demuxed, not decoded) and counted: a file written without a
+    duration (a live or browser recording) was planned as a 1-frame still. A longer audio track
+    sets the container's duration (a 47-frame webm with 0.5 s more audio was planned as 59
+    frames, then dropped as truncated)."""
+    s = container.streams.video[0]
+    if s.duration is not None:
+        return float(s.duration * s.time_base), 0
+    tag = s.metadata.get("DURATION", "")  # "HH:MM:SS.nnnnnnnnn"
+    try:
+        hms = [float(v) for v in tag.split(":")]
+        if len(hms) == 3 and all(math.isfinite(v) and v >= 0 for v in hms) and any(hms):
+            return hms[0] * 3600 + hms[1] * 60 + hms[2], 0
+    except ValueError:
+        pass
+    if container.duration and len(container.streams) == 1:
+        return container.duration / av.time_base, 0
+    n, end, t0 = 0, None, s.start_time or 0
+    try:
+        with _open(path) as c:
+            v = c.streams.video[0]
+            tb = v.time_base
+            for p in c.demux(v):
+                if p.size and p.pts is not None:  # (the demuxer's final packet is empty)
+                    n += 1
+                    end = max(end or 0, p.pts + (p.duration or 0))
+    except av.FFmpegError:  # a damaged tail: what was read so far
+        pass
+    return (float((end - t0) * tb) if end is not None else 0.0), n
 
 
 # ----- metadata in the manifest: probed once, in parallel -----
@@ -591,7 +623,16 @@ META = ("height", "width", "frames", "fps", "duration")
 
 
 def has_meta(entry):
-    return all(k in entry for k in META)
+    """Does the entry hold META that can plan it? Sizes and frame count whole numbers > 0, fps a
+    number > 0 or None (a still, or a rate its header does not give), as probe records them. A
+    manifest from another tool may hold null, 0 or strings there (a webm's frame count 0 planned
+    a clip as a 1-frame still; null was a TypeError): such an entry is probed like one without."""
+    if not all(k in entry for k in META):
+        return False
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
+    fps = entry["fps"]
+    return all(whole(entry[k]) for k in ("height", "width", "frames")) and (fps is None or (
+        isinstance(fps, (int, float)) and not isinstance(fps, bool) and 0 < fps < math.inf))
 
 
 def content_hash(path, sample=1 << 16):
@@ -789,7 +830,9 @@ class VideoDataset(torch.utils.data.Dataset):
             n = max(1, n - math.ceil(e["start"] * meta["fps"] - 1e-6))
         if self.stage.fps and meta.get("fps"):  # frames available at the stage rate
             n = int((n - 1) * self.stage.fps / meta["fps"] + 1e-6) + 1
-        clip_frames = [f for f in self.stage.frames if f > 1]
+        # a stage of stills only (frames [1]): a clip gives one frame, as the stage asks (it was
+        # planned at its whole length in pack mode and failed in bucket mode)
+        clip_frames = [f for f in self.stage.frames if f > 1] or [1]
         if self.mode == "bucket":  # short clips are padded on purpose (released pad_last_frame)
             return (max(clip_frames), H, W), min(n, max(clip_frames)), n
         fits = [f for f in clip_frames if f <= n]
@@ -1205,12 +1248,14 @@ def score_entry(entry, cfg=FilterConfig(), classifier=None):
     a callable (3, T, H, W) -> {label: probability of that negative label}; each becomes a score and
     drops the clip above cfg.max_negative."""
     meta = probe(entry["path"])
-    clip = not _is_image(entry["path"])
-    video = load_video(entry["path"], cfg.max_frames, cfg.size, cfg.size, fps=cfg.fps)
+    clip, start = not _is_image(entry["path"]), entry.get("start")
+    # an entry's "start" makes it a clip of its file: scored from there, as training decodes it
+    video = load_video(entry["path"], cfg.max_frames, cfg.size, cfg.size, fps=cfg.fps, start=start)
     if clip and video.shape[1] < 5:  # too short to sample at cfg.fps: score every frame instead
-        video = load_video(entry["path"], cfg.max_frames, cfg.size, cfg.size)
+        video = load_video(entry["path"], cfg.max_frames, cfg.size, cfg.size, start=start)
     s = clip_scores(video, cfg)
-    s["seconds"] = meta["seconds"] or (meta["frames"] - 1) / (meta["fps"] or cfg.fps)
+    s["seconds"] = max(0.0, (meta["seconds"] or (meta["frames"] - 1) / (meta["fps"] or cfg.fps))
+                       - (start or 0.0))
     why = []
     if s["highlight"] < cfg.min_highlight:
         why.append(f"too dark (highlight {s['highlight']:.3f} < {cfg.min_highlight})")
@@ -1879,7 +1924,8 @@ def _inspect(entries, args):
     ok = 0
     for e in entries:
         try:
-            v = load_video(e["path"], args.frames, args.height, args.width, args.fps, pad=args.pad)
+            v = load_video(e["path"], args.frames, args.height, args.width, args.fps,
+                           e.get("start"), pad=args.pad)
             print(f"{e['path']}: ok {tuple(v.shape)}")
             ok += 1
         except BadVideo as err:

@@ -166,6 +166,47 @@ def test_audio_stream(tmp_path):
     assert frame_ids(data.load_video(p, 9, 32, 32)) == list(range(9))
 
 
+def test_probe_counts_the_video_not_a_longer_audio_track_or_a_missing_duration(tmp_path):
+    """mkv / webm hold no frame count: it came from the container's duration, which a longer audio
+    track sets (47 frames planned as 59, then dropped as truncated), and a file written without a
+    duration (a live or browser recording) was planned as a 1-frame still."""
+    import io
+
+    class Pipe(io.RawIOBase):  # a non-seekable output: the muxer cannot go back to write lengths
+        def __init__(self, f):
+            self.f = f
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            return self.f.write(b)
+
+    def clip(path, T, fps, audio_seconds, live):
+        with open(path, "wb") as raw:
+            with av.open(Pipe(raw) if live else raw, "w", format="matroska") as c:
+                s = c.add_stream("ffv1", rate=fps)
+                s.height, s.width, s.pix_fmt = 32, 32, "yuv444p"
+                a = c.add_stream("aac", rate=16000)
+                for i in range(T):
+                    f = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 5 * i, np.uint8),
+                                                   format="rgb24")
+                    for p in s.encode(f):
+                        c.mux(p)
+                for p in s.encode():
+                    c.mux(p)
+                silence(c, a, int(16000 * audio_seconds) // 1024, "fltp", np.float32)
+        return str(path)
+
+    stage = data.Stage([(32, 32)], [1, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49])
+    for live in (False, True):
+        p = clip(tmp_path / f"a{int(live)}.mkv", 47, 24, 47 / 24 + 0.5, live)
+        meta = data.probe(p)
+        assert meta["frames"] == 47 and abs(meta["seconds"] - 47 / 24) < 0.01, (live, meta)
+        ds = data.VideoDataset([{"path": p, "caption": ""}], stage)
+        assert ds.shapes == [(45, 32, 32)] and ds[0] is not None and ds.skipped == 0
+
+
 def test_rotation_metadata(tmp_path):
     def paint(i):  # stored landscape 48x32 with a red block in the top-left corner
         img = np.zeros((32, 48, 3), np.uint8)
@@ -426,6 +467,23 @@ def test_stage_subset_top_quality(shapes_set):
 
 
 # ----- filters -----
+
+def test_filter_and_inspect_take_an_entry_from_its_start(tmp_path, capsys):
+    """An entry's "start" (a clip of a longer file, as training decodes it) was ignored by the
+    filters and `inspect`: scored from second 0 of the file (its still black first half dropped
+    the moving clip as "static frames") with the file's whole length as its seconds."""
+    def paint(i):  # 2 s of black, then 2 s of a moving square (8 fps)
+        img = np.zeros((32, 32, 3), np.uint8)
+        if i >= 16:
+            img[10:20, 2 + (i - 16):12 + (i - 16)] = (255, 255, 255)
+        return img
+    p = write(tmp_path / "two.mkv", T=32, H=32, W=32, fps=8, paint=paint)
+    s, why = data.score_entry({"path": p, "caption": "", "start": 2.0})
+    assert why == [] and s["static"] == 0 and s["seconds"] == pytest.approx(2.0), (s, why)
+    m = data.write_manifest([{"path": p, "caption": "", "start": 3.5}], tmp_path / "m.jsonl")
+    data.main(["inspect", m, "--height", "32", "--width", "32", "--frames", "9"])
+    assert f"{p}: ok (3, 1, 32, 32)" in capsys.readouterr().out  # 4 frames left after 3.5 s
+
 
 def test_filters_cli(tmp_path, capsys):
     rng = np.random.default_rng(0)
@@ -944,6 +1002,36 @@ def test_plan_counts_frames_from_the_entry_start_and_needs_full_metadata(tmp_pat
     partial = {"path": p, "caption": "a", "height": 32, "width": 32, "frames": 24}  # no fps
     ds = data.VideoDataset([partial], data.Stage([(32, 32)], [1, 9, 17], fps=4))
     assert ds.shapes == [(9, 32, 32)] and ds[0] is not None  # 12 frames at 4 fps, not 24
+
+
+def test_metadata_of_the_wrong_kind_is_probed_again(tmp_path):
+    """A manifest from another tool may hold null, 0 or strings in data.META (a webm's frame
+    count is 0 in its header; pandas writes null): such an entry is probed, as one without META.
+    Frames 0 planned a 21-frame clip as a 1-frame still, silently; null was a TypeError."""
+    p = write(tmp_path / "a.mkv", T=21, H=32, W=48, fps=8)
+    good = {"path": p, "caption": "", "height": 32, "width": 48, "frames": 21, "fps": 8,
+            "duration": 2.625}
+    assert data.has_meta(good) and data.has_meta(dict(good, fps=None, duration=None))
+    stage = data.Stage([(32, 48)], [1, 9, 17])
+    for k, v in [("frames", 0), ("frames", None), ("frames", "21"), ("frames", 21.0),
+                 ("height", None), ("width", 0), ("height", True), ("fps", 0), ("fps", "8")]:
+        e = dict(good, **{k: v})
+        assert not data.has_meta(e), (k, v)
+        ds = data.VideoDataset([e], stage)
+        assert ds.shapes == [(17, 32, 48)] and ds.skipped == 0, (k, v)
+        (got,), bad = data.probe_entries([e])  # train.py's up-front probe re-records it
+        assert not bad and data.has_meta(got) and got["frames"] == 21 and got["width"] == 48
+
+
+def test_a_stage_of_stills_takes_one_frame_of_each_clip(tmp_path):
+    """train.py --frames 1 (every stage of stills): a clip gives its first frame. Pack mode planned
+    it at its whole length (21 frames, in a stage that asks for 1) and bucket mode (the VAE) failed
+    with 'max() arg is an empty sequence'."""
+    p = write(tmp_path / "a.mkv", T=21, H=32, W=32, fps=8)
+    for mode in ("pack", "bucket"):
+        ds = data.VideoDataset([{"path": p, "caption": ""}], data.Stage([(32, 32)], [1]), mode)
+        assert ds.shapes == [(1, 32, 32)], mode
+        assert frame_ids(ds[0]["video"]) == [0] and ds.skipped == 0
 
 
 def test_frame_pack_rows_balanced_across_ranks_on_a_realistic_mix():
