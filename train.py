@@ -1191,6 +1191,28 @@ def check(args, tc, stages, steps=(1,)):
     elif args.ema:  # (a preset's own EMA is the DiT's: the VAE stage leaves it)
         raise SettingsError("--ema keeps an average of the DiT's weights; the VAE stage has none: "
                             "drop --ema")
+    else:
+        check_vae_sizes(args, tc, stages, steps)
+
+
+def check_vae_sizes(args, tc, stages, steps):
+    """§2.1 GAN and LPIPS downsample frames 8x and 16x: a stage of smaller frames would train up to
+    disc_start (or its first LPIPS step) and then fail inside a convolution."""
+    first = 0
+    for i, st in enumerate(stages):
+        last = first + (steps[i] if i < len(steps) else 0)
+        # the simulator always runs the GAN step; a run, from disc_start on
+        need = [(vae.LPIPS.MIN_SIZE, "LPIPS (--lpips)")] if args.lpips else []
+        if args.simulate or last > tc.disc_start:  # logged step numbers count from 1
+            need.append((vae.Discriminator3D.min_size(), f"the 3D discriminator (§2.1 GAN, from "
+                                                         f"step {tc.disc_start + 1})"))
+        for h, w in st.resolutions:
+            for n, what in need:
+                if min(h, w) < n:
+                    raise SettingsError(f"stage {i}: {h}x{w} frames are too small for {what}, "
+                                        f"which needs {n} pixels a side; use --size "
+                                        f"{max(h, n)}x{max(w, n)} or larger")
+        first = last
 
 
 def lora_settings(args):

@@ -744,6 +744,7 @@ class LPIPS(nn.Module):
     (`net.sliceK.N.*`). Built only from such files (load_lpips): random weights are not LPIPS."""
 
     TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in vgg16.features
+    MIN_SIZE = 16  # VGG's 4 max-pools before relu5_3 leave 1 pixel of a 16-pixel side, 0 of 15
 
     def __init__(self):
         super().__init__()
@@ -796,9 +797,11 @@ class Discriminator3D(nn.Module):
     from a 3D discriminator"). The LDM / CogVideo discriminators use BatchNorm; we use GroupNorm
     (batches are tiny and it needs no synchronisation under DDP)."""
 
+    K = (3, 4, 4)  # time kernel 3 (padding 1) so 1-frame images pass too; 4x4 in space
+
     def __init__(self, ch=64, layers=3):
         super().__init__()
-        k, c = (3, 4, 4), ch  # time kernel 3 (padding 1) so 1-frame images pass too
+        k, c = self.K, ch
         seq = [nn.Conv3d(3, ch, k, 2, 1), nn.LeakyReLU(0.2)]
         for i in range(1, layers):
             c2 = ch * min(2 ** i, 8)
@@ -814,6 +817,20 @@ class Discriminator3D(nn.Module):
 
     def forward(self, x):  # (B, 3, T, H, W) -> (B, 1, t, h, w) logits
         return self.net(x)
+
+    @classmethod
+    def min_size(cls, layers=3):
+        """The smallest frame side (pixels) that leaves one logit: `layers` stride-2 convs, then
+        the stride-1 one (16 for 3 layers; a smaller frame fails inside conv3d)."""
+        k = cls.K[1]
+        n = 1
+        while True:
+            m = n
+            for _ in range(layers):
+                m = (m + 2 - k) // 2 + 1  # stride 2, padding 1
+            if m + 2 - k + 1 >= 1:
+                return n
+            n += 1
 
 
 def adaptive_weight(nll, gan, last_layer):

@@ -697,6 +697,14 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--stage", "vae", "--encode-memory", "4"], "--encode-memory: an option of --stage dit"),
     (["--lpips", "{tmp}/afile"], "--lpips: an option of --stage vae, which a --stage dit run ignores"),
     (["--recon", "l1", "--batch", "2"], "--recon, --batch: options of --stage vae"),
+    # frames the GAN's discriminator (from step disc_start) or LPIPS cannot take: a conv3d / max-pool
+    # traceback at the tiny preset's third step, after the training before it
+    (["--stage", "vae", "--size", "12x12", "--frames", "9"], "stage 0: 12x12 frames are too small for "
+     "the 3D discriminator (§2.1 GAN, from step 3), which needs 16 pixels a side; use --size 16x16"),
+    (["--stage", "vae", "--size", "16x8", "--simulate", "1"], "use --size 16x16 or larger"),
+    (["--stage", "vae", "--size", "8x32", "--steps", "2", "--lpips", "{tmp}/afile"],  # GAN not reached
+     "stage 0: 8x32 frames are too small for LPIPS (--lpips), which needs 16 pixels a side; use --size "
+     "16x32"),
 ])
 def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsys, extra, words):
     """Each bad value: one line naming the fix, exit code 2, before any model is loaded (issue 20)."""

@@ -351,6 +351,21 @@ def test_losses_finite_with_grads_and_gan_start(tmp_path):
         generator_loss(x, x, post, recon="huber")
 
 
+def test_discriminator_and_lpips_min_size():
+    """The smallest frames the GAN's discriminator and LPIPS take (train.py refuses smaller stages
+    up front): one pixel fewer fails inside a convolution / max-pool."""
+    n = vae.Discriminator3D.min_size()
+    assert n == 16
+    d = vae.Discriminator3D(ch=8)
+    assert d(torch.zeros(1, 3, 1, n, 40)).shape[-2] == 1
+    with pytest.raises(RuntimeError):
+        d(torch.zeros(1, 3, 1, n - 1, 40))
+    lp, m = vae.LPIPS(), vae.LPIPS.MIN_SIZE
+    assert lp(torch.zeros(1, 3, m, m), torch.zeros(1, 3, m, m)).shape == (1,)
+    with pytest.raises(RuntimeError):
+        lp(torch.zeros(1, 3, m - 1, m), torch.zeros(1, 3, m - 1, m))
+
+
 def test_gaussian(monkeypatch):
     mean, logvar = torch.zeros(2, 4, 3, 2, 2), torch.zeros(2, 4, 3, 2, 2)
     g = vae.Gaussian(mean, logvar)
