@@ -1171,6 +1171,10 @@ def check(args, tc, stages, steps=(1,)):
             if args.cp > 1 and f > 1 and (f - 1) % (tf * args.cp):
                 raise SettingsError(f"stage {i}: {f} frames cannot be split over --cp {args.cp}; "
                                     f"need (T-1) divisible by {tf * args.cp}")
+        if args.simulate and args.cp > 1 and st is stages[-1] and max(st.frames) == 1:
+            raise SettingsError(f"--simulate --cp {args.cp}: the simulated clip is 1 frame (an "
+                                f"image), which context parallel cannot split; simulate "
+                                f"--frames {tf * args.cp + 1} or more")
         for h, w in st.resolutions:
             if h < size or w < size or h % size or w % size:
                 raise SettingsError(f"stage {i}: {h}x{w} is not a positive multiple of {size} (VAE "

@@ -176,6 +176,9 @@ def cp_sizes(T, world, factor=4):
     """Frames per rank (§2.1 CP): rank 0 takes frame 0 plus an equal share of the rest, so that
     every temporal downsample pairs the same frames as in one process. factor=4 for pixel frames
     (the VAE's temporal factor), 1 for latent frames."""
+    if world > 1 and T == 1:  # every other rank would hold no frame (a conv of nothing fails)
+        raise ValueError(f"context parallel: 1 frame (an image) cannot be split over {world} "
+                         f"ranks; encode or decode it in one process (cp_group=None)")
     if T < 1 or (T - 1) % (factor * world):
         raise ValueError(f"context parallel: {T} frames cannot be split over {world} ranks; need "
                          f"(T-1) divisible by {factor * world} (e.g. T={factor * world + 1}) — "

@@ -702,6 +702,9 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--stage", "vae", "--size", "12x12", "--frames", "9"], "stage 0: 12x12 frames are too small for "
      "the 3D discriminator (§2.1 GAN, from step 3), which needs 16 pixels a side; use --size 16x16"),
     (["--stage", "vae", "--size", "16x8", "--simulate", "1"], "use --size 16x16 or larger"),
+    # an image split over ranks: an estimate of a run that cannot happen (exit 0), now refused
+    (["--stage", "vae", "--frames", "1", "--simulate", "2", "--cp", "2"], "--simulate --cp 2: the "
+     "simulated clip is 1 frame (an image), which context parallel cannot split; simulate --frames 9"),
     (["--stage", "vae", "--size", "8x32", "--steps", "2", "--lpips", "{tmp}/afile"],  # GAN not reached
      "stage 0: 8x32 frames are too small for LPIPS (--lpips), which needs 16 pixels a side; use --size "
      "16x32"),

@@ -84,6 +84,11 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="cannot be split"):
         cp_sizes(11, 2)  # (T-1) must divide by 4·world
     assert cp_sizes(17, 2) == [9, 8] and cp_sizes(5, 1, factor=1) == [5]
+    # an image on 2 ranks was [1, 0]: rank 1 then failed inside conv3d, rank 0 on the lost peer
+    assert cp_sizes(1, 1) == [1]
+    for factor in (4, 1):
+        with pytest.raises(ValueError, match="1 frame \\(an image\\) cannot be split over 2"):
+            cp_sizes(1, 2, factor)
     with pytest.raises(ValueError, match="groups"):
         CausalVAE(VAEConfig(channels=(16, 24), groups=16))
     # tiles that leave no room (overlap >= tile) blended to 0/0 = NaN, or failed deep in conv3d
