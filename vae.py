@@ -445,9 +445,13 @@ class Gaussian:
         Otherwise drawn from generator where the generator lives (a CPU generator cannot fill a CUDA
         tensor), then moved: the same seed gives the same latent on every device."""
         if eps is None:
-            dev = generator.device if generator is not None else self.mean.device
-            eps = torch.randn(self.mean.shape, generator=generator, device=dev, dtype=self.mean.dtype)
+            eps = self.noise(self.mean.shape, generator)
         return self.mean + torch.exp(0.5 * self.logvar) * eps.to(self.mean.device, self.mean.dtype)
+
+    def noise(self, shape, generator=None):
+        """eps ~ N(0, I) of `shape`, drawn where the generator lives (else on the mean's device)."""
+        dev = generator.device if generator is not None else self.mean.device
+        return torch.randn(shape, generator=generator, device=dev, dtype=self.mean.dtype)
 
     def kl(self):  # KL(q || N(0, I)) summed per sample: (B,)
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1 - self.logvar).flatten(1).sum(1)
@@ -561,8 +565,16 @@ class CausalVAE(nn.Module):
 
     def forward(self, x, cp_group=None, sample=True, generator=None, eps=None):
         """Autoencode (what VAE training calls, e.g. through DDP): -> (reconstruction, posterior).
-        z = posterior.sample(generator, eps) (under CP, eps is this rank's share), or its mean."""
+        z = posterior.sample(generator, eps) (under CP, eps is this rank's share), or its mean.
+        Under CP without eps, the whole clip's noise is drawn (same generator or seed on every
+        rank) and each rank takes its share: the same z as one process. (A draw of the rank's own
+        shape would repeat rank 0's first noise frames on the other ranks.)"""
         post = self.encode(x, cp_group=cp_group)
+        if sample and eps is None and cp_group is not None:
+            r, world = dist.get_rank(cp_group), dist.get_world_size(cp_group)
+            B, L, t, h, w = post.mean.shape
+            T = (t - (r == 0)) * world + 1  # latent frames of the whole clip (cp_sizes)
+            eps = cp_split(post.noise((B, L, T, h, w), generator), cp_group, factor=1)
         z = post.sample(generator, eps) if sample else post.mean
         return self.decode(z, cp_group=cp_group), post
 

@@ -254,8 +254,9 @@ def test_from_diffusers_wrong_or_missing_folder(ref, tmp_path):
 # ----- context parallel (torchrun, 2 ranks, gloo) -----
 
 def test_context_parallel_equals_one_process(torchrun):
-    """Outputs, latents, input gradient and parameter gradients of a 2-rank CP run equal the
-    single-process whole-sequence run within 1e-5 (the worker asserts and exits 1 otherwise)."""
+    """Outputs (also sampled by forward from a seeded generator), latents, input gradient and
+    parameter gradients of a 2-rank CP run equal the single-process whole-sequence run within
+    1e-5 (the worker asserts and exits 1 otherwise)."""
     p = torchrun(HERE / "_vae_cp_worker.py", 9, 32, 2, "check", nproc=2)
     assert p.stdout.count("max abs diff") == 2 and "MISMATCH" not in p.stdout
 
