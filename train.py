@@ -560,10 +560,10 @@ def vae_loss(job, net, batch, step, micro):
     disc = job.disc if job.disc is not None and step >= tc.disc_start else None
     if disc is not None:  # the generator's GAN term must not touch the discriminator's gradients
         disc.requires_grad_(False)
-    last = model.decoder.conv_out.weight if job.group is None else None
     loss, parts = vae.generator_loss(x, rec, post, step, recon=tc.recon, kl_weight=tc.kl_weight,
                                      lpips=job.lpips, disc=disc, disc_weight=tc.disc_weight,
-                                     disc_start=tc.disc_start, last_layer=last)
+                                     disc_start=tc.disc_start,
+                                     last_layer=model.decoder.conv_out.weight, group=job.group)
     if disc is not None:
         disc.requires_grad_(True)
     cp = job.args.cp if job.group is not None else 1

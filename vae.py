@@ -848,23 +848,32 @@ class Discriminator3D(nn.Module):
             n += 1
 
 
-def adaptive_weight(nll, gan, last_layer):
+def adaptive_weight(nll, gan, last_layer, group=None):
     """Taming-transformers' balance: scale the GAN term so its gradient at the decoder's last layer
-    is as large as the reconstruction's (clamped; a constant for the backward)."""
+    is as large as the reconstruction's (clamped; a constant for the backward). group: the context
+    parallel group, whose every rank computed nll and gan on the gathered clip (cp_gather): each
+    holds its own frames' part of the last layer's gradient, so the parts are summed (the gather's
+    factor of the group size cancels in the ratio) and the weight equals one process's."""
     g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(gan, last_layer, retain_graph=True)[0]
+    if group is not None:
+        g = torch.stack([g_nll, g_gan])  # (2, *last_layer.shape)
+        dist.all_reduce(g, group=group)
+        g_nll, g_gan = g
     return (g_nll.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
 def generator_loss(x, x_rec, posterior, step=0, *, recon="l2", kl_weight=1e-6, lpips=None,
-                   perceptual_weight=1.0, disc=None, disc_weight=0.5, disc_start=0, last_layer=None):
+                   perceptual_weight=1.0, disc=None, disc_weight=0.5, disc_start=0, last_layer=None,
+                   group=None):
     """VAE (generator) loss -> (loss, parts). x, x_rec (B, 3, T, H, W); posterior = encode(x).
 
     recon "l2" (§2.1) or "l1". Measured on the tiny VAE: with L1 it kept reconstructing black
     frames (0/24 clips kept their colour after 250 steps at batch 8), with L2 every clip kept its
     colour after 200. kl is the per-sample KL sum divided by the pixel count, so kl_weight means
     what it does in LDM. The GAN term (hinge: -D(x_rec)) is 0 before disc_start; with last_layer
-    (the decoder's conv_out.weight) its weight is adaptive. parts are graph-connected tensors (call
+    (the decoder's conv_out.weight) its weight is adaptive; under context parallel pass the group
+    (x, x_rec and posterior then gathered by cp_gather). parts are graph-connected tensors (call
     float() to log)."""
     if recon not in ("l1", "l2"):
         raise ValueError(f"recon must be 'l1' or 'l2', got {recon!r}")
@@ -880,7 +889,7 @@ def generator_loss(x, x_rec, posterior, step=0, *, recon="l2", kl_weight=1e-6, l
     if disc is not None and step >= disc_start:
         gan = -disc(x_rec).mean()
         if last_layer is not None and torch.is_grad_enabled():
-            w = disc_weight * adaptive_weight(nll, gan, last_layer)
+            w = disc_weight * adaptive_weight(nll, gan, last_layer, group)
         else:
             w = zero + disc_weight
     loss = nll + kl_weight * kl + w * gan
