@@ -561,10 +561,10 @@ def vae_loss(job, net, batch, step, micro):
     disc = job.disc if job.disc is not None and step >= tc.disc_start else None
     if disc is not None:  # the generator's GAN term must not touch the discriminator's gradients
         disc.requires_grad_(False)
-    last = model.decoder.conv_out.weight if job.group is None else None
     loss, parts = vae.generator_loss(x, rec, post, step, recon=tc.recon, kl_weight=tc.kl_weight,
                                      lpips=job.lpips, disc=disc, disc_weight=tc.disc_weight,
-                                     disc_start=tc.disc_start, last_layer=last)
+                                     disc_start=tc.disc_start,
+                                     last_layer=model.decoder.conv_out.weight, group=job.group)
     if disc is not None:
         disc.requires_grad_(True)
     cp = job.args.cp if job.group is not None else 1
@@ -1172,6 +1172,10 @@ def check(args, tc, stages, steps=(1,)):
             if args.cp > 1 and f > 1 and (f - 1) % (tf * args.cp):
                 raise SettingsError(f"stage {i}: {f} frames cannot be split over --cp {args.cp}; "
                                     f"need (T-1) divisible by {tf * args.cp}")
+        if args.simulate and args.cp > 1 and st is stages[-1] and max(st.frames) == 1:
+            raise SettingsError(f"--simulate --cp {args.cp}: the simulated clip is 1 frame (an "
+                                f"image), which context parallel cannot split; simulate "
+                                f"--frames {tf * args.cp + 1} or more")
         for h, w in st.resolutions:
             if h < size or w < size or h % size or w % size:
                 raise SettingsError(f"stage {i}: {h}x{w} is not a positive multiple of {size} (VAE "
@@ -1192,6 +1196,28 @@ def check(args, tc, stages, steps=(1,)):
     elif args.ema:  # (a preset's own EMA is the DiT's: the VAE stage leaves it)
         raise SettingsError("--ema keeps an average of the DiT's weights; the VAE stage has none: "
                             "drop --ema")
+    else:
+        check_vae_sizes(args, tc, stages, steps)
+
+
+def check_vae_sizes(args, tc, stages, steps):
+    """§2.1 GAN and LPIPS downsample frames 8x and 16x: a stage of smaller frames would train up to
+    disc_start (or its first LPIPS step) and then fail inside a convolution."""
+    first = 0
+    for i, st in enumerate(stages):
+        last = first + (steps[i] if i < len(steps) else 0)
+        # the simulator always runs the GAN step; a run, from disc_start on
+        need = [(vae.LPIPS.MIN_SIZE, "LPIPS (--lpips)")] if args.lpips else []
+        if args.simulate or last > tc.disc_start:  # logged step numbers count from 1
+            need.append((vae.Discriminator3D.min_size(), f"the 3D discriminator (§2.1 GAN, from "
+                                                         f"step {tc.disc_start + 1})"))
+        for h, w in st.resolutions:
+            for n, what in need:
+                if min(h, w) < n:
+                    raise SettingsError(f"stage {i}: {h}x{w} frames are too small for {what}, "
+                                        f"which needs {n} pixels a side; use --size "
+                                        f"{max(h, n)}x{max(w, n)} or larger")
+        first = last
 
 
 def lora_settings(args):

@@ -176,6 +176,9 @@ def cp_sizes(T, world, factor=4):
     """Frames per rank (§2.1 CP): rank 0 takes frame 0 plus an equal share of the rest, so that
     every temporal downsample pairs the same frames as in one process. factor=4 for pixel frames
     (the VAE's temporal factor), 1 for latent frames."""
+    if world > 1 and T == 1:  # every other rank would hold no frame (a conv of nothing fails)
+        raise ValueError(f"context parallel: 1 frame (an image) cannot be split over {world} "
+                         f"ranks; encode or decode it in one process (cp_group=None)")
     if T < 1 or (T - 1) % (factor * world):
         raise ValueError(f"context parallel: {T} frames cannot be split over {world} ranks; need "
                          f"(T-1) divisible by {factor * world} (e.g. T={factor * world + 1}) — "
@@ -442,9 +445,13 @@ class Gaussian:
         Otherwise drawn from generator where the generator lives (a CPU generator cannot fill a CUDA
         tensor), then moved: the same seed gives the same latent on every device."""
         if eps is None:
-            dev = generator.device if generator is not None else self.mean.device
-            eps = torch.randn(self.mean.shape, generator=generator, device=dev, dtype=self.mean.dtype)
+            eps = self.noise(self.mean.shape, generator)
         return self.mean + torch.exp(0.5 * self.logvar) * eps.to(self.mean.device, self.mean.dtype)
+
+    def noise(self, shape, generator=None):
+        """eps ~ N(0, I) of `shape`, drawn where the generator lives (else on the mean's device)."""
+        dev = generator.device if generator is not None else self.mean.device
+        return torch.randn(shape, generator=generator, device=dev, dtype=self.mean.dtype)
 
     def kl(self):  # KL(q || N(0, I)) summed per sample: (B,)
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1 - self.logvar).flatten(1).sum(1)
@@ -558,8 +565,16 @@ class CausalVAE(nn.Module):
 
     def forward(self, x, cp_group=None, sample=True, generator=None, eps=None):
         """Autoencode (what VAE training calls, e.g. through DDP): -> (reconstruction, posterior).
-        z = posterior.sample(generator, eps) (under CP, eps is this rank's share), or its mean."""
+        z = posterior.sample(generator, eps) (under CP, eps is this rank's share), or its mean.
+        Under CP without eps, the whole clip's noise is drawn (same generator or seed on every
+        rank) and each rank takes its share: the same z as one process. (A draw of the rank's own
+        shape would repeat rank 0's first noise frames on the other ranks.)"""
         post = self.encode(x, cp_group=cp_group)
+        if sample and eps is None and cp_group is not None:
+            r, world = dist.get_rank(cp_group), dist.get_world_size(cp_group)
+            B, L, t, h, w = post.mean.shape
+            T = (t - (r == 0)) * world + 1  # latent frames of the whole clip (cp_sizes)
+            eps = cp_split(post.noise((B, L, T, h, w), generator), cp_group, factor=1)
         z = post.sample(generator, eps) if sample else post.mean
         return self.decode(z, cp_group=cp_group), post
 
@@ -744,6 +759,7 @@ class LPIPS(nn.Module):
     (`net.sliceK.N.*`). Built only from such files (load_lpips): random weights are not LPIPS."""
 
     TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in vgg16.features
+    MIN_SIZE = 16  # VGG's 4 max-pools before relu5_3 leave 1 pixel of a 16-pixel side, 0 of 15
 
     def __init__(self):
         super().__init__()
@@ -796,9 +812,11 @@ class Discriminator3D(nn.Module):
     from a 3D discriminator"). The LDM / CogVideo discriminators use BatchNorm; we use GroupNorm
     (batches are tiny and it needs no synchronisation under DDP)."""
 
+    K = (3, 4, 4)  # time kernel 3 (padding 1) so 1-frame images pass too; 4x4 in space
+
     def __init__(self, ch=64, layers=3):
         super().__init__()
-        k, c = (3, 4, 4), ch  # time kernel 3 (padding 1) so 1-frame images pass too
+        k, c = self.K, ch
         seq = [nn.Conv3d(3, ch, k, 2, 1), nn.LeakyReLU(0.2)]
         for i in range(1, layers):
             c2 = ch * min(2 ** i, 8)
@@ -815,24 +833,47 @@ class Discriminator3D(nn.Module):
     def forward(self, x):  # (B, 3, T, H, W) -> (B, 1, t, h, w) logits
         return self.net(x)
 
+    @classmethod
+    def min_size(cls, layers=3):
+        """The smallest frame side (pixels) that leaves one logit: `layers` stride-2 convs, then
+        the stride-1 one (16 for 3 layers; a smaller frame fails inside conv3d)."""
+        k = cls.K[1]
+        n = 1
+        while True:
+            m = n
+            for _ in range(layers):
+                m = (m + 2 - k) // 2 + 1  # stride 2, padding 1
+            if m + 2 - k + 1 >= 1:
+                return n
+            n += 1
 
-def adaptive_weight(nll, gan, last_layer):
+
+def adaptive_weight(nll, gan, last_layer, group=None):
     """Taming-transformers' balance: scale the GAN term so its gradient at the decoder's last layer
-    is as large as the reconstruction's (clamped; a constant for the backward)."""
+    is as large as the reconstruction's (clamped; a constant for the backward). group: the context
+    parallel group, whose every rank computed nll and gan on the gathered clip (cp_gather): each
+    holds its own frames' part of the last layer's gradient, so the parts are summed (the gather's
+    factor of the group size cancels in the ratio) and the weight equals one process's."""
     g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(gan, last_layer, retain_graph=True)[0]
+    if group is not None:
+        g = torch.stack([g_nll, g_gan])  # (2, *last_layer.shape)
+        dist.all_reduce(g, group=group)
+        g_nll, g_gan = g
     return (g_nll.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
 def generator_loss(x, x_rec, posterior, step=0, *, recon="l2", kl_weight=1e-6, lpips=None,
-                   perceptual_weight=1.0, disc=None, disc_weight=0.5, disc_start=0, last_layer=None):
+                   perceptual_weight=1.0, disc=None, disc_weight=0.5, disc_start=0, last_layer=None,
+                   group=None):
     """VAE (generator) loss -> (loss, parts). x, x_rec (B, 3, T, H, W); posterior = encode(x).
 
     recon "l2" (§2.1) or "l1". Measured on the tiny VAE: with L1 it kept reconstructing black
     frames (0/24 clips kept their colour after 250 steps at batch 8), with L2 every clip kept its
     colour after 200. kl is the per-sample KL sum divided by the pixel count, so kl_weight means
     what it does in LDM. The GAN term (hinge: -D(x_rec)) is 0 before disc_start; with last_layer
-    (the decoder's conv_out.weight) its weight is adaptive. parts are graph-connected tensors (call
+    (the decoder's conv_out.weight) its weight is adaptive; under context parallel pass the group
+    (x, x_rec and posterior then gathered by cp_gather). parts are graph-connected tensors (call
     float() to log)."""
     if recon not in ("l1", "l2"):
         raise ValueError(f"recon must be 'l1' or 'l2', got {recon!r}")
@@ -848,7 +889,7 @@ def generator_loss(x, x_rec, posterior, step=0, *, recon="l2", kl_weight=1e-6, l
     if disc is not None and step >= disc_start:
         gan = -disc(x_rec).mean()
         if last_layer is not None and torch.is_grad_enabled():
-            w = disc_weight * adaptive_weight(nll, gan, last_layer)
+            w = disc_weight * adaptive_weight(nll, gan, last_layer, group)
         else:
             w = zero + disc_weight
     loss = nll + kl_weight * kl + w * gan

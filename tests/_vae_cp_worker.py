@@ -4,8 +4,8 @@
 
 MODE "check" (default): every rank builds the same tiny VAE and clip (seeded), runs the whole clip
 in one process, then its own share with cp_group, and checks that the latents (mean, logvar), the
-reconstruction and every parameter gradient (summed over ranks) equal the single-process run
-within 1e-5 absolute (CP is exact up to float rounding: same GroupNorm statistics, same halo
+reconstruction (also with forward's own sampling from a seeded generator) and every parameter
+gradient (summed over ranks) equal the single-process run within 1e-5 absolute (CP is exact up to float rounding: same GroupNorm statistics, same halo
 frames, halo gradients sent back), and the input gradient, whose entries are tiny (the loss
 weights are divided by the clip size), within 1e-5 absolute AND 1e-5 of its largest entry (an
 absolute bound alone would pass any error at that scale). Exits 1 on a mismatch.
@@ -91,6 +91,10 @@ def main():
         "input_grad": (cp_grads[-1], cp_split(ref_grads[-1], group, tf)),
         "param_grad": (pg, torch.cat([g.flatten() for g in ref_grads[:-1]])),
     }
+    with torch.no_grad():  # forward's own sampling: one draw of the clip's noise, split
+        y1, _ = vae(x, generator=torch.Generator().manual_seed(3))
+        yc, _ = vae(cp_split(x, group, tf), group, generator=torch.Generator().manual_seed(3))
+    pairs["sampled_recon"] = (yc, cp_split(y1, group, tf))
     diff = {k: (a - b).abs().max().item() for k, (a, b) in pairs.items()}
     g_max = pairs["input_grad"][1].abs().max().item()  # the reference input gradient's maximum
     limit = {k: TOL * min(1.0, g_max) if k == "input_grad" else TOL for k in pairs}

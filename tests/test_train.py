@@ -697,6 +697,17 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--stage", "vae", "--encode-memory", "4"], "--encode-memory: an option of --stage dit"),
     (["--lpips", "{tmp}/afile"], "--lpips: an option of --stage vae, which a --stage dit run ignores"),
     (["--recon", "l1", "--batch", "2"], "--recon, --batch: options of --stage vae"),
+    # frames the GAN's discriminator (from step disc_start) or LPIPS cannot take: a conv3d / max-pool
+    # traceback at the tiny preset's third step, after the training before it
+    (["--stage", "vae", "--size", "12x12", "--frames", "9"], "stage 0: 12x12 frames are too small for "
+     "the 3D discriminator (§2.1 GAN, from step 3), which needs 16 pixels a side; use --size 16x16"),
+    (["--stage", "vae", "--size", "16x8", "--simulate", "1"], "use --size 16x16 or larger"),
+    # an image split over ranks: an estimate of a run that cannot happen (exit 0), now refused
+    (["--stage", "vae", "--frames", "1", "--simulate", "2", "--cp", "2"], "--simulate --cp 2: the "
+     "simulated clip is 1 frame (an image), which context parallel cannot split; simulate --frames 9"),
+    (["--stage", "vae", "--size", "8x32", "--steps", "2", "--lpips", "{tmp}/afile"],  # GAN not reached
+     "stage 0: 8x32 frames are too small for LPIPS (--lpips), which needs 16 pixels a side; use --size "
+     "16x32"),
 ])
 def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsys, extra, words):
     """Each bad value: one line naming the fix, exit code 2, before any model is loaded (issue 20)."""
@@ -1183,20 +1194,21 @@ def test_fsdp_offloaded_checkpointing_equals_one_process(assets, tmp_path, torch
 
 
 def test_context_parallel_vae_two_ranks_equals_one_process(assets, tmp_path, torchrun):
-    """--cp 2: both ranks share each 9-frame clip (split in time). Before the GAN starts (disc_start = 2) the
-    losses and the VAE weights equal one process; the first discriminator step (its own optimizer, DDP over the
-    ranks) sees the same clips and reconstructions: the same discriminator loss, parts and weights. (The
-    generator's GAN weight then differs by design: adaptive in one process, fixed under CP.)"""
+    """--cp 2: both ranks share each 9-frame clip (split in time). The losses and the VAE weights equal one
+    process, before the GAN starts (disc_start = 2) and after: the adaptive GAN weight sums the ranks' parts of
+    the last layer's gradient (it was a fixed weight under CP: a step-3 loss of 1.0157 against 0.9957). The
+    first discriminator step (its own optimizer, DDP over the ranks) sees the same clips and reconstructions:
+    the same discriminator loss, parts and weights."""
     common = ["--steps", "3", "--size", "16x16", "--frames", "9", "--batch", "1", "--save-every", "2"]
     one = train.main(vae_args(assets["clips"], tmp_path / "one", *common))
     p = torchrun(train.__file__, *vae_args(assets["clips"], tmp_path / "two", *common, "--cp", "2"))
     assert "(cp 2)" in p.stdout
     two, ref = log(tmp_path / "two"), log(tmp_path / "one")
-    assert [r["loss"] for r in two[:2]] == pytest.approx(one["losses"][:2], rel=1e-5)  # disc_start = 2
-    for k in ("disc", "recon", "kl"):  # step 3: the discriminator step, and the parts before the GAN weight
+    assert [r["loss"] for r in two] == pytest.approx(one["losses"], rel=1e-5)  # the GAN from step 3
+    for k in ("disc", "recon", "kl", "gan", "gan_weight"):  # step 3: the discriminator step, the parts
         assert two[2][k] == pytest.approx(ref[2][k], rel=1e-4, abs=1e-6), k
     ck = lambda out, step, part: ckpt_tensors(out / "ckpt" / f"step_{step:07d}", prefix=part + ".")
-    for step, part in ((2, "vae"), (3, "disc")):
+    for step, part in ((2, "vae"), (3, "vae"), (3, "disc")):
         a, b = ck(tmp_path / "one", step, part), ck(tmp_path / "two", step, part)
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a), (step, part)
     assert (tmp_path / "two" / "vae" / "model.safetensors").exists()

@@ -84,6 +84,11 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="cannot be split"):
         cp_sizes(11, 2)  # (T-1) must divide by 4·world
     assert cp_sizes(17, 2) == [9, 8] and cp_sizes(5, 1, factor=1) == [5]
+    # an image on 2 ranks was [1, 0]: rank 1 then failed inside conv3d, rank 0 on the lost peer
+    assert cp_sizes(1, 1) == [1]
+    for factor in (4, 1):
+        with pytest.raises(ValueError, match="1 frame \\(an image\\) cannot be split over 2"):
+            cp_sizes(1, 2, factor)
     with pytest.raises(ValueError, match="groups"):
         CausalVAE(VAEConfig(channels=(16, 24), groups=16))
     # tiles that leave no room (overlap >= tile) blended to 0/0 = NaN, or failed deep in conv3d
@@ -249,8 +254,9 @@ def test_from_diffusers_wrong_or_missing_folder(ref, tmp_path):
 # ----- context parallel (torchrun, 2 ranks, gloo) -----
 
 def test_context_parallel_equals_one_process(torchrun):
-    """Outputs, latents, input gradient and parameter gradients of a 2-rank CP run equal the
-    single-process whole-sequence run within 1e-5 (the worker asserts and exits 1 otherwise)."""
+    """Outputs (also sampled by forward from a seeded generator), latents, input gradient and
+    parameter gradients of a 2-rank CP run equal the single-process whole-sequence run within
+    1e-5 (the worker asserts and exits 1 otherwise)."""
     p = torchrun(HERE / "_vae_cp_worker.py", 9, 32, 2, "check", nproc=2)
     assert p.stdout.count("max abs diff") == 2 and "MISMATCH" not in p.stdout
 
@@ -349,6 +355,21 @@ def test_losses_finite_with_grads_and_gan_start(tmp_path):
     assert recon() == pytest.approx(0.01, rel=1e-4) and recon(recon="l1") == pytest.approx(0.1, rel=1e-4)
     with pytest.raises(ValueError, match="l1"):
         generator_loss(x, x, post, recon="huber")
+
+
+def test_discriminator_and_lpips_min_size():
+    """The smallest frames the GAN's discriminator and LPIPS take (train.py refuses smaller stages
+    up front): one pixel fewer fails inside a convolution / max-pool."""
+    n = vae.Discriminator3D.min_size()
+    assert n == 16
+    d = vae.Discriminator3D(ch=8)
+    assert d(torch.zeros(1, 3, 1, n, 40)).shape[-2] == 1
+    with pytest.raises(RuntimeError):
+        d(torch.zeros(1, 3, 1, n - 1, 40))
+    lp, m = vae.LPIPS(), vae.LPIPS.MIN_SIZE
+    assert lp(torch.zeros(1, 3, m, m), torch.zeros(1, 3, m, m)).shape == (1,)
+    with pytest.raises(RuntimeError):
+        lp(torch.zeros(1, 3, m - 1, m), torch.zeros(1, 3, m - 1, m))
 
 
 def test_gaussian(monkeypatch):
