@@ -1036,6 +1036,16 @@ def built_config(args, tc):
     return cfg
 
 
+def init_config(args):
+    """The DiTConfig --init DIR holds, read as dit_source reads its weights: our model folder, or a
+    released transformer given as its folder or as the pipeline folder holding transformer/."""
+    try:
+        ours = os.path.isfile(os.path.join(args.init, "model.safetensors"))  # as dit_source
+        return dit.load_config(args.init) if ours else dit.diffusers_folder_config(args.init)[1]
+    except ValueError as e:
+        raise SettingsError(f"--init {args.init}: {e}") from None
+
+
 def check_init(args, tc):
     """--init DIR (ours or a released transformer) holds a DiT config of its own, and the weights
     go into the preset's DiT: any other field (positions, RoPE base, norms, native grid) would be
@@ -1043,11 +1053,7 @@ def check_init(args, tc):
     start grows (--i2v, App. A) may differ: the input channels, a learned table, the ofs MLP."""
     if not args.init or args.stage != "dit":
         return
-    try:
-        ours = os.path.isfile(os.path.join(args.init, "model.safetensors"))  # as dit_source
-        init = dit.load_config(args.init) if ours else dit.diffusers_folder_config(args.init)[1]
-    except ValueError as e:
-        raise SettingsError(f"--init {args.init}: {e}") from None
+    init = init_config(args)
     want, ok = built_config(args, tc), set()
     if args.i2v and init.in_channels == init.out_channels:  # a T2V start of an I2V DiT grows
         ok = {"in_channels", "ofs_dim"} | ({"pos"} if init.pos == "rope" else set())
@@ -1259,13 +1265,8 @@ def check_lora(args, dc):
         raise SettingsError(f"--lora RANK must be >= 1 (e.g. 64), got {args.lora}")
     if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
         raise SettingsError(f"--lora-alpha must be > 0 (default: the rank), got {args.lora_alpha}")
-    base_in = dc.in_channels
-    if args.init and os.path.isfile(os.path.join(args.init, "config.json")):
-        try:  # ours or a diffusers transformer's: both name it in_channels
-            base_in = data.json_object(os.path.join(args.init, "config.json")).get("in_channels",
-                                                                                   base_in)
-        except ValueError as e:
-            raise SettingsError(f"--init {args.init}: {e}") from None
+    # (a released pipeline folder too: its config.json is in transformer/)
+    base_in = init_config(args).in_channels if args.init else dc.in_channels
     if args.i2v and base_in == dc.out_channels:  # the grown patch embedding would stay frozen at 0
         raise SettingsError("--lora --i2v adapts an image-to-video DiT: start from one (--init "
                             "DIR or --init-diffusers CogVideoX-5b-I2V); a T2V -> I2V fine-tune "

@@ -517,6 +517,32 @@ def test_bad_lora_settings_exit_2_before_any_model(assets, tmp_path, monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and "Traceback" not in "".join(err) and words in err[-1], err
 
+
+def test_lora_i2v_from_a_t2v_pipeline_folder_is_refused(assets, tmp_path, monkeypatch,  # noqa
+                                                         capsys):
+    """--lora --i2v --init of a released T2V model given as its pipeline folder (transformer/
+    inside, as --init reads its weights) is refused as its transformer/ is: the LoRA would train
+    with the grown image channels frozen at 0 (check_lora read DIR/config.json only, so the
+    pipeline folder passed). An I2V preset: its own config has the I2V input channels."""
+    monkeypatch.setattr(train, "build_dit", lambda job: pytest.fail("a model was loaded"))
+    c = dit.DIT_PRESETS["tiny"]
+    monkeypatch.setitem(dit.DIT_PRESETS, "tiny-i2v", replace(c, in_channels=16, pos="learned"))
+    monkeypatch.setitem(train.PRESETS, "tiny-i2v", replace(train.PRESETS["tiny"], dit="tiny-i2v"))
+    (tmp_path / "t2v" / "transformer").mkdir(parents=True)  # the released layout, config only
+    (tmp_path / "t2v" / "transformer" / "config.json").write_text(json.dumps({
+        "_class_name": "CogVideoXTransformer3DModel", "in_channels": c.in_channels,
+        "out_channels": c.out_channels, "num_layers": c.layers, "num_attention_heads": c.heads,
+        "attention_head_dim": c.head_dim, "time_embed_dim": c.time_dim,
+        "text_embed_dim": c.text_dim, "max_text_seq_length": c.text_len, "sample_frames": 9,
+        "sample_height": 8, "sample_width": 8, "use_rotary_positional_embeddings": True}))
+    for init in (tmp_path / "t2v", tmp_path / "t2v" / "transformer"):
+        with pytest.raises(SystemExit) as e:
+            train.main(dit_args(assets, tmp_path / "run", "--size", "32x32", "--frames", "9",
+                                "--preset", "tiny-i2v", "--i2v", "--lora", "4", "--init",
+                                str(init)))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and "a T2V -> I2V fine-tune trains the new input" in err[-1], err
+
 # ----- at the demo's scale -----
 
 def test_lora_fine_tune_changes_what_the_tiny_dit_samples(assets, tmp_path):  # noqa: F811
