@@ -18,9 +18,10 @@ LatentEncoder then VAE-encodes in the main process, on the training device, in b
 train.draws draws every per-sample random quantity (timesteps laid over the slots' token mass,
 diffusion.mass_strata_timesteps(slot_masses(...)); text dropout; the App. A condition noise) for
 the whole global batch from a generator seeded by (seed, step, micro-batch), and each rank takes
-its slots; noise tensors come from a generator keyed by (seed, step, micro-batch, slot, kind). The loss weighs each sample that was actually read by its
-video tokens over the whole optimizer step (train.dit_loss), so 2 DDP ranks equal one process on the
-combined batch (tested); `weight` > 0 marks a real sample.
+its slots; noise tensors come from a generator keyed by (seed, step, micro-batch, slot, kind).
+The loss weighs each sample that was actually read by its video tokens over the whole optimizer
+step (train.dit_loss), so 2 DDP ranks equal one process on the combined batch (tested);
+`weight` > 0 marks a real sample.
 
 Run:
   python data.py shapes  --out shapes --n 400              # the toy set the demo trains on
@@ -913,7 +914,8 @@ class _GlobalBatchSampler:
     n_global). train.py weighs by the tokens of the samples actually read, over all micro-batches
     and ranks of a step (an unreadable file does not shrink the others); weight 0 marks a filler.
     A rank whose slice would be empty (only in the last batch) gets one copy of a real sample with
-    weight 0 and slot -1, so every rank runs the same number of steps and DDP never stalls. drop_last=True leaves out the epoch's partial batches instead (see each _full)."""
+    weight 0 and slot -1, so every rank runs the same number of steps and DDP never stalls.
+    drop_last=True leaves out the epoch's partial batches instead (see each _full)."""
 
     def __init__(self, shapes, seed, rank, world_size, drop_last=False):
         if not 0 <= rank < world_size:
@@ -2001,7 +2003,7 @@ def _check_args(args):
             raise ValueError(f"--write records each entry's metadata and decodes nothing: drop "
                              f"{', '.join(decode)} (or --write, to decode every entry)")
         if not args.write and args.workers is not None:
-            raise ValueError("--workers sets --write's probing processes: add --write OUT, or "
+            raise ValueError("--workers sets --write's probing threads: add --write OUT, or "
                              "drop --workers")
         args.workers = (os.cpu_count() or 1) if args.workers is None else args.workers
         args.pad = args.pad or "nearest"

@@ -1491,7 +1491,7 @@ def build_vae(job):
 def load_entries(job):
     """--data's entries, each with the metadata that planning a stage needs (data.META).
     Entries without it are probed here, once for the whole run and every stage, in parallel: each
-    rank probes its share in a pool of processes and the ranks exchange the results. (A manifest
+    rank probes its share in a pool of threads and the ranks exchange the results. (A manifest
     written by `python data.py inspect MANIFEST --write OUT` needs none of this.)"""
     entries = data.read_manifest(job.args.data)
     todo = [i for i, e in enumerate(entries) if not data.has_meta(e)]
@@ -1500,7 +1500,7 @@ def load_entries(job):
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     workers = max(1, (os.cpu_count() or 1) // local)
     job.say(f"data: {len(todo)} of {len(entries)} entries lack {', '.join(data.META)}: probing "
-            f"them once, {workers} process(es) per rank (record them with `python data.py "
+            f"them once, {workers} thread(s) per rank (record them with `python data.py "
             f"inspect {job.args.data} --write OUT` to skip this)")
     mine = [entries[i] for i in todo[job.rank::job.world]]
     got, _ = data.probe_entries(mine, workers, progress=job.rank == 0)

@@ -774,7 +774,7 @@ def test_cli_bad_input_one_line_errors(tmp_path, capsys):
               "--write records each entry's metadata and decodes nothing: drop --height, --frames"),
              (["inspect", m, "--write", str(tmp_path / "w.jsonl"), "--pad", "repeat"], "drop --pad"),
              (["inspect", m, "--height", "16", "--width", "16", "--frames", "9", "--workers", "4"],
-              "--workers sets --write's probing processes")]
+              "--workers sets --write's probing threads")]
     # the kept subset (or the top fraction, or the drop table) written over the manifest read
     for name, out in (("kept.jsonl", "kept.jsonl"), ("kept.top20.jsonl", "kept.jsonl"),
                       ("k.top50.jsonl", "k.jsonl"), ("kept.dropped.tsv", "kept.jsonl")):

@@ -1571,6 +1571,7 @@ def test_a_manifest_without_metadata_is_probed_once_in_parallel(assets, tmp_path
     out = capsys.readouterr().out
     assert calls == [(8, os.cpu_count() or 1)] and planning == []
     assert "8 of 8 entries lack height, width, frames, fps, duration: probing them once" in out
+    assert "thread(s) per rank" in out  # probe_entries' pool is of threads
 
 
 def test_simulated_vae_encode_of_the_largest_clip_fits_12_gib():
