@@ -1183,6 +1183,10 @@ def check(args, tc, stages, steps=(1,)):
             raise SettingsError(f"--simulate --cp {args.cp}: the simulated clip is 1 frame (an "
                                 f"image), which context parallel cannot split; simulate "
                                 f"--frames {tf * args.cp + 1} or more")
+        if not args.simulate and args.cp > 1 and max(st.frames) == 1:  # (the data plan found none)
+            raise SettingsError(f"stage {i}: frames [1] are images, which context parallel cannot "
+                                f"split (--cp {args.cp} trains clips of {tf * args.cp}k+1 frames); "
+                                f"use --frames {tf * args.cp + 1} or more, or drop --cp")
         for h, w in st.resolutions:
             if h < size or w < size or h % size or w % size:
                 raise SettingsError(f"stage {i}: {h}x{w} is not a positive multiple of {size} (VAE "

@@ -705,6 +705,9 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     # an image split over ranks: an estimate of a run that cannot happen (exit 0), now refused
     (["--stage", "vae", "--frames", "1", "--simulate", "2", "--cp", "2"], "--simulate --cp 2: the "
      "simulated clip is 1 frame (an image), which context parallel cannot split; simulate --frames 9"),
+    # a stage of stills under --cp: every sample was filtered out, and the line blamed the data
+    (["--stage", "vae", "--frames", "1", "--cp", "2"], "stage 0: frames [1] are images, which context "
+     "parallel cannot split (--cp 2 trains clips of 8k+1 frames); use --frames 9 or more, or drop --cp"),
     (["--stage", "vae", "--size", "8x32", "--steps", "2", "--lpips", "{tmp}/afile"],  # GAN not reached
      "stage 0: 8x32 frames are too small for LPIPS (--lpips), which needs 16 pixels a side; use --size "
      "16x32"),
