@@ -5,10 +5,11 @@
 MODE "check" (default): every rank builds the same tiny VAE and clip (seeded), runs the whole clip
 in one process, then its own share with cp_group, and checks that the latents (mean, logvar), the
 reconstruction (also with forward's own sampling from a seeded generator) and every parameter
-gradient (summed over ranks) equal the single-process run within 1e-5 absolute (CP is exact up to float rounding: same GroupNorm statistics, same halo
-frames, halo gradients sent back), and the input gradient, whose entries are tiny (the loss
-weights are divided by the clip size), within 1e-5 absolute AND 1e-5 of its largest entry (an
-absolute bound alone would pass any error at that scale). Exits 1 on a mismatch.
+gradient (summed over ranks) equal the single-process run within 1e-5 absolute (CP is exact up
+to float rounding: same GroupNorm statistics, same halo frames, halo gradients sent back), and
+the input gradient, whose entries are tiny (the loss weights are divided by the clip size),
+within 1e-5 absolute AND 1e-5 of its largest entry (an absolute bound alone would pass any error
+at that scale). Exits 1 on a mismatch.
 MODE "cp" / "single": run only that forward+backward and print this process's peak memory: the
 peak RSS (VmHWM) above the RSS before the run, the memory the run itself adds; run "single" with
 --nproc_per_node 1. Separate processes, because a process that already ran once reuses its freed
