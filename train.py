@@ -1024,6 +1024,10 @@ def dit_config(args, tc):
         return dit.diffusers_folder_config(args.init_diffusers)[1]
     except ValueError as e:  # e.g. a 1.5 folder this file does not implement, or torn JSON
         raise SettingsError(f"--init-diffusers: {e}") from None
+    except OSError as e:  # no such folder, no config.json in it
+        raise SettingsError(f"--init-diffusers {args.init_diffusers}: cannot read its config.json "
+                            f"({e.strerror}): pass a released CogVideoX folder or its "
+                            f"transformer/") from None
 
 
 def built_config(args, tc):

@@ -687,6 +687,7 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--simulate", "1", "--peak-tflops", "inf"], "--peak-tflops must be > 0"),
     (["--simulate", "3", "--sp", "2"], "--simulate 3: --sp 2 needs a multiple of 2 ranks; simulate 4"),
     (["--simulate", "2", "--real"], "--simulate 2 --real runs on 1 real rank(s): launch 2 ranks (torchrun"),
+    (["--init-diffusers", "{tmp}/none"], "cannot read its config.json (No such file or directory)"),
     *((["--stage", "vae", "--frames", f, "--simulate", n, "--cp", cp],
       f"--simulate {n}: --cp {cp} does not divide the {n} ranks")
       for f, n, cp in (("13", "2", "3"), ("9", "1", "2"), ("9", "3", "2"))),
