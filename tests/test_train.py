@@ -687,7 +687,8 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--simulate", "1", "--peak-tflops", "inf"], "--peak-tflops must be > 0"),
     (["--simulate", "3", "--sp", "2"], "--simulate 3: --sp 2 needs a multiple of 2 ranks; simulate 4"),
     (["--simulate", "2", "--real"], "--simulate 2 --real runs on 1 real rank(s): launch 2 ranks (torchrun"),
-    (["--init-diffusers", "{tmp}/none"], "cannot read its config.json (No such file or directory)"),
+    (["--stage", "vae", "--init-diffusers", "{tmp}/relempty"],
+     "--init-diffusers {tmp}/relempty: cannot read its config.json (No such file or directory)"),
     *((["--stage", "vae", "--frames", f, "--simulate", n, "--cp", cp],
       f"--simulate {n}: --cp {cp} does not divide the {n} ranks")
       for f, n, cp in (("13", "2", "3"), ("9", "1", "2"), ("9", "3", "2"))),
@@ -729,6 +730,8 @@ def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsy
         (tmp_path / "rel" / sub).mkdir(parents=True)
     (tmp_path / "rel" / "scheduler" / "scheduler_config.json").write_text('{"snr_shift_scale": null}')
     (tmp_path / "rel" / "transformer" / "config.json").write_text("{}")  # (read after the scheduler)
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (tmp_path / "relempty" / sub).mkdir(parents=True)  # the layout, no config file
     clip = next(e["path"] for e in data.read_manifest(assets["manifest"]) if e["path"].endswith(".mkv"))
     for phase in ("build_dit", "build_vae"):
         monkeypatch.setattr(train, phase, lambda job: pytest.fail("a model was loaded"))
