@@ -129,22 +129,30 @@ def summary_prompt(frame_captions, short_caption=None):
 
 
 # The introductory phrases App. C forbids; small LLMs produce them anyway, so they are stripped.
+# "in / throughout the video" only where it ends its phrase (punctuation, the end, or a word that
+# cannot continue a noun after "video"): "in the video game" or "throughout the video call" is
+# content, and stripping it turned "A boy plays in the video game world." into "A boy plays game
+# world.".
+_ENDS = (r"(?=\s*[,.;:!?]|\s*$|\s+(?:the|a|an|he|she|it|they|we|you|his|her|its|their|this|that|"
+         r"these|those|there|and|while|as|then|when|where|with|is|are|was|were|at)\b)")
 _INTRO = re.compile(
     r"^(?:(?:the|this) (?:video|clip|footage) (?:shows|presents|depicts|showcases|captures|"
     r"features|displays|begins with|opens with|starts with)(?: that)?|(?:in|throughout) "
-    r"(?:the|this) (?:video|clip|footage))\s*[:,]?\s*", re.I)
-_FILLER = re.compile(
-    r"\b(?:throughout the video|as the video progress(?:es|ed)|in the video)\s*,?\s*", re.I)
+    r"(?:the|this) (?:video|clip|footage)" + _ENDS + r")\s*[:,]?\s*", re.I)
+_FILLER = re.compile(r"\b(?:(?:throughout|in) the video" + _ENDS + r"|as the video "
+                     r"progress(?:es|ed))\s*,?\s*", re.I)
 
 
 def clean_caption(text, max_words=100):
     """Enforce App. C's output rules on a summary: one line, no "The video shows…", <= max_words."""
     text = " ".join(text.split()).strip(" \"'")  # no '\n' (App. C), collapse runs of spaces
     text = _FILLER.sub("", _INTRO.sub("", text)).strip()
+    text = re.sub(r"\s+(?=[.;:!?])", "", text)  # "sits still throughout the video." left "still ."
     words = text.split()
     if len(words) > max_words:  # App. C: "within 100 English words"; cut at the last full sentence
         text = " ".join(words[:max_words])
-        end = max(text.rfind(". "), text.rfind("! "), text.rfind("? "))
+        # (+ " ": a sentence ending at the last word kept counts; it was dropped with the cut)
+        end = max((text + " ").rfind(". "), (text + " ").rfind("! "), (text + " ").rfind("? "))
         text = text[:end + 1] if end > len(text) // 2 else text
     return text[:1].upper() + text[1:]
 

@@ -172,6 +172,23 @@ def test_clean_caption():
     assert out.endswith(".") and len(out.split()) <= 100
 
 
+def test_clean_caption_keeps_content_words_and_whole_sentences():
+    """The filler phrases go only where they end a phrase: "in the video game" is content (it read
+    "A boy plays game world."); no space is left before the punctuation after a stripped phrase
+    ("still ."); a sentence ending exactly at the word limit is kept (it was cut with the rest)."""
+    assert clean_caption("A boy plays in the video game world.") == (
+        "A boy plays in the video game world.")
+    assert clean_caption("In the video game Minecraft, a player digs.") == (
+        "In the video game Minecraft, a player digs.")
+    assert clean_caption("Throughout the video call, she smiles.") == (
+        "Throughout the video call, she smiles.")
+    assert clean_caption("The cat sits still throughout the video.") == "The cat sits still."
+    assert clean_caption("A dog barks in the video!") == "A dog barks!"
+    assert clean_caption("In the video a dog barks.") == "A dog barks."
+    ten = "A cat sits on the mat near the door now."  # 10 words
+    assert clean_caption(" ".join([ten] * 11)) == " ".join([ten] * 10)  # 100 words, all whole
+
+
 # ----- the pipeline and the manifest -----
 
 
