@@ -466,6 +466,18 @@ def _isolate(group, fn, what, failures):
         return ok
 
 
+def _texts(out, n, what):
+    """A model's or hook's output checked: n strings, else a TypeError (_isolate then fails the
+    videos, named). A hook returning None wrote the caption "None" (and the video counted as
+    done); fewer captions than frames shifted the rest onto the next video's frames."""
+    out = list(out) if isinstance(out, (list, tuple)) else out
+    if not isinstance(out, list) or len(out) != n or not all(isinstance(t, str) for t in out):
+        got = (f"{len(out)} of type {'/'.join(sorted({type(t).__name__ for t in out}))}"
+               if isinstance(out, list) else type(out).__name__)
+        raise TypeError(f"returned {got}, not {n} {what} (str)")
+    return out
+
+
 def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_captioner=None,
                   short_captioner=None):
     """Caption a group of videos; returns (entries, failures).
@@ -495,7 +507,8 @@ def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_capt
     def frame_captions(gs):  # Figure 7: dense image caption per frame, batched across the videos
         flat, caps = [f for g in gs for f in g["frames"]], []
         for i in range(0, len(flat), cfg.batch_size):
-            caps += frame_captioner(flat[i:i + cfg.batch_size])
+            part = flat[i:i + cfg.batch_size]
+            caps += _texts(frame_captioner(part), len(part), "frame captions")
         for g in gs:
             n = len(g["frames"])
             g["frame_captions"], caps = dict(zip(g["times"], caps[:n])), caps[n:]  # {second: cap}
@@ -505,12 +518,15 @@ def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_capt
         for i in range(0, len(turns), cfg.batch_size):
             part = slice(i, i + cfg.batch_size)
             replies = summariser.generate(turns[part], max_new_tokens=cfg.summary_tokens)
-            for g, r in zip(gs[part], replies):
+            for g, r in zip(gs[part], _texts(replies, len(turns[part]), "replies")):
                 g["caption"] = r
 
     def end_to_end(gs):  # §3.4: one video captioner replaces frame captions + summary
         for g in gs:
-            g["caption"] = video_captioner(g["path"], g["times"], g["frames"])
+            caption = video_captioner(g["path"], g["times"], g["frames"])
+            if not isinstance(caption, str):
+                raise TypeError(f"returned {type(caption).__name__}, not a caption (str)")
+            g["caption"] = caption
             g["frame_captions"] = {}
 
     if video_captioner is not None:
@@ -586,8 +602,8 @@ def caption_videos(inputs, out, cfg=None, frame_captioner=None, summariser=None,
     otherwise. Resumable: clips (path and start) already in `out` are skipped. Each finished line
     is appended with one write + fsync, so an interrupted run leaves only whole lines (a torn one
     is dropped on the next run).
-    A video that cannot be decoded, or on which a model raises, is reported on stderr and skipped
-    (retried on the next run). Returns {"written": n, "skipped": n, "failed": [(path, reason)]}."""
+    A video that cannot be decoded, or on which a model raises or returns no text, is reported on
+    stderr and skipped (retried on the next run). Returns {"written": n, "skipped": n, "failed": [(path, reason)]}."""
     cfg = cfg or PRESETS["default"]
     if video_captioner is None and (frame_captioner is None or summariser is None):
         raise ValueError("need a frame captioner and a summariser (--frame-model, "

@@ -427,6 +427,35 @@ def test_a_model_raising_on_one_video_does_not_stop_the_run(tmp_path, capsys):
         "b.mp4", "c.mp4"]
 
 
+def test_a_model_or_hook_returning_no_text_fails_its_videos(tmp_path):
+    """A --video-captioner returning None wrote the caption "None" (and counted the video done); a
+    frame captioner returning fewer captions than frames shifted captions onto the next video's
+    frames; a summariser returning fewer replies crashed the run (KeyError). Each fails its
+    videos, named, and they are retried on the next run."""
+    write_clip(tmp_path / "a.mp4", 8)  # 1 frame (0 s)
+    write_clip(tmp_path / "b.mp4", 12)  # 2 frames (0, 2 s)
+    out = tmp_path / "out.jsonl"
+    stats = caption_videos([tmp_path / "a.mp4", tmp_path / "b.mp4"], out, CFG,
+                           video_captioner=lambda path, times, frames: None, progress=False)
+    assert stats["written"] == 0 and not out.read_text()
+    assert [r.split(": ", 1)[1] for _, r in stats["failed"]] == [
+        "the video captioner raised TypeError: returned NoneType, not a caption (str)"] * 2
+    one_per_call = lambda frames: ["a red circle"]  # noqa: E731 - 1 caption for N frames
+    stats = caption_videos([tmp_path / "a.mp4", tmp_path / "b.mp4"], out, CFG, one_per_call,
+                           Spy(None), progress=False)
+    (line,) = [json.loads(l) for l in out.read_text().splitlines()]
+    assert line["path"] == "a.mp4" and line["frame_captions"] == {"0.0": "a red circle"}
+    assert [os.path.basename(p) for p, _ in stats["failed"]] == ["b.mp4"]
+    assert "returned 1 of type str, not 2 frame captions" in stats["failed"][0][1]
+
+    class Mute:  # replies to no prompt
+        def generate(self, turns, max_new_tokens=256):
+            return []
+    stats = caption_videos([tmp_path / "b.mp4"], out, CFG, grey_captioner, Mute(), progress=False)
+    assert stats["written"] == 0 and "the summariser raised TypeError: returned 0" in (
+        stats["failed"][0][1])
+
+
 def test_cli_bad_input_one_line_errors(tmp_path, capsys):
     import subprocess
     import sys
