@@ -475,11 +475,12 @@ def bench_cp(args, res, tmp):
     # Same cores on both sides: 2 ranks x threads/2, or one process x threads.
     for name, nproc, threads in (("single", 1, args.threads), ("cp", 2, max(1, args.threads // 2))):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               __file__, "--worker", "cp", str(T), folder, "--reps", str(args.cp_reps)]
+               __file__, "--worker", "cp", str(T), folder, "--cp-reps", str(args.cp_reps)]
         runs[name] = run_json(cmd, env={"OMP_NUM_THREADS": str(threads)})
     one, cp = runs["single"][0], runs["cp"]
     row = dict(frames=T, single_ms=1e3 * one["s"], single_mb=one["peak_mb"], cp_ms=1e3 * max(r["s"] for r in cp),
-               cp_mb_per_rank=[r["peak_mb"] for r in sorted(cp, key=lambda r: r["rank"])])
+               cp_mb_per_rank=[r["peak_mb"] for r in sorted(cp, key=lambda r: r["rank"])],
+               samples={"single": one["samples"], "cp": [r["samples"] for r in cp]})
     row["time_ratio"] = row["cp_ms"] / row["single_ms"]
     row["mem_ratio"] = max(row["cp_mb_per_rank"]) / row["single_mb"]
     res["cp"] = row

@@ -1,0 +1,27 @@
+"""Tests for tests/bench.py's command line (the benchmark itself is a script, not a test): what
+the user asks for reaches the measurement. Nothing is timed here."""
+import sys
+from types import SimpleNamespace
+
+import bench
+
+
+def test_cp_reps_reaches_the_cp_workers(monkeypatch, tmp_path):
+    """--cp-reps N: the torchrun children time N steps (they were passed --reps, which the cp
+    worker does not read, and always timed the default 2)."""
+    cmds, reps = [], []
+
+    def fake_run(cmd, env=None, timeout=600):  # the children's command, not run
+        cmds.append(cmd)
+        return [dict(rank=r, s=1.0, peak_mb=1.0, samples=[1.0]) for r in range(int(cmd[5]))]
+
+    monkeypatch.setattr(bench, "run_json", fake_run)
+    monkeypatch.setattr(bench, "vae_folder", lambda tmp: str(tmp_path))
+    args = SimpleNamespace(cp_frames=9, cp_reps=5, threads=2)
+    bench.bench_cp(args, {}, str(tmp_path))
+    assert [c[5] for c in cmds] == ["1", "2"]  # --nproc_per_node: one process, then 2 ranks
+    monkeypatch.setattr(bench, "worker_cp", lambda T, folder, n: reps.append((T, folder, n)))
+    for cmd in cmds:  # each child parses its command line as torchrun hands it over
+        monkeypatch.setattr(sys, "argv", cmd[cmd.index(bench.__file__):])
+        bench.main()
+    assert reps == [(9, str(tmp_path), 5)] * 2
