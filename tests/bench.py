@@ -724,6 +724,10 @@ def table(res):
     return "\n".join(lines)
 
 
+SECTIONS = {"dit": bench_dit, "mfu": bench_mfu, "pack": bench_pack, "attn": bench_attn,
+            "vae": bench_vae, "cp": bench_cp, "sim": bench_sim, "loader": bench_loader}
+
+
 def main():
     ap = argparse.ArgumentParser(description="nano-cogvideox vs diffusers: DiT, MFU, Frame Pack, VAE, context parallel")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -733,7 +737,8 @@ def main():
     ap.add_argument("--mem-reps", type=int, default=2, help="fresh processes per VAE memory measurement (median)")
     ap.add_argument("--cp-frames", type=int, default=33, help="clip length of the context-parallel step")
     ap.add_argument("--cp-reps", type=int, default=2)
-    ap.add_argument("--only", default="dit,mfu,pack,vae,cp,loader", help="comma-separated sections")
+    ap.add_argument("--only", default="dit,mfu,pack,vae,cp,loader",
+                    help=f"comma-separated sections, of {','.join(SECTIONS)}")
     ap.add_argument("--max-load", type=float, default=None, help="wait (up to 10 min) for the 1-min load to drop below this")
     ap.add_argument("--profile", action="store_true", help="print where the time goes (torch.profiler) per section")
     ap.add_argument("--device", default="cpu", help="only cpu: the targets are CPU targets")
@@ -746,6 +751,10 @@ def main():
         if kind == "sim":
             return worker_sim_diffusers(rest[0], int(rest[1]), int(rest[2]), rest[3])
         return worker_cp(int(rest[0]), rest[1], args.cp_reps)
+    sections = args.only.split(",")
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:  # a typo ran no section: an empty table, exit 0
+        ap.error(f"--only: no section {','.join(unknown)}; the sections are {','.join(SECTIONS)}")
     if args.device != "cpu":
         raise SystemExit("bench.py measures the CPU targets of issue 9; use --device cpu")
     torch.set_num_threads(args.threads)
@@ -753,13 +762,10 @@ def main():
     t_start, load0 = time.time(), load()
     print(f"torch {torch.__version__}, {args.threads} threads, load {load0:.2f}", flush=True)
     res = {"threads": args.threads, "torch": torch.__version__, "load_start": load0}
-    sections = args.only.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         res["matmul_flops"] = matmul_rate()
         print(f"  fp32 matmul 2048^2: {res['matmul_flops'] / 1e9:.1f} GFLOP/s", flush=True)
-        for name, fn in (("dit", bench_dit), ("mfu", bench_mfu), ("pack", bench_pack), ("attn", bench_attn),
-                         ("vae", bench_vae), ("cp", bench_cp), ("sim", bench_sim),
-                         ("loader", bench_loader)):
+        for name, fn in SECTIONS.items():  # in this order, whatever the order of --only
             if name in sections:
                 fn(args, res, tmp)
         res["matmul_flops_end"] = matmul_rate()   # a drift between start and end means the load changed

@@ -25,3 +25,19 @@ def test_cp_reps_reaches_the_cp_workers(monkeypatch, tmp_path):
         monkeypatch.setattr(sys, "argv", cmd[cmd.index(bench.__file__):])
         bench.main()
     assert reps == [(9, str(tmp_path), 5)] * 2
+
+
+def test_only_names_no_unknown_section(monkeypatch, capsys):
+    """--only with a typo ran no section and printed an empty table, exit 0: now one line naming
+    the sections, exit code 2, before anything is measured."""
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--only", "dit,vea", "--threads", "1"])
+    monkeypatch.setattr(bench, "matmul_rate", lambda: 1 / 0)  # nothing is measured
+    try:
+        bench.main()
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("--only vea was accepted")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("--only: no section vea; the sections are "
+                        "dit,mfu,pack,attn,vae,cp,sim,loader")
