@@ -370,7 +370,8 @@ def upsample_prompt(prompt, llm, max_new_tokens=256):
     """App. B: rewrite a short user prompt into a detailed, training-like caption with an LLM.
 
     Returns one line of text; the bot is told its partner draws "anything you say in square
-    brackets", so a bracketed reply is unwrapped. An empty reply falls back to the user's prompt.
+    brackets", so a bracketed description is unwrapped (a short bracketed tag inside a longer
+    reply is not taken for it: the reply is kept, without the brackets). An empty reply falls back to the user's prompt.
     An LLM whose context cannot hold the App. B prompt and the reply raises a one-line ValueError;
     a user prompt too long to fit next to it is returned as it is, with a warning (a prompt that
     long needs no upsampling)."""
@@ -385,8 +386,14 @@ def upsample_prompt(prompt, llm, max_new_tokens=256):
                    "upsampled", file=sys.stderr)
         return prompt
     reply = llm.generate([(UPSAMPLER_PROMPT, prompt)], max_new_tokens=max_new_tokens)[0]
-    inside = re.findall(r"\[([^\]]+)\]", reply)
-    text = " ".join((max(inside, key=len) if inside else reply).split()).strip(" \"'")
+    # the bracketed span when it is the description (more words than the rest: "Sure: [...]"); a
+    # short one inside a description ("painted as [oil painting] with ...") is a tag of it, and a
+    # reply cut by max_new_tokens has no "]": the brackets go, the words stay
+    best = max(re.findall(r"\[([^\]]+)\]", reply), key=len, default="")
+    rest = re.sub(r"\[[^\]]*\]", " ", reply)
+    wrapped = best and len(best.split()) >= len(rest.split())
+    text = best if wrapped else re.sub(r"[\[\]]", " ", reply)
+    text = " ".join(text.split()).strip(" \"'")
     return text or prompt
 
 

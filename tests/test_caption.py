@@ -634,6 +634,26 @@ def test_upsample_prompt(models, capsys):
     assert capsys.readouterr().out.strip() == "red " * 15 + "red"  # the tiny preset's token budget
 
 
+def test_upsample_takes_a_bracketed_span_only_when_it_is_the_description():
+    """A short bracketed tag inside a description was returned alone ("oil painting" for the whole
+    reply); a reply cut by max_new_tokens before its "]" kept the "["."""
+    class Fixed:
+        def __init__(self, reply):
+            self.reply = reply
+
+        def generate(self, turns, max_new_tokens=256):
+            return [self.reply]
+
+    tagged = "A knight rides through a misty forest at dawn, painted as [oil painting] in gold."
+    assert upsample_prompt("a knight", Fixed(tagged)) == (
+        "A knight rides through a misty forest at dawn, painted as oil painting in gold.")
+    assert upsample_prompt("a cat", Fixed("[A cat plays a grand piano in a sunlit")) == (
+        "A cat plays a grand piano in a sunlit")
+    wrapped = "Here it is: [A red circle glides to the left across a black floor.] Enjoy!"
+    assert upsample_prompt("a circle", Fixed(wrapped)) == (
+        "A red circle glides to the left across a black floor.")
+
+
 # ----- a summariser / upsampler with a short context window -----
 
 
