@@ -755,6 +755,12 @@ def main():
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:  # a typo ran no section: an empty table, exit 0
         ap.error(f"--only: no section {','.join(unknown)}; the sections are {','.join(SECTIONS)}")
+    if args.out:  # now, not after minutes of measuring (a missing folder lost every number)
+        import data
+        try:
+            data.check_writable(args.out, "--out")
+        except ValueError as e:
+            ap.error(str(e))
     if args.device != "cpu":
         raise SystemExit("bench.py measures the CPU targets of issue 9; use --device cpu")
     torch.set_num_threads(args.threads)
@@ -773,11 +779,9 @@ def main():
     print(f"\nthreads {args.threads} | load {load0:.2f} -> {res['load_end']:.2f} | matmul "
           f"{res['matmul_flops'] / 1e9:.1f} -> {res['matmul_flops_end'] / 1e9:.1f} GFLOP/s | {res['seconds']:.0f} s")
     print(table(res))
-    if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, args.out)
+    if args.out:  # (data was imported for the check above)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        data.atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=1)))
 
 
 if __name__ == "__main__":

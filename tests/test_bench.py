@@ -1,5 +1,6 @@
 """Tests for tests/bench.py's command line (the benchmark itself is a script, not a test): what
 the user asks for reaches the measurement. Nothing is timed here."""
+import json
 import sys
 from types import SimpleNamespace
 
@@ -41,3 +42,26 @@ def test_only_names_no_unknown_section(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.endswith("--only: no section vea; the sections are "
                         "dit,mfu,pack,attn,vae,cp,sim,loader")
+
+
+def test_out_is_checked_before_measuring_and_its_folder_made(monkeypatch, tmp_path, capsys):
+    """--out in a folder that did not exist yet: the JSON was lost after the whole run (a
+    FileNotFoundError traceback); --out naming a folder: the same after the run. Now the folder
+    is made, and a folder as --out is one line, exit code 2, before anything is measured."""
+    monkeypatch.setattr(bench, "matmul_rate", lambda: 1e9)  # nothing is measured
+    monkeypatch.setattr(bench, "SECTIONS", {"dit": lambda args, res, tmp: res.update(dit=1)})
+    out = tmp_path / "new" / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--only", "dit", "--threads", "1", "--out",
+                                      str(out)])
+    bench.main()
+    assert json.loads(out.read_text())["dit"] == 1
+    monkeypatch.setattr(bench, "matmul_rate", lambda: 1 / 0)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--only", "dit", "--out", str(tmp_path)])
+    try:
+        bench.main()
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("--out FOLDER was accepted")
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"--out {tmp_path} is a folder; pass a file path")
