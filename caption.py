@@ -371,7 +371,8 @@ def upsample_prompt(prompt, llm, max_new_tokens=256):
 
     Returns one line of text; the bot is told its partner draws "anything you say in square
     brackets", so a bracketed description is unwrapped (a short bracketed tag inside a longer
-    reply is not taken for it: the reply is kept, without the brackets). An empty reply falls back to the user's prompt.
+    reply is not taken for it: the reply is kept, without the brackets). An empty reply falls back
+    to the user's prompt.
     An LLM whose context cannot hold the App. B prompt and the reply raises a one-line ValueError;
     a user prompt too long to fit next to it is returned as it is, with a warning (a prompt that
     long needs no upsampling)."""
@@ -610,7 +611,8 @@ def caption_videos(inputs, out, cfg=None, frame_captioner=None, summariser=None,
     is appended with one write + fsync, so an interrupted run leaves only whole lines (a torn one
     is dropped on the next run).
     A video that cannot be decoded, or on which a model raises or returns no text, is reported on
-    stderr and skipped (retried on the next run). Returns {"written": n, "skipped": n, "failed": [(path, reason)]}."""
+    stderr and skipped (retried on the next run).
+    Returns {"written": n, "skipped": n, "failed": [(path, reason)]}."""
     cfg = cfg or PRESETS["default"]
     if video_captioner is None and (frame_captioner is None or summariser is None):
         raise ValueError("need a frame captioner and a summariser (--frame-model, "
