@@ -1334,13 +1334,27 @@ def check_dit(args, tc, stages, ac, dc):
 T5_RECORD = "text_encoder.json"  # in a --cache: the T5 whose embeddings it holds
 
 
-def recorded_t5(cache):
-    """The data.model_id of the T5 whose caption embeddings --cache holds, as recorded by the run
-    that embedded them (build_dit), or None: a later run may leave out --text-encoder."""
+def recorded_t5(cache, field="id"):
+    """The data.model_id ("id") or folder ("text_encoder") of the T5 whose caption embeddings
+    --cache holds, as recorded by the run that embedded them (build_dit), or None: a later run
+    may leave out --text-encoder."""
     try:
         with open(os.path.join(cache, T5_RECORD)) as f:
-            return json.load(f)["id"]
+            return json.load(f)[field]
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def t5_folder(args, t5_id):
+    """The T5 folder export copies beside the DiT (sample.py encodes prompts with it):
+    --text-encoder, else the one the cache records while it still holds the weights of t5_id
+    (moved, replaced or deleted since: None)."""
+    if args.text_encoder or not t5_id:
+        return args.text_encoder
+    path = recorded_t5(args.cache, "text_encoder")
+    try:
+        return path if isinstance(path, str) and data.model_id(path) == t5_id else None
+    except OSError:  # the folder is gone
         return None
 
 
@@ -1453,6 +1467,7 @@ def build_dit(job):
             job.text = dit.TextEncoder(args.text_encoder, device=device,
                                        max_length=model.cfg.text_len)
     job.ids = (data.model_id(args.vae), t5)
+    job.t5_dir = t5_folder(args, t5_id)  # what export copies to OUT/text_encoder
     # the data path's main-process half: encodes what the loader's workers decode (enter_stage)
     job.encoder = data.LatentEncoder(job.ae, job.text, job.cache, job.ids,
                                      budget=args.encode_memory * 2**30)
@@ -1701,10 +1716,14 @@ def write_export(job, ema, zstat):
             return
         model.save(os.path.join(out, "dit"), state_dict=sd)
         copies = [(args.vae, "vae")]
-        if args.text_encoder:  # of a released folder (--init-diffusers) its T5 alone, not all
-            tok, enc = dit.t5_folders(args.text_encoder)
+        if job.t5_dir:  # of a released folder (--init-diffusers) its T5 alone, not all
+            tok, enc = dit.t5_folders(job.t5_dir)
             copies += [(tok, "text_encoder")] if tok == enc else \
                 [(tok, "text_encoder/tokenizer"), (enc, "text_encoder/text_encoder")]
+        else:  # a --cache run without --text-encoder whose recorded T5 moved or changed since
+            job.say(f"warning: {os.path.join(out, 'text_encoder')} not written: the T5 that "
+                    f"--cache {args.cache} records is gone or changed; copy it there for "
+                    f"sample.py", file=sys.stderr)
         for src, name in copies:
             if src and os.path.abspath(src) != os.path.abspath(os.path.join(out, name)):
                 shutil.copytree(src, os.path.join(out, name), dirs_exist_ok=True)

@@ -852,6 +852,9 @@ def test_cache_without_text_encoder_uses_the_t5_it_records(assets, tmp_path, cap
     train.main(dit_args(assets, tmp_path / "b", *SMALL, "--steps", "1", "--cache", cache))
     res = train.main(no_t5(dit_args(assets, tmp_path / "c", *SMALL, "--steps", "1", "--cache", cache)))
     assert res["step"] == 2 and all(math.isfinite(v) for v in res["losses"])
+    # its export holds the recorded T5 beside the DiT, so sample.py can encode prompts (it had none)
+    assert sorted(os.listdir(tmp_path / "c" / "text_encoder")) == sorted(os.listdir(assets["t5"]))
+    assert sample.load_ckpt(str(tmp_path / "c"))[2] is not None
     entries = data.read_manifest(assets["manifest"])
     entries[0]["caption"] = "a caption never embedded"
     data.write_manifest(entries, str(tmp_path / "m.jsonl"))
