@@ -124,6 +124,15 @@ def test_sample_json_holds_the_sampling_preset_of_the_dit():
     assert sample.SampleConfig(**train.sample_meta(train.PRESETS["cogvideox-2b"], last)).snr_shift_scale == 3.0
 
 
+def test_sample_json_plays_at_the_rate_the_dit_learned(assets, tmp_path):
+    """A last stage without fps trains on consecutive frames at the clips' own rate: the export's sample.json
+    (what sample.py writes its videos at) carries that rate, not a default 8 fps (24 fps clips played 3x slow)."""
+    manifest = data.make_shapes(str(tmp_path / "d24"), 8, seed=0, frames=(9,), image_every=4, fps=24)
+    train.main(dit_args(dict(assets, manifest=manifest), tmp_path / "o", *SMALL, "--steps", "1"))
+    assert json.load(open(tmp_path / "o" / "sample.json"))["fps"] == 24.0
+    assert sample.load_ckpt(str(tmp_path / "o"))[3].fps == 24.0
+
+
 def test_fine_tune_of_a_released_folder_exports_what_sample_loads(released, assets,  # noqa: F811
                                                                  tmp_path):
     """--init-diffusers without --lora: the export keeps the released VAE folder (diffusers layout)
