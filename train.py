@@ -798,15 +798,16 @@ def verify(folder):
     return next((w for w in everyone(why) if w), None)
 
 
-def find_checkpoint(args, total, say, base=None):
+def find_checkpoint(args, total, say, base=None, steps=()):
     """The checkpoint --resume continues from, checked before any model is built -> its folder,
     or None for a fresh start.
 
     Without --resume an --out that already holds checkpoints is refused (a new run there would
     mix with the old one). With it: the folder `latest` names if intact (verify), else the newest
     intact older one, with a warning naming both. Also refused: a checkpoint of the other --stage,
-    another --preset, --lora setting or LoRA base, or --i2v, and one already past the --steps
-    asked for or at / past --stop-at. base: this run's lora_base (rank 0's view)."""
+    another --preset, --lora setting or LoRA base, or --i2v, one already past the --steps
+    asked for or at / past --stop-at, and one in a later §3.2 stage than the --steps asked for
+    put its step in. base: this run's lora_base (rank 0's view); steps: each stage's steps."""
     root = os.path.join(args.out, "ckpt")
     names = sorted(d for d in os.listdir(root) if STEP_DIR.fullmatch(d)) \
         if os.path.isdir(root) else []
@@ -869,6 +870,15 @@ def find_checkpoint(args, total, say, base=None):
             raise SettingsError(f"--resume: the checkpoint is at step {st['step']}, past the "
                                 f"{total} steps asked for; pass --steps adding up to at least "
                                 f"{st['step']} (as many re-exports its model)")
+        ends = [sum(steps[:i + 1]) for i in range(len(steps))]  # where each stage ends
+        was, now = st["pos"]["stage"], sum(1 for e in ends if e <= st["step"])
+        if steps and now < was:  # the loop would re-plan stage `now`'s data after `was`'s
+            asked = ",".join(map(str, steps))  # (or the preset's)
+            raise SettingsError(f"--resume: the checkpoint (step {st['step']}) is in stage {was}, "
+                                f"but --steps {asked} puts its step in stage {now}: the run "
+                                f"would go back to stage {now}; pass --steps whose first {was} "
+                                f"stage(s) end by step {st['step']} (the run's own: "
+                                f"{','.join(map(str, st['config'][args.stage + '_steps']))})")
         stop_at = getattr(args, "stop_at", None)
         if stop_at is not None and stop_at <= st["step"]:  # it would never fire
             raise SettingsError(f"--stop-at {stop_at} is not after the checkpoint's step "
@@ -1788,7 +1798,7 @@ def train(args):
                           cfg=dit_config(args, tc) if is_dit else None)  # plans' tokens
     # a LoRA run's frozen base, fingerprinted once (rank 0's files: train.json is rank 0's)
     job.lora_base = everyone(lora_base(args) if rank == 0 else None)[0]
-    job.ckpt = find_checkpoint(args, sum(steps), say, job.lora_base)  # refusals before any model
+    job.ckpt = find_checkpoint(args, sum(steps), say, job.lora_base, steps)  # before any model
     job.entries = load_entries(job)  # the manifest, with the metadata planning needs
     job.plans = check_stages(job)  # every stage's data, before any model is built
     (build_dit if is_dit else build_vae)(job)

@@ -511,10 +511,15 @@ def test_empty_or_garbled_latest_takes_the_newest_intact(three_ckpts, tmp_path, 
                                    "--steps adding up to at least 3 (as many re-exports its model)"),
     (["--resume", "--i2v"], "holds a run without --i2v; pass the same (or another --out)"),
     (["--resume", "--steps", "3", "--stop-at", "3"], "--stop-at 3 is not after the checkpoint's step 3"),
+    # a longer first stage would take the stage-1 checkpoint back to stage 0's data (it trained on silently)
+    (["--resume", "--steps", "4,1"], "the checkpoint (step 3) is in stage 1, but --steps 4,1 puts its step in "
+                                     "stage 0: the run would go back to stage 0; pass --steps whose first 1 "
+                                     "stage(s) end by step 3 (the run's own: 2,1)"),
 ])
 def test_rerun_refusals_keep_the_run(assets, three_ckpts, capsys, extra, words):
     """A second run into the same --out without --resume, or a --resume with fewer steps than done (or a
-    --stop-at already passed): one line, exit 2, before any model is loaded, and nothing in --out is touched."""
+    --stop-at already passed, or stages that put its step in an earlier stage): one line, exit 2, before any model
+    is loaded, and nothing in --out is touched."""
     before = {f: os.stat(f).st_mtime_ns for f in three_ckpts.rglob("*")}
     with pytest.raises(SystemExit) as e:
         train.main(dit_args(assets, three_ckpts, *SMALL, *extra))
