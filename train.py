@@ -1841,7 +1841,7 @@ def train(args):
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         # Σ n·loss, N, bad files, tokens (text + video: throughput), ranks that read something
-        tot, per, ts, parts, gan_in = torch.zeros(5, dtype=torch.float64), [], [], {}, None
+        tot, per, ts, parts, gan_in, zs = torch.zeros(5, dtype=torch.float64), [], [], {}, None, 0
         job.wait = 0.0  # seconds this step waits for data (batches adds them)
         for micro in range(tc.accum):
             batch = next(stream)
@@ -1854,7 +1854,7 @@ def train(args):
                     loss, st = vae_loss(job, net, batch, step, micro)
                     parts = {k: float(v) for k, v in st["parts"].items()} or parts
                     if st["n"] > 0 and step >= total - max(1, total // 5):  # latent statistics,
-                        zstat += st["zstat"]  # last 20% of steps
+                        zs += st["zstat"]  # last 20% of steps; kept if the step is (below)
                     # the GAN step's input: the last micro-batch that read something (or a dummy)
                     gan_in = (st["x"], st["rec"]) if st["n"] > 0 or gan_in is None else gan_in
                 loss.backward()
@@ -1886,8 +1886,8 @@ def train(args):
             if consec_bad >= args.max_bad_steps:
                 raise SettingsError(f"{consec_bad} non-finite losses in a row: lower --lr, check "
                                     f"the data, or resume from an earlier checkpoint")
-        else:
-            consec_bad = 0
+        else:  # a skipped step's latent statistics may be NaN: the scaling factor would be too
+            consec_bad, zstat = 0, zstat + zs
             opt.step()
             if ema is not None:  # EMA of the weights: what sample.py gets when --ema is on
                 with torch.no_grad():

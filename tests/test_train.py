@@ -899,6 +899,32 @@ def test_nan_loss_skips_the_step_then_stops(assets, tmp_path, monkeypatch, capsy
     assert e.value.code == 2 and "2 non-finite losses in a row" in capsys.readouterr().err
 
 
+def test_a_skipped_vae_step_leaves_the_scaling_factor_finite(assets, tmp_path, monkeypatch, capsys):
+    """A non-finite VAE step inside the scaling factor's window (the last 20%: steps 8 and 9 of 10) is skipped,
+    and so are its latent statistics: the factor is 1 / std of step 8's latents alone (it was NaN, exported
+    with exit code 0: every DiT trained on that VAE would see NaN latents)."""
+    real_fwd, real_loss, seen = train.vae_forward, train.vae_loss, {}
+
+    def overflow(job, net, x, eps):  # step 9's encoder overflows: NaN latents and reconstruction
+        rec, post = real_fwd(job, net, x, eps)
+        if seen.get("step") == 9:
+            post, rec = vae.Gaussian(post.mean * float("nan"), post.logvar), rec * float("nan")
+        return rec, post
+
+    def spy(job, net, batch, step, micro):
+        seen["step"] = step
+        out = real_loss(job, net, batch, step, micro)
+        seen[step] = out[1]["zstat"]
+        return out
+    monkeypatch.setattr(train, "vae_forward", overflow)
+    monkeypatch.setattr(train, "vae_loss", spy)
+    res = train.main(vae_args(assets["manifest"], tmp_path, *SMALL, "--steps", "10", "--batch", "1"))
+    assert res["step"] == 10 and math.isnan(res["losses"][9]) and "update skipped" in capsys.readouterr().err
+    n, s1, s2, var = seen[8].tolist()
+    factor = json.load(open(tmp_path / "vae" / "config.json"))["scaling_factor"]
+    assert factor == pytest.approx(1 / math.sqrt(s2 / n - (s1 / n) ** 2 + var / n), rel=1e-6)
+
+
 def test_no_readable_data_is_a_clear_error_not_a_hang(tmp_path, capsys):
     (tmp_path / "m.jsonl").write_text('{"path": "missing.mkv", "caption": "a red circle"}\n')
     with pytest.raises(SystemExit) as e:
