@@ -1737,7 +1737,7 @@ def write_export(job, ema, zstat):
         for src, name in copies:
             if src and os.path.abspath(src) != os.path.abspath(os.path.join(out, name)):
                 shutil.copytree(src, os.path.join(out, name), dirs_exist_ok=True)
-        meta = sample_meta(job.tc, job.stages[-1], native_rate(job.plans[-1][0]))
+        meta = sample_meta(job.tc, job.stages[-1], job.plans[-1][0])
         write_text(os.path.join(out, "sample.json"), json.dumps(meta, indent=1))
         return
     n, s1, s2, var = all_sum(zstat).tolist()
@@ -1754,25 +1754,22 @@ def write_export(job, ema, zstat):
         model.save(os.path.join(out, "vae"), state_dict=sd)
 
 
-def sample_meta(tc, last, native=None):
+def sample_meta(tc, last, ds=None):
     """sample.json: the sampling settings of the trained DiT's family (sample.PRESETS: steps,
     sampler, guidance; an I2V DiT samples as its T2V, the shapes demo's as "tiny") with the clip
     size and rate of the last stage and the SNR shift trained with. sample.load_ckpt starts from
     PRESETS["tiny"]: without these a 5B would sample with the toy's 20 steps and CFG 4.
-    native: the rate of the last stage's clips (native_rate), for a stage without fps: it learned
-    consecutive frames at that rate, so its samples play at it."""
+    ds: the last stage as planned (plan_stage): its longest clip, not a frame count no clip
+    filled, and for a stage without fps the most common rate of its clips, whose consecutive
+    frames the DiT learned (stills have no rate)."""
     import sample
     base = sample.PRESETS.get(tc.dit.removesuffix("-i2v"), sample.PRESETS["tiny"])
     H, W = last.resolutions[0]
-    return dict(asdict(base), num_frames=max(last.frames), height=H, width=W,
-                fps=last.fps or native or 8.0, snr_shift_scale=tc.snr_shift)
-
-
-def native_rate(ds):
-    """The most common frame rate of a planned stage's clips (stills have none), or None."""
-    rates = [float(e["fps"]) for e, s in zip(ds.entries, ds.shapes)
-             if s and s[0] > 1 and isinstance(e.get("fps"), (int, float)) and e["fps"] > 0]
-    return max(sorted(set(rates)), key=rates.count) if rates else None
+    got = [(sh[0], e.get("fps")) for sh, e in zip(ds.shapes, ds.entries) if sh] if ds else []
+    rates = [float(r) for T, r in got if T > 1 and isinstance(r, (int, float)) and r > 0]
+    native = max(sorted(set(rates)), key=rates.count) if rates else None
+    return dict(asdict(base), num_frames=max((T for T, _ in got), default=max(last.frames)),
+                height=H, width=W, fps=last.fps or native or 8.0, snr_shift_scale=tc.snr_shift)
 
 
 # ----- the training loop -----

@@ -124,12 +124,16 @@ def test_sample_json_holds_the_sampling_preset_of_the_dit():
     assert sample.SampleConfig(**train.sample_meta(train.PRESETS["cogvideox-2b"], last)).snr_shift_scale == 3.0
 
 
-def test_sample_json_plays_at_the_rate_the_dit_learned(assets, tmp_path):
+def test_sample_json_holds_the_clips_the_dit_learned(assets, tmp_path):
     """A last stage without fps trains on consecutive frames at the clips' own rate: the export's sample.json
-    (what sample.py writes its videos at) carries that rate, not a default 8 fps (24 fps clips played 3x slow)."""
+    (what sample.py writes its videos at) carries that rate, not a default 8 fps (24 fps clips played 3x slow).
+    Its frame count is the longest clip trained on, not a stage frame count no clip filled (9-frame clips with
+    --frames 1,5,9,13 sampled 13 frames by default, a length the DiT never saw)."""
     manifest = data.make_shapes(str(tmp_path / "d24"), 8, seed=0, frames=(9,), image_every=4, fps=24)
-    train.main(dit_args(dict(assets, manifest=manifest), tmp_path / "o", *SMALL, "--steps", "1"))
-    assert json.load(open(tmp_path / "o" / "sample.json"))["fps"] == 24.0
+    train.main(dit_args(dict(assets, manifest=manifest), tmp_path / "o", *SMALL, "--frames", "1,5,9,13",
+                        "--steps", "1"))
+    meta = json.load(open(tmp_path / "o" / "sample.json"))
+    assert (meta["fps"], meta["num_frames"]) == (24.0, 9)
     assert sample.load_ckpt(str(tmp_path / "o"))[3].fps == 24.0
 
 
