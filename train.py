@@ -798,15 +798,16 @@ def verify(folder):
     return next((w for w in everyone(why) if w), None)
 
 
-def find_checkpoint(args, total, say, base=None):
+def find_checkpoint(args, total, say, base=None, steps=()):
     """The checkpoint --resume continues from, checked before any model is built -> its folder,
     or None for a fresh start.
 
     Without --resume an --out that already holds checkpoints is refused (a new run there would
     mix with the old one). With it: the folder `latest` names if intact (verify), else the newest
     intact older one, with a warning naming both. Also refused: a checkpoint of the other --stage,
-    another --preset, --lora setting or LoRA base, or --i2v, and one already past the --steps
-    asked for or at / past --stop-at. base: this run's lora_base (rank 0's view)."""
+    another --preset, --lora setting or LoRA base, or --i2v, one already past the --steps
+    asked for or at / past --stop-at, and one in a later §3.2 stage than the --steps asked for
+    put its step in. base: this run's lora_base (rank 0's view); steps: each stage's steps."""
     root = os.path.join(args.out, "ckpt")
     names = sorted(d for d in os.listdir(root) if STEP_DIR.fullmatch(d)) \
         if os.path.isdir(root) else []
@@ -869,6 +870,15 @@ def find_checkpoint(args, total, say, base=None):
             raise SettingsError(f"--resume: the checkpoint is at step {st['step']}, past the "
                                 f"{total} steps asked for; pass --steps adding up to at least "
                                 f"{st['step']} (as many re-exports its model)")
+        ends = [sum(steps[:i + 1]) for i in range(len(steps))]  # where each stage ends
+        was, now = st["pos"]["stage"], sum(1 for e in ends if e <= st["step"])
+        if steps and now < was:  # the loop would re-plan stage `now`'s data after `was`'s
+            asked = ",".join(map(str, steps))  # (or the preset's)
+            raise SettingsError(f"--resume: the checkpoint (step {st['step']}) is in stage {was}, "
+                                f"but --steps {asked} puts its step in stage {now}: the run "
+                                f"would go back to stage {now}; pass --steps whose first {was} "
+                                f"stage(s) end by step {st['step']} (the run's own: "
+                                f"{','.join(map(str, st['config'][args.stage + '_steps']))})")
         stop_at = getattr(args, "stop_at", None)
         if stop_at is not None and stop_at <= st["step"]:  # it would never fire
             raise SettingsError(f"--stop-at {stop_at} is not after the checkpoint's step "
@@ -1334,13 +1344,27 @@ def check_dit(args, tc, stages, ac, dc):
 T5_RECORD = "text_encoder.json"  # in a --cache: the T5 whose embeddings it holds
 
 
-def recorded_t5(cache):
-    """The data.model_id of the T5 whose caption embeddings --cache holds, as recorded by the run
-    that embedded them (build_dit), or None: a later run may leave out --text-encoder."""
+def recorded_t5(cache, field="id"):
+    """The data.model_id ("id") or folder ("text_encoder") of the T5 whose caption embeddings
+    --cache holds, as recorded by the run that embedded them (build_dit), or None: a later run
+    may leave out --text-encoder."""
     try:
         with open(os.path.join(cache, T5_RECORD)) as f:
-            return json.load(f)["id"]
+            return json.load(f)[field]
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def t5_folder(args, t5_id):
+    """The T5 folder export copies beside the DiT (sample.py encodes prompts with it):
+    --text-encoder, else the one the cache records while it still holds the weights of t5_id
+    (moved, replaced or deleted since: None)."""
+    if args.text_encoder or not t5_id:
+        return args.text_encoder
+    path = recorded_t5(args.cache, "text_encoder")
+    try:
+        return path if isinstance(path, str) and data.model_id(path) == t5_id else None
+    except OSError:  # the folder is gone
         return None
 
 
@@ -1453,6 +1477,7 @@ def build_dit(job):
             job.text = dit.TextEncoder(args.text_encoder, device=device,
                                        max_length=model.cfg.text_len)
     job.ids = (data.model_id(args.vae), t5)
+    job.t5_dir = t5_folder(args, t5_id)  # what export copies to OUT/text_encoder
     # the data path's main-process half: encodes what the loader's workers decode (enter_stage)
     job.encoder = data.LatentEncoder(job.ae, job.text, job.cache, job.ids,
                                      budget=args.encode_memory * 2**30)
@@ -1701,14 +1726,18 @@ def write_export(job, ema, zstat):
             return
         model.save(os.path.join(out, "dit"), state_dict=sd)
         copies = [(args.vae, "vae")]
-        if args.text_encoder:  # of a released folder (--init-diffusers) its T5 alone, not all
-            tok, enc = dit.t5_folders(args.text_encoder)
+        if job.t5_dir:  # of a released folder (--init-diffusers) its T5 alone, not all
+            tok, enc = dit.t5_folders(job.t5_dir)
             copies += [(tok, "text_encoder")] if tok == enc else \
                 [(tok, "text_encoder/tokenizer"), (enc, "text_encoder/text_encoder")]
+        else:  # a --cache run without --text-encoder whose recorded T5 moved or changed since
+            job.say(f"warning: {os.path.join(out, 'text_encoder')} not written: the T5 that "
+                    f"--cache {args.cache} records is gone or changed; copy it there for "
+                    f"sample.py", file=sys.stderr)
         for src, name in copies:
             if src and os.path.abspath(src) != os.path.abspath(os.path.join(out, name)):
                 shutil.copytree(src, os.path.join(out, name), dirs_exist_ok=True)
-        meta = sample_meta(job.tc, job.stages[-1])
+        meta = sample_meta(job.tc, job.stages[-1], job.plans[-1][0])
         write_text(os.path.join(out, "sample.json"), json.dumps(meta, indent=1))
         return
     n, s1, s2, var = all_sum(zstat).tolist()
@@ -1725,16 +1754,22 @@ def write_export(job, ema, zstat):
         model.save(os.path.join(out, "vae"), state_dict=sd)
 
 
-def sample_meta(tc, last):
+def sample_meta(tc, last, ds=None):
     """sample.json: the sampling settings of the trained DiT's family (sample.PRESETS: steps,
     sampler, guidance; an I2V DiT samples as its T2V, the shapes demo's as "tiny") with the clip
     size and rate of the last stage and the SNR shift trained with. sample.load_ckpt starts from
-    PRESETS["tiny"]: without these a 5B would sample with the toy's 20 steps and CFG 4."""
+    PRESETS["tiny"]: without these a 5B would sample with the toy's 20 steps and CFG 4.
+    ds: the last stage as planned (plan_stage): its longest clip, not a frame count no clip
+    filled, and for a stage without fps the most common rate of its clips, whose consecutive
+    frames the DiT learned (stills have no rate)."""
     import sample
     base = sample.PRESETS.get(tc.dit.removesuffix("-i2v"), sample.PRESETS["tiny"])
     H, W = last.resolutions[0]
-    return dict(asdict(base), num_frames=max(last.frames), height=H, width=W,
-                fps=last.fps or 8.0, snr_shift_scale=tc.snr_shift)
+    got = [(sh[0], e.get("fps")) for sh, e in zip(ds.shapes, ds.entries) if sh] if ds else []
+    rates = [float(r) for T, r in got if T > 1 and isinstance(r, (int, float)) and r > 0]
+    native = max(sorted(set(rates)), key=rates.count) if rates else None
+    return dict(asdict(base), num_frames=max((T for T, _ in got), default=max(last.frames)),
+                height=H, width=W, fps=last.fps or native or 8.0, snr_shift_scale=tc.snr_shift)
 
 
 # ----- the training loop -----
@@ -1760,7 +1795,7 @@ def train(args):
                           cfg=dit_config(args, tc) if is_dit else None)  # plans' tokens
     # a LoRA run's frozen base, fingerprinted once (rank 0's files: train.json is rank 0's)
     job.lora_base = everyone(lora_base(args) if rank == 0 else None)[0]
-    job.ckpt = find_checkpoint(args, sum(steps), say, job.lora_base)  # refusals before any model
+    job.ckpt = find_checkpoint(args, sum(steps), say, job.lora_base, steps)  # before any model
     job.entries = load_entries(job)  # the manifest, with the metadata planning needs
     job.plans = check_stages(job)  # every stage's data, before any model is built
     (build_dit if is_dit else build_vae)(job)
@@ -1803,7 +1838,7 @@ def train(args):
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         # Σ n·loss, N, bad files, tokens (text + video: throughput), ranks that read something
-        tot, per, ts, parts, gan_in = torch.zeros(5, dtype=torch.float64), [], [], {}, None
+        tot, per, ts, parts, gan_in, zs = torch.zeros(5, dtype=torch.float64), [], [], {}, None, 0
         job.wait = 0.0  # seconds this step waits for data (batches adds them)
         for micro in range(tc.accum):
             batch = next(stream)
@@ -1816,7 +1851,7 @@ def train(args):
                     loss, st = vae_loss(job, net, batch, step, micro)
                     parts = {k: float(v) for k, v in st["parts"].items()} or parts
                     if st["n"] > 0 and step >= total - max(1, total // 5):  # latent statistics,
-                        zstat += st["zstat"]  # last 20% of steps
+                        zs += st["zstat"]  # last 20% of steps; kept if the step is (below)
                     # the GAN step's input: the last micro-batch that read something (or a dummy)
                     gan_in = (st["x"], st["rec"]) if st["n"] > 0 or gan_in is None else gan_in
                 loss.backward()
@@ -1848,8 +1883,8 @@ def train(args):
             if consec_bad >= args.max_bad_steps:
                 raise SettingsError(f"{consec_bad} non-finite losses in a row: lower --lr, check "
                                     f"the data, or resume from an earlier checkpoint")
-        else:
-            consec_bad = 0
+        else:  # a skipped step's latent statistics may be NaN: the scaling factor would be too
+            consec_bad, zstat = 0, zstat + zs
             opt.step()
             if ema is not None:  # EMA of the weights: what sample.py gets when --ema is on
                 with torch.no_grad():

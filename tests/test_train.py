@@ -124,6 +124,19 @@ def test_sample_json_holds_the_sampling_preset_of_the_dit():
     assert sample.SampleConfig(**train.sample_meta(train.PRESETS["cogvideox-2b"], last)).snr_shift_scale == 3.0
 
 
+def test_sample_json_holds_the_clips_the_dit_learned(assets, tmp_path):
+    """A last stage without fps trains on consecutive frames at the clips' own rate: the export's sample.json
+    (what sample.py writes its videos at) carries that rate, not a default 8 fps (24 fps clips played 3x slow).
+    Its frame count is the longest clip trained on, not a stage frame count no clip filled (9-frame clips with
+    --frames 1,5,9,13 sampled 13 frames by default, a length the DiT never saw)."""
+    manifest = data.make_shapes(str(tmp_path / "d24"), 8, seed=0, frames=(9,), image_every=4, fps=24)
+    train.main(dit_args(dict(assets, manifest=manifest), tmp_path / "o", *SMALL, "--frames", "1,5,9,13",
+                        "--steps", "1"))
+    meta = json.load(open(tmp_path / "o" / "sample.json"))
+    assert (meta["fps"], meta["num_frames"]) == (24.0, 9)
+    assert sample.load_ckpt(str(tmp_path / "o"))[3].fps == 24.0
+
+
 def test_fine_tune_of_a_released_folder_exports_what_sample_loads(released, assets,  # noqa: F811
                                                                  tmp_path):
     """--init-diffusers without --lora: the export keeps the released VAE folder (diffusers layout)
@@ -502,10 +515,15 @@ def test_empty_or_garbled_latest_takes_the_newest_intact(three_ckpts, tmp_path, 
                                    "--steps adding up to at least 3 (as many re-exports its model)"),
     (["--resume", "--i2v"], "holds a run without --i2v; pass the same (or another --out)"),
     (["--resume", "--steps", "3", "--stop-at", "3"], "--stop-at 3 is not after the checkpoint's step 3"),
+    # a longer first stage would take the stage-1 checkpoint back to stage 0's data (it trained on silently)
+    (["--resume", "--steps", "4,1"], "the checkpoint (step 3) is in stage 1, but --steps 4,1 puts its step in "
+                                     "stage 0: the run would go back to stage 0; pass --steps whose first 1 "
+                                     "stage(s) end by step 3 (the run's own: 2,1)"),
 ])
 def test_rerun_refusals_keep_the_run(assets, three_ckpts, capsys, extra, words):
     """A second run into the same --out without --resume, or a --resume with fewer steps than done (or a
-    --stop-at already passed): one line, exit 2, before any model is loaded, and nothing in --out is touched."""
+    --stop-at already passed, or stages that put its step in an earlier stage): one line, exit 2, before any model
+    is loaded, and nothing in --out is touched."""
     before = {f: os.stat(f).st_mtime_ns for f in three_ckpts.rglob("*")}
     with pytest.raises(SystemExit) as e:
         train.main(dit_args(assets, three_ckpts, *SMALL, *extra))
@@ -852,6 +870,9 @@ def test_cache_without_text_encoder_uses_the_t5_it_records(assets, tmp_path, cap
     train.main(dit_args(assets, tmp_path / "b", *SMALL, "--steps", "1", "--cache", cache))
     res = train.main(no_t5(dit_args(assets, tmp_path / "c", *SMALL, "--steps", "1", "--cache", cache)))
     assert res["step"] == 2 and all(math.isfinite(v) for v in res["losses"])
+    # its export holds the recorded T5 beside the DiT, so sample.py can encode prompts (it had none)
+    assert sorted(os.listdir(tmp_path / "c" / "text_encoder")) == sorted(os.listdir(assets["t5"]))
+    assert sample.load_ckpt(str(tmp_path / "c"))[2] is not None
     entries = data.read_manifest(assets["manifest"])
     entries[0]["caption"] = "a caption never embedded"
     data.write_manifest(entries, str(tmp_path / "m.jsonl"))
@@ -880,6 +901,32 @@ def test_nan_loss_skips_the_step_then_stops(assets, tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit) as e:  # stops with one line naming the fix, exit code 2
         train.main(dit_args(assets, tmp_path / "b", *SMALL, "--steps", "3", "--max-bad-steps", "2"))
     assert e.value.code == 2 and "2 non-finite losses in a row" in capsys.readouterr().err
+
+
+def test_a_skipped_vae_step_leaves_the_scaling_factor_finite(assets, tmp_path, monkeypatch, capsys):
+    """A non-finite VAE step inside the scaling factor's window (the last 20%: steps 8 and 9 of 10) is skipped,
+    and so are its latent statistics: the factor is 1 / std of step 8's latents alone (it was NaN, exported
+    with exit code 0: every DiT trained on that VAE would see NaN latents)."""
+    real_fwd, real_loss, seen = train.vae_forward, train.vae_loss, {}
+
+    def overflow(job, net, x, eps):  # step 9's encoder overflows: NaN latents and reconstruction
+        rec, post = real_fwd(job, net, x, eps)
+        if seen.get("step") == 9:
+            post, rec = vae.Gaussian(post.mean * float("nan"), post.logvar), rec * float("nan")
+        return rec, post
+
+    def spy(job, net, batch, step, micro):
+        seen["step"] = step
+        out = real_loss(job, net, batch, step, micro)
+        seen[step] = out[1]["zstat"]
+        return out
+    monkeypatch.setattr(train, "vae_forward", overflow)
+    monkeypatch.setattr(train, "vae_loss", spy)
+    res = train.main(vae_args(assets["manifest"], tmp_path, *SMALL, "--steps", "10", "--batch", "1"))
+    assert res["step"] == 10 and math.isnan(res["losses"][9]) and "update skipped" in capsys.readouterr().err
+    n, s1, s2, var = seen[8].tolist()
+    factor = json.load(open(tmp_path / "vae" / "config.json"))["scaling_factor"]
+    assert factor == pytest.approx(1 / math.sqrt(s2 / n - (s1 / n) ** 2 + var / n), rel=1e-6)
 
 
 def test_no_readable_data_is_a_clear_error_not_a_hang(tmp_path, capsys):
