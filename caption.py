@@ -700,10 +700,12 @@ def main(argv=None):
     p.add_argument("--summary-model", help="local HF causal LM folder (the summariser; also the "
                                            "--upsample LLM)")
     p.add_argument("--video-captioner", help="module:function(path, times, frames) -> caption; "
-                                             "replaces both models")
+                                             "replaces both models (their options are refused "
+                                             "with it)")
     p.add_argument("--short-captioner", help="module:function(path, times, frames) -> short "
                                              "caption (Panda-70M stage)")
-    p.add_argument("--upsample", metavar="PROMPT", help="print PROMPT upsampled (App. B), exit")
+    p.add_argument("--upsample", metavar="PROMPT", help="print PROMPT upsampled (App. B) "
+                   "with --summary-model, exit (no VIDEOS, --out or captioner with it)")
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
     p.add_argument("--every", type=float, help="seconds between captioned frames (App. C: 2)")
     p.add_argument("--batch-size", type=int)

@@ -2036,7 +2036,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("shapes", help="write the synthetic shapes set + manifest")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a new or empty folder")
     p.add_argument("--n", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sizes", default="32x32,32x48", help=f"HxW list, multiples of {SIZE_MULTIPLE}")

@@ -189,7 +189,8 @@ PRESETS = {
                                     warmup=500, save_every=1000),
     # CogVideoX 1.5: the 5B with a temporal patch of 2, trained through the later paper text's
     # stages (data.STAGES["cogvideox1.5"]: 256 -> 480 -> 768 px, 6 s -> 10 s at 16 fps, best
-    # 20%); its VAE config divides the I2V image latent by the scaling factor (vae.image_scale).
+    # 20%); its VAE config divides the I2V image latent by the scaling factor
+    # (vae.VAEConfig.image_scale).
     "cogvideox1.5-5b": TrainConfig(vae="cogvideox1.5-5b", dit="cogvideox1.5-5b", snr_shift=1.0,
                                    fit_scale=False, dit_stages=list(data.STAGES["cogvideox1.5"]),
                                    **RELEASED_VAE, dit_steps=[100_000, 50_000, 20_000, 5_000],
@@ -482,7 +483,7 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
         target.append(diffusion.v_target(z[None], e[None], t[j:j + 1], job.ac)[0])  # §3 v-pred.
         if job.args.i2v:  # App. A: encode(first frame) as sampled, plus noise of level sigma
             img = vae.Gaussian(it["img_mean"].to(device), it["img_logvar"].to(device))
-            # z x scaling factor; the 1.5 VAE config: z / scaling factor (vae.image_scale)
+            # z x scaling factor; the 1.5 VAE config: z / scaling factor (VAEConfig.image_scale)
             img = img.sample(eps=noise(img.mean.shape, *key, 4)) * job.ae.cfg.image_scale
             img = img + sigma_all[slot[j]] * noise(img.shape, *key, 3).to(device)
             img = img * (~img_drop[slot[j]]).to(device, img.dtype)  # dropped: zeros (released)
@@ -2689,7 +2690,8 @@ def parser():
     a("--out", help="output folder (checkpoints, log.jsonl, exported model)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--vae", help="DiT stage: trained VAE folder (CausalVAE.save)")
-    a("--text-encoder", help="DiT stage: T5 folder (dit.TextEncoder)")
+    a("--text-encoder", help="DiT stage: T5 folder (dit.TextEncoder); optional with a --cache "
+      "that records the T5 it was filled with")
     a("--cache", help="DiT stage: latent / text-embedding cache folder (data.LatentCache)")
     a("--init", help="start from these weights (a model folder), e.g. the T2V DiT for --i2v")
     a("--init-diffusers", metavar="DIR", help="DiT stage: start from a released CogVideoX folder "
@@ -2722,8 +2724,9 @@ def parser():
       "main process); the models stay in the main process")
     a("--prefetch", type=int, default=2, help="batches each loader worker decodes ahead")
     a("--augment", choices=["random", "fixed"], help="each sample's temporal start and crop: "
-      "random per (seed, epoch, sample), as released (default), or fixed (start 0, centre; the "
-      "only mode the latent cache holds, and the default with --cache)")
+      "random per (seed, epoch, sample), as released (default), or fixed (the entry's start, "
+      "else 0, and the centre crop; the only mode the latent cache holds, and the default with "
+      "--cache)")
     a("--encode-memory", type=float, default=12.0, metavar="GiB", help="DiT stage: memory one VAE "
       "encode call may use; the stage's mode (whole clip, streamed, tiled) is the least "
       "approximate one its largest clip fits")
@@ -2747,7 +2750,8 @@ def parser():
       "token slices, one at a time (less memory, one more MLP forward per step)")
     a("--resume", action="store_true", help="continue from OUT/ckpt/latest")
     a("--stop-at", type=int, help="write a checkpoint and exit after this step (as on SIGTERM), "
-                                   f"with exit code {EXIT_STOPPED}")
+                                   f"with exit code {EXIT_STOPPED} (at the last step the run "
+                                   "finishes: export, exit code 0)")
     a("--timeout-min", type=float, default=30.0,
       help="minutes a collective waits for the slowest rank (cache filling can be slow)")
     a("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")

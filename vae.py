@@ -940,7 +940,8 @@ def main(argv=None):
     p.add_argument("--out", help="the reconstruction's path (.mp4 or .mkv, lossless)")
     p.add_argument("--ckpt", help="a CausalVAE.save folder, or a diffusers AutoencoderKLCogVideoX one")
     p.add_argument("--preset", choices=sorted(VAE_PRESETS),
-                   help="random-weight model when --ckpt is not given (default: tiny)")
+                   help="random-weight model when --ckpt is not given (default: tiny; "
+                        "refused with --ckpt, whose config decides)")
     p.add_argument("--frames", type=int, default=49,
                    help="at most this many frames (trimmed to 4k+1)")
     p.add_argument("--tile", type=int, default=None,

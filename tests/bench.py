@@ -736,7 +736,8 @@ def main():
     ap.add_argument("--vae-reps", type=int, default=3, help="timed repetitions per implementation (VAE, 49 frames)")
     ap.add_argument("--mem-reps", type=int, default=2, help="fresh processes per VAE memory measurement (median)")
     ap.add_argument("--cp-frames", type=int, default=33, help="clip length of the context-parallel step")
-    ap.add_argument("--cp-reps", type=int, default=2)
+    ap.add_argument("--cp-reps", type=int, default=2,
+                    help="timed repetitions per side (context-parallel VAE step)")
     ap.add_argument("--only", default="dit,mfu,pack,vae,cp,loader",
                     help=f"comma-separated sections, of {','.join(SECTIONS)}")
     ap.add_argument("--max-load", type=float, default=None, help="wait (up to 10 min) for the 1-min load to drop below this")
