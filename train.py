@@ -1147,6 +1147,8 @@ def check_data(path):
 def check(args, tc, stages, steps=(1,)):
     """Every bad setting as one line naming the fix (exit code 2), before any model is built."""
     check_numbers(args, tc, steps)
+    if args.cp > 1 and args.stage == "dit":  # (before the frame checks below, which --cp drives)
+        raise SettingsError("--cp is the VAE's context parallel; for the DiT use --sp")
     try:  # the device, and output folders that could only fail after the work (a file, a
         data.check_device(args.device)  # read-only disk)
         if not args.simulate:  # a simulation reads and writes no files
@@ -1300,8 +1302,6 @@ def check_dit(args, tc, stages, ac, dc):
     """The DiT stage's settings against its VAE, its --init, its position table and its row
     length."""
     check_init(args, tc)
-    if args.cp > 1:
-        raise SettingsError("--cp is the VAE's context parallel; for the DiT use --sp")
     if dc.heads % args.sp:
         ok = [g for g in range(1, dc.heads + 1) if dc.heads % g == 0]
         raise SettingsError(f"--sp {args.sp}: the {tc.dit} DiT's {dc.heads} attention heads do not "

@@ -705,6 +705,7 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--simulate", "1", "--peak-tflops", "inf"], "--peak-tflops must be > 0"),
     (["--simulate", "3", "--sp", "2"], "--simulate 3: --sp 2 needs a multiple of 2 ranks; simulate 4"),
     (["--simulate", "2", "--real"], "--simulate 2 --real runs on 1 real rank(s): launch 2 ranks (torchrun"),
+    (["--cp", "2"], "--cp is the VAE's context parallel; for the DiT use --sp"),  # not a frame count
     (["--stage", "vae", "--init-diffusers", "{tmp}/relempty"],
      "--init-diffusers {tmp}/relempty: cannot read its config.json (No such file or directory)"),
     *((["--stage", "vae", "--frames", f, "--simulate", n, "--cp", cp],
