@@ -45,6 +45,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import uuid
 from collections import Counter, deque
@@ -1823,7 +1824,8 @@ def shapes_check(video, caption, min_area=0.015):
             both ways.
     steady: the last two frames' object is as large (0.75-1.33x the area), as sharp and as bright
             (>= 0.75x) as the first two frames' (smearing, shrinking and fading fail)."""
-    words = caption.lower().replace(",", " ").replace(".", " ").split()
+    # letter runs, so no punctuation hides a word ('left!' kept no motion: a still then passed)
+    words = re.findall(r"[a-z]+", caption.lower())
     colour = next((w for w in words if w in COLOURS), None)
     if colour is None:
         raise ValueError(f"caption {caption!r} names none of the colours {list(COLOURS)}")

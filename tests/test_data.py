@@ -711,6 +711,17 @@ def test_shapes_check_fails_slow_drifting_fading_shrinking_smearing_recoloured()
     assert data.shapes_check(recolour, "a red square moves to the left")["motion"]
 
 
+def test_shapes_check_reads_caption_words_through_punctuation():
+    # 'left!' or a quoted caption hid the word: a still passed 'moves to the left!' and the
+    # right clip failed it; '"red' named no colour (ValueError)
+    moving, still = clip(shape="circle"), clip(shape="circle", motion=None)
+    for cap in ("a red circle moves to the left!", '"a red circle moves to the left"',
+                "a red circle moves left; fast", "A red circle (moves to the left)?"):
+        assert data.shapes_follow(moving, cap), cap
+        assert not data.shapes_follow(still, cap), cap
+    assert data.shapes_follow(still, '"a red circle!"')
+
+
 def test_atomic_writes_use_unique_temp_names_and_clean_up(tmp_path, monkeypatch):
     renamed, replace = [], os.replace
     monkeypatch.setattr(os, "replace",
