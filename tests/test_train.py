@@ -1651,3 +1651,15 @@ def test_simulated_offloaded_step_runs_on_real_tensors():
     for k in ROLES + ("flops",):
         assert fake[k] == pytest.approx(real[k], rel=0.10), k
 
+
+def test_simulated_accum_runs_every_micro_batch():
+    """--accum 2: the step runs two micro-batches, the second forward with the first's gradients
+    held (the simulator once ran one and ignored --accum): twice the FLOPs and tokens, and the
+    peak grows by the gradients."""
+    args = ["--stage", "dit", "--preset", "tiny", "--fp32", "--frames", "17", "--size", "64x64",
+            "--simulate", "1"]
+    one, two = train.main(args), train.main([*args, "--accum", "2"])
+    assert two["flops"] == pytest.approx(2 * one["flops"], rel=1e-3)
+    assert two["tokens"] == 2 * one["tokens"]
+    assert one["grads"] == 0 and two["grads"] == two["grads_total"] > 0
+    assert two["peak"] == pytest.approx(one["peak"] + two["grads_total"], rel=1e-4)
