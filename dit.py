@@ -1540,7 +1540,11 @@ class _Offloaded(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x = ctx.host.to(g.device, non_blocking=True).requires_grad_()
+        if ctx.host.is_meta:  # the step simulator's host keeps no data (fake or --real): the
+            x = torch.zeros(ctx.host.shape, dtype=ctx.host.dtype, device=g.device)  # shape only
+        else:
+            x = ctx.host.to(g.device, non_blocking=True)
+        x.requires_grad_()
         e = ctx.saved_tensors[0].detach().requires_grad_()
         with torch.enable_grad(), torch.autocast(g.device.type, ctx.amp[1], enabled=ctx.amp[0]):
             y = ctx.blk(x, e, ctx.seq, ctx.last)  # the block again, its parameters' gradients too

@@ -2329,8 +2329,9 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
     M = -(-max_tokens // G) * G  # --sp: rows padded to a multiple of G, 1/G of them per rank
     split = f", each row split over {G} ranks (sequence parallel)" if G > 1 else ""
     track.info = {"what": f"{args.preset} DiT, {rows} row(s) x {clips} clip(s) of {T}x{H}x{W} "
-                          f"({per} tokens each, rows of {max_tokens}){split}",
-                  "tokens": rows * M // G, "row": max_tokens, "params": params, "opt": opt,
+                          f"({per} tokens each, rows of {max_tokens}){split}"
+                          f"{f', {tc.accum} micro-batches' if tc.accum > 1 else ''}",
+                  "tokens": tc.accum * rows * M // G, "row": max_tokens, "params": params, "opt": opt,
                   "numel": sum(p.numel() for p in params)}
 
     def step():
@@ -2343,8 +2344,15 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
             p.register_post_accumulate_grad_hook(lambda p: track.retag(p.grad, "grad"))
         if not args.fsdp:
             ddp_buckets(track, mode, params)
-        track.phase = "fwd"
-        loss, _ = dit_loss(job, InMode(net, mode), {"items": items, "bad": 0}, 0, 0, max_tokens)
+        for micro in range(tc.accum):  # --accum: the later forwards hold the earlier gradients
+            sync(net, micro == tc.accum - 1)  # (FSDP2: unsharded ones, reduced at the last)
+            track.phase = "fwd"
+            loss, _ = dit_loss(job, InMode(net, mode), {"items": items, "bad": 0}, 0, micro,
+                               max_tokens)
+            if micro < tc.accum - 1:
+                with mode:
+                    track.phase = "bwd"
+                    loss.backward()
         backward_and_step(track, mode, loss, params, opt, tc.clip)
     return step
 

@@ -1640,3 +1640,26 @@ def test_simulated_vae_encode_of_the_largest_clip_fits_12_gib():
     plan = data.encode_plan(cfg, (49, 480, 720), 12 * 2**30, itemsize=2)
     one = data.encode_bytes(cfg, (49, 480, 720), plan, 2)
     assert plan.batch == 1 and r["peak"] - r["params"] <= one, (r["peak"] / 2**30, one / 2**30)
+
+
+def test_simulated_offloaded_step_runs_on_real_tensors():
+    """--offload-activations under --simulate 1 --real: the simulator's host (meta) keeps no data,
+    so the recompute once copied from it and crashed ("Cannot copy out of meta tensor"); it now
+    recomputes on a tensor of the shape, and fake and real tensors give the same table."""
+    args = [*SIM, "--offload-activations", "--simulate", "1"]
+    fake, real = train.main(args), train.main([*args, "--real"])
+    for k in ROLES + ("flops",):
+        assert fake[k] == pytest.approx(real[k], rel=0.10), k
+
+
+def test_simulated_accum_runs_every_micro_batch():
+    """--accum 2: the step runs two micro-batches, the second forward with the first's gradients
+    held (the simulator once ran one and ignored --accum): twice the FLOPs and tokens, and the
+    peak grows by the gradients."""
+    args = ["--stage", "dit", "--preset", "tiny", "--fp32", "--frames", "17", "--size", "64x64",
+            "--simulate", "1"]
+    one, two = train.main(args), train.main([*args, "--accum", "2"])
+    assert two["flops"] == pytest.approx(2 * one["flops"], rel=1e-3)
+    assert two["tokens"] == 2 * one["tokens"]
+    assert one["grads"] == 0 and two["grads"] == two["grads_total"] > 0
+    assert two["peak"] == pytest.approx(one["peak"] + two["grads_total"], rel=1e-4)
