@@ -1341,12 +1341,16 @@ def test_demo_quick(tmp_path, capsys):
     grid = PIL.Image.open(tmp_path / "samples" / "grid.png")
     assert grid.height >= len(prompts) * 32  # one row per prompt
     # the file's seed is the one sample.py takes: the same prompt and seed give the same video
-    # (--steps 4: the quick demo's; the others from the checkpoint's sample.json)
-    sample.main(["--ckpt", str(tmp_path / "dit"), "--prompt", prompts[held][0], "--steps", "4",
-                 "--seed", str(seeds - 1), "--out", str(tmp_path / "again.mp4")])
-    a, b = (data.load_video(str(f), 9) for f in (tmp_path / "samples" / name,
-                                                  tmp_path / "again.mp4"))
-    assert torch.equal(a, b)
+    # (--steps 4: the quick demo's; the others from the checkpoint's sample.json). Up to float
+    # rounding: a batch of 32 prompts and a batch of one multiply in different blockings, and
+    # after 8-bit + H.264 pixels may differ by a few levels; another seed's noise, everywhere.
+    for seed, same in ((seeds - 1, True), (seeds, False)):
+        sample.main(["--ckpt", str(tmp_path / "dit"), "--prompt", prompts[held][0], "--steps",
+                     "4", "--seed", str(seed), "--out", str(tmp_path / f"again{seed}.mp4")])
+        a, b = (data.load_video(str(f), 9) for f in (tmp_path / "samples" / name,
+                                                      tmp_path / f"again{seed}.mp4"))
+        # measured: the same seed 0 or (1 run in 3) mean 0.0018; the next seed's noise 0.23
+        assert ((a - b).abs().mean() < 0.02) == same
 
 
 def test_training_options_without_stage_do_not_start_the_demo(tmp_path, monkeypatch, capsys):
