@@ -4,6 +4,8 @@ import json
 import sys
 from types import SimpleNamespace
 
+import pytest
+
 import bench
 
 
@@ -33,12 +35,9 @@ def test_only_names_no_unknown_section(monkeypatch, capsys):
     the sections, exit code 2, before anything is measured."""
     monkeypatch.setattr(sys, "argv", ["bench.py", "--only", "dit,vea", "--threads", "1"])
     monkeypatch.setattr(bench, "matmul_rate", lambda: 1 / 0)  # nothing is measured
-    try:
+    with pytest.raises(SystemExit) as e:
         bench.main()
-    except SystemExit as e:
-        assert e.code == 2
-    else:
-        raise AssertionError("--only vea was accepted")
+    assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.endswith("--only: no section vea; the sections are "
                         "dit,mfu,pack,attn,vae,cp,sim,loader")
@@ -57,11 +56,8 @@ def test_out_is_checked_before_measuring_and_its_folder_made(monkeypatch, tmp_pa
     assert json.loads(out.read_text())["dit"] == 1
     monkeypatch.setattr(bench, "matmul_rate", lambda: 1 / 0)
     monkeypatch.setattr(sys, "argv", ["bench.py", "--only", "dit", "--out", str(tmp_path)])
-    try:
+    with pytest.raises(SystemExit) as e:
         bench.main()
-    except SystemExit as e:
-        assert e.code == 2
-    else:
-        raise AssertionError("--out FOLDER was accepted")
+    assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         f"--out {tmp_path} is a folder; pass a file path")
