@@ -799,7 +799,7 @@ def verify(folder):
     return next((w for w in everyone(why) if w), None)
 
 
-def find_checkpoint(args, total, say, base=None, steps=()):
+def find_checkpoint(args, steps, say, base=None):
     """The checkpoint --resume continues from, checked before any model is built -> its folder,
     or None for a fresh start.
 
@@ -808,7 +808,8 @@ def find_checkpoint(args, total, say, base=None, steps=()):
     intact older one, with a warning naming both. Also refused: a checkpoint of the other --stage,
     another --preset, --lora setting or LoRA base, or --i2v, one already past the --steps
     asked for or at / past --stop-at, and one in a later §3.2 stage than the --steps asked for
-    put its step in. base: this run's lora_base (rank 0's view); steps: each stage's steps."""
+    put its step in. steps: each stage's steps; base: this run's lora_base (rank 0's view)."""
+    total = sum(steps)
     root = os.path.join(args.out, "ckpt")
     names = sorted(d for d in os.listdir(root) if STEP_DIR.fullmatch(d)) \
         if os.path.isdir(root) else []
@@ -873,7 +874,7 @@ def find_checkpoint(args, total, say, base=None, steps=()):
                                 f"{st['step']} (as many re-exports its model)")
         ends = [sum(steps[:i + 1]) for i in range(len(steps))]  # where each stage ends
         was, now = st["pos"]["stage"], sum(1 for e in ends if e <= st["step"])
-        if steps and now < was:  # the loop would re-plan stage `now`'s data after `was`'s
+        if now < was:  # the loop would re-plan stage `now`'s data after `was`'s
             asked = ",".join(map(str, steps))  # (or the preset's)
             raise SettingsError(f"--resume: the checkpoint (step {st['step']}) is in stage {was}, "
                                 f"but --steps {asked} puts its step in stage {now}: the run "
@@ -1796,7 +1797,7 @@ def train(args):
                           cfg=dit_config(args, tc) if is_dit else None)  # plans' tokens
     # a LoRA run's frozen base, fingerprinted once (rank 0's files: train.json is rank 0's)
     job.lora_base = everyone(lora_base(args) if rank == 0 else None)[0]
-    job.ckpt = find_checkpoint(args, sum(steps), say, job.lora_base, steps)  # before any model
+    job.ckpt = find_checkpoint(args, steps, say, job.lora_base)  # before any model is built
     job.entries = load_entries(job)  # the manifest, with the metadata planning needs
     job.plans = check_stages(job)  # every stage's data, before any model is built
     (build_dit if is_dit else build_vae)(job)

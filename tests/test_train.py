@@ -484,7 +484,7 @@ def test_damaged_latest_checkpoint_falls_back(three_ckpts, tmp_path, capsys, dam
     shutil.copytree(three_ckpts / "ckpt", out / "ckpt")
     damage(out / "ckpt" / "step_0000003")
     args = SimpleNamespace(out=str(out), resume=True, stage="dit", preset="tiny")
-    assert train.find_checkpoint(args, 3, print) == str(out / "ckpt" / "step_0000002")
+    assert train.find_checkpoint(args, [3], print) == str(out / "ckpt" / "step_0000002")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: checkpoint step_0000003 is damaged (")
     assert words in err[0] and err[0].endswith("; resuming from step_0000002 instead")
@@ -501,12 +501,12 @@ def test_empty_or_garbled_latest_takes_the_newest_intact(three_ckpts, tmp_path, 
         (out / "ckpt" / "latest").write_text(latest)
     truncate(shard(out / "ckpt" / "step_0000003"), 0.5)  # ... and the newest is damaged too
     args = SimpleNamespace(out=str(out), resume=True, stage="dit", preset="tiny")
-    assert train.find_checkpoint(args, 3, print) == str(out / "ckpt" / "step_0000002")
+    assert train.find_checkpoint(args, [3], print) == str(out / "ckpt" / "step_0000002")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0] and "checkpoint step_0000003 is damaged" in err[0]
     truncate(shard(out / "ckpt" / "step_0000002"), 0.5)  # nothing intact: one line, exit 2 (via main)
     with pytest.raises(train.SettingsError, match="no intact checkpoint in .*step_0000003.*step_0000002"):
-        train.find_checkpoint(args, 3, print)
+        train.find_checkpoint(args, [3], print)
 
 
 @pytest.mark.parametrize("extra, words", [
