@@ -1774,25 +1774,66 @@ def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), 
 BRIGHT = 0.5       # object pixel: brightest channel above half (hard edges blur around 0.5)
 DIM = 0.1          # above this a pixel is lit at all: object plus its blurred halo
 FILL_SPLIT = 0.89  # a disc fills pi/4 = 0.785 of its bounding box, a square 1.0: the midpoint
+FILL_MIN = 0.64    # a triangle or a 45-degree square fills 0.5, a disc 0.785: the midpoint
+ASPECT = 0.8       # the box's sides within 0.8-1.25x of each other (the set's are equal, +-1 px)
+SOLID = 0.95       # at most 5% of the object's outline holes (a ring or an outline is not a disc)
+ONE = 0.8          # the largest object holds >= 80% of the bright pixels: a second object a
+                   # quarter of the first's size is a second object
+STEADY = 0.75      # every frame vs the first: area within 0.75-1.33x, sharpness, brightness >= 0.75x
+JUMP = 4           # a frame's step along the motion at most 4x the set's (a teleport), none back
+                   # more than one set step
 MIN_SIDE = 8       # shape is judged on objects at least this many pixels a side (the set's: 11-15)
-STEADY = 0.75      # last frames vs first: area within 0.75-1.33x, sharpness and brightness >= 0.75x
+# the palette, and colours no caption names: a pixel nearest to one of these is no palette colour
+# (white and greys would pass as yellow, magenta as red, cyan as green or blue)
+OTHER_COLOURS = {"white": (255, 255, 255), "magenta": (255, 0, 255), "cyan": (0, 255, 255)}
+
+
+def _grow(seed, mask, cross=False):
+    """Flood fill: the pixels of `mask` (T, H, W) bool connected to `seed` (T, H, W) values > 0,
+    8-connected (cross: 4-connected); a seed value spreads as the max of its neighbours'."""
+    x = seed.float() * mask
+    while True:
+        if cross:  # 4-connected: the max of the pixel and its four neighbours
+            p = torch.nn.functional.pad(x, (1, 1, 1, 1))  # (T, H + 2, W + 2)
+            y = torch.stack([x, p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2], p[:, 1:-1, 2:]])
+            y = y.amax(0)  # (T, H, W)
+        else:
+            y = torch.nn.functional.max_pool2d(x[:, None], 3, 1, 1)[:, 0]  # (T, H, W)
+        y = y * mask
+        if torch.equal(y, x):
+            return x
+        x = y
 
 
 def shapes_measure(video):
-    """Per-frame measurements of the one object in a (3, T, H, W) video in [-1, 1] -> dict of (T,)
-    tensors: area (object pixels), colour (index of the palette colour most of them are nearest
-    to), colour_frac (its share of them), fill (area / bounding-box area), side (the box's
-    shorter side), cx, cy (centroid),
-    sharp (object pixels / lit pixels: 1 for a hard edge, lower with a blurred halo), bright
-    (mean brightness of the object) and edge (the box touches the frame border)."""
+    """Per-frame measurements of the object in a (3, T, H, W) video in [-1, 1] -> dict of (T,)
+    tensors. The object is the largest 8-connected group of bright pixels; one: its share of all
+    bright pixels; area (its pixels), colour (index of the palette colour most of them are
+    nearest to, -1 for an unnamed colour), colour_frac (its share of them), fill (area / bounding
+    -box area), side, aspect (the box's shorter side, and shorter / longer), solid (area / area
+    with its holes filled), cx, cy (centroid), sharp (object pixels / lit pixels: 1 for a hard
+    edge, lower with a blurred halo), bright (mean brightness of the object) and edge (the box
+    touches the frame border)."""
     x = (video.float().clamp(-1, 1) + 1) / 2  # (3, T, H, W) in [0, 1]
     _, T, H, W = x.shape
     b = x.amax(0)  # (T, H, W) brightness
-    obj = b > BRIGHT  # (T, H, W)
-    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255  # (K, 3)
+    bright = b > BRIGHT  # (T, H, W)
+    # the largest connected group: label each pixel by its flat index, spread the max per group
+    labels = _grow(torch.arange(1, H * W + 1).float().view(1, H, W), bright)  # (T, H, W)
+    obj = torch.zeros_like(bright)
+    for t in range(T):
+        ids, sizes = labels[t][bright[t]].unique(return_counts=True)
+        if len(ids):
+            obj[t] = labels[t] == ids[sizes.argmax()]
+    # holes: dark pixels not 4-connected to the border through dark pixels
+    border = torch.ones(T, H, W, dtype=torch.bool)
+    border[:, 1:-1, 1:-1] = False
+    outside = _grow(border, ~obj, cross=True) > 0  # (T, H, W)
+    named = {**COLOURS, **OTHER_COLOURS}
+    palette = torch.tensor(list(named.values()), dtype=torch.float32) / 255  # (K, 3)
     near = ((x.permute(1, 2, 3, 0)[..., None, :] - palette) ** 2).sum(-1).argmin(-1)  # (T, H, W)
-    votes = torch.stack([(obj & (near == k)).sum((1, 2))
-                         for k in range(len(palette))], -1)  # (T, K)
+    votes = torch.stack([(obj & (near == k)).sum((1, 2)) for k in range(len(palette))], -1)
+    best = votes.argmax(-1)  # (T,) over the palette and the unnamed colours
     area = obj.sum((1, 2)).float()  # (T,)
     safe = area.clamp(min=1)
     rows, cols = obj.any(2), obj.any(1)  # (T, H), (T, W): rows / columns the object touches
@@ -1800,10 +1841,14 @@ def shapes_measure(video):
     side = lambda m: (m.shape[1] - m.flip(1).float().argmax(1) - m.float().argmax(1)) * m.any(1)
     box_h, box_w = side(rows), side(cols)  # (T,) bounding-box sides
     ys, xs = torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32)
-    return {"area": area, "colour": votes.argmax(-1), "colour_frac": votes.amax(-1) / safe,
+    return {"area": area, "one": area / bright.sum((1, 2)).clamp(min=1),
+            "colour": torch.where(best < len(COLOURS), best, -1),
+            "colour_frac": votes.amax(-1) / safe,
             "fill": area / (box_h * box_w).clamp(min=1), "side": torch.minimum(box_h, box_w),
+            "aspect": torch.minimum(box_h, box_w) / torch.maximum(box_h, box_w).clamp(min=1),
+            "solid": area / (~outside).sum((1, 2)).clamp(min=1),
             "cx": (obj.sum(1) * xs).sum(-1) / safe, "cy": (obj.sum(2) * ys).sum(-1) / safe,
-            "sharp": area / (b > DIM).sum((1, 2)).clamp(min=1),
+            "sharp": bright.sum((1, 2)) / (b > DIM).sum((1, 2)).clamp(min=1),
             "bright": (b * obj).sum((1, 2)) / safe,
             "edge": rows[:, 0] | rows[:, -1] | cols[:, 0] | cols[:, -1]}
 
@@ -1812,18 +1857,23 @@ def shapes_check(video, caption, min_area=0.015):
     """Does a (3, T, H, W) video in [-1, 1] follow a shapes caption? -> {"colour", "shape",
     "motion", "steady": bool, "pass": all four, "fill", "travel", "across": measured values}.
 
-    colour: in EVERY frame an object of >= min_area of the frame (and >= 3 pixels) whose pixels are
-            mostly nearest to the prompted palette colour (a colour change or a vanished object
-            fails).
-    shape:  the median fill ratio (object / bounding box, over the frames where the box is clear of
-            the border and >= MIN_SIDE a side) is below FILL_SPLIT for a circle, above it for a
-            square; no such frame fails (a shape too small to tell is not followed).
+    colour: in EVERY frame one object (the largest group of bright pixels, >= ONE of them) of
+            >= min_area of the frame (and >= 3 pixels) whose pixels are mostly nearest to the
+            prompted palette colour, not another or an unnamed one (a second object, a colour
+            change or a vanished object fails).
+    shape:  over the frames where the object's box is clear of the border and >= MIN_SIDE a
+            side: the median fill ratio (object / bounding box) is below FILL_SPLIT (and above
+            FILL_MIN) for a circle, above it for a square; the box's sides are within ASPECT of
+            each other and the object has no holes (SOLID) in most of those frames; no such
+            frame fails (a shape too small to tell is not followed).
     motion: a line fitted to the centroid over time travels, along the prompted axis and way, at
-            least half the set's speed (SPEED x min(H, W) pixels a frame), and across it at
-            most half of that; a caption without a motion asks for less than half that speed
-            both ways.
-    steady: the last two frames' object is as large (0.75-1.33x the area), as sharp and as bright
-            (>= 0.75x) as the first two frames' (smearing, shrinking and fading fail)."""
+            least half the set's speed (SPEED x min(H, W) pixels a frame), and the centroid
+            strays across it by at most half of that; no frame's step along it is more than
+            JUMP set steps forward or one back (a jump, a teleport, a zig-zag). A caption
+            without a motion: the centroid stays within half that travel both ways.
+    steady: every frame's object is as large (0.75-1.33x the area), as sharp and as bright
+            (>= 0.75x) as the first two frames' (smearing, shrinking and fading fail, also in
+            the middle of a clip)."""
     # letter runs, so no punctuation hides a word ('left!' kept no motion: a still then passed)
     words = re.findall(r"[a-z]+", caption.lower())
     colour = next((w for w in words if w in COLOURS), None)
@@ -1834,8 +1884,9 @@ def shapes_check(video, caption, min_area=0.015):
     m = shapes_measure(video)
     _, T, H, W = video.shape
     res = {"fill": float("nan"), "travel": 0.0, "across": 0.0}
-    # colour: every frame holds the object, mostly in the prompted colour
-    present = (m["area"] >= max(3.0, min_area * H * W)) & (m["colour_frac"] > 0.5)
+    # colour: every frame holds one object, mostly in the prompted colour
+    present = (m["area"] >= max(3.0, min_area * H * W)) & (m["colour_frac"] > 0.5) \
+        & (m["one"] >= ONE)
     res["colour"] = bool((present & (m["colour"] == list(COLOURS).index(colour))).all())
     # shape: fill ratio of the bounding box, on frames where the box is clear of the border (a
     # cut disc fills more) and at least MIN_SIDE pixels a side (a digital disc of radius 3 fills
@@ -1843,30 +1894,40 @@ def shapes_check(video, caption, min_area=0.015):
     clear = ~m["edge"] & present & (m["side"] >= MIN_SIDE)
     fills = m["fill"][clear]
     res["fill"] = float(fills.median()) if len(fills) else float("nan")
-    told = len(fills) > 0 and (res["fill"] > FILL_SPLIT) == (shape == "square")
+    square = res["fill"] > FILL_SPLIT
+    told = len(fills) > 0 and square == (shape == "square") and (square or res["fill"] > FILL_MIN)
+    # most judged frames: an object as wide as high (a rectangle, a 2:1 ellipse) and solid
+    told = told and bool(((m["aspect"] >= ASPECT) & (m["solid"] >= SOLID))[clear].float().mean()
+                         > 0.5)
     res["shape"] = shape is None or told
     # motion: least-squares slope of the centroid, in pixels over the clip
-    speed = 0.5 * min(H, W) * SPEED * (T - 1)  # half the training travel over T frames
+    step = min(H, W) * SPEED  # the set's step a frame
+    speed = 0.5 * step * (T - 1)  # half the training travel over T frames
     if T > 1 and present.sum() >= 2:
         t = torch.arange(T, dtype=torch.float32)[present]
         tc = t - t.mean()
-        slope = lambda c: float((tc * (c[present] - c[present].mean())).sum() / (tc * tc).sum())
-        tx, ty = slope(m["cx"]) * (T - 1), slope(m["cy"]) * (T - 1)
+        cx, cy = m["cx"][present], m["cy"][present]
+        slope = lambda c: float((tc * (c - c.mean())).sum() / (tc * tc).sum())
+        tx, ty = slope(cx) * (T - 1), slope(cy) * (T - 1)
         if motion is None:
-            res["motion"] = max(abs(tx), abs(ty)) < speed
+            res["motion"] = max(float(cx.max() - cx.min()), float(cy.max() - cy.min())) < speed
         else:
             dx, dy = MOTIONS[motion]
-            res["travel"], res["across"] = (tx * dx, abs(ty)) if dx else (ty * dy, abs(tx))
-            res["motion"] = res["travel"] >= speed and res["across"] <= speed
+            along, side = (cx * dx, cy) if dx else (cy * dy, cx)
+            res["travel"] = tx * dx if dx else ty * dy
+            res["across"] = float(side.max() - side.min())  # strays, not only a fitted slope
+            steps = (along[1:] - along[:-1]) / (t[1:] - t[:-1])  # per frame along the motion
+            res["motion"] = res["travel"] >= speed and res["across"] <= speed \
+                and bool(((steps <= JUMP * step) & (steps >= -step)).all())
     else:  # a single frame (or an object in fewer than two frames) shows no motion
         res["motion"] = motion is None and bool(present.any())
-    # steady: the end of the clip against its start
+    # steady: every frame against the clip's start
     k = min(2, T)
-    first, last = slice(0, k), slice(T - k, T)
-    ratio = lambda key: float(m[key][last].mean() / m[key][first].mean().clamp(min=1e-6))
+    ratio = lambda key: m[key] / m[key][:k].mean().clamp(min=1e-6)  # (T,)
     area_r = ratio("area")
-    res["steady"] = bool(present.all()) and STEADY <= area_r <= 1 / STEADY \
-        and ratio("sharp") >= STEADY and ratio("bright") >= STEADY
+    res["steady"] = bool(present.all() and ((STEADY <= area_r) & (area_r <= 1 / STEADY)
+                                            & (ratio("sharp") >= STEADY)
+                                            & (ratio("bright") >= STEADY)).all())
     res["pass"] = res["colour"] and res["shape"] and res["motion"] and res["steady"]
     return res
 

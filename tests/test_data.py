@@ -706,9 +706,70 @@ def test_shapes_check_fails_slow_drifting_fading_shrinking_smearing_recoloured()
     res = data.shapes_check(blur, cap)
     assert res["colour"] and res["motion"] and not res["steady"], res
     # colour: in every frame (a shape that turns green in its last frames fails)
-    recolour = torch.cat([v[:, :6], clip(colour="green", cx=16.0)[:, 6:]], 1)
+    recolour = torch.cat([v[:, :6], clip(colour="green")[:, 6:]], 1)  # same path
     assert not data.shapes_check(recolour, cap)["colour"]
     assert data.shapes_check(recolour, "a red square moves to the left")["motion"]
+
+
+def frames_of(draw, T=9, H=32, W=32):
+    """(3, T, H, W) in [-1, 1] from draw(t, yy, xx) -> list of (mask (H, W), rgb) objects."""
+    yy, xx = np.mgrid[0:H, 0:W] + 0.5
+    v = np.zeros((T, H, W, 3), np.float32)
+    for t in range(T):
+        for mask, rgb in draw(t, yy, xx):
+            v[t][mask] = rgb
+    return torch.from_numpy(v).permute(3, 0, 1, 2) / 127.5 - 1
+
+
+def test_shapes_check_fails_videos_a_person_calls_wrong():
+    # each of these passed the checker once (it took every bright pixel for one object, judged
+    # shape by fill alone, colour by the nearest of four, motion by a fitted line and steadiness
+    # on the first and last frames only); beside each, a like clip that follows its caption
+    red, blue = data.COLOURS["red"], data.COLOURS["blue"]
+    disc = lambda cx, cy, r: lambda yy, xx: (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    box = lambda cx, cy, a, b: lambda yy, xx: (abs(xx - cx) <= a) & (abs(yy - cy) <= b)
+    left = lambda make, rgb=red, x0=22: frames_of(lambda t, yy, xx: [(make(x0 - t)(yy, xx), rgb)])
+    ok = lambda v, cap: data.shapes_check(v, cap)["pass"]
+    circle, square = "a red circle moves to the left", "a red square moves to the left"
+    assert ok(left(lambda x: disc(x, 16, 6.5)), circle)
+    assert ok(left(lambda x: box(x, 16, 6, 6)), square)
+    # two objects: two squares captioned as a circle (their joint box: fill 0.88, a circle's);
+    # a still red circle beside a moving blue square
+    two = frames_of(lambda t, yy, xx: [(box(22 - t, 9, 5, 5)(yy, xx), red),
+                                       (box(22 - t, 23, 5, 5)(yy, xx), red)])
+    assert not ok(two, circle) and not ok(two, square)
+    pair = frames_of(lambda t, yy, xx: [(disc(8, 8, 5)(yy, xx), red),
+                                        (box(22 - t, 22, 5, 5)(yy, xx), blue)])
+    assert not ok(pair, "a red circle moves to the left")
+    # shapes: a ring, an outline, a triangle, a 45-degree square and a 2:1 ellipse are no circle;
+    # a 14 x 9 rectangle is no square
+    ring = lambda x: lambda yy, xx: disc(x, 16, 7)(yy, xx) & ~disc(x, 16, 4.5)(yy, xx)
+    outline = lambda x: lambda yy, xx: box(x, 16, 7, 7)(yy, xx) & ~box(x, 16, 5, 5)(yy, xx)
+    tri = lambda x: lambda yy, xx: (yy >= 9) & (yy <= 23) & (abs(xx - x) <= (yy - 9) / 2)
+    diamond = lambda x: lambda yy, xx: abs(xx - x) + abs(yy - 16) <= 8
+    ellipse = lambda x: lambda yy, xx: ((xx - x) / 8) ** 2 + ((yy - 16) / 4) ** 2 <= 1
+    for make in (ring, outline, tri, diamond, ellipse):
+        assert not data.shapes_check(left(make), circle)["shape"]
+        assert not data.shapes_check(left(make), square)["shape"]
+    assert not data.shapes_check(left(lambda x: box(x, 16, 7, 4.5)), square)["shape"]
+    # colours no caption names: white and grey are no yellow, magenta no red, cyan no green
+    for rgb, cap in [((255, 255, 255), "yellow"), ((170, 170, 170), "yellow"),
+                     ((255, 0, 255), "red"), ((0, 255, 255), "green"), ((0, 255, 255), "blue")]:
+        v = left(lambda x: box(x, 16, 6, 6), rgb)
+        assert not data.shapes_check(v, f"a {cap} square moves to the left")["colour"], rgb
+    # motion: a teleport (still, then at the end), a late start, a zig-zag across the way
+    at = lambda xs, ys=None: frames_of(lambda t, yy, xx: [(
+        box(xs[t], 16 if ys is None else ys[t], 6, 6)(yy, xx), red)])
+    assert ok(at([22 - t for t in range(9)]), square)
+    assert not ok(at([22] * 8 + [14]), square)  # teleport
+    assert not ok(at([22] * 6 + [17, 15, 14]), square)  # still, then a jump
+    assert not ok(at([22 - t for t in range(9)], [16 + 3 * (-1) ** t for t in range(9)]), square)
+    assert not ok(at([22, 20, 22, 19, 17, 19, 16, 14, 14]), square)  # back and forth
+    # steadiness in every frame: a square that shrinks to half in the middle of the clip
+    a = [6, 6, 5, 4, 4, 4, 5, 6, 6]
+    mid = frames_of(lambda t, yy, xx: [(box(22 - t, 16, a[t], a[t])(yy, xx), red)])
+    assert not data.shapes_check(mid, square)["steady"]
+    assert data.shapes_check(mid, square)["motion"]
 
 
 def test_shapes_check_reads_caption_words_through_punctuation():
