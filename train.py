@@ -742,14 +742,17 @@ def save_checkpoint(out, step, rank, parts, opts, ema, state, keep):
         raise
     if rank == 0:
         # A checkpoint of this step already there (e.g. a signal right after a save): swap it out
-        # by renames only, so `latest` never names a half-deleted folder.
+        # by renames only, so `latest` never names a half-deleted folder (a kill between the two
+        # renames leaves it whole as step_N.old, which find_checkpoint then takes).
         trash = final + ".old"
         if os.path.exists(final):
             shutil.rmtree(trash, ignore_errors=True)
             os.replace(final, trash)
         os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
         write_text(os.path.join(root, "latest"), name)
+        for d in os.listdir(root):  # this one's, and an older cut-off save's (resumed from)
+            if d.endswith(".old") and STEP_DIR.fullmatch(d[:-4]):
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
         older = sorted(d for d in os.listdir(root) if STEP_DIR.fullmatch(d) and d < name)
         for d in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
@@ -825,6 +828,11 @@ def find_checkpoint(args, steps, say, base=None):
     latest = open(path, errors="replace").read().strip() if os.path.isfile(path) else None
     if latest in names:
         order, problem = [latest] + [d for d in reversed(names) if d < latest], []
+    elif latest and STEP_DIR.fullmatch(latest) and os.path.isdir(os.path.join(root, latest + ".old")):
+        # a save of the same step killed between its two renames (save_checkpoint): the
+        # checkpoint `latest` names is still whole, under its .old name
+        order = [latest + ".old"] + [d for d in reversed(names) if d < latest]
+        problem = [f"the save of {latest} was cut off between its renames"]
     else:  # the newest intact one
         order = list(reversed(names))
         problem = [f"{path} is " + ("missing" if latest is None else "empty" if not latest else

@@ -509,6 +509,24 @@ def test_empty_or_garbled_latest_takes_the_newest_intact(three_ckpts, tmp_path, 
         train.find_checkpoint(args, [3], print)
 
 
+def test_a_save_cut_between_its_renames_resumes_from_the_old_name(assets, three_ckpts, tmp_path,
+                                                                   capsys):
+    """A same-step save killed after moving step_N aside (step_N.old) and before putting the new
+    one in place: `latest` names a missing folder. --resume took the older step_2 (a step lost);
+    it takes step_N.old, and the next save removes that leftover."""
+    out = tmp_path / "run"
+    shutil.copytree(three_ckpts / "ckpt", out / "ckpt")
+    os.replace(out / "ckpt" / "step_0000003", out / "ckpt" / "step_0000003.old")
+    args = SimpleNamespace(out=str(out), resume=True, stage="dit", preset="tiny")
+    assert train.find_checkpoint(args, [2, 1], print) == str(out / "ckpt" / "step_0000003.old")
+    err = capsys.readouterr().err
+    assert "the save of step_0000003 was cut off between its renames; resuming from " \
+           "step_0000003.old instead" in err
+    assert train.main(dit_args(assets, out, *SMALL, "--steps", "2,2", "--save-every", "1",
+                               "--resume"))["step"] == 4
+    assert sorted(os.listdir(out / "ckpt")) == ["latest", "step_0000002", "step_0000004"]
+
+
 @pytest.mark.parametrize("extra, words", [
     ([], "already holds a run (checkpoints up to step_0000003): add --resume to continue it, or pick another --out"),
     (["--resume", "--steps", "1"], "the checkpoint is at step 3, past the 2 steps asked for; pass "
