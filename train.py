@@ -2367,8 +2367,9 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
 
 
 def simulate_vae(args, tc, stages, mesh, track, mode):
-    """The VAE as training builds it; the step: encode + decode + loss with the GAN term on, then
-    the discriminator's own step, of one batch of the stage's largest clip (--cp N: split in time)."""
+    """The VAE as training builds it; the step: encode + decode + loss with the GAN term on (--accum
+    micro-batches), then the discriminator's own step on the last one, of batches of the stage's
+    largest clip (--cp N: split in time)."""
     job = SimpleNamespace(args=args, tc=tc, rank=0, device=torch.device("cpu"))
     build_vae(job)
     # this rank's context-parallel group (a fake one in the simulation; --real: the real one)
@@ -2388,8 +2389,9 @@ def simulate_vae(args, tc, stages, mesh, track, mode):
     step_i = max(tc.disc_start, 0)  # the GAN term is on: the largest step of stage two
     pixels = B * T * H * W // args.cp
     track.info = {"what": f"{args.preset} VAE, {B} clip(s) of {T}x{H}x{W}"
-                          f"{f' split over {args.cp} ranks (context parallel)' if args.cp > 1 else ''}",
-                  "tokens": pixels, "row": pixels, "params": params, "opt": opt,
+                          f"{f' split over {args.cp} ranks (context parallel)' if args.cp > 1 else ''}"
+                          f"{f', {tc.accum} micro-batches' if tc.accum > 1 else ''}",
+                  "tokens": tc.accum * pixels, "row": pixels, "params": params, "opt": opt,
                   "numel": sum(p.numel() for p in params), "unit": "pixels"}
 
     def step():
@@ -2401,9 +2403,15 @@ def simulate_vae(args, tc, stages, mesh, track, mode):
                 for x in v.values():
                     track.add(x, "opt")
         ddp_buckets(track, mode, params + list(job.disc.parameters()))  # both are DDP in training
-        track.phase = "fwd"
-        loss, st = vae_loss(job, InMode(Call(model), mode), {"items": items, "bad": 0}, step_i, 0)
-        backward_and_step(track, mode, loss, params, opt, tc.clip)
+        for micro in range(tc.accum):  # --accum: the later forwards hold the earlier gradients
+            track.phase = "fwd"
+            loss, st = vae_loss(job, InMode(Call(model), mode), {"items": items, "bad": 0},
+                                step_i, micro)
+            if micro < tc.accum - 1:
+                with mode:
+                    track.phase = "bwd"
+                    loss.backward()
+        backward_and_step(track, mode, loss, params, opt, tc.clip)  # the discriminator: the last
         with mode:
             # disc_step without its finiteness guard (a data-dependent branch fake tensors
             # cannot take)
@@ -2515,7 +2523,7 @@ def report(args, track):
     print(f"estimate at {args.peak_tflops:g} TFLOP/s: {r['seconds']:.3g} s per step (each op at "
           f"max(FLOPs / peak, bytes / 3.35 TB/s), collectives overlapped), MFU {r['mfu']:.0%}")
     print(f"simulate: peak {gib(r['peak']):.2f} GiB per rank | {tf:.1f} TFLOP per step | "
-          + (f"{r['row']} tokens per row" if dit_ else f"{r['row']} pixels per rank"))
+          + (f"{r['row']} tokens per row" if dit_ else f"{r['tokens']} pixels per rank"))
     return r
 
 

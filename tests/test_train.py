@@ -1685,3 +1685,15 @@ def test_simulated_accum_runs_every_micro_batch():
     assert two["tokens"] == 2 * one["tokens"]
     assert one["grads"] == 0 and two["grads"] == two["grads_total"] > 0
     assert two["peak"] == pytest.approx(one["peak"] + two["grads_total"], rel=1e-4)
+
+
+def test_simulated_vae_accum_runs_every_micro_batch():
+    """--stage vae --accum 2 (as the DiT's, above): it simulated one micro-batch."""
+    args = ["--stage", "vae", "--preset", "tiny", "--fp32", "--frames", "9", "--size", "32x32",
+            "--simulate", "1"]
+    one, two = train.main(args), train.main([*args, "--accum", "2"])
+    assert two["tokens"] == 2 * one["tokens"]
+    # the generator's forward and backward twice, the discriminator's step once
+    assert 1.7 * one["flops"] < two["flops"] < 2 * one["flops"]
+    assert two["grads"] == two["grads_total"] > one["grads"]  # held through the second forward
+    assert two["peak"] == one["peak"] + two["grads_total"] - one["grads"]
