@@ -1095,8 +1095,9 @@ class FramePackSampler(_GlobalBatchSampler):
         return batches
 
     def _full(self, groups):
-        """drop_last keeps a global batch whose rows are at least half full (all but the tail)
-        and, with balance, whose rows' costs are within the tolerance."""
+        """drop_last keeps a global batch whose rows are at least half full and, with balance,
+        whose rows' costs are within the tolerance: mostly all but the tail, but a batch in the
+        middle of an epoch that misses either is dropped too (its samples come in other epochs)."""
         used = sum(self.tokens[i] for g in groups for i in g)
         full = 2 * used >= self.rows * self.world_size * self.max_tokens
         return full and (self.balance is None or self._balanced(groups))
