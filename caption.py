@@ -139,14 +139,14 @@ _INTRO = re.compile(
     r"^(?:(?:the|this) (?:video|clip|footage) (?:shows|presents|depicts|showcases|captures|"
     r"features|displays|begins with|opens with|starts with)(?: that)?|(?:in|throughout) "
     r"(?:the|this) (?:video|clip|footage)" + _ENDS + r")\s*[:,]?\s*", re.I)
-_FILLER = re.compile(r"\b(?:(?:throughout|in) the video" + _ENDS + r"|as the video "
-                     r"progress(?:es|ed))\s*,?\s*", re.I)
+_FILLER = re.compile(r"(?:,\s*)?\b(?:(?:throughout|in) the video" + _ENDS + r"|as the video "
+                     r"progress(?:es|ed))\s*,?\s*", re.I)  # with its commas: "A, in the video, B"
 
 
 def clean_caption(text, max_words=100):
     """Enforce App. C's output rules on a summary: one line, no "The video shows…", <= max_words."""
     text = " ".join(text.split()).strip(" \"'")  # no '\n' (App. C), collapse runs of spaces
-    text = _FILLER.sub("", _INTRO.sub("", text)).strip()
+    text = " ".join(_FILLER.sub(" ", _INTRO.sub("", text)).split())
     text = re.sub(r"\s+(?=[.;:!?])", "", text)  # "sits still throughout the video." left "still ."
     words = text.split()
     if len(words) > max_words:  # App. C: "within 100 English words"; cut at the last full sentence

@@ -172,6 +172,15 @@ def test_clean_caption():
     assert out.endswith(".") and len(out.split()) <= 100
 
 
+def test_clean_caption_cuts_a_filler_with_its_commas():
+    # "The cat, in the video, sits." left "The cat, sits."
+    assert clean_caption("The cat, in the video, sits.") == "The cat sits."
+    assert clean_caption("A cat sits, in the video.") == "A cat sits."
+    assert clean_caption("A cat sits in the video, then jumps.") == "A cat sits then jumps."
+    assert clean_caption("A dog runs throughout the video, and a cat sits.") == (
+        "A dog runs and a cat sits.")
+
+
 def test_clean_caption_keeps_content_words_and_whole_sentences():
     """The filler phrases go only where they end a phrase: "in the video game" is content (it read
     "A boy plays game world."); no space is left before the punctuation after a stripped phrase
