@@ -1918,8 +1918,9 @@ def shapes_check(video, caption, min_area=0.015):
             res["travel"] = tx * dx if dx else ty * dy
             res["across"] = float(side.max() - side.min())  # strays, not only a fitted slope
             steps = (along[1:] - along[:-1]) / (t[1:] - t[:-1])  # per frame along the motion
+            # float32 centroids: an exact one-pixel step back can read -1.000001 (1e-3 px slack)
             res["motion"] = res["travel"] >= speed and res["across"] <= speed \
-                and bool(((steps <= JUMP * step) & (steps >= -step)).all())
+                and bool(((steps <= JUMP * step + 1e-3) & (steps >= -step - 1e-3)).all())
     else:  # a single frame (or an object in fewer than two frames) shows no motion
         res["motion"] = motion is None and bool(present.any())
     # steady: every frame against the clip's start
