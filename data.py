@@ -1774,45 +1774,79 @@ def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), 
 # Each threshold comes from the set's geometry, not from tuning on samples:
 BRIGHT = 0.5       # object pixel: brightest channel above half (hard edges blur around 0.5)
 DIM = 0.1          # above this a pixel is lit at all: object plus its blurred halo
-FILL_SPLIT = 0.89  # a disc fills pi/4 = 0.785 of its bounding box, a square 1.0: the midpoint
-FILL_MIN = 0.64    # a triangle or a 45-degree square fills 0.5, a disc 0.785: the midpoint
+LIT = 0.25         # a second object this bright is plainly visible (a dim one is still one)
+CORNER = 0.5       # the box's corners (outside its inscribed ellipse, 21% of it): a disc fills
+                   # none of them, a square all: the midpoint (the set's digital discs: <= 0.5)
+FILL_MIN = 0.64    # a triangle or a 45-degree square fills 0.5 of its box, a disc 0.785
 ASPECT = 0.8       # the box's sides within 0.8-1.25x of each other (the set's are equal, +-1 px)
-SOLID = 0.95       # at most 5% of the object's outline holes (a ring or an outline is not a disc)
-ONE = 0.8          # the largest object holds >= 80% of the bright pixels: a second object a
-                   # quarter of the first's size is a second object
+HULL = 0.9         # the object covers >= 90% of its convex hull (a ring, an outline, a plus, a
+                   # notched or slotted disc do not; a digital disc or square covers all of it)
+SHAPE_FRAMES = 0.75  # the shape holds in >= 3/4 of the judged frames (not only in their median)
+COLOUR_SHARE = 0.8   # >= 80% of the object's pixels in the prompted colour (not a two-colour one)
 STEADY = 0.75      # every frame vs the first: area within 0.75-1.33x, sharpness, brightness >= 0.75x
 JUMP = 4           # a frame's step along the motion at most 4x the set's (a teleport), none back
                    # more than one set step
 MIN_SIDE = 8       # shape is judged on objects at least this many pixels a side (the set's: 11-15)
 # the palette, and colours no caption names: a pixel nearest to one of these is no palette colour
 # (white and greys would pass as yellow, magenta as red, cyan as green or blue)
+# (hues between two palette colours, orange or purple, go to the nearer: the demo VAE's yellow
+# has 18% of its pixels nearer an orange (255, 128, 0) than yellow)
 OTHER_COLOURS = {"white": (255, 255, 255), "magenta": (255, 0, 255), "cyan": (0, 255, 255)}
 
 
-def _grow(seed, mask, cross=False):
-    """Flood fill: the pixels of `mask` (T, H, W) bool connected to `seed` (T, H, W) values > 0,
-    8-connected (cross: 4-connected); a seed value spreads as the max of its neighbours'."""
+def _grow(seed, mask):
+    """Flood fill: the pixels of `mask` (T, H, W) bool 8-connected to `seed` (T, H, W) values > 0;
+    a seed value spreads as the max of its neighbours' (labels: each group ends at its max)."""
     x = seed.float() * mask
     while True:
-        if cross:  # 4-connected: the max of the pixel and its four neighbours
-            p = torch.nn.functional.pad(x, (1, 1, 1, 1))  # (T, H + 2, W + 2)
-            y = torch.stack([x, p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2], p[:, 1:-1, 2:]])
-            y = y.amax(0)  # (T, H, W)
-        else:
-            y = torch.nn.functional.max_pool2d(x[:, None], 3, 1, 1)[:, 0]  # (T, H, W)
-        y = y * mask
+        y = torch.nn.functional.max_pool2d(x[:, None], 3, 1, 1)[:, 0] * mask  # (T, H, W)
         if torch.equal(y, x):
             return x
         x = y
 
 
+def _hull_and_corners(obj):
+    """(hull, corner) for one frame's object mask (H, W) bool: hull = its pixels / the pixel
+    centres inside the convex hull of its pixel centres (1 for a digital disc or square, lower for
+    a plus, a notch, a slot); corner = the share of its bounding box's pixels outside the box's
+    inscribed ellipse (21% of the box) that it covers (about 0 for a disc, 1 for a square)."""
+    ys, xs = np.nonzero(obj.numpy())
+    if len(ys) < 3:
+        return 1.0, 0.0
+    pts = sorted(set(zip(xs.tolist(), ys.tolist())))
+    cross = lambda o, a, b: (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+    lower, upper = [], []  # Andrew's monotone chain, counter-clockwise
+    for p in pts:
+        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
+            lower.pop()
+        lower.append(p)
+    for p in reversed(pts):
+        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
+            upper.pop()
+        upper.append(p)
+    hull = np.array(lower[:-1] + upper[:-1], np.float64)  # (V, 2) x, y
+    y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+    gy, gx = np.mgrid[y0:y1 + 1, x0:x1 + 1]  # the bounding box's pixel centres
+    if len(hull) >= 3:  # inside every edge (a line of points: the box is the hull)
+        e = np.roll(hull, -1, 0) - hull  # (V, 2) edge vectors
+        c = e[:, 0, None, None] * (gy - hull[:, 1, None, None]) \
+            - e[:, 1, None, None] * (gx - hull[:, 0, None, None])  # (V, h, w)
+        inside = (c >= -1e-9).all(0).sum()
+    else:
+        inside = gy.size
+    a, b = (y1 - y0 + 1) / 2, (x1 - x0 + 1) / 2
+    out = ((gy - (y0 + y1) / 2) / a) ** 2 + ((gx - (x0 + x1) / 2) / b) ** 2 > 1  # (h, w)
+    box = obj.numpy()[y0:y1 + 1, x0:x1 + 1]
+    return len(ys) / max(inside, 1), float(box[out].mean()) if out.any() else 0.0
+
+
 def shapes_measure(video):
     """Per-frame measurements of the object in a (3, T, H, W) video in [-1, 1] -> dict of (T,)
-    tensors. The object is the largest 8-connected group of bright pixels; one: its share of all
-    bright pixels; area (its pixels), colour (index of the palette colour most of them are
+    tensors. The object is the largest 8-connected group of bright pixels. stray: the largest group of lit (LIT) pixels not touching it (a second object,
+    dim ones too); area (its pixels), colour (index of the palette colour most of them are
     nearest to, -1 for an unnamed colour), colour_frac (its share of them), fill (area / bounding
-    -box area), side, aspect (the box's shorter side, and shorter / longer), solid (area / area
-    with its holes filled), cx, cy (centroid), sharp (object pixels / lit pixels: 1 for a hard
+    -box area), side, aspect (the box's shorter side, and shorter / longer), hull, corner (see
+    _hull_and_corners), cx, cy (centroid), sharp (bright pixels / lit pixels: 1 for a hard
     edge, lower with a blurred halo), bright (mean brightness of the object) and edge (the box
     touches the frame border)."""
     x = (video.float().clamp(-1, 1) + 1) / 2  # (3, T, H, W) in [0, 1]
@@ -1826,10 +1860,6 @@ def shapes_measure(video):
         ids, sizes = labels[t][bright[t]].unique(return_counts=True)
         if len(ids):
             obj[t] = labels[t] == ids[sizes.argmax()]
-    # holes: dark pixels not 4-connected to the border through dark pixels
-    border = torch.ones(T, H, W, dtype=torch.bool)
-    border[:, 1:-1, 1:-1] = False
-    outside = _grow(border, ~obj, cross=True) > 0  # (T, H, W)
     named = {**COLOURS, **OTHER_COLOURS}
     palette = torch.tensor(list(named.values()), dtype=torch.float32) / 255  # (K, 3)
     near = ((x.permute(1, 2, 3, 0)[..., None, :] - palette) ** 2).sum(-1).argmin(-1)  # (T, H, W)
@@ -1842,12 +1872,23 @@ def shapes_measure(video):
     side = lambda m: (m.shape[1] - m.flip(1).float().argmax(1) - m.float().argmax(1)) * m.any(1)
     box_h, box_w = side(rows), side(cols)  # (T,) bounding-box sides
     ys, xs = torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32)
-    return {"area": area, "one": area / bright.sum((1, 2)).clamp(min=1),
+    # a second object, dim ones too: the largest lit group that does not touch the object
+    lit = b > LIT
+    lab = _grow(torch.arange(1, H * W + 1).float().view(1, H, W), lit)  # (T, H, W)
+    stray = torch.zeros(T)
+    hull, corner = torch.ones(T), torch.zeros(T)
+    for t in range(T):
+        mine = lab[t][obj[t]].unique()
+        other = lit[t] & ~torch.isin(lab[t], mine)
+        if other.any():
+            stray[t] = lab[t][other].unique(return_counts=True)[1].max()
+        hull[t], corner[t] = _hull_and_corners(obj[t])
+    return {"area": area, "stray": stray,
+            "hull": hull, "corner": corner,
             "colour": torch.where(best < len(COLOURS), best, -1),
             "colour_frac": votes.amax(-1) / safe,
             "fill": area / (box_h * box_w).clamp(min=1), "side": torch.minimum(box_h, box_w),
             "aspect": torch.minimum(box_h, box_w) / torch.maximum(box_h, box_w).clamp(min=1),
-            "solid": area / (~outside).sum((1, 2)).clamp(min=1),
             "cx": (obj.sum(1) * xs).sum(-1) / safe, "cy": (obj.sum(2) * ys).sum(-1) / safe,
             "sharp": bright.sum((1, 2)) / (b > DIM).sum((1, 2)).clamp(min=1),
             "bright": (b * obj).sum((1, 2)) / safe,
@@ -1856,22 +1897,25 @@ def shapes_measure(video):
 
 def shapes_check(video, caption, min_area=0.015):
     """Does a (3, T, H, W) video in [-1, 1] follow a shapes caption? -> {"colour", "shape",
-    "motion", "steady": bool, "pass": all four, "fill", "travel", "across": measured values}.
+    "motion", "steady": bool, "pass": all four, "fill", "corner" (medians over the judged
+    frames), "travel", "across": measured values}.
 
-    colour: in EVERY frame one object (the largest group of bright pixels, >= ONE of them) of
-            >= min_area of the frame (and >= 3 pixels) whose pixels are mostly nearest to the
-            prompted palette colour, not another or an unnamed one (a second object, a colour
-            change or a vanished object fails).
-    shape:  over the frames where the object's box is clear of the border and >= MIN_SIDE a
-            side: the median fill ratio (object / bounding box) is below FILL_SPLIT (and above
-            FILL_MIN) for a circle, above it for a square; the box's sides are within ASPECT of
-            each other and the object has no holes (SOLID) in most of those frames; no such
-            frame fails (a shape too small to tell is not followed).
+    colour: in EVERY frame one object (the largest group of bright pixels) of >= min_area of the
+            frame (and >= 3 pixels), >= COLOUR_SHARE of its pixels nearest to the prompted
+            palette colour (not another, nor an unnamed one: white, orange, ...), and no second
+            group of lit pixels that large (a second object, a two-colour, recoloured or
+            vanished one fails).
+    shape:  judged on the frames where the object's box is clear of the border and >= MIN_SIDE
+            a side; in >= SHAPE_FRAMES of them: the box's corners (outside its inscribed
+            ellipse) filled at most CORNER for a circle (and the whole box above FILL_MIN),
+            more for a square, the box's sides within ASPECT of each other and the object >=
+            HULL of its convex hull (a ring, a plus, a triangle, a 45-degree square, an ellipse,
+            a rectangle fail); no such frame fails (a shape too small to tell is not followed).
     motion: a line fitted to the centroid over time travels, along the prompted axis and way, at
-            least half the set's speed (SPEED x min(H, W) pixels a frame), and the centroid
-            strays across it by at most half of that; no frame's step along it is more than
-            JUMP set steps forward or one back (a jump, a teleport, a zig-zag). A caption
-            without a motion: the centroid stays within half that travel both ways.
+            least half the set's speed (SPEED x min(H, W) pixels a frame), at most half as fast
+            across it, and the centroid strays across by at most half that travel; no frame's
+            step along it is more than JUMP set steps forward or one back (a teleport, a
+            zig-zag). A caption without a motion: the centroid stays within half that travel.
     steady: every frame's object is as large (0.75-1.33x the area), as sharp and as bright
             (>= 0.75x) as the first two frames' (smearing, shrinking and fading fail, also in
             the middle of a clip)."""
@@ -1884,22 +1928,22 @@ def shapes_check(video, caption, min_area=0.015):
     motion = next((w for w in words if w in MOTIONS), None)
     m = shapes_measure(video)
     _, T, H, W = video.shape
-    res = {"fill": float("nan"), "travel": 0.0, "across": 0.0}
+    res = {"fill": float("nan"), "corner": float("nan"), "travel": 0.0, "across": 0.0}
     # colour: every frame holds one object, mostly in the prompted colour
-    present = (m["area"] >= max(3.0, min_area * H * W)) & (m["colour_frac"] > 0.5) \
-        & (m["one"] >= ONE)
+    big = max(3.0, min_area * H * W)  # an object's least size, a second one's too
+    present = (m["area"] >= big) & (m["colour_frac"] >= COLOUR_SHARE) & (m["stray"] < big)
     res["colour"] = bool((present & (m["colour"] == list(COLOURS).index(colour))).all())
-    # shape: fill ratio of the bounding box, on frames where the box is clear of the border (a
-    # cut disc fills more) and at least MIN_SIDE pixels a side (a digital disc of radius 3 fills
-    # 24 of its 25 box pixels: too small to tell)
+    # shape: on frames where the box is clear of the border (a cut disc fills its corners) and
+    # at least MIN_SIDE pixels a side (a digital disc of radius 3 fills 24 of its 25 box pixels:
+    # too small to tell), frame by frame
     clear = ~m["edge"] & present & (m["side"] >= MIN_SIDE)
-    fills = m["fill"][clear]
-    res["fill"] = float(fills.median()) if len(fills) else float("nan")
-    square = res["fill"] > FILL_SPLIT
-    told = len(fills) > 0 and square == (shape == "square") and (square or res["fill"] > FILL_MIN)
-    # most judged frames: an object as wide as high (a rectangle, a 2:1 ellipse) and solid
-    told = told and bool(((m["aspect"] >= ASPECT) & (m["solid"] >= SOLID))[clear].float().mean()
-                         > 0.5)
+    if clear.any():
+        res["fill"], res["corner"] = float(m["fill"][clear].median()), \
+            float(m["corner"][clear].median())
+    square = m["corner"] > CORNER  # (T,) frame by frame
+    right = square if shape == "square" else ~square & (m["fill"] > FILL_MIN)
+    right = right & (m["aspect"] >= ASPECT) & (m["hull"] >= HULL)
+    told = bool(clear.any()) and float(right[clear].float().mean()) >= SHAPE_FRAMES
     res["shape"] = shape is None or told
     # motion: least-squares slope of the centroid, in pixels over the clip
     step = min(H, W) * SPEED  # the set's step a frame
@@ -1918,8 +1962,10 @@ def shapes_check(video, caption, min_area=0.015):
             res["travel"] = tx * dx if dx else ty * dy
             res["across"] = float(side.max() - side.min())  # strays, not only a fitted slope
             steps = (along[1:] - along[:-1]) / (t[1:] - t[:-1])  # per frame along the motion
+            slant = abs(ty if dx else tx)  # the fitted line's travel across the motion
             # float32 centroids: an exact one-pixel step back can read -1.000001 (1e-3 px slack)
             res["motion"] = res["travel"] >= speed and res["across"] <= speed \
+                and slant <= 0.5 * res["travel"] \
                 and bool(((steps <= JUMP * step + 1e-3) & (steps >= -step - 1e-3)).all())
     else:  # a single frame (or an object in fewer than two frames) shows no motion
         res["motion"] = motion is None and bool(present.any())

@@ -771,6 +771,35 @@ def test_shapes_check_fails_videos_a_person_calls_wrong():
     wobble = torch.from_numpy(np.stack([data.draw_shape(32, 32, "red", "circle", 7.446, 24.933 - y,
                                                         5.901) for y in ys])).permute(3, 0, 1, 2)
     assert data.shapes_check(wobble.float() / 127.5 - 1, "a red circle moves up")["motion"]
+    # a second object too dim for an object pixel (brightness 0.47) or a quarter the size
+    dim = frames_of(lambda t, yy, xx: [(box(9, 8, 5, 5)(yy, xx), (120, 0, 0)),
+                                       (box(22 - t, 22, 5, 5)(yy, xx), red)])
+    assert not ok(dim, square)
+    small = frames_of(lambda t, yy, xx: [(box(22 - t, 20, 6, 6)(yy, xx), red),
+                                         (box(4, 4, 2.5, 2.5)(yy, xx), red)])
+    assert not ok(small, square)
+    # an object 45% green is not a red one
+    half = frames_of(lambda t, yy, xx: [(box(22 - t, 16, 6, 6)(yy, xx), red),
+                                        (box(22 - t, 16, 6, 6)(yy, xx) & (yy >= 17.5), (0, 255, 0))])
+    assert not ok(half, square)
+    # the shape in (nearly) every frame, not in their median: a square that turns into a circle
+    # (or a 45-degree square) for a third of the clip
+    turn = frames_of(lambda t, yy, xx: [((box(22 - t, 16, 6, 6) if t < 6 else disc(22 - t, 16, 6.5))
+                                         (yy, xx), red)])
+    assert not ok(turn, square) and not ok(turn, circle)
+    spin = frames_of(lambda t, yy, xx: [((box(22 - t, 16, 6, 6) if t % 3 else diamond(22 - t))
+                                         (yy, xx), red)])
+    assert not ok(spin, square)
+    # shapes that are no convex blob: a plus, a disc with a slot to its centre ("C"), notches
+    plus = lambda x: lambda yy, xx: box(x, 16, 6.5, 2.5)(yy, xx) | box(x, 16, 2.5, 6.5)(yy, xx)
+    slot = lambda x: lambda yy, xx: disc(x, 16, 7)(yy, xx) & ~((abs(yy - 16) <= 1.5) & (xx > x))
+    notch = lambda x: lambda yy, xx: disc(x, 16, 7)(yy, xx) & ~(
+        ((abs(yy - 16) <= 1.5) & (abs(xx - x) > 3.5)) | ((abs(xx - x) <= 1.5) & (abs(yy - 16) > 3.5)))
+    for make in (plus, slot, notch):
+        assert not data.shapes_check(left(make), circle)["shape"]
+    # slow along a steep diagonal (0.5 px a frame left, as much down) is no "moves to the left"
+    assert not ok(frames_of(lambda t, yy, xx: [(box(22 - t / 2, 10 + t / 2, 6, 6)(yy, xx), red)]),
+                  square)
     # steadiness in every frame: a square that shrinks to half in the middle of the clip
     a = [6, 6, 5, 4, 4, 4, 5, 6, 6]
     mid = frames_of(lambda t, yy, xx: [(box(22 - t, 16, a[t], a[t])(yy, xx), red)])
