@@ -51,6 +51,7 @@ import argparse
 import datetime
 import gc
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -1218,6 +1219,12 @@ def check(args, tc, stages, steps=(1,)):
                 raise SettingsError(f"stage {i}: {h}x{w} is not a positive multiple of {size} (VAE "
                                     f"spatial factor{' x patch' if args.stage == 'dit' else ''}); "
                                     f"use {max(1, h // size) * size}x{max(1, w // size) * size}")
+        for a, b in itertools.combinations(st.resolutions, 2):  # (a size each sample picks
+            if a[0] * b[1] == a[1] * b[0]:  # by its aspect: the second would never be used)
+                raise SettingsError(f"stage {i}: {a[0]}x{a[1]} and {b[0]}x{b[1]} have one aspect "
+                                    f"ratio; a sample goes to the size nearest its aspect, so "
+                                    f"the second would never be used: give one size per aspect "
+                                    f"(§3.2 grows sizes stage by stage: --steps and a preset)")
     if args.offload_activations and not (args.grad_checkpoint and args.stage == "dit"):
         raise SettingsError("--offload-activations moves the DiT's checkpointed block inputs: "
                             "add --grad-checkpoint (and --stage dit)")

@@ -663,6 +663,7 @@ def test_sigterm_writes_a_checkpoint_and_stops(assets, tmp_path):
 @pytest.mark.parametrize("extra, words", [
     (["--frames", "1,10"], "4k+1"),
     (["--size", "20x20"], "multiple of 8"),
+    (["--size", "32x32,64x64"], "32x32 and 64x64 have one aspect ratio; a sample goes to"),
     (["--data", "/nonexistent/manifest.jsonl"], "not found"),
     (["--preset", "nope"], "invalid choice"),
     (["--steps", "1,2,3"], "one or 2"),
