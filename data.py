@@ -806,6 +806,7 @@ class VideoDataset(torch.utils.data.Dataset):
             entries = top_quality(entries, stage.subset)
         self.entries, self.stage, self.mode, self.skipped, self.bad = list(entries), stage, mode, 0, {}
         self.augment, self.seed = augment, seed
+        self.slow = 0  # clips recorded at fewer fps than the stage's: their frames repeat
         plans = [self._plan(e) for e in self.entries]
         # shapes[i]: the planned (T, H, W); frames[i]: the frames its header promises at that T;
         # avail[i]: frames the clip has at the stage's rate (a random start can move over the rest)
@@ -832,6 +833,7 @@ class VideoDataset(torch.utils.data.Dataset):
             n = max(1, n - math.ceil(e["start"] * meta["fps"] - 1e-6))
         if self.stage.fps and meta.get("fps"):  # frames available at the stage rate
             n = int((n - 1) * self.stage.fps / meta["fps"] + 1e-6) + 1
+            self.slow += meta["fps"] < self.stage.fps * (1 - 1e-3)
         # a stage of stills only (frames [1]): a clip gives one frame, as the stage asks (it was
         # planned at its whole length in pack mode and failed in bucket mode)
         clip_frames = [f for f in self.stage.frames if f > 1] or [1]

@@ -1635,6 +1635,10 @@ def enter_stage(job, i, pos):
     ds, sampler, max_tokens = job.plans[i] if job.plans else plan_stage(job, i)
     if is_dit and args.i2v:
         job.say(f"stage {i}: --i2v trains on videos only, {ds.stills} still image(s) left out")
+    if ds.slow:  # a 16 fps stage on 8 fps clips shows each frame twice: a stutter to learn
+        job.say(f"warning: stage {i}: {ds.slow} clip(s) recorded at under the stage's "
+                f"{stage.fps:g} fps; their frames repeat to make the rate (lower the stage's fps "
+                f"or leave them out)", file=sys.stderr)
     encoder, src = None, ds
     if is_dit:  # the VAE's mode for this stage: the least approximate one its largest clip fits
         encoder = job.encoder

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import sys
+from dataclasses import replace
 
 import av
 import numpy as np
@@ -414,6 +415,16 @@ def test_samplers_drop_last():
 def shapes_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
     return data.make_shapes(str(out), 30, seed=0)
+
+
+def test_clips_slower_than_the_stage_rate_are_counted(shapes_set):
+    # the set's clips are 8 fps: a 16 fps stage repeats each frame (train.py warns with the count)
+    entries = data.read_manifest(shapes_set)
+    clips = sum(e["frames"] > 1 for e in entries)
+    low = data.STAGES["shapes"][0]
+    assert data.VideoDataset(entries, replace(low, fps=16)).slow == clips > 0
+    assert data.VideoDataset(entries, replace(low, fps=8)).slow == 0
+    assert data.VideoDataset(entries, replace(low, fps=4)).slow == 0
 
 
 def test_stage_dataset_and_loader(shapes_set, tmp_path):

@@ -440,6 +440,17 @@ def test_resume_with_another_global_batch_or_seed_warns(assets, tmp_path, capsys
     assert "global batch 1 and seed 5, the checkpoint's 2 and 0: the data order differs" in err
 
 
+def test_a_stage_faster_than_its_clips_warns(assets, tmp_path, capsys, monkeypatch):
+    """A stage fps above a clip's own rate repeats its frames: one warning line with the count."""
+    tc = train.PRESETS["tiny"]
+    monkeypatch.setitem(train.PRESETS, "tiny", replace(
+        tc, vae_stages=[replace(st, fps=16) for st in tc.vae_stages]))
+    train.main(vae_args(assets["manifest"], tmp_path / "v", "--steps", "1"))
+    clips = sum(e["frames"] > 1 for e in data.read_manifest(assets["manifest"]))
+    assert f"warning: stage 0: {clips} clip(s) recorded at under the stage's 16 fps" \
+        in capsys.readouterr().err
+
+
 def test_vae_resumed_at_its_end_before_the_statistics_window_exports(assets, tmp_path, capsys):
     """The scaling factor is fitted on the last 20% of the steps: a VAE run stopped before them and
     resumed with --steps ending there exports with the preset's factor and a warning (it divided
