@@ -792,9 +792,10 @@ class VideoDataset(torch.utils.data.Dataset):
     decodes; a bad file gives None (collate drops it), is counted in .skipped and warned once. A
     truncated file (it decodes fewer frames than its header promised) is a bad file too: silently
     repeating its last frame would teach frozen video. One missing frame is allowed (header frame
-    counts estimated from duration x rate are often one off) and padded."""
+    counts estimated from duration x rate are often one off) and padded. bad: {path: reason}
+    of files already warned about (a dict shared by a run's stages: each file warned once)."""
 
-    def __init__(self, entries, stage, mode="pack", augment="fixed", seed=0):
+    def __init__(self, entries, stage, mode="pack", augment="fixed", seed=0, bad=None):
         if mode not in ("pack", "bucket"):
             raise ValueError(f"mode must be 'pack' or 'bucket', got {mode!r}")
         if augment not in ("fixed", "random"):
@@ -804,7 +805,8 @@ class VideoDataset(torch.utils.data.Dataset):
                 raise ValueError("Stage.subset needs a 'quality' score per entry: run "
                                  "`python data.py filter` first")
             entries = top_quality(entries, stage.subset)
-        self.entries, self.stage, self.mode, self.skipped, self.bad = list(entries), stage, mode, 0, {}
+        self.entries, self.stage, self.mode, self.skipped = list(entries), stage, mode, 0
+        self.bad = {} if bad is None else bad
         self.augment, self.seed = augment, seed
         self.slow = 0  # clips recorded at fewer fps than the stage's: their frames repeat
         plans = [self._plan(e) for e in self.entries]

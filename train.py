@@ -1573,7 +1573,8 @@ def plan_stage(job, i):
     args, tc, stage, is_dit = job.args, job.tc, job.stages[i], job.args.stage == "dit"
     try:
         ds = data.VideoDataset(job.entries, stage, mode="pack" if is_dit and not args.bucket
-                               else "bucket", augment=args.augment, seed=tc.seed)
+                               else "bucket", augment=args.augment, seed=tc.seed,
+                               bad=job.bad)  # a bad file is warned about once a run
     except ValueError as e:  # e.g. a subset stage without "quality" in the manifest
         raise SettingsError(f"stage {i}: {e}") from None
     if not is_dit and args.cp > 1:  # a CP group splits time: images and short clips cannot split
@@ -1812,6 +1813,7 @@ def train(args):
                           dp_world=world // share, say=say,
                           ac=diffusion.alphas_cumprod(snr_shift_scale=tc.snr_shift),  # §3
                           text=None, cache=None, ids=None, disc=None, lpips=None, fill=None,
+                          bad={},  # {path: why} of the bad files warned about, every stage
                           vcfg=vae_config(args, tc),
                           cfg=dit_config(args, tc) if is_dit else None)  # plans' tokens
     # a LoRA run's frozen base, fingerprinted once (rank 0's files: train.json is rank 0's)

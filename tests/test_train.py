@@ -440,6 +440,18 @@ def test_resume_with_another_global_batch_or_seed_warns(assets, tmp_path, capsys
     assert "global batch 1 and seed 5, the checkpoint's 2 and 0: the data order differs" in err
 
 
+def test_a_bad_file_is_warned_about_once_a_run(assets, tmp_path, capsys):
+    """Every stage plans the manifest again: a missing file was warned about once a stage."""
+    entries = data.read_manifest(assets["manifest"])
+    gone = str(tmp_path / "gone.mkv")
+    manifest = data.write_manifest(entries + [{"path": gone, "caption": "a red circle"}],
+                                   str(tmp_path / "m.jsonl"))
+    train.main(["--stage", "dit", "--preset", "tiny", "--data", manifest, "--vae", assets["vae"],
+                "--text-encoder", assets["t5"], "--out", str(tmp_path / "d"), *SMALL,
+                "--steps", "1,1"])
+    assert capsys.readouterr().err.count(f"skipping {gone}") == 1
+
+
 def test_a_stage_faster_than_its_clips_warns(assets, tmp_path, capsys, monkeypatch):
     """A stage fps above a clip's own rate repeats its frames: one warning line with the count."""
     tc = train.PRESETS["tiny"]
