@@ -4,9 +4,9 @@ Web videos come with short, vague or no text, and a text-to-video model follows 
 precisely as its training captions, so CogVideoX re-captions every clip (Figure 7): one frame every
 2 s (App. C) -> an image captioner (CogVLM) -> {second: caption} (+ an optional short video caption,
 Panda-70M) -> an LLM summary with the App. C prompt (GPT-4, later a fine-tuned Llama 2) -> one dense
-caption; later the chain is distilled into one video captioner (CogVLM2-Caption, §3.4). At inference
-users type short prompts, so an LLM first "upsamples" them into training-like captions (App. B,
-`upsample_prompt`, used by sample.py behind a flag). Frames are read through data.py.
+caption; later the chain is distilled into one video captioner (CogVLM2-Caption, §3.4). At
+inference users type short prompts, so an LLM first "upsamples" them into training-like captions
+(App. B, `upsample_prompt`, used by sample.py behind a flag). Frames are read through data.py.
 
 Every model is a LOCAL Hugging Face folder (nothing is downloaded): the frame captioner is any
 image-to-text model transformers loads with its processor + `generate` (VisionEncoderDecoder, BLIP,
@@ -144,7 +144,8 @@ _FILLER = re.compile(r"(?:,\s*)?\b(?:(?:throughout|in) the video" + _ENDS + r"|a
 
 
 def clean_caption(text, max_words=100):
-    """Enforce App. C's output rules on a summary: one line, no "The video shows…", <= max_words."""
+    """Enforce App. C's output rules on a summary: one line, no "The video shows…",
+    <= max_words."""
     text = " ".join(text.split()).strip(" \"'")  # no '\n' (App. C), collapse runs of spaces
     text = " ".join(_FILLER.sub(" ", _INTRO.sub("", text)).split())
     text = re.sub(r"\s+(?=[.;:!?])", "", text)  # "sits still throughout the video." left "still ."

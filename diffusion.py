@@ -1,4 +1,5 @@
-"""diffusion.py — CogVideoX's noise schedule, v-prediction and samplers (paper §3, §3.3, Figure 3d).
+"""diffusion.py — CogVideoX's noise schedule, v-prediction and samplers
+(paper §3, §3.3, Figure 3d).
 
 Smallest piece first: the noise schedule (LDM "scaled linear" betas, the released models' SNR
 shift, zero terminal SNR: §3 "we adopt v-prediction and zero SNR, following the noise schedule used
@@ -11,7 +12,7 @@ of any shape (B, ...). The sampling defaults (steps, guidance, sampler) live in 
 sample.py's SampleConfig and PRESETS.
 
 Run:
-  python diffusion.py                      # the schedule (ā, SNR) at the 50 trailing sampling steps
+  python diffusion.py                     # the schedule (ā, SNR) at the 50 trailing sampling steps
   python diffusion.py --shift 3.0 --steps 50 --sampler dpm
   python -m pytest -q tests/test_diffusion.py
 
@@ -36,12 +37,14 @@ def alphas_cumprod(num_steps=1000, beta_start=0.00085, beta_end=0.012, snr_shift
     s is 3.0 for the released 2B, 1.0 (no shift) for the 5B and for the toy shapes set (the shift
     makes every step noisier, which 480×720 video needs and a 32×32 toy does not).
 
-    §3 "noise schedule used in LDM": β_t = linspace(√β_start, √β_end, N)², ā_t = Π_{i≤t} (1 − β_i).
-    Released code (not in the paper): the SNR shift ā/(1−ā) ← (ā/(1−ā)) / s, which in ā reads
-    ā ← ā / (s + (1−s)·ā); it moves every step to lower SNR, as high-resolution video needs more
-    noise to destroy the same amount of signal.
-    §3 zero SNR (Lin et al. 2024, Alg. 1): shift and scale √ā so that √ā_{N−1} = 0 and √ā_0 is
-    unchanged; the model then sees pure noise at t = N−1, exactly what sampling starts from.
+    §3 "noise schedule used in LDM": β_t = linspace(√β_start, √β_end, N)²,
+    ā_t = Π_{i≤t} (1 − β_i).
+    Released code (not in the paper): the SNR shift ā/(1−ā) ← (ā/(1−ā)) / s, which in ā
+    reads ā ← ā / (s + (1−s)·ā); it moves every step to lower SNR, as high-resolution video
+    needs more noise to destroy the same amount of signal.
+    §3 zero SNR (Lin et al. 2024, Alg. 1): shift and scale √ā so that √ā_{N−1} = 0 and
+    √ā_0 is unchanged; the model then sees pure noise at t = N−1, exactly what sampling
+    starts from.
     """
     if num_steps < 2:
         raise ValueError(f"num_steps must be >= 2 (got {num_steps}); the released models use 1000")
@@ -64,7 +67,8 @@ def alphas_cumprod(num_steps=1000, beta_start=0.00085, beta_end=0.012, snr_shift
 def _at(ac, t, like):
     """ā[t] as a (B, 1, 1, …) tensor broadcastable against `like` (B, ...), in like's dtype.
 
-    The schedule stays float64 until this gather, so √(1−ā) near ā → 1 keeps its precision."""
+    The schedule stays float64 until this gather, so √(1−ā) near ā → 1 keeps its
+    precision."""
     t = torch.as_tensor(t, device=ac.device).long()
     if t.min() < 0 or t.max() >= len(ac):
         raise ValueError(f"timesteps must lie in [0, {len(ac) - 1}] "
@@ -83,14 +87,16 @@ def v_target(x0, noise, t, ac):
     """§3 v-prediction (Salimans & Ho 2022): v = √ā·ε − √(1−ā)·x0.
 
     Why v and not ε: at t = N−1 zero terminal SNR makes x_t pure noise, so predicting ε there is
-    trivial and x̂0 = (x_t − √(1−ā)ε̂)/√ā divides by zero; v stays informative (v = −x0 at ā = 0).
+    trivial and x̂0 = (x_t − √(1−ā)ε̂)/√ā divides by zero; v stays informative
+    (v = −x0 at ā = 0).
     """
     a = _at(ac, t, x0)
     return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
 def x0_from_v(x_t, v, t, ac):
-    """x̂0 = √ā·x_t − √(1−ā)·v̂ (exact inverse of q_sample + v_target, since ā + (1−ā) = 1)."""
+    """x̂0 = √ā·x_t − √(1−ā)·v̂ (exact inverse of q_sample + v_target,
+    since ā + (1−ā) = 1)."""
     a = _at(ac, t, x_t)
     return a.sqrt() * x_t - (1 - a).sqrt() * v
 
@@ -102,8 +108,8 @@ def eps_from_v(x_t, v, t, ac):
 
 
 # The training loss is plain MSE on v. The official (sat) code instead regresses x0 with weight
-# 1/(1−ā); for a fixed x_t, x̂0 − x0 = √(1−ā)·(v − v̂), so ‖v − v̂‖² = ‖x̂0 − x0‖²/(1−ā): the same
-# objective.
+# 1/(1−ā); for a fixed x_t, x̂0 − x0 = √(1−ā)·(v − v̂),
+# so ‖v − v̂‖² = ‖x̂0 − x0‖²/(1−ā): the same objective.
 
 
 # ----- timestep sampling for training (§3.3) -----
@@ -112,9 +118,10 @@ def explicit_uniform_timesteps(batch_size, rank, world_size, num_steps=1000, gen
     """§3.3 Explicit Uniform Sampling: LongTensor (batch_size,) of timesteps, one per stratum.
 
     N = world_size·batch_size samples; [0, num_steps) is cut into N strata and sample
-    i = rank·batch_size + j draws uniformly inside [⌊i·T/N⌋, ⌊(i+1)·T/N⌋). The paper cuts the
-    range by rank ("divide the range into n intervals, where n is the number of ranks; each rank
-    samples within its interval"); stratifying every sample of the global batch does that and more.
+    i = rank·batch_size + j draws uniformly inside [⌊i·T/N⌋, ⌊(i+1)·T/N⌋). The paper cuts
+    the range by rank ("divide the range into n intervals, where n is the number of ranks; each
+    rank samples within its interval"); stratifying every sample of the global batch does that
+    and more.
 
     How training uses it: train.py calls it with rank 0, world_size 1 and batch_size N = the GLOBAL
     batch, from a generator keyed by (seed, step, micro-batch) only, so the draw is the same in
@@ -170,7 +177,8 @@ def mass_strata_timesteps(masses, num_steps=1000, generator=None):
 
 
 def iid_timesteps(batch_size, num_steps=1000, generator=None):
-    """The common practice §3.3 argues against: every sample draws t ~ U{0..N−1} independently."""
+    """The common practice §3.3 argues against: every sample draws t ~ U{0..N−1}
+    independently."""
     return torch.randint(0, num_steps, (batch_size,), generator=generator)
 
 
@@ -182,9 +190,10 @@ def sampling_timesteps(num_steps=50, num_train_steps=1000):
 
     For n = 50: 999, 979, …, 19. It always starts at N−1, where zero terminal SNR makes x_t pure
     noise. Rounding is half-to-even, like numpy's (torch.round does the same). The values are
-    numpy's arange to the bit, N + i·δ with δ = (N − N/n) − N: torch.arange computes N − i·(N/n),
-    which differs in the last bit, and where N/n·i is a half (n = 48: 937.5, 687.5, ...) the two
-    round apart: 6 of the 48 timesteps were one off the released scheduler's."""
+    numpy's arange to the bit, N + i·δ with δ = (N − N/n) − N: torch.arange computes
+    N − i·(N/n), which differs in the last bit, and where N/n·i is a half
+    (n = 48: 937.5, 687.5, ...) the two round apart: 6 of the 48 timesteps were one off the
+    released scheduler's."""
     if not 1 <= num_steps <= num_train_steps:
         raise ValueError(f"num_steps must be in [1, {num_train_steps}] (got {num_steps})")
     step = -num_train_steps / num_steps
@@ -195,7 +204,8 @@ def sampling_timesteps(num_steps=50, num_train_steps=1000):
 
 
 def _log_snr_half(a):
-    """λ = log √(ā/(1−ā)), with the end points made explicit: ā = 0 → −∞ (t = N−1), ā = 1 → +∞."""
+    """λ = log √(ā/(1−ā)), with the end points made explicit: ā = 0 → −∞ (t = N−1),
+    ā = 1 → +∞."""
     if a <= 0.0:
         return -math.inf
     if a >= 1.0:
@@ -204,9 +214,9 @@ def _log_snr_half(a):
 
 
 def _ddim_step(x, v, a_t, a_prev):
-    """DDIM, η = 0 (Song et al. 2021): x_prev = √ā_prev·x̂0 + √(1−ā_prev)·ε̂, written with the
-    released schedulers' coefficients x_prev = c_x·x_t + c_0·x̂0 (the same thing, one multiply
-    fewer)."""
+    """DDIM, η = 0 (Song et al. 2021): x_prev = √ā_prev·x̂0 + √(1−ā_prev)·ε̂, written
+    with the released schedulers' coefficients x_prev = c_x·x_t + c_0·x̂0 (the same thing,
+    one multiply fewer)."""
     x0 = math.sqrt(a_t) * x - math.sqrt(1 - a_t) * v  # x̂0 from v̂
     c_x = math.sqrt((1 - a_prev) / (1 - a_t))
     c_0 = math.sqrt(a_prev) - math.sqrt(a_t) * c_x
@@ -217,12 +227,14 @@ def _dpm_step(x, v, a_t, a_prev, a_back, x0_old, noise):
     """DPM-Solver++(2M) SDE step (Lu et al. 2022), as in the released 5B scheduler.
 
     With λ = log √(ā/(1−ā)) and h = λ_prev − λ_t:
-      first order:  x_prev = √((1−ā_prev)/(1−ā_t))·e^{−h}·x_t − (e^{−2h} − 1)·√ā_prev·x̂0 + σ·z
-      second order: x̂0 → (1 + 1/2r)·x̂0 − (1/2r)·x̂0_old,  r = h_last / h   (multistep correction)
+      first order:  x_prev = √((1−ā_prev)/(1−ā_t))·e^{−h}·x_t
+                    − (e^{−2h} − 1)·√ā_prev·x̂0 + σ·z
+      second order: x̂0 → (1 + 1/2r)·x̂0 − (1/2r)·x̂0_old,  r = h_last / h
+                    (multistep correction)
       σ = √(1−ā_prev)·√(1 − e^{−2h}), z fresh Gaussian noise (the "SDE" variant).
     At t = N−1 (ā = 0) λ = −∞ and h = +∞: e^{−h} = 0, so the step is
-    x_prev = √ā_prev·x̂0 + √(1−ā_prev)·z — no NaN as long as the infinities are taken as limits,
-    which _log_snr_half does explicitly."""
+    x_prev = √ā_prev·x̂0 + √(1−ā_prev)·z — no NaN as long as the infinities are taken
+    as limits, which _log_snr_half does explicitly."""
     x0 = math.sqrt(a_t) * x - math.sqrt(1 - a_t) * v  # x̂0 from v̂
     lam, lam_prev = _log_snr_half(a_t), _log_snr_half(a_prev)
     h = lam_prev - lam
@@ -245,18 +257,20 @@ def sample(v_fn, x_T, alphas_cumprod, num_steps=50, sampler="ddim", generator=No
            noise=None, draw=None):
     """Integrate from pure noise x_T (B, ...) at t = N−1 down to x̂0 (B, ...).
 
-    v_fn(x_t, t) -> v̂ with t a LongTensor (B,) of integer timesteps; classifier-free guidance lives
-    in the v_fn the caller builds (see `guided`). sampler "ddim" (η = 0, deterministic) or "dpm"
-    (DPM++(2M) SDE, fresh noise every step). The previous step of t is t − N // n (as released; not
-    the next listed timestep when n does not divide N), and a step whose previous timestep would be
-    negative goes to ā = 1, i.e. returns x̂0 itself (for n = 50 the last step, 19 → −1; for n = 7
-    the last step is 142 → 0, which still adds a little noise, as released).
+    v_fn(x_t, t) -> v̂ with t a LongTensor (B,) of integer timesteps; classifier-free guidance
+    lives in the v_fn the caller builds (see `guided`). sampler "ddim" (η = 0, deterministic) or
+    "dpm" (DPM++(2M) SDE, fresh noise every step). The previous step of t is t − N // n (as
+    released; not the next listed timestep when n does not divide N), and a step whose previous
+    timestep would be negative goes to ā = 1, i.e. returns x̂0 itself (for n = 50 the last
+    step, 19 → −1; for n = 7 the last step is 142 → 0, which still adds a little noise, as
+    released).
 
-    DPM++ noise, drawn as the released scheduler draws it, so a seed gives the released video: one
-    draw on EVERY step (the last one too, where σ = 0 and it goes unused) and a second draw on every
-    second-order step, which replaces the first. draw() -> one noise tensor shaped like x (default:
-    torch.randn from `generator`; sample.py draws in the pipeline's own layout). `noise`, optional,
-    is a list of num_steps tensors, the noise each step uses (exact replays; draws nothing).
+    DPM++ noise, drawn as the released scheduler draws it, so a seed gives the released video:
+    one draw on EVERY step (the last one too, where σ = 0 and it goes unused) and a second draw
+    on every second-order step, which replaces the first. draw() -> one noise tensor shaped like
+    x (default: torch.randn from `generator`; sample.py draws in the pipeline's own layout).
+    `noise`, optional, is a list of num_steps tensors, the noise each step uses (exact replays;
+    draws nothing).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {SAMPLERS}")
@@ -302,10 +316,11 @@ def cfg_scale(scale, t, num_steps=50, dynamic=False):
 
     Static: w = scale. Dynamic, as released (CogVideoX pipelines, use_dynamic_cfg):
         w = 1 + scale · (1 − cos(π · ((n − t) / n)^5)) / 2
-    with n the number of *sampling* steps and t the timestep *value* (999 … 19), not the step index.
-    Quirk: (n − t)/n is a large negative number (≈ −19 at t = 999, n = 50), so the cosine does not
-    ramp smoothly from 1 to 1 + scale; w oscillates between 1 and 1 + scale from step to step. The
-    authors say this is intended (CogVideo issue 267); we reproduce it as released."""
+    with n the number of *sampling* steps and t the timestep *value* (999 … 19), not the step
+    index.
+    Quirk: (n − t)/n is a large negative number (≈ −19 at t = 999, n = 50), so the cosine does
+    not ramp smoothly from 1 to 1 + scale; w oscillates between 1 and 1 + scale from step to step.
+    The authors say this is intended (CogVideo issue 267); we reproduce it as released."""
     if not (math.isfinite(scale) and scale >= 0):
         raise ValueError(f"guidance scale must be a finite number >= 0 (got {scale}); "
                          "1 means no guidance, the released default is 6")
@@ -324,10 +339,10 @@ def guided(v_cond_uncond_fn, scale, num_steps=50, dynamic=False, min_t=0, v_cond
 
     min_t > 0 (not in the paper or the release, which guide every step): guidance only at
     timesteps t >= min_t, below it v̂ = v_cond, from v_cond_fn(x_t, t) when given (no
-    unconditional call) — a guidance interval (Kynkäänniemi et al. 2024). Near the data, w·(v_c −
-    v_u) is mostly the model's error, amplified w times: on the shapes demo's 6000-step DiT,
-    guidance for t >= 400 only lifted the seen prompts from 68/96 to 86/96 (the squares' corners
-    survive)."""
+    unconditional call) — a guidance interval (Kynkäänniemi et al. 2024). Near the data,
+    w·(v_c − v_u) is mostly the model's error, amplified w times: on the shapes demo's 6000-step
+    DiT, guidance for t >= 400 only lifted the seen prompts from 68/96 to 86/96 (the squares'
+    corners survive)."""
 
     def v_fn(x, t):
         if int(t[0]) < min_t:
@@ -342,8 +357,9 @@ def guided(v_cond_uncond_fn, scale, num_steps=50, dynamic=False, min_t=0, v_cond
 # ----- loss weight per timestep (not in the paper: the shapes demo's recipe) -----
 
 def min_snr_weight(t, ac, gamma):
-    """Min-SNR-γ weight of a v-prediction loss (Hang et al. 2023): w_t = min(SNR_t, γ) / (SNR_t + 1),
-    SNR_t = ā_t / (1 − ā_t). -> (B,) float32 in [0, γ/(γ+1)]; t (B,) timesteps, ac ā (N,).
+    """Min-SNR-γ weight of a v-prediction loss (Hang et al. 2023):
+    w_t = min(SNR_t, γ) / (SNR_t + 1), SNR_t = ā_t / (1 − ā_t). -> (B,) float32 in
+    [0, γ/(γ+1)]; t (B,) timesteps, ac ā (N,).
 
     Not in the paper: CogVideoX (and the release) trains on the plain v-MSE, w = 1. With it the
     nearly-pure-noise steps dominate: at t >= 700, where x_t tells little and v ≈ −x0 is mostly

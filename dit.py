@@ -210,9 +210,10 @@ def rope_table(T, gh, gw, cfg):
 
 
 def apply_rope(x, rot):
-    """x (R, N, H, d); rot (R|1, N, 1, d/2) complex. Text tokens carry rot = 1 (RoPE only on video,
-    §2.2). Computed in fp32 like the release, so bf16 activations do not lose the phase. One complex
-    multiply forward and one backward, instead of a swap, two products and a sum each way."""
+    """x (R, N, H, d); rot (R|1, N, 1, d/2) complex. Text tokens carry rot = 1
+    (RoPE only on video, §2.2). Computed in fp32 like the release, so bf16 activations do not
+    lose the phase. One complex multiply forward and one backward, instead of a swap, two
+    products and a sum each way."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))     # (R, N, H, d/2) complex pairs
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)      # (R, N, H, d)
 

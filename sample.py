@@ -1,4 +1,5 @@
-"""sample.py — text/image-to-video generation with CogVideoX (paper Figure 1, §3, App. A, App. B).
+"""sample.py — text/image-to-video generation with CogVideoX
+(paper Figure 1, §3, App. A, App. B).
 
 The inference pipeline of Figure 1, run backwards from noise:
     prompt --(App. B upsampler, optional)--> T5 --> text tokens (B, L, D)

@@ -370,7 +370,8 @@ class Level(nn.Module):
 
     def __init__(self, cin, cout, n, cfg, resample=None, latent=0):
         super().__init__()
-        self.blocks = nn.ModuleList(ResBlock(cout if i else cin, cout, cfg, latent) for i in range(n))
+        self.blocks = nn.ModuleList(
+            ResBlock(cout if i else cin, cout, cfg, latent) for i in range(n))
         self.resample = resample
 
     def forward(self, x, run, z=None):
@@ -500,7 +501,8 @@ class CausalVAE(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        if not 0 <= cfg.time_levels < len(cfg.channels) or any(c % cfg.groups for c in cfg.channels):
+        if (not 0 <= cfg.time_levels < len(cfg.channels)
+                or any(c % cfg.groups for c in cfg.channels)):
             raise ValueError(f"bad VAEConfig {cfg}: need time_levels < number of levels and groups "
                              f"dividing every width")
         # a copy: train.py may set cfg.scaling_factor without touching the preset
@@ -527,7 +529,8 @@ class CausalVAE(nn.Module):
             raise ValueError(f"{what}: tile={tile}, overlap={overlap}: need tile > 0 and "
                              f"0 <= overlap < tile")
         if tile and encoding and (tile % sf or overlap % sf):
-            raise ValueError(f"encode: tile and overlap must be multiples of {sf}, got {tile}, {overlap}")
+            raise ValueError(f"encode: tile and overlap must be multiples of {sf}, got "
+                             f"{tile}, {overlap}")
 
     def _run(self, net, x, group, stream, chunk):
         if group is not None:  # this rank's share of the clip; frame 0 lives on rank 0
@@ -591,7 +594,8 @@ class CausalVAE(nn.Module):
 
         from data import atomic_write  # imported here: vae.py stays importable without data.py
         os.makedirs(folder, exist_ok=True)
-        sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
+        sd = {k: v.detach().contiguous().cpu()
+              for k, v in (state_dict or self.state_dict()).items()}
         text = json.dumps(asdict(self.cfg), indent=2)
         atomic_write(os.path.join(folder, "config.json"), lambda p: Path(p).write_text(text))
         atomic_write(os.path.join(folder, "model.safetensors"), lambda p: save_file(sd, p))
@@ -765,7 +769,8 @@ class LPIPS(nn.Module):
         super().__init__()
         layers, c = [], 3
         for v in _VGG16:
-            layers += [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+            layers += [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1),
+                                                             nn.ReLU()]
             c = c if v == "M" else v
         self.features = nn.Sequential(*layers)
         for i, c in enumerate((64, 128, 256, 512, 512)):
@@ -938,7 +943,8 @@ def main(argv=None):
     p.add_argument("--reconstruct", metavar="VIDEO", required=True,
                    help="input video; writes --out (default VIDEO_STEM.recon.mp4 next to it)")
     p.add_argument("--out", help="the reconstruction's path (.mp4 or .mkv, lossless)")
-    p.add_argument("--ckpt", help="a CausalVAE.save folder, or a diffusers AutoencoderKLCogVideoX one")
+    p.add_argument("--ckpt",
+                   help="a CausalVAE.save folder, or a diffusers AutoencoderKLCogVideoX one")
     p.add_argument("--preset", choices=sorted(VAE_PRESETS),
                    help="random-weight model when --ckpt is not given (default: tiny; "
                         "refused with --ckpt, whose config decides)")
@@ -997,7 +1003,8 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     data.write_video(y[0], out, fps)  # fps kept exact (12.5 stays 12.5, 29.97 is 30000/1001)
     print(f"{tuple(x.shape)} -> latents {tuple(z.shape)} -> {out} ({fps:g} fps)")
-    print(f"psnr {psnr(x, y):.2f} dB" + (f" | flicker {flicker(x, y):.2f}" if x.shape[2] > 1 else ""))
+    print(f"psnr {psnr(x, y):.2f} dB"
+          + (f" | flicker {flicker(x, y):.2f}" if x.shape[2] > 1 else ""))
 
 
 # ----- speed (not in the paper) -----
