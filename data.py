@@ -1701,12 +1701,14 @@ SPEED = 1 / 32
 def caption_of(colour, shape, motion=None):
     if motion is None:
         return f"a {colour} {shape}"
-    return f"a {colour} {shape} moves " + ("to the " if motion in ("left", "right") else "") + motion
+    way = "to the " if motion in ("left", "right") else ""
+    return f"a {colour} {shape} moves {way}{motion}"
 
 
 def eval_prompts():
     """-> [(prompt, is_held_out)] every colour x shape x motion, held-out pairings included."""
-    return [(caption_of(c, s, m), (c, m) in HELD_OUT) for c in COLOURS for s in SHAPES for m in MOTIONS]
+    return [(caption_of(c, s, m), (c, m) in HELD_OUT)
+            for c in COLOURS for s in SHAPES for m in MOTIONS]
 
 
 def draw_shape(H, W, colour, shape, cx, cy, r):
@@ -1768,9 +1770,10 @@ def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), 
             path = os.path.join(out, f"{i:05d}.mkv")
             # uint8 -> [-1, 1] -> uint8 is exact, so the FFV1 file holds exactly these pixels
             write_video(torch.from_numpy(clip).permute(3, 0, 1, 2) / 127.5 - 1, path, fps)
-        entries.append({"path": path, "caption": caption_of(colour, shape, motion), "colour": colour,
-                        "shape": shape, "motion": motion, "frames": T, "height": H, "width": W,
-                        "fps": fps if T > 1 else None, "duration": T / fps if T > 1 else 0.0})
+        entries.append({"path": path, "caption": caption_of(colour, shape, motion),
+                        "colour": colour, "shape": shape, "motion": motion, "frames": T,
+                        "height": H, "width": W, "fps": fps if T > 1 else None,
+                        "duration": T / fps if T > 1 else 0.0})
     return write_manifest(entries, os.path.join(out, "manifest.jsonl"))
 
 
@@ -1787,7 +1790,7 @@ HULL = 0.9         # the object covers >= 90% of its convex hull (a ring, an out
                    # notched or slotted disc do not; a digital disc or square covers all of it)
 SHAPE_FRAMES = 0.75  # the shape holds in >= 3/4 of the judged frames (not only in their median)
 COLOUR_SHARE = 0.8   # >= 80% of the object's pixels in the prompted colour (not a two-colour one)
-STEADY = 0.75      # every frame vs the first: area within 0.75-1.33x, sharpness, brightness >= 0.75x
+STEADY = 0.75      # every frame vs the first: area 0.75-1.33x, sharpness, brightness >= 0.75x
 JUMP = 4           # a frame's step along the motion at most 4x the set's (a teleport), none back
                    # more than one set step
 MIN_SIDE = 8       # shape is judged on objects at least this many pixels a side (the set's: 11-15)
@@ -1846,13 +1849,13 @@ def _hull_and_corners(obj):
 
 def shapes_measure(video):
     """Per-frame measurements of the object in a (3, T, H, W) video in [-1, 1] -> dict of (T,)
-    tensors. The object is the largest 8-connected group of bright pixels. stray: the largest group of lit (LIT) pixels not touching it (a second object,
-    dim ones too); area (its pixels), colour (index of the palette colour most of them are
-    nearest to, -1 for an unnamed colour), colour_frac (its share of them), fill (area / bounding
-    -box area), side, aspect (the box's shorter side, and shorter / longer), hull, corner (see
-    _hull_and_corners), cx, cy (centroid), sharp (bright pixels / lit pixels: 1 for a hard
-    edge, lower with a blurred halo), bright (mean brightness of the object) and edge (the box
-    touches the frame border)."""
+    tensors. The object is the largest 8-connected group of bright pixels. stray: the largest
+    group of lit (LIT) pixels not touching it (a second object, dim ones too); area (its
+    pixels), colour (index of the palette colour most of them are nearest to, -1 for an unnamed
+    colour), colour_frac (its share of them), fill (area / bounding-box area), side, aspect (the
+    box's shorter side, and shorter / longer), hull, corner (see _hull_and_corners), cx, cy
+    (centroid), sharp (bright pixels / lit pixels: 1 for a hard edge, lower with a blurred
+    halo), bright (mean brightness of the object) and edge (the box touches the frame border)."""
     x = (video.float().clamp(-1, 1) + 1) / 2  # (3, T, H, W) in [0, 1]
     _, T, H, W = x.shape
     b = x.amax(0)  # (T, H, W) brightness
@@ -2175,7 +2178,8 @@ def main(argv=None):
     p.add_argument("--top", type=float, default=0.2, help="fraction kept for the §3.2 fine-tune")
     p.add_argument("--classifier", help="module:function returning {negative label: probability}")
     for k in FILTER_ARGS:
-        p.add_argument("--" + k.replace("_", "-"), dest=k, type=float, default=getattr(FilterConfig, k))
+        p.add_argument("--" + k.replace("_", "-"), dest=k, type=float,
+                       default=getattr(FilterConfig, k))
     args = ap.parse_args(argv)
     try:  # bad input -> one line (argparse's error, exit code 2), never a traceback
         _check_args(args)

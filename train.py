@@ -2,7 +2,8 @@
 
 One flat step loop, the same code on a laptop CPU and under torchrun on many GPUs:
   §2.1   VAE: reconstruction + KL (+ LPIPS from a local file) + a 3D discriminator with its own
-         optimizer and start step; the long-clip stage runs context parallel (--cp N ranks share a clip)
+         optimizer and start step; the long-clip stage runs context parallel (--cp N ranks
+         share a clip)
   §3     DiT: v-prediction MSE on the zero-terminal-SNR schedule, text dropped to zeros 10% of the
          time, images mixed in as 1-frame videos
   §3.1   Frame Pack: data.FramePackSampler fills token rows with clips of any duration and images;
@@ -28,7 +29,7 @@ Run:
   python train.py --stage vae --preset tiny --data shapes/manifest.jsonl --out runs/vae
   python train.py --stage dit --preset tiny --data shapes/manifest.jsonl --vae runs/vae/vae \\
                   --text-encoder out/shapes/t5 --cache runs/cache --out runs/dit
-  torchrun --standalone --nproc_per_node 2 train.py --stage dit ...   # DDP (gloo on CPU, nccl on GPU)
+  torchrun --standalone --nproc_per_node 2 train.py --stage dit ...   # DDP (gloo / nccl)
   torchrun --nnodes 8 --nproc_per_node 8 ... train.py --stage dit --preset cogvideox-5b --fsdp \\
                   --grad-checkpoint ...
   torchrun --standalone --nproc_per_node 4 train.py --stage vae --cp 2 ...   # 2 CP groups of 2
@@ -121,7 +122,7 @@ class TrainConfig:
     disc_weight: float = 0.5
     kl_weight: float = 1e-6
     recon: str = "l2"                 # §2.1 says L2; "l1" is the common alternative
-    fit_scale: bool = True            # after VAE training: scaling_factor = 1/std(latents), as in LDM
+    fit_scale: bool = True            # after VAE training: scaling_factor = 1/std(latents), LDM
     save_every: int = 500
     keep: int = 2                     # checkpoints kept
     seed: int = 0
@@ -310,10 +311,10 @@ class Call(nn.Module):
 
 def wrap(model, fsdp, device, call=True, mesh=None, fill=None, bf16=None):
     """DDP by default, FSDP2 with --fsdp (fully_shard each block, then the root, over `mesh` or
-    the whole world, with mixed_precision(device, bf16)), nothing in one process. A model built on the
-    meta device is materialised here with `fill` (see materialise): under FSDP after sharding, so
-    a rank only ever allocates and fills its shard; otherwise before DDP, whose constructor
-    broadcasts rank 0's weights."""
+    the whole world, with mixed_precision(device, bf16)), nothing in one process. A model built
+    on the meta device is materialised here with `fill` (see materialise): under FSDP after
+    sharding, so a rank only ever allocates and fills its shard; otherwise before DDP, whose
+    constructor broadcasts rank 0's weights."""
     net = Call(model) if call else model
     if not (fsdp and dist.is_initialized()):
         materialise(model, device, fill)
@@ -468,7 +469,7 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
         return dummy_dit_loss(job, net, max_tokens)
     t_all, drop_all, sigma_all, img_drop = draws(tc, items[0]["n_global"], step, micro,
                                                  job.args.iid_timesteps, batch.get("masses"))
-    slot = [max(it["slot"], 0) for it in items]  # a weight-0 filler (slot -1) borrows slot 0's draws
+    slot = [max(it["slot"], 0) for it in items]  # a weight-0 filler (slot -1): slot 0's draws
     t = t_all[slot].to(device)  # (S,)
     zt, target, n = [], [], []
     for j, it in enumerate(items):
@@ -778,7 +779,8 @@ def verify(folder):
         with open(os.path.join(folder, "train.json")) as f:
             st = json.load(f)
         if "check" not in st:
-            why = "no checksums: written by an older train.py, whose checkpoints this one cannot read"
+            why = ("no checksums: written by an older train.py, whose checkpoints this one "
+                   "cannot read")
         elif st["check"] != digest(st):
             why = "train.json does not match its checksum"
         else:
@@ -829,7 +831,8 @@ def find_checkpoint(args, steps, say, base=None):
     latest = open(path, errors="replace").read().strip() if os.path.isfile(path) else None
     if latest in names:
         order, problem = [latest] + [d for d in reversed(names) if d < latest], []
-    elif latest and STEP_DIR.fullmatch(latest) and os.path.isdir(os.path.join(root, latest + ".old")):
+    elif latest and STEP_DIR.fullmatch(latest) \
+            and os.path.isdir(os.path.join(root, latest + ".old")):
         # a save of the same step killed between its two renames (save_checkpoint): the
         # checkpoint `latest` names is still whole, under its .old name
         order = [latest + ".old"] + [d for d in reversed(names) if d < latest]
@@ -1769,10 +1772,12 @@ def write_export(job, ema, zstat):
                     f"steps, none of which ran); scaling_factor stays "
                     f"{model.cfg.scaling_factor:g}: resume with more --steps to fit it",
                     file=sys.stderr)
-        elif job.tc.fit_scale:  # LDM practice: latents of unit std, which the noise schedule assumes
-            std = math.sqrt(max(s2 / n - (s1 / n) ** 2 + var / n, 1e-12))  # Var z = Var mean + E var
+        elif job.tc.fit_scale:  # LDM practice: latents of unit std, as the noise schedule assumes
+            # Var z = Var mean + E var
+            std = math.sqrt(max(s2 / n - (s1 / n) ** 2 + var / n, 1e-12))
             model.cfg = replace(model.cfg, scaling_factor=1.0 / std)
-            job.say(f"vae: scaling_factor = {model.cfg.scaling_factor:.4f} (1 / std of the latents)")
+            job.say(f"vae: scaling_factor = {model.cfg.scaling_factor:.4f} "
+                    f"(1 / std of the latents)")
         model.save(os.path.join(out, "vae"), state_dict=sd)
 
 
@@ -1813,8 +1818,7 @@ def train(args):
                           dp_world=world // share, say=say,
                           ac=diffusion.alphas_cumprod(snr_shift_scale=tc.snr_shift),  # §3
                           text=None, cache=None, ids=None, disc=None, lpips=None, fill=None,
-                          bad={},  # {path: why} of the bad files warned about, every stage
-                          vcfg=vae_config(args, tc),
+                          vcfg=vae_config(args, tc), bad={},  # bad files warned about: once
                           cfg=dit_config(args, tc) if is_dit else None)  # plans' tokens
     # a LoRA run's frozen base, fingerprinted once (rank 0's files: train.json is rank 0's)
     job.lora_base = everyone(lora_base(args) if rank == 0 else None)[0]
@@ -2338,12 +2342,14 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
     C, L = model.cfg.out_channels, model.cfg.text_len
     dp = (dist.get_world_size() if dist.is_initialized() else 1) // G  # data-parallel ranks
     items = [{"mean": torch.randn(C, *lat), "logvar": torch.full((C, *lat), -4.0),
-              "img_mean": torch.randn(C, 1, *lat[1:]), "img_logvar": torch.full((C, 1, *lat[1:]), -4.0),
+              "img_mean": torch.randn(C, 1, *lat[1:]),
+              "img_logvar": torch.full((C, 1, *lat[1:]), -4.0),
               "text": torch.randn(L, model.cfg.text_dim), "row": r, "slot": r * clips + c,
               "weight": 1.0 / (rows * clips * dp), "n_global": rows * clips * dp, "index": 0}
              for r in range(rows) for c in range(clips)]
-    job = SimpleNamespace(args=args, tc=tc, device=torch.device("cpu"), ac=diffusion.alphas_cumprod(),
-                          ae=SimpleNamespace(cfg=vcfg), cfg=model.cfg, sp=sp)
+    job = SimpleNamespace(args=args, tc=tc, device=torch.device("cpu"),
+                          ac=diffusion.alphas_cumprod(), ae=SimpleNamespace(cfg=vcfg),
+                          cfg=model.cfg, sp=sp)
     for p in params:  # AdamW's state as after the first step, so the step measured is a steady one
         p.grad = torch.zeros_like(p)
     opt.step()
@@ -2353,8 +2359,8 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
     track.info = {"what": f"{args.preset} DiT, {rows} row(s) x {clips} clip(s) of {T}x{H}x{W} "
                           f"({per} tokens each, rows of {max_tokens}){split}"
                           f"{f', {tc.accum} micro-batches' if tc.accum > 1 else ''}",
-                  "tokens": tc.accum * rows * M // G, "row": max_tokens, "params": params, "opt": opt,
-                  "numel": sum(p.numel() for p in params)}
+                  "tokens": tc.accum * rows * M // G, "row": max_tokens, "params": params,
+                  "opt": opt, "numel": sum(p.numel() for p in params)}
 
     def step():
         for p in model.parameters():  # frozen ones (a LoRA's base) too
@@ -2402,7 +2408,7 @@ def simulate_vae(args, tc, stages, mesh, track, mode):
     step_i = max(tc.disc_start, 0)  # the GAN term is on: the largest step of stage two
     pixels = B * T * H * W // args.cp
     track.info = {"what": f"{args.preset} VAE, {B} clip(s) of {T}x{H}x{W}"
-                          f"{f' split over {args.cp} ranks (context parallel)' if args.cp > 1 else ''}"
+                          f"{f' split over {args.cp} ranks (context parallel)' * (args.cp > 1)}"
                           f"{f', {tc.accum} micro-batches' if tc.accum > 1 else ''}",
                   "tokens": tc.accum * pixels, "row": pixels, "params": params, "opt": opt,
                   "numel": sum(p.numel() for p in params), "unit": "pixels"}
@@ -2505,7 +2511,8 @@ def report(args, track):
          "activations": at.get("fwd", 0), "peak": track.peak, "flops": sum(track.flops.values()),
          "seconds": track.seconds, "tokens": info["tokens"], "row": info["row"],
          "grads_total": track.grads, "working": track.working}
-    r["temporaries"] = r["peak"] - sum(r[k] for k in ("params", "grads", "optimizer", "activations"))
+    r["temporaries"] = r["peak"] - sum(r[k] for k in ("params", "grads", "optimizer",
+                                                      "activations"))
     # MFU counts model FLOPs: forward + backward = 3 x forward (recomputation is not useful work);
     # an encode (--encode) has no backward
     passes = 1 if getattr(args, "encode", False) else 3
@@ -2525,13 +2532,13 @@ def report(args, track):
           f"{'' if track is None else ' (fake tensors)' if args.fake else ' (real tensors)'}")
     unit, div = ("GiB", 2**30) if track.peak >= 2**30 else ("MiB", 2**20)
     cols = ("params", "grads", "optimizer", "activations", "temporaries", "peak")
-    print("rank    " + "".join(f"{c:>13}" for c in cols) + f"   {unit} at the peak (in {track.peak_phase});"
-          f" every rank holds the same shapes")
+    print("rank    " + "".join(f"{c:>13}" for c in cols)
+          + f"   {unit} at the peak (in {track.peak_phase}); every rank holds the same shapes")
     print(f"0..{world - 1:<5}" + "".join(f"{r[c] / div:13.2f}" for c in cols))
     tf = r["flops"] / 1e12
     what = "tokens" if dit_ else "pixels"
-    print(f"step: {tf:.4g} TFLOP (torch.utils.flop_counter: matmuls, convolutions, attention, incl. "
-          f"recomputation); {r['tokens']} {what} per rank, {r['tokens'] * world} global; "
+    print(f"step: {tf:.4g} TFLOP (torch.utils.flop_counter: matmuls, convolutions, attention, "
+          f"incl. recomputation); {r['tokens']} {what} per rank, {r['tokens'] * world} global; "
           f"gradients {r['grads_total'] / div:.2f} {unit} after backward")
     print(f"estimate at {args.peak_tflops:g} TFLOP/s: {r['seconds']:.3g} s per step (each op at "
           f"max(FLOPs / peak, bytes / 3.35 TB/s), collectives overlapped), MFU {r['mfu']:.0%}")
@@ -2792,7 +2799,8 @@ def parser():
                                    "finishes: export, exit code 0)")
     a("--timeout-min", type=float, default=30.0,
       help="minutes a collective waits for the slowest rank (cache filling can be slow)")
-    a("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
+    a("--max-bad-steps", type=int, default=5,
+      help="stop after this many non-finite losses in a row")
     a("--quick", action="store_true", help="demo: a few steps only (a smoke test of the pipeline)")
     a("--demo-scale", type=float, help="demo: multiply every step count by this")
     a("--simulate", type=int, metavar="N", help="simulate one step of N ranks on fake tensors "
@@ -2872,7 +2880,8 @@ def main(argv=None):
                 setup(args.device, 1)
             return simulate(args, fake=not args.real)
         if not args.out:
-            raise SettingsError("--out DIR is required with --stage (where checkpoints and logs go)")
+            raise SettingsError("--out DIR is required with --stage (where checkpoints and "
+                                "logs go)")
         return train(args)
     except (SettingsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
