@@ -1794,10 +1794,10 @@ STEADY = 0.75      # every frame vs the first: area 0.75-1.33x, sharpness, brigh
 JUMP = 4           # a frame's step along the motion at most 4x the set's (a teleport), none back
                    # more than one set step
 MIN_SIDE = 8       # shape is judged on objects at least this many pixels a side (the set's: 11-15)
-# the palette, and colours no caption names: a pixel nearest to one of these is no palette colour
-# (white and greys would pass as yellow, magenta as red, cyan as green or blue)
-# (hues between two palette colours, orange or purple, go to the nearer: the demo VAE's yellow
-# has 18% of its pixels nearer an orange (255, 128, 0) than yellow)
+# Colours no caption names: a pixel nearest to one of these is no palette colour (white and greys
+# would pass as yellow, magenta as red, cyan as green or blue). Hues between two palette colours
+# (orange, purple) go to the nearer one: the demo VAE's yellow has 18% of its pixels nearer an
+# orange (255, 128, 0) than yellow.
 OTHER_COLOURS = {"white": (255, 255, 255), "magenta": (255, 0, 255), "cyan": (0, 255, 255)}
 
 
@@ -1816,7 +1816,8 @@ def _hull_and_corners(obj):
     """(hull, corner) for one frame's object mask (H, W) bool: hull = its pixels / the pixel
     centres inside the convex hull of its pixel centres (1 for a digital disc or square, lower for
     a plus, a notch, a slot); corner = the share of its bounding box's pixels outside the box's
-    inscribed ellipse (21% of the box) that it covers (about 0 for a disc, 1 for a square)."""
+    inscribed ellipse (21% of the box) that it covers (0 for a large disc; the set's digital
+    discs 0-0.5, median 0.09; 1 for a square)."""
     ys, xs = np.nonzero(obj.numpy())
     if len(ys) < 3:
         return 1.0, 0.0
@@ -1890,8 +1891,7 @@ def shapes_measure(video):
         if other.any():
             stray[t] = lab[t][other].unique(return_counts=True)[1].max()
         hull[t], corner[t] = _hull_and_corners(obj[t])
-    return {"area": area, "stray": stray,
-            "hull": hull, "corner": corner,
+    return {"area": area, "stray": stray, "hull": hull, "corner": corner,
             "colour": torch.where(best < len(COLOURS), best, -1),
             "colour_frac": votes.amax(-1) / safe,
             "fill": area / (box_h * box_w).clamp(min=1), "side": torch.minimum(box_h, box_w),
