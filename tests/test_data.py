@@ -683,6 +683,25 @@ def test_shapes_check_passes_every_training_clip_and_fails_wrong_captions(shapes
         data.shapes_follow(black, "a purple circle moves up")
 
 
+def test_shapes_check_passes_rendered_clips_as_the_set_draws_them():
+    # 200 clips drawn as make_shapes draws them (sizes, radii, places, lengths, motions, stills)
+    rng = random.Random(1)
+    for _ in range(200):
+        H, W = rng.choice([(32, 32), (32, 48)])
+        r = rng.uniform(0.18, 0.24) * min(H, W)
+        colour, shape = rng.choice(list(data.COLOURS)), rng.choice(data.SHAPES)
+        motion, T = rng.choice([*data.MOTIONS, None]), rng.choice([9, 13, 17])
+        dx, dy = data.MOTIONS[motion] if motion else (0, 0)
+        span = min(H, W) * data.SPEED * (T - 1)
+        lo_x, hi_x = r + 1 + max(0, -dx) * span, W - r - 1 - max(0, dx) * span
+        lo_y, hi_y = r + 1 + max(0, -dy) * span, H - r - 1 - max(0, dy) * span
+        cx, cy = rng.uniform(lo_x, max(lo_x, hi_x)), rng.uniform(lo_y, max(lo_y, hi_y))
+        x = data.shapes_clip(H, W, colour, shape, motion, T, cx, cy, r)  # (T, H, W, 3)
+        v = torch.from_numpy(x).permute(3, 0, 1, 2).float() / 127.5 - 1
+        res = data.shapes_check(v, data.caption_of(colour, shape, motion))
+        assert res["pass"], (H, W, r, colour, shape, motion, T, cx, cy, res)
+
+
 def clip(colour="red", shape="square", motion="left", T=9, cx=22.0, cy=16.0, r=7.0, **kw):
     """A rendered shapes clip as the checker sees it: (3, T, H, W) in [-1, 1]."""
     x = data.shapes_clip(32, 32, colour, shape, motion, T, cx, cy, r, **kw)  # (T, H, W, 3)
