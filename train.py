@@ -152,10 +152,11 @@ PRESETS = {
     # - DiT steps, on that 1600-step VAE: 150 + 1500 passed 82/96 and 24/32, 150 + 2000 91/96
     #   and 26/32, 150 + 2500 92/96 and 28/32, 150 + 3000 93/96 and 29/32 (with rows=8: 87/96
     #   and 28/32); 150 + 3000 with training seed 1 89/96 and 27/32: a small margin. At 150 + 850
-    #   no VAE tried gives a square. The whole demo (`python train.py`, 2 threads): 92/96 and
-    #   28/32 (16 seeds: 95.1% and 91.4%), gate 48/48, 13.9 min (README), in demo_samples' draw
-    #   (a generator per sample). The other counts here are from the earlier draw, one generator
-    #   per seed shared by its 32 prompts (which gave the same trained demo 92/96 and 30/32).
+    #   no VAE tried gives a square. The whole demo (`python train.py`, 2 threads, README): by
+    #   the current data.shapes_check 91/96 and 30/32 (16 seeds: 96.6% and 93.8%), gate 48/48,
+    #   36.5 min on an 82 GFLOP/s AVX2 VM (13.9 min at 417 GFLOP/s). Every other count here is by
+    #   an earlier, laxer checker (median fill; it judged that model 87/96 and 30/32) and from
+    #   an earlier draw, one generator per seed shared by its 32 prompts.
     # - min_snr (not in the paper: diffusion.min_snr_weight): 150 + 3000 steps on the 8-channel
     #   VAE 75/96 and 22/32 against 50/96 and 16/32 with the plain v-MSE. Its γ, on the 4-channel
     #   VAE: 2 at 150 + 1500 steps 72/96 and 22/32 (5: 82/96, 24/32); 10 at 150 + 3000 94/96 and
