@@ -1732,6 +1732,16 @@ def shapes_clip(H, W, colour, shape, motion, T, cx, cy, r, speed=None):
                      for t in range(T)])  # (T, H, W, 3)
 
 
+def shapes_start(rng, H, W, r, motion, T):
+    """A clip's start (cx, cy), drawn from `rng` so the shape of radius r stays in the frame over
+    its T frames at the set's speed (motion None: anywhere it fits)."""
+    dx, dy = MOTIONS[motion] if motion else (0, 0)
+    span = min(H, W) * SPEED * (T - 1)  # total travel along the motion axis
+    lo_x, hi_x = r + 1 + max(0, -dx) * span, W - r - 1 - max(0, dx) * span
+    lo_y, hi_y = r + 1 + max(0, -dy) * span, H - r - 1 - max(0, dy) * span
+    return rng.uniform(lo_x, max(lo_x, hi_x)), rng.uniform(lo_y, max(lo_y, hi_y))
+
+
 def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), fps=8,
                 image_every=5, radius=(0.18, 0.24), progress=False):
     """Write n captioned samples to `out` (clips: lossless .mkv, stills: .png) and
@@ -1760,12 +1770,7 @@ def make_shapes(out, n, seed=0, sizes=((32, 32), (32, 48)), frames=(9, 13, 17), 
                 queue = rng.sample(combos, len(combos))
             colour, shape, motion = queue.pop()
             T = rng.choice(frames)
-            dx, dy = MOTIONS[motion]
-            step = min(H, W) * SPEED
-            span = step * (T - 1)  # total travel along the motion axis
-            lo_x, hi_x = r + 1 + max(0, -dx) * span, W - r - 1 - max(0, dx) * span
-            lo_y, hi_y = r + 1 + max(0, -dy) * span, H - r - 1 - max(0, dy) * span
-            cx, cy = rng.uniform(lo_x, max(lo_x, hi_x)), rng.uniform(lo_y, max(lo_y, hi_y))
+            cx, cy = shapes_start(rng, H, W, r, motion, T)
             clip = shapes_clip(H, W, colour, shape, motion, T, cx, cy, r)  # (T, H, W, 3)
             path = os.path.join(out, f"{i:05d}.mkv")
             # uint8 -> [-1, 1] -> uint8 is exact, so the FFV1 file holds exactly these pixels

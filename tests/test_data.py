@@ -691,11 +691,7 @@ def test_shapes_check_passes_rendered_clips_as_the_set_draws_them():
         r = rng.uniform(0.18, 0.24) * min(H, W)
         colour, shape = rng.choice(list(data.COLOURS)), rng.choice(data.SHAPES)
         motion, T = rng.choice([*data.MOTIONS, None]), rng.choice([9, 13, 17])
-        dx, dy = data.MOTIONS[motion] if motion else (0, 0)
-        span = min(H, W) * data.SPEED * (T - 1)
-        lo_x, hi_x = r + 1 + max(0, -dx) * span, W - r - 1 - max(0, dx) * span
-        lo_y, hi_y = r + 1 + max(0, -dy) * span, H - r - 1 - max(0, dy) * span
-        cx, cy = rng.uniform(lo_x, max(lo_x, hi_x)), rng.uniform(lo_y, max(lo_y, hi_y))
+        cx, cy = data.shapes_start(rng, H, W, r, motion, T)  # as make_shapes places them
         x = data.shapes_clip(H, W, colour, shape, motion, T, cx, cy, r)  # (T, H, W, 3)
         v = torch.from_numpy(x).permute(3, 0, 1, 2).float() / 127.5 - 1
         res = data.shapes_check(v, data.caption_of(colour, shape, motion))
