@@ -1035,9 +1035,21 @@ def use_released(args, tc):
     args.vae, args.text_encoder = args.vae or os.path.join(d, "vae"), args.text_encoder or d
     import sample  # the one reader of a scheduler's numbers
     try:  # absent: diffusers' CogVideoX schedulers default to 3.0
-        return replace(tc, snr_shift=float(sample.scheduler_numbers(sched).snr_shift_scale))
-    except ValueError as e:  # torn JSON, a value of the wrong type
+        n = sample.scheduler_numbers(sched)
+        # what sampling refuses (prediction type, spacing, beta schedule), training refuses too
+        _, ac = sample.schedule_from_diffusers(sched)
+    except ValueError as e:  # torn JSON, a value of the wrong type, a setting we do not implement
         raise SettingsError(f"--init-diffusers: {e}") from None
+    # Training noises on diffusion.alphas_cumprod with the folder's shift alone: a folder on other
+    # betas, step count or without zero terminal SNR would be fine-tuned on another schedule than
+    # the one it was trained and is sampled on
+    if not torch.equal(ac, diffusion.alphas_cumprod(snr_shift_scale=n.snr_shift_scale)):
+        raise SettingsError(f"--init-diffusers: {sched}: num_train_timesteps "
+                            f"{n.num_train_timesteps}, betas {n.beta_start:g}-{n.beta_end:g}, "
+                            f"rescale_betas_zero_snr {str(n.rescale_betas_zero_snr).lower()}: "
+                            f"training implements the released schedule only (1000, "
+                            f"0.00085-0.012, true)")
+    return replace(tc, snr_shift=float(n.snr_shift_scale))
 
 
 def dit_config(args, tc):

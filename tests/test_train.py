@@ -740,6 +740,14 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     # a released folder's scheduler number of the wrong type (a None shift: a TypeError traceback)
     (["--init-diffusers", "{tmp}/rel"], "--init-diffusers: {tmp}/rel/scheduler/scheduler_config.json: "
                                         "snr_shift_scale = None is not of type float"),
+    # a folder whose schedule is not the one training noises on (it would be fine-tuned on another)
+    (["--init-diffusers", "{tmp}/relsnr"], "--init-diffusers: {tmp}/relsnr/scheduler/scheduler_config.json: "
+     "num_train_timesteps 1000, betas 0.00085-0.012, rescale_betas_zero_snr false: training implements the "
+     "released schedule only (1000, 0.00085-0.012, true)"),
+    (["--init-diffusers", "{tmp}/relbeta"], "relbeta/scheduler/scheduler_config.json: num_train_timesteps 1000, "
+     "betas 0.0001-0.02, rescale_betas_zero_snr true"),
+    (["--init-diffusers", "{tmp}/releps"], "releps/scheduler/scheduler_config.json: prediction_type='epsilon' "
+     "is not supported"),  # as sampling refuses it
     (["--simulate", "0"], "--simulate N is a number of ranks >= 1, got 0"),
     (["--simulate", "-1"], "--simulate N is a number of ranks >= 1, got -1"),
     (["--simulate", "1", "--peak-tflops", "0"], "--peak-tflops must be > 0 (e.g. 989, an H100's dense bf16), got 0.0"),
@@ -791,6 +799,14 @@ def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsy
         (tmp_path / "rel" / sub).mkdir(parents=True)
     (tmp_path / "rel" / "scheduler" / "scheduler_config.json").write_text('{"snr_shift_scale": null}')
     (tmp_path / "rel" / "transformer" / "config.json").write_text("{}")  # (read after the scheduler)
+    released_2b = dict(_class_name="CogVideoXDDIMScheduler", beta_start=0.00085, beta_end=0.012,
+                       beta_schedule="scaled_linear", prediction_type="v_prediction", set_alpha_to_one=True,
+                       rescale_betas_zero_snr=True, snr_shift_scale=3.0, timestep_spacing="trailing")
+    for name, change in (("relsnr", dict(rescale_betas_zero_snr=False)),
+                         ("relbeta", dict(beta_start=0.0001, beta_end=0.02)),
+                         ("releps", dict(prediction_type="epsilon"))):
+        shutil.copytree(tmp_path / "rel", tmp_path / name)
+        (tmp_path / name / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(released_2b, **change)))
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         (tmp_path / "relempty" / sub).mkdir(parents=True)  # the layout, no config file
     clip = next(e["path"] for e in data.read_manifest(assets["manifest"]) if e["path"].endswith(".mkv"))
