@@ -102,7 +102,7 @@ class TrainConfig:
     balance: float = 0.05
     accum: int = 1                    # micro-batches per optimizer step
     lr: float = 1e-4                  # not given in the paper; a usual DiT value
-    warmup: int = 100
+    warmup: int = 100                 # lr warmup steps at the start of every stage (lr_at)
     min_lr: float = 0.1               # cosine floor, as a fraction of lr
     weight_decay: float = 1e-4
     betas: tuple = (0.9, 0.95)
@@ -994,7 +994,8 @@ def resolve(args):
     """The preset with the command line's overrides -> (config, stages, steps per stage)."""
     tc = PRESETS[args.preset]
     over = {k: getattr(args, k, None) for k in ("lr", "accum", "rows", "batch", "ema", "save_every",
-                                                 "seed", "max_tokens", "recon", "min_snr")}
+                                                 "seed", "max_tokens", "recon", "min_snr",
+                                                 "warmup")}
     over = {k: v for k, v in over.items() if v is not None}
     if "lr" in over and args.stage == "vae":
         over["vae_lr"] = over.pop("lr")
@@ -1127,6 +1128,8 @@ def check_numbers(args, tc, steps):
              ("--lr", math.isfinite(lr) and lr > 0, f"must be > 0, got {lr}"),
              ("--ema", 0 <= tc.ema < 1, f"is a decay in [0, 1) (0 = off; e.g. 0.9999), got "
                                         f"{tc.ema}"),
+             ("--warmup", tc.warmup >= 0, f"is a number of steps >= 0 (0 = none), got "
+                                          f"{tc.warmup}"),
              ("--min-snr", math.isfinite(tc.min_snr) and tc.min_snr >= 0,
               f"is a gamma >= 0 (0 = off; e.g. 5), got {tc.min_snr}"),
              ("--save-every", tc.save_every >= 0, f"must be >= 0 (0 = at the end only), got "
@@ -1652,6 +1655,11 @@ def enter_stage(job, i, pos):
     ds, sampler, max_tokens = job.plans[i] if job.plans else plan_stage(job, i)
     if is_dit and args.i2v:
         job.say(f"stage {i}: --i2v trains on videos only, {ds.stills} still image(s) left out")
+    n, warm = getattr(job.tc, job.args.stage + "_steps")[i], job.tc.warmup
+    if n < warm:  # lr_at: the stage ends inside its warmup, at n / warm of the lr, never decaying
+        job.say(f"warning: stage {i}: its {n} step(s) end inside the {warm}-step lr warmup: the "
+                f"lr rises to {n / warm:.0%} of its value and never decays (set --warmup)",
+                file=sys.stderr)
     if ds.slow:  # a 16 fps stage on 8 fps clips shows each frame twice: a stutter to learn
         job.say(f"warning: stage {i}: {ds.slow} clip(s) recorded at under the stage's "
                 f"{stage.fps:g} fps; their frames repeat to make the rate (lower the stage's fps "
@@ -2769,6 +2777,8 @@ def parser():
     a("--size", help="resolutions HxW for every stage, e.g. 32x32,32x48")
     a("--max-tokens", type=int, help="Frame Pack row length (default: the largest sample)")
     a("--lr", type=float)
+    a("--warmup", type=int, metavar="STEPS", help="linear lr warmup at the start of every stage "
+      "(presets: tiny 2, shapes 50, the full-scale ones 500-1000: a short fine-tune wants fewer)")
     a("--accum", type=int, help="gradient accumulation micro-batches")
     a("--rows", type=int, help="Frame Pack rows per rank")
     a("--batch", type=int, help="samples per rank (VAE, bucket mode)")

@@ -722,6 +722,7 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--ema", "2"], "--ema is a decay in [0, 1)"),
     (["--save-every", "-1"], "--save-every must be >= 0"),
     (["--min-snr", "-1"], "--min-snr is a gamma >= 0 (0 = off; e.g. 5), got -1.0"),
+    (["--warmup", "-1"], "--warmup is a number of steps >= 0 (0 = none), got -1"),
     (["--vae", "{vae8}", "--size", "24x24"], "24x24 is not a positive multiple of 16"),  # the --vae given decides
     (["--vae", "{vae16}"], "--vae has 16 latent channels, the tiny DiT 8"),
     # a hand-edited config: a TypeError mid-training (after writing OUT/log.jsonl), an AttributeError
@@ -820,6 +821,20 @@ def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsy
                    else dit_args(assets, tmp_path / "run", *argv))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and "Traceback" not in "".join(err) and words.format(tmp=tmp_path) in err[-1], err
+
+
+def test_warmup_sets_each_stages_lr_ramp_and_a_stage_inside_it_is_warned(assets, tmp_path, capsys):
+    """--warmup overrides the preset's (a full-scale preset's 1000 steps would hold a 500-step fine-tune
+    under half its lr, never decaying); a stage that ends inside its warmup is named on stderr."""
+    train.main(dit_args(assets, tmp_path / "w2", *SMALL, "--steps", "1,3", "--warmup", "2", "--lr", "1e-3"))
+    err = capsys.readouterr().err
+    assert "warning: stage 0: its 1 step(s) end inside the 2-step lr warmup: the lr rises to 50% of its " \
+           "value and never decays (set --warmup)" in err and "stage 1: its" not in err, err
+    lrs = [r["lr"] for r in log(tmp_path / "w2")]  # each stage restarts the ramp: 1/2, then 1/2, 1, cosine
+    assert lrs == pytest.approx([5e-4, 5e-4, 1e-3, 1e-3])
+    train.main(dit_args(assets, tmp_path / "w0", *SMALL, "--steps", "1,3", "--warmup", "0", "--lr", "1e-3"))
+    assert "warning: stage" not in capsys.readouterr().err
+    assert [r["lr"] for r in log(tmp_path / "w0")][:2] == pytest.approx([1e-3, 1e-3])  # no ramp
 
 
 def test_model_folders_and_lpips_files_are_checked_first(assets, tmp_path, monkeypatch, capsys):
