@@ -193,7 +193,8 @@ def sampling_timesteps(num_steps=50, num_train_steps=1000):
     numpy's arange to the bit, N + i·δ with δ = (N − N/n) − N: torch.arange computes
     N − i·(N/n), which differs in the last bit, and where N/n·i is a half
     (n = 48: 937.5, 687.5, ...) the two round apart: 6 of the 48 timesteps were one off the
-    released scheduler's."""
+    released scheduler's. For some n (61, 103, ...) that arange has n + 1 values, the last t = −1:
+    `sample` and the CLI take the first n."""
     if not 1 <= num_steps <= num_train_steps:
         raise ValueError(f"num_steps must be in [1, {num_train_steps}] (got {num_steps})")
     step = -num_train_steps / num_steps
@@ -410,7 +411,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:  # validate before printing anything: one clear line, not a traceback
         ac = alphas_cumprod(snr_shift_scale=a.shift)  # (N,)
-        ts = sampling_timesteps(a.steps, len(ac))  # (n,)
+        # the steps `sample` takes: for some n (61, 103, ...) numpy's arange, as released, yields
+        # one value more, t = -1, which no sampler runs (ac[-1] would print ā[N-1])
+        ts = sampling_timesteps(a.steps, len(ac))[:a.steps]  # (n,)
     except ValueError as e:
         p.error(str(e))
     print(f"schedule: N={len(ac)} shift={a.shift} zero_terminal_snr=True sampler={a.sampler} "

@@ -305,6 +305,18 @@ def test_cli_prints_the_schedule_and_rejects_bad_arguments():
         assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr, bad
 
 
+@pytest.mark.parametrize("steps", [61, 103, 50])
+def test_cli_prints_the_steps_the_sampler_takes(steps, capsys):
+    """`--steps n` prints n rows, the timesteps `sample` runs: for n = 61, 103, ... numpy's
+    arange (sampling_timesteps, as released) yields one value more, t = -1, and the table printed
+    a step n at t = -1 with ā[-1] = ā[999] = 0 that no sampler takes."""
+    D.main(["--steps", str(steps)])
+    rows = capsys.readouterr().out.splitlines()[2:]
+    ts = [int(r.split()[1]) for r in rows]
+    assert len(ts) == steps and min(ts) >= 0, ts[-3:]
+    assert ts == D.sampling_timesteps(steps)[:steps].tolist()
+
+
 def test_mass_strata_hold_for_a_token_weighted_loss():
     """Issue 17: the DiT's loss weighs each sample by its tokens, so §3.3's strata are laid over
     token mass (mass_strata_timesteps). Each sample's t alone stays uniform (the expected loss is
