@@ -669,6 +669,10 @@ def caption_videos(inputs, out, cfg=None, frame_captioner=None, summariser=None,
 
 # ----- command line -----
 
+CAPTION_ONLY = ("every", "batch_size", "max_frames", "max_words", "frame_prompt", "frame_tokens",
+                "summary_tokens")  # CaptionConfig fields set by flags that --upsample never reads
+
+
 def check_combination(a):
     """Options the run would silently ignore -> one ValueError naming them: --upsample prints one
     prompt and exits 0 without captioning the VIDEOS given; --video-captioner replaces the models
@@ -678,7 +682,10 @@ def check_combination(a):
     if a.upsample is not None:
         extra = given(("VIDEOS", a.videos), ("--out", a.out), ("--frame-model", a.frame_model),
                       ("--video-captioner", a.video_captioner),
-                      ("--short-captioner", a.short_captioner))
+                      ("--short-captioner", a.short_captioner),
+                      # captioning's settings: the reply's budget is the preset's upsample_tokens
+                      # (--summary-tokens is the summary's), and it is never cut to --max-words
+                      *((f"--{k.replace('_', '-')}", getattr(a, k)) for k in CAPTION_ONLY))
         if extra:
             raise ValueError(f"--upsample PROMPT prints one upsampled prompt and exits, captioning "
                              f"nothing: drop {extra} (or drop --upsample to caption)")
@@ -706,7 +713,7 @@ def main(argv=None):
     p.add_argument("--short-captioner", help="module:function(path, times, frames) -> short "
                                              "caption (Panda-70M stage)")
     p.add_argument("--upsample", metavar="PROMPT", help="print PROMPT upsampled (App. B) "
-                   "with --summary-model, exit (no VIDEOS, --out or captioner with it)")
+                   "with --summary-model, exit (no VIDEOS, --out, captioner or captioning option)")
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
     p.add_argument("--every", type=float, help="seconds between captioned frames (App. C: 2)")
     p.add_argument("--batch-size", type=int)
@@ -719,9 +726,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    help="default: the folder's")
     a = p.parse_args(argv)
-    keys = ("every", "batch_size", "max_frames", "max_words", "frame_prompt", "frame_tokens",
-            "summary_tokens")
-    over = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
+    over = {k: getattr(a, k) for k in CAPTION_ONLY if getattr(a, k) is not None}
     cfg = replace(PRESETS[a.preset], **over)
     try:  # torch would only fail at the first .to(), with a traceback
         check_config(cfg)

@@ -767,6 +767,19 @@ def test_cli_bad_values_before_any_work(tmp_path, capsys, monkeypatch, extra, te
     assert e.value.code == 2 and text in err[-1], err
 
 
+@pytest.mark.parametrize("extra", [["--summary-tokens", "512"], ["--max-words", "20"],
+                                   ["--every", "1"], ["--frame-prompt", "x"]])
+def test_upsample_refuses_the_captioning_options(tmp_path, capsys, monkeypatch, extra):
+    """--upsample PROMPT uses the preset's upsample_tokens and prints the reply as it is: a
+    --summary-tokens 512 (the budget of the --summary-model's other job), --max-words, --every,
+    ... were silently ignored (exit 0). Refused in one line naming them, before the LLM loads."""
+    monkeypatch.setattr(caption, "load_llm", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as e:
+        caption.main(["--upsample", "a cat", "--summary-model", str(tmp_path)] + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "--upsample PROMPT" in err[-1] and extra[0] in err[-1], err
+
+
 def test_manifest_carries_the_metadata_training_plans_with(tmp_path):
     """Issue 17: every written entry has data.META (+ "hash"), probed from the video or carried
     from an input manifest as it is (never probed again), so training never has to probe."""
