@@ -624,7 +624,8 @@ def run(a, p):
     prompts = list(a.prompt)
     if a.prompts_file:
         try:  # a folder, a missing or non-UTF-8 file: named with the flag (not a bare errno line)
-            with open(a.prompts_file, encoding="utf-8") as f:
+            # utf-8-sig: a "UTF-8 with BOM" file's first line is no "\ufeff# comment" prompt
+            with open(a.prompts_file, encoding="utf-8-sig") as f:
                 lines = f.read().splitlines()
         except (OSError, UnicodeDecodeError) as e:
             why = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason})"

@@ -681,6 +681,21 @@ def test_out_suffix_in_any_case_is_a_file(ckpt, tmp_path, monkeypatch):
                                                             "b_001.png"]
 
 
+def test_prompts_file_with_a_byte_order_mark(ckpt, tmp_path, monkeypatch):
+    """A --prompts-file saved as "UTF-8 with BOM" (Windows editors, PowerShell's Out-File): its
+    first line, a #comment, was sampled as a prompt ("\ufeff# my prompts": a wasted video, and
+    every later file renumbered); a first prompt would carry the BOM into T5."""
+    seen = []
+    monkeypatch.setattr(sample, "generate", lambda net, ae, text, prompts, cfg, **kw: (
+        seen.extend(prompts), torch.zeros(len(prompts), 3, cfg.num_frames, cfg.height,
+                                          cfg.width))[1])
+    for first in ("# my prompts\n", ""):
+        (tmp_path / "p.txt").write_bytes(f"\ufeff{first}a red circle\n".encode("utf-8"))
+        sample.main(["--ckpt", str(ckpt), "--prompts-file", str(tmp_path / "p.txt"), "--out",
+                     str(tmp_path / "o")])
+    assert seen == ["a red circle", "a red circle"]
+
+
 def test_outputs_never_overwrite_inputs(tmp_path, capsys):
     """--image cat.png --out cat.mp4 would write the contact sheet over the image: refused, the
     image kept; so is an output over the prompts file."""
