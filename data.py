@@ -273,9 +273,9 @@ def read_manifest(path):
                 if name.lower().endswith(IMAGE_EXTS + VIDEO_EXTS):
                     p = os.path.join(root, name)
                     txt = os.path.splitext(p)[0] + ".txt"
-                    try:
-                        caption = (Path(txt).read_text(encoding="utf-8") if os.path.exists(txt)
-                                   else "")
+                    try:  # utf-8-sig: a BOM (a "UTF-8 with BOM" save) is no caption text
+                        caption = (Path(txt).read_text(encoding="utf-8-sig")
+                                   if os.path.exists(txt) else "")
                     except UnicodeDecodeError:
                         raise ValueError(f"caption file {txt} is not UTF-8 text; save it as "
                                          "UTF-8") from None
@@ -286,8 +286,8 @@ def read_manifest(path):
     base, out = os.path.dirname(path), []
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named with its number
         for n, line in enumerate(f, 1):
-            try:
-                line = line.decode("utf-8")
+            try:  # utf-8-sig on line 1: a "UTF-8 with BOM" file's first object is JSON too
+                line = line.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError:
                 raise ValueError(f"{path}:{n}: not UTF-8 text; pass a UTF-8 JSONL manifest (one "
                                  "{\"path\", \"caption\"} object per line) or a folder of "

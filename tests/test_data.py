@@ -313,6 +313,20 @@ def test_manifests(tmp_path):
         data.read_manifest(tmp_path / "sub")
 
 
+def test_manifest_and_captions_with_a_byte_order_mark(tmp_path):
+    """A manifest or caption .txt saved as "UTF-8 with BOM" (Windows editors, PowerShell's
+    Out-File) reads as the same text without one: the manifest's first line was refused as "not
+    JSON (Unexpected UTF-8 BOM ...)", and a folder's caption began with "\ufeff" (a stray token
+    in T5's input, another text-cache key); a BOM is only dropped at the start of the file."""
+    a = write(tmp_path / "a.mkv", T=5)
+    lines = [json.dumps({"path": "a.mkv", "caption": c}) for c in ("first", "second")]
+    (tmp_path / "m.jsonl").write_bytes(("\ufeff" + "\n".join(lines) + "\n").encode("utf-8"))
+    assert [(e["path"], e["caption"]) for e in data.read_manifest(tmp_path / "m.jsonl")] == [
+        (a, "first"), (a, "second")]
+    (tmp_path / "a.txt").write_bytes("\ufeffa red circle\n".encode("utf-8"))
+    assert [e["caption"] for e in data.read_manifest(tmp_path)] == ["a red circle"]
+
+
 # ----- Frame Pack and bucket samplers -----
 
 def random_shapes(n, seed=0):
