@@ -1353,12 +1353,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="CogVideoX expert transformer: size, a timed step.")
     ap.add_argument("--preset", default="tiny", choices=list(DIT_PRESETS))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, help="samples in the timed step (default: 2)")
     ap.add_argument("--bf16", action="store_true", help="autocast the forward to bfloat16")
     ap.add_argument("--checkpointing", action="store_true", help="recompute blocks in backward")
     a = ap.parse_args(argv)
-    if a.batch < 1:
+    if a.batch is not None and a.batch < 1:
         ap.error(f"--batch must be >= 1, got {a.batch}")
+    step = [f for f, v in (("--batch", a.batch is not None), ("--bf16", a.bf16),
+                           ("--checkpointing", a.checkpointing)) if v]
+    if a.preset not in ("tiny", "shapes") and a.device == "cpu" and step:
+        # a full preset on the CPU only counts parameters: the step's options were ignored
+        ap.error(f"{a.preset} on the CPU counts parameters and times no step: drop "
+                 f"{', '.join(step)} (or pass --device cuda)")
+    a.batch = a.batch or 2
     import data  # the CLIs' one device check; imported here so dit.py stays importable alone
     try:
         data.check_device(a.device)

@@ -752,6 +752,20 @@ def test_cli_bad_values_one_line(capsys):
     assert "forward+backward" in capsys.readouterr().out
 
 
+def test_cli_full_preset_on_cpu_refuses_the_step_options(capsys):
+    """A full preset on the CPU only counts parameters (meta device): --batch, --bf16 and
+    --checkpointing, which set the timed step it never runs, were silently ignored (exit 0)."""
+    for extra, named in [(["--bf16"], "--bf16"), (["--batch", "8"], "--batch"),
+                         (["--checkpointing", "--bf16"], "--bf16, --checkpointing")]:
+        with pytest.raises(SystemExit) as e:
+            dit.main(["--preset", "cogvideox-2b", *extra])
+        out, err = capsys.readouterr()
+        assert e.value.code == 2 and not out, (extra, out)
+        assert f"drop {named}" in err.strip().splitlines()[-1], err
+    dit.main(["--preset", "cogvideox-2b"])  # the parameter count, as before
+    assert "parameters (meta device" in capsys.readouterr().out
+
+
 def test_wrong_folder_kind_is_one_line(tmp_path):
     """A diffusers vae/ given as the transformer, or a diffusers transformer to our loader: named."""
     from diffusers import AutoencoderKLCogVideoX
