@@ -308,8 +308,9 @@ def read_manifest(path):
                     raise ValueError(f"{path}:{n}: \"{k}\" must be a string, got "
                                      f"{json.dumps(e[k])}")
             start = e.get("start")  # a clip of a longer file (load_video, caption.py)
-            if start is not None and (isinstance(start, bool) or
-                                      not isinstance(start, (int, float)) or not start >= 0):
+            # finite: json reads Infinity, which planning and the seek cannot convert to frames
+            if start is not None and (isinstance(start, bool) or not isinstance(
+                    start, (int, float)) or not 0 <= start < math.inf):
                 raise ValueError(f"{path}:{n}: \"start\" must be seconds >= 0, got "
                                  f"{json.dumps(start)}")
             e["path"] = os.path.normpath(os.path.join(base, e["path"]))
@@ -397,7 +398,8 @@ def _frames(path, start=None):
                 decoded = container.decode(s)
             for k, frame in enumerate(decoded):
                 yield (frame.time if frame.time is not None else t0 + k / rate) - t0, frame
-        except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
+        # OverflowError: a start too large to seek to (a manifest's 1e300) is a bad clip too
+        except (av.FFmpegError, OSError, ValueError, RuntimeError, OverflowError) as e:
             raise _bad("decode error", e) from None
         finally:
             container.close()

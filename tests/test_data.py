@@ -313,6 +313,19 @@ def test_manifests(tmp_path):
         data.read_manifest(tmp_path / "sub")
 
 
+def test_manifest_start_must_be_finite(tmp_path):
+    """A "start" of Infinity (what json.dumps writes for float("inf")) passed the "seconds >= 0"
+    check and crashed planning with an OverflowError: refused with the file and line. A finite
+    start too large to seek to (1e300) crashed the loader the same way: a counted bad file."""
+    (tmp_path / "s.jsonl").write_text('{"path": "a.mkv"}\n{"path": "a.mkv", "start": Infinity}\n')
+    with pytest.raises(ValueError, match='s.jsonl:2: "start" must be seconds >= 0'):
+        data.read_manifest(str(tmp_path / "s.jsonl"))
+    p = write(tmp_path / "a.mkv", T=9, H=16, W=16)
+    ds = data.VideoDataset([{"path": p, "caption": "", "start": 1e300}],
+                           data.Stage([(16, 16)], [1, 9]))
+    assert ds[0] is None and ds.skipped == 1
+
+
 def test_manifest_and_captions_with_a_byte_order_mark(tmp_path):
     """A manifest or caption .txt saved as "UTF-8 with BOM" (Windows editors, PowerShell's
     Out-File) reads as the same text without one: the manifest's first line was refused as "not
