@@ -2669,6 +2669,35 @@ def demo_samples(out, seeds, quick):
     return ok
 
 
+def demo_settings(out, manifest, now):
+    """The demo's --quick and step scale, recorded in out/demo.json when its data is first made:
+    the data set and VAE a later run finds are reused as they are, so a run with other settings
+    (`python train.py` after `python train.py --quick`: both in out/shapes) would get the quick
+    run's 60 clips and its few-step VAE, and --resume its DiT, without a word."""
+    path = os.path.join(out, "demo.json")
+    if not os.path.exists(manifest):  # a new demo (or its data not made yet): these settings
+        try:
+            data.check_writable(out, "--out", folder=True)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
+        os.makedirs(out, exist_ok=True)
+        write_text(path, json.dumps(now))
+        return
+    try:
+        with open(path) as f:
+            was = json.load(f)
+    except (OSError, ValueError):  # made before settings were recorded, or torn: unknown
+        return
+    if was != now:
+        def how(s):  # as on the command line: --quick's own scale is 0.01
+            flags = ["--quick"] if s.get("quick") else []
+            if s.get("scale") != (0.01 if s.get("quick") else 1.0):
+                flags.append(f"--demo-scale {s.get('scale')}")
+            return " ".join(flags) or "the full demo (no --quick)"
+        raise SettingsError(f"--out {out} holds a demo made with {how(was)}, not {how(now)}: "
+                            f"pass the same options (and --resume), or another --out")
+
+
 def demo(args):
     """make_shapes -> the demo's VAE (and its gate: the checker on its reconstructions) -> a tiny
     T5 -> the demo's DiT from cached latents (Frame Pack, explicit uniform sampling, two progressive
@@ -2676,6 +2705,14 @@ def demo(args):
     Every training phase runs through the real command line."""
     t0 = time.time()
     out, q = args.out or "out/shapes", args.quick
+    if args.demo_scale is not None and not (math.isfinite(args.demo_scale) and args.demo_scale > 0):
+        # (0 ran the full demo, a negative scale 2 steps a stage, inf / NaN a traceback)
+        raise SettingsError(f"--demo-scale must be > 0 (e.g. 0.1 for a tenth of the steps), got "
+                            f"{args.demo_scale}")
+    scale = args.demo_scale if args.demo_scale else (0.01 if q else 1.0)
+    tc, n = PRESETS["shapes"], 60 if q else 400
+    manifest = os.path.join(out, "data", "manifest.jsonl")
+    demo_settings(out, manifest, {"quick": q, "scale": scale})  # (before the seconds of timing)
     # The yardstick: the target is 10 minutes where a 2-thread 2048^2 fp32 matmul runs at 69
     # GFLOP/s (a slow 2-core laptop), so 10 x 69 / rate minutes here.
     rate = demo_threads()
@@ -2684,9 +2721,6 @@ def demo(args):
           f"the target here is 10 x 69 / {rate:.0f} = {690 / rate:.1f} min")
     times = {}
     lap = lambda name: times.update({name: time.time() - t0 - sum(times.values())})
-    scale = args.demo_scale if args.demo_scale else (0.01 if q else 1.0)
-    tc, n = PRESETS["shapes"], 60 if q else 400
-    manifest = os.path.join(out, "data", "manifest.jsonl")
     if not os.path.exists(manifest):
         print(f"demo: writing {n} shapes samples to {out}/data")
         data.make_shapes(os.path.join(out, "data"), n, seed=0)

@@ -1443,6 +1443,41 @@ def test_training_options_without_stage_do_not_start_the_demo(tmp_path, monkeypa
     assert f"stopped during VAE training; `python train.py --out {tmp_path} --quick --resume` continues" in out
 
 
+@pytest.mark.parametrize("scale", ["inf", "nan", "-1", "0"])
+def test_demo_scale_must_be_positive(tmp_path, monkeypatch, capsys, scale):
+    """--demo-scale inf / nan ended in an OverflowError / ValueError traceback (after writing the 400-clip data
+    set), -1 silently trained 2 steps a stage, 0 the full demo: one line, exit code 2, before any work."""
+    monkeypatch.setattr(train, "demo_threads", lambda: pytest.fail("the demo started"))
+    monkeypatch.setattr(data, "make_shapes", lambda *a, **k: pytest.fail("the demo started"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", str(tmp_path), "--demo-scale", scale])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [f"error: --demo-scale must be > 0 (e.g. 0.1 for a tenth of the steps), "
+                                         f"got {float(scale)}"], err
+
+
+def test_demo_refuses_an_out_made_with_other_settings(tmp_path, monkeypatch, capsys):
+    """The demo reuses the data set and VAE it finds in --out: `python train.py` after `python train.py --quick`
+    (both out/shapes by default) took the quick run's 60 clips and few-step VAE, and with --resume its DiT, without
+    a word. Now refused (one line, exit code 2); the same settings go on as before."""
+    def shapes(folder, n, seed=0):
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, "manifest.jsonl"), "w").write("")
+    monkeypatch.setattr(train, "demo_threads", lambda: 69.0)
+    monkeypatch.setattr(data, "make_shapes", shapes)
+    monkeypatch.setattr(train, "train", lambda args: {"stopped": True})  # as if stopped by a signal
+    assert train.main(["--out", str(tmp_path), "--quick", "--device", "cpu"]) == {}
+    capsys.readouterr()
+    for argv, now in (([], "the full demo (no --quick)"),
+                      (["--quick", "--demo-scale", "0.5"], "--quick --demo-scale 0.5")):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--out", str(tmp_path), "--resume", *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err == [f"error: --out {tmp_path} holds a demo made with --quick, not {now}: pass "
+                                             f"the same options (and --resume), or another --out"], err
+    assert train.main(["--out", str(tmp_path), "--quick", "--resume", "--device", "cpu"]) == {}
+
+
 def test_demo_threads_keeps_the_faster(monkeypatch):
     """The demo times a small matmul at its thread count and at one thread and keeps the faster:
     one thread on a busy machine, all of them on an idle one, the user's OMP_NUM_THREADS always;
