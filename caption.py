@@ -587,7 +587,9 @@ def _done(out):
         text = text[:text.rfind("\n") + 1]
         data.atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     done = set()
-    for n, line in enumerate(text.splitlines(), 1):
+    # split at "\n" only, as the lines were written: splitlines() also breaks at U+2028, U+2029
+    # and U+0085, which json.dumps(ensure_ascii=False) leaves in a caption
+    for n, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
                 e = json.loads(line)

@@ -539,6 +539,18 @@ def test_done_reads_and_rewrites_utf8_whatever_the_locale(tmp_path, monkeypatch)
     assert out.read_bytes() == line.encode("utf-8")
 
 
+def test_done_reads_captions_holding_unicode_line_separators(tmp_path):
+    """A caption (an LLM's reply) holding U+2028, U+2029 or U+0085 is written as is (ensure_ascii=False), and
+    data.read_manifest reads the line; the resume check split lines with str.splitlines(), which breaks there,
+    and refused the run's own output ("is not a manifest line: fix or delete it")."""
+    out = tmp_path / "o.jsonl"
+    lines = [json.dumps({"path": f"{c}.mp4", "caption": f"one{s}two"}, ensure_ascii=False) + "\n"
+             for c, s in (("a", "\u2028"), ("b", "\u2029"), ("c", "\x85"))]
+    out.write_text("".join(lines), encoding="utf-8")
+    assert caption._done(out) == {(str(tmp_path / f"{c}.mp4"), 0.0) for c in "abc"}
+    assert [e["caption"] for e in data.read_manifest(str(out))] == ["one\u2028two", "one\u2029two", "one\x85two"]
+
+
 def test_torn_line_rewrite_uses_a_unique_temp_file(tmp_path, monkeypatch):
     out = tmp_path / "o.jsonl"
     out.write_text(json.dumps({"path": "a.mp4", "caption": "x"}) + '\n{"path": "b')
