@@ -2356,7 +2356,9 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
     T, (H, W) = sim_shapes(args, tc, stages)
     lat = ((T - 1) // vcfg.temporal_factor + 1, H // vcfg.spatial_factor, W // vcfg.spatial_factor)
     per = dit.num_tokens(model.cfg, *lat)
-    max_tokens = args.max_tokens or per
+    # the last stage's row length, as training packs it (a preset may list one per stage: shapes)
+    rows_of = tc.max_tokens[-1] if isinstance(tc.max_tokens, list) else tc.max_tokens
+    max_tokens = rows_of or per
     if per > max_tokens:
         raise SettingsError(f"one {T}x{H}x{W} clip is {per} tokens > --max-tokens {max_tokens}")
     rows, clips = (args.rows or tc.rows), max_tokens // per

@@ -1568,6 +1568,14 @@ def test_simulated_step_equals_the_real_step_one_process(capsys):
     assert out[-1].startswith("simulate: peak ") and out[-1].endswith(" tokens per row")
 
 
+def test_simulated_row_is_the_presets_last_stage_row(capsys):
+    """The shapes preset packs its last stage in rows of 256 tokens (max_tokens=[96, 256]); the simulator read
+    --max-tokens only and simulated rows of one clip (60 tokens), a quarter of the step training runs."""
+    r = train.main(["--stage", "dit", "--preset", "shapes", "--simulate", "1"])
+    assert r["row"] == train.PRESETS["shapes"].max_tokens[-1] == 256
+    assert train.main(["--stage", "dit", "--preset", "shapes", "--simulate", "1", "--max-tokens", "120"])["row"] == 120
+
+
 def test_simulated_fsdp_step_equals_two_real_ranks(torchrun):
     """FSDP2 on 2 real gloo ranks vs the fake 2-rank process group: the same table."""
     real = sim_row(torchrun(train.__file__, *SIM, "--simulate", "2", "--fsdp", "--real").stdout)
