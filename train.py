@@ -2690,7 +2690,7 @@ def demo_settings(out, manifest, now):
             was = json.load(f)
     except (OSError, ValueError):  # made before settings were recorded, or torn: unknown
         return
-    if was != now:
+    if isinstance(was, dict) and was != now:  # (not a dict: a hand-edited file, unknown)
         def how(s):  # as on the command line: --quick's own scale is 0.01
             flags = ["--quick"] if s.get("quick") else []
             if s.get("scale") != (0.01 if s.get("quick") else 1.0):
