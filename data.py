@@ -207,6 +207,23 @@ def json_object(path):
     return d
 
 
+
+def index_shards(path):
+    """A sharded safetensors model's index json -> the shard file names its weight_map lists (in
+    the index's folder), sorted. Torn JSON, no weight_map of file names or a listed shard that is
+    missing is one error naming the index and the fix (were KeyError / TypeError tracebacks or a
+    bare JSON message). The index reader of dit.py and vae.py."""
+    wm = json_object(path).get("weight_map")
+    if not (isinstance(wm, dict) and all(isinstance(v, str) for v in wm.values())):
+        raise ValueError(f"{path} has no weight_map of tensor -> shard file names; copy or export "
+                         "the model again")
+    shards = sorted(set(wm.values()))
+    gone = [s for s in shards if not os.path.isfile(os.path.join(os.path.dirname(path), s))]
+    if gone:  # a copy that stopped part way: the folder is incomplete, not the index wrong
+        raise FileNotFoundError(f"{path} lists {gone[0]}, which is missing ({len(gone)} of "
+                                f"{len(shards)} shards); copy the whole folder again")
+    return shards
+
 def hf_config_errors():
     """What transformers' from_pretrained raises for a config.json value of the wrong type besides
     ValueError: huggingface_hub's strict-dataclass error (hub 1.x; a plain Exception), which the

@@ -802,7 +802,8 @@ def _read_safetensors(folder):
     # a plain index before a variant's (fp16)
     index = sorted(folder.glob("*.safetensors.index*.json"), key=lambda f: (f.name.count("."), f))
     if index:
-        files = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        from data import index_shards  # lazily: dit.py stays importable without data.py
+        files = index_shards(index[0])
     else:
         files = sorted(f.name for f in folder.glob("*.safetensors"))
         known = {"model.safetensors", "diffusion_pytorch_model.safetensors"} & set(files)

@@ -719,10 +719,9 @@ def _read_safetensors(folder, variant=None, stem="diffusion_pytorch_model"):
     if single in names and single.endswith(".safetensors"):
         return load_file(os.path.join(folder, single))
     if index in names:
-        with open(os.path.join(folder, index)) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        import data  # imported here: vae.py stays importable without data.py
         sd = {}
-        for s in shards:
+        for s in data.index_shards(os.path.join(folder, index)):
             sd.update(load_file(os.path.join(folder, s)))
         return sd
     raise FileNotFoundError(f"{folder}: no {single} or {index} (files: {sorted(names)[:8]}); "

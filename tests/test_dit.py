@@ -352,6 +352,31 @@ def test_from_diffusers_key_errors(tmp_path):
         ExpertDiT.from_diffusers(tmp_path)
 
 
+
+def test_damaged_shard_index_is_one_error_naming_it(tmp_path):
+    """A sharded diffusers folder whose index json is torn, is no object, holds no weight_map of
+    file names, or lists a shard that is missing: one error naming the index and the fix (the CLIs
+    print it as one line; were a bare 'Expecting ...' JSONDecodeError, KeyError / TypeError /
+    AttributeError tracebacks, and a missing shard named without its index)."""
+    diffusers_model().save_pretrained(tmp_path, max_shard_size="60KB")
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    good = index.read_text()
+    shard = sorted(set(json.loads(good)["weight_map"].values()))[-1]
+    for text, words in ((good[:len(good) // 2], "is not valid JSON"),
+                        ("[]", "holds a JSON list"),
+                        (json.dumps({"metadata": {}}), "no weight_map"),
+                        (json.dumps({"weight_map": [shard]}), "no weight_map")):
+        index.write_text(text)
+        with pytest.raises(ValueError) as e:
+            ExpertDiT.from_diffusers(tmp_path)
+        assert str(index) in str(e.value) and words in str(e.value) and "again" in str(e.value)
+    index.write_text(good)
+    (tmp_path / shard).rename(tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError) as e:
+        ExpertDiT.from_diffusers(tmp_path)
+    assert str(index) in str(e.value) and f"lists {shard}, which is missing" in str(e.value)
+
+
 def test_save_load_roundtrip(tmp_path, monkeypatch):
     import data
     order, write = [], data.atomic_write

@@ -251,6 +251,41 @@ def test_from_diffusers_wrong_or_missing_folder(ref, tmp_path):
         CausalVAE.load(ref[1] / "plain")
 
 
+
+def test_damaged_shard_index_is_one_line_naming_it(ref, tmp_path, capsys):
+    """A sharded folder whose index json is torn, is no object, holds no weight_map of file names,
+    or lists a shard that is missing: one error naming the index and the fix, and vae.py --ckpt
+    exits 2 on it (were a bare 'Expecting ...' line, KeyError / TypeError / AttributeError
+    tracebacks, and a missing shard named without its index)."""
+    import shutil
+    src = ref[1] / "sharded"
+    name = "diffusion_pytorch_model.safetensors.index.json"
+    good = (src / name).read_text()
+    shard = sorted(set(json.loads(good)["weight_map"].values()))[-1]
+    clip = tmp_path / "clip.mp4"
+    data.write_video(torch.zeros(3, 5, 16, 16), str(clip), fps=8)
+    for i, (text, words) in enumerate((
+            (good[:len(good) // 2], "is not valid JSON"),
+            ("[]", "holds a JSON list"),
+            (json.dumps({"metadata": {}}), "no weight_map"),
+            (json.dumps({"weight_map": [shard]}), "no weight_map"),
+            (good, f"lists {shard}, which is missing"))):
+        bad = tmp_path / f"bad{i}"
+        shutil.copytree(src, bad)
+        (bad / name).write_text(text)
+        if i == 4:
+            (bad / shard).unlink()
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            CausalVAE.from_diffusers(bad)
+        assert str(bad / name) in str(e.value) and words in str(e.value), e.value
+        assert "again" in str(e.value) and "\n" not in str(e.value)
+        with pytest.raises(SystemExit) as e:
+            vae.main(["--reconstruct", str(clip), "--ckpt", str(bad), "--device", "cpu",
+                      "--out", str(tmp_path / "o.mp4")])
+        assert e.value.code == 2
+        _one_line_error(capsys.readouterr().err, words)
+
+
 # ----- context parallel (torchrun, 2 ranks, gloo) -----
 
 def test_context_parallel_equals_one_process(torchrun):
