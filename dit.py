@@ -1133,14 +1133,34 @@ def read_lora(path):
             header, sd = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise ValueError(f"{p}: not a readable safetensors file ({e})") from None
-    cfg = {}
+    cfg, src = {}, p
     if "lora_adapter_metadata" in header:   # diffusers: keys prefixed by the component
-        meta = json.loads(header["lora_adapter_metadata"])
+        try:
+            meta = json.loads(header["lora_adapter_metadata"])
+        except json.JSONDecodeError as e:
+            meta = f"torn JSON ({e})"
+        if not isinstance(meta, dict):
+            raise ValueError(f"{p}: its header's lora_adapter_metadata is no LoraConfig object "
+                             f"({str(meta)[:60]}); export the file again")
         # a bare LoraConfig has no dotted keys; else the transformer's part (none: alpha = r)
         cfg = {k[12:]: v for k, v in meta.items() if k.startswith("transformer.")} \
             if any("." in k for k in meta) else meta
     elif (p.parent / "adapter_config.json").is_file():  # PEFT's save_pretrained
-        cfg = _read_json(p.parent / "adapter_config.json")
+        src = p.parent / "adapter_config.json"
+        cfg = _read_json(src)
+    # what _lora_scale computes with, each of its type: a hand-edited value was a TypeError
+    # traceback after the base model had loaded (or a string use_rslora silently taken as true)
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    pats = cfg.get("alpha_pattern") or {}
+    for k, ok, want in (
+            ("lora_alpha", num(cfg.get("lora_alpha", 8)), "a number"),
+            ("alpha_pattern", isinstance(pats, dict) and all(map(num, pats.values())),
+             "a {module: number} object"),
+            *((b, isinstance(cfg.get(b, False), (bool, type(None))), "true or false")
+              for b in ("use_rslora", "use_dora", "lora_bias"))):
+        if not ok:
+            raise ValueError(f"{src}: LoraConfig {k} = {cfg[k]!r} is not {want}; fix it or export "
+                             "the file again")
     if cfg.get("use_dora") or cfg.get("lora_bias"):
         raise ValueError(f"{p}: a DoRA / LoRA-bias adapter; only plain LoRA is supported")
     text = [k for k in sd if k.startswith("text_encoder")]

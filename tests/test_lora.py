@@ -293,6 +293,39 @@ def test_bad_lora_files_are_one_line(tmp_path):
         dit.load_lora(m, tmp_path / "shape.safetensors")
 
 
+
+def test_lora_config_of_a_wrong_type_is_one_line(tmp_path):
+    """The LoraConfig a LoRA file carries (diffusers' header, PEFT's adapter_config.json) torn, no
+    object, or with lora_alpha / alpha_pattern / use_rslora of another type: one ValueError naming
+    the file (sample.py --lora prints it as one line, exit code 2). Were a bare 'Expecting ...'
+    line, and TypeError / AttributeError tracebacks after the DiT had loaded."""
+    from safetensors.torch import save_file
+    m = ExpertDiT(small())
+    tr = {"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, m.cfg.dim),
+          "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(m.cfg.dim, 4)}
+    bad = ['{"transformer.r": 4,', "3", '["transformer.r"]',
+           json.dumps({"transformer.lora_alpha": "8"}), json.dumps({"lora_alpha": None}),
+           json.dumps({"transformer.alpha_pattern": ["to_q"]}),
+           json.dumps({"transformer.alpha_pattern": {"to_q": "8"}}),
+           json.dumps({"transformer.use_rslora": "no"})]
+    for i, meta in enumerate(bad):
+        f = tmp_path / f"bad{i}.safetensors"
+        save_file(tr, str(f), metadata={"format": "pt", "lora_adapter_metadata": meta})
+        with pytest.raises(ValueError) as e:
+            dit.load_lora(copy.deepcopy(m), f)
+        assert str(f) in str(e.value) and "\n" not in str(e.value), (meta, e.value)
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    save_file({k.replace("transformer.", "base_model.model."): v for k, v in tr.items()},
+              str(peft / "adapter_model.safetensors"))
+    for cfg in ({"lora_alpha": "8", "r": 4}, {"lora_alpha": 8, "alpha_pattern": [1]}):
+        (peft / "adapter_config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match="adapter_config.json"):
+            dit.load_lora(copy.deepcopy(m), peft)
+    (peft / "adapter_config.json").write_text(json.dumps({"lora_alpha": 8, "r": 4}))
+    assert dit.load_lora(copy.deepcopy(m), peft) == 1  # a good config still loads
+
+
 def test_text_encoder_adapters_are_refused_and_other_components_headers_ignored(tmp_path):
     """A diffusers-layout file that also adapts the text encoder (text_encoder.* tensors) is one
     line naming them (it was "not modules of this ... transformer (another model's LoRA?)"; the
