@@ -902,7 +902,18 @@ class TextEncoder:
         if not has_tokenizer(tok):
             raise FileNotFoundError(f"T5 tokenizer not found in {tok} (no spiece.model / .json)")
         self.tok = T5Tokenizer.from_pretrained(str(tok), local_files_only=True)
-        self.model = T5EncoderModel.from_pretrained(str(enc), dtype=dtype, local_files_only=True)
+        self.model, info = T5EncoderModel.from_pretrained(str(enc), dtype=dtype,
+                                                          local_files_only=True,
+                                                          output_loading_info=True)
+        # transformers only logs these (a missing weight keeps its random init): refuse them, as
+        # our own loaders do. A whole T5 (e.g. t5-v1_1-xxl) is fine: its decoder and untied LM
+        # head are the half an encoder leaves out.
+        extra = [k for k in info["unexpected_keys"] if not k.startswith(("decoder.", "lm_head."))]
+        bad = [("missing", info["missing_keys"]), ("unexpected", extra)]
+        bad = [f"{n} {sorted(k)[:3]}" for n, k in bad if k]
+        if bad:
+            raise ValueError(f"{enc}: the T5 weights do not fit its config.json ({'; '.join(bad)})"
+                             "; copy or export the text encoder again")
         self.model = self.model.to(device).eval().requires_grad_(False)
         self.device, self.max_length = torch.device(device), max_length
         self.dim = self.model.config.d_model

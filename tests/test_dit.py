@@ -749,6 +749,29 @@ def test_text_encoder_is_offline_and_names_a_missing_folder(tmp_path):
         dit.TextEncoder(tmp_path / "t5")
 
 
+
+def test_text_encoder_with_a_missing_or_extra_weight_is_refused(tmp_path):
+    """A T5 file lacking a weight of its config, or holding one the config has no place for (a
+    damaged export, another model's file): one ValueError naming the folder and the key.
+    transformers only logs a load report and fills a missing weight with random numbers, so the
+    DiT was conditioned on a partly random T5 with no error."""
+    from safetensors.torch import load_file, save_file
+    dit.build_tiny_t5(tmp_path / "t5", CAPTIONS, d_model=16, heads=2, d_ff=32)
+    f = tmp_path / "t5" / "model.safetensors"
+    good = load_file(f)
+    gone = "encoder.block.1.layer.0.SelfAttention.k.weight"
+    for sd, key in (({k: v for k, v in good.items() if k != gone}, gone),
+                    ({**good, "encoder.block.2.layer.1.DenseReluDense.wo.weight":
+                      torch.zeros(16, 32)}, "encoder.block.2.layer.1.DenseReluDense.wo.weight")):
+        save_file(sd, f, metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=f"{tmp_path / 't5'}.*{key}"):
+            dit.TextEncoder(tmp_path / "t5")
+    # a whole T5's other half (decoder, an untied LM head, as t5-v1_1-xxl has) is no error
+    save_file({**good, "lm_head.weight": torch.zeros(256, 16),
+               "decoder.final_layer_norm.weight": torch.ones(16)}, f, metadata={"format": "pt"})
+    assert dit.TextEncoder(tmp_path / "t5").encode(["a"]).shape == (1, 226, 16)
+
+
 def test_text_encoder_of_a_release_takes_the_tokenizer_beside_it(tmp_path):
     """A released folder keeps T5 in text_encoder/ and its tokenizer in tokenizer/: the folder,
     or its text_encoder/ alone (was: "tokenizer not found"), loads the same T5."""
