@@ -948,7 +948,7 @@ def main(argv=None):
                    help="random-weight model when --ckpt is not given (default: tiny; "
                         "refused with --ckpt, whose config decides)")
     p.add_argument("--frames", type=int, default=49,
-                   help="at most this many frames (trimmed to 4k+1)")
+                   help="at most this many frames (trimmed to 4k+1, or the VAE's tk+1)")
     p.add_argument("--tile", type=int, default=None,
                    help="spatial tile in pixels, a multiple of the spatial factor (large frames)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -985,6 +985,8 @@ def main(argv=None):
             fps = data.probe(a.reconstruct)["fps"] or 8
         except data.BadVideo as e:
             raise ValueError(f"{a.reconstruct}: cannot decode ({e})") from None
+        tf = vae.cfg.temporal_factor  # a VAE compressing time 8x needs 8k+1 frames, not 4k+1
+        x = x[:, :(x.shape[1] - 1) // tf * tf + 1]  # (3, T, H, W), T = tk+1
     except (OSError, ValueError) as e:
         p.error(str(e))
     vae = vae.to(a.device).eval()

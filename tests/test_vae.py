@@ -521,6 +521,20 @@ def test_cli_reconstruct(tmp_path):
     assert v.shape == (3, 9, 32, 40)  # 10 frames trimmed to 4k+1
 
 
+
+def test_cli_trims_to_the_checkpoints_temporal_factor(tmp_path):
+    """A VAE that compresses time 8x (time_levels 3; a diffusers temporal_compression_ratio of 8)
+    reconstructs a 13-frame clip as its first 9 frames (8k+1). The CLI trimmed to 4k+1 whatever
+    the VAE, and encode's 'needs T = 8k+1' ended in a traceback."""
+    torch.manual_seed(0)
+    clip = tmp_path / "clip.mp4"
+    data.write_video(torch.rand(3, 13, 16, 16) * 2 - 1, str(clip), fps=8)
+    cfg = replace(VAE_PRESETS["tiny"], channels=(8, 8, 8, 8), groups=4, time_levels=3)
+    CausalVAE(cfg).save(tmp_path / "ck")
+    vae.main(["--reconstruct", str(clip), "--ckpt", str(tmp_path / "ck"), "--device", "cpu"])
+    assert data.load_video(str(tmp_path / "clip.recon.mp4"), 101).shape == (3, 9, 16, 16)
+
+
 def _write_rotated(path, H=32, W=48, T=5):
     """A landscape clip with a red block top-left, stored with a 90° display rotation (a phone
     clip)."""
