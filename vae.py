@@ -501,10 +501,11 @@ class CausalVAE(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        if (not 0 <= cfg.time_levels < len(cfg.channels)
+        # groups < 1 first: 0 would divide by zero here, and a negative count divides every width
+        if (not 0 <= cfg.time_levels < len(cfg.channels) or cfg.groups < 1
                 or any(c % cfg.groups for c in cfg.channels)):
             raise ValueError(f"bad VAEConfig {cfg}: need time_levels < number of levels and groups "
-                             f"dividing every width")
+                             f"(>= 1) dividing every width")
         # a copy: train.py may set cfg.scaling_factor without touching the preset
         self.cfg = cfg = replace(cfg)
         self.encoder = Encoder(cfg)

@@ -522,6 +522,24 @@ def test_cli_reconstruct(tmp_path):
 
 
 
+
+@pytest.mark.parametrize("groups", [0, -4])
+def test_cli_config_with_groups_below_one_is_one_line(tmp_path, capsys, groups):
+    """A config.json whose GroupNorm groups (ours: groups, diffusers': norm_num_groups) is 0 or
+    negative is one line, exit code 2, like every other bad VAEConfig: 0 was a ZeroDivisionError
+    traceback in CausalVAE's own 'groups dividing every width' check, and a negative count passed
+    it (-4 divides every width) to fail later inside torch."""
+    clip = tmp_path / "clip.mp4"
+    data.write_video(torch.zeros(3, 5, 16, 16), str(clip), fps=8)
+    CausalVAE(VAE_PRESETS["tiny"]).save(tmp_path / "ck")
+    good = json.loads((tmp_path / "ck" / "config.json").read_text())
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({**good, "groups": groups}))
+    with pytest.raises(SystemExit) as e:
+        vae.main(["--reconstruct", str(clip), "--ckpt", str(tmp_path / "ck"), "--device", "cpu"])
+    assert e.value.code == 2
+    _one_line_error(capsys.readouterr().err, "(>= 1) dividing every width")
+
+
 def test_cli_trims_to_the_checkpoints_temporal_factor(tmp_path):
     """A VAE that compresses time 8x (time_levels 3; a diffusers temporal_compression_ratio of 8)
     reconstructs a 13-frame clip as its first 9 frames (8k+1). The CLI trimmed to 4k+1 whatever
