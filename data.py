@@ -207,7 +207,6 @@ def json_object(path):
     return d
 
 
-
 def index_shards(path):
     """A sharded safetensors model's index json -> the shard file names its weight_map lists (in
     the index's folder), sorted. Torn JSON, no weight_map of file names or a listed shard that is
@@ -223,6 +222,7 @@ def index_shards(path):
         raise FileNotFoundError(f"{path} lists {gone[0]}, which is missing ({len(gone)} of "
                                 f"{len(shards)} shards); copy the whole folder again")
     return shards
+
 
 def hf_config_errors():
     """What transformers' from_pretrained raises for a config.json value of the wrong type besides
