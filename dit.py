@@ -902,6 +902,10 @@ class TextEncoder:
         if not has_tokenizer(tok):
             raise FileNotFoundError(f"T5 tokenizer not found in {tok} (no spiece.model / .json)")
         self.tok = T5Tokenizer.from_pretrained(str(tok), local_files_only=True)
+        # dtype None: float32, whatever the files' precision (a released T5 is stored in half
+        # precision) and the transformers version (5 loads the stored one, 4 float32): a CPU runs
+        # float32 (bf16 matmuls are ~400x slower on AVX2); a GPU caller passes torch.bfloat16
+        dtype = dtype or torch.float32
         self.model, info = T5EncoderModel.from_pretrained(str(enc), dtype=dtype,
                                                           local_files_only=True,
                                                           output_loading_info=True)

@@ -1510,8 +1510,9 @@ def build_dit(job):
         job.ae.to(torch.bfloat16)
     if args.text_encoder:
         with loading("--text-encoder", args.text_encoder):
-            job.text = dit.TextEncoder(args.text_encoder, device=device,
-                                       max_length=model.cfg.text_len)
+            job.text = dit.TextEncoder(args.text_encoder, device=device,  # bf16 on a GPU: as
+                                       max_length=model.cfg.text_len,  # the VAE, it only encodes
+                                       dtype=torch.bfloat16 if device.type == "cuda" else None)
     job.ids = (data.model_id(args.vae), t5)
     job.t5_dir = t5_folder(args, t5_id)  # what export copies to OUT/text_encoder
     # the data path's main-process half: encodes what the loader's workers decode (enter_stage)

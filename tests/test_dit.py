@@ -772,6 +772,19 @@ def test_text_encoder_with_a_missing_or_extra_weight_is_refused(tmp_path):
     assert dit.TextEncoder(tmp_path / "t5").encode(["a"]).shape == (1, 226, 16)
 
 
+def test_text_encoder_in_half_precision_files_loads_as_float32_unless_asked(tmp_path):
+    """A T5 stored in bf16 (as released T5s are stored in half precision) loads as float32 when
+    no dtype is given, whatever transformers' own default (5.x: the stored precision, which on an
+    AVX2 CPU runs ~400x slower), and in bf16 when asked (sample.py --bf16)."""
+    from transformers import T5EncoderModel
+    dit.build_tiny_t5(tmp_path / "t5", CAPTIONS, d_model=16, heads=2, d_ff=32)
+    m = T5EncoderModel.from_pretrained(tmp_path / "t5", dtype=torch.float32)
+    m.to(torch.bfloat16).save_pretrained(tmp_path / "t5")
+    assert dit.TextEncoder(tmp_path / "t5").model.dtype == torch.float32
+    half = dit.TextEncoder(tmp_path / "t5", dtype=torch.bfloat16)
+    assert half.model.dtype == torch.bfloat16 and half.encode(["a"]).dtype == torch.bfloat16
+
+
 def test_text_encoder_of_a_release_takes_the_tokenizer_beside_it(tmp_path):
     """A released folder keeps T5 in text_encoder/ and its tokenizer in tokenizer/: the folder,
     or its text_encoder/ alone (was: "tokenizer not found"), loads the same T5."""
