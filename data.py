@@ -1561,9 +1561,10 @@ ENCODE_PEAK = 5.0
 TILES = (512, 384, 256, 192, 128, 96, 64)
 
 
-def encode_plan(cfg, shape, budget, weights=0, itemsize=4, max_batch=16, mode=None):
+def encode_plan(cfg, shape, budget, weights=0, itemsize=4, max_batch=16, mode=None, also=()):
     """The least approximate way to encode a clip of `shape` within `budget` bytes (weights
-    included) -> EncodePlan with as many clips per call as fit (<= max_batch).
+    included) -> EncodePlan with as many clips per call as fit (<= max_batch). also: other shapes
+    one clip of which must fit the plan too (a stage's: LatentEncoder.set_stage).
 
     In order: the whole clip (GroupNorm statistics over the clip, as VAE training saw it); chunks
     of cfg.stream_latents latent frames (what the diffusers port always does); those chunks on
@@ -1572,15 +1573,17 @@ def encode_plan(cfg, shape, budget, weights=0, itemsize=4, max_batch=16, mode=No
     here: it is exact but ties cp ranks to one clip in lockstep, while streaming reaches any
     length at a constant memory on one rank."""
     sf = cfg.spatial_factor
-    tiles = [t for t in TILES if t % sf == 0 and t < max(shape[1:])]
+    tiles = [t for t in TILES if t % sf == 0 and t < max(max(s[1:]) for s in (shape, *also))]
     options = [mode] if mode else [EncodePlan(), EncodePlan(stream=cfg.stream_latents)] + [
         EncodePlan(stream=cfg.stream_latents, tile=t) for t in tiles]
     for p in options:
         one = encode_bytes(cfg, shape, p, itemsize)
-        if weights + one <= budget:
+        # streaming shrinks a long clip, not a short wide one (its first chunk is all of it)
+        if weights + max([one] + [encode_bytes(cfg, s, p, itemsize) for s in also]) <= budget:
             n = max(1, min(max_batch, int((budget - weights) // one)))
             return replace(p, batch=n, peak=weights + encode_bytes(cfg, shape, p, itemsize, n))
-    least = weights + encode_bytes(cfg, shape, options[-1], itemsize)
+    shape = max((shape, *also), key=lambda s: encode_bytes(cfg, s, options[-1], itemsize))
+    least = weights + encode_bytes(cfg, shape, options[-1], itemsize)  # (the one that fits least)
     raise ValueError(f"encoding one {'x'.join(map(str, shape))} clip needs about "
                      f"{least / 2**30:.1f} GiB even as {options[-1]}, over the {budget / 2**30:.1f}"
                      f" GiB budget: raise --encode-memory or lower the stage's sizes")
@@ -1605,19 +1608,22 @@ class LatentEncoder:
         self.weights = sum(q.numel() * q.element_size() for q in ae.encoder.parameters())
 
     def set_stage(self, shapes):
-        """The mode for a stage whose clips have these (T, H, W): the one its largest clip needs.
-        -> the mode's name for the cache keys. Raises ValueError when even that does not fit."""
+        """The mode for a stage whose clips have these (T, H, W): the least approximate one its
+        largest clip needs that every other shape fits too. -> the mode's name for the cache
+        keys. Raises ValueError when no mode fits them all."""
         size = lambda s: encode_bytes(self.ae.cfg, s, EncodePlan())
-        largest = max((tuple(s) for s in shapes if s), key=size, default=(1, 8, 8))
-        self.mode, self.plans = self._plan(largest), {}
+        distinct = {tuple(s) for s in shapes if s}
+        largest = max(distinct, key=size, default=(1, 8, 8))
+        # a mode every shape fits: plan(shape) would raise mid-stage on one the mode leaves over
+        self.mode, self.plans = self._plan(largest, also=sorted(distinct)), {}
         return self.name()
 
     def name(self):
         return f"{self.mode}/{str(self.dtype).split('.')[-1]}"
 
-    def _plan(self, shape, mode=None):
+    def _plan(self, shape, mode=None, also=()):
         return encode_plan(self.ae.cfg, shape, self.budget, self.weights,
-                           self.dtype.itemsize, self.max_batch, mode)
+                           self.dtype.itemsize, self.max_batch, mode, also)
 
     def plan(self, shape):
         """This stage's mode, with as many clips of `shape` per call as fit the budget."""

@@ -1637,7 +1637,8 @@ def check_stages(job):
             largest = max(shapes, key=lambda s: s[0] * s[1] * s[2])
             try:  # the VAE's weights are not loaded yet: this checks the activations only
                 data.encode_plan(job.vcfg, largest, job.args.encode_memory * 2**30,
-                                 itemsize=2 if job.device.type == "cuda" else 4)
+                                 itemsize=2 if job.device.type == "cuda" else 4,
+                                 also=sorted(set(map(tuple, shapes))))  # as set_stage: all fit
             except ValueError as e:
                 raise SettingsError(f"stage {i}: {e}") from None
     return plans

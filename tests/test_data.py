@@ -1284,3 +1284,24 @@ def test_encode_plan_and_latent_encoder(tmp_path):
     assert big.stream and big.peak <= 12 * 2**30
     with pytest.raises(ValueError, match="--encode-memory"):
         data.encode_plan(cfg, (81, 768, 1360), 2**28, itemsize=2)
+
+
+def test_latent_encoder_stage_mode_fits_every_shape_of_the_stage():
+    """set_stage picks one encode mode for the whole stage: it must fit every shape the stage
+    has, not only the one largest as a whole-clip encode. Streaming keeps a long clip small but
+    not a short wide one (its first chunk is the whole clip, at a larger size): with the long
+    clips square and the wide ones short, the mode of the long clip left the wide clips over
+    the budget, a ValueError at their first batch, mid-training. No mode that fits all is an
+    error at set_stage (the stage's start)."""
+    import vae
+    ae = vae.CausalVAE(vae.VAE_PRESETS["tiny"]).eval()
+    shapes = [(33, 128, 128), (9, 128, 256), (1, 128, 256)]
+    enc = data.LatentEncoder(ae)
+    enc.budget = enc.weights + 100 * 10**6
+    enc.set_stage(shapes)
+    for s in shapes:  # raised "encoding one 9x128x256 clip needs ..." for the wide clip
+        assert enc.plan(s).peak <= enc.budget, s
+    assert enc.mode.tile  # streaming alone leaves the wide clip over the budget
+    enc.budget = enc.weights + 10**6
+    with pytest.raises(ValueError, match="--encode-memory"):
+        enc.set_stage(shapes)
