@@ -986,6 +986,12 @@ class _GlobalBatchSampler:
         """Dataset indices with weight > 0 this rank sees in the epoch (for tests and logs)."""
         return [k[0] for b in self.global_batches(epoch) for k in b[self.rank] if k[3] > 0]
 
+    def dropped(self, epoch=None):
+        """Readable samples that no rank sees in the epoch: what drop_last left out (0 without
+        it). Counted so a run says so (train.py) rather than losing them silently."""
+        seen = sum(k[3] > 0 for b in self.global_batches(epoch) for ks in b for k in ks)
+        return len(self.valid) - seen
+
 
 def slot_masses(global_batch):
     """A global batch (a list over ranks of keys) -> the planned weight of every slot, in slot

@@ -436,6 +436,23 @@ def test_samplers_drop_last():
     assert len(tiny) == 1  # a set smaller than one batch still yields it
 
 
+def test_samplers_drop_last_count_what_they_leave_out():
+    """drop_last leaves samples out of an epoch: the sampler counts them (dropped(epoch): the
+    readable samples no rank sees in it), so a run can say so instead of losing them silently;
+    0 without drop_last. Balanced Frame Pack drops unbalanced batches from mid-epoch too."""
+    shapes = random_shapes(203) + [None]  # the unreadable one is no drop
+    makes = [lambda **k: data.FramePackSampler(shapes, rows=2, seed=5, **KW, **k),
+             lambda **k: data.FramePackSampler(shapes, rows=2, seed=5, **KW, balance=0.05, **k),
+             lambda **k: data.BucketSampler(shapes, batch_size=3, seed=1, **k)]
+    for make in makes:
+        for world in (1, 2):
+            ranks = [make(drop_last=True, rank=r, world_size=world) for r in range(world)]
+            for epoch in (0, 1):
+                seen = {i for s in ranks for i in s.epoch_samples(epoch)}
+                assert ranks[0].dropped(epoch) == 203 - len(seen) > 0
+        assert make().dropped(0) == 0
+
+
 # ----- stages, dataset, loader -----
 
 @pytest.fixture(scope="module")
