@@ -1326,7 +1326,8 @@ def top_quality(entries, fraction):
     for kind in (False, True):
         group = sorted((e for e in entries if _is_image(e["path"]) == kind),
                        key=lambda e: -e["quality"])
-        out += group[:max(1, math.ceil(fraction * len(group)))] if group else []
+        # less a float's rounding: 0.07 * 100 = 7.000000000000001 kept 8 of 100
+        out += group[:max(1, math.ceil(fraction * len(group) - 1e-9))] if group else []
     return out
 
 
