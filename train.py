@@ -1684,10 +1684,10 @@ def enter_stage(job, i, pos):
                               prefetch=args.prefetch)
     eff = sampler.efficiency() if max_tokens else 1.0
     n = len([s for s in ds.shapes if s])
-    left = sampler.dropped(pos["epoch"])  # drop_last's partial batches: said, not silent
+    left = sampler.dropped()  # drop_last's partial batches: said, not silent (as eff: epoch 0)
     job.say(f"stage {i}: {stage.resolutions} x frames {stage.frames}"
             f"{f' top {stage.subset:.0%}' if stage.subset else ''} | {n} samples"
-            f"{f' ({left} left out of this epoch by drop_last)' if left else ''} | "
+            f"{f' ({left} left out of an epoch by drop_last)' if left else ''} | "
             + (f"Frame Pack rows of {max_tokens} tokens, packing {eff:.0%}" if max_tokens
                else "buckets")
             + f" | {args.augment} start/crop | {args.workers} loader worker(s)"
