@@ -1,7 +1,8 @@
-"""Patches for the loss-weighting tests (tests/test_loss.py), applied in pytest (monkeypatch) or in a
-torchrun rank:
+"""Patches for the loss-weighting tests (tests/test_loss.py), applied in pytest (monkeypatch) or,
+for one run of a launch, in a torchrun rank (tests/_train_runs_worker.py):
 
-    python -m torch.distributed.run ... tests/_loss_worker.py same_draws,deaf:1:1 -- <train.py arguments>
+    python -m torch.distributed.run ... tests/_train_runs_worker.py same_draws,deaf:1:1 -- \
+        <train.py arguments> [--- ...]
 
 same_draws      per-sample randomness that depends on the tensor shape only (t = 500, no text dropout,
                 noise keyed by shape): a sample's loss is then a function of its content alone, whatever
@@ -17,7 +18,6 @@ deaf:R:H        the files of global rows >= H are unreadable, with R rows per ra
 """
 import itertools
 import os
-import sys
 
 import torch
 
@@ -72,9 +72,3 @@ def apply(spec, set_=setattr):
         fn, *nums = name.split(":")
         globals()[fn](*map(int, nums), set_=set_)
 
-
-if __name__ == "__main__":
-    cut = sys.argv.index("--")
-    apply(sys.argv[1])
-    train.main(sys.argv[cut + 1:])
-    train.leave(0)  # see train.leave: no interpreter teardown after DDP

@@ -6,9 +6,12 @@
         outputs, input gradients and parameter gradients (each rank's, averaged over the group: see dit.py's
         sequence parallel section). Rank 0 prints one line `SPDIFF {json}` of the largest differences.
     python -m torch.distributed.run --nproc_per_node 2 tests/_sp_worker.py sample -- <sample.py arguments>
+        [--- <sample.py arguments>]...
         sample.py with data.write_video patched to also save the float video as <path>.rank<R>.pt (the
-        same patch, applied in pytest, gives the one-process reference; write() below). Rank 0 prints
-        `ALL_TO_ALL n`: how many all-to-alls the DiT ran.
+        same patch, applied in pytest, gives the one-process reference; write() below), once for
+        each `---`-separated argument list, in one launch (see tests/_train_runs_worker.py: the
+        first run starts the process group, which the later ones share). Rank 0 prints
+        `=== run K ===` before run K and `ALL_TO_ALL n` after it: how many all-to-alls the DiT ran.
 """
 import json
 import os
@@ -126,9 +129,23 @@ if __name__ == "__main__":
             calls.append(1)
             return real(*a, **k)
         dist.all_to_all_single = counted
-        sample.main(sys.argv[sys.argv.index("--") + 1:])
-        if os.environ.get("RANK") == "0":
-            print(f"ALL_TO_ALL {len(calls)}", flush=True)
+        end, init = dist.destroy_process_group, dist.init_process_group  # one group for all runs
+        dist.destroy_process_group = lambda *a, **k: None
+        dist.init_process_group = lambda *a, **k: None if dist.is_initialized() else init(*a, **k)
+        runs = [[]]
+        for a in sys.argv[sys.argv.index("--") + 1:]:
+            if a == "---":
+                runs.append([])
+            else:
+                runs[-1].append(a)
+        for k, argv in enumerate(runs):
+            calls.clear()
+            if os.environ.get("RANK") == "0":
+                print(f"=== run {k} ===", flush=True)
+            sample.main(argv)
+            if os.environ.get("RANK") == "0":
+                print(f"ALL_TO_ALL {len(calls)}", flush=True)
+        end()
     # Leave as train.leave does, past the interpreter's teardown: collectives ran inside
     # backward(), and gloo's threads freeing their records then can abort a finished worker.
     sys.stdout.flush()

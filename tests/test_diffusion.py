@@ -292,7 +292,10 @@ def test_loss_by_bucket():
         D.loss_by_bucket(loss, torch.tensor([5, 99, 100, 1000]))
 
 
-def test_cli_prints_the_schedule_and_rejects_bad_arguments():
+def test_cli_prints_the_schedule_and_rejects_bad_arguments(capsys):
+    """`python diffusion.py` (a real process: its exit code and output) prints the 2B schedule; bad
+    values are one `error:` line and exit code 2, no traceback (main() in this process: a traceback
+    would be an exception other than SystemExit)."""
     import subprocess
     import sys
 
@@ -300,9 +303,10 @@ def test_cli_prints_the_schedule_and_rejects_bad_arguments():
                         capture_output=True, text=True, cwd=D.__file__.rsplit("/", 1)[0])
     assert ok.returncode == 0 and " 999 " in ok.stdout and "0.000000" in ok.stdout
     for bad in (["--steps", "0"], ["--shift", "-1"], ["--shift", "nan"], ["--shift", "inf"]):
-        r = subprocess.run([sys.executable, "diffusion.py", *bad], capture_output=True, text=True,
-                           cwd=D.__file__.rsplit("/", 1)[0])
-        assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr, bad
+        with pytest.raises(SystemExit) as e:
+            D.main(bad)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err and "error:" in err, bad
 
 
 @pytest.mark.parametrize("steps", [61, 103, 50])

@@ -10,6 +10,7 @@ and (slow) the demo-scale fine-tune that changes what the demo DiT samples.
 import copy
 import json
 import math
+import os
 from dataclasses import replace
 
 import pytest
@@ -23,6 +24,7 @@ import sample
 import train
 import vae
 from dit import ExpertDiT
+from _train_runs_worker import launch_args, split_runs
 from test_dit import (diffusers_15, diffusers_model, inputs, randomize, run_diffusers,
                       run_diffusers_15, small)
 from test_sample import PROMPTS, released  # noqa: F401  (a fixture: the released layout)
@@ -484,24 +486,37 @@ def lora_i2v_one(assets, tmp_path_factory):  # noqa: F811
     return root, common, train.main(dit_args(assets, root / "one", *common, "--rows", "2"))
 
 
-@pytest.mark.parametrize("mode", [["--fsdp", "--grad-checkpoint", "--offload-activations"],
-                                  ["--grad-checkpoint"]], ids=["fsdp-offload", "ddp-ckpt"])
-def test_train_lora_two_ranks_i2v_equals_one_process(assets, tmp_path, torchrun,  # noqa: F811
-                                                      lora_i2v_one, mode):
+TWO = {"fsdp-offload": ["--fsdp", "--grad-checkpoint", "--offload-activations"],
+       "ddp-ckpt": ["--grad-checkpoint"]}
+
+
+@pytest.fixture(scope="module")
+def lora_i2v_two(assets, lora_i2v_one, torchrun):  # noqa: F811
+    """ONE torchrun launch on 2 ranks (the launch costs more than the runs): lora_i2v_one's runs
+    with 1 row per rank, with each of TWO's settings (into <root>/two-<name>);
+    -> {name: its stdout}."""
+    root, common, _ = lora_i2v_one
+    runs = {name: dit_args(assets, root / f"two-{name}", *common, "--rows", "1", *mode)
+            for name, mode in TWO.items()}
+    worker = os.path.join(os.path.dirname(__file__), "_train_runs_worker.py")
+    p = torchrun(worker, *launch_args(*runs.values()), timeout=900)
+    return dict(zip(runs, split_runs(p.stdout, len(runs))))
+
+
+@pytest.mark.parametrize("mode", TWO)
+def test_train_lora_two_ranks_i2v_equals_one_process(lora_i2v_one, lora_i2v_two, mode):
     """LoRA on an image-to-video base (App. A) with Frame Pack rows: 2 ranks (FSDP2 with
     offloaded activation checkpointing, or DDP with checkpointing) == one process with both
     ranks' rows (the same global batch): the same losses and the same exported adapters."""
     root, common, one = lora_i2v_one
-    p = torchrun(train.__file__, *dit_args(assets, tmp_path / "two", *common, "--rows", "1",
-                                           *mode))
-    assert f"world 2 {'fsdp' if '--fsdp' in mode else 'ddp'}" in p.stdout
-    assert "Frame Pack rows" in p.stdout
-    assert [r["loss"] for r in log(tmp_path / "two")] == pytest.approx(one["losses"], rel=1e-5,
-                                                                       abs=1e-7)
-    a, b = (load_file(d / dit.LORA_FILE) for d in (root / "one", tmp_path / "two"))
+    two, out = root / f"two-{mode}", lora_i2v_two[mode]  # the launch's run with TWO[mode]
+    assert f"world 2 {'fsdp' if '--fsdp' in TWO[mode] else 'ddp'}" in out
+    assert "Frame Pack rows" in out
+    assert [r["loss"] for r in log(two)] == pytest.approx(one["losses"], rel=1e-5, abs=1e-7)
+    a, b = (load_file(d / dit.LORA_FILE) for d in (root / "one", two))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
     assert max(v.abs().max() for k, v in a.items() if "lora_B" in k) > 0
-    ck = ckpt_tensors(ckpt_dir(tmp_path / "two", 3))
+    ck = ckpt_tensors(ckpt_dir(two, 3))
     assert ck and all(".lora_" in k for k in ck)  # (FSDP: gathered from the shards) adapters only
 
 

@@ -16,8 +16,9 @@ import data
 import dit
 import train
 import vae
+from _train_runs_worker import launch_args, split_runs
 
-WORKER = os.path.join(os.path.dirname(__file__), "_loss_worker.py")
+WORKER = os.path.join(os.path.dirname(__file__), "_train_runs_worker.py")
 
 
 @pytest.fixture(scope="module")
@@ -107,16 +108,18 @@ def test_accum_equals_one_big_batch_one_process(assets, tmp_path, monkeypatch, b
     same(ckpt_weights(ref_out, 4), ckpt_weights(tmp_path, 4))
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_accum_equals_one_big_batch_two_ranks(assets, tmp_path, torchrun, big_batch, mode):
+ACCUM = {"ddp": [], "fsdp": ["--fsdp"]}
+
+
+@pytest.mark.parametrize("mode", ACCUM)
+def test_accum_equals_one_big_batch_two_ranks(two_ranks, big_batch, mode):
     """2 ranks x 1 row x --accum 2 == one process, one batch of the same samples: losses and weights."""
     ref, ref_out = big_batch
-    extra = ["--fsdp"] if mode == "fsdp" else []
-    p = torchrun(WORKER, "same_draws", "--",
-                 *dit_args(assets, tmp_path, None, *ACC, "--rows", "1", "--accum", "2", *extra))
-    assert f"world 2 {mode}" in p.stdout
-    assert [r["loss"] for r in log(tmp_path)] == pytest.approx(ref, rel=1e-5, abs=1e-7)
-    same(ckpt_weights(ref_out, 4), ckpt_weights(tmp_path, 4))
+    root, out = two_ranks  # the launch's run: *ACC, --rows 1, --accum 2, *ACCUM[mode]
+    assert f"world 2 {mode}" in out[f"accum {mode}"]
+    two = root / f"accum-{mode}"
+    assert [r["loss"] for r in log(two)] == pytest.approx(ref, rel=1e-5, abs=1e-7)
+    same(ckpt_weights(ref_out, 4), ckpt_weights(two, 4))
 
 
 # ----- issue 20.5 / 20.1: unreadable files neither shrink the loss nor stop the run -----
@@ -203,10 +206,50 @@ def one_clip(assets, tmp_path_factory):
 
 
 DEAF = ["--steps", "2,1", "--accum", "2"]
+# the deaf-rank runs: mode -> (patches, train.py arguments)
+DEAF_DIT = {"ddp": ("deaf:1:1", ["--rows", "1"]),
+            "fsdp": ("deaf:1:1", ["--rows", "1", "--fsdp"]),
+            "sp": ("deaf:2:3", ["--rows", "2", "--sp", "2"])}
+DEAF_VAE = {"ddp": ("deaf:0:1", ["--batch", "1"]),
+            "cp": ("deaf:2:3", ["--batch", "2", "--cp", "2"])}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "sp"])
-def test_a_rank_with_nothing_readable_stays_in_step(assets, tmp_path, torchrun, one_clip, mode):
+def vae_case(assets, mode, folder):
+    """The deaf-rank VAE runs' manifest and arguments (cp: a manifest of the clips, written into
+    folder)."""
+    if mode != "cp":
+        return assets["manifest"], ["--steps", "4"]
+    # clips only: a CP group leaves stills out, one process would not
+    manifest = str(folder / "clips.jsonl")
+    clips = [e for e in data.read_manifest(assets["manifest"]) if e["frames"] > 1]
+    data.write_manifest(clips, manifest)
+    return manifest, ["--steps", "2", "--frames", "9"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(assets, one_clip, tmp_path_factory, torchrun):
+    """ONE torchrun launch on 2 ranks for the module's 2-rank runs (the launch costs more than
+    these runs), each with its patches (tests/_loss_worker.py) and into its own folder under the
+    returned root: the --accum runs (accum-<mode>, ACCUM), the deaf-rank DiT runs on one_clip's
+    manifest (deaf-<mode>, DEAF_DIT) and VAE runs (vae-<mode>/two, DEAF_VAE);
+    -> (root, {run: its stdout})."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    runs = {f"accum {m}": ("same_draws", dit_args(assets, root / f"accum-{m}", None, *ACC, "--rows",
+                                                  "1", "--accum", "2", *extra))
+            for m, extra in ACCUM.items()}
+    for m, (deaf, extra) in DEAF_DIT.items():
+        runs[f"deaf {m}"] = ("same_draws," + deaf,
+                             dit_args(assets, root / f"deaf-{m}", one_clip[0], *DEAF, *extra))
+    for m, (deaf, extra) in DEAF_VAE.items():
+        (root / f"vae-{m}").mkdir()
+        manifest, common = vae_case(assets, m, root / f"vae-{m}")
+        runs[f"vae {m}"] = (deaf, vae_args(manifest, root / f"vae-{m}" / "two", *common, *extra))
+    p = torchrun(WORKER, *launch_args(*runs.values()), timeout=900)
+    return root, dict(zip(runs, split_runs(p.stdout, len(runs))))
+
+
+@pytest.mark.parametrize("mode", DEAF_DIT)
+def test_a_rank_with_nothing_readable_stays_in_step(two_ranks, one_clip, mode):
     """Rank 1's files are all unreadable (each of its micro-batches, --accum 2). It runs a zero-weight dummy
     sample through the wrapped model, so no DDP / FSDP collective waits for it (before: FSDP failed with "mixed
     torch.Tensor and DTensor" / hung), and the ranks agree on N: the loss is rank 0's alone, not halved (before,
@@ -215,17 +258,16 @@ def test_a_rank_with_nothing_readable_stays_in_step(assets, tmp_path, torchrun, 
     reads. The group drops it on both ranks (before: their rows differed and gloo failed with "collective
     mismatch"), and the bad file is counted once, not 1/2."""
     manifest, ref, ref_out = one_clip
-    deaf, extra = {"ddp": ("deaf:1:1", ["--rows", "1"]), "fsdp": ("deaf:1:1", ["--rows", "1", "--fsdp"]),
-                   "sp": ("deaf:2:3", ["--rows", "2", "--sp", "2"])}[mode]
-    torchrun(WORKER, "same_draws," + deaf, "--", *dit_args(assets, tmp_path, manifest, *DEAF, *extra))
-    recs = log(tmp_path)
+    out = two_ranks[0] / f"deaf-{mode}"  # the launch's run of DEAF_DIT[mode] on manifest
+    recs = log(out)
     assert [r["loss"] for r in recs] == pytest.approx(ref, rel=1e-5, abs=1e-7)
     assert recs[-1]["bad_files"] == 6  # one sample of every micro-batch
-    same(ckpt_weights(ref_out, 3), ckpt_weights(tmp_path, 3))
+    same(ckpt_weights(ref_out, 3), ckpt_weights(out, 3))
 
 
-@pytest.mark.parametrize("mode", ["ddp", "cp"])
-def test_vae_rank_with_nothing_readable_stays_in_step(assets, tmp_path, torchrun, monkeypatch, mode):
+@pytest.mark.parametrize("mode", DEAF_VAE)
+def test_vae_rank_with_nothing_readable_stays_in_step(assets, tmp_path, two_ranks, monkeypatch,
+                                                      mode):
     """The VAE under DDP, rank 1 reading nothing: a dummy clip keeps the VAE's and the discriminator's DDP in
     step (the GAN step gives it weight 0). Before: "stack expects a non-empty TensorList" on rank 1. Equals one
     process with the same files unreadable, the discriminator steps included.
@@ -233,25 +275,19 @@ def test_vae_rank_with_nothing_readable_stays_in_step(assets, tmp_path, torchrun
     second (deaf:2:3). The group drops it on both ranks (before: their time splits differed and gloo failed
     with "collective mismatch"), counted as one bad file. 2 steps: the GAN's weight differs under CP by
     design."""
-    manifest, common = assets["manifest"], ["--steps", "4"]
-    if mode == "cp":  # clips only: a CP group leaves stills out, one process would not
-        manifest = str(tmp_path / "clips.jsonl")
-        data.write_manifest([e for e in data.read_manifest(assets["manifest"]) if e["frames"] > 1], manifest)
-        common = ["--steps", "2", "--frames", "9"]
+    manifest, common = vae_case(assets, mode, tmp_path)
     with monkeypatch.context() as mp:
         _loss_worker.apply("deaf:0:1", mp.setattr)  # one process, batch 2: the second sample unreadable
         one = train.main(vae_args(manifest, tmp_path / "one", *common, "--batch", "2"))
-    deaf, extra = {"ddp": ("deaf:0:1", ["--batch", "1"]),
-                   "cp": ("deaf:2:3", ["--batch", "2", "--cp", "2"])}[mode]
-    torchrun(WORKER, deaf, "--", *vae_args(manifest, tmp_path / "two", *common, *extra))
-    recs, steps = log(tmp_path / "two"), len(one["losses"])
+    two = two_ranks[0] / f"vae-{mode}" / "two"  # the launch's run of DEAF_VAE[mode], the same data
+    recs, steps = log(two), len(one["losses"])
     assert [r["loss"] for r in recs] == pytest.approx(one["losses"], rel=1e-5, abs=1e-7)
     assert recs[-1]["bad_files"] == log(tmp_path / "one")[-1]["bad_files"] == steps  # one a step
-    same(ckpt_weights(tmp_path / "one", steps, "vae"), ckpt_weights(tmp_path / "two", steps, "vae"))
+    same(ckpt_weights(tmp_path / "one", steps, "vae"), ckpt_weights(two, steps, "vae"))
     if mode == "ddp":
         assert "disc" in recs[-1] and recs[-1]["disc"] == pytest.approx(log(tmp_path / "one")[-1]["disc"],
                                                                         rel=1e-5)
-        same(ckpt_weights(tmp_path / "one", 4, "disc"), ckpt_weights(tmp_path / "two", 4, "disc"))
+        same(ckpt_weights(tmp_path / "one", 4, "disc"), ckpt_weights(two, 4, "disc"))
 
 
 def test_nothing_readable_at_all_stops_with_exit_code_2(assets, tmp_path, capsys):

@@ -585,15 +585,21 @@ def test_cli_upsample_model(ckpt, tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "up").glob("*.mp4")] == ["000_a_red_circle_glides_to_the_left.mp4"]
 
 
-def test_cli_bad_input_is_one_line_exit_2(tmp_path):
-    import os
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    """A missing --ckpt / --model-dir folder: one `error:` line and exit code 2, no traceback; once
+    as a real `python sample.py` process (its exit code), once through main() in this process (a
+    traceback would be an exception other than SystemExit)."""
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for args in (["--ckpt", str(tmp_path / "nope")], ["--model-dir", str(tmp_path / "nope")]):
-        r = subprocess.run([sys.executable, "sample.py", *args, "--prompt", "x", "--out", str(tmp_path / "a.mp4")],
-                           capture_output=True, text=True, cwd=root)
-        assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr, (args, r.stderr[-500:])
+    args = ["--ckpt", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "a.mp4")]
+    r = subprocess.run([sys.executable, "sample.py", *args], capture_output=True, text=True,
+                       cwd=root)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "error:" in r.stderr, r.stderr
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--model-dir", str(tmp_path / "nope"), *args[2:]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and "error:" in err, err[-500:]
 
 
 # ----- bad values: one line naming the fix, exit code 2, before any model is loaded (issue 20) -----
@@ -819,22 +825,41 @@ def test_long_prompt_cut_with_a_warning(ckpt, capsys):
 
 # ----- sequence parallel sampling: torchrun --nproc_per_node 2 sample.py --sp 2 -----
 
+def sp_argv(src, folder):
+    return [f"--{src}", str(folder), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+            "--batch-size", "2", "--seed", "5", "--steps", "3", "--num-frames", "9",
+            "--height", "24", "--width", "24", "--cfg", "4"]
+
+
+@pytest.fixture(scope="module")
+def sp_two(ckpt, released, tmp_path_factory, torchrun):
+    """ONE torchrun launch on 2 ranks (the launch costs more than the runs): sample.py --sp 2 from
+    our checkpoint and from the released layout, into <root>/<src>; -> (root, {src: its stdout})."""
+    root = tmp_path_factory.mktemp("sp_two")
+    runs = {src: [*sp_argv(src, folder), "--out", str(root / src), "--sp", "2"]
+            for src, folder in (("ckpt", ckpt), ("model-dir", released))}
+    worker = os.path.join(os.path.dirname(__file__), "_sp_worker.py")
+    p = torchrun(worker, "sample", "--", *[a for i, argv in enumerate(runs.values())
+                                           for a in (["---"] if i else []) + argv])
+    before, *parts = p.stdout.split("=== run ")
+    assert len(parts) == 2 and "wrote " not in before, p.stdout[-2000:]
+    return root, dict(zip(runs, parts))
+
+
 @pytest.mark.parametrize("src", ["ckpt", "model-dir"])
-def test_sequence_parallel_sampling_equals_one_process(src, ckpt, released, tmp_path, torchrun, monkeypatch):
+def test_sequence_parallel_sampling_equals_one_process(src, ckpt, released, tmp_path, sp_two,
+                                                       monkeypatch):
     """2 gloo ranks share every DiT row (35 tokens: 8 text + 3x3x3 video, padded to 36) through the whole
     sampler, with CFG (a batch of 2 prompts x [uncond; cond]): the decoded frames equal one process's within
     1e-4, and only rank 0 writes (the .mp4, the .png and the float copy the worker saves)."""
-    folder = str(ckpt) if src == "ckpt" else str(released)
-    argv = [f"--{src}", folder, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--batch-size", "2",
-            "--seed", "5", "--steps", "3", "--num-frames", "9", "--height", "24", "--width", "24", "--cfg", "4"]
     _sp_worker.write(monkeypatch.setattr)  # data.write_video also saves the float video
-    sample.main([*argv, "--out", str(tmp_path / "one")])
-    worker = os.path.join(os.path.dirname(__file__), "_sp_worker.py")
-    p = torchrun(worker, "sample", "--", *argv, "--out", str(tmp_path / "two"), "--sp", "2")
-    assert p.stdout.count("wrote ") == 2  # rank 0's lines only
+    folder = ckpt if src == "ckpt" else released
+    sample.main([*sp_argv(src, folder), "--out", str(tmp_path / "one")])
+    root, out = sp_two  # the launch's run of the same arguments with --sp 2
+    assert out[src].count("wrote ") == 2  # rank 0's lines only
     # the DiT ran split: 2 all-to-alls per block (1 layer) per DiT call (3 steps; DDIM: 1 call each)
-    assert "ALL_TO_ALL 6" in p.stdout, p.stdout[-2000:]
-    one, two = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir())
+    assert "ALL_TO_ALL 6" in out[src], out[src][-2000:]
+    one, two = sorted((tmp_path / "one").iterdir()), sorted((root / src).iterdir())
     assert [f.name for f in one] == [f.name for f in two] and len(one) == 6  # 2 x (.mp4, .png, .rank0.pt)
     for a, b in zip(one, two):
         if a.suffix == ".pt":

@@ -25,6 +25,7 @@ import dit
 import sample
 import train
 import vae
+from _train_runs_worker import launch_args, split_runs
 from test_sample import PROMPTS, released  # noqa: F401  (a fixture: the released layout)
 
 
@@ -1191,59 +1192,66 @@ def one_process(assets, tmp_path_factory):
 
 WORKER = os.path.join(os.path.dirname(__file__), "_train_runs_worker.py")
 FSDP = [*PAR, "--rows", "1", "--fsdp", "--ema", "0.5"]
-
-
-def runs(*argvs):
-    """Several train.py argument lists for one torchrun launch of the worker."""
-    return [a for i, argv in enumerate(argvs) for a in ([] if i == 0 else ["---"]) + list(argv)]
-
-
 VDDP = ["--steps", "10", "--size", "16x16", "--frames", "1,5"]
+CPV = ["--steps", "3", "--size", "16x16", "--frames", "9", "--batch", "1", "--save-every", "2"]
+LAG = "lag:500"  # ms: see two_ranks
 
 
 @pytest.fixture(scope="module")
-def ddp(assets, tmp_path_factory, torchrun):
-    """One launch, DDP on 2 ranks: the uninterrupted run; a run from its export (--init); a run
-    stopped after step 2, then resumed; a VAE run, and one stopped inside its statistics window
-    (its last 2 steps), then resumed."""
-    root = tmp_path_factory.mktemp("ddp")
-    ddp = [*PAR, "--rows", "1"]
-    # rank 0 finishes each checkpoint and export 3 s late: the next run must find them on every rank
-    before = os.environ.get("TEST_SAVE_LAG")
-    os.environ["TEST_SAVE_LAG"] = "3"
-    try:
-        p = torchrun(WORKER, *runs(dit_args(assets, root / "full", *ddp),
-                                   dit_args(assets, root / "init", *ddp, "--init", root / "full" / "dit"),
-                                   dit_args(assets, root / "part", *ddp, "--stop-at", "2"),
-                                   dit_args(assets, root / "part", *ddp, "--resume"),
-                                   *(vae_args(assets["manifest"], root / name, *VDDP, *extra)
-                                     for name, extra in (("vfull", []), ("vpart", ["--stop-at", "9"]),
-                                                         ("vpart", ["--resume"])))), timeout=900)
-    finally:
-        if before is None:
-            del os.environ["TEST_SAVE_LAG"]
-        else:
-            os.environ["TEST_SAVE_LAG"] = before
-    assert "world 2 ddp" in p.stdout and "stopped at step 2 (--stop-at)" in p.stdout
-    assert (root / "init" / "dit" / "model.safetensors").exists()
-    return root
+def two_ranks(assets, tmp_path_factory, torchrun):
+    """ONE torchrun launch on 2 ranks for the module's 2-rank runs (a launch costs more than these
+    runs), each in its own folder under the returned root; -> (root, {run: its stdout}).
+
+    ddp/: DDP: the uninterrupted run; a run from its export (--init); a run stopped after step 2,
+    then resumed; a VAE run, and one stopped inside its statistics window (its last 2 steps), then
+    resumed. Rank 0 finishes each of their checkpoints and exports 0.5 s late (LAG): the next run
+    must find them on every rank (without the barrier that ends train.export, rank 1's --init
+    finds no folder there, also with 0.1 s).
+    fsdp/: FSDP: the uninterrupted run; a run stopped after step 2, then resumed; another stopped
+    there (`alone`, which a test resumes in one process); and the resume of a checkpoint written by
+    one process (`back`, written here before the launch).
+    offload/: FSDP with offloaded activation checkpointing. cp/: the VAE with --cp 2. Then the
+    --simulate 2 --fsdp --real step."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    d, f, ddp = root / "ddp", root / "fsdp", [*PAR, "--rows", "1"]
+    train.main(dit_args(assets, f / "back", *PAR, "--rows", "2", "--stop-at", "2"))  # 1 process
+    runs = {"ddp": (LAG, dit_args(assets, d / "full", *ddp)),
+            "ddp init": (LAG, dit_args(assets, d / "init", *ddp, "--init", d / "full" / "dit")),
+            "ddp stop": (LAG, dit_args(assets, d / "part", *ddp, "--stop-at", "2")),
+            "ddp resume": (LAG, dit_args(assets, d / "part", *ddp, "--resume")),
+            **{name: (LAG, vae_args(assets["manifest"], d / out, *VDDP, *extra))
+               for name, out, extra in (("vae", "vfull", []),
+                                        ("vae stop", "vpart", ["--stop-at", "9"]),
+                                        ("vae resume", "vpart", ["--resume"]))},
+            "fsdp": dit_args(assets, f / "full", *FSDP),
+            "fsdp stop": dit_args(assets, f / "part", *FSDP, "--stop-at", "2"),
+            "fsdp alone": dit_args(assets, f / "alone", *FSDP, "--stop-at", "2"),
+            "fsdp resume": dit_args(assets, f / "part", *FSDP, "--resume"),
+            "fsdp back": dit_args(assets, f / "back", *FSDP, "--resume"),
+            "offload": dit_args(assets, root / "offload", *PAR, "--rows", "1", "--fsdp",
+                                "--grad-checkpoint", "--offload-activations"),
+            "cp": vae_args(assets["clips"], root / "cp", *CPV, "--cp", "2"),
+            "simulate": [*SIM, "--simulate", "2", "--fsdp", "--real"]}
+    p = torchrun(WORKER, *launch_args(*runs.values()), timeout=900)
+    return root, dict(zip(runs, split_runs(p.stdout, len(runs))))
 
 
 @pytest.fixture(scope="module")
-def fsdp(assets, tmp_path_factory, torchrun):
-    """One launch, FSDP on 2 ranks: the uninterrupted run; a run stopped after step 2, then resumed; another
-    stopped there (`alone`, which the test resumes in one process); and the resume of a checkpoint written by one
-    process."""
-    root = tmp_path_factory.mktemp("fsdp")
-    train.main(dit_args(assets, root / "back", *PAR, "--rows", "2", "--stop-at", "2"))  # one process, 2 rows
-    p = torchrun(WORKER, *runs(dit_args(assets, root / "full", *FSDP),
-                               dit_args(assets, root / "part", *FSDP, "--stop-at", "2"),
-                               dit_args(assets, root / "alone", *FSDP, "--stop-at", "2"),
-                               dit_args(assets, root / "part", *FSDP, "--resume"),
-                               dit_args(assets, root / "back", *FSDP, "--resume")), timeout=900)
-    assert "world 2 fsdp" in p.stdout and "stopped at step 2 (--stop-at)" in p.stdout
-    assert "written by 1 rank(s)" in p.stdout
-    return root
+def ddp(two_ranks):
+    """The DDP runs of the 2-rank launch (two_ranks): their folder."""
+    root, out = two_ranks
+    assert "world 2 ddp" in out["ddp"] and "stopped at step 2 (--stop-at)" in out["ddp stop"]
+    assert (root / "ddp" / "init" / "dit" / "model.safetensors").exists()
+    return root / "ddp"
+
+
+@pytest.fixture(scope="module")
+def fsdp(two_ranks):
+    """The FSDP runs of the 2-rank launch (two_ranks): their folder."""
+    root, out = two_ranks
+    assert "world 2 fsdp" in out["fsdp"] and "stopped at step 2 (--stop-at)" in out["fsdp stop"]
+    assert "written by 1 rank(s)" in out["fsdp back"]
+    return root / "fsdp"
 
 
 def test_ddp_two_ranks_equals_one_process(ddp, one_process):
@@ -1308,38 +1316,36 @@ def test_resume_on_another_number_of_ranks(assets, fsdp, one_process):
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
 
 
-def test_fsdp_offloaded_checkpointing_equals_one_process(assets, tmp_path, torchrun, one_process):
+def test_fsdp_offloaded_checkpointing_equals_one_process(two_ranks, one_process):
     """--fsdp --grad-checkpoint --offload-activations: FSDP2 around the offloading checkpoint
     (its backward recomputes each block and runs FSDP's gathers and reductions) gives the same
     update as one plain process."""
     one, ref = one_process
-    out = tmp_path / "two"
-    torchrun(train.__file__, *dit_args(assets, out, *PAR, "--rows", "1", "--fsdp",
-                                       "--grad-checkpoint", "--offload-activations"))
+    out = two_ranks[0] / "offload"
+    assert "world 2 fsdp" in two_ranks[1]["offload"]
     assert [r["loss"] for r in log(out)] == pytest.approx(one["losses"], rel=1e-5, abs=1e-7)
     a, b = weights(ref / "dit"), weights(out / "dit")
     assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
 
 
-def test_context_parallel_vae_two_ranks_equals_one_process(assets, tmp_path, torchrun):
+def test_context_parallel_vae_two_ranks_equals_one_process(assets, tmp_path, two_ranks):
     """--cp 2: both ranks share each 9-frame clip (split in time). The losses and the VAE weights equal one
     process, before the GAN starts (disc_start = 2) and after: the adaptive GAN weight sums the ranks' parts of
     the last layer's gradient (it was a fixed weight under CP: a step-3 loss of 1.0157 against 0.9957). The
     first discriminator step (its own optimizer, DDP over the ranks) sees the same clips and reconstructions:
     the same discriminator loss, parts and weights."""
-    common = ["--steps", "3", "--size", "16x16", "--frames", "9", "--batch", "1", "--save-every", "2"]
-    one = train.main(vae_args(assets["clips"], tmp_path / "one", *common))
-    p = torchrun(train.__file__, *vae_args(assets["clips"], tmp_path / "two", *common, "--cp", "2"))
-    assert "(cp 2)" in p.stdout
-    two, ref = log(tmp_path / "two"), log(tmp_path / "one")
+    one = train.main(vae_args(assets["clips"], tmp_path / "one", *CPV))
+    assert "(cp 2)" in two_ranks[1]["cp"]
+    cp = two_ranks[0] / "cp"  # the 2-rank run, of the same arguments and --cp 2
+    two, ref = log(cp), log(tmp_path / "one")
     assert [r["loss"] for r in two] == pytest.approx(one["losses"], rel=1e-5)  # the GAN from step 3
     for k in ("disc", "recon", "kl", "gan", "gan_weight"):  # step 3: the discriminator step, the parts
         assert two[2][k] == pytest.approx(ref[2][k], rel=1e-4, abs=1e-6), k
     ck = lambda out, step, part: ckpt_tensors(out / "ckpt" / f"step_{step:07d}", prefix=part + ".")
     for step, part in ((2, "vae"), (3, "vae"), (3, "disc")):
-        a, b = ck(tmp_path / "one", step, part), ck(tmp_path / "two", step, part)
+        a, b = ck(tmp_path / "one", step, part), ck(cp, step, part)
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a), (step, part)
-    assert (tmp_path / "two" / "vae" / "model.safetensors").exists()
+    assert (cp / "vae" / "model.safetensors").exists()
 
 
 def test_sigterm_to_one_rank_with_loader_workers_writes_a_checkpoint(assets, tmp_path):
@@ -1576,27 +1582,25 @@ def test_simulated_row_is_the_presets_last_stage_row(capsys):
     assert train.main(["--stage", "dit", "--preset", "shapes", "--simulate", "1", "--max-tokens", "120"])["row"] == 120
 
 
-def test_simulated_fsdp_step_equals_two_real_ranks(torchrun):
+def test_simulated_fsdp_step_equals_two_real_ranks(two_ranks, capsys):
     """FSDP2 on 2 real gloo ranks vs the fake 2-rank process group: the same table."""
-    real = sim_row(torchrun(train.__file__, *SIM, "--simulate", "2", "--fsdp", "--real").stdout)
-    p = subprocess.run([sys.executable, train.__file__, *SIM, "--simulate", "2", "--fsdp"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    fake = sim_row(p.stdout)
+    real = sim_row(two_ranks[1]["simulate"])  # the 2-rank launch's --simulate 2 --fsdp --real
+    train.main([*SIM, "--simulate", "2", "--fsdp"])
+    fake = sim_row(capsys.readouterr().out)
     assert all(fake[k] == pytest.approx(real[k], rel=0.10, abs=0.01) for k in ROLES), (fake, real)
 
 
-def test_simulated_cp_vae_step_equals_four_real_ranks(torchrun):
+SIM_CP = ["--stage", "vae", "--preset", "tiny", "--frames", "9", "--size", "32x32", "--batch", "1",
+          "--simulate", "4", "--cp", "2"]
+
+
+def test_simulated_cp_vae_step_equals_four_real_ranks(four_ranks, capsys):
     """--stage vae --cp 2 on 4 real gloo ranks (2 context-parallel groups) vs the fake 4-rank
     process group: every rank runs the step in its own group (ranks 2 and 3 were given the
     group of ranks 0 and 1 and failed), and rank 0 prints the fake table."""
-    args = ["--stage", "vae", "--preset", "tiny", "--frames", "9", "--size", "32x32", "--batch",
-            "1", "--simulate", "4", "--cp", "2"]
-    real = sim_row(torchrun(train.__file__, *args, "--real", nproc=4).stdout)
-    p = subprocess.run([sys.executable, train.__file__, *args], capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    fake = sim_row(p.stdout)
+    real = sim_row(four_ranks[1]["simulate"])  # the 4-rank launch's SIM_CP --real
+    train.main(SIM_CP)
+    fake = sim_row(capsys.readouterr().out)
     assert all(fake[k] == pytest.approx(real[k], rel=0.10, abs=0.01) for k in ROLES), (fake, real)
 
 
@@ -1648,15 +1652,30 @@ def one_process_odd(assets, tmp_path_factory):
     return train.main(dit_args(assets, out, *ODD, "--rows", "2")), out
 
 
-@pytest.mark.parametrize("extra", [[], ["--fsdp", "--grad-checkpoint"]], ids=["ddp", "fsdp-checkpointing"])
-def test_sp_dp2_x_sp2_equals_one_process(assets, tmp_path, torchrun, one_process_odd, extra):
+SP = {"ddp": [], "fsdp-checkpointing": ["--fsdp", "--grad-checkpoint"]}
+
+
+@pytest.fixture(scope="module")
+def four_ranks(assets, tmp_path_factory, torchrun):
+    """ONE torchrun launch on 4 ranks for the module's 4-rank runs: --sp 2 with each of SP's
+    settings (into <root>/<name>), then the VAE's --simulate 4 --cp 2 --real step;
+    -> (root, {run: its stdout})."""
+    root = tmp_path_factory.mktemp("four_ranks")
+    runs = {**{name: dit_args(assets, root / name, *ODD, "--rows", "1", "--sp", "2", *extra)
+               for name, extra in SP.items()},
+            "simulate": [*SIM_CP, "--real"]}
+    p = torchrun(WORKER, *launch_args(*runs.values()), nproc=4, timeout=900)
+    return root, dict(zip(runs, split_runs(p.stdout, len(runs))))
+
+
+@pytest.mark.parametrize("mode", SP)
+def test_sp_dp2_x_sp2_equals_one_process(four_ranks, one_process_odd, mode):
     """--sp 2 on 4 ranks, DDP or FSDP2 (+ activation checkpointing): each row's tokens split over 2 ranks, 2
     data-parallel groups; the same losses and weights as one process running the combined batch, every random
     draw the same (the loss depends on them), each sample counted once in the normalisation."""
     one, ref = one_process_odd
-    out = tmp_path / "four"
-    p = torchrun(train.__file__, *dit_args(assets, out, *ODD, "--rows", "1", "--sp", "2", *extra), nproc=4)
-    assert f"world 4 (sp 2) {'fsdp' if extra else 'ddp'}" in p.stdout
+    out = four_ranks[0] / mode  # the 4-rank launch's run: *ODD, --rows 1, --sp 2, *SP[mode]
+    assert f"world 4 (sp 2) {'fsdp' if SP[mode] else 'ddp'}" in four_ranks[1][mode]
     assert [r["loss"] for r in log(out)] == pytest.approx(one["losses"], rel=1e-5, abs=1e-7)
     a, b = weights(ref / "dit"), weights(out / "dit")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
