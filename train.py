@@ -2733,6 +2733,8 @@ def demo(args):
     lap("data")
     common = ["--preset", "shapes", "--data", manifest, "--device", args.device,
               "--max-bad-steps", str(args.max_bad_steps)] + (["--resume"] if args.resume else [])
+    if scale != 1.0:  # the warmup is a step count too: a scaled demo keeps the schedule's shape
+        common += ["--warmup", str(max(1, round(tc.warmup * scale)))]
     again = " ".join(["python train.py", *(["--out", args.out] if args.out else []),
                       *(["--quick"] if q else []),
                       *(["--demo-scale", f"{args.demo_scale:g}"] if args.demo_scale else []),
