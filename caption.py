@@ -542,6 +542,7 @@ def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_capt
         good = _isolate(good, end_to_end, "the video captioner", failures)
     else:
         good = _isolate(good, frame_captions, "the frame captioner", failures)
+        good = [g for g in good if _described(g, failures)]
         good = [g for g in good if _prompt(g, cfg, summariser, failures)]
         good = _isolate(good, summaries, "the summariser", failures)
     entries = []
@@ -555,6 +556,16 @@ def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_capt
                         **({"short_caption": g["short"]} if g["short"] else {}),
                         **({"start": g["start"]} if g["start"] is not None else {})})
     return entries, failures
+
+
+def _described(g, failures):
+    """False, with the video in failures, when the frame captioner gave none of its frames any
+    text: the summariser would invent a caption from the bare App. C prompt."""
+    if any(c.strip() for c in g["frame_captions"].values()):
+        return True
+    failures.append((g["path"], f"{g['path']}: the frame captioner returned no text for any "
+                     "frame"))
+    return False
 
 
 def _prompt(g, cfg, summariser, failures):

@@ -810,3 +810,19 @@ def test_manifest_carries_the_metadata_training_plans_with(tmp_path):
                    Spy(None), progress=False)
     (entry,) = data.read_manifest(tmp_path / "n.jsonl")
     assert {k: entry[k] for k in meta} == meta
+
+
+def test_a_frame_captioner_giving_no_frame_text_fails_its_video(tmp_path):
+    """A frame captioner returning blank captions (a VLM emitting only special tokens decodes to
+    "") gave the summariser an App. C prompt with nothing in it: it invented a caption, written
+    as the video's (frame_captions all ""). The video fails, named, and is retried next run."""
+    write_clip(tmp_path / "a.mp4", 12)  # 2 frames
+    write_clip(tmp_path / "b.mp4", 8)  # 1 frame
+    blank_a = lambda frames: [" " if len(frames) == 3 and i < 2 else "frame"  # noqa: E731
+                              for i in range(len(frames))]  # a's two frames come first
+    out = tmp_path / "o.jsonl"
+    stats = caption_videos([tmp_path / "a.mp4", tmp_path / "b.mp4"], out, CFG, blank_a,
+                           Spy(None), progress=False)
+    assert stats["written"] == 1 and [os.path.basename(p) for p, _ in stats["failed"]] == [
+        "a.mp4"] and "frame captioner returned no text" in stats["failed"][0][1]
+    assert [e["path"] for e in map(json.loads, out.read_text().splitlines())] == ["b.mp4"]
