@@ -505,6 +505,9 @@ def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_capt
             times, frames = read_frames(path, cfg.every, cfg.max_frames, start)  # App. C: every 2 s
             if short is None and short_captioner is not None:
                 short = short_captioner(path, times, frames)  # Figure 7: Panda-70M short caption
+                if short is not None and not isinstance(short, str):  # json.dumps would crash
+                    raise TypeError(f"returned {type(short).__name__}, not a short caption (str)")
+            short = short if short and short.strip() else None  # blank: no short caption at all
         except BadVideo as e:
             failures.append((path, str(e)))
             continue

@@ -826,3 +826,26 @@ def test_a_frame_captioner_giving_no_frame_text_fails_its_video(tmp_path):
     assert stats["written"] == 1 and [os.path.basename(p) for p, _ in stats["failed"]] == [
         "a.mp4"] and "frame captioner returned no text" in stats["failed"][0][1]
     assert [e["path"] for e in map(json.loads, out.read_text().splitlines())] == ["b.mp4"]
+
+
+def test_short_captioner_returning_blank_or_no_string(tmp_path):
+    """The Panda-70M hook's reply was used as it came: whitespace became a "short_caption" of
+    spaces in the manifest and a blank short-caption line in the App. C prompt; a non-string
+    (a list, an object) reached the manifest or crashed json.dumps mid-batch (the run stopped,
+    the batch's other videos unwritten). Blank counts as no short caption; a non-string fails
+    its video, named, and the run goes on."""
+    write_clip(tmp_path / "a.mp4", 8)
+    write_clip(tmp_path / "b.mp4", 8)
+    spy, out = Spy(None), tmp_path / "o.jsonl"
+    stats = caption_videos([tmp_path / "a.mp4"], out, CFG, grey_captioner, spy,
+                           short_captioner=lambda path, times, frames: " \n ", progress=False)
+    (entry,) = data.read_manifest(out)
+    assert stats["written"] == 1 and "short_caption" not in entry
+    assert "A video captioning model" not in spy.turns[0][1]
+    hook = lambda path, times, frames: object() if path.name == "a.mp4" else "grey"  # noqa: E731
+    stats = caption_videos([tmp_path / "a.mp4", tmp_path / "b.mp4"], tmp_path / "o2.jsonl", CFG,
+                           grey_captioner, Spy(None), short_captioner=hook, progress=False)
+    assert stats["written"] == 1 and [os.path.basename(p) for p, _ in stats["failed"]] == ["a.mp4"]
+    assert "returned object, not a short caption (str)" in stats["failed"][0][1]
+    (entry,) = data.read_manifest(tmp_path / "o2.jsonl")
+    assert entry["short_caption"] == "grey"
