@@ -593,13 +593,20 @@ def _prompt(g, cfg, summariser, failures):
 
 def _done(out):
     """The clips already captioned in `out`, as _key (absolute path, start); a torn last line (a
-    crash mid-write) is dropped first (the file is rewritten atomically)."""
+    crash mid-write) is dropped first, a whole one missing its newline gets it (the file is
+    rewritten atomically)."""
     if not out.exists():
         return set()
-    text = out.read_text(encoding="utf-8")  # as written, whatever the locale
-    if text and not text.endswith("\n"):  # crash mid-append: rewrite without the partial line
-        text = text[:text.rfind("\n") + 1]
-        data.atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    raw = out.read_bytes()  # bytes: a tear can cut a UTF-8 character, which would not decode
+    if raw and not raw.endswith(b"\n"):  # crash mid-append: rewrite without the partial line
+        cut = raw.rfind(b"\n") + 1
+        try:  # a whole entry (another tool's file without the final newline) is kept: a JSON
+            whole = isinstance(json.loads(raw[cut:]), dict)  # object ends only at its "}"
+        except ValueError:
+            whole = False
+        raw = raw + b"\n" if whole else raw[:cut]
+        data.atomic_write(out, lambda tmp: Path(tmp).write_bytes(raw))
+    text = raw.decode("utf-8")  # as written, whatever the locale
     done = set()
     # split at "\n" only, as the lines were written: splitlines() also breaks at U+2028, U+2029
     # and U+0085, which json.dumps(ensure_ascii=False) leaves in a caption

@@ -849,3 +849,28 @@ def test_short_captioner_returning_blank_or_no_string(tmp_path):
     assert "returned object, not a short caption (str)" in stats["failed"][0][1]
     (entry,) = data.read_manifest(tmp_path / "o2.jsonl")
     assert entry["short_caption"] == "grey"
+
+
+def test_done_drops_a_torn_line_cut_inside_a_utf8_character(tmp_path):
+    """A crash (or a full disk) mid-append tears the last line at any byte, inside a multi-byte
+    character too: the resume check decoded the whole file first and raised UnicodeDecodeError,
+    so no run could resume until the file was fixed by hand."""
+    line = json.dumps({"path": "a.mp4", "caption": "猫"}, ensure_ascii=False) + "\n"
+    out = tmp_path / "o.jsonl"
+    out.write_bytes(line.encode() + '{"path": "b.mp4", "caption": "猫'.encode()[:-1])
+    assert caption._done(out) == {(str(tmp_path / "a.mp4"), 0.0)}
+    assert out.read_bytes() == line.encode()
+
+
+def test_done_keeps_a_whole_last_line_without_a_newline(tmp_path):
+    """An --out manifest written by another tool may lack the final newline: its last line, a
+    whole entry, was taken for a torn one and deleted from the file (an entry of a video not in
+    this run was lost for good). It is kept; the next line starts on its own line."""
+    write_clip(tmp_path / "b.mp4", 8)
+    out = tmp_path / "o.jsonl"
+    out.write_text(json.dumps({"path": "a.mp4", "caption": "kept"}))  # no "\n"
+    stats = caption_videos([tmp_path / "b.mp4"], out, CFG, grey_captioner, Spy(None),
+                           progress=False)
+    assert stats["written"] == 1
+    assert [(os.path.basename(e["path"]), e["caption"]) for e in data.read_manifest(out)] == [
+        ("a.mp4", "kept"), ("b.mp4", "A red circle moves left.")]
