@@ -505,6 +505,9 @@ def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_capt
             times, frames = read_frames(path, cfg.every, cfg.max_frames, start)  # App. C: every 2 s
             if short is None and short_captioner is not None:
                 short = short_captioner(path, times, frames)  # Figure 7: Panda-70M short caption
+                if short is not None and not isinstance(short, str):  # json.dumps would crash
+                    raise TypeError(f"returned {type(short).__name__}, not a short caption (str)")
+            short = short if short and short.strip() else None  # blank: no short caption at all
         except BadVideo as e:
             failures.append((path, str(e)))
             continue
@@ -542,6 +545,7 @@ def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_capt
         good = _isolate(good, end_to_end, "the video captioner", failures)
     else:
         good = _isolate(good, frame_captions, "the frame captioner", failures)
+        good = [g for g in good if _described(g, failures)]
         good = [g for g in good if _prompt(g, cfg, summariser, failures)]
         good = _isolate(good, summaries, "the summariser", failures)
     entries = []
@@ -555,6 +559,16 @@ def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_capt
                         **({"short_caption": g["short"]} if g["short"] else {}),
                         **({"start": g["start"]} if g["start"] is not None else {})})
     return entries, failures
+
+
+def _described(g, failures):
+    """False, with the video in failures, when the frame captioner gave none of its frames any
+    text: the summariser would invent a caption from the bare App. C prompt."""
+    if any(c.strip() for c in g["frame_captions"].values()):
+        return True
+    failures.append((g["path"], f"{g['path']}: the frame captioner returned no text for any "
+                     "frame"))
+    return False
 
 
 def _prompt(g, cfg, summariser, failures):
@@ -579,13 +593,20 @@ def _prompt(g, cfg, summariser, failures):
 
 def _done(out):
     """The clips already captioned in `out`, as _key (absolute path, start); a torn last line (a
-    crash mid-write) is dropped first (the file is rewritten atomically)."""
+    crash mid-write) is dropped first, a whole one missing its newline gets it (the file is
+    rewritten atomically)."""
     if not out.exists():
         return set()
-    text = out.read_text(encoding="utf-8")  # as written, whatever the locale
-    if text and not text.endswith("\n"):  # crash mid-append: rewrite without the partial line
-        text = text[:text.rfind("\n") + 1]
-        data.atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    raw = out.read_bytes()  # bytes: a tear can cut a UTF-8 character, which would not decode
+    if raw and not raw.endswith(b"\n"):  # crash mid-append: rewrite without the partial line
+        cut = raw.rfind(b"\n") + 1
+        try:  # a whole entry (another tool's file without the final newline) is kept: a JSON
+            whole = isinstance(json.loads(raw[cut:]), dict)  # object ends only at its "}"
+        except ValueError:
+            whole = False
+        raw = raw + b"\n" if whole else raw[:cut]
+        data.atomic_write(out, lambda tmp: Path(tmp).write_bytes(raw))
+    text = raw.decode("utf-8")  # as written, whatever the locale
     done = set()
     # split at "\n" only, as the lines were written: splitlines() also breaks at U+2028, U+2029
     # and U+0085, which json.dumps(ensure_ascii=False) leaves in a caption

@@ -810,3 +810,67 @@ def test_manifest_carries_the_metadata_training_plans_with(tmp_path):
                    Spy(None), progress=False)
     (entry,) = data.read_manifest(tmp_path / "n.jsonl")
     assert {k: entry[k] for k in meta} == meta
+
+
+def test_a_frame_captioner_giving_no_frame_text_fails_its_video(tmp_path):
+    """A frame captioner returning blank captions (a VLM emitting only special tokens decodes to
+    "") gave the summariser an App. C prompt with nothing in it: it invented a caption, written
+    as the video's (frame_captions all ""). The video fails, named, and is retried next run."""
+    write_clip(tmp_path / "a.mp4", 12)  # 2 frames
+    write_clip(tmp_path / "b.mp4", 8)  # 1 frame
+    blank_a = lambda frames: [" " if len(frames) == 3 and i < 2 else "frame"  # noqa: E731
+                              for i in range(len(frames))]  # a's two frames come first
+    out = tmp_path / "o.jsonl"
+    stats = caption_videos([tmp_path / "a.mp4", tmp_path / "b.mp4"], out, CFG, blank_a,
+                           Spy(None), progress=False)
+    assert stats["written"] == 1 and [os.path.basename(p) for p, _ in stats["failed"]] == [
+        "a.mp4"] and "frame captioner returned no text" in stats["failed"][0][1]
+    assert [e["path"] for e in map(json.loads, out.read_text().splitlines())] == ["b.mp4"]
+
+
+def test_short_captioner_returning_blank_or_no_string(tmp_path):
+    """The Panda-70M hook's reply was used as it came: whitespace became a "short_caption" of
+    spaces in the manifest and a blank short-caption line in the App. C prompt; a non-string
+    (a list, an object) reached the manifest or crashed json.dumps mid-batch (the run stopped,
+    the batch's other videos unwritten). Blank counts as no short caption; a non-string fails
+    its video, named, and the run goes on."""
+    write_clip(tmp_path / "a.mp4", 8)
+    write_clip(tmp_path / "b.mp4", 8)
+    spy, out = Spy(None), tmp_path / "o.jsonl"
+    stats = caption_videos([tmp_path / "a.mp4"], out, CFG, grey_captioner, spy,
+                           short_captioner=lambda path, times, frames: " \n ", progress=False)
+    (entry,) = data.read_manifest(out)
+    assert stats["written"] == 1 and "short_caption" not in entry
+    assert "A video captioning model" not in spy.turns[0][1]
+    hook = lambda path, times, frames: object() if path.name == "a.mp4" else "grey"  # noqa: E731
+    stats = caption_videos([tmp_path / "a.mp4", tmp_path / "b.mp4"], tmp_path / "o2.jsonl", CFG,
+                           grey_captioner, Spy(None), short_captioner=hook, progress=False)
+    assert stats["written"] == 1 and [os.path.basename(p) for p, _ in stats["failed"]] == ["a.mp4"]
+    assert "returned object, not a short caption (str)" in stats["failed"][0][1]
+    (entry,) = data.read_manifest(tmp_path / "o2.jsonl")
+    assert entry["short_caption"] == "grey"
+
+
+def test_done_drops_a_torn_line_cut_inside_a_utf8_character(tmp_path):
+    """A crash (or a full disk) mid-append tears the last line at any byte, inside a multi-byte
+    character too: the resume check decoded the whole file first and raised UnicodeDecodeError,
+    so no run could resume until the file was fixed by hand."""
+    line = json.dumps({"path": "a.mp4", "caption": "猫"}, ensure_ascii=False) + "\n"
+    out = tmp_path / "o.jsonl"
+    out.write_bytes(line.encode() + '{"path": "b.mp4", "caption": "猫'.encode()[:-1])
+    assert caption._done(out) == {(str(tmp_path / "a.mp4"), 0.0)}
+    assert out.read_bytes() == line.encode()
+
+
+def test_done_keeps_a_whole_last_line_without_a_newline(tmp_path):
+    """An --out manifest written by another tool may lack the final newline: its last line, a
+    whole entry, was taken for a torn one and deleted from the file (an entry of a video not in
+    this run was lost for good). It is kept; the next line starts on its own line."""
+    write_clip(tmp_path / "b.mp4", 8)
+    out = tmp_path / "o.jsonl"
+    out.write_text(json.dumps({"path": "a.mp4", "caption": "kept"}))  # no "\n"
+    stats = caption_videos([tmp_path / "b.mp4"], out, CFG, grey_captioner, Spy(None),
+                           progress=False)
+    assert stats["written"] == 1
+    assert [(os.path.basename(e["path"]), e["caption"]) for e in data.read_manifest(out)] == [
+        ("a.mp4", "kept"), ("b.mp4", "A red circle moves left.")]
