@@ -1415,11 +1415,15 @@ class LatentCache:
         try:
             return load_file(f)
         except (SafetensorError, OSError) as e:
-            print(f"warning: latent cache file {f} is unreadable ({e}); deleted, it is "
-                  "encoded again", file=sys.stderr)
+            # a torn file (every truncation is a SafetensorError) is deleted; a read error (EIO,
+            # too many open files) says nothing of the file, which is kept for the next read
+            torn = isinstance(e, SafetensorError)
+            print(f"warning: latent cache file {f} is unreadable ({e}); "
+                  f"{'deleted, it is ' if torn else ''}encoded again", file=sys.stderr)
             try:
-                os.remove(f)
-            except FileNotFoundError:  # another worker or rank deleted it first
+                if torn:
+                    os.remove(f)
+            except OSError:  # another worker or rank deleted it first; a read-only cache keeps it
                 pass
             return None
 

@@ -659,6 +659,26 @@ def test_corrupt_latent_cache_file_is_a_miss(tmp_path, capsys):
     assert f in err and "deleted, it is encoded again" in err
 
 
+def test_latent_cache_read_error_keeps_the_file(tmp_path, monkeypatch, capsys):
+    """A read error that says nothing of the file (EIO, too many open files) is a miss that keeps
+    the file (it was deleted: a lost text embedding when no --text-encoder can make it again); a
+    torn file in a read-only cache is a miss, not a PermissionError traceback from its removal."""
+    import errno
+    cache = data.LatentCache(tmp_path / "cache")
+    k = cache.key(write(tmp_path / "c.mkv", T=5), (5, 32, 32), "vae")
+    cache.put(k, {"z": torch.ones(2, 3)})
+    f, load = cache._file(k), data.load_file
+    monkeypatch.setattr(data, "load_file", lambda p: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    assert cache.get(k) is None and os.path.exists(f)
+    assert "unreadable ([Errno 5] I/O error); encoded again" in capsys.readouterr().err
+    monkeypatch.setattr(data, "load_file", load)
+    assert torch.equal(cache.get(k)["z"], torch.ones(2, 3))  # the next read finds it whole
+    with open(f, "r+b") as fh:
+        fh.truncate(20)
+    monkeypatch.setattr(data.os, "remove", lambda p: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    assert cache.get(k) is None  # warned, kept (it cannot be removed), encoded again
+
+
 def test_model_id_sees_the_files_of_subfolders(tmp_path):
     """A pipeline-layout text encoder (text_encoder/ + tokenizer/): new weights in a subfolder
     change the id, so cached T5 embeddings are not reused stale; hidden files do not count; a flat
