@@ -632,6 +632,9 @@ def run(a, p):
             raise ValueError(f"--prompts-file {a.prompts_file}: {why}; pass a UTF-8 text file, "
                              "one prompt per line") from None
         prompts += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts and a.prompts_file:  # only blank and # comment lines: say so, not "give one"
+        p.error(f"--prompts-file {a.prompts_file} holds no prompt (only blank or # comment "
+                "lines): add one prompt per line")
     if not prompts:
         p.error("give a prompt: --prompt TEXT or --prompts-file FILE")
     check_args(a, len(prompts))

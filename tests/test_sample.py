@@ -702,6 +702,17 @@ def test_prompts_file_with_a_byte_order_mark(ckpt, tmp_path, monkeypatch):
     assert seen == ["a red circle", "a red circle"]
 
 
+def test_prompts_file_of_comments_only_is_named(ckpt, tmp_path, capsys):
+    """A --prompts-file with only blank and # comment lines: one line naming the file, exit 2
+    (it said "give a prompt: --prompt TEXT or --prompts-file FILE", as if none was given)."""
+    (tmp_path / "p.txt").write_text("# my prompts\n\n   \n")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(ckpt), "--prompts-file", str(tmp_path / "p.txt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].endswith(f"--prompts-file {tmp_path / 'p.txt'} holds no prompt "
+                                                  "(only blank or # comment lines): add one prompt per line")
+
+
 def test_outputs_never_overwrite_inputs(tmp_path, capsys):
     """--image cat.png --out cat.mp4 would write the contact sheet over the image: refused, the
     image kept; so is an output over the prompts file."""
