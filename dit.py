@@ -944,12 +944,18 @@ def build_tiny_t5(folder, texts, d_model=64, layers=2, heads=4, d_ff=128, vocab_
     """Write a random tiny T5 encoder and a WORD-level SentencePiece tokenizer trained on texts to
     folder. Word level because a default unigram model on a few dozen short captions collapses to
     single characters, so different captions would truncate to the same tokens and the DiT could
-    not tell them apart. extra_ids=0: no sentinel tokens."""
+    not tell them apart. extra_ids=0: no sentinel tokens. Built in folder.part and renamed into
+    place whole: a kill part way (save_pretrained writes config.json before the weights) leaves no
+    folder a later run (the demo's --resume) takes for a T5."""
     import io
+    import shutil
 
     import sentencepiece as spm
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
-    os.makedirs(folder, exist_ok=True)
+    given, final = folder, Path(folder)
+    folder = final.with_name(final.name + ".part")
+    shutil.rmtree(folder, ignore_errors=True)  # an earlier build's remains
+    os.makedirs(folder)
     buf = io.BytesIO()
     # T5's ids: pad 0, </s> 1, unk 2
     spm.SentencePieceTrainer.train(sentence_iterator=iter(list(texts)), model_writer=buf,
@@ -969,7 +975,10 @@ def build_tiny_t5(folder, texts, d_model=64, layers=2, heads=4, d_ff=128, vocab_
                    relative_attention_num_buckets=8, is_encoder_decoder=False, use_cache=False,
                    tie_word_embeddings=False)
     T5EncoderModel(cfg).save_pretrained(folder)
-    return folder
+    if final.exists():  # a rebuild replaces the old T5 whole
+        shutil.rmtree(final)
+    os.replace(folder, final)
+    return given
 
 
 # ----- LoRA: low-rank adapters on frozen weights (not in the paper) -----

@@ -4,6 +4,7 @@ checkpointing / autocast, save/load, the T5 wrapper.
 Run: python -m pytest -q tests/test_dit.py (the compiled FlexAttention test: -m slow -k flex)"""
 import json
 import os
+from pathlib import Path
 from dataclasses import asdict, replace
 
 import pytest
@@ -783,6 +784,27 @@ def test_text_encoder_in_half_precision_files_loads_as_float32_unless_asked(tmp_
     assert dit.TextEncoder(tmp_path / "t5").model.dtype == torch.float32
     half = dit.TextEncoder(tmp_path / "t5", dtype=torch.bfloat16)
     assert half.model.dtype == torch.bfloat16 and half.encode(["a"]).dtype == torch.bfloat16
+
+
+def test_build_tiny_t5_is_all_or_nothing(tmp_path, monkeypatch):
+    """A kill while the tiny T5 is written (save_pretrained: config.json first, then the weights)
+    left a folder with a config and no weights, which the demo's --resume took for its T5 and
+    refused on every later run; now nothing is in place until the whole folder is; a rebuild
+    replaces it."""
+    from transformers import T5EncoderModel
+
+    def killed(self, folder, **kw):
+        (Path(folder) / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+    real = T5EncoderModel.save_pretrained
+    monkeypatch.setattr(T5EncoderModel, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        dit.build_tiny_t5(tmp_path / "t5", CAPTIONS, d_model=16, heads=2, d_ff=32)
+    assert not (tmp_path / "t5").exists()
+    monkeypatch.setattr(T5EncoderModel, "save_pretrained", real)
+    for d in (16, 32):  # a build, then a rebuild over it
+        assert dit.build_tiny_t5(tmp_path / "t5", CAPTIONS, d_model=d, heads=2, d_ff=32) == tmp_path / "t5"
+        assert dit.TextEncoder(tmp_path / "t5").dim == d and not (tmp_path / "t5.part").exists()
 
 
 def test_text_encoder_of_a_release_takes_the_tokenizer_beside_it(tmp_path):
