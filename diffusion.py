@@ -276,7 +276,7 @@ def sample(v_fn, x_T, alphas_cumprod, num_steps=50, sampler="ddim", generator=No
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {SAMPLERS}")
     n_train = len(alphas_cumprod)
-    ts = sampling_timesteps(num_steps, n_train)  # (n,)
+    ts = sampling_timesteps(num_steps, n_train)  # (n,), for some n (n + 1,): the loop takes n
     if noise is not None and len(noise) != num_steps:
         raise ValueError(f"noise must hold one tensor per step ({num_steps}), got {len(noise)}")
     if draw is None:
