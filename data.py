@@ -1040,6 +1040,9 @@ class FramePackSampler(_GlobalBatchSampler):
                  world_size=1, lookahead=16, drop_last=False, pt=1, balance=None,
                  linear_cost=0.0, pool=64):
         super().__init__(shapes, seed, rank, world_size, drop_last)
+        if lookahead < 1:  # 0: no sample is ever admitted, so the batches would never end
+            raise ValueError(f"lookahead must be >= 1 (samples that may wait for a later "
+                             f"batch), got {lookahead}")
         self.max_tokens, self.rows, self.lookahead = max_tokens, rows, lookahead
         self.balance, self.pool = balance, pool
         self._factors = (tf, sf, p, pt)  # pt: latent frames per token (CogVideoX 1.5: 2)

@@ -400,6 +400,13 @@ def test_frame_pack_rejects_oversized_samples():
         data.num_tokens(9, 20, 16, 4, tf=4, sf=4, p=2)
 
 
+def test_frame_pack_rejects_lookahead_below_one():
+    # lookahead=0 admitted no sample: the first-fit loop built empty batches forever
+    for balance in (None, 0.05):
+        with pytest.raises(ValueError, match="lookahead must be >= 1"):
+            data.FramePackSampler(random_shapes(8), rows=2, lookahead=0, balance=balance, **KW)
+
+
 def test_bucket_sampler_sharding():
     shapes = random_shapes(101, seed=2)
     for world in (1, 2, 4):
