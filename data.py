@@ -64,8 +64,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# .mts/.m2ts: camcorders' AVCHD (MPEG-TS); .3gp: phones (MP4 family); ffmpeg reads all of them
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".gif", ".m4v", ".mpg", ".mpeg", ".wmv",
-              ".flv", ".ts")
+              ".flv", ".ts", ".mts", ".m2ts", ".3gp")
 
 
 # ----- config: progressive stages (§3.2) and filter thresholds (§3.4) -----

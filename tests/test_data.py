@@ -313,6 +313,16 @@ def test_manifests(tmp_path):
         data.read_manifest(tmp_path / "sub")
 
 
+def test_folder_lists_camcorder_and_phone_containers(tmp_path):
+    # .mts/.m2ts (AVCHD) and .3gp were neither listed nor counted: a folder of them read as empty
+    for name, codec in [("a.mts", "libx264"), ("b.M2TS", "libx264"), ("c.3gp", "mpeg4")]:
+        write(tmp_path / name, codec=codec)
+    got = data.read_manifest(tmp_path)
+    assert [os.path.basename(e["path"]) for e in got] == ["a.mts", "b.M2TS", "c.3gp"]
+    for e in got:  # and they decode
+        assert frame_ids(data.load_video(e["path"], 9, 16, 16)) == list(range(9))
+
+
 def test_manifest_start_must_be_finite(tmp_path):
     """A "start" of Infinity (what json.dumps writes for float("inf")) passed the "seconds >= 0"
     check and crashed planning with an OverflowError: refused with the file and line. A finite
