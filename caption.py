@@ -195,7 +195,7 @@ def find_videos(inputs):
         if item.is_dir():
             found += [(p, None, None) for p in sorted(item.rglob("*"))
                       if p.suffix.lower() in data.VIDEO_EXTS and p.is_file()]
-        elif item.suffix == ".jsonl" and item.is_file():
+        elif item.suffix.lower() == ".jsonl" and item.is_file():  # X.JSONL too: not a video
             for e in data.read_manifest(item):  # (which checks "start")
                 found.append((Path(e["path"]), e.get("short_caption") or e["caption"] or None, e))
         elif item.exists():

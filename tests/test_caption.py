@@ -301,6 +301,15 @@ def test_video_captioner_hook_and_short_captions(tmp_path):
     assert "'a grey square'" in spy.turns[0][1]  # Figure 7: the short caption joins the summary
 
 
+def test_a_manifest_with_a_capital_extension_is_a_manifest(tmp_path):
+    # OLD.JSONL was taken for a video: decoded, counted bad, its entries never captioned
+    write_clip(tmp_path / "a.mp4", 8)
+    (tmp_path / "OLD.JSONL").write_text(json.dumps({"path": "a.mp4", "caption": "a square"})
+                                        + "\n")
+    ((path, short, entry),) = caption.find_videos([tmp_path / "OLD.JSONL"])
+    assert (path, short, entry["caption"]) == (tmp_path / "a.mp4", "a square", "a square")
+
+
 def test_clips_of_one_file_are_captioned_from_their_start(tmp_path, capsys):
     """Manifest entries of one file with different "start"s are different clips: each is captioned
     from its start (they were merged into one, captioned from 0 s), its line keeps "start" and the
