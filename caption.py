@@ -606,7 +606,8 @@ def _done(out):
             whole = False
         raw = raw + b"\n" if whole else raw[:cut]
         data.atomic_write(out, lambda tmp: Path(tmp).write_bytes(raw))
-    text = raw.decode("utf-8")  # as written, whatever the locale
+    # as written, whatever the locale; -sig: a "UTF-8 with BOM" save, as data.read_manifest reads
+    text = raw.decode("utf-8-sig")
     done = set()
     # split at "\n" only, as the lines were written: splitlines() also breaks at U+2028, U+2029
     # and U+0085, which json.dumps(ensure_ascii=False) leaves in a caption

@@ -871,6 +871,19 @@ def test_done_drops_a_torn_line_cut_inside_a_utf8_character(tmp_path):
     assert out.read_bytes() == line.encode()
 
 
+def test_done_reads_a_manifest_starting_with_a_byte_order_mark(tmp_path):
+    """A "UTF-8 with BOM" --out (an editor's save) is read by data.read_manifest, but the resume
+    check refused it: "o.jsonl:1 is not a manifest line (Unexpected UTF-8 BOM)"."""
+    bom, line = b"\xef\xbb\xbf", json.dumps({"path": "a.mp4", "caption": "x"}).encode()
+    out = tmp_path / "o.jsonl"
+    for raw, kept in [(line + b"\n", line + b"\n"), (line + b'\n{"path": "b', line + b"\n"),
+                      (line, line + b"\n")]:  # whole, a torn tail dropped, a newline added
+        out.write_bytes(bom + raw)
+        assert caption._done(out) == {(str(tmp_path / "a.mp4"), 0.0)}
+        assert out.read_bytes() == bom + kept
+        assert [e["caption"] for e in data.read_manifest(out)] == ["x"]
+
+
 def test_done_keeps_a_whole_last_line_without_a_newline(tmp_path):
     """An --out manifest written by another tool may lack the final newline: its last line, a
     whole entry, was taken for a torn one and deleted from the file (an entry of a video not in
