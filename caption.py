@@ -145,7 +145,7 @@ _FILLER = re.compile(r"(?:,\s*)?\b(?:(?:throughout|in) the video" + _ENDS + r"|a
 
 def clean_caption(text, max_words=100):
     """Enforce App. C's output rules on a summary: one line, no "The video shows…",
-    <= max_words."""
+    <= max_words. "" when no word is left (the caller fails the video)."""
     text = " ".join(text.split()).strip(" \"'")  # no '\n' (App. C), collapse runs of spaces
     text = " ".join(_FILLER.sub(" ", _INTRO.sub("", text)).split())
     text = re.sub(r"\s+(?=[.;:!?])", "", text)  # "sits still throughout the video." left "still ."
@@ -155,6 +155,8 @@ def clean_caption(text, max_words=100):
         # (+ " ": a sentence ending at the last word kept counts; it was dropped with the cut)
         end = max((text + " ").rfind(". "), (text + " ").rfind("! "), (text + " ").rfind("? "))
         text = text[:end + 1] if end > len(text) // 2 else text
+    if not re.search(r"\w", text):  # "The video shows." left "." : no caption (the video fails)
+        return ""
     return text[:1].upper() + text[1:]
 
 
@@ -552,7 +554,8 @@ def caption_batch(videos, cfg, frame_captioner=None, summariser=None, video_capt
     for g in good:
         caption = clean_caption(str(g["caption"]), cfg.max_words)
         if not caption:  # never write an empty caption into a training manifest
-            failures.append((g["path"], f"{g['path']}: the captioner returned an empty caption"))
+            failures.append((g["path"], f"{g['path']}: the captioner returned an empty caption "
+                             "(or one with no words but 'The video shows'-style boilerplate)"))
             continue
         frame_captions = {str(float(t)): c for t, c in g["frame_captions"].items()}
         entries.append({"path": g["path"], "caption": caption, "frame_captions": frame_captions,

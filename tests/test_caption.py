@@ -198,6 +198,19 @@ def test_clean_caption_keeps_content_words_and_whole_sentences():
     assert clean_caption(" ".join([ten] * 11)) == " ".join([ten] * 10)  # 100 words, all whole
 
 
+def test_clean_caption_of_a_prefix_only_is_no_caption(tmp_path):
+    """A reply of only a boilerplate prefix or punctuation was cleaned to "." and written as the
+    video's caption; it is no caption: the video fails (retried on the next run)."""
+    for reply in ("The video shows.", "In the video.", ".", "...", " , "):
+        assert clean_caption(reply) == "", reply
+    assert clean_caption("猫.") == "猫."  # any script's words are content
+    write_clip(tmp_path / "a.mp4", 8)
+    stats = caption_videos([tmp_path / "a.mp4"], tmp_path / "o.jsonl", CFG, progress=False,
+                           video_captioner=lambda path, times, frames: "The video shows.")
+    assert stats["written"] == 0 and "returned an empty caption" in stats["failed"][0][1]
+    assert (tmp_path / "o.jsonl").read_text() == ""
+
+
 # ----- the pipeline and the manifest -----
 
 
