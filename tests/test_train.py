@@ -784,6 +784,14 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--stage", "vae", "--size", "8x32", "--steps", "2", "--lpips", "{tmp}/afile"],  # GAN not reached
      "stage 0: 8x32 frames are too small for LPIPS (--lpips), which needs 16 pixels a side; use --size "
      "16x32"),
+    # a training run's options, which the simulator ignored (exit 0, as if they had been simulated)
+    (["--simulate", "1", "--data", "{tmp}/afile", "--steps", "5"], "--data, --steps: options of "
+     "a training run, which --simulate N ignores (one step on synthetic data): drop them"),
+    (["--simulate", "1", "--resume"], "--resume: an option of a training run, which --simulate N "
+                                      "ignores"),
+    (["--simulate", "2", "--out", "{tmp}/o", "--bucket", "--batch", "2"], "--out, --bucket: "
+     "options of a training run"),
+    (["--simulate", "1", "--encode-memory", "4"], "--encode-memory: an option of a training run"),
 ])
 def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsys, extra, words):
     """Each bad value: one line naming the fix, exit code 2, before any model is loaded (issue 20)."""
@@ -817,9 +825,14 @@ def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsy
     fmt = dict(tmp=tmp_path, clip=clip, vae8=tmp_path / "vae8", vae16=tmp_path / "vae16",
                vaestr=tmp_path / "vaestr", initlist=tmp_path / "initlist")
     argv = [v.format(**fmt) for v in extra]
-    with pytest.raises(SystemExit) as e:  # a VAE case: no DiT options (--vae, --text-encoder, --cache)
-        train.main(vae_args(assets["manifest"], tmp_path / "run", *argv) if "vae" in extra
-                   else dit_args(assets, tmp_path / "run", *argv))
+    if "--simulate" in extra:  # a simulation reads no data and writes no run: only what it reads
+        argv = ["--stage", "dit", "--preset", "tiny", *argv]  # (a VAE case's --stage vae wins)
+    elif "vae" in extra:  # a VAE case: no DiT options (--vae, --text-encoder, --cache)
+        argv = vae_args(assets["manifest"], tmp_path / "run", *argv)
+    else:
+        argv = dit_args(assets, tmp_path / "run", *argv)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and "Traceback" not in "".join(err) and words.format(tmp=tmp_path) in err[-1], err
 
