@@ -2350,7 +2350,7 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
             for k, t in [(k, t) for k, t in m._buffers.items() if t is not None]:
                 m._buffers[k] = torch.empty(t.shape, dtype=t.dtype)
     model.sp, G = sp, sp.size if sp is not None else 1
-    vcfg = vae.VAE_PRESETS[tc.vae]
+    vcfg = vae_config(args, tc)  # --vae's (or --init-diffusers'), as check() read: its factors
     # DDP is simulated as the model itself: its gradients are views into DDP's buckets
     # (gradient_as_bucket_view), kept alive by ddp_buckets for the whole step
     net = wrap(model, True, torch.device("cpu"), mesh=mesh, bf16=not args.fp32) if args.fsdp \

@@ -1596,6 +1596,17 @@ def test_simulated_row_is_the_presets_last_stage_row(capsys):
     assert train.main(["--stage", "dit", "--preset", "shapes", "--simulate", "1", "--max-tokens", "120"])["row"] == 120
 
 
+def test_simulated_dit_step_uses_the_vae_given(tmp_path):
+    """--simulate --vae DIR: the latent grid is that VAE's (it was the preset's VAE, while the
+    checks read --vae's factors): a VAE of spatial factor 8, not the tiny preset's 4, makes a
+    9x32x32 clip a 3x4x4 latent."""
+    cfg = vae.VAEConfig(channels=(8, 8, 8, 8), layers=1, latent=8, groups=4)
+    vae.CausalVAE(cfg).save(str(tmp_path / "v8"))
+    r = train.main(["--stage", "dit", "--preset", "tiny", "--simulate", "1", "--frames", "9",
+                    "--size", "32x32", "--vae", str(tmp_path / "v8")])
+    assert r["row"] == dit.num_tokens(dit.DIT_PRESETS[train.PRESETS["tiny"].dit], 3, 4, 4)
+
+
 def test_simulated_fsdp_step_equals_two_real_ranks(two_ranks, capsys):
     """FSDP2 on 2 real gloo ranks vs the fake 2-rank process group: the same table."""
     real = sim_row(two_ranks[1]["simulate"])  # the 2-rank launch's --simulate 2 --fsdp --real
