@@ -144,16 +144,34 @@ def atomic_write(path, write):
     """write(tmp), then rename tmp over path: readers see the old file or the new one, never half.
 
     The temp name is unique per process and call (two ranks or runs writing the same file never
-    share one) and the temp file is removed if writing fails."""
+    share one) and the temp file is removed if writing fails. Its bytes are fsynced before the
+    rename and the folder after it: without the first, a power loss can leave the renamed file
+    empty (ext4, xfs: the rename reaches the disk before the data); without the second, the old
+    file."""
     tmp = f"{path}.tmp{os.getpid()}_{uuid.uuid4().hex[:8]}"
     try:
         write(tmp)
         # the permissions open() gives (0644 under the usual umask): safetensors writes owner-only
         os.chmod(tmp, 0o666 & ~UMASK)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:  # after a failure only: a replaced temp file no longer exists
         if os.path.exists(tmp):
             os.remove(tmp)
+    try:  # (a folder cannot be opened or fsynced everywhere, e.g. on Windows: then skipped)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def check_not_input(outs, inputs, flag="--out"):
