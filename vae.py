@@ -30,8 +30,7 @@ Run:
   python vae.py --reconstruct clip.mp4 --preset tiny          # smoke test with random weights (CPU)
   python vae.py --reconstruct clip.mp4 --ckpt runs/vae/vae    # our checkpoint (CausalVAE.save)
   python vae.py --reconstruct clip.mp4 --ckpt CogVideoX-2b/vae --device cuda   # released weights
-  PYTHONPATH=. torchrun --standalone --nproc_per_node 2 tests/_vae_cp_worker.py
-        # CP == one process (+ memory); PYTHONPATH: the worker imports vae from the repo root
+  torchrun --standalone --nproc_per_node 2 tests/_vae_cp_worker.py   # CP == one process (+ memory)
   python -m pytest -q tests/test_vae.py                       # parity, causality, CP, losses
 
 Shape legend:

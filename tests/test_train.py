@@ -1408,6 +1408,21 @@ def test_a_torchrun_worker_leaves_without_teardown(torchrun, monkeypatch):
         assert e.value.code == (code or 0)
 
 
+def test_torchrun_workers_import_without_pythonpath(tmp_path):
+    """The tests' torchrun workers run by hand (`torchrun ... tests/_vae_cp_worker.py`) from any
+    folder without PYTHONPATH=.: each puts the repo root on sys.path itself (it was a
+    ModuleNotFoundError for train / vae / data). Imported as `python tests/_x.py` sees them: the
+    script's folder first, no PYTHONPATH, another working directory."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    names = sorted(f[:-3] for f in os.listdir(tests)
+                   if f.startswith("_") and f.endswith("_worker.py"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = f"import sys; sys.path[0] = {tests!r}; import {', '.join(names)}"
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert len(names) == 5 and p.returncode == 0, p.stderr[-2000:]
+
+
 # ----- the shapes demo (issue 8) -----
 
 @pytest.mark.slow
