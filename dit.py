@@ -1404,20 +1404,22 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.batch is not None and a.batch < 1:
         ap.error(f"--batch must be >= 1, got {a.batch}")
+    import data  # the CLIs' one device check; imported here so dit.py stays importable alone
+    try:
+        # the device's type, not its string: "cpu:0" is the CPU too (it built a full 5B there)
+        cpu = data.check_device(a.device).type == "cpu"
+    except ValueError as e:
+        ap.error(str(e))
+    meta = cpu and a.preset not in ("tiny", "shapes")
     step = [f for f, v in (("--batch", a.batch is not None), ("--bf16", a.bf16),
                            ("--checkpointing", a.checkpointing)) if v]
-    if a.preset not in ("tiny", "shapes") and a.device == "cpu" and step:
+    if meta and step:
         # a full preset on the CPU only counts parameters: the step's options were ignored
         ap.error(f"{a.preset} on the CPU counts parameters and times no step: drop "
                  f"{', '.join(step)} (or pass --device cuda)")
     a.batch = a.batch or 2
-    import data  # the CLIs' one device check; imported here so dit.py stays importable alone
-    try:
-        data.check_device(a.device)
-    except ValueError as e:
-        ap.error(str(e))
     cfg, count = DIT_PRESETS[a.preset], lambda m: f"{sum(p.numel() for p in m.parameters()):,}"
-    if a.preset not in ("tiny", "shapes") and a.device == "cpu":  # the full-size ones: meta
+    if meta:  # the full-size ones on the CPU: counted on the meta device
         with torch.device("meta"):
             print(f"{a.preset}: {count(ExpertDiT(cfg))} parameters (meta device: none allocated)")
         return

@@ -334,7 +334,35 @@ def ckpt_sample_config(folder):
         known = SampleConfig.__dataclass_fields__
         given = {k: v for k, v in data.json_object(meta).items() if k in known}
         cfg = data.config_from(SampleConfig, {**asdict(cfg), **given}, meta)
+        check_sample_json(cfg, given, meta)
     return cfg
+
+
+def check_sample_json(cfg, given, path):
+    """sample.json's values (a hand edit) as one ValueError naming the file, the key and the fix,
+    when it is read: generate would only refuse an unknown uncond after the models load, and
+    write_video a bad fps after the whole sampling run. given: the keys the file sets; the frame
+    count and size against the VAE and DiT stay check_sample's (it needs their configs)."""
+    try:  # the check write_video makes (a rate that rounds to 0 too)
+        fps_ok = bool(data.video_rate(cfg.fps))
+    except ValueError:
+        fps_ok = False
+    need = {"num_frames": (cfg.num_frames >= 1, "a whole number >= 1 (4k+1)"),
+            "height": (cfg.height >= 1, "a whole number >= 1"),
+            "width": (cfg.width >= 1, "a whole number >= 1"),
+            "fps": (fps_ok, "a frame rate > 0, e.g. 8"),
+            # (generate samples on the default 1000-step schedule, diffusion.alphas_cumprod)
+            "steps": (1 <= cfg.steps <= 1000, "in [1, 1000], e.g. 50"),
+            "sampler": (cfg.sampler in diffusion.SAMPLERS, f"one of {diffusion.SAMPLERS}"),
+            "cfg": (math.isfinite(cfg.cfg) and cfg.cfg >= 1, "a number >= 1 (1 = no guidance)"),
+            "cfg_min_t": (0 <= cfg.cfg_min_t <= 1000, "in [0, 1000] (0 = guide every step)"),
+            "uncond": (cfg.uncond in ("zeros", "empty"), '"zeros" or "empty"'),
+            "snr_shift_scale": (math.isfinite(cfg.snr_shift_scale) and cfg.snr_shift_scale > 0,
+                                "a number > 0 (1.0 = no shift)")}
+    for k, (ok, what) in need.items():
+        if k in given and not ok:
+            raise ValueError(f"{path}: {k} = {given[k]!r} must be {what}; fix it, or copy or "
+                             "export the checkpoint again")
 
 
 def load_ckpt(folder, device="cpu", dtype=None):

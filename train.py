@@ -2350,7 +2350,7 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
             for k, t in [(k, t) for k, t in m._buffers.items() if t is not None]:
                 m._buffers[k] = torch.empty(t.shape, dtype=t.dtype)
     model.sp, G = sp, sp.size if sp is not None else 1
-    vcfg = vae.VAE_PRESETS[tc.vae]
+    vcfg = vae_config(args, tc)  # --vae's (or --init-diffusers'), as check() read: its factors
     # DDP is simulated as the model itself: its gradients are views into DDP's buckets
     # (gradient_as_bucket_view), kept alive by ddp_buckets for the whole step
     net = wrap(model, True, torch.device("cpu"), mesh=mesh, bf16=not args.fp32) if args.fsdp \
@@ -2884,6 +2884,12 @@ def parser():
 DEMO_OPTIONS = {"out", "device", "quick", "demo_scale", "resume", "max_bad_steps"}
 # what only the demo, or only --simulate, reads: a training run would ignore them
 DEMO_ONLY, SIMULATE_ONLY = ("quick", "demo_scale"), ("fp32", "real", "peak_tflops")
+# what --simulate never reads: it builds the models and one step of the last stage's largest clip
+# on synthetic data (no data, files, schedule, loader, EMA; Frame Pack rows, not --bucket), so
+# these were ignored; --encode-memory too without --encode
+TRAIN_ONLY = ("data", "out", "text_encoder", "cache", "steps", "warmup", "ema", "save_every",
+              "resume", "stop_at", "workers", "prefetch", "augment", "bucket", "timeout_min",
+              "max_bad_steps")
 # what only one stage reads: the other stage's run ignored them (e.g. --min-snr on the VAE, a
 # broken --lpips file on the DiT). The DiT reads --batch in --bucket mode only; the VAE
 # --encode-memory in --simulate --encode only (the DiT data path's encode).
@@ -2912,6 +2918,12 @@ def check_given(args, argv=None):
     if sim_only and args.simulate is None:
         raise SettingsError(f"{flags(sim_only)}: options of --simulate N, which a training run "
                             f"ignores: drop them, or add --simulate N")
+    unsim = [o for o in TRAIN_ONLY if o in opts] + (["encode_memory"] if "encode_memory" in opts
+                                                     and not args.encode else [])
+    if unsim and args.simulate is not None:
+        raise SettingsError(f"{flags(unsim)}: {'options' if len(unsim) > 1 else 'an option'} of a "
+                            f"training run, which --simulate N ignores (one step on synthetic "
+                            f"data): drop {'them' if len(unsim) > 1 else 'it'}")
     other = "dit" if args.stage == "vae" else "vae"
     unread = [o for o in STAGE_ONLY[other] if o in opts and not (
         (o == "batch" and args.bucket) or (o == "encode_memory" and args.encode))]

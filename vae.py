@@ -30,8 +30,7 @@ Run:
   python vae.py --reconstruct clip.mp4 --preset tiny          # smoke test with random weights (CPU)
   python vae.py --reconstruct clip.mp4 --ckpt runs/vae/vae    # our checkpoint (CausalVAE.save)
   python vae.py --reconstruct clip.mp4 --ckpt CogVideoX-2b/vae --device cuda   # released weights
-  PYTHONPATH=. torchrun --standalone --nproc_per_node 2 tests/_vae_cp_worker.py
-        # CP == one process (+ memory); PYTHONPATH: the worker imports vae from the repo root
+  torchrun --standalone --nproc_per_node 2 tests/_vae_cp_worker.py   # CP == one process (+ memory)
   python -m pytest -q tests/test_vae.py                       # parity, causality, CP, losses
 
 Shape legend:
@@ -40,6 +39,7 @@ Shape legend:
 """
 import argparse
 import json
+import operator
 import os
 import re
 from dataclasses import asdict, dataclass, replace
@@ -534,6 +534,24 @@ class CausalVAE(nn.Module):
             raise ValueError(f"encode: tile and overlap must be multiples of {sf}, got "
                              f"{tile}, {overlap}")
 
+    def _chunk(self, stream):
+        """encode / decode's stream= -> latent frames per chunk, 0 for the whole clip at once
+        (False, None or 0: data.EncodePlan's "no streaming"). A negative or fractional count,
+        or a string, is one ValueError (-1 ran chunks of -1 frames, 2.5 was cut to 2)."""
+        if stream is True:
+            return self.cfg.stream_latents
+        if stream is None or stream is False:
+            return 0
+        try:
+            n = operator.index(stream)  # a whole number (numpy's too), not 2.5 or "2"
+        except TypeError:
+            n = -1
+        if n < 0:
+            raise ValueError(f"stream={stream!r}: pass True (chunks of cfg.stream_latents = "
+                             f"{self.cfg.stream_latents} latent frames), a whole number n >= 1 "
+                             f"of latent frames per chunk, or False (the whole clip at once)")
+        return n
+
     def _run(self, net, x, group, stream, chunk):
         if group is not None:  # this rank's share of the clip; frame 0 lives on rank 0
             return net(x, Run(first=dist.get_rank(group) == 0, group=group))
@@ -553,8 +571,8 @@ class CausalVAE(nn.Module):
         sf = self.cfg.spatial_factor
         overlap = overlap if overlap is not None else (tile or 0) // 4 // sf * sf
         self._check(x, True, cp_group, tile, overlap)
-        n = self.cfg.stream_latents if stream is True else int(stream)
-        fn = lambda v: self._run(self.encoder, v, cp_group, stream, n * self.cfg.temporal_factor)
+        n = self._chunk(stream)
+        fn = lambda v: self._run(self.encoder, v, cp_group, n, n * self.cfg.temporal_factor)
         h = _tiled(fn, x, tile, overlap, 1 / sf) if tile else fn(x)  # (B, 2L, T', h, w)
         mean, logvar = h.chunk(2, 1)
         return Gaussian(mean, logvar.clamp(-30.0, 20.0))  # released clamp keeps exp(logvar) finite
@@ -564,8 +582,8 @@ class CausalVAE(nn.Module):
         -> (B, 3, T, H, W)."""
         overlap = overlap if overlap is not None else (tile or 0) // 4
         self._check(z, False, cp_group, tile, overlap)
-        n = self.cfg.stream_latents if stream is True else int(stream)
-        fn = lambda v: self._run(self.decoder, v, cp_group, stream, n)
+        n = self._chunk(stream)
+        fn = lambda v: self._run(self.decoder, v, cp_group, n, n)
         return _tiled(fn, z, tile, overlap, self.cfg.spatial_factor) if tile else fn(z)
 
     def forward(self, x, cp_group=None, sample=True, generator=None, eps=None):

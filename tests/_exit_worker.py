@@ -6,13 +6,16 @@ The pattern behind train.leave(): a DDP step (its all-reduces run inside backwar
 group destroyed, then the end of the process through train.leave(0), which must skip the interpreter's teardown
 (an atexit handler tells whether it ran). `plain` (the control: no DDP) ends as Python does."""
 import atexit
+import os
 import sys
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import train
+# the project files live at the repo root (no package): found when run by hand from anywhere
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")

@@ -18,11 +18,14 @@ deaf:R:H        the files of global rows >= H are unreadable, with R rows per ra
 """
 import itertools
 import os
+import sys
 
 import torch
 
-import data
-import train
+# the project files live at the repo root (no package): found when run by hand from anywhere
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import train  # noqa: E402
 
 
 def same_draws(set_=setattr):

@@ -20,8 +20,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-import data
-import dit
+# the project files live at the repo root (no package): found when run by hand from anywhere
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import dit  # noqa: E402
 
 
 def randomize(model, seed=0, std=0.05):

@@ -27,8 +27,10 @@ import time
 
 import torch.distributed as dist
 
-import _loss_worker
-import train
+# the project files live at the repo root (no package): found when run by hand from anywhere
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _loss_worker  # noqa: E402
+import train  # noqa: E402
 
 MARK = "=== run {} ==="
 

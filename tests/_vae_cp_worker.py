@@ -21,7 +21,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from vae import VAE_PRESETS, CausalVAE, cp_gather, cp_split
+# the project files live at the repo root (no package): found when run by hand from anywhere
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vae import VAE_PRESETS, CausalVAE, cp_gather, cp_split  # noqa: E402
 
 TOL = 1e-5
 

@@ -956,6 +956,37 @@ def test_atomic_writes_use_unique_temp_names_and_clean_up(tmp_path, monkeypatch)
     assert json.loads(open(m).read())["caption"] == "y"
 
 
+def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path,
+                                                                               monkeypatch):
+    """A power loss after the rename must not leave an empty file (the data fsynced first) nor the
+    old one (the folder fsynced after); a folder that cannot be opened (Windows) is skipped."""
+    import stat
+    events, fsync, replace, open_ = [], os.fsync, os.replace, os.open
+
+    def record_fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync dir" if stat.S_ISDIR(st.st_mode) else "fsync", st.st_ino))
+        fsync(fd)
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.stat(a).st_ino))
+                        or replace(a, b))
+    p = tmp_path / "f.txt"
+    data.atomic_write(str(p), lambda tmp: open(tmp, "w").write("x"))
+    ino = os.stat(p).st_ino  # (a rename keeps the inode: the temp file's)
+    assert events == [("fsync", ino), ("replace", ino), ("fsync dir", os.stat(tmp_path).st_ino)]
+
+    def no_dirs(path, flags, *a):
+        if os.path.isdir(path):
+            raise PermissionError(13, "a folder cannot be opened here")
+        return open_(path, flags, *a)
+    monkeypatch.setattr(os, "open", no_dirs)
+    data.atomic_write(str(p), lambda tmp: open(tmp, "w").write("y"))
+    assert p.read_text() == "y" and events[-1] == ("replace", os.stat(p).st_ino)
+    n = len(events)  # durable=False (the latent cache's entries, made again when lost): no fsync
+    data.atomic_write(str(p), lambda tmp: open(tmp, "w").write("z"), durable=False)
+    assert p.read_text() == "z" and [e[0] for e in events[n:]] == ["replace"]
+
+
 def _one_line_error(err, text):
     """argparse's error: usage, then one `data.py ...: error: ...` line naming the problem; no
     traceback."""

@@ -849,6 +849,23 @@ def test_cli_full_preset_on_cpu_refuses_the_step_options(capsys):
     assert "parameters (meta device" in capsys.readouterr().out
 
 
+def test_cli_full_preset_on_cpu_by_any_name_counts_on_meta(capsys, monkeypatch):
+    """--device cpu:0 is the CPU too: a full preset is counted on the meta device (the string was
+    compared to "cpu", so cpu:0 built the real 5B in memory) and the step options are refused."""
+    real = dit.ExpertDiT
+
+    def only_on_meta(cfg):
+        if torch.empty(0).device.type != "meta":
+            pytest.fail("the full-size model was built in memory")
+        return real(cfg)
+    monkeypatch.setattr(dit, "ExpertDiT", only_on_meta)
+    dit.main(["--preset", "cogvideox-5b", "--device", "cpu:0"])
+    assert "parameters (meta device" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        dit.main(["--preset", "cogvideox-5b", "--device", "cpu:0", "--bf16"])
+    assert e.value.code == 2 and "drop --bf16" in capsys.readouterr().err
+
+
 def test_wrong_folder_kind_is_one_line(tmp_path):
     """A diffusers vae/ given as the transformer, or a diffusers transformer to our loader: named."""
     from diffusers import AutoencoderKLCogVideoX

@@ -799,6 +799,33 @@ def test_config_of_a_wrong_type_is_one_line(ckpt, tmp_path, monkeypatch, capsys,
     assert e.value.code == 2 and str(f) in err[-1] and words in err[-1], err
 
 
+@pytest.mark.parametrize("edit, words", [
+    (dict(fps=0), "fps = 0 must be a frame rate > 0"),  # was refused by write_video, after sampling
+    (dict(uncond="none"), "uncond = 'none' must be \"zeros\" or \"empty\""),  # after loading
+    (dict(steps=0), "steps = 0 must be in [1, 1000]"),  # was named without the file
+    (dict(cfg=float("nan")), "cfg = nan must be a number >= 1"),
+    (dict(sampler="euler"), "sampler = 'euler' must be one of ('ddim', 'dpm')"),
+    (dict(cfg_min_t=-5), "cfg_min_t = -5 must be in [0, 1000]"),
+    (dict(snr_shift_scale=0), "snr_shift_scale = 0 must be a number > 0"),
+])
+def test_sample_json_bad_value_is_one_line_before_loading(ckpt, tmp_path, monkeypatch, capsys, edit,
+                                                          words):
+    """A hand-edited sample.json value the sampler cannot use: one line naming the file, the key and
+    the fix, exit code 2, when the file is read (before any model loads)."""
+    import shutil
+    root = tmp_path / "ck"
+    shutil.copytree(ckpt, root)
+    f = root / "sample.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), **edit}))
+    monkeypatch.setattr(sample, "load_ckpt", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(root), "--prompt", "x", "--out", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and f"{f}: {words}" in err[-1], err
+    with pytest.raises(ValueError, match="fix it"):  # the library loader too
+        sample.ckpt_sample_config(str(root))
+
+
 @pytest.mark.parametrize("part, text, words", [
     ("text_encoder/tokenizer.json", "", "(JSONDecodeError: "),  # was the bare "Expecting value: ..."
     ("text_encoder/config.json", None, "(StrictDataclassFieldValidationError: "),  # a traceback

@@ -784,6 +784,14 @@ def test_bad_settings_exit_code_2(assets, tmp_path, capsys, extra, words):
     (["--stage", "vae", "--size", "8x32", "--steps", "2", "--lpips", "{tmp}/afile"],  # GAN not reached
      "stage 0: 8x32 frames are too small for LPIPS (--lpips), which needs 16 pixels a side; use --size "
      "16x32"),
+    # a training run's options, which the simulator ignored (exit 0, as if they had been simulated)
+    (["--simulate", "1", "--data", "{tmp}/afile", "--steps", "5"], "--data, --steps: options of "
+     "a training run, which --simulate N ignores (one step on synthetic data): drop them"),
+    (["--simulate", "1", "--resume"], "--resume: an option of a training run, which --simulate N "
+                                      "ignores"),
+    (["--simulate", "2", "--out", "{tmp}/o", "--bucket", "--batch", "2"], "--out, --bucket: "
+     "options of a training run"),
+    (["--simulate", "1", "--encode-memory", "4"], "--encode-memory: an option of a training run"),
 ])
 def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsys, extra, words):
     """Each bad value: one line naming the fix, exit code 2, before any model is loaded (issue 20)."""
@@ -817,9 +825,14 @@ def test_bad_values_exit_2_before_any_model(assets, tmp_path, monkeypatch, capsy
     fmt = dict(tmp=tmp_path, clip=clip, vae8=tmp_path / "vae8", vae16=tmp_path / "vae16",
                vaestr=tmp_path / "vaestr", initlist=tmp_path / "initlist")
     argv = [v.format(**fmt) for v in extra]
-    with pytest.raises(SystemExit) as e:  # a VAE case: no DiT options (--vae, --text-encoder, --cache)
-        train.main(vae_args(assets["manifest"], tmp_path / "run", *argv) if "vae" in extra
-                   else dit_args(assets, tmp_path / "run", *argv))
+    if "--simulate" in extra:  # a simulation reads no data and writes no run: only what it reads
+        argv = ["--stage", "dit", "--preset", "tiny", *argv]  # (a VAE case's --stage vae wins)
+    elif "vae" in extra:  # a VAE case: no DiT options (--vae, --text-encoder, --cache)
+        argv = vae_args(assets["manifest"], tmp_path / "run", *argv)
+    else:
+        argv = dit_args(assets, tmp_path / "run", *argv)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and "Traceback" not in "".join(err) and words.format(tmp=tmp_path) in err[-1], err
 
@@ -1395,6 +1408,21 @@ def test_a_torchrun_worker_leaves_without_teardown(torchrun, monkeypatch):
         assert e.value.code == (code or 0)
 
 
+def test_torchrun_workers_import_without_pythonpath(tmp_path):
+    """The tests' torchrun workers run by hand (`torchrun ... tests/_vae_cp_worker.py`) from any
+    folder without PYTHONPATH=.: each puts the repo root on sys.path itself (it was a
+    ModuleNotFoundError for train / vae / data). Imported as `python tests/_x.py` sees them: the
+    script's folder first, no PYTHONPATH, another working directory."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    names = sorted(f[:-3] for f in os.listdir(tests)
+                   if f.startswith("_") and f.endswith("_worker.py"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = f"import sys; sys.path[0] = {tests!r}; import {', '.join(names)}"
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert len(names) == 5 and p.returncode == 0, p.stderr[-2000:]
+
+
 # ----- the shapes demo (issue 8) -----
 
 @pytest.mark.slow
@@ -1581,6 +1609,17 @@ def test_simulated_row_is_the_presets_last_stage_row(capsys):
     r = train.main(["--stage", "dit", "--preset", "shapes", "--simulate", "1"])
     assert r["row"] == train.PRESETS["shapes"].max_tokens[-1] == 256
     assert train.main(["--stage", "dit", "--preset", "shapes", "--simulate", "1", "--max-tokens", "120"])["row"] == 120
+
+
+def test_simulated_dit_step_uses_the_vae_given(tmp_path):
+    """--simulate --vae DIR: the latent grid is that VAE's (it was the preset's VAE, while the
+    checks read --vae's factors): a VAE of spatial factor 8, not the tiny preset's 4, makes a
+    9x32x32 clip a 3x4x4 latent."""
+    cfg = vae.VAEConfig(channels=(8, 8, 8, 8), layers=1, latent=8, groups=4)
+    vae.CausalVAE(cfg).save(str(tmp_path / "v8"))
+    r = train.main(["--stage", "dit", "--preset", "tiny", "--simulate", "1", "--frames", "9",
+                    "--size", "32x32", "--vae", str(tmp_path / "v8")])
+    assert r["row"] == dit.num_tokens(dit.DIT_PRESETS[train.PRESETS["tiny"].dit], 3, 4, 4)
 
 
 def test_simulated_fsdp_step_equals_two_real_ranks(two_ranks, capsys):

@@ -99,6 +99,22 @@ def test_bad_inputs_are_clear_errors():
             call(x if call == m.encode else z, tile=tile, overlap=overlap)
 
 
+def test_stream_count_is_checked():
+    """stream=n: a negative, fractional or string count is one ValueError (-1 decoded chunks of -1
+    frames: one frame short; 2.5 and "2" ran as 2). False, None and 0 (data.EncodePlan's "whole
+    clip") are the whole clip at once."""
+    m = CausalVAE(VAE_PRESETS["tiny"]).eval()
+    x, z = torch.rand(1, 3, 5, 8, 8) * 2 - 1, torch.randn(1, 8, 2, 2, 2)
+    for bad in (-1, -3, 2.5, "2", 1.0):
+        for call, v in ((m.encode, x), (m.decode, z)):
+            with pytest.raises(ValueError, match=f"stream={bad!r}: pass True .* a whole number n"):
+                call(v, stream=bad)
+    with torch.no_grad():
+        for off in (0, None):
+            assert torch.equal(m.decode(z, stream=off), m.decode(z))
+            assert torch.equal(m.encode(x, stream=off).mean, m.encode(x).mean)
+
+
 # ----- causality -----
 
 def test_causality_encoder_and_decoder():
