@@ -1859,9 +1859,7 @@ def train(args):
         dnet = wrap(job.disc, False, device, call=False)
         opts["disc"] = torch.optim.AdamW(job.disc.parameters(), tc.disc_lr, tc.betas, tc.eps)
     opt, dopt = opts[args.stage], opts.get("disc")
-    # EMA copies live next to the (maybe sharded) parameters: under FSDP each rank keeps its shard.
-    ema = {k: p.detach().clone() for k, p in model.named_parameters()
-           if p.requires_grad} if tc.ema and is_dit else None  # LoRA: the adapters
+    ema = make_ema(model, tc) if is_dit else None
 
     step, pos, bad_files, zstat = resume(job, opts, ema)
     stop = catch_signals()
@@ -1938,10 +1936,7 @@ def train(args):
         else:  # a skipped step's latent statistics may be NaN: the scaling factor would be too
             consec_bad, zstat = 0, zstat + zs
             opt.step()
-            if ema is not None:  # EMA of the weights: what sample.py gets when --ema is on
-                with torch.no_grad():
-                    torch._foreach_lerp_(list(ema.values()), [p.detach() for p in params],
-                                         1 - ema_decay(tc.ema, step))
+            ema_update(ema, params, tc.ema, step)
         # §2.1 GAN, after disc_start, on this step's last micro-batch that read something. Not
         # after a skipped step: a NaN reconstruction would poison the discriminator's weights. A
         # rank that read nothing this step joins with weight 0; the others share its part.
@@ -2028,6 +2023,22 @@ def log_step(job, log, rec, per, ts, tokens, max_tokens, total):
               f"{rec['tok_s']:.0f}{extra}", flush=True)
         log.write(json.dumps(rec) + "\n")
         log.flush()
+
+
+def make_ema(model, tc):
+    """The DiT's EMA (tc.ema > 0, else None): a float32 copy of every trained parameter (a LoRA's:
+    the adapters), next to it: under FSDP each rank keeps its shard. Memory: 4 bytes a parameter
+    more (the 5B on one GPU: 20.7 GiB), which --simulate counts with the optimizer state."""
+    return {k: p.detach().clone() for k, p in model.named_parameters()
+            if p.requires_grad} if tc.ema else None
+
+
+def ema_update(ema, params, decay, step):
+    """After the optimizer step: the EMA of the weights, what sample.py gets when --ema is on."""
+    if ema is not None:
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.values()), [p.detach() for p in params],
+                                 1 - ema_decay(decay, step))
 
 
 def ema_decay(decay, step):
@@ -2381,11 +2392,13 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    ema = make_ema(model, tc)  # training's copy of the weights (the full presets keep one)
     M = -(-max_tokens // G) * G  # --sp: rows padded to a multiple of G, 1/G of them per rank
     split = f", each row split over {G} ranks (sequence parallel)" if G > 1 else ""
     track.info = {"what": f"{args.preset} DiT, {rows} row(s) x {clips} clip(s) of {T}x{H}x{W} "
                           f"({per} tokens each, rows of {max_tokens}){split}"
-                          f"{f', {tc.accum} micro-batches' if tc.accum > 1 else ''}",
+                          f"{f', {tc.accum} micro-batches' if tc.accum > 1 else ''}"
+                          f"{f', EMA {tc.ema:g} (with the optimizer)' if ema else ''}",
                   "tokens": tc.accum * rows * M // G, "row": max_tokens, "params": params,
                   "opt": opt, "numel": sum(p.numel() for p in params)}
 
@@ -2395,6 +2408,8 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
         for v in opt.state.values():
             for x in v.values():
                 track.add(x, "opt")
+        for x in (ema or {}).values():  # persistent as AdamW's moments: counted with them
+            track.add(x, "opt")
         for p in params:  # a gradient, once written (FSDP2: its shard), counts as "grad"
             p.register_post_accumulate_grad_hook(lambda p: track.retag(p.grad, "grad"))
         if not args.fsdp:
@@ -2409,6 +2424,8 @@ def simulate_dit(args, tc, stages, mesh, track, mode, sp=None):
                     track.phase = "bwd"
                     loss.backward()
         backward_and_step(track, mode, loss, params, opt, tc.clip)
+        with mode:
+            ema_update(ema, params, tc.ema, 0)
     return step
 
 
@@ -2885,9 +2902,9 @@ DEMO_OPTIONS = {"out", "device", "quick", "demo_scale", "resume", "max_bad_steps
 # what only the demo, or only --simulate, reads: a training run would ignore them
 DEMO_ONLY, SIMULATE_ONLY = ("quick", "demo_scale"), ("fp32", "real", "peak_tflops")
 # what --simulate never reads: it builds the models and one step of the last stage's largest clip
-# on synthetic data (no data, files, schedule, loader, EMA; Frame Pack rows, not --bucket), so
+# on synthetic data (no data, files, schedule, loader; Frame Pack rows, not --bucket), so
 # these were ignored; --encode-memory too without --encode
-TRAIN_ONLY = ("data", "out", "text_encoder", "cache", "steps", "warmup", "ema", "save_every",
+TRAIN_ONLY = ("data", "out", "text_encoder", "cache", "steps", "warmup", "save_every",
               "resume", "stop_at", "workers", "prefetch", "augment", "bucket", "timeout_min",
               "max_bad_steps")
 # what only one stage reads: the other stage's run ignored them (e.g. --min-snr on the VAE, a

@@ -568,7 +568,8 @@ def worker_sim_diffusers(preset, ranks, frames, size):
 
 def sim_ours(preset, ranks, frames, size):
     cmd = [sys.executable, str(ROOT / "train.py"), "--stage", "dit", "--preset", preset, "--simulate",
-           str(ranks), "--fsdp", "--grad-checkpoint", "--frames", str(frames), "--size", size]
+           str(ranks), "--fsdp", "--grad-checkpoint", "--frames", str(frames), "--size", size,
+           "--ema", "0"]  # like for like: the diffusers run keeps no EMA copy of the weights
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=str(ROOT))
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")

@@ -1655,6 +1655,12 @@ def test_simulated_shards_are_the_analytic_bytes():
     n = len(list(model.parameters()))
     assert r["params"] == shard and r["grads_total"] == shard
     assert r["optimizer"] == 2 * shard + 4 * n  # exp_avg, exp_avg_sq, and a 4-byte step each
+    # --ema (the full presets keep one: 0.9999): training's float32 copy of the weights, sharded
+    # as they are, counted with the optimizer (it was left out: the 5B on 8 ranks, 2.6 GiB a rank)
+    e = train.main(["--stage", "dit", "--preset", "tiny", "--simulate", "4", "--fsdp", "--fp32",
+                    "--frames", "9", "--size", "32x32", "--ema", "0.999"])
+    assert e["optimizer"] == r["optimizer"] + shard and e["peak"] >= r["peak"] + shard
+    assert e["params"] == r["params"] and e["activations"] == r["activations"]
 
 
 def test_simulated_activations_grow_linearly_with_the_row():
