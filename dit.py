@@ -742,7 +742,9 @@ def diffusers_folder_config(folder, **overrides):
     """A diffusers transformer folder (or a pipeline folder holding transformer/) -> (that folder,
     its DiTConfig with `overrides`), reading config.json only."""
     folder = Path(folder)
-    if (folder / "transformer" / "config.json").exists():
+    # a pipeline folder, even one whose transformer/ lost its config.json: the error names that
+    # file (it named the pipeline folder's own config.json, which no release has)
+    if (folder / "transformer").is_dir():
         folder = folder / "transformer"
     dc = _read_json(folder / "config.json")
     if dc.get("_class_name") != "CogVideoXTransformer3DModel":  # e.g. the vae/ next to it

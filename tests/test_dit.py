@@ -862,6 +862,19 @@ def test_wrong_folder_kind_is_one_line(tmp_path):
         ExpertDiT.load(tmp_path / "transformer")
 
 
+def test_pipeline_folder_whose_transformer_lost_its_config_names_that_file(tmp_path):
+    """A released folder copied part way (transformer/ without its config.json): the error names
+    transformer/config.json (it named the pipeline folder's own config.json, which no release
+    has, so sample.py --model-dir pointed the user at the wrong file)."""
+    diffusers_model().save_pretrained(tmp_path / "transformer")
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "transformer" / "config.json").unlink()
+    for load in (dit.diffusers_folder_config, ExpertDiT.from_diffusers):
+        with pytest.raises(FileNotFoundError) as e:
+            load(tmp_path)
+        assert str(tmp_path / "transformer" / "config.json") in str(e.value), e.value
+
+
 # ----- sequence parallel (Ulysses): 2 gloo ranks share every row -----
 
 def test_sequence_parallel_two_ranks_equals_one_process(torchrun):
