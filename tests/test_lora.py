@@ -398,6 +398,32 @@ def test_sample_cli_lora_scale_and_merge(tmp_path, capsys):
         assert e.value.code == 2 and words in capsys.readouterr().err
 
 
+def test_sample_cli_checks_the_lora_file_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """A --lora file of another model, with another shape, or torn: one line, exit code 2, from
+    the file and the DiT's config.json alone (checked on the meta device). They were named only
+    once the DiT, VAE and T5 had loaded (for the 5B and T5-XXL: minutes and tens of GB)."""
+    from safetensors.torch import save_file
+    from test_sample import make_ckpt
+    ck = make_ckpt(tmp_path / "ck")
+    D = dit.load_config(ck / "dit").dim
+    bad = {"other": ({f"transformer.transformer_blocks.7.attn1.to_q.lora_{ab}.weight":
+                      torch.zeros(2, D) if ab == "A" else torch.zeros(D, 2) for ab in "AB"},
+                     "another model's LoRA"),
+           "shape": ({f"transformer.transformer_blocks.0.attn1.to_q.lora_{ab}.weight":
+                      torch.zeros(2, 5) for ab in "AB"}, "this model needs")}
+    for name, (tensors, _) in bad.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+    (tmp_path / "torn.safetensors").write_bytes(b"\x10\x00\x00")
+    bad["torn"] = (None, "not a readable safetensors")
+    monkeypatch.setattr(sample, "load_ckpt", lambda *a, **k: pytest.fail("a model was loaded"))
+    for name, (_, words) in bad.items():
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", str(ck), "--prompt", PROMPTS[0], "--out",
+                         str(tmp_path / "x.mp4"), "--lora", str(tmp_path / f"{name}.safetensors")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and words in err[-1], (name, err)
+
+
 # ----- train.py --lora -----
 
 def base_dit(folder, i2v=False):
