@@ -773,6 +773,9 @@ def _diffusers_config(dc):
     for k, v in need.items():
         if dc.get(k, v) != v:
             raise ValueError(f"diffusers config {k}={dc[k]!r} is not supported (need {v!r})")
+    for k in ("use_rotary_positional_embeddings", "use_learned_positional_embeddings"):
+        if dc.get(k) is not None and not isinstance(dc[k], bool):  # "false" was taken as true
+            raise TypeError(f"{k} = {dc[k]!r} is not true or false")  # (named with the file)
     pos = ("learned" if dc.get("use_learned_positional_embeddings") else "rope") \
         if dc.get("use_rotary_positional_embeddings") else "sincos"
     g, C = dc.get, dc["in_channels"]

@@ -354,6 +354,21 @@ def test_from_diffusers_key_errors(tmp_path):
 
 
 
+def test_position_flags_of_a_wrong_type_are_one_error(tmp_path):
+    """use_rotary_positional_embeddings / use_learned_positional_embeddings as strings: one
+    ValueError naming the file. Their truth value was taken: "false" gave a 2B (sin-cos, no
+    tensor of its own) RoPE, loading without a word and sampling another model."""
+    diffusers_model(rope=False).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for k in ("use_rotary_positional_embeddings", "use_learned_positional_embeddings"):
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, k: "false"}))
+        with pytest.raises(ValueError, match=f"config.json: .*{k} = 'false' is not true or false"):
+            dit.diffusers_folder_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "use_learned_positional_embeddings":
+                                                      None}))
+    assert dit.diffusers_folder_config(tmp_path)[1].pos == "sincos"  # null: diffusers' default
+
+
 def test_damaged_shard_index_is_one_error_naming_it(tmp_path):
     """A sharded diffusers folder whose index json is torn, is no object, holds no weight_map of
     file names, or lists a shard that is missing: one error naming the index and the fix (the CLIs
