@@ -1249,7 +1249,9 @@ def load_lora(model, path, scale=1.0):
             raise ValueError(f"{n} already has an adapter: merge it first (merge_lora)")
         r, o = max(A.shape[0] for _, A, _ in parts.values()), base.out_features // P
         scales = {z: _lora_scale(cfg, t, A.shape[0]) for z, (t, A, _) in parts.items()}
-        s = scales[min(scales)]                 # the module's scale; other parts fold theirs in B
+        # the module's scale, the parts' largest (0 only if every part's is: then 1, B = 0); the
+        # other parts fold theirs in B (to_q's own divided the rest by 0 with alpha 0 on to_q)
+        s = max(scales.values(), key=abs) or 1.0
         m = LoRALinear(base, r, s * r, P)
         m.lora_A.zero_()
         for z, (t, A, B) in parts.items():
