@@ -742,7 +742,9 @@ def diffusers_folder_config(folder, **overrides):
     """A diffusers transformer folder (or a pipeline folder holding transformer/) -> (that folder,
     its DiTConfig with `overrides`), reading config.json only."""
     folder = Path(folder)
-    if (folder / "transformer" / "config.json").exists():
+    # a pipeline folder, even one whose transformer/ lost its config.json: the error names that
+    # file (it named the pipeline folder's own config.json, which no release has)
+    if (folder / "transformer").is_dir():
         folder = folder / "transformer"
     dc = _read_json(folder / "config.json")
     if dc.get("_class_name") != "CogVideoXTransformer3DModel":  # e.g. the vae/ next to it
@@ -771,6 +773,9 @@ def _diffusers_config(dc):
     for k, v in need.items():
         if dc.get(k, v) != v:
             raise ValueError(f"diffusers config {k}={dc[k]!r} is not supported (need {v!r})")
+    for k in ("use_rotary_positional_embeddings", "use_learned_positional_embeddings"):
+        if dc.get(k) is not None and not isinstance(dc[k], bool):  # "false" was taken as true
+            raise TypeError(f"{k} = {dc[k]!r} is not true or false")  # (named with the file)
     pos = ("learned" if dc.get("use_learned_positional_embeddings") else "rope") \
         if dc.get("use_rotary_positional_embeddings") else "sincos"
     g, C = dc.get, dc["in_channels"]
@@ -1244,7 +1249,9 @@ def load_lora(model, path, scale=1.0):
             raise ValueError(f"{n} already has an adapter: merge it first (merge_lora)")
         r, o = max(A.shape[0] for _, A, _ in parts.values()), base.out_features // P
         scales = {z: _lora_scale(cfg, t, A.shape[0]) for z, (t, A, _) in parts.items()}
-        s = scales[min(scales)]                 # the module's scale; other parts fold theirs in B
+        # the module's scale, the parts' largest (0 only if every part's is: then 1, B = 0); the
+        # other parts fold theirs in B (to_q's own divided the rest by 0 with alpha 0 on to_q)
+        s = max(scales.values(), key=abs) or 1.0
         m = LoRALinear(base, r, s * r, P)
         m.lora_A.zero_()
         for z, (t, A, B) in parts.items():

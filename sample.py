@@ -544,7 +544,7 @@ def check_outputs(paths, a):
 def plan(a):
     """-> (SampleConfig, alphas_cumprod or None, DiTConfig, VAEConfig) of the --ckpt / --model-dir
     folder, from its config files alone, with --preset and the flags applied: the settings are
-    checked against the models (check_sample) before any weights load."""
+    checked against the models (check_sample, and the --lora file) before any weights load."""
     if a.ckpt:  # ac None: generate builds the schedule from cfg.snr_shift_scale
         cfg, ac = ckpt_sample_config(a.ckpt), None
         dcfg = ditlib.load_config(os.path.join(a.ckpt, "dit"))
@@ -561,6 +561,11 @@ def plan(a):
     cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None},
                   dynamic_cfg=a.dynamic_cfg or cfg.dynamic_cfg)
     check_sample(cfg, vcfg, dcfg, a.image is not None, len(ac) if ac is not None else 1000)
+    if a.lora:  # the file against this DiT's shapes on the meta device (no weights): a torn or
+        # another model's LoRA was named only once the DiT, VAE and T5 had loaded
+        with torch.device("meta"):
+            net = ditlib.ExpertDiT(dcfg)
+        ditlib.load_lora(net, a.lora)
     return cfg, ac, dcfg, vcfg
 
 

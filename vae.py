@@ -684,6 +684,9 @@ def diffusers_config(d, path="config.json"):
     """A diffusers AutoencoderKLCogVideoX config.json (as a dict) -> VAEConfig."""
     import data  # imported here: vae.py stays importable without data.py
     ratio = d.get("temporal_compression_ratio", 4)
+    # null: diffusers' default; any other value goes to config_from as it is (bool() took "false"
+    # as true)
+    inv = d.get("invert_scale_latents")
     if not (isinstance(ratio, int) and ratio >= 1 and ratio & (ratio - 1) == 0):
         raise ValueError(f"{path}: temporal_compression_ratio = {ratio!r} is not a power of 2")
     return data.config_from(VAEConfig, dict(
@@ -691,7 +694,7 @@ def diffusers_config(d, path="config.json"):
         layers=d.get("layers_per_block", 3), latent=d.get("latent_channels", 16),
         groups=d.get("norm_num_groups", 32), eps=d.get("norm_eps", 1e-6),
         time_levels=ratio.bit_length() - 1, scaling_factor=d.get("scaling_factor", 1.15258426),
-        invert_scale_latents=bool(d.get("invert_scale_latents", False))), path)
+        invert_scale_latents=False if inv is None else inv), path)
 
 
 def _read_config(folder, what):

@@ -354,6 +354,21 @@ def test_from_diffusers_key_errors(tmp_path):
 
 
 
+def test_position_flags_of_a_wrong_type_are_one_error(tmp_path):
+    """use_rotary_positional_embeddings / use_learned_positional_embeddings as strings: one
+    ValueError naming the file. Their truth value was taken: "false" gave a 2B (sin-cos, no
+    tensor of its own) RoPE, loading without a word and sampling another model."""
+    diffusers_model(rope=False).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for k in ("use_rotary_positional_embeddings", "use_learned_positional_embeddings"):
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, k: "false"}))
+        with pytest.raises(ValueError, match=f"config.json: .*{k} = 'false' is not true or false"):
+            dit.diffusers_folder_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "use_learned_positional_embeddings":
+                                                      None}))
+    assert dit.diffusers_folder_config(tmp_path)[1].pos == "sincos"  # null: diffusers' default
+
+
 def test_damaged_shard_index_is_one_error_naming_it(tmp_path):
     """A sharded diffusers folder whose index json is torn, is no object, holds no weight_map of
     file names, or lists a shard that is missing: one error naming the index and the fix (the CLIs
@@ -877,6 +892,19 @@ def test_wrong_folder_kind_is_one_line(tmp_path):
     diffusers_model().save_pretrained(tmp_path / "transformer")
     with pytest.raises(ValueError, match="load it with ExpertDiT.from_diffusers"):
         ExpertDiT.load(tmp_path / "transformer")
+
+
+def test_pipeline_folder_whose_transformer_lost_its_config_names_that_file(tmp_path):
+    """A released folder copied part way (transformer/ without its config.json): the error names
+    transformer/config.json (it named the pipeline folder's own config.json, which no release
+    has, so sample.py --model-dir pointed the user at the wrong file)."""
+    diffusers_model().save_pretrained(tmp_path / "transformer")
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "transformer" / "config.json").unlink()
+    for load in (dit.diffusers_folder_config, ExpertDiT.from_diffusers):
+        with pytest.raises(FileNotFoundError) as e:
+            load(tmp_path)
+        assert str(tmp_path / "transformer" / "config.json") in str(e.value), e.value
 
 
 # ----- sequence parallel (Ulysses): 2 gloo ranks share every row -----

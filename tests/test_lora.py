@@ -247,6 +247,31 @@ def test_diffusers_and_peft_files_load_into_ours_with_the_same_output(tmp_path, 
     assert (run_diffusers(pipe.transformer, x, t, text) - got).abs().max() <= 1e-4
 
 
+def test_a_zero_alpha_loads_as_peft_reads_it(tmp_path):
+    """lora_alpha 0 for to_q alone (alpha_pattern: that adapter switched off) or for every module:
+    PEFT's scale 0, what diffusers gives with the file. The fused qkv took to_q's scale as its own
+    and divided the others by it: a ZeroDivisionError traceback."""
+    from diffusers import CogVideoXPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    base = diffusers_model()
+    base.save_pretrained(tmp_path / "model" / "transformer")
+    x, t, text = inputs(ExpertDiT.from_diffusers(tmp_path / "model").cfg, B=1, T=3, h=6, w=8, L=5)
+    for name, kw in (("q_off", dict(lora_alpha=8, alpha_pattern={"to_q": 0})),
+                     ("all_off", dict(lora_alpha=0))):
+        ref = copy.deepcopy(base)
+        ref.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v"], **kw))
+        fill(lora_params(ref))
+        CogVideoXPipeline.save_lora_weights(
+            tmp_path / name, get_peft_model_state_dict(ref),
+            transformer_lora_adapter_metadata=ref.peft_config["default"].to_dict())
+        ours = ExpertDiT.from_diffusers(tmp_path / "model").eval()
+        dit.load_lora(ours, tmp_path / name)
+        with torch.no_grad():
+            got = ours(x, t, text)
+        assert (run_diffusers(ref, x, t, text) - got).abs().max() <= 1e-4, name
+
+
 def test_sampled_latents_equal_the_pipeline_with_the_lora(released, tmp_path):  # noqa: F811
     """End to end: our sample.py path (load_released + --lora) and CogVideoXPipeline with
     load_lora_weights + set_adapters(scale) draw the same latents from the same seed."""
@@ -396,6 +421,32 @@ def test_sample_cli_lora_scale_and_merge(tmp_path, capsys):
             sample.main(["--ckpt", str(ck), "--prompt", "x", "--out", str(tmp_path / "x.mp4"),
                          *bad])
         assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_sample_cli_checks_the_lora_file_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """A --lora file of another model, with another shape, or torn: one line, exit code 2, from
+    the file and the DiT's config.json alone (checked on the meta device). They were named only
+    once the DiT, VAE and T5 had loaded (for the 5B and T5-XXL: minutes and tens of GB)."""
+    from safetensors.torch import save_file
+    from test_sample import make_ckpt
+    ck = make_ckpt(tmp_path / "ck")
+    D = dit.load_config(ck / "dit").dim
+    bad = {"other": ({f"transformer.transformer_blocks.7.attn1.to_q.lora_{ab}.weight":
+                      torch.zeros(2, D) if ab == "A" else torch.zeros(D, 2) for ab in "AB"},
+                     "another model's LoRA"),
+           "shape": ({f"transformer.transformer_blocks.0.attn1.to_q.lora_{ab}.weight":
+                      torch.zeros(2, 5) for ab in "AB"}, "this model needs")}
+    for name, (tensors, _) in bad.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+    (tmp_path / "torn.safetensors").write_bytes(b"\x10\x00\x00")
+    bad["torn"] = (None, "not a readable safetensors")
+    monkeypatch.setattr(sample, "load_ckpt", lambda *a, **k: pytest.fail("a model was loaded"))
+    for name, (_, words) in bad.items():
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", str(ck), "--prompt", PROMPTS[0], "--out",
+                         str(tmp_path / "x.mp4"), "--lora", str(tmp_path / f"{name}.safetensors")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and words in err[-1], (name, err)
 
 
 # ----- train.py --lora -----

@@ -268,6 +268,17 @@ def test_from_diffusers_wrong_or_missing_folder(ref, tmp_path):
 
 
 
+def test_diffusers_invert_scale_latents_of_a_wrong_type_is_one_line():
+    """invert_scale_latents (CogVideoX 1.5: the I2V image latent divided by the scaling factor) as
+    a string is named like every other config value of the wrong type; bool() took "false" as
+    true, silently inverting the image latent's scale. null is diffusers' default, false."""
+    for v in ("false", "true", 1):
+        with pytest.raises(ValueError, match=f"invert_scale_latents = {v!r} is not of type bool"):
+            vae.diffusers_config({"invert_scale_latents": v}, "vae/config.json")
+    assert not vae.diffusers_config({"invert_scale_latents": None}).invert_scale_latents
+    assert vae.diffusers_config({"invert_scale_latents": True}).invert_scale_latents
+
+
 def test_damaged_shard_index_is_one_line_naming_it(ref, tmp_path, capsys):
     """A sharded folder whose index json is torn, is no object, holds no weight_map of file names,
     or lists a shard that is missing: one error naming the index and the fix, and vae.py --ckpt
