@@ -806,7 +806,7 @@ def verify(folder):
     return next((w for w in everyone(why) if w), None)
 
 
-def find_checkpoint(args, steps, say, base=None):
+def find_checkpoint(args, steps, say, base=None, tc=None):
     """The checkpoint --resume continues from, checked before any model is built -> its folder,
     or None for a fresh start.
 
@@ -815,7 +815,9 @@ def find_checkpoint(args, steps, say, base=None):
     intact older one, with a warning naming both. Also refused: a checkpoint of the other --stage,
     another --preset, --lora setting or LoRA base, or --i2v, one already past the --steps
     asked for or at / past --stop-at, and one in a later §3.2 stage than the --steps asked for
-    put its step in. steps: each stage's steps; base: this run's lora_base (rank 0's view)."""
+    put its step in, and one whose run had settings this command leaves at the preset's
+    (check_resumed_settings). steps: each stage's steps; base: this run's lora_base (rank 0's
+    view); tc: this run's resolved config."""
     total = sum(steps)
     root = os.path.join(args.out, "ckpt")
     names = sorted(d for d in os.listdir(root) if STEP_DIR.fullmatch(d)) \
@@ -898,9 +900,57 @@ def find_checkpoint(args, steps, say, base=None):
         if stop_at is not None and stop_at <= st["step"]:  # it would never fire
             raise SettingsError(f"--stop-at {stop_at} is not after the checkpoint's step "
                                 f"{st['step']}; pass a later step (or drop it)")
+        if tc is not None and "config" in st:
+            check_resumed_settings(args, tc, st["config"], say)
         return os.path.join(root, d)
     raise SettingsError(f"--resume: no intact checkpoint in {root} ({'; '.join(damaged)}); start "
                         f"again in another --out")
+
+
+# The settings of a run (train.json's "config") its command line sets: (flag, args field, config
+# field). --save-every changes no number; "lr" is the VAE's vae_lr, steps / frames / resolutions
+# the stage kind's.
+RESUMED = [("--steps", "steps", "steps"), ("--frames", "frames", "frames"),
+           ("--size", "size", "resolutions"), ("--lr", "lr", "lr"),
+           ("--warmup", "warmup", "warmup"),
+           ("--accum", "accum", "accum"), ("--rows", "rows", "rows"), ("--batch", "batch", "batch"),
+           ("--seed", "seed", "seed"), ("--ema", "ema", "ema"), ("--min-snr", "min_snr", "min_snr"),
+           ("--max-tokens", "max_tokens", "max_tokens"), ("--recon", "recon", "recon")]
+
+
+def resumed_value(cfg, stage, field):
+    """A RESUMED field's value in an asdict(TrainConfig), as the command line writes it."""
+    if field in ("frames", "resolutions"):
+        v = [s[field] for s in cfg[stage + "_stages"]]
+        v = v[0] if all(x == v[0] for x in v) else v  # --frames / --size: every stage alike
+        return ",".join(f"{x[0]}x{x[1]}" if field == "resolutions" else str(x) for x in v)
+    v = cfg[{"steps": stage + "_steps", "lr": "lr" if stage == "dit" else "vae_lr"}.get(field,
+                                                                                       field)]
+    return ",".join(map(str, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) \
+        else str(v)
+
+
+def check_resumed_settings(args, tc, was, say):
+    """The run's settings (train.json's config, `was`) against this command's (tc). One the run
+    was given but this command leaves out would go on at the preset's value, silently (another
+    lr schedule, data order, loss): refused, naming the run's values. One given anew is a choice
+    (a lower --lr after non-finite losses, more --steps): noted. (--rows / --batch / --seed given
+    anew: resume() warns that the data order differs.)"""
+    now = json.loads(json.dumps(asdict(tc)))  # as train.json holds it (tuples as lists)
+    diff = [(flag, resumed_value(was, args.stage, f), resumed_value(now, args.stage, f),
+             getattr(args, name, None) is not None) for flag, name, f in RESUMED]
+    diff = [d for d in diff if d[1] != d[2]]
+    left = [d for d in diff if not d[3]]
+    if left:
+        it = "it" if len(left) == 1 else "them"
+        raise SettingsError(f"--resume: the run in --out was trained with "
+                            f"{' '.join(f'{fl} {w}' for fl, w, _, _ in left)}, not the preset's "
+                            f"{' and '.join(n for _, _, n, _ in left)}: give {it} again to "
+                            f"continue it (other values to change {it})")
+    anew = [f"{fl} {n} (the run's: {w})" for fl, w, n, _ in diff if fl not in
+            ("--rows", "--batch", "--seed")]
+    if anew:
+        say(f"note: --resume: {', '.join(anew)}; the run goes on with these")
 
 
 def load_checkpoint(folder, parts, opts, ema):
@@ -1847,7 +1897,7 @@ def train(args):
                           cfg=dit_config(args, tc) if is_dit else None)  # plans' tokens
     # a LoRA run's frozen base, fingerprinted once (rank 0's files: train.json is rank 0's)
     job.lora_base = everyone(lora_base(args) if rank == 0 else None)[0]
-    job.ckpt = find_checkpoint(args, steps, say, job.lora_base)  # before any model is built
+    job.ckpt = find_checkpoint(args, steps, say, job.lora_base, tc)  # before any model is built
     job.entries = load_entries(job)  # the manifest, with the metadata planning needs
     job.plans = check_stages(job)  # every stage's data, before any model is built
     (build_dit if is_dit else build_vae)(job)

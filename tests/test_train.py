@@ -575,6 +575,31 @@ def test_rerun_refusals_keep_the_run(assets, three_ckpts, capsys, extra, words):
     assert {f: os.stat(f).st_mtime_ns for f in three_ckpts.rglob("*")} == before
 
 
+def test_resume_refuses_the_runs_settings_left_out_and_notes_those_changed(assets, three_ckpts, tmp_path,
+                                                                           monkeypatch, capsys):
+    """A --resume without an override the run was started with (--steps, --lr, ...) went on with the preset's value,
+    silently: the preset's 3,3 steps (its cosine stretched over them) for the run's 2,1. Refused, one line naming
+    the run's values; a value given again continues, and one given anew (a lower --lr, more --steps) is noted."""
+    out = tmp_path / "run"
+    shutil.copytree(three_ckpts / "ckpt", out / "ckpt")
+    st_path = out / "ckpt" / "step_0000003" / "train.json"
+    st = json.loads(st_path.read_text())  # as if the run had been given --lr 0.005
+    st["config"]["lr"] = 0.005
+    st["check"] = train.digest(st)
+    st_path.write_text(json.dumps(st))
+    monkeypatch.setattr(train, "build_dit", lambda job: pytest.fail("a model was loaded"))
+    for extra, words in (([], "the run in --out was trained with --steps 2,1 --lr 0.005, not the preset's 3,3 "
+                              "and 0.001: give them again to continue it (other values to change them)"),
+                         (["--steps", "2,1"], "with --lr 0.005, not the preset's 0.001: give it again")):
+        with pytest.raises(SystemExit) as e:
+            train.main(dit_args(assets, out, *SMALL, *extra, "--resume"))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+    monkeypatch.undo()
+    assert train.main(dit_args(assets, out, *SMALL, "--steps", "2,2", "--lr", "0.002", "--resume"))["step"] == 4
+    assert "note: --resume: --steps 2,2 (the run's: 2,1), --lr 0.002 (the run's: 0.005)" in capsys.readouterr().out
+
+
 def test_resume_with_the_wrong_stage_names_the_checkpoints(assets, three_ckpts, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(vae_args(assets["manifest"], three_ckpts, "--resume"))
