@@ -806,18 +806,19 @@ def verify(folder):
     return next((w for w in everyone(why) if w), None)
 
 
-def find_checkpoint(args, steps, say, base=None, tc=None):
+def find_checkpoint(args, steps, say, base=None, tc=None, encs=None):
     """The checkpoint --resume continues from, checked before any model is built -> its folder,
     or None for a fresh start.
 
     Without --resume an --out that already holds checkpoints is refused (a new run there would
     mix with the old one). With it: the folder `latest` names if intact (verify), else the newest
     intact older one, with a warning naming both. Also refused: a checkpoint of the other --stage,
-    another --preset, --lora setting or LoRA base, or --i2v, one already past the --steps
+    another --preset, --lora setting or LoRA base, --i2v, or a DiT's VAE or T5 (by their
+    weights), one already past the --steps
     asked for or at / past --stop-at, and one in a later §3.2 stage than the --steps asked for
     put its step in, and one whose run had settings this command leaves at the preset's
     (check_resumed_settings). steps: each stage's steps; base: this run's lora_base (rank 0's
-    view); tc: this run's resolved config."""
+    view); tc: this run's resolved config; encs: its encoders() (rank 0's view)."""
     total = sum(steps)
     root = os.path.join(args.out, "ckpt")
     names = sorted(d for d in os.listdir(root) if STEP_DIR.fullmatch(d)) \
@@ -878,6 +879,11 @@ def find_checkpoint(args, steps, say, base=None, tc=None):
         elif was and was[:2] != base[:2]:  # the same weights, moved or copied: fine
             say(f"note: --resume: the LoRA base {was[0]} {was[1]} is now {base[0]} {base[1]} "
                 f"(the same weights)")
+        for was, now in zip(st.get("encoders") or [], encs or []):
+            if was and now and was[2] != now[2]:  # the DiT's inputs: another VAE's latents
+                raise SettingsError(f"--resume: {args.out} holds a DiT trained with {was[0]} "
+                                    f"{was[1]}; {now[1]} holds other weights: pass the same "
+                                    f"(or another --out)")
         mc = st.get("model_config", {})  # App. A: an I2V DiT takes twice the latent channels
         i2v = st["stage_kind"] == "dit" and mc.get("in_channels") == 2 * mc.get("out_channels", 0)
         if i2v != bool(getattr(args, "i2v", False)):  # other tensor shapes
@@ -1350,6 +1356,17 @@ def lora_base(args):
         return ["--init", os.path.abspath(args.init), data.model_fingerprint(args.init)]
     return ["--init-diffusers", os.path.abspath(args.init_diffusers),
             data.model_fingerprint(os.path.join(args.init_diffusers, "transformer"))]
+
+
+def encoders(args):
+    """A DiT run's VAE and T5, whose latents and text embeddings it learns: [option, folder,
+    data.model_fingerprint] each (None: no DiT, or a T5 the --cache names no folder of). A resume
+    must name the same weights (moved or copied: the same), or it goes on in another space."""
+    if args.stage != "dit":
+        return None
+    t5 = args.text_encoder or (t5_folder(args, recorded_t5(args.cache)) if args.cache else None)
+    return [[flag, os.path.abspath(p), data.model_fingerprint(p)] if p else None
+            for flag, p in (("--vae", args.vae), ("--text-encoder", t5))]
 
 
 def check_lora(args, dc):
@@ -1897,7 +1914,9 @@ def train(args):
                           cfg=dit_config(args, tc) if is_dit else None)  # plans' tokens
     # a LoRA run's frozen base, fingerprinted once (rank 0's files: train.json is rank 0's)
     job.lora_base = everyone(lora_base(args) if rank == 0 else None)[0]
-    job.ckpt = find_checkpoint(args, steps, say, job.lora_base, tc)  # before any model is built
+    job.encoders = everyone(encoders(args) if rank == 0 else None)[0]  # (the same way)
+    # before any model is built
+    job.ckpt = find_checkpoint(args, steps, say, job.lora_base, tc, job.encoders)
     job.entries = load_entries(job)  # the manifest, with the metadata planning needs
     job.plans = check_stages(job)  # every stage's data, before any model is built
     (build_dit if is_dit else build_vae)(job)
@@ -2039,10 +2058,12 @@ def stop_now(stop, step, stop_at):
 
 def run_settings(job):
     """What a checkpoint records about the run besides its position: resume refuses another
-    preset, stage kind, LoRA setting or base, or --i2v (model_config's channels) by these."""
+    preset, stage kind, LoRA setting or base, VAE or T5, or --i2v (model_config's channels), or
+    settings (config) left out, by these."""
     args = job.args
     return {"preset": args.preset, "stage_kind": args.stage, "world": job.world,
-            "lora": lora_settings(args), "lora_base": job.lora_base, "config": asdict(job.tc),
+            "lora": lora_settings(args), "lora_base": job.lora_base, "encoders": job.encoders,
+            "config": asdict(job.tc),
             "model_config": asdict(job.cfg), "data_order": data_order(job)}
 
 

@@ -600,6 +600,41 @@ def test_resume_refuses_the_runs_settings_left_out_and_notes_those_changed(asset
     assert "note: --resume: --steps 2,2 (the run's: 2,1), --lr 0.002 (the run's: 0.005)" in capsys.readouterr().out
 
 
+def test_resume_of_a_dit_needs_the_vae_and_t5_it_learned_from(assets, three_ckpts, tmp_path, monkeypatch,
+                                                               capsys):
+    """A DiT learns the latents of its --vae and the embeddings of its --text-encoder: a resume with another VAE
+    (or T5) went on in another latent space, silently. Refused in one line, before any model is loaded; the same
+    weights moved or copied continue."""
+    out = tmp_path / "run"
+    shutil.copytree(three_ckpts / "ckpt", out / "ckpt")
+    torch.manual_seed(1)
+    vae.CausalVAE(vae.VAE_PRESETS["tiny"]).save(str(tmp_path / "other_vae"))
+    shutil.copytree(assets["t5"], tmp_path / "other_t5")
+    weights_file = next(f for f in os.listdir(tmp_path / "other_t5") if f.endswith(".safetensors"))
+    flip(tmp_path / "other_t5" / weights_file)  # another T5 of the same shapes
+    shutil.copytree(assets["vae"], tmp_path / "moved_vae", copy_function=shutil.copy)
+
+    class Built(Exception):
+        pass
+
+    def built(job):
+        raise Built
+    monkeypatch.setattr(train, "build_dit", built)
+    args = lambda *extra: dit_args(assets, out, *SMALL, "--steps", "2,2", "--resume", *extra)
+    for flag, other in (("--vae", tmp_path / "other_vae"), ("--text-encoder", tmp_path / "other_t5")):
+        argv = args()
+        argv[argv.index(flag) + 1] = str(other)
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1, err
+        assert f"holds a DiT trained with {flag} " in err[0] and f"{other} holds other weights" in err[0], err
+    argv = args()
+    argv[argv.index("--vae") + 1] = str(tmp_path / "moved_vae")
+    with pytest.raises(Built):
+        train.main(argv)
+
+
 def test_resume_with_the_wrong_stage_names_the_checkpoints(assets, three_ckpts, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(vae_args(assets["manifest"], three_ckpts, "--resume"))
