@@ -2063,8 +2063,8 @@ def run_settings(job):
     args = job.args
     return {"preset": args.preset, "stage_kind": args.stage, "world": job.world,
             "lora": lora_settings(args), "lora_base": job.lora_base, "encoders": job.encoders,
-            "config": asdict(job.tc),
-            "model_config": asdict(job.cfg), "data_order": data_order(job)}
+            "config": asdict(job.tc), "model_config": asdict(job.cfg),
+            "data_order": data_order(job), "data": data_samples(job.entries)}
 
 
 def data_order(job):
@@ -2072,6 +2072,14 @@ def data_order(job):
     global batch: Frame Pack rows (the DiT), else samples, per rank x data-parallel ranks."""
     per = job.tc.rows if job.args.stage == "dit" and not job.args.bucket else job.tc.batch
     return [per * job.dp_world, job.tc.seed]
+
+
+def data_samples(entries):
+    """--data's samples in order, for a checkpoint (a resume with others continues in other
+    batches): [how many, a sha256 of each one's content hash (else file name) and caption]. The
+    same samples listed in another place (a moved or copied data set) give the same."""
+    keys = [[e.get("hash") or os.path.basename(e["path"]), e.get("caption")] for e in entries]
+    return [len(keys), hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:32]]
 
 
 def layout(job):
@@ -2127,6 +2135,11 @@ def resume(job, opts, ema):
                     f"{was[0]} and {was[1]}: the data order differs from the uninterrupted "
                     f"run's (keep --rows / --batch x data-parallel ranks and --seed to "
                     f"continue it)", file=sys.stderr)
+        was, now = st.get("data"), data_samples(job.entries)
+        if was is not None and was != now:  # pos counts batches of was's samples
+            job.say(f"warning: --resume: --data lists other samples than the checkpoint's run "
+                    f"({now[0]}, it {was[0]}): the run goes on in other batches than its own "
+                    f"(pass its --data to continue it)", file=sys.stderr)
         # the sums over the ranks that wrote it: rank 0 carries them, or export counts them twice
         z = torch.tensor(st["zstat"], dtype=torch.float64)
         return st["step"], pos, st["bad_files"], z if job.rank == 0 else torch.zeros_like(z)

@@ -441,6 +441,25 @@ def test_resume_with_another_global_batch_or_seed_warns(assets, tmp_path, capsys
     assert "global batch 1 and seed 5, the checkpoint's 2 and 0: the data order differs" in err
 
 
+def test_resume_with_other_data_warns(assets, three_ckpts, tmp_path, capsys):
+    """The data position counts batches of the run's samples: a resume with another --data (a sample dropped)
+    continued in other batches without a word. It warns; the same samples under another manifest resume
+    silently."""
+    out = tmp_path / "run"
+    shutil.copytree(three_ckpts / "ckpt", out / "ckpt")
+    entries = data.read_manifest(assets["manifest"])
+    same = data.write_manifest(entries, str(tmp_path / "same.jsonl"))
+    fewer = data.write_manifest(entries[:-1], str(tmp_path / "fewer.jsonl"))
+    for manifest, steps in ((same, "2,2"), (fewer, "2,3")):
+        argv = dit_args(assets, out, *SMALL, "--steps", steps, "--resume")
+        argv[argv.index("--data") + 1] = manifest
+        capsys.readouterr()
+        train.main(argv)
+        warned = "warning: --resume: --data lists other samples than the checkpoint's run" in \
+            capsys.readouterr().err
+        assert warned == (manifest == fewer)
+
+
 def test_a_bad_file_is_warned_about_once_a_run(assets, tmp_path, capsys):
     """Every stage plans the manifest again: a missing file was warned about once a stage."""
     entries = data.read_manifest(assets["manifest"])
