@@ -1971,8 +1971,8 @@ def train(args):
                 else:
                     loss, st = vae_loss(job, net, batch, step, micro)
                     parts = {k: float(v) for k, v in st["parts"].items()} or parts
-                    if st["n"] > 0 and step >= total - max(1, total // 5):  # latent statistics,
-                        zs += st["zstat"]  # last 20% of steps; kept if the step is (below)
+                    if st["n"] > 0 and step >= stats_from(total):  # latent statistics, last
+                        zs += st["zstat"]  # 20% of steps; kept if the step is (below)
                     # the GAN step's input: the last micro-batch that read something (or a dummy)
                     gan_in = (st["x"], st["rec"]) if st["n"] > 0 or gan_in is None else gan_in
                 loss.backward()
@@ -2045,6 +2045,11 @@ def train(args):
         log.close()
     release_signals(stop)
     return {"losses": losses, "out": args.out, "step": step, "stopped": step < total}
+
+
+def stats_from(total):
+    """The first step of the VAE's latent statistics (the scaling factor's): the last 20%."""
+    return total - max(1, total // 5)
 
 
 def stop_now(stop, step, stop_at):
@@ -2142,6 +2147,12 @@ def resume(job, opts, ema):
                     f"(pass its --data to continue it)", file=sys.stderr)
         # the sums over the ranks that wrote it: rank 0 carries them, or export counts them twice
         z = torch.tensor(st["zstat"], dtype=torch.float64)
+        # more --steps start the statistics later: those of the run's own window are of older
+        # weights than the new window's (the scaling factor of the longer run fits those only)
+        key = job.args.stage + "_steps"
+        if "config" in st and stats_from(sum(st["config"][key])) < stats_from(
+                sum(getattr(job.tc, key))):
+            z.zero_()
         return st["step"], pos, st["bad_files"], z if job.rank == 0 else torch.zeros_like(z)
     # the VAE's zstat: count, Σ mean, Σ mean², Σ var of the latents (for the scaling factor)
     return 0, {"stage": 0, "epoch": 0, "batch": 0}, 0, torch.zeros(4, dtype=torch.float64)

@@ -496,6 +496,19 @@ def test_vae_resumed_at_its_end_before_the_statistics_window_exports(assets, tmp
     assert cfg["scaling_factor"] == vae.VAE_PRESETS["tiny"].scaling_factor
 
 
+def test_vae_extended_by_resume_fits_its_scale_on_the_new_window_only(assets, tmp_path):
+    """The scaling factor is fitted on the latents of the last 20% of the steps. A finished 1-step run (its
+    window: step 1) extended to 5 by --resume --steps 5 kept step 1's statistics and added those of step 5, the
+    new window: latents of older weights in the factor. It fits on the new window only, as a 5-step run: one
+    step's latents (single frames, full batches: every step holds as many)."""
+    out = tmp_path / "v"
+    count = lambda step: json.load(open(out / "ckpt" / f"step_{step:07d}" / "train.json"))["zstat"][0]
+    train.main(vae_args(assets["manifest"], out, "--frames", "1", "--steps", "1"))
+    one = count(1)
+    train.main(vae_args(assets["manifest"], out, "--frames", "1", "--steps", "5", "--resume"))
+    assert count(5) == one > 0
+
+
 @pytest.fixture(scope="module")
 def three_ckpts(assets, tmp_path_factory):
     """A finished 3-step DiT run with a checkpoint every step (keep 2: step_2 and step_3 stay)."""
