@@ -1238,6 +1238,12 @@ def check(args, tc, stages, steps=(1,)):
         data.check_device(args.device)  # read-only disk)
         if not args.simulate:  # a simulation reads and writes no files
             data.check_writable(args.out, "--out", folder=True)
+            # a resumed run's checkpoints (copied, another user's): its first save would fail
+            # after the steps. (No probe file: a refused --resume leaves --out as it was.)
+            ckpt = os.path.join(args.out, "ckpt")
+            if os.path.isdir(ckpt) and not os.access(ckpt, os.W_OK | os.X_OK):
+                raise SettingsError(f"--out {args.out}: cannot create files in {ckpt} (not "
+                                    f"writable); make it writable, or pass another --out")
         if args.cache:
             data.check_writable(args.cache, "--cache", folder=True)
     except ValueError as e:

@@ -975,6 +975,22 @@ def test_read_only_out_and_i2v_settings(assets, tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and f"--out {tmp_path / 'ro' / 'run'}: cannot create files in" in capsys.readouterr().err
 
 
+def test_resume_into_a_read_only_checkpoint_folder_is_refused_first(assets, three_ckpts, tmp_path, monkeypatch,
+                                                                      capsys):
+    """--out writable, its ckpt/ not (a run copied or made by another user; os.access stands in, tests run as
+    root): the resumed run trained to its first save and died there with a traceback, the steps lost. One line,
+    exit code 2, before any model is loaded."""
+    out = tmp_path / "run"
+    shutil.copytree(three_ckpts / "ckpt", out / "ckpt")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if str(p).startswith(str(out / "ckpt")) else real(p, m))
+    monkeypatch.setattr(train, "build_dit", lambda job: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        train.main(dit_args(assets, out, *SMALL, "--steps", "2,2", "--resume"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and f"cannot create files in {out / 'ckpt'}" in err[0], err
+
+
 def test_dit_needs_vae_and_text_encoder(assets, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--stage", "dit", "--data", assets["manifest"], "--out", str(tmp_path)])
