@@ -918,9 +918,9 @@ def find_checkpoint(args, steps, say, base=None, tc=None, encs=None):
 # the stage kind's.
 RESUMED = [("--steps", "steps", "steps"), ("--frames", "frames", "frames"),
            ("--size", "size", "resolutions"), ("--lr", "lr", "lr"),
-           ("--warmup", "warmup", "warmup"),
-           ("--accum", "accum", "accum"), ("--rows", "rows", "rows"), ("--batch", "batch", "batch"),
-           ("--seed", "seed", "seed"), ("--ema", "ema", "ema"), ("--min-snr", "min_snr", "min_snr"),
+           ("--warmup", "warmup", "warmup"), ("--accum", "accum", "accum"),
+           ("--rows", "rows", "rows"), ("--batch", "batch", "batch"), ("--seed", "seed", "seed"),
+           ("--ema", "ema", "ema"), ("--min-snr", "min_snr", "min_snr"),
            ("--max-tokens", "max_tokens", "max_tokens"), ("--recon", "recon", "recon")]
 
 
@@ -2149,8 +2149,8 @@ def resume(job, opts, ema):
         was, now = st.get("data"), data_samples(job.entries)
         if was is not None and was != now:  # pos counts batches of was's samples
             job.say(f"warning: --resume: --data lists other samples than the checkpoint's run "
-                    f"({now[0]}, it {was[0]}): the run goes on in other batches than its own "
-                    f"(pass its --data to continue it)", file=sys.stderr)
+                    f"({now[0]} samples; it had {was[0]}): the run goes on in other batches "
+                    f"than its own (pass its --data to continue it)", file=sys.stderr)
         # the sums over the ranks that wrote it: rank 0 carries them, or export counts them twice
         z = torch.tensor(st["zstat"], dtype=torch.float64)
         # more --steps start the statistics later: those of the run's own window are of older
