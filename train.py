@@ -2959,7 +2959,8 @@ def parser():
       "block inputs wait in host memory (GPU memory for PCIe traffic)")
     a("--mlp-chunks", type=int, default=1, help="K > 1: each block's MLP runs its backward on K "
       "token slices, one at a time (less memory, one more MLP forward per step)")
-    a("--resume", action="store_true", help="continue from OUT/ckpt/latest")
+    a("--resume", action="store_true", help="continue from OUT/ckpt/latest; give the run's "
+      "options again (one it had and this leaves out is refused; one given anew is noted)")
     a("--stop-at", type=int, help="write a checkpoint and exit after this step (as on SIGTERM), "
                                    f"with exit code {EXIT_STOPPED} (at the last step the run "
                                    "finishes: export, exit code 0)")
