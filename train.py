@@ -806,16 +806,19 @@ def verify(folder):
     return next((w for w in everyone(why) if w), None)
 
 
-def find_checkpoint(args, steps, say, base=None):
+def find_checkpoint(args, steps, say, base=None, tc=None, encs=None):
     """The checkpoint --resume continues from, checked before any model is built -> its folder,
     or None for a fresh start.
 
     Without --resume an --out that already holds checkpoints is refused (a new run there would
     mix with the old one). With it: the folder `latest` names if intact (verify), else the newest
     intact older one, with a warning naming both. Also refused: a checkpoint of the other --stage,
-    another --preset, --lora setting or LoRA base, or --i2v, one already past the --steps
+    another --preset, --lora setting or LoRA base, --i2v, or a DiT's VAE or T5 (by their
+    weights), one already past the --steps
     asked for or at / past --stop-at, and one in a later §3.2 stage than the --steps asked for
-    put its step in. steps: each stage's steps; base: this run's lora_base (rank 0's view)."""
+    put its step in, and one whose run had settings this command leaves at the preset's
+    (check_resumed_settings). steps: each stage's steps; base: this run's lora_base (rank 0's
+    view); tc: this run's resolved config; encs: its encoders() (rank 0's view)."""
     total = sum(steps)
     root = os.path.join(args.out, "ckpt")
     names = sorted(d for d in os.listdir(root) if STEP_DIR.fullmatch(d)) \
@@ -876,6 +879,11 @@ def find_checkpoint(args, steps, say, base=None):
         elif was and was[:2] != base[:2]:  # the same weights, moved or copied: fine
             say(f"note: --resume: the LoRA base {was[0]} {was[1]} is now {base[0]} {base[1]} "
                 f"(the same weights)")
+        for was, now in zip(st.get("encoders") or [], encs or []):
+            if was and now and was[2] != now[2]:  # the DiT's inputs: another VAE's latents
+                raise SettingsError(f"--resume: {args.out} holds a DiT trained with {was[0]} "
+                                    f"{was[1]}; {now[1]} holds other weights: pass the same "
+                                    f"(or another --out)")
         mc = st.get("model_config", {})  # App. A: an I2V DiT takes twice the latent channels
         i2v = st["stage_kind"] == "dit" and mc.get("in_channels") == 2 * mc.get("out_channels", 0)
         if i2v != bool(getattr(args, "i2v", False)):  # other tensor shapes
@@ -898,9 +906,57 @@ def find_checkpoint(args, steps, say, base=None):
         if stop_at is not None and stop_at <= st["step"]:  # it would never fire
             raise SettingsError(f"--stop-at {stop_at} is not after the checkpoint's step "
                                 f"{st['step']}; pass a later step (or drop it)")
+        if tc is not None and "config" in st:
+            check_resumed_settings(args, tc, st["config"], say)
         return os.path.join(root, d)
     raise SettingsError(f"--resume: no intact checkpoint in {root} ({'; '.join(damaged)}); start "
                         f"again in another --out")
+
+
+# The settings of a run (train.json's "config") its command line sets: (flag, args field, config
+# field). --save-every changes no number; "lr" is the VAE's vae_lr, steps / frames / resolutions
+# the stage kind's.
+RESUMED = [("--steps", "steps", "steps"), ("--frames", "frames", "frames"),
+           ("--size", "size", "resolutions"), ("--lr", "lr", "lr"),
+           ("--warmup", "warmup", "warmup"), ("--accum", "accum", "accum"),
+           ("--rows", "rows", "rows"), ("--batch", "batch", "batch"), ("--seed", "seed", "seed"),
+           ("--ema", "ema", "ema"), ("--min-snr", "min_snr", "min_snr"),
+           ("--max-tokens", "max_tokens", "max_tokens"), ("--recon", "recon", "recon")]
+
+
+def resumed_value(cfg, stage, field):
+    """A RESUMED field's value in an asdict(TrainConfig), as the command line writes it."""
+    if field in ("frames", "resolutions"):
+        v = [s[field] for s in cfg[stage + "_stages"]]
+        v = v[0] if all(x == v[0] for x in v) else v  # --frames / --size: every stage alike
+        return ",".join(f"{x[0]}x{x[1]}" if field == "resolutions" else str(x) for x in v)
+    v = cfg[{"steps": stage + "_steps", "lr": "lr" if stage == "dit" else "vae_lr"}.get(field,
+                                                                                       field)]
+    return ",".join(map(str, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) \
+        else str(v)
+
+
+def check_resumed_settings(args, tc, was, say):
+    """The run's settings (train.json's config, `was`) against this command's (tc). One the run
+    was given but this command leaves out would go on at the preset's value, silently (another
+    lr schedule, data order, loss): refused, naming the run's values. One given anew is a choice
+    (a lower --lr after non-finite losses, more --steps): noted. (--rows / --batch / --seed given
+    anew: resume() warns that the data order differs.)"""
+    now = json.loads(json.dumps(asdict(tc)))  # as train.json holds it (tuples as lists)
+    diff = [(flag, resumed_value(was, args.stage, f), resumed_value(now, args.stage, f),
+             getattr(args, name, None) is not None) for flag, name, f in RESUMED]
+    diff = [d for d in diff if d[1] != d[2]]
+    left = [d for d in diff if not d[3]]
+    if left:
+        it = "it" if len(left) == 1 else "them"
+        raise SettingsError(f"--resume: the run in --out was trained with "
+                            f"{' '.join(f'{fl} {w}' for fl, w, _, _ in left)}, not the preset's "
+                            f"{' and '.join(n for _, _, n, _ in left)}: give {it} again to "
+                            f"continue it (other values to change {it})")
+    anew = [f"{fl} {n} (the run's: {w})" for fl, w, n, _ in diff if fl not in
+            ("--rows", "--batch", "--seed")]
+    if anew:
+        say(f"note: --resume: {', '.join(anew)}; the run goes on with these")
 
 
 def load_checkpoint(folder, parts, opts, ema):
@@ -1182,6 +1238,12 @@ def check(args, tc, stages, steps=(1,)):
         data.check_device(args.device)  # read-only disk)
         if not args.simulate:  # a simulation reads and writes no files
             data.check_writable(args.out, "--out", folder=True)
+            # a resumed run's checkpoints (copied, another user's): its first save would fail
+            # after the steps. (No probe file: a refused --resume leaves --out as it was.)
+            ckpt = os.path.join(args.out, "ckpt")
+            if os.path.isdir(ckpt) and not os.access(ckpt, os.W_OK | os.X_OK):
+                raise SettingsError(f"--out {args.out}: cannot create files in {ckpt} (not "
+                                    f"writable); make it writable, or pass another --out")
         if args.cache:
             data.check_writable(args.cache, "--cache", folder=True)
     except ValueError as e:
@@ -1300,6 +1362,17 @@ def lora_base(args):
         return ["--init", os.path.abspath(args.init), data.model_fingerprint(args.init)]
     return ["--init-diffusers", os.path.abspath(args.init_diffusers),
             data.model_fingerprint(os.path.join(args.init_diffusers, "transformer"))]
+
+
+def encoders(args):
+    """A DiT run's VAE and T5, whose latents and text embeddings it learns: [option, folder,
+    data.model_fingerprint] each (None: no DiT, or a T5 the --cache names no folder of). A resume
+    must name the same weights (moved or copied: the same), or it goes on in another space."""
+    if args.stage != "dit":
+        return None
+    t5 = args.text_encoder or (t5_folder(args, recorded_t5(args.cache)) if args.cache else None)
+    return [[flag, os.path.abspath(p), data.model_fingerprint(p)] if p else None
+            for flag, p in (("--vae", args.vae), ("--text-encoder", t5))]
 
 
 def check_lora(args, dc):
@@ -1847,7 +1920,9 @@ def train(args):
                           cfg=dit_config(args, tc) if is_dit else None)  # plans' tokens
     # a LoRA run's frozen base, fingerprinted once (rank 0's files: train.json is rank 0's)
     job.lora_base = everyone(lora_base(args) if rank == 0 else None)[0]
-    job.ckpt = find_checkpoint(args, steps, say, job.lora_base)  # before any model is built
+    job.encoders = everyone(encoders(args) if rank == 0 else None)[0]  # (the same way)
+    # before any model is built
+    job.ckpt = find_checkpoint(args, steps, say, job.lora_base, tc, job.encoders)
     job.entries = load_entries(job)  # the manifest, with the metadata planning needs
     job.plans = check_stages(job)  # every stage's data, before any model is built
     (build_dit if is_dit else build_vae)(job)
@@ -1900,8 +1975,8 @@ def train(args):
                 else:
                     loss, st = vae_loss(job, net, batch, step, micro)
                     parts = {k: float(v) for k, v in st["parts"].items()} or parts
-                    if st["n"] > 0 and step >= total - max(1, total // 5):  # latent statistics,
-                        zs += st["zstat"]  # last 20% of steps; kept if the step is (below)
+                    if st["n"] > 0 and step >= stats_from(total):  # latent statistics, last
+                        zs += st["zstat"]  # 20% of steps; kept if the step is (below)
                     # the GAN step's input: the last micro-batch that read something (or a dummy)
                     gan_in = (st["x"], st["rec"]) if st["n"] > 0 or gan_in is None else gan_in
                 loss.backward()
@@ -1973,6 +2048,11 @@ def train(args):
     return {"losses": losses, "out": args.out, "step": step, "stopped": step < total}
 
 
+def stats_from(total):
+    """The first step of the VAE's latent statistics (the scaling factor's): the last 20%."""
+    return total - max(1, total // 5)
+
+
 def stop_now(stop, step, stop_at):
     """-> (stop after this step?, the signal number or 0), the same on every rank. torchrun
     forwards SIGTERM to every worker, maybe not at the same step (or one rank alone gets a
@@ -1984,11 +2064,13 @@ def stop_now(stop, step, stop_at):
 
 def run_settings(job):
     """What a checkpoint records about the run besides its position: resume refuses another
-    preset, stage kind, LoRA setting or base, or --i2v (model_config's channels) by these."""
+    preset, stage kind, LoRA setting or base, VAE or T5, or --i2v (model_config's channels), or
+    settings (config) left out, by these."""
     args = job.args
     return {"preset": args.preset, "stage_kind": args.stage, "world": job.world,
-            "lora": lora_settings(args), "lora_base": job.lora_base, "config": asdict(job.tc),
-            "model_config": asdict(job.cfg), "data_order": data_order(job)}
+            "lora": lora_settings(args), "lora_base": job.lora_base, "encoders": job.encoders,
+            "config": asdict(job.tc), "model_config": asdict(job.cfg),
+            "data_order": data_order(job), "data": data_samples(job.entries)}
 
 
 def data_order(job):
@@ -1996,6 +2078,14 @@ def data_order(job):
     global batch: Frame Pack rows (the DiT), else samples, per rank x data-parallel ranks."""
     per = job.tc.rows if job.args.stage == "dit" and not job.args.bucket else job.tc.batch
     return [per * job.dp_world, job.tc.seed]
+
+
+def data_samples(entries):
+    """--data's samples in order, for a checkpoint (a resume with others continues in other
+    batches): [how many, a sha256 of each one's content hash (else file name) and caption]. The
+    same samples listed in another place (a moved or copied data set) give the same."""
+    keys = [[e.get("hash") or os.path.basename(e["path"]), e.get("caption")] for e in entries]
+    return [len(keys), hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:32]]
 
 
 def layout(job):
@@ -2067,8 +2157,19 @@ def resume(job, opts, ema):
                     f"{was[0]} and {was[1]}: the data order differs from the uninterrupted "
                     f"run's (keep --rows / --batch x data-parallel ranks and --seed to "
                     f"continue it)", file=sys.stderr)
+        was, now = st.get("data"), data_samples(job.entries)
+        if was is not None and was != now:  # pos counts batches of was's samples
+            job.say(f"warning: --resume: --data lists other samples than the checkpoint's run "
+                    f"({now[0]} samples; it had {was[0]}): the run goes on in other batches "
+                    f"than its own (pass its --data to continue it)", file=sys.stderr)
         # the sums over the ranks that wrote it: rank 0 carries them, or export counts them twice
         z = torch.tensor(st["zstat"], dtype=torch.float64)
+        # more --steps start the statistics later: those of the run's own window are of older
+        # weights than the new window's (the scaling factor of the longer run fits those only)
+        key = job.args.stage + "_steps"
+        if "config" in st and stats_from(sum(st["config"][key])) < stats_from(
+                sum(getattr(job.tc, key))):
+            z.zero_()
         return st["step"], pos, st["bad_files"], z if job.rank == 0 else torch.zeros_like(z)
     # the VAE's zstat: count, Σ mean, Σ mean², Σ var of the latents (for the scaling factor)
     return 0, {"stage": 0, "epoch": 0, "batch": 0}, 0, torch.zeros(4, dtype=torch.float64)
@@ -2875,7 +2976,8 @@ def parser():
       "block inputs wait in host memory (GPU memory for PCIe traffic)")
     a("--mlp-chunks", type=int, default=1, help="K > 1: each block's MLP runs its backward on K "
       "token slices, one at a time (less memory, one more MLP forward per step)")
-    a("--resume", action="store_true", help="continue from OUT/ckpt/latest")
+    a("--resume", action="store_true", help="continue from OUT/ckpt/latest; give the run's "
+      "options again (one it had and this leaves out is refused; one given anew is noted)")
     a("--stop-at", type=int, help="write a checkpoint and exit after this step (as on SIGTERM), "
                                    f"with exit code {EXIT_STOPPED} (at the last step the run "
                                    "finishes: export, exit code 0)")

@@ -441,6 +441,25 @@ def test_resume_with_another_global_batch_or_seed_warns(assets, tmp_path, capsys
     assert "global batch 1 and seed 5, the checkpoint's 2 and 0: the data order differs" in err
 
 
+def test_resume_with_other_data_warns(assets, three_ckpts, tmp_path, capsys):
+    """The data position counts batches of the run's samples: a resume with another --data (a sample dropped)
+    continued in other batches without a word. It warns; the same samples under another manifest resume
+    silently."""
+    out = tmp_path / "run"
+    shutil.copytree(three_ckpts / "ckpt", out / "ckpt")
+    entries = data.read_manifest(assets["manifest"])
+    same = data.write_manifest(entries, str(tmp_path / "same.jsonl"))
+    fewer = data.write_manifest(entries[:-1], str(tmp_path / "fewer.jsonl"))
+    for manifest, steps in ((same, "2,2"), (fewer, "2,3")):
+        argv = dit_args(assets, out, *SMALL, "--steps", steps, "--resume")
+        argv[argv.index("--data") + 1] = manifest
+        capsys.readouterr()
+        train.main(argv)
+        warned = "warning: --resume: --data lists other samples than the checkpoint's run" in \
+            capsys.readouterr().err
+        assert warned == (manifest == fewer)
+
+
 def test_a_bad_file_is_warned_about_once_a_run(assets, tmp_path, capsys):
     """Every stage plans the manifest again: a missing file was warned about once a stage."""
     entries = data.read_manifest(assets["manifest"])
@@ -475,6 +494,19 @@ def test_vae_resumed_at_its_end_before_the_statistics_window_exports(assets, tmp
     assert "no latent statistics" in capsys.readouterr().err
     cfg = json.loads((out / "vae" / "config.json").read_text())
     assert cfg["scaling_factor"] == vae.VAE_PRESETS["tiny"].scaling_factor
+
+
+def test_vae_extended_by_resume_fits_its_scale_on_the_new_window_only(assets, tmp_path):
+    """The scaling factor is fitted on the latents of the last 20% of the steps. A finished 1-step run (its
+    window: step 1) extended to 5 by --resume --steps 5 kept step 1's statistics and added those of step 5, the
+    new window: latents of older weights in the factor. It fits on the new window only, as a 5-step run: one
+    step's latents (single frames, full batches: every step holds as many)."""
+    out = tmp_path / "v"
+    count = lambda step: json.load(open(out / "ckpt" / f"step_{step:07d}" / "train.json"))["zstat"][0]
+    train.main(vae_args(assets["manifest"], out, "--frames", "1", "--steps", "1"))
+    one = count(1)
+    train.main(vae_args(assets["manifest"], out, "--frames", "1", "--steps", "5", "--resume"))
+    assert count(5) == one > 0
 
 
 @pytest.fixture(scope="module")
@@ -573,6 +605,66 @@ def test_rerun_refusals_keep_the_run(assets, three_ckpts, capsys, extra, words):
     err = capsys.readouterr().err.strip().splitlines()
     assert words in err[-1] and len(err) == 1
     assert {f: os.stat(f).st_mtime_ns for f in three_ckpts.rglob("*")} == before
+
+
+def test_resume_refuses_the_runs_settings_left_out_and_notes_those_changed(assets, three_ckpts, tmp_path,
+                                                                           monkeypatch, capsys):
+    """A --resume without an override the run was started with (--steps, --lr, ...) went on with the preset's value,
+    silently: the preset's 3,3 steps (its cosine stretched over them) for the run's 2,1. Refused, one line naming
+    the run's values; a value given again continues, and one given anew (a lower --lr, more --steps) is noted."""
+    out = tmp_path / "run"
+    shutil.copytree(three_ckpts / "ckpt", out / "ckpt")
+    st_path = out / "ckpt" / "step_0000003" / "train.json"
+    st = json.loads(st_path.read_text())  # as if the run had been given --lr 0.005
+    st["config"]["lr"] = 0.005
+    st["check"] = train.digest(st)
+    st_path.write_text(json.dumps(st))
+    monkeypatch.setattr(train, "build_dit", lambda job: pytest.fail("a model was loaded"))
+    for extra, words in (([], "the run in --out was trained with --steps 2,1 --lr 0.005, not the preset's 3,3 "
+                              "and 0.001: give them again to continue it (other values to change them)"),
+                         (["--steps", "2,1"], "with --lr 0.005, not the preset's 0.001: give it again")):
+        with pytest.raises(SystemExit) as e:
+            train.main(dit_args(assets, out, *SMALL, *extra, "--resume"))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+    monkeypatch.undo()
+    assert train.main(dit_args(assets, out, *SMALL, "--steps", "2,2", "--lr", "0.002", "--resume"))["step"] == 4
+    assert "note: --resume: --steps 2,2 (the run's: 2,1), --lr 0.002 (the run's: 0.005)" in capsys.readouterr().out
+
+
+def test_resume_of_a_dit_needs_the_vae_and_t5_it_learned_from(assets, three_ckpts, tmp_path, monkeypatch,
+                                                               capsys):
+    """A DiT learns the latents of its --vae and the embeddings of its --text-encoder: a resume with another VAE
+    (or T5) went on in another latent space, silently. Refused in one line, before any model is loaded; the same
+    weights moved or copied continue."""
+    out = tmp_path / "run"
+    shutil.copytree(three_ckpts / "ckpt", out / "ckpt")
+    torch.manual_seed(1)
+    vae.CausalVAE(vae.VAE_PRESETS["tiny"]).save(str(tmp_path / "other_vae"))
+    shutil.copytree(assets["t5"], tmp_path / "other_t5")
+    weights_file = next(f for f in os.listdir(tmp_path / "other_t5") if f.endswith(".safetensors"))
+    flip(tmp_path / "other_t5" / weights_file)  # another T5 of the same shapes
+    shutil.copytree(assets["vae"], tmp_path / "moved_vae", copy_function=shutil.copy)
+
+    class Built(Exception):
+        pass
+
+    def built(job):
+        raise Built
+    monkeypatch.setattr(train, "build_dit", built)
+    args = lambda *extra: dit_args(assets, out, *SMALL, "--steps", "2,2", "--resume", *extra)
+    for flag, other in (("--vae", tmp_path / "other_vae"), ("--text-encoder", tmp_path / "other_t5")):
+        argv = args()
+        argv[argv.index(flag) + 1] = str(other)
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1, err
+        assert f"holds a DiT trained with {flag} " in err[0] and f"{other} holds other weights" in err[0], err
+    argv = args()
+    argv[argv.index("--vae") + 1] = str(tmp_path / "moved_vae")
+    with pytest.raises(Built):
+        train.main(argv)
 
 
 def test_resume_with_the_wrong_stage_names_the_checkpoints(assets, three_ckpts, capsys):
@@ -894,6 +986,22 @@ def test_read_only_out_and_i2v_settings(assets, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(dit_args(assets, tmp_path / "ro" / "run"))
     assert e.value.code == 2 and f"--out {tmp_path / 'ro' / 'run'}: cannot create files in" in capsys.readouterr().err
+
+
+def test_resume_into_a_read_only_checkpoint_folder_is_refused_first(assets, three_ckpts, tmp_path, monkeypatch,
+                                                                      capsys):
+    """--out writable, its ckpt/ not (a run copied or made by another user; os.access stands in, tests run as
+    root): the resumed run trained to its first save and died there with a traceback, the steps lost. One line,
+    exit code 2, before any model is loaded."""
+    out = tmp_path / "run"
+    shutil.copytree(three_ckpts / "ckpt", out / "ckpt")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if str(p).startswith(str(out / "ckpt")) else real(p, m))
+    monkeypatch.setattr(train, "build_dit", lambda job: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        train.main(dit_args(assets, out, *SMALL, "--steps", "2,2", "--resume"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and f"cannot create files in {out / 'ckpt'}" in err[0], err
 
 
 def test_dit_needs_vae_and_text_encoder(assets, tmp_path, capsys):
