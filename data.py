@@ -258,6 +258,19 @@ def hf_config_errors():
     return (StrictDataclassError,)
 
 
+def temporal_ratio(d, path):
+    """A diffusers config's temporal_compression_ratio (default 4) as an int power of 2, or one
+    ValueError naming the file. diffusers types the VAE's as float, so a released 4.0 is 4. The one
+    reader of vae.py and dit.py."""
+    r = d.get("temporal_compression_ratio", 4)
+    if isinstance(r, float) and r.is_integer():
+        r = int(r)
+    if not (type(r) is int and r >= 1 and r & (r - 1) == 0):
+        raise ValueError(f"{path}: temporal_compression_ratio = "
+                         f"{d['temporal_compression_ratio']!r} is not a power of 2")
+    return r
+
+
 def config_from(cls, d, path):
     """A config file's dict -> cls(**d), every value of its dataclass field's type (a float field
     takes an int; a tuple field a list of ints): a hand-edited or damaged value is one ValueError

@@ -753,14 +753,14 @@ def diffusers_folder_config(folder, **overrides):
                          "'CogVideoXTransformer3DModel'; pass the released model's folder or its "
                          "transformer/ (our own checkpoints load with ExpertDiT.load)")
     try:  # a value of the wrong type in the arithmetic below, a key missing
-        cfg = _diffusers_config(dc)
+        cfg = _diffusers_config(dc, folder / "config.json")
     except (TypeError, KeyError) as e:
         raise ValueError(f"{folder / 'config.json'}: not a CogVideoXTransformer3DModel config "
                          f"({type(e).__name__}: {e}); copy or export it again") from None
     return folder, _config({**cfg, **overrides}, folder / "config.json")
 
 
-def _diffusers_config(dc):
+def _diffusers_config(dc, path="config.json"):
     """diffusers config.json -> DiTConfig fields; refuses what this file does not implement.
     CogVideoX 1.5: patch_size_t -> patch_t, ofs_embed_dim -> ofs_dim. Its configs say patch_bias
     false, but diffusers' 1.5 patch Linear has a bias regardless (so do the released weights), so
@@ -780,7 +780,8 @@ def _diffusers_config(dc):
         if dc.get("use_rotary_positional_embeddings") else "sincos"
     g, C = dc.get, dc["in_channels"]
     # sample_frames counts pixel frames: latent frames = (frames - 1) / temporal compression + 1
-    T = (g("sample_frames", 49) - 1) // g("temporal_compression_ratio", 4) + 1
+    from data import temporal_ratio  # lazily: dit.py stays importable without data.py
+    T = (g("sample_frames", 49) - 1) // temporal_ratio(dc, path) + 1
     return dict(in_channels=C, out_channels=g("out_channels") or C, patch=g("patch_size", 2),
                 layers=dc["num_layers"], heads=dc["num_attention_heads"], pos=pos, base_frames=T,
                 head_dim=dc["attention_head_dim"], time_dim=dc["time_embed_dim"],

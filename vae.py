@@ -683,12 +683,10 @@ def diffusers_folder_config(folder):
 def diffusers_config(d, path="config.json"):
     """A diffusers AutoencoderKLCogVideoX config.json (as a dict) -> VAEConfig."""
     import data  # imported here: vae.py stays importable without data.py
-    ratio = d.get("temporal_compression_ratio", 4)
+    ratio = data.temporal_ratio(d, path)
     # null: diffusers' default; any other value goes to config_from as it is (bool() took "false"
     # as true)
     inv = d.get("invert_scale_latents")
-    if not (isinstance(ratio, int) and ratio >= 1 and ratio & (ratio - 1) == 0):
-        raise ValueError(f"{path}: temporal_compression_ratio = {ratio!r} is not a power of 2")
     return data.config_from(VAEConfig, dict(
         channels=d.get("block_out_channels", (128, 256, 256, 512)),
         layers=d.get("layers_per_block", 3), latent=d.get("latent_channels", 16),

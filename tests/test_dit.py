@@ -226,6 +226,20 @@ def test_15_parameter_counts_equal_diffusers(name, released, tmp_path):
     assert dit._config(dit._diffusers_config(released)) == DIT_PRESETS[name]
 
 
+def test_diffusers_temporal_compression_ratio_may_be_a_whole_float(tmp_path):
+    """A transformer config.json saying temporal_compression_ratio 4.0 (the VAE's is typed float
+    in diffusers) reads as 4 (was refused naming base_frames, a field not in the file); a
+    fraction or a non-power of 2 is the VAE's one line naming the file."""
+    assert dit._diffusers_config(dict(RELEASED_15, temporal_compression_ratio=4.0)) == \
+        dit._diffusers_config(RELEASED_15)
+    for v in (2.5, 3):
+        (tmp_path / "config.json").write_text(json.dumps(dict(
+            RELEASED_15, _class_name="CogVideoXTransformer3DModel", temporal_compression_ratio=v)))
+        msg = f"config.json: temporal_compression_ratio = {v!r} is not a power of 2$"
+        with pytest.raises(ValueError, match=msg):
+            dit.diffusers_folder_config(tmp_path)
+
+
 def diffusers_15(i2v=False, seed=0):
     """A tiny 1.5-shaped diffusers transformer: temporal patch 2, the release's patch_bias=False and
     300 x 300 RoPE bound, and for I2V twice the input channels and the ofs embedding."""

@@ -279,6 +279,17 @@ def test_diffusers_invert_scale_latents_of_a_wrong_type_is_one_line():
     assert vae.diffusers_config({"invert_scale_latents": True}).invert_scale_latents
 
 
+def test_diffusers_temporal_compression_ratio_may_be_a_whole_float():
+    """diffusers types the VAE's temporal_compression_ratio float: a config.json saying 4.0 is
+    ratio 4 (was refused as 'not a power of 2'); a fraction or a non-power of 2 still is."""
+    for v, levels in ((4.0, 2), (8.0, 3), (4, 2)):
+        assert vae.diffusers_config({"temporal_compression_ratio": v}).time_levels == levels
+    for v in (2.5, 3.0, 3, 0, "4", True):
+        with pytest.raises(ValueError, match=f"^vae/config.json: temporal_compression_ratio = "
+                                             f"{v!r} is not a power of 2$"):
+            vae.diffusers_config({"temporal_compression_ratio": v}, "vae/config.json")
+
+
 def test_damaged_shard_index_is_one_line_naming_it(ref, tmp_path, capsys):
     """A sharded folder whose index json is torn, is no object, holds no weight_map of file names,
     or lists a shard that is missing: one error naming the index and the fix, and vae.py --ckpt
