@@ -471,13 +471,14 @@ def released_sample_config(folder):
     return cfg, ac
 
 
-def apply_lora(net, path, scale=1.0, merge=False):
+def apply_lora(net, path, scale=1.0, merge=False, say=print):
     """LoRA adapters (dit.load_lora: ours, diffusers' or PEFT's file) on the DiT, times `scale`;
-    merge: folded into the weights (dit.merge_lora), so sampling costs what the base costs."""
+    merge: folded into the weights (dit.merge_lora), so sampling costs what the base costs.
+    say: the CLI's printer (--sp: rank 0's alone; every rank loads the LoRA)."""
     n = ditlib.load_lora(net, path, scale)
     if merge:
         ditlib.merge_lora(net)
-    print(f"LoRA {path}: {n} adapted modules x {scale:g}{', merged' if merge else ''}")
+    say(f"LoRA {path}: {n} adapted modules x {scale:g}{', merged' if merge else ''}")
     return net
 
 
@@ -691,7 +692,7 @@ def run(a, p):
     net, ae, text = (load_ckpt(a.ckpt, load_dev, dtype) if a.ckpt
                      else load_released(a.model_dir, load_dev, dtype))[:3]
     if a.lora:
-        apply_lora(net, a.lora, a.lora_scale, a.lora_merge)
+        apply_lora(net, a.lora, a.lora_scale, a.lora_merge, say)
     if a.sp > 1:  # the DiT's sequence-parallel group: every rank (dit.py)
         net.sp = ditlib.sp_group(dist.group.WORLD)
     image = None

@@ -423,6 +423,21 @@ def test_sample_cli_lora_scale_and_merge(tmp_path, capsys):
         assert e.value.code == 2 and words in capsys.readouterr().err
 
 
+def test_sample_cli_lora_line_is_rank_0s(tmp_path, capsys, monkeypatch):
+    """Under --sp every rank loads the LoRA, but only rank 0 prints (as the rest of sample.py's
+    output): another rank (sp_start, which torchrun's --sp runs go through, saying rank 1) prints
+    nothing. Every rank printed its 'LoRA ...: n adapted modules' line."""
+    from test_sample import make_ckpt
+    ck = make_ckpt(tmp_path / "ck")
+    net = sample.load_ckpt(str(ck))[0]
+    fill(dit.add_lora(net, 2, 2, "attn"), std=0.5)
+    lora = dit.save_lora(net, tmp_path / "l.safetensors")
+    monkeypatch.setattr(sample, "sp_start", lambda a: 1)
+    sample.main(["--ckpt", str(ck), "--prompt", PROMPTS[0], "--out", str(tmp_path / "o.mp4"),
+                 "--steps", "1", "--lora", str(lora)])
+    assert capsys.readouterr().out == "" and not (tmp_path / "o.mp4").exists()
+
+
 def test_sample_cli_checks_the_lora_file_before_any_model_loads(tmp_path, monkeypatch, capsys):
     """A --lora file of another model, with another shape, or torn: one line, exit code 2, from
     the file and the DiT's config.json alone (checked on the meta device). They were named only
