@@ -61,3 +61,23 @@ def test_out_is_checked_before_measuring_and_its_folder_made(monkeypatch, tmp_pa
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         f"--out {tmp_path} is a folder; pass a file path")
+
+
+def test_device_is_compared_by_type(monkeypatch, capsys):
+    """--device cpu:0 is the CPU (was refused: a string compare with "cpu"); another device, or
+    none, is one line, exit code 2, before anything is measured."""
+    monkeypatch.setattr(bench, "wait_for_load", lambda *a: None)
+    monkeypatch.setattr(bench, "matmul_rate", lambda: 1e9)  # nothing is measured
+    ran = []
+    monkeypatch.setattr(bench, "SECTIONS", {"dit": lambda args, res, tmp: ran.append(args.device)})
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--only", "dit", "--device", "cpu:0"])
+    bench.main()
+    assert ran == ["cpu:0"]
+    monkeypatch.setattr(bench, "matmul_rate", lambda: 1 / 0)
+    for dev in ("cuda", "cuda:0", "gpu"):
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--only", "dit", "--device", dev])
+        with pytest.raises(SystemExit) as e:
+            bench.main()
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+            f"--device {dev}: bench.py measures the CPU targets of issue 9; use --device cpu")
