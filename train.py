@@ -806,13 +806,27 @@ def verify(folder):
     return next((w for w in everyone(why) if w), None)
 
 
+def earlier_run(out):
+    """What a run in `out` left that a new start there would overwrite or empty: its exported
+    model (dit/ or vae/ with its config and weights, a LoRA's adapters) and a non-empty
+    log.jsonl -> their names."""
+    found = [f"{d}/" for d in ("dit", "vae") if all(
+        os.path.isfile(os.path.join(out, d, f)) for f in ("config.json", "model.safetensors"))]
+    found += [f for f in (dit.LORA_FILE, "log.jsonl") if os.path.isfile(os.path.join(out, f))
+              and os.path.getsize(os.path.join(out, f))]
+    return found
+
+
 def find_checkpoint(args, steps, say, base=None, tc=None, encs=None):
     """The checkpoint --resume continues from, checked before any model is built -> its folder,
     or None for a fresh start.
 
     Without --resume an --out that already holds checkpoints is refused (a new run there would
-    mix with the old one). With it: the folder `latest` names if intact (verify), else the newest
-    intact older one, with a warning naming both. Also refused: a checkpoint of the other --stage,
+    mix with the old one), and so is one holding an earlier run's export or log (earlier_run: a
+    new run would overwrite the model and empty the log); with --resume and no checkpoint, one
+    holding an export (it would be overwritten by starting again). With a checkpoint: the
+    folder `latest` names if intact (verify), else the newest intact older one, with a warning
+    naming both. Also refused: a checkpoint of the other --stage,
     another --preset, --lora setting or LoRA base, --i2v, or a DiT's VAE or T5 (by their
     weights), one already past the --steps
     asked for or at / past --stop-at, and one in a later §3.2 stage than the --steps asked for
@@ -827,8 +841,17 @@ def find_checkpoint(args, steps, say, base=None, tc=None, encs=None):
         if names:
             raise SettingsError(f"--out {args.out} already holds a run (checkpoints up to "
                                 f"{names[-1]}): add --resume to continue it, or pick another --out")
+        old = earlier_run(args.out)  # a finished run whose checkpoints were deleted: a new run
+        if old:  # would overwrite its model and empty its log
+            raise SettingsError(f"--out {args.out} already holds a run's {' and '.join(old)}: "
+                                f"pick another --out, or remove them to start again there")
         return None
     if not names:
+        old = [f for f in earlier_run(args.out) if f != "log.jsonl"]
+        if old:  # (a log alone: a run killed before its first checkpoint, started again below)
+            raise SettingsError(f"--resume: {root} holds no checkpoint to continue from, and "
+                                f"starting again would overwrite the exported {' and '.join(old)} "
+                                f"in {args.out}: pick another --out, or remove them")
         say(f"--resume: no checkpoint in {root} yet, starting from scratch")
         return None
     path = os.path.join(root, "latest")

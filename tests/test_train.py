@@ -607,6 +607,44 @@ def test_rerun_refusals_keep_the_run(assets, three_ckpts, capsys, extra, words):
     assert {f: os.stat(f).st_mtime_ns for f in three_ckpts.rglob("*")} == before
 
 
+@pytest.mark.parametrize("drop, extra, words", [
+    (["ckpt"], [], "already holds a run's dit/ and vae/ and log.jsonl: pick another --out, or remove them"),
+    (["ckpt"], ["--resume"], "ckpt holds no checkpoint to continue from, and starting again would overwrite the "
+                             "exported dit/ and vae/ in "),
+    (["ckpt", "dit", "vae"], [], "already holds a run's log.jsonl: pick another --out, or remove them"),
+    (["ckpt", "dit", "vae", "log.jsonl"], ["--lora", "2"], f"already holds a run's {dit.LORA_FILE}: pick"),
+])
+def test_a_finished_run_without_checkpoints_is_not_started_over(assets, three_ckpts, tmp_path, monkeypatch,
+                                                                 capsys, drop, extra, words):
+    """A finished run whose checkpoints were deleted (to save space) was taken for an empty --out, with or without
+    --resume: the new run overwrote its exported model and emptied its log.jsonl. Refused: one line, exit 2, before
+    any model is built, --out untouched. A --resume into a log alone (a run killed before its first checkpoint)
+    starts again, as before."""
+    out = tmp_path / "run"
+    shutil.copytree(three_ckpts, out)
+    for f in drop:
+        shutil.rmtree(out / f) if (out / f).is_dir() else os.remove(out / f)
+    if "--lora" in extra:
+        (out / dit.LORA_FILE).write_bytes(b"adapters")
+    before = {f: os.stat(f).st_mtime_ns for f in out.rglob("*")}
+    monkeypatch.setattr(train, "build_dit", lambda job: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit) as e:
+        train.main(dit_args(assets, out, *SMALL, "--steps", "2,1", *extra))
+    err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("warning: --lora")]
+    assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+    assert {f: os.stat(f).st_mtime_ns for f in out.rglob("*")} == before
+    if drop == ["ckpt", "dit", "vae"]:
+        class Built(Exception):
+            pass
+
+        def built(job):
+            raise Built
+        monkeypatch.setattr(train, "build_dit", built)
+        with pytest.raises(Built):
+            train.main(dit_args(assets, out, *SMALL, "--steps", "2,1", "--resume"))
+        assert "no checkpoint in " in capsys.readouterr().out
+
+
 def test_resume_refuses_the_runs_settings_left_out_and_notes_those_changed(assets, three_ckpts, tmp_path,
                                                                            monkeypatch, capsys):
     """A --resume without an override the run was started with (--steps, --lr, ...) went on with the preset's value,
