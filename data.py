@@ -404,10 +404,22 @@ def _open(path):
         container = av.open(str(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
         raise _bad("cannot open", e) from None
-    if not container.streams.video:
+    if not any(_moving(s) for s in container.streams.video):
+        # an .mp4 / .m4a song: its one "video" stream is the album cover (a 1-frame still that
+        # was trained as a clip and reported as truncated, its fps the 90 kHz time base)
+        cover = " (only a cover picture)" if container.streams.video else ""
         container.close()
-        raise BadVideo("no video stream")
+        raise BadVideo("no video stream" + cover)
     return container
+
+
+def _moving(stream):
+    return not stream.disposition & av.stream.Disposition.attached_pic
+
+
+def _video(container):
+    """The video stream that is read: the first that is not a cover picture (see _open)."""
+    return next(s for s in container.streams.video if _moving(s))
 
 
 def _frames(path, start=None):
@@ -419,7 +431,7 @@ def _frames(path, start=None):
     AFTER it, or past the end), seek 1, 2, 4, ... 16 s earlier, and only then decode from the
     beginning. Open and decode errors raise BadVideo."""
     container = _open(path)
-    stream = container.streams.video[0]
+    stream = _video(container)
     stream.thread_type = "AUTO"
     tb = stream.time_base
     rate = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
@@ -429,8 +441,8 @@ def _frames(path, start=None):
         nonlocal container
         container.close()
         container = _open(path)
-        container.streams.video[0].thread_type = "AUTO"
-        return container.streams.video[0]
+        _video(container).thread_type = "AUTO"
+        return _video(container)
 
     def frames():
         s, decoded = stream, None
@@ -627,7 +639,7 @@ def probe(path):
         x = _load_image(path)  # (3, h, w)
         return {"height": x.shape[1], "width": x.shape[2], "frames": 1, "fps": None, "seconds": 0.0}
     with _open(path) as container:
-        s = container.streams.video[0]
+        s = _video(container)
         rate = float(s.average_rate or s.guessed_rate or 0)
         try:
             first = next(container.decode(s))  # one frame: its rotation (phone clips) and true size
@@ -646,7 +658,7 @@ def _video_seconds(path, container):
     duration (a live or browser recording) was planned as a 1-frame still. A longer audio track
     sets the container's duration (a 47-frame webm with 0.5 s more audio was planned as 59
     frames, then dropped as truncated)."""
-    s = container.streams.video[0]
+    s = _video(container)
     if s.duration is not None:
         return float(s.duration * s.time_base), 0
     tag = s.metadata.get("DURATION", "")  # "HH:MM:SS.nnnnnnnnn"
@@ -661,7 +673,7 @@ def _video_seconds(path, container):
     n, end, t0 = 0, None, s.start_time or 0
     try:
         with _open(path) as c:
-            v = c.streams.video[0]
+            v = _video(c)
             tb = v.time_base
             for p in c.demux(v):
                 if p.size and p.pts is not None:  # (the demuxer's final packet is empty)

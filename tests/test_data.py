@@ -167,6 +167,40 @@ def test_audio_stream(tmp_path):
     assert frame_ids(data.load_video(p, 9, 32, 32)) == list(range(9))
 
 
+def test_a_cover_picture_is_no_video_stream(tmp_path):
+    """A song saved as .mp4 (AAC + album cover): its only video stream is the 1-frame cover. It
+    was probed as 172800 frames at 90000 fps, decoded as a still and dropped as "truncated"; a
+    clip with a cover reads its real video stream."""
+    def mp4(path, video):
+        with av.open(str(path), "w") as c:
+            s = c.add_stream("libx264", rate=8) if video else None
+            if s:
+                s.height, s.width, s.pix_fmt = 32, 48, "yuv420p"
+            cv = c.add_stream("mjpeg", rate=1)
+            cv.height, cv.width, cv.pix_fmt = 64, 64, "yuvj420p"
+            cv.disposition = av.stream.Disposition.attached_pic
+            a = c.add_stream("aac", rate=16000)
+            img = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 200, np.uint8), format="rgb24")
+            for p in [*cv.encode(img.reformat(format="yuvj420p")), *cv.encode()]:
+                c.mux(p)
+            for i in range(9 if s else 0):
+                f = av.VideoFrame.from_ndarray(np.full((32, 48, 3), grey(i), np.uint8), "rgb24")
+                for p in s.encode(f):
+                    c.mux(p)
+            for p in s.encode() if s else ():
+                c.mux(p)
+            silence(c, a, 15, "fltp", np.float32)
+        return str(path)
+    song = mp4(tmp_path / "song.mp4", video=False)
+    with pytest.raises(data.BadVideo, match=r"no video stream \(only a cover picture\)"):
+        data.probe(song)
+    with pytest.raises(data.BadVideo, match="cover"):
+        data.load_video(song, 5)
+    clip = mp4(tmp_path / "clip.mp4", video=True)
+    assert (data.probe(clip)["frames"], data.probe(clip)["fps"]) == (9, 8.0)
+    assert frame_ids(data.load_video(clip, 9, 32, 48)) == list(range(9))
+
+
 def test_probe_counts_the_video_not_a_longer_audio_track_or_a_missing_duration(tmp_path):
     """mkv / webm hold no frame count: it came from the container's duration, which a longer audio
     track sets (47 frames planned as 59, then dropped as truncated), and a file written without a
