@@ -423,7 +423,8 @@ def _video(container):
 
 
 def _frames(path, start=None):
-    """The one decoder: path -> (frame rate, iterator of (seconds, av.VideoFrame)), in order.
+    """The one decoder: path -> (frame rate, iterator of (seconds, av.VideoFrame, its pixel aspect
+    ratio: the `sar` of _rgb)), in order.
 
     Seconds count from the stream's start; a frame without a timestamp gets its place on the rate
     grid. start: seek there first (to the keyframe before it: the caller drops what it does not
@@ -435,6 +436,7 @@ def _frames(path, start=None):
     stream.thread_type = "AUTO"
     tb = stream.time_base
     rate = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+    sar = _sar(stream)
     t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
 
     def reopen():
@@ -462,7 +464,7 @@ def _frames(path, start=None):
             if decoded is None:  # no start, or no seek landed early enough: from the beginning
                 decoded = container.decode(s)
             for k, frame in enumerate(decoded):
-                yield (frame.time if frame.time is not None else t0 + k / rate) - t0, frame
+                yield (frame.time if frame.time is not None else t0 + k / rate) - t0, frame, sar
         # OverflowError: a start too large to seek to (a manifest's 1e300) is a bad clip too
         except (av.FFmpegError, OSError, ValueError, RuntimeError, OverflowError) as e:
             raise _bad("decode error", e) from None
@@ -471,18 +473,29 @@ def _frames(path, start=None):
     return rate, frames()
 
 
-def _rgb(frame):
-    """The one rotation rule: av.VideoFrame -> (3, h, w) uint8, upright.
+def _sar(stream):
+    """A stream's sample (pixel) aspect ratio: 1 unless its pixels are not square (anamorphic DV,
+    HDV, DVD). A ratio beyond 1/4..4 is a broken header, not a picture: ignored."""
+    sar = stream.sample_aspect_ratio
+    return sar if sar and 0.25 <= sar <= 4 else 1
+
+
+def _rgb(frame, sar=1):
+    """The one rotation rule: av.VideoFrame -> (3, h, w) uint8, upright, square pixels.
 
     The display matrix says "rotate counterclockwise by k*90" (phones store landscape pixels and a
-    rotation); torch.rot90 over (h, w) turns counterclockwise too."""
+    rotation); torch.rot90 over (h, w) turns counterclockwise too. sar (_sar): the width is scaled
+    by it, as a player shows the frame (HDV's 1440x1080 is 1920x1080 on screen: it was planned and
+    trained 4:3, squashed)."""
+    w = max(1, round(frame.width * sar))
     try:
-        if frame.format.name == "bgr0":  # FFV1 of the shapes set: skip swscale, ~400x faster
+        # FFV1 of the shapes set: skip swscale, ~400x faster
+        if frame.format.name == "bgr0" and w == frame.width:
             plane = frame.planes[0]
             rgb = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size // 4, 4)
             rgb = rgb[:, :frame.width, 2::-1]  # (h, w, 3) BGRx -> RGB
         else:
-            rgb = frame.to_ndarray(format="rgb24")  # (h, w, 3)
+            rgb = frame.to_ndarray(format="rgb24", width=w)  # (h, w, 3)
     except (av.FFmpegError, ValueError) as e:
         raise _bad("decode error", e) from None
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, h, w) uint8
@@ -531,16 +544,16 @@ def _decode(path, num_frames, height, width, fps, start, crop=None):
     rate, frames = _frames(path, start)
     begin, out = start or 0.0, []
     targets = [begin + i / fps for i in range(num_frames)] if fps else None
-    prev = None  # [time, frame, tensor or None]: the latest frame before the next target
+    prev = None  # [time, frame, sar, tensor or None]: the latest frame before the next target
 
     def conv(c):  # convert a decoded frame at most once, even when it fills several targets
-        if c[2] is None:
-            c[2] = _cover_crop(_rgb(c[1]), height, width, crop)
-        return c[2]
+        if c[3] is None:
+            c[3] = _cover_crop(_rgb(c[1], c[2]), height, width, crop)
+        return c[3]
 
     with closing(frames):
-        for t, frame in frames:
-            cur = [t, frame, None]
+        for t, frame, sar in frames:
+            cur = [t, frame, sar, None]
             if targets is None and t >= begin - 1e-6:
                 out.append(conv(cur))
             while targets and len(out) < num_frames and t >= targets[len(out)] - 1e-6:
@@ -596,7 +609,8 @@ def load_video(path, num_frames, height=None, width=None, fps=None, start=None, 
 def frames_every(path, every=2.0, start=0.0):
     """Yield (second, (H, W, 3) uint8) for the frame on screen at 0, every, 2 * every, ... seconds.
 
-    Native size, upright (the decoder and rotation rule of load_video); caption.py's App. C frames.
+    Native size, upright, square pixels (the decoder and rotation rule of load_video); caption.py's
+    App. C frames.
     The frame on screen at second s is the last one whose time is <= s (half a frame early counts:
     timestamps are rounded to the frame grid), so gaps and GIFs work; seconds count from the first
     frame, or from `start` seconds into the stream as load_video counts them (a clip of a longer
@@ -606,10 +620,10 @@ def frames_every(path, every=2.0, start=0.0):
     decodable frame, or none at start, raises BadVideo."""
     rate, frames = _frames(path, start)  # seeks: only what a clip late in a file needs is decoded
     half, n, first, prev, t = 0.5 / rate, 0, None, None, 0.0
-    rgb = lambda f: np.ascontiguousarray(_rgb(f).permute(1, 2, 0).numpy())  # (H, W, 3)
+    rgb = lambda f: np.ascontiguousarray(_rgb(*f).permute(1, 2, 0).numpy())  # (H, W, 3)
     with closing(frames):
         try:
-            for t, frame in frames:
+            for t, *frame in frames:  # frame: [av.VideoFrame, sar]
                 # (after a seek the first frame is a keyframe before start: count from 0)
                 first = (0.0 if start else t) if first is None else first
                 t -= first + start  # < 0 before start: only kept as the frame on screen there
@@ -645,7 +659,7 @@ def probe(path):
             first = next(container.decode(s))  # one frame: its rotation (phone clips) and true size
         except (StopIteration, av.FFmpegError) as e:
             raise BadVideo(f"no frames decoded ({e})") from None
-        _, h, w = _rgb(first).shape
+        _, h, w = _rgb(first, _sar(s)).shape
         seconds, counted = _video_seconds(path, container)
         frames = s.frames or counted or max(1, round(seconds * rate))
         return {"height": h, "width": w, "frames": frames, "fps": rate or None, "seconds": seconds}

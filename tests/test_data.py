@@ -256,6 +256,32 @@ def test_rotation_metadata(tmp_path):
     assert red[:, -8:, :8].all() and not red[:, :8, :].any()
 
 
+def test_anamorphic_pixels_are_shown_square(tmp_path):
+    """HDV / DV / DVD store non-square pixels (1440x1080 with a 4:3 sample aspect ratio is 16:9 on
+    screen): frames were read at their stored width, so a clip was planned for the wrong aspect
+    bucket and trained squashed. Probe, load_video and frames_every see the shown width."""
+    def paint(i):  # stored 48x32, pixels twice as wide as tall: 96x32 on screen
+        img = np.zeros((32, 48, 3), np.uint8)
+        img[:8, :8] = (255, 0, 0)
+        return img
+    p = str(tmp_path / "sar.mp4")
+    with av.open(p, "w") as c:
+        s = c.add_stream("libx264", rate=8)
+        s.height, s.width, s.pix_fmt = 32, 48, "yuv420p"
+        s.codec_context.sample_aspect_ratio = fractions.Fraction(2, 1)
+        for i in range(5):
+            for pk in s.encode(av.VideoFrame.from_ndarray(paint(i), format="rgb24")):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    assert (data.probe(p)["height"], data.probe(p)["width"]) == (32, 96)
+    v = data.load_video(p, 5)
+    assert v.shape == (3, 5, 32, 96)
+    red = ((v[0] > 0.5) & (v[1] < -0.5))[:, 4]  # (T, W): the block's middle row
+    assert red[:, 2:14].all() and not red[:, 18:].any()  # 8 stored pixels, 16 shown
+    assert next(data.frames_every(p, 1.0))[1].shape == (32, 96, 3)
+
+
 def test_variable_frame_rate(tmp_path):
     times = [0.0, 0.05, 0.1, 0.4, 0.45, 0.5, 0.9, 1.0]
     p = write(tmp_path / "vfr.mkv", T=len(times), times=times)
