@@ -547,8 +547,13 @@ def _decode(path, num_frames, height, width, fps, start, crop=None):
     prev = None  # [time, frame, sar, tensor or None]: the latest frame before the next target
 
     def conv(c):  # convert a decoded frame at most once, even when it fills several targets
+        nonlocal height, width
         if c[3] is None:
-            c[3] = _cover_crop(_rgb(c[1], c[2]), height, width, crop)
+            x = _rgb(c[1], c[2])  # (3, h, w)
+            # native size is the first frame's: a stream whose size changes midway (a joined
+            # .ts, a browser's adaptive recording) gave frames torch.stack could not stack
+            height, width = height or x.shape[1], width or x.shape[2]
+            c[3] = _cover_crop(x, height, width, crop)
         return c[3]
 
     with closing(frames):
@@ -575,7 +580,8 @@ def load_video(path, num_frames, height=None, width=None, fps=None, start=None, 
     """Decode one clip (or image) as training sees it -> (3, T, H, W) float in [-1, 1].
 
     num_frames: 4k+1 frames wanted (§3: the causal VAE maps 4k+1 frames to k+1 latents).
-    height, width: resize to cover, then crop; None keeps the native size (after rotation).
+    height, width: resize to cover, then crop; None keeps the native size (the first frame's,
+                upright).
     crop:       None = centre crop; (fy, fx) in [0, 1) = where the crop sits (see _cover_crop).
     fps:        sampling rate; frames are spread in time at this rate (None = native, every frame).
     start:      seconds from the beginning of the clip (seek; only what is needed is decoded).

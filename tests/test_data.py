@@ -282,6 +282,18 @@ def test_anamorphic_pixels_are_shown_square(tmp_path):
     assert next(data.frames_every(p, 1.0))[1].shape == (32, 96, 3)
 
 
+def test_a_size_change_midway_keeps_the_first_frames_size(tmp_path):
+    """Two .ts recordings joined (or a browser's adaptive recording) change size midway: at native
+    size (`data.py inspect` without --height/--width) torch.stack crashed on the mixed frames."""
+    a = write(tmp_path / "a.ts", T=5, H=32, W=48)
+    b = write(tmp_path / "b.ts", T=5, H=48, W=64,
+              paint=lambda i: np.full((48, 64, 3), grey(5 + i), np.uint8))
+    p = tmp_path / "ab.ts"
+    p.write_bytes(open(a, "rb").read() + open(b, "rb").read())
+    v = data.load_video(str(p), 9)
+    assert v.shape == (3, 9, 32, 48) and frame_ids(v) == list(range(9))
+
+
 def test_variable_frame_rate(tmp_path):
     times = [0.0, 0.05, 0.1, 0.4, 0.45, 0.5, 0.9, 1.0]
     p = write(tmp_path / "vfr.mkv", T=len(times), times=times)
