@@ -654,7 +654,8 @@ def probe(path):
     """Header facts without decoding a clip: {"height", "width", "frames", "fps", "seconds"}.
 
     Height and width after rotation. webm/mkv store no frame count (stream.frames == 0): it is
-    estimated from the video stream's own duration x rate (see _video_seconds)."""
+    estimated from the video stream's own duration x rate (see _video_seconds), as it is when the
+    count is more than a frame above that estimate (an mp4 edit list)."""
     if _is_image(path):
         x = _load_image(path)  # (3, h, w)
         return {"height": x.shape[1], "width": x.shape[2], "frames": 1, "fps": None, "seconds": 0.0}
@@ -667,7 +668,11 @@ def probe(path):
             raise BadVideo(f"no frames decoded ({e})") from None
         _, h, w = _rgb(first, _sar(s)).shape
         seconds, counted = _video_seconds(path, container)
-        frames = s.frames or counted or max(1, round(seconds * rate))
+        est = max(1, round(seconds * rate))
+        # an mp4 edit list (a phone's trim, `ffmpeg -ss 1 -c copy`) hides the frames before its
+        # start from the decoder but not from the sample count: 40 samples, 28 frames shown
+        # (its duration), and the clip was dropped as truncated
+        frames = est if rate and seconds and s.frames > est + 1 else s.frames or counted or est
         return {"height": h, "width": w, "frames": frames, "fps": rate or None, "seconds": seconds}
 
 

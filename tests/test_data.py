@@ -294,6 +294,28 @@ def test_a_size_change_midway_keeps_the_first_frames_size(tmp_path):
     assert v.shape == (3, 9, 32, 48) and frame_ids(v) == list(range(9))
 
 
+def test_an_mp4_edit_list_is_not_a_truncated_clip(tmp_path):
+    """A trimmed mp4 (a phone's trim, `ffmpeg -ss 1 -c copy`) keeps the frames before its edit
+    list's start as samples the decoder hides: 40 samples, 28 frames shown. The header's count
+    was trusted, so the clip was planned at 37 frames and dropped as truncated."""
+    p = str(tmp_path / "trim.mp4")
+    with av.open(p, "w") as c:
+        s = c.add_stream("libx264", rate=8)
+        s.height, s.width, s.pix_fmt = 32, 32, "yuv420p"
+        for i in range(40):
+            f = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 5 * i, np.uint8), format="rgb24")
+            f.pts = i - 12  # the first 12 frames before the edit's start
+            for pk in s.encode(f):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    with av.open(p) as c:
+        assert c.streams.video[0].frames == 40  # (the premise: the header counts them all)
+    assert data.probe(p)["frames"] == 28
+    ds = data.VideoDataset([{"path": p, "caption": ""}], data.Stage([(32, 32)], [1, 9, 25, 37]))
+    assert ds.shapes == [(25, 32, 32)] and ds[0]["video"].shape[1] == 25 and ds.skipped == 0
+
+
 def test_variable_frame_rate(tmp_path):
     times = [0.0, 0.05, 0.1, 0.4, 0.45, 0.5, 0.9, 1.0]
     p = write(tmp_path / "vfr.mkv", T=len(times), times=times)
