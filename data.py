@@ -404,14 +404,27 @@ def _open(path):
         container = av.open(str(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
         raise _bad("cannot open", e) from None
-    if not container.streams.video:
+    if not any(_moving(s) for s in container.streams.video):
+        # an .mp4 / .m4a song: its one "video" stream is the album cover (a 1-frame still that
+        # was trained as a clip and reported as truncated, its fps the 90 kHz time base)
+        cover = " (only a cover picture)" if container.streams.video else ""
         container.close()
-        raise BadVideo("no video stream")
+        raise BadVideo("no video stream" + cover)
     return container
 
 
+def _moving(stream):
+    return not stream.disposition & av.stream.Disposition.attached_pic
+
+
+def _video(container):
+    """The video stream that is read: the first that is not a cover picture (see _open)."""
+    return next(s for s in container.streams.video if _moving(s))
+
+
 def _frames(path, start=None):
-    """The one decoder: path -> (frame rate, iterator of (seconds, av.VideoFrame)), in order.
+    """The one decoder: path -> (frame rate, iterator of (seconds, av.VideoFrame, its pixel aspect
+    ratio: the `sar` of _rgb)), in order.
 
     Seconds count from the stream's start; a frame without a timestamp gets its place on the rate
     grid. start: seek there first (to the keyframe before it: the caller drops what it does not
@@ -419,18 +432,19 @@ def _frames(path, start=None):
     AFTER it, or past the end), seek 1, 2, 4, ... 16 s earlier, and only then decode from the
     beginning. Open and decode errors raise BadVideo."""
     container = _open(path)
-    stream = container.streams.video[0]
+    stream = _video(container)
     stream.thread_type = "AUTO"
     tb = stream.time_base
     rate = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+    sar = _sar(stream)
     t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
 
     def reopen():
         nonlocal container
         container.close()
         container = _open(path)
-        container.streams.video[0].thread_type = "AUTO"
-        return container.streams.video[0]
+        _video(container).thread_type = "AUTO"
+        return _video(container)
 
     def frames():
         s, decoded = stream, None
@@ -450,7 +464,7 @@ def _frames(path, start=None):
             if decoded is None:  # no start, or no seek landed early enough: from the beginning
                 decoded = container.decode(s)
             for k, frame in enumerate(decoded):
-                yield (frame.time if frame.time is not None else t0 + k / rate) - t0, frame
+                yield (frame.time if frame.time is not None else t0 + k / rate) - t0, frame, sar
         # OverflowError: a start too large to seek to (a manifest's 1e300) is a bad clip too
         except (av.FFmpegError, OSError, ValueError, RuntimeError, OverflowError) as e:
             raise _bad("decode error", e) from None
@@ -459,18 +473,29 @@ def _frames(path, start=None):
     return rate, frames()
 
 
-def _rgb(frame):
-    """The one rotation rule: av.VideoFrame -> (3, h, w) uint8, upright.
+def _sar(stream):
+    """A stream's sample (pixel) aspect ratio: 1 unless its pixels are not square (anamorphic DV,
+    HDV, DVD). A ratio beyond 1/4..4 is a broken header, not a picture: ignored."""
+    sar = stream.sample_aspect_ratio
+    return sar if sar and 0.25 <= sar <= 4 else 1
+
+
+def _rgb(frame, sar=1):
+    """The one rotation rule: av.VideoFrame -> (3, h, w) uint8, upright, square pixels.
 
     The display matrix says "rotate counterclockwise by k*90" (phones store landscape pixels and a
-    rotation); torch.rot90 over (h, w) turns counterclockwise too."""
+    rotation); torch.rot90 over (h, w) turns counterclockwise too. sar (_sar): the width is scaled
+    by it, as a player shows the frame (HDV's 1440x1080 is 1920x1080 on screen: it was planned and
+    trained 4:3, squashed)."""
+    w = max(1, round(frame.width * sar))
     try:
-        if frame.format.name == "bgr0":  # FFV1 of the shapes set: skip swscale, ~400x faster
+        # FFV1 of the shapes set: skip swscale, ~400x faster
+        if frame.format.name == "bgr0" and w == frame.width:
             plane = frame.planes[0]
             rgb = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size // 4, 4)
             rgb = rgb[:, :frame.width, 2::-1]  # (h, w, 3) BGRx -> RGB
         else:
-            rgb = frame.to_ndarray(format="rgb24")  # (h, w, 3)
+            rgb = frame.to_ndarray(format="rgb24", width=w)  # (h, w, 3)
     except (av.FFmpegError, ValueError) as e:
         raise _bad("decode error", e) from None
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)  # (3, h, w) uint8
@@ -519,16 +544,21 @@ def _decode(path, num_frames, height, width, fps, start, crop=None):
     rate, frames = _frames(path, start)
     begin, out = start or 0.0, []
     targets = [begin + i / fps for i in range(num_frames)] if fps else None
-    prev = None  # [time, frame, tensor or None]: the latest frame before the next target
+    prev = None  # [time, frame, sar, tensor or None]: the latest frame before the next target
 
     def conv(c):  # convert a decoded frame at most once, even when it fills several targets
-        if c[2] is None:
-            c[2] = _cover_crop(_rgb(c[1]), height, width, crop)
-        return c[2]
+        nonlocal height, width
+        if c[3] is None:
+            x = _rgb(c[1], c[2])  # (3, h, w)
+            # native size is the first frame's: a stream whose size changes midway (a joined
+            # .ts, a browser's adaptive recording) gave frames torch.stack could not stack
+            height, width = height or x.shape[1], width or x.shape[2]
+            c[3] = _cover_crop(x, height, width, crop)
+        return c[3]
 
     with closing(frames):
-        for t, frame in frames:
-            cur = [t, frame, None]
+        for t, frame, sar in frames:
+            cur = [t, frame, sar, None]
             if targets is None and t >= begin - 1e-6:
                 out.append(conv(cur))
             while targets and len(out) < num_frames and t >= targets[len(out)] - 1e-6:
@@ -550,7 +580,8 @@ def load_video(path, num_frames, height=None, width=None, fps=None, start=None, 
     """Decode one clip (or image) as training sees it -> (3, T, H, W) float in [-1, 1].
 
     num_frames: 4k+1 frames wanted (§3: the causal VAE maps 4k+1 frames to k+1 latents).
-    height, width: resize to cover, then crop; None keeps the native size (after rotation).
+    height, width: resize to cover, then crop; None keeps the native size (the first frame's,
+                upright).
     crop:       None = centre crop; (fy, fx) in [0, 1) = where the crop sits (see _cover_crop).
     fps:        sampling rate; frames are spread in time at this rate (None = native, every frame).
     start:      seconds from the beginning of the clip (seek; only what is needed is decoded).
@@ -584,7 +615,8 @@ def load_video(path, num_frames, height=None, width=None, fps=None, start=None, 
 def frames_every(path, every=2.0, start=0.0):
     """Yield (second, (H, W, 3) uint8) for the frame on screen at 0, every, 2 * every, ... seconds.
 
-    Native size, upright (the decoder and rotation rule of load_video); caption.py's App. C frames.
+    Native size, upright, square pixels (the decoder and rotation rule of load_video); caption.py's
+    App. C frames.
     The frame on screen at second s is the last one whose time is <= s (half a frame early counts:
     timestamps are rounded to the frame grid), so gaps and GIFs work; seconds count from the first
     frame, or from `start` seconds into the stream as load_video counts them (a clip of a longer
@@ -594,10 +626,10 @@ def frames_every(path, every=2.0, start=0.0):
     decodable frame, or none at start, raises BadVideo."""
     rate, frames = _frames(path, start)  # seeks: only what a clip late in a file needs is decoded
     half, n, first, prev, t = 0.5 / rate, 0, None, None, 0.0
-    rgb = lambda f: np.ascontiguousarray(_rgb(f).permute(1, 2, 0).numpy())  # (H, W, 3)
+    rgb = lambda f: np.ascontiguousarray(_rgb(*f).permute(1, 2, 0).numpy())  # (H, W, 3)
     with closing(frames):
         try:
-            for t, frame in frames:
+            for t, *frame in frames:  # frame: [av.VideoFrame, sar]
                 # (after a seek the first frame is a keyframe before start: count from 0)
                 first = (0.0 if start else t) if first is None else first
                 t -= first + start  # < 0 before start: only kept as the frame on screen there
@@ -622,20 +654,25 @@ def probe(path):
     """Header facts without decoding a clip: {"height", "width", "frames", "fps", "seconds"}.
 
     Height and width after rotation. webm/mkv store no frame count (stream.frames == 0): it is
-    estimated from the video stream's own duration x rate (see _video_seconds)."""
+    estimated from the video stream's own duration x rate (see _video_seconds), as it is when the
+    count is more than a frame above that estimate (an mp4 edit list)."""
     if _is_image(path):
         x = _load_image(path)  # (3, h, w)
         return {"height": x.shape[1], "width": x.shape[2], "frames": 1, "fps": None, "seconds": 0.0}
     with _open(path) as container:
-        s = container.streams.video[0]
+        s = _video(container)
         rate = float(s.average_rate or s.guessed_rate or 0)
         try:
             first = next(container.decode(s))  # one frame: its rotation (phone clips) and true size
         except (StopIteration, av.FFmpegError) as e:
             raise BadVideo(f"no frames decoded ({e})") from None
-        _, h, w = _rgb(first).shape
+        _, h, w = _rgb(first, _sar(s)).shape
         seconds, counted = _video_seconds(path, container)
-        frames = s.frames or counted or max(1, round(seconds * rate))
+        est = max(1, round(seconds * rate))
+        # an mp4 edit list (a phone's trim, `ffmpeg -ss 1 -c copy`) hides the frames before its
+        # start from the decoder but not from the sample count: 40 samples, 28 frames shown
+        # (its duration), and the clip was dropped as truncated
+        frames = est if rate and seconds and s.frames > est + 1 else s.frames or counted or est
         return {"height": h, "width": w, "frames": frames, "fps": rate or None, "seconds": seconds}
 
 
@@ -646,7 +683,7 @@ def _video_seconds(path, container):
     duration (a live or browser recording) was planned as a 1-frame still. A longer audio track
     sets the container's duration (a 47-frame webm with 0.5 s more audio was planned as 59
     frames, then dropped as truncated)."""
-    s = container.streams.video[0]
+    s = _video(container)
     if s.duration is not None:
         return float(s.duration * s.time_base), 0
     tag = s.metadata.get("DURATION", "")  # "HH:MM:SS.nnnnnnnnn"
@@ -661,7 +698,7 @@ def _video_seconds(path, container):
     n, end, t0 = 0, None, s.start_time or 0
     try:
         with _open(path) as c:
-            v = c.streams.video[0]
+            v = _video(c)
             tb = v.time_base
             for p in c.demux(v):
                 if p.size and p.pts is not None:  # (the demuxer's final packet is empty)

@@ -167,6 +167,40 @@ def test_audio_stream(tmp_path):
     assert frame_ids(data.load_video(p, 9, 32, 32)) == list(range(9))
 
 
+def test_a_cover_picture_is_no_video_stream(tmp_path):
+    """A song saved as .mp4 (AAC + album cover): its only video stream is the 1-frame cover. It
+    was probed as 172800 frames at 90000 fps, decoded as a still and dropped as "truncated"; a
+    clip with a cover reads its real video stream."""
+    def mp4(path, video):
+        with av.open(str(path), "w") as c:
+            s = c.add_stream("libx264", rate=8) if video else None
+            if s:
+                s.height, s.width, s.pix_fmt = 32, 48, "yuv420p"
+            cv = c.add_stream("mjpeg", rate=1)
+            cv.height, cv.width, cv.pix_fmt = 64, 64, "yuvj420p"
+            cv.disposition = av.stream.Disposition.attached_pic
+            a = c.add_stream("aac", rate=16000)
+            img = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 200, np.uint8), format="rgb24")
+            for p in [*cv.encode(img.reformat(format="yuvj420p")), *cv.encode()]:
+                c.mux(p)
+            for i in range(9 if s else 0):
+                f = av.VideoFrame.from_ndarray(np.full((32, 48, 3), grey(i), np.uint8), "rgb24")
+                for p in s.encode(f):
+                    c.mux(p)
+            for p in s.encode() if s else ():
+                c.mux(p)
+            silence(c, a, 15, "fltp", np.float32)
+        return str(path)
+    song = mp4(tmp_path / "song.mp4", video=False)
+    with pytest.raises(data.BadVideo, match=r"no video stream \(only a cover picture\)"):
+        data.probe(song)
+    with pytest.raises(data.BadVideo, match="cover"):
+        data.load_video(song, 5)
+    clip = mp4(tmp_path / "clip.mp4", video=True)
+    assert (data.probe(clip)["frames"], data.probe(clip)["fps"]) == (9, 8.0)
+    assert frame_ids(data.load_video(clip, 9, 32, 48)) == list(range(9))
+
+
 def test_probe_counts_the_video_not_a_longer_audio_track_or_a_missing_duration(tmp_path):
     """mkv / webm hold no frame count: it came from the container's duration, which a longer audio
     track sets (47 frames planned as 59, then dropped as truncated), and a file written without a
@@ -220,6 +254,66 @@ def test_rotation_metadata(tmp_path):
     red = (v[0] > 0.5) & (v[1] < -0.5)  # (T, H, W)
     # rotated 90 degrees counterclockwise: the top-left corner goes to the bottom-left
     assert red[:, -8:, :8].all() and not red[:, :8, :].any()
+
+
+def test_anamorphic_pixels_are_shown_square(tmp_path):
+    """HDV / DV / DVD store non-square pixels (1440x1080 with a 4:3 sample aspect ratio is 16:9 on
+    screen): frames were read at their stored width, so a clip was planned for the wrong aspect
+    bucket and trained squashed. Probe, load_video and frames_every see the shown width."""
+    def paint(i):  # stored 48x32, pixels twice as wide as tall: 96x32 on screen
+        img = np.zeros((32, 48, 3), np.uint8)
+        img[:8, :8] = (255, 0, 0)
+        return img
+    p = str(tmp_path / "sar.mp4")
+    with av.open(p, "w") as c:
+        s = c.add_stream("libx264", rate=8)
+        s.height, s.width, s.pix_fmt = 32, 48, "yuv420p"
+        s.codec_context.sample_aspect_ratio = fractions.Fraction(2, 1)
+        for i in range(5):
+            for pk in s.encode(av.VideoFrame.from_ndarray(paint(i), format="rgb24")):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    assert (data.probe(p)["height"], data.probe(p)["width"]) == (32, 96)
+    v = data.load_video(p, 5)
+    assert v.shape == (3, 5, 32, 96)
+    red = ((v[0] > 0.5) & (v[1] < -0.5))[:, 4]  # (T, W): the block's middle row
+    assert red[:, 2:14].all() and not red[:, 18:].any()  # 8 stored pixels, 16 shown
+    assert next(data.frames_every(p, 1.0))[1].shape == (32, 96, 3)
+
+
+def test_a_size_change_midway_keeps_the_first_frames_size(tmp_path):
+    """Two .ts recordings joined (or a browser's adaptive recording) change size midway: at native
+    size (`data.py inspect` without --height/--width) torch.stack crashed on the mixed frames."""
+    a = write(tmp_path / "a.ts", T=5, H=32, W=48)
+    b = write(tmp_path / "b.ts", T=5, H=48, W=64,
+              paint=lambda i: np.full((48, 64, 3), grey(5 + i), np.uint8))
+    p = tmp_path / "ab.ts"
+    p.write_bytes(open(a, "rb").read() + open(b, "rb").read())
+    v = data.load_video(str(p), 9)
+    assert v.shape == (3, 9, 32, 48) and frame_ids(v) == list(range(9))
+
+
+def test_an_mp4_edit_list_is_not_a_truncated_clip(tmp_path):
+    """A trimmed mp4 (a phone's trim, `ffmpeg -ss 1 -c copy`) keeps the frames before its edit
+    list's start as samples the decoder hides: 40 samples, 28 frames shown. The header's count
+    was trusted, so the clip was planned at 37 frames and dropped as truncated."""
+    p = str(tmp_path / "trim.mp4")
+    with av.open(p, "w") as c:
+        s = c.add_stream("libx264", rate=8)
+        s.height, s.width, s.pix_fmt = 32, 32, "yuv420p"
+        for i in range(40):
+            f = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 5 * i, np.uint8), format="rgb24")
+            f.pts = i - 12  # the first 12 frames before the edit's start
+            for pk in s.encode(f):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    with av.open(p) as c:
+        assert c.streams.video[0].frames == 40  # (the premise: the header counts them all)
+    assert data.probe(p)["frames"] == 28
+    ds = data.VideoDataset([{"path": p, "caption": ""}], data.Stage([(32, 32)], [1, 9, 25, 37]))
+    assert ds.shapes == [(25, 32, 32)] and ds[0]["video"].shape[1] == 25 and ds.skipped == 0
 
 
 def test_variable_frame_rate(tmp_path):
