@@ -673,6 +673,13 @@ def run(a, p):
         p.error("give a prompt: --prompt TEXT or --prompts-file FILE")
     check_args(a, len(prompts))
     cfg, ac, _, _ = plan(a)  # every setting checked against the models' configs, nothing loaded
+    image = None
+    if a.image:  # resized to cover and center-cropped exactly as training images (1-frame videos);
+        # read now: a corrupt file is refused before the models load, not after
+        try:
+            image = data.load_video(a.image, 1, cfg.height, cfg.width)[:, 0]  # (3, H, W)
+        except data.BadVideo as e:
+            raise ValueError(f"cannot read image {a.image!r}: {e}; pass a PNG or JPEG") from None
     rank = sp_start(a)  # --sp: the process group; only rank 0 prints and writes
     say = print if rank == 0 else (lambda *a, **k: None)
     if a.upsample_model and rank == 0:  # App. B: an LLM rewrites short prompts like training's
@@ -695,12 +702,6 @@ def run(a, p):
         apply_lora(net, a.lora, a.lora_scale, a.lora_merge, say)
     if a.sp > 1:  # the DiT's sequence-parallel group: every rank (dit.py)
         net.sp = ditlib.sp_group(dist.group.WORLD)
-    image = None
-    if a.image:  # resized to cover and center-cropped exactly as training images (1-frame videos)
-        try:
-            image = data.load_video(a.image, 1, cfg.height, cfg.width)[:, 0]  # (3, H, W)
-        except data.BadVideo as e:
-            raise ValueError(f"cannot read image {a.image!r}: {e}; pass a PNG or JPEG") from None
     say(f"sampling {len(prompts)} prompt(s): {cfg.num_frames}x{cfg.height}x{cfg.width} | "
           f"{cfg.sampler} {cfg.steps} steps | cfg {cfg.cfg}"
           f"{' dynamic' if cfg.dynamic_cfg else ''}"
