@@ -483,7 +483,12 @@ def _load_image(path):
     _check_file(path)
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
+            im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I"):  # 16-bit greyscale (I;16, older Pillow: I): convert
+                # ("RGB") clips at 255 (mid-grey read as white); scale 0..65535 to 0..255 instead
+                g = (np.asarray(im, np.float64) / 257).round().clip(0, 255)  # (h, w)
+                im = Image.fromarray(g.astype(np.uint8))
+            im = im.convert("RGB")
             return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)  # (3, h, w)
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, ...)
         raise _bad("unreadable image", e) from None
