@@ -537,7 +537,10 @@ def check_args(a, n=1):
 
 def check_outputs(paths, a):
     """No output (.mp4 or its .png contact sheet) may overwrite an input file: e.g. --image
-    cat.png --out cat.mp4 would replace the image with the sheet."""
+    cat.png --out cat.mp4 would replace the image with the sheet. Nor may a name be too long for
+    the file system (--out's a_000.mp4 adds to its name): refused now, not at the write."""
+    for p in paths:
+        data.check_name_length(p, "--out")
     data.check_not_input([f for p in paths for f in (p, p[:-4] + ".png")],
                          {a.image: "--image", a.prompts_file: "--prompts-file"})
 

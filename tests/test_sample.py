@@ -937,3 +937,22 @@ def test_corrupt_image_is_refused_before_loading(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and f"cannot read image {str(tmp_path / bad)!r}" in err[-1], err
     assert not (tmp_path / "o.mp4").exists() and not (tmp_path / "o.png").exists()
+
+
+def test_long_out_names(ckpt, tmp_path, monkeypatch, capsys):
+    """A legal --out name of 250 bytes failed at the very end, its temp file's name (+ .tmpPID_x)
+    being too long; a name over the 255-byte limit (itself, or the _000 suffix of several
+    prompts) was refused only at that write, once every model had loaded and sampled."""
+    fake = lambda net, ae, text, prompts, cfg, **kw: torch.zeros(  # noqa: E731
+        len(prompts), 3, cfg.num_frames, cfg.height, cfg.width)
+    monkeypatch.setattr(sample, "generate", fake)
+    ok = tmp_path / ("é" * 123 + ".mp4")  # 250 bytes
+    sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--out", str(ok)])
+    assert ok.is_file() and ok.with_suffix(".png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ok.name, ok.stem + ".png"])
+    monkeypatch.setattr(sample, "load_ckpt", lambda *a, **k: pytest.fail("a model was loaded"))
+    for out, n in ((tmp_path / ("a" * 252 + ".mp4"), 2), (tmp_path / ("a" * 300) / "o", 1)):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", str(ckpt), *["--prompt", "x"] * n, "--out", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and "bytes, over the 255 a file system takes" in err[-1], err
