@@ -484,15 +484,17 @@ def apply_lora(net, path, scale=1.0, merge=False, say=print):
 
 # ----- CLI -----
 
-def out_paths(out, n, prompts):
+def out_paths(out, n, prompts, seed=0):
     """Where prompt i goes: `out` itself for one prompt ending in .mp4, else numbered files (in
-    folder `out`)."""
+    folder `out`: NNN_prompt_sSEED.mp4, SEED = seed + i, its draw's: a run with another --seed
+    into the same folder keeps the earlier files)."""
     if out.lower().endswith(".mp4"):
         if n == 1:
             return [out]
         return [f"{out[:-4]}_{i:03d}.mp4" for i in range(n)]
     slugs = ["".join(c if c.isalnum() else "_" for c in p.lower())[:40].strip("_") for p in prompts]
-    return [os.path.join(out, f"{i:03d}_{s}.mp4") for i, s in enumerate(slugs)]
+    return [os.path.join(out, f"{i:03d}_{s + '_' if s else ''}s{seed + i}.mp4")
+            for i, s in enumerate(slugs)]
 
 
 def check_args(a, n=1):
@@ -614,7 +616,8 @@ def main(argv=None):
     src.add_argument("--model-dir", help="released CogVideoX folder in diffusers layout")
     p.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for several)")
     p.add_argument("--prompts-file", help="one prompt per line (blank lines and #comments skipped)")
-    p.add_argument("--out", default="samples", help="output .mp4 (one prompt) or folder")
+    p.add_argument("--out", default="samples", help="output .mp4 (one prompt; several: NAME_000.mp4"
+                   ", ...) or folder (NNN_prompt_sSEED.mp4)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="sampling defaults (else the ckpt's)")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (whatever "
                    "--batch-size)")
@@ -697,7 +700,7 @@ def run(a, p):
         prompts = box[0]
     dtype = torch.bfloat16 if a.bf16 else None
     load_dev = "cpu" if a.offload else a.device  # offload: everything starts (and rests) on the CPU
-    paths = out_paths(a.out, len(prompts), prompts)
+    paths = out_paths(a.out, len(prompts), prompts, a.seed)
     check_outputs(paths, a)
     net, ae, text = (load_ckpt(a.ckpt, load_dev, dtype) if a.ckpt
                      else load_released(a.model_dir, load_dev, dtype))[:3]

@@ -582,7 +582,7 @@ def test_cli_upsample_model(ckpt, tmp_path, monkeypatch):
     sample.main(["--ckpt", str(ckpt), "--prompt", "red circle", "--out", str(tmp_path / "up"),
                  "--upsample-model", str(tmp_path / "llm"), "--steps", "1"])
     assert calls == [str(tmp_path / "llm"), "red circle"]
-    assert [p.name for p in (tmp_path / "up").glob("*.mp4")] == ["000_a_red_circle_glides_to_the_left.mp4"]
+    assert [p.name for p in (tmp_path / "up").glob("*.mp4")] == ["000_a_red_circle_glides_to_the_left_s0.mp4"]
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
@@ -956,3 +956,20 @@ def test_long_out_names(ckpt, tmp_path, monkeypatch, capsys):
             sample.main(["--ckpt", str(ckpt), *["--prompt", "x"] * n, "--out", str(out)])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and "bytes, over the 255 a file system takes" in err[-1], err
+
+
+def test_folder_names_hold_the_seed(ckpt, tmp_path, monkeypatch):
+    """Into a folder, files were named by prompt alone: a second run with another --seed (a seed
+    sweep) silently overwrote the first's videos. Each name holds its draw's seed (seed + i)."""
+    monkeypatch.setattr(sample, "generate", lambda net, ae, text, prompts, cfg, **kw: torch.full(
+        (len(prompts), 3, cfg.num_frames, cfg.height, cfg.width), kw["generator"][0].initial_seed()
+        / 10 - 1))
+    for seed in (1, 2):
+        sample.main(["--ckpt", str(ckpt), "--prompt", "a red circle", "--prompt", "?!", "--out",
+                     str(tmp_path / "o"), "--seed", str(seed)])
+    names = sorted(p.name for p in (tmp_path / "o").glob("*.mp4"))
+    assert names == ["000_a_red_circle_s1.mp4", "000_a_red_circle_s2.mp4", "001_s2.mp4",
+                     "001_s3.mp4"]
+    for name in names:  # each file holds its own seed's video
+        seed = int(name[-5])
+        assert abs(int(read_mp4(tmp_path / "o" / name)[0].mean()) - round(seed * 12.75)) <= 2
