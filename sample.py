@@ -632,7 +632,8 @@ def main(argv=None):
     p.add_argument("--cfg-min-t", type=int, help="guidance only at timesteps >= this (0 = every "
                    "step, as released; the tiny preset: 400)")
     p.add_argument("--uncond", choices=["zeros", "empty"], help='unconditional text: 0s or T5("")')
-    p.add_argument("--image", help="first frame (PNG/JPEG) for an image-to-video model (App. A)")
+    p.add_argument("--image", help="first frame (PNG/JPEG) for an image-to-video model (App. A); "
+                   "any size: resized to cover the video and centre-cropped, as in training")
     p.add_argument("--upsample-model", help="local LLM folder: rewrite each prompt first (App. B)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per DiT batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -679,15 +680,25 @@ def run(a, p):
         p.error("give a prompt: --prompt TEXT or --prompts-file FILE")
     check_args(a, len(prompts))
     cfg, ac, _, _ = plan(a)  # every setting checked against the models' configs, nothing loaded
-    image = None
+    image, notes = None, []
     if a.image:  # resized to cover and center-cropped exactly as training images (1-frame videos);
         # read now: a corrupt file is refused before the models load, not after
         try:
             image = data.load_video(a.image, 1, cfg.height, cfg.width)[:, 0]  # (3, H, W)
+            info = data.probe(a.image)
         except data.BadVideo as e:
             raise ValueError(f"cannot read image {a.image!r}: {e}; pass a PNG or JPEG") from None
+        h, w, n = info["height"], info["width"], info["frames"]
+        if h * cfg.width != w * cfg.height:  # another aspect: the crop is silent loss, say so
+            cut = 1 - cfg.height * cfg.width / (h * w * max(cfg.height / h, cfg.width / w) ** 2)
+            notes.append(f"--image {a.image}: {w}x{h} (width x height) is resized to cover "
+                         f"{cfg.width}x{cfg.height} and centre-cropped: {cut:.0%} of it cut")
+        if n > 1:  # an animated GIF / WebP or a video
+            notes.append(f"--image {a.image}: its first frame (of {n})")
     rank = sp_start(a)  # --sp: the process group; only rank 0 prints and writes
     say = print if rank == 0 else (lambda *a, **k: None)
+    for note in notes:
+        say(note)
     if a.upsample_model and rank == 0:  # App. B: an LLM rewrites short prompts like training's
         import caption
 

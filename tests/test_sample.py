@@ -973,3 +973,25 @@ def test_folder_names_hold_the_seed(ckpt, tmp_path, monkeypatch):
     for name in names:  # each file holds its own seed's video
         seed = int(name[-5])
         assert abs(int(read_mp4(tmp_path / "o" / name)[0].mean()) - round(seed * 12.75)) <= 2
+
+
+def test_image_of_another_shape_is_named(tmp_path, monkeypatch, capsys):
+    """An --image of another aspect than the video (a portrait photo, a landscape clip) is
+    resized to cover and centre-cropped, as training images: it said nothing of the part cut
+    away; nor that an animated GIF gives its first frame alone. One note line each now."""
+    root = make_ckpt(tmp_path / "i2v", i2v=True)
+    monkeypatch.setattr(sample, "generate", lambda net, ae, text, prompts, cfg, **kw: torch.zeros(
+        len(prompts), 3, cfg.num_frames, cfg.height, cfg.width))
+    Image.fromarray(np.zeros((40, 20, 3), np.uint8)).save(tmp_path / "tall.png")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "square.png")
+    frames = [Image.fromarray(np.full((16, 16, 3), v, np.uint8)) for v in (30, 220)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    notes = {}
+    for name in ("tall.png", "square.png", "anim.gif"):
+        sample.main(["--ckpt", str(root), "--image", str(tmp_path / name), "--prompt", "x",
+                     "--out", str(tmp_path / f"o_{name[:-4]}.mp4")])
+        notes[name] = [ln for ln in capsys.readouterr().out.splitlines() if "--image" in ln]
+    assert notes["tall.png"] == [f"--image {tmp_path / 'tall.png'}: 20x40 (width x height) is "
+                                 "resized to cover 16x16 and centre-cropped: 50% of it cut"]
+    assert notes["square.png"] == []  # the same aspect: resized alone
+    assert notes["anim.gif"] == [f"--image {tmp_path / 'anim.gif'}: its first frame (of 2)"]
