@@ -506,6 +506,9 @@ def _load_image(path):
                 # ("RGB") clips at 255 (mid-grey read as white); scale 0..65535 to 0..255 instead
                 g = (np.asarray(im, np.float64) / 257).round().clip(0, 255)  # (h, w)
                 im = Image.fromarray(g.astype(np.uint8))
+            if im.mode == "P" and "transparency" in im.info:  # its palette's colours via RGBA:
+                # straight to RGB, PIL prints a 2-line "should be converted to RGBA" warning
+                im = im.convert("RGBA")
             im = im.convert("RGB")
             return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)  # (3, h, w)
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, ...)

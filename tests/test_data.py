@@ -1413,3 +1413,21 @@ def test_16_bit_greyscale_png(tmp_path):
     v16 = data.load_video(tmp_path / "g16.png", 1)
     assert v16.shape == (3, 1, 8, 32)
     assert torch.equal(v16, data.load_video(tmp_path / "g8.png", 1))
+
+
+def test_palette_png_with_transparency_reads_without_a_warning(tmp_path):
+    """A palette PNG with a transparency table (a GIF-like export, an --image) printed PIL's
+    "Palette images with Transparency ... should be converted to RGBA" warning (two stderr
+    lines around the CLI's output); the pixels are the palette's colours either way."""
+    import warnings
+
+    from PIL import Image
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    rgba[:, :4] = (0, 90, 0, 0)  # a transparent half: its stored colour is what RGB keeps
+    Image.fromarray(rgba, "RGBA").quantize(4).save(tmp_path / "p.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        v = data.load_video(tmp_path / "p.png", 1)
+    expect = torch.from_numpy(rgba[..., :3]).permute(2, 0, 1)[:, None].float() / 127.5 - 1
+    assert torch.equal(v, expect)
