@@ -141,6 +141,9 @@ UMASK = os.umask(0o022)  # read the process's umask (only settable), then put it
 os.umask(UMASK)
 
 
+NAME_MAX = 255  # the longest file name in bytes on ext4, xfs, btrfs, ZFS
+
+
 def atomic_write(path, write, durable=True):
     """write(tmp), then rename tmp over path: readers see the old file or the new one, never half.
 
@@ -150,7 +153,11 @@ def atomic_write(path, write, durable=True):
     empty (ext4, xfs: the rename reaches the disk before the data); without the second, the old
     file. durable=False skips both (~5 ms a write here): for files made again when lost or torn
     (the latent cache's entries)."""
-    tmp = f"{path}.tmp{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    suffix = f".tmp{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    tmp = f"{path}{suffix}"
+    if len(os.fsencode(os.path.basename(tmp))) > NAME_MAX:  # a legal name near the limit has no
+        # room for the suffix (it failed once the work was done): the temp file is the suffix
+        tmp = os.path.join(os.path.dirname(path), suffix)
     try:
         write(tmp)
         # the permissions open() gives (0644 under the usual umask): safetensors writes owner-only
@@ -189,12 +196,23 @@ def check_not_input(outs, inputs, flag="--out"):
                              f"pass another {flag}")
 
 
+def check_name_length(path, flag):
+    """Every name along `path` fits the file system (NAME_MAX bytes): one ValueError naming
+    `flag`, before any work (the write at the end failed with "File name too long")."""
+    for name in os.path.abspath(path).split(os.sep):
+        n = len(os.fsencode(name))
+        if n > NAME_MAX:
+            raise ValueError(f"{flag} {path}: the name {name[:20]}... is {n} bytes, over the "
+                             f"{NAME_MAX} a file system takes; pass a shorter one")
+
+
 def check_writable(path, flag, folder=False):
     """Before any work: can `path` (a file, or a folder when folder=True) be written? Raises a
     one-line ValueError naming `flag` when it is a folder where a file is wanted (or the reverse),
     or when files cannot be created where it goes (a read-only disk, a missing permission, a
     parent that is a file). A probe file is created and removed in the nearest existing folder;
-    nothing else is created."""
+    nothing else is created. A name longer than NAME_MAX bytes is refused too."""
+    check_name_length(path, flag)
     path = os.path.abspath(path)
     if os.path.isdir(path) and not folder:
         raise ValueError(f"{flag} {path} is a folder; pass a file path")
@@ -508,7 +526,15 @@ def _load_image(path):
     _check_file(path)
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
+            im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I"):  # 16-bit greyscale (I;16, older Pillow: I): convert
+                # ("RGB") clips at 255 (mid-grey read as white); scale 0..65535 to 0..255 instead
+                g = (np.asarray(im, np.float64) / 257).round().clip(0, 255)  # (h, w)
+                im = Image.fromarray(g.astype(np.uint8))
+            if im.mode == "P" and "transparency" in im.info:  # its palette's colours via RGBA:
+                # straight to RGB, PIL prints a 2-line "should be converted to RGBA" warning
+                im = im.convert("RGBA")
+            im = im.convert("RGB")
             return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)  # (3, h, w)
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, ...)
         raise _bad("unreadable image", e) from None

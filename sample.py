@@ -484,15 +484,17 @@ def apply_lora(net, path, scale=1.0, merge=False, say=print):
 
 # ----- CLI -----
 
-def out_paths(out, n, prompts):
+def out_paths(out, n, prompts, seed=0):
     """Where prompt i goes: `out` itself for one prompt ending in .mp4, else numbered files (in
-    folder `out`)."""
+    folder `out`: NNN_prompt_sSEED.mp4, SEED = seed + i, its draw's: a run with another --seed
+    into the same folder keeps the earlier files)."""
     if out.lower().endswith(".mp4"):
         if n == 1:
             return [out]
         return [f"{out[:-4]}_{i:03d}.mp4" for i in range(n)]
     slugs = ["".join(c if c.isalnum() else "_" for c in p.lower())[:40].strip("_") for p in prompts]
-    return [os.path.join(out, f"{i:03d}_{s}.mp4") for i, s in enumerate(slugs)]
+    return [os.path.join(out, f"{i:03d}_{s + '_' if s else ''}s{seed + i}.mp4")
+            for i, s in enumerate(slugs)]
 
 
 def check_args(a, n=1):
@@ -537,7 +539,10 @@ def check_args(a, n=1):
 
 def check_outputs(paths, a):
     """No output (.mp4 or its .png contact sheet) may overwrite an input file: e.g. --image
-    cat.png --out cat.mp4 would replace the image with the sheet."""
+    cat.png --out cat.mp4 would replace the image with the sheet. Nor may a name be too long for
+    the file system (--out's a_000.mp4 adds to its name): refused now, not at the write."""
+    for p in paths:
+        data.check_name_length(p, "--out")
     data.check_not_input([f for p in paths for f in (p, p[:-4] + ".png")],
                          {a.image: "--image", a.prompts_file: "--prompts-file"})
 
@@ -611,7 +616,8 @@ def main(argv=None):
     src.add_argument("--model-dir", help="released CogVideoX folder in diffusers layout")
     p.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for several)")
     p.add_argument("--prompts-file", help="one prompt per line (blank lines and #comments skipped)")
-    p.add_argument("--out", default="samples", help="output .mp4 (one prompt) or folder")
+    p.add_argument("--out", default="samples", help="output .mp4 (one prompt; several: NAME_000.mp4"
+                   ", ...) or folder (NNN_prompt_sSEED.mp4)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="sampling defaults (else the ckpt's)")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (whatever "
                    "--batch-size)")
@@ -626,7 +632,8 @@ def main(argv=None):
     p.add_argument("--cfg-min-t", type=int, help="guidance only at timesteps >= this (0 = every "
                    "step, as released; the tiny preset: 400)")
     p.add_argument("--uncond", choices=["zeros", "empty"], help='unconditional text: 0s or T5("")')
-    p.add_argument("--image", help="first frame (PNG/JPEG) for an image-to-video model (App. A)")
+    p.add_argument("--image", help="first frame (PNG/JPEG) for an image-to-video model (App. A); "
+                   "any size: resized to cover the video and centre-cropped, as in training")
     p.add_argument("--upsample-model", help="local LLM folder: rewrite each prompt first (App. B)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per DiT batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -673,8 +680,25 @@ def run(a, p):
         p.error("give a prompt: --prompt TEXT or --prompts-file FILE")
     check_args(a, len(prompts))
     cfg, ac, _, _ = plan(a)  # every setting checked against the models' configs, nothing loaded
+    image, notes = None, []
+    if a.image:  # resized to cover and center-cropped exactly as training images (1-frame videos);
+        # read now: a corrupt file is refused before the models load, not after
+        try:
+            image = data.load_video(a.image, 1, cfg.height, cfg.width)[:, 0]  # (3, H, W)
+            info = data.probe(a.image)
+        except data.BadVideo as e:
+            raise ValueError(f"cannot read image {a.image!r}: {e}; pass a PNG or JPEG") from None
+        h, w, n = info["height"], info["width"], info["frames"]
+        if h * cfg.width != w * cfg.height:  # another aspect: the crop is silent loss, say so
+            cut = 1 - cfg.height * cfg.width / (h * w * max(cfg.height / h, cfg.width / w) ** 2)
+            notes.append(f"--image {a.image}: {w}x{h} (width x height) is resized to cover "
+                         f"{cfg.width}x{cfg.height} and centre-cropped: {cut:.0%} of it cut")
+        if n > 1:  # an animated GIF / WebP or a video
+            notes.append(f"--image {a.image}: its first frame (of {n})")
     rank = sp_start(a)  # --sp: the process group; only rank 0 prints and writes
     say = print if rank == 0 else (lambda *a, **k: None)
+    for note in notes:
+        say(note)
     if a.upsample_model and rank == 0:  # App. B: an LLM rewrites short prompts like training's
         import caption
 
@@ -687,7 +711,7 @@ def run(a, p):
         prompts = box[0]
     dtype = torch.bfloat16 if a.bf16 else None
     load_dev = "cpu" if a.offload else a.device  # offload: everything starts (and rests) on the CPU
-    paths = out_paths(a.out, len(prompts), prompts)
+    paths = out_paths(a.out, len(prompts), prompts, a.seed)
     check_outputs(paths, a)
     net, ae, text = (load_ckpt(a.ckpt, load_dev, dtype) if a.ckpt
                      else load_released(a.model_dir, load_dev, dtype))[:3]
@@ -695,12 +719,6 @@ def run(a, p):
         apply_lora(net, a.lora, a.lora_scale, a.lora_merge, say)
     if a.sp > 1:  # the DiT's sequence-parallel group: every rank (dit.py)
         net.sp = ditlib.sp_group(dist.group.WORLD)
-    image = None
-    if a.image:  # resized to cover and center-cropped exactly as training images (1-frame videos)
-        try:
-            image = data.load_video(a.image, 1, cfg.height, cfg.width)[:, 0]  # (3, H, W)
-        except data.BadVideo as e:
-            raise ValueError(f"cannot read image {a.image!r}: {e}; pass a PNG or JPEG") from None
     say(f"sampling {len(prompts)} prompt(s): {cfg.num_frames}x{cfg.height}x{cfg.width} | "
           f"{cfg.sampler} {cfg.steps} steps | cfg {cfg.cfg}"
           f"{' dynamic' if cfg.dynamic_cfg else ''}"

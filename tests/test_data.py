@@ -1495,3 +1495,33 @@ def test_latent_encoder_stage_mode_fits_every_shape_of_the_stage():
     enc.budget = enc.weights + 10**6
     with pytest.raises(ValueError, match="--encode-memory"):
         enc.set_stage(shapes)
+
+
+def test_16_bit_greyscale_png(tmp_path):
+    """A 16-bit greyscale PNG (PIL mode I;16) was clipped at 255 by convert("RGB"): a mid-grey
+    image read as all white. Its 0..65535 scale maps onto 0..255 now (16-bit RGB was right)."""
+    from PIL import Image
+    ramp = np.linspace(0, 65535, 32).round().astype(np.uint16)[None].repeat(8, 0)  # (8, 32)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    Image.fromarray((ramp / 257).round().astype(np.uint8)).save(tmp_path / "g8.png")
+    v16 = data.load_video(tmp_path / "g16.png", 1)
+    assert v16.shape == (3, 1, 8, 32)
+    assert torch.equal(v16, data.load_video(tmp_path / "g8.png", 1))
+
+
+def test_palette_png_with_transparency_reads_without_a_warning(tmp_path):
+    """A palette PNG with a transparency table (a GIF-like export, an --image) printed PIL's
+    "Palette images with Transparency ... should be converted to RGBA" warning (two stderr
+    lines around the CLI's output); the pixels are the palette's colours either way."""
+    import warnings
+
+    from PIL import Image
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    rgba[:, :4] = (0, 90, 0, 0)  # a transparent half: its stored colour is what RGB keeps
+    Image.fromarray(rgba, "RGBA").quantize(4).save(tmp_path / "p.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        v = data.load_video(tmp_path / "p.png", 1)
+    expect = torch.from_numpy(rgba[..., :3]).permute(2, 0, 1)[:, None].float() / 127.5 - 1
+    assert torch.equal(v, expect)

@@ -582,7 +582,7 @@ def test_cli_upsample_model(ckpt, tmp_path, monkeypatch):
     sample.main(["--ckpt", str(ckpt), "--prompt", "red circle", "--out", str(tmp_path / "up"),
                  "--upsample-model", str(tmp_path / "llm"), "--steps", "1"])
     assert calls == [str(tmp_path / "llm"), "red circle"]
-    assert [p.name for p in (tmp_path / "up").glob("*.mp4")] == ["000_a_red_circle_glides_to_the_left.mp4"]
+    assert [p.name for p in (tmp_path / "up").glob("*.mp4")] == ["000_a_red_circle_glides_to_the_left_s0.mp4"]
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
@@ -919,3 +919,79 @@ def test_sequence_parallel_sampling_bad_settings_exit_2(ckpt, tmp_path, monkeypa
             sample.main(argv + extra)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and words in err[-1], err
+
+
+def test_corrupt_image_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    """A corrupt or truncated --image was read only once the DiT, VAE and T5 had loaded (minutes
+    for the 5B): now one line, exit 2, before any model loads, nothing written."""
+    root = make_ckpt(tmp_path / "i2v", i2v=True)
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(good)
+    (tmp_path / "torn.png").write_bytes(good.read_bytes()[:60])
+    (tmp_path / "junk.jpg").write_bytes(b"not an image")
+    monkeypatch.setattr(sample, "load_ckpt", lambda *a, **k: pytest.fail("a model was loaded"))
+    for bad in ("torn.png", "junk.jpg"):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", str(root), "--image", str(tmp_path / bad), "--prompt", "x",
+                         "--out", str(tmp_path / "o.mp4")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and f"cannot read image {str(tmp_path / bad)!r}" in err[-1], err
+    assert not (tmp_path / "o.mp4").exists() and not (tmp_path / "o.png").exists()
+
+
+def test_long_out_names(ckpt, tmp_path, monkeypatch, capsys):
+    """A legal --out name of 250 bytes failed at the very end, its temp file's name (+ .tmpPID_x)
+    being too long; a name over the 255-byte limit (itself, or the _000 suffix of several
+    prompts) was refused only at that write, once every model had loaded and sampled."""
+    fake = lambda net, ae, text, prompts, cfg, **kw: torch.zeros(  # noqa: E731
+        len(prompts), 3, cfg.num_frames, cfg.height, cfg.width)
+    monkeypatch.setattr(sample, "generate", fake)
+    ok = tmp_path / ("é" * 123 + ".mp4")  # 250 bytes
+    sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--out", str(ok)])
+    assert ok.is_file() and ok.with_suffix(".png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ok.name, ok.stem + ".png"])
+    monkeypatch.setattr(sample, "load_ckpt", lambda *a, **k: pytest.fail("a model was loaded"))
+    for out, n in ((tmp_path / ("a" * 252 + ".mp4"), 2), (tmp_path / ("a" * 300) / "o", 1)):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", str(ckpt), *["--prompt", "x"] * n, "--out", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and "bytes, over the 255 a file system takes" in err[-1], err
+
+
+def test_folder_names_hold_the_seed(ckpt, tmp_path, monkeypatch):
+    """Into a folder, files were named by prompt alone: a second run with another --seed (a seed
+    sweep) silently overwrote the first's videos. Each name holds its draw's seed (seed + i)."""
+    monkeypatch.setattr(sample, "generate", lambda net, ae, text, prompts, cfg, **kw: torch.full(
+        (len(prompts), 3, cfg.num_frames, cfg.height, cfg.width), kw["generator"][0].initial_seed()
+        / 10 - 1))
+    for seed in (1, 2):
+        sample.main(["--ckpt", str(ckpt), "--prompt", "a red circle", "--prompt", "?!", "--out",
+                     str(tmp_path / "o"), "--seed", str(seed)])
+    names = sorted(p.name for p in (tmp_path / "o").glob("*.mp4"))
+    assert names == ["000_a_red_circle_s1.mp4", "000_a_red_circle_s2.mp4", "001_s2.mp4",
+                     "001_s3.mp4"]
+    for name in names:  # each file holds its own seed's video
+        seed = int(name[-5])
+        assert abs(int(read_mp4(tmp_path / "o" / name)[0].mean()) - round(seed * 12.75)) <= 2
+
+
+def test_image_of_another_shape_is_named(tmp_path, monkeypatch, capsys):
+    """An --image of another aspect than the video (a portrait photo, a landscape clip) is
+    resized to cover and centre-cropped, as training images: it said nothing of the part cut
+    away; nor that an animated GIF gives its first frame alone. One note line each now."""
+    root = make_ckpt(tmp_path / "i2v", i2v=True)
+    monkeypatch.setattr(sample, "generate", lambda net, ae, text, prompts, cfg, **kw: torch.zeros(
+        len(prompts), 3, cfg.num_frames, cfg.height, cfg.width))
+    Image.fromarray(np.zeros((40, 20, 3), np.uint8)).save(tmp_path / "tall.png")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "square.png")
+    frames = [Image.fromarray(np.full((16, 16, 3), v, np.uint8)) for v in (30, 220)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    notes = {}
+    for name in ("tall.png", "square.png", "anim.gif"):
+        sample.main(["--ckpt", str(root), "--image", str(tmp_path / name), "--prompt", "x",
+                     "--out", str(tmp_path / f"o_{name[:-4]}.mp4")])
+        notes[name] = [ln for ln in capsys.readouterr().out.splitlines() if "--image" in ln]
+    assert notes["tall.png"] == [f"--image {tmp_path / 'tall.png'}: 20x40 (width x height) is "
+                                 "resized to cover 16x16 and centre-cropped: 50% of it cut"]
+    assert notes["square.png"] == []  # the same aspect: resized alone
+    assert notes["anim.gif"] == [f"--image {tmp_path / 'anim.gif'}: its first frame (of 2)"]
