@@ -632,7 +632,7 @@ def main(argv=None):
     p.add_argument("--cfg", type=float, help="guidance scale (1 = no guidance)")
     p.add_argument("--dynamic-cfg", action="store_true", help="the released cosine schedule of w")
     p.add_argument("--cfg-min-t", type=int, help="guidance only at timesteps >= this (0 = every "
-                   "step, as released; the tiny preset: 400)")
+                   "step, as released; the tiny preset: 200)")
     p.add_argument("--uncond", choices=["zeros", "empty"], help='unconditional text: 0s or T5("")')
     p.add_argument("--image", help="first frame (PNG/JPEG) for an image-to-video model (App. A); "
                    "any size: resized to cover the video and centre-cropped, as in training")
