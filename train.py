@@ -2891,7 +2891,8 @@ def demo(args):
         if res["stopped"]:
             print(f"demo: stopped during VAE training; `{again}` continues")
             return {}
-    gate = vae_gate(vdir, manifest, n=8 if q else 48)
+    # at the length the DiT will sample (sample.json: the last stage's longest clip)
+    gate = vae_gate(vdir, manifest, n=8 if q else 48, frames=max(tc.dit_stages[-1].frames))
     print(f"demo: VAE gate: reconstructions of training clips: {counts(*gate)}")
     lap("vae")
     # (2) the tiny T5 over every caption and prompt. Word-level tokenizer: a default unigram model

@@ -1571,6 +1571,23 @@ def test_torchrun_workers_import_without_pythonpath(tmp_path):
 
 # ----- the shapes demo (issue 8) -----
 
+def test_demo_gate_judges_clips_of_the_sampled_length(tmp_path, monkeypatch):
+    """The VAE gate reconstructs clips as long as the DiT will sample (the last stage's longest), not a
+    fixed 9 frames: a preset whose stages train and sample 5-frame clips is gated on 5 frames."""
+    short = replace(train.PRESETS["shapes"], dit_stages=[data.Stage([(32, 32)], [1, 5])])
+    monkeypatch.setitem(train.PRESETS, "shapes", short)
+    monkeypatch.setattr(train, "train", lambda args: {"stopped": False})  # no VAE training
+    seen = {}
+
+    def gate(folder, manifest, n=48, frames=9):
+        seen["frames"] = frames
+        raise KeyboardInterrupt  # (stops the demo here)
+    monkeypatch.setattr(train, "vae_gate", gate)
+    with pytest.raises(KeyboardInterrupt):
+        train.demo(train.parser().parse_args(["--quick", "--out", str(tmp_path)]))
+    assert seen["frames"] == 5
+
+
 @pytest.mark.slow
 def test_demo_quick(tmp_path, capsys):
     """`python train.py --quick`: the whole pipeline in a few steps: the matmul yardstick, the VAE
