@@ -2760,7 +2760,7 @@ def demo_threads(rate=None):
     return rate() / 1e9
 
 
-def vae_gate(folder, manifest, n=48, frames=9):
+def vae_gate(folder, manifest, frames, n=48):
     """§2.1 the VAE gate: data.shapes_check on the VAE's reconstructions of the first n training
     clips (frames frames, native size). The DiT can only draw what the decoder can: a shape the
     VAE rounds off is lost before the DiT starts. -> ({check: clips passing}, n)."""
@@ -2892,7 +2892,7 @@ def demo(args):
             print(f"demo: stopped during VAE training; `{again}` continues")
             return {}
     # at the length the DiT will sample (sample.json: the last stage's longest clip)
-    gate = vae_gate(vdir, manifest, n=8 if q else 48, frames=max(tc.dit_stages[-1].frames))
+    gate = vae_gate(vdir, manifest, max(tc.dit_stages[-1].frames), n=8 if q else 48)
     print(f"demo: VAE gate: reconstructions of training clips: {counts(*gate)}")
     lap("vae")
     # (2) the tiny T5 over every caption and prompt. Word-level tokenizer: a default unigram model

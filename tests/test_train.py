@@ -1579,7 +1579,7 @@ def test_demo_gate_judges_clips_of_the_sampled_length(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train", lambda args: {"stopped": False})  # no VAE training
     seen = {}
 
-    def gate(folder, manifest, n=48, frames=9):
+    def gate(folder, manifest, frames, n=48):
         seen["frames"] = frames
         raise KeyboardInterrupt  # (stops the demo here)
     monkeypatch.setattr(train, "vae_gate", gate)
