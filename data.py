@@ -1937,7 +1937,8 @@ COLOUR_SHARE = 0.8   # >= 80% of the object's pixels in the prompted colour (not
 STEADY = 0.75      # every frame vs the first: area 0.75-1.33x, sharpness, brightness >= 0.75x
 JUMP = 4           # a frame's step along the motion at most 4x the set's (a teleport), none back
                    # more than one set step
-MIN_SIDE = 8       # shape is judged on objects at least this many pixels a side (the set's: 11-15)
+MIN_SIDE = 8       # shape is judged on objects at least this many pixels a side (make_shapes'
+                   # defaults: 11-15; the demo's set, train.DEMO_SET: 12-16)
 # Colours no caption names: a pixel nearest to one of these is no palette colour (white and greys
 # would pass as yellow, magenta as red, cyan as green or blue). Hues between two palette colours
 # (orange, purple) go to the nearer one: the demo VAE's yellow has 18% of its pixels nearer an

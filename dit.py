@@ -114,8 +114,10 @@ DIT_PRESETS = {
                                      base_frames=21, base_height=300, base_width=300),
 }
 # The demo's DiT (train.py PRESETS["shapes"]): the tiny one on the 4-channel latents of
-# vae.VAE_PRESETS["shapes"]
-DIT_PRESETS["shapes"] = replace(DIT_PRESETS["tiny"], in_channels=4, out_channels=4)
+# vae.VAE_PRESETS["shapes"], with 8 text tokens: the demo's longest caption ("a yellow square
+# moves to the right") is 8 with its end token, and every padding token is a token of the
+# sample's Frame Pack row (a 9-frame 24 px clip: 27 video tokens)
+DIT_PRESETS["shapes"] = replace(DIT_PRESETS["tiny"], in_channels=4, out_channels=4, text_len=8)
 
 
 def num_tokens(cfg, T_lat, h_lat, w_lat):

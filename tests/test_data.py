@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import data
+import train
 
 
 # ----- helpers: write test clips -----
@@ -869,14 +870,17 @@ def test_shapes_check_passes_every_training_clip_and_fails_wrong_captions(shapes
         data.shapes_follow(black, "a purple circle moves up")
 
 
-def test_shapes_check_passes_rendered_clips_as_the_set_draws_them():
+@pytest.mark.parametrize("sizes, radius, frames", [
+    (((32, 32), (32, 48)), (0.18, 0.24), (9, 13, 17)),  # make_shapes' defaults
+    tuple(train.DEMO_SET[k] for k in ("sizes", "radius", "frames"))])  # the demo's set
+def test_shapes_check_passes_rendered_clips_as_the_set_draws_them(sizes, radius, frames):
     # 200 clips drawn as make_shapes draws them (sizes, radii, places, lengths, motions, stills)
     rng = random.Random(1)
     for _ in range(200):
-        H, W = rng.choice([(32, 32), (32, 48)])
-        r = rng.uniform(0.18, 0.24) * min(H, W)
+        H, W = rng.choice(sizes)
+        r = rng.uniform(*radius) * min(H, W)
         colour, shape = rng.choice(list(data.COLOURS)), rng.choice(data.SHAPES)
-        motion, T = rng.choice([*data.MOTIONS, None]), rng.choice([9, 13, 17])
+        motion, T = rng.choice([*data.MOTIONS, None]), rng.choice(frames)
         cx, cy = data.shapes_start(rng, H, W, r, motion, T)  # as make_shapes places them
         x = data.shapes_clip(H, W, colour, shape, motion, T, cx, cy, r)  # (T, H, W, 3)
         v = torch.from_numpy(x).permute(3, 0, 1, 2).float() / 127.5 - 1

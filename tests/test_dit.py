@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import data
 import dit
 import vae
 from dit import DIT_PRESETS, ExpertDiT
@@ -57,8 +58,10 @@ def test_parameter_counts(name, count):
 
 
 def test_shapes_preset_is_tiny_on_four_channels():
-    """The demo's DiT is the tiny one on the demo VAE's latents (4 channels)."""
-    assert DIT_PRESETS["shapes"] == replace(TINY, in_channels=4, out_channels=4)
+    """The demo's DiT is the tiny one on the demo VAE's latents (4 channels), with 8 text tokens:
+    the demo's captions and prompts are at most 8 words, the end token included."""
+    assert DIT_PRESETS["shapes"] == replace(TINY, in_channels=4, out_channels=4, text_len=8)
+    assert max(len(p.split()) + 1 for p, _ in data.eval_prompts()) == 8
     assert DIT_PRESETS["shapes"].in_channels == vae.VAE_PRESETS["shapes"].latent
 
 

@@ -1658,7 +1658,7 @@ def test_demo_refuses_an_out_made_with_other_settings(tmp_path, monkeypatch, cap
     """The demo reuses the data set and VAE it finds in --out: `python train.py` after `python train.py --quick`
     (both out/shapes by default) took the quick run's 60 clips and few-step VAE, and with --resume its DiT, without
     a word. Now refused (one line, exit code 2); the same settings go on as before."""
-    def shapes(folder, n, seed=0):
+    def shapes(folder, n, seed=0, **set_):
         os.makedirs(folder, exist_ok=True)
         open(os.path.join(folder, "manifest.jsonl"), "w").write("")
     monkeypatch.setattr(train, "demo_threads", lambda: 69.0)
@@ -1767,10 +1767,10 @@ def test_simulated_step_equals_the_real_step_one_process(capsys):
 
 
 def test_simulated_row_is_the_presets_last_stage_row(capsys):
-    """The shapes preset packs its last stage in rows of 256 tokens (max_tokens=[96, 256]); the simulator read
-    --max-tokens only and simulated rows of one clip (60 tokens), a quarter of the step training runs."""
+    """The shapes preset packs its last stage in rows of 168 tokens (max_tokens=[96, 168]); the simulator read
+    --max-tokens only and simulated rows of one clip (35 tokens), a fifth of the step training runs."""
     r = train.main(["--stage", "dit", "--preset", "shapes", "--simulate", "1"])
-    assert r["row"] == train.PRESETS["shapes"].max_tokens[-1] == 256
+    assert r["row"] == train.PRESETS["shapes"].max_tokens[-1] == 168
     assert train.main(["--stage", "dit", "--preset", "shapes", "--simulate", "1", "--max-tokens", "120"])["row"] == 120
 
 
