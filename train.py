@@ -2816,10 +2816,11 @@ def demo_samples(out, seeds, quick):
 
 
 def demo_settings(out, manifest, now):
-    """The demo's --quick and step scale, recorded in out/demo.json when its data is first made:
-    the data set and VAE a later run finds are reused as they are, so a run with other settings
-    (`python train.py` after `python train.py --quick`: both in out/shapes) would get the quick
-    run's 60 clips and its few-step VAE, and --resume its DiT, without a word."""
+    """The demo's --quick, step scale and shapes set, recorded in out/demo.json when its data is
+    first made: the data set and VAE a later run finds are reused as they are, so a run with other
+    settings (`python train.py` after `python train.py --quick`: both in out/shapes; or after an
+    earlier version's demo, on another set) would get the quick run's 60 clips and its few-step
+    VAE, and --resume its DiT, without a word."""
     path = os.path.join(out, "demo.json")
     if not os.path.exists(manifest):  # a new demo (or its data not made yet): these settings
         try:
@@ -2834,6 +2835,9 @@ def demo_settings(out, manifest, now):
             was = json.load(f)
     except (OSError, ValueError):  # made before settings were recorded, or torn: unknown
         return
+    if isinstance(was, dict) and was.get("set") != now.get("set"):  # older demos: no "set"
+        raise SettingsError(f"--out {out} holds a demo made on another shapes set (an earlier "
+                            f"version's: train.DEMO_SET changed): pass another --out")
     if isinstance(was, dict) and was != now:  # (not a dict: a hand-edited file, unknown)
         def how(s):  # as on the command line: --quick's own scale is 0.01
             flags = ["--quick"] if s.get("quick") else []
@@ -2858,7 +2862,9 @@ def demo(args):
     scale = args.demo_scale if args.demo_scale else (0.01 if q else 1.0)
     tc, n = PRESETS["shapes"], 60 if q else 400
     manifest = os.path.join(out, "data", "manifest.jsonl")
-    demo_settings(out, manifest, {"quick": q, "scale": scale})  # (before the seconds of timing)
+    # (as JSON reads it back: lists, not tuples; before the seconds of timing)
+    demo_settings(out, manifest, json.loads(json.dumps({"quick": q, "scale": scale,
+                                                        "set": DEMO_SET})))
     # The yardstick: the target is 10 minutes where a 2-thread 2048^2 fp32 matmul runs at 69
     # GFLOP/s (a slow 2-core laptop), so 10 x 69 / rate minutes here.
     rate = demo_threads()

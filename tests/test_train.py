@@ -1676,6 +1676,20 @@ def test_demo_refuses_an_out_made_with_other_settings(tmp_path, monkeypatch, cap
     assert train.main(["--out", str(tmp_path), "--quick", "--resume", "--device", "cpu"]) == {}
 
 
+def test_demo_refuses_an_out_made_on_another_shapes_set(tmp_path, monkeypatch, capsys):
+    """An out/shapes left by an earlier version's demo (its 32 px set, no "set" in demo.json) was reused as
+    it was: its data and VAE under the new preset. Now refused (one line, exit code 2), before any work."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.jsonl").write_text("")
+    (tmp_path / "demo.json").write_text(json.dumps({"quick": False, "scale": 1.0}))
+    monkeypatch.setattr(train, "demo_threads", lambda: pytest.fail("the demo started"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [f"error: --out {tmp_path} holds a demo made on another shapes set (an "
+                                         f"earlier version's: train.DEMO_SET changed): pass another --out"], err
+
+
 def test_demo_threads_keeps_the_faster(monkeypatch):
     """The demo times a small matmul at its thread count and at one thread and keeps the faster:
     one thread on a busy machine, all of them on an idle one, the user's OMP_NUM_THREADS always;
