@@ -751,6 +751,23 @@ def test_latent_cache(tmp_path):
 
 
 
+def test_latent_cache_keeps_what_fits_in_memory(tmp_path):
+    """keep: up to that many bytes of entries stay in memory once read (first come, first kept),
+    so an epoch's second read of a small data set does not go to the disk; what get returns is a
+    new dict each time (a caller adding keys does not change the kept entry)."""
+    cache = data.LatentCache(tmp_path / "cache", keep=2 * 24)  # two entries of 6 floats
+    keys = [cache.text_key(f"caption {i}", "t5") for i in range(3)]
+    for i, k in enumerate(keys):
+        cache.put(k, {"z": torch.full((2, 3), float(i))})
+        assert torch.equal(cache.get(k)["z"], torch.full((2, 3), float(i)))
+    cache.get(keys[0])["extra"] = 1
+    for k in keys:
+        os.remove(cache._file(k))
+    assert [float(cache.get(k)["z"][0, 0]) for k in keys[:2]] == [0.0, 1.0]
+    assert "extra" not in cache.get(keys[0]) and cache.get(keys[2]) is None  # over the budget
+    assert data.LatentCache(tmp_path / "cache").get(keys[0]) is None  # keep=0: the disk only
+
+
 def test_corrupt_latent_cache_file_is_a_miss(tmp_path, capsys):
     """A cache file cut short (a full disk, a crash outside atomic_write) is a miss, not a
     SafetensorError in training: warned, deleted, encoded again (each time it is found so)."""

@@ -339,6 +339,61 @@ def test_overfitting_one_batch_lowers_the_loss(assets, tmp_path):
     assert last < 0.5 * first, res["losses"]
 
 
+@pytest.mark.parametrize("i2v", [False, True])
+def test_dit_loss_noises_each_sample_as_one_at_a_time(assets, tmp_path, monkeypatch, i2v):
+    """dit_loss noises the samples of one latent shape together (speed): the model's inputs and the
+    v-targets must be, bit for bit, what each sample alone gives (its own noise, timestep and, with
+    --i2v, its image latent, noise level and dropout), on batches of several shapes."""
+    import diffusion
+    seen, real_loss, real_predict = [], train.dit_loss, train.dit_predict
+
+    def one_at_a_time(job, batch, step, micro):  # the per-sample reference
+        tc, items = job.tc, batch["items"]
+        t_all, _, sigma_all, img_drop = train.draws(tc, items[0]["n_global"], step, micro,
+                                                    job.args.iid_timesteps, batch.get("masses"))
+        xs, vs = [], []
+        for it in items:
+            s = max(it["slot"], 0)
+            key, t = (tc.seed, step, micro, s), t_all[s:s + 1]
+            post = vae.Gaussian(it["mean"], it["logvar"])
+            z = post.sample(eps=train.noise(post.mean.shape, *key, 1)) * job.ae.cfg.scaling_factor
+            z = dit.pad_frames(z, job.cfg.patch_t)
+            e = train.noise(z.shape, *key, 2)
+            x = diffusion.q_sample(z[None], t, e[None], job.ac)
+            vs.append(diffusion.v_target(z[None], e[None], t, job.ac)[0])
+            if i2v:
+                img = vae.Gaussian(it["img_mean"], it["img_logvar"])
+                img = img.sample(eps=train.noise(img.mean.shape, *key, 4)) * job.ae.cfg.image_scale
+                img = (img + sigma_all[s] * train.noise(img.shape, *key, 3)) * (~img_drop[s]).float()
+                x = dit.i2v_input(x, img[None])
+            xs.append(x[0])
+        return xs, vs
+
+    def predict(job, net, zt, *a):
+        v = real_predict(job, net, zt, *a)
+        seen[-1]["zt"], seen[-1]["v"] = zt, [u.detach() for u in v]
+        return v
+
+    def loss(job, net, batch, step, micro, max_tokens):
+        seen.append({"ref": one_at_a_time(job, batch, step, micro)})
+        out, st = real_loss(job, net, batch, step, micro, max_tokens)
+        seen[-1]["mse"] = st["mse"]
+        return out, st
+    monkeypatch.setattr(train, "dit_predict", predict)
+    monkeypatch.setattr(train, "dit_loss", loss)
+    train.main(dit_args(assets, tmp_path / "run", *SMALL, "--steps", "2,1", "--rows", "3",
+                        "--max-tokens", "96", *["--i2v"] * i2v))
+    shapes = set()
+    for s in seen:
+        (xs, vs), zt = s["ref"], s["zt"]
+        shapes |= {tuple(x.shape) for x in xs}
+        assert len(zt) == len(xs) and all(torch.equal(a, b) for a, b in zip(zt, xs))
+        mse = torch.stack([(a - b).pow(2).mean() for a, b in zip(s["v"], vs)])  # (S,)
+        assert torch.equal(s["mse"], mse)
+    # several samples of a shape; of several shapes (--i2v: videos only, of one shape here)
+    assert len(seen) == 3 and min(len(s["zt"]) for s in seen) > len(shapes) >= 2 - i2v
+
+
 def test_min_snr_weights_each_sample(assets, tmp_path, monkeypatch):
     """--min-snr γ: the DiT's loss is Σ_j n_j·w_j·mse_j, w_j = min(SNR, γ) / (SNR + 1) at sample j's
     timestep (computed here from ā); the per-sample v-MSE (loss_by_t's) is the plain one. The first
