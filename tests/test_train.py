@@ -364,7 +364,8 @@ def test_dit_loss_noises_each_sample_as_one_at_a_time(assets, tmp_path, monkeypa
             if i2v:
                 img = vae.Gaussian(it["img_mean"], it["img_logvar"])
                 img = img.sample(eps=train.noise(img.mean.shape, *key, 4)) * job.ae.cfg.image_scale
-                img = (img + sigma_all[s] * train.noise(img.shape, *key, 3)) * (~img_drop[s]).float()
+                img = img + sigma_all[s] * train.noise(img.shape, *key, 3)
+                img = img * (~img_drop[s]).float()
                 x = dit.i2v_input(x, img[None])
             xs.append(x[0])
         return xs, vs
