@@ -483,7 +483,7 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
         # (G, C, T' + k, h, w) diffusion noise
         e = torch.stack([noise(z.shape[1:], *key, 2) for key in keys]).to(device)
         x = diffusion.q_sample(z, t[js], e, job.ac)  # (G, C, T' + k, h, w)
-        v = diffusion.v_target(z, e, t[js], job.ac)  # (G, C, T' + k, h, w) §3 v-prediction
+        vt = diffusion.v_target(z, e, t[js], job.ac)  # (G, C, T' + k, h, w) §3 v-prediction
         if job.args.i2v:  # App. A: encode(first frame) as sampled, plus noise of level sigma
             img = vae.Gaussian(stack("img_mean"), stack("img_logvar"))
             img_shape = img.mean.shape[1:]
@@ -497,10 +497,10 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
             img = img * (~per(img_drop)).to(device, img.dtype)  # dropped: zeros (released)
             x = dit.i2v_input(x, img)  # (G, 2C, T', h, w)
         for g, j in enumerate(js):
-            zt[j], target[j] = x[g], v[g]
+            zt[j], target[j] = x[g], vt[g]
     # video tokens of each sample (1.5: T' + k padded); 0 for a weight-0 filler
-    n = [(z.shape[1] // pt * (z.shape[2] // p) * (z.shape[3] // p)) if it["weight"] > 0 else 0
-         for z, it in zip(target, items)]
+    n = [(u.shape[1] // pt * (u.shape[2] // p) * (u.shape[3] // p)) if it["weight"] > 0 else 0
+         for u, it in zip(target, items)]
     text = torch.stack([it["text"] for it in items]).to(device)  # (S, L, D)
     text = text * (~drop_all[slot]).to(device, text.dtype)[:, None, None]  # §3: dropped = zeros
     v = dit_predict(job, net, zt, t, text, [it["row"] for it in items], max_tokens)
