@@ -919,6 +919,12 @@ def find_checkpoint(args, steps, say, base=None, tc=None, encs=None):
         if i2v != bool(getattr(args, "i2v", False)):  # other tensor shapes
             raise SettingsError(f"--resume: {args.out} holds a run {'with' if i2v else 'without'} "
                                 f"--i2v; pass the same (or another --out)")
+        if "modes" in st and hasattr(args, "augment") and st["modes"] != run_modes(args):
+            # another data order, crops or timesteps than the run's (before this was recorded:
+            # not checked)
+            raise SettingsError(f"--resume: {args.out} holds a run trained with "
+                                f"{mode_flags(st['modes'])}, not {mode_flags(run_modes(args))}: "
+                                f"pass the same (or another --out)")
         if st["step"] > total:
             raise SettingsError(f"--resume: the checkpoint is at step {st['step']}, past the "
                                 f"{total} steps asked for; pass --steps adding up to at least "
@@ -1380,6 +1386,22 @@ def lora_settings(args):
     if not getattr(args, "lora", None):
         return None
     return [args.lora, float(args.lora_alpha or args.lora), args.lora_targets or "attn"]
+
+
+def run_modes(args):
+    """The run's data and timestep modes that no TrainConfig field holds: --augment (as resolved),
+    and for the DiT --bucket and --iid-timesteps. They decide the batches, crops and timesteps, so
+    a resume must keep them (a checkpoint records them; find_checkpoint compares)."""
+    modes = {"augment": args.augment}
+    if args.stage == "dit":
+        modes.update(bucket=bool(args.bucket), iid_timesteps=bool(args.iid_timesteps))
+    return modes
+
+
+def mode_flags(modes):
+    """run_modes as the command line writes them: "--augment fixed --bucket"."""
+    return " ".join([f"--augment {modes['augment']}"] + ["--bucket"] * modes.get("bucket", 0)
+                    + ["--iid-timesteps"] * modes.get("iid_timesteps", 0))
 
 
 def lora_base(args):
@@ -2096,11 +2118,12 @@ def stop_now(stop, step, stop_at):
 
 def run_settings(job):
     """What a checkpoint records about the run besides its position: resume refuses another
-    preset, stage kind, LoRA setting or base, VAE or T5, or --i2v (model_config's channels), or
-    settings (config) left out, by these."""
+    preset, stage kind, LoRA setting or base, VAE or T5, --i2v (model_config's channels), data and
+    timestep modes (run_modes), or settings (config) left out, by these."""
     args = job.args
     return {"preset": args.preset, "stage_kind": args.stage, "world": job.world,
             "lora": lora_settings(args), "lora_base": job.lora_base, "encoders": job.encoders,
+            "modes": run_modes(args),
             "config": asdict(job.tc), "model_config": asdict(job.cfg),
             "data_order": data_order(job), "data": data_samples(job.entries)}
 

@@ -644,6 +644,10 @@ def test_a_save_cut_between_its_renames_resumes_from_the_old_name(assets, three_
     (["--resume", "--steps", "1"], "the checkpoint is at step 3, past the 2 steps asked for; pass "
                                    "--steps adding up to at least 3 (as many re-exports its model)"),
     (["--resume", "--i2v"], "holds a run without --i2v; pass the same (or another --out)"),
+    # the run's batches, crops and timesteps: a resume with other modes is another run
+    (["--resume", "--bucket"], "holds a run trained with --augment fixed, not --augment fixed --bucket: "
+                               "pass the same (or another --out)"),
+    (["--resume", "--iid-timesteps"], "trained with --augment fixed, not --augment fixed --iid-timesteps"),
     (["--resume", "--steps", "3", "--stop-at", "3"], "--stop-at 3 is not after the checkpoint's step 3"),
     # a longer first stage would take the stage-1 checkpoint back to stage 0's data (it trained on silently)
     (["--resume", "--steps", "4,1"], "the checkpoint (step 3) is in stage 1, but --steps 4,1 puts its step in "
@@ -661,6 +665,20 @@ def test_rerun_refusals_keep_the_run(assets, three_ckpts, capsys, extra, words):
     err = capsys.readouterr().err.strip().splitlines()
     assert words in err[-1] and len(err) == 1
     assert {f: os.stat(f).st_mtime_ns for f in three_ckpts.rglob("*")} == before
+
+
+def test_resume_keeps_the_runs_modes(assets, tmp_path, capsys):
+    """--bucket and --iid-timesteps (the DiT) and --augment decide the batches, crops and timesteps,
+    and no TrainConfig field holds them: a --resume that leaves one out went on as another run,
+    silently. Now refused in one line (exit 2), naming the run's; with the same it continues."""
+    out, modes = tmp_path / "run", ["--bucket", "--iid-timesteps"]
+    train.main(dit_args(assets, out, *SMALL, "--steps", "1,1", "--save-every", "1", *modes))
+    with pytest.raises(SystemExit) as e:
+        train.main(dit_args(assets, out, *SMALL, "--steps", "1,2", "--resume", "--bucket"))
+    assert e.value.code == 2 and capsys.readouterr().err.strip().endswith(
+        "holds a run trained with --augment fixed --bucket --iid-timesteps, not --augment fixed "
+        "--bucket: pass the same (or another --out)")
+    assert train.main(dit_args(assets, out, *SMALL, "--steps", "1,2", "--resume", *modes))["step"] == 3
 
 
 @pytest.mark.parametrize("drop, extra, words", [
