@@ -497,7 +497,7 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
             per = lambda a: a[[slot[j] for j in js]].view(-1, 1, 1, 1, 1).to(device)
             img = img + per(sigma_all) * torch.stack(
                 [noise(img_shape, *key, 3) for key in keys]).to(device)
-            img = img * (~per(img_drop)).to(device, img.dtype)  # dropped: zeros (released)
+            img = img * (~per(img_drop)).to(img.dtype)  # dropped: zeros (released)
             x = dit.i2v_input(x, img)  # (G, 2C, T', h, w)
         for g, j in enumerate(js):
             zt[j], target[j] = x[g], vt[g]
