@@ -1986,7 +1986,7 @@ def train(args):
     model, net = job.model, wrap(job.model, args.fsdp, device, fill=job.fill)
     params = [p for p in model.parameters() if p.requires_grad]
     lr0 = tc.lr if is_dit else tc.vae_lr
-    opts = {args.stage: adamw(params, lr0, tc, device)}
+    opts = {args.stage: adamw(params, lr0, tc, device, fused=not args.fsdp)}
     if job.disc is not None:  # §2.1 the discriminator: its own optimizer, plain DDP
         dnet = wrap(job.disc, False, device, call=False)
         opts["disc"] = torch.optim.AdamW(job.disc.parameters(), tc.disc_lr, tc.betas, tc.eps)
@@ -2285,12 +2285,16 @@ def release_signals(stop):
         signal.signal(s, h)
 
 
-def adamw(params, lr, tc, device):
-    """AdamW(β 0.9, 0.95), no weight decay on biases and norm gains (1-D parameters)."""
+def adamw(params, lr, tc, device, fused=False):
+    """AdamW(β 0.9, 0.95), no weight decay on biases and norm gains (1-D parameters). fused: on a
+    CPU, the fused kernel (speed only, the same update to float rounding: 4 against 13 ms a step
+    of the demo's DiT, 4 against 15 of its VAE); train() asks for it unless FSDP shards the
+    parameters. Otherwise foreach on a CPU (what the step simulator models: a GPU's default)."""
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=tc.betas, eps=tc.eps,
-                             foreach=device.type == "cpu" or None)
+    cpu = device.type == "cpu"
+    kernel = {"fused": True} if cpu and fused else {"foreach": cpu or None}
+    return torch.optim.AdamW(groups, lr=lr, betas=tc.betas, eps=tc.eps, **kernel)
 
 
 def dit_log(mse, t, world):

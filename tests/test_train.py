@@ -3,6 +3,7 @@ FSDP, resume == uninterrupted, overfitting, NaN handling, bad files, bad setting
 
 Everything runs on CPU with the tiny presets at 16x16 pixels; run: python -m pytest -q tests/test_train.py"""
 import argparse
+import copy
 import json
 import math
 import os
@@ -680,6 +681,29 @@ def test_resume_keeps_the_runs_modes(assets, tmp_path, capsys):
         "--bucket: pass the same (or another --out)")
     assert train.main(dit_args(assets, out, *SMALL, "--steps", "1,2", "--resume", *modes))["step"] == 3
 
+
+
+def test_fused_cpu_adamw_is_the_foreach_update_and_takes_its_state():
+    """train.adamw(fused=True) (what a CPU run without FSDP steps with: speed only) makes the
+    foreach optimizer's updates to float rounding, and continues from a foreach optimizer's state
+    (a checkpoint written before it)."""
+    torch.manual_seed(0)
+    model = dit.ExpertDiT(dit.DIT_PRESETS["tiny"])
+    a, b = ([p.detach().clone().requires_grad_() for p in model.parameters()] for _ in range(2))
+    tc, cpu = train.PRESETS["shapes"], torch.device("cpu")
+    fused, foreach = train.adamw(a, 1e-2, tc, cpu, fused=True), train.adamw(b, 1e-2, tc, cpu)
+    assert fused.defaults["fused"] and not foreach.defaults["fused"]
+    for step in range(4):
+        if step == 2:  # the fused one goes on from the foreach one's moments
+            fused.load_state_dict(copy.deepcopy(foreach.state_dict()))  # as read from disk
+            for p, q in zip(a, b):
+                p.data.copy_(q)
+        for p, q in zip(a, b):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        foreach.step()
+    assert all(torch.allclose(p, q, rtol=1e-6, atol=1e-7) for p, q in zip(a, b))
 
 @pytest.mark.parametrize("drop, extra, words", [
     (["ckpt"], [], "already holds a run's dit/ and vae/ and log.jsonl: pick another --out, or remove them"),

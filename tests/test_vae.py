@@ -341,6 +341,35 @@ def test_context_parallel_three_ranks(torchrun):
     assert p.stdout.count("max abs diff") == 3
 
 
+
+# ----- the CPU fast path (speed only) -----
+
+@pytest.mark.parametrize("shape", [(1, 8, 3, 8, 8), (1, 32, 20, 32, 8), (1, 32, 20, 33, 8),
+                                   (2, 8, 3, 8, 8), (2, 16, 11, 24, 24)])
+def test_onednn_path_is_where_pytorch_goes_generic_and_equals_the_plain_conv(shape):
+    """vae._onednn_fits says "PyTorch takes its slow generic kernel here" exactly where conv3d
+    does (profiled: one clip of C*T*H <= 20480; a batch of 2 goes to oneDNN by itself), and
+    the oneDNN function (_OneDNNConv3d) gives the plain conv's output and gradients."""
+    from torch.profiler import profile
+    torch.manual_seed(0)
+    conv, x = vae.CausalConv3d(shape[1], 4), torch.randn(shape)
+    with profile() as prof:
+        torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=conv.padding)
+    generic = any("slow_conv3d" in e.key for e in prof.key_averages())
+    assert vae._onednn_fits(x) == (generic and torch.get_num_threads() > 1)
+    got = [x.clone().requires_grad_(), conv.weight, conv.bias]
+    y = vae._onednn_conv3d(conv, got[0])
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref = [t.detach().double().requires_grad_() for t in got]
+    want = torch.nn.functional.conv3d(*ref, padding=conv.padding)
+    want.backward(g.double())
+    # float32 against float64, relative to each tensor's largest value (a weight gradient sums
+    # B*T*H*W products)
+    close = lambda a, b: float((a.double() - b).abs().max()) <= 1e-5 * float(b.abs().max())
+    assert close(y, want) and all(close(a.grad, b.grad) for a, b in zip(got, ref))
+
+
 # ----- tiling -----
 
 def test_tiling_blends_exactly():
