@@ -487,13 +487,13 @@ def apply_lora(net, path, scale=1.0, merge=False, say=print):
 # ----- CLI -----
 
 def out_paths(out, n, prompts, seed=0):
-    """Where prompt i goes: `out` itself for one prompt ending in .mp4, else numbered files (in
-    folder `out`: NNN_prompt_sSEED.mp4, SEED = seed + i, its draw's: a run with another --seed
-    into the same folder keeps the earlier files)."""
+    """Where prompt i goes: `out` itself for one prompt ending in .mp4, else numbered files named
+    by their draw's seed SEED = seed + i (NAME_NNN_sSEED.mp4 beside NAME.mp4, or in folder `out`
+    NNN_prompt_sSEED.mp4): a run with another --seed keeps the earlier files."""
     if out.lower().endswith(".mp4"):
         if n == 1:
             return [out]
-        return [f"{out[:-4]}_{i:03d}.mp4" for i in range(n)]
+        return [f"{out[:-4]}_{i:03d}_s{seed + i}.mp4" for i in range(n)]
     slugs = ["".join(c if c.isalnum() else "_" for c in p.lower())[:40].strip("_") for p in prompts]
     return [os.path.join(out, f"{i:03d}_{s + '_' if s else ''}s{seed + i}.mp4")
             for i, s in enumerate(slugs)]
@@ -618,8 +618,8 @@ def main(argv=None):
     src.add_argument("--model-dir", help="released CogVideoX folder in diffusers layout")
     p.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for several)")
     p.add_argument("--prompts-file", help="one prompt per line (blank lines and #comments skipped)")
-    p.add_argument("--out", default="samples", help="output .mp4 (one prompt; several: NAME_000.mp4"
-                   ", ...) or folder (NNN_prompt_sSEED.mp4)")
+    p.add_argument("--out", default="samples", help="output .mp4 (one prompt; several: "
+                   "NAME_000_sSEED.mp4, ...) or folder (NNN_prompt_sSEED.mp4)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="sampling defaults (else the ckpt's)")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (whatever "
                    "--batch-size)")

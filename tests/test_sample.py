@@ -677,14 +677,17 @@ def test_batch_size_does_not_change_a_prompts_video(ckpt, tmp_path, monkeypatch,
 
 
 def test_out_suffix_in_any_case_is_a_file(ckpt, tmp_path, monkeypatch):
-    """--out clip.MP4 is the file clip.MP4 (it was a folder named clip.MP4 holding 000_x.mp4)."""
+    """--out clip.MP4 is the file clip.MP4 (it was a folder named clip.MP4 holding 000_x.mp4);
+    for several prompts b_NNN_sSEED.mp4 (b_NNN.mp4 was overwritten by a run with another --seed)."""
     monkeypatch.setattr(sample, "generate", lambda net, ae, text, prompts, cfg, **kw: torch.zeros(
         len(prompts), 3, cfg.num_frames, cfg.height, cfg.width))
     sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--out", str(tmp_path / "clip.MP4")])
     assert (tmp_path / "clip.MP4").is_file() and (tmp_path / "clip.png").is_file()
-    sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--prompt", "y", "--out", str(tmp_path / "b.Mp4")])
-    assert sorted(p.name for p in tmp_path.glob("b_*")) == ["b_000.mp4", "b_000.png", "b_001.mp4",
-                                                            "b_001.png"]
+    two = ["--ckpt", str(ckpt), "--prompt", "x", "--prompt", "y", "--out", str(tmp_path / "b.Mp4")]
+    sample.main(two)
+    sample.main([*two, "--seed", "7"])  # named by their seeds: the first run's files stay
+    assert sorted(p.name for p in tmp_path.glob("b_*")) == sorted(
+        f"b_{i:03d}_s{s + i}.{x}" for s in (0, 7) for i in range(2) for x in ("mp4", "png"))
 
 
 def test_prompts_file_with_a_byte_order_mark(ckpt, tmp_path, monkeypatch):
