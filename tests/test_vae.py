@@ -366,7 +366,8 @@ def test_onednn_path_is_where_pytorch_goes_generic_and_equals_the_plain_conv(sha
     want.backward(g.double())
     # float32 against float64, relative to each tensor's largest value (a weight gradient sums
     # B*T*H*W products)
-    close = lambda a, b: float((a.double() - b).abs().max()) <= 1e-5 * float(b.abs().max())
+    close = lambda a, b: float((a.detach().double() - b.detach()).abs().max()) <= 1e-5 * float(
+        b.detach().abs().max())
     assert close(y, want) and all(close(a.grad, b.grad) for a, b in zip(got, ref))
 
 
