@@ -2289,8 +2289,8 @@ def release_signals(stop):
 
 def adamw(params, lr, tc, device, fused=False):
     """AdamW(β 0.9, 0.95), no weight decay on biases and norm gains (1-D parameters). fused: on a
-    CPU, the fused kernel (speed only, the same update to float rounding: 4 against 13 ms a step
-    of the demo's DiT, 4 against 15 of its VAE); train() asks for it unless FSDP shards the
+    CPU, the fused kernel (speed only, the same update to float rounding: ~4 against 13-17 ms a
+    step of the demo's DiT, 4 against 15 of its VAE); train() asks for it unless FSDP shards the
     parameters. Otherwise foreach on a CPU (what the step simulator models: a GPU's default)."""
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]

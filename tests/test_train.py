@@ -682,7 +682,6 @@ def test_resume_keeps_the_runs_modes(assets, tmp_path, capsys):
     assert train.main(dit_args(assets, out, *SMALL, "--steps", "1,2", "--resume", *modes))["step"] == 3
 
 
-
 def test_fused_cpu_adamw_is_the_foreach_update_and_takes_its_state():
     """train.adamw(fused=True) (what a CPU run without FSDP steps with: speed only) makes the
     foreach optimizer's updates to float rounding, and continues from a foreach optimizer's state
@@ -704,6 +703,7 @@ def test_fused_cpu_adamw_is_the_foreach_update_and_takes_its_state():
         fused.step()
         foreach.step()
     assert all(torch.allclose(p, q, rtol=1e-6, atol=1e-7) for p, q in zip(a, b))
+
 
 @pytest.mark.parametrize("drop, extra, words", [
     (["ckpt"], [], "already holds a run's dit/ and vae/ and log.jsonl: pick another --out, or remove them"),
