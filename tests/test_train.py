@@ -103,7 +103,7 @@ def test_dit_two_progressive_stages_one_process(assets, tmp_path, capsys):
     assert (tmp_path / "vae" / "model.safetensors").exists() and (tmp_path / "text_encoder").is_dir()
     meta, tiny = json.load(open(tmp_path / "sample.json")), sample.PRESETS["tiny"]
     assert meta["height"] == 32 and meta["width"] == 32
-    assert (meta["steps"], meta["sampler"], meta["cfg"], meta["cfg_min_t"]) == (20, "ddim", 3.0, 200) == \
+    assert (meta["steps"], meta["sampler"], meta["cfg"], meta["cfg_min_t"]) == (20, "ddim", 2.5, 0) == \
         (tiny.steps, tiny.sampler, tiny.cfg, tiny.cfg_min_t)  # the preset the tiny DiT samples with
     assert (tmp_path / "ckpt" / "latest").read_text() == "step_0000004"
     mode = lambda f: os.stat(tmp_path / "dit" / f).st_mode & 0o777  # weights as readable as their config
