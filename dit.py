@@ -621,6 +621,16 @@ class ExpertDiT(nn.Module):
         # segment -1: they see only each other, nobody sees them and their outputs are never read,
         # so their values do not matter.
         off = list(itertools.accumulate(sizes, initial=0))          # sample s: table rows off[s]..
+        # The samples of one latent shape are embedded (and un-patched) as one batch: the same
+        # values in a few operations instead of a few per sample (speed). The embeddings come out
+        # as [all text (S·L); video, shape after shape]; token table row i is their row new[i].
+        kinds = {}                                                   # latent shape -> samples
+        for s, z in enumerate(latents):
+            kinds.setdefault(tuple(z.shape), []).append(s)
+        order = [s for ss in kinds.values() for s in ss]             # samples, shape after shape
+        vstart = dict(zip(order, itertools.accumulate([nv[s] for s in order], initial=S * L)))
+        new = [i for s in range(S) for i in itertools.chain(range(s * L, (s + 1) * L),
+                                                               range(vstart[s], vstart[s] + nv[s]))]
         src, seg, idx, vdst, spans = [], [], [], [None] * S, []
         for r, g in enumerate(groups):
             for s in g:
@@ -636,8 +646,11 @@ class ExpertDiT(nn.Module):
         with self._amp(dev):
             e = self._time_embed(t)                                    # (S, E)
             txt = self._text_embed(text)                               # (S, L, D)
-            vid = [self._video_embed(z[None], L)[0].to(txt.dtype) for z in latents]  # S x (n_s, D)
-            x = torch.cat([u for s in range(S) for u in (txt[s], vid[s])])[src]  # (R, M, D)
+            vid = [self._video_embed(torch.stack([latents[s] for s in ss]), L).flatten(0, 1)
+                   for ss in kinds.values()]                         # per shape (k·n, D)
+            # the token table [text; video] in sample order, gathered straight into the rows
+            x = torch.cat([txt.flatten(0, 1)] + vid).to(txt.dtype)[  # (S·L + sum n, D)
+                torch.tensor(new, device=dev)[src]]                  # (R, M, D)
             # §3.1: each sample attends to itself only: pack_mask's rule, computed without an
             # (M, M) tensor unless the mode asks for it (speed section)
             # Rows of one sample each (e.g. one long clip per row at full scale) have the unpacked
@@ -655,18 +668,27 @@ class ExpertDiT(nn.Module):
                 x, seq = sp_shard(self, x, seq, idx_rows)              # (R, M/G, D)
                 one = None                                   # modulation per piece (seq.pieces)
             x = self._blocks(x, e if one is None else e[one], seq)  # (R, M, D); e per row if one
-            vdst = torch.tensor([i for v in vdst for i in v], device=dev)  # (sum n,) sample order
+            # the video tokens' slots, shape after shape (samples in `order`)
+            vdst = torch.tensor([i for s in order for i in vdst[s]], device=dev)  # (sum n,)
             if self.sp is not None:  # the final layer on this rank's slots, gathered: (R, M, P)
                 out = sp_final(self, x, e, seq).flatten(0, 1)[vdst]    # (sum n, p*p*C_out)
             else:
                 # final (shift, scale) of every video token: (S, 2, D) -> (sum n, 2, D)
-                m = self.mod_out(e).view(S, 2, -1).repeat_interleave(
-                    torch.tensor(nv, device=dev), 0, output_size=sum(nv))  # shapes on the host
+                m = self.mod_out(e).view(S, 2, -1)[torch.tensor(order, device=dev)]
+                m = m.repeat_interleave(torch.tensor([nv[s] for s in order], device=dev), 0,
+                                        output_size=sum(nv))          # shapes on the host
                 out = self._final(x.flatten(0, 1)[vdst], m)              # (sum n, p*p*C_out)
             out = out.to(latents[0].dtype)
-        return [rearrange(o, "(t gh gw) (c pt ph pw) -> c (t pt) (gh ph) (gw pw)", t=T, gh=gh,
-                          pt=pt, ph=p, pw=p)[:, -z.shape[1]:]  # (C_out, T_s, h_s, w_s)
-                for o, (T, gh, gw), z in zip(out.split(nv), grids, latents)]
+        res, a = [None] * S, 0
+        for ss in kinds.values():  # un-patch the samples of one shape together
+            (T, gh, gw), Ts, k = grids[ss[0]], latents[ss[0]].shape[1], len(ss)
+            o = out[a:a + k * nv[ss[0]]].view(k, nv[ss[0]], -1)      # (k, n, p*p*C_out)
+            a += k * nv[ss[0]]
+            o = rearrange(o, "k (t gh gw) (c pt ph pw) -> k c (t pt) (gh ph) (gw pw)", t=T,
+                          gh=gh, pt=pt, ph=p, pw=p)[:, :, -Ts:]      # (k, C_out, T_s, h_s, w_s)
+            for s, u in zip(ss, o.unbind(0)):
+                res[s] = u
+        return res
 
     # ----- checkpoints -----
 

@@ -512,7 +512,11 @@ def dit_loss(job, net, batch, step, micro, max_tokens):
     text = torch.stack([it["text"] for it in items]).to(device)  # (S, L, D)
     text = text * (~drop_all[slot]).to(device, text.dtype)[:, None, None]  # §3: dropped = zeros
     v = dit_predict(job, net, zt, t, text, [it["row"] for it in items], max_tokens)
-    mse = torch.stack([(a.float() - b.float()).pow(2).mean() for a, b in zip(v, target)])  # (S,)
+    # per-sample v-MSE, the samples of one shape together: (S,) in sample order
+    js_all = [j for js in by_shape.values() for j in js]
+    mse = torch.cat([(torch.stack([v[j] for j in js]).float() - torch.stack(
+        [target[j] for j in js]).float()).pow(2).flatten(1).mean(1) for js in by_shape.values()])
+    mse = mse[torch.tensor(js_all).argsort().to(mse.device)]  # (S,)
     n = torch.tensor(n, dtype=torch.float32, device=device)  # (S,)
     # not in the paper (its loss is the plain v-MSE): the demo's min-SNR weight per sample
     w = diffusion.min_snr_weight(t, job.ac, tc.min_snr) if tc.min_snr else 1.0  # (S,)

@@ -501,6 +501,9 @@ LAYOUTS = {
     "full": ([(3, 8, 8), (3, 8, 8)], [1, 0], None),
     # one sample per row, padded to a fixed length
     "padded": ([(3, 8, 8), (1, 8, 12)], [0, 1], 96),
+    # samples of one shape in several rows, interleaved with another shape (forward_packed embeds
+    # and un-patches each shape's samples as one batch): rows of 88, 88 and 60 tokens
+    "shared": ([(3, 8, 8), (1, 8, 8), (3, 8, 8), (1, 8, 8), (3, 8, 8)], [0, 1, 1, 0, 2], 100),
 }
 
 
