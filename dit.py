@@ -648,7 +648,8 @@ class ExpertDiT(nn.Module):
             txt = self._text_embed(text)                               # (S, L, D)
             vid = [self._video_embed(torch.stack([latents[s] for s in ss]), L).flatten(0, 1)
                    for ss in kinds.values()]                         # per shape (k·n, D)
-            # the token table [text; video] in sample order, gathered straight into the rows
+            # [all text; video by shape] (S·L + sum n, D), read through new: slot -> token table
+            # row (src) -> embedding row
             x = torch.cat([txt.flatten(0, 1)] + vid).to(txt.dtype)[  # (S·L + sum n, D)
                 torch.tensor(new, device=dev)[src]]                  # (R, M, D)
             # §3.1: each sample attends to itself only: pack_mask's rule, computed without an
@@ -673,7 +674,8 @@ class ExpertDiT(nn.Module):
             if self.sp is not None:  # the final layer on this rank's slots, gathered: (R, M, P)
                 out = sp_final(self, x, e, seq).flatten(0, 1)[vdst]    # (sum n, p*p*C_out)
             else:
-                # final (shift, scale) of every video token: (S, 2, D) -> (sum n, 2, D)
+                # final (shift, scale) of every video token: (S, 2, D) -> (sum n, 2, D), samples
+                # in `order`
                 m = self.mod_out(e).view(S, 2, -1)[torch.tensor(order, device=dev)]
                 m = m.repeat_interleave(torch.tensor([nv[s] for s in order], device=dev), 0,
                                         output_size=sum(nv))          # shapes on the host
@@ -682,7 +684,7 @@ class ExpertDiT(nn.Module):
         res, a = [None] * S, 0
         for ss in kinds.values():  # un-patch the samples of one shape together
             (T, gh, gw), Ts, k = grids[ss[0]], latents[ss[0]].shape[1], len(ss)
-            o = out[a:a + k * nv[ss[0]]].view(k, nv[ss[0]], -1)      # (k, n, p*p*C_out)
+            o = out[a:a + k * nv[ss[0]]].view(k, nv[ss[0]], -1)      # (k, n, pt*p*p*C_out)
             a += k * nv[ss[0]]
             o = rearrange(o, "k (t gh gw) (c pt ph pw) -> k c (t pt) (gh ph) (gw pw)", t=T,
                           gh=gh, pt=pt, ph=p, pw=p)[:, :, -Ts:]      # (k, C_out, T_s, h_s, w_s)

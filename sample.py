@@ -76,14 +76,15 @@ class SampleConfig:
 
 
 PRESETS = {
-    # The shapes demo (train.py's last stage: 9 frames of 24x24 at 8 fps): 20 DDIM steps (a toy
-    # model needs fewer steps and less guidance than the released 50 / 6). Guidance can be kept to
-    # t >= cfg_min_t (diffusion.guided: near the data w * (v_c - v_u) is mostly the model's error;
-    # on a 32 px DiT, CFG 4 at every step passed 68/96 seen, for t >= 400 86/96), but at CFG 2.5
-    # the demo's DiT needs no cut-off: on its 150 + 850-step DiT, 4 seeds x 32 prompts at a time,
-    # CFG 2.5 at every step was picked on seeds 0-15 from CFG 2 / 2.5 / 3 / 3.5 / 4.5 / 6, t >= 0
-    # / 100 / 200 and 40 steps, and confirmed on seeds 16-31: 377/384 seen and 124/128 held-out,
-    # against 372 and 117 with CFG 3 for t >= 200 (the setting before; the README has the rest).
+    # The toy DiTs (the shapes demo's sample.json sets its last stage's clip: 9 frames of 24x24 at
+    # 8 fps): 20 DDIM steps (a toy model needs fewer steps and less guidance than the released 50 /
+    # 6). Guidance can be kept to t >= cfg_min_t (diffusion.guided: near the data w * (v_c - v_u)
+    # is mostly the model's error; on a 32 px DiT, CFG 4 at every step passed 68/96 seen, for t >=
+    # 400 86/96), but at CFG 2.5 the demo's DiT needs no cut-off: on its 150 + 850-step DiT (32
+    # prompts x 16 seeds), CFG 2.5 at every step was picked on seeds 0-15 from CFG 2 / 2.5 / 3 /
+    # 3.5 / 4.5 / 6, t >= 0 / 100 / 200 and 40 sampling steps instead of 20, and confirmed on seeds
+    # 16-31: 377/384 seen and 124/128 held-out, against 372 and 117 with CFG 3 for t >= 200 (the
+    # setting before; the README has the rest).
     # A checkpoint's sample.json overrides these (train.py writes its family's preset and clip).
     "tiny": SampleConfig(num_frames=9, height=32, width=32, fps=8.0, steps=20, cfg=2.5),
     # Released models: 6 s at 8 fps + 1 frame, 480x720, 50 steps, w = 6; the 2B samples with DDIM on
@@ -630,7 +631,7 @@ def main(argv=None):
     p.add_argument("--cfg", type=float, help="guidance scale (1 = no guidance)")
     p.add_argument("--dynamic-cfg", action="store_true", help="the released cosine schedule of w")
     p.add_argument("--cfg-min-t", type=int, help="guidance only at timesteps >= this (0 = every "
-                   "step, as released; the tiny preset: 200)")
+                   "step, as released, and the tiny preset)")
     p.add_argument("--uncond", choices=["zeros", "empty"], help='unconditional text: 0s or T5("")')
     p.add_argument("--image", help="first frame (PNG/JPEG) for an image-to-video model (App. A); "
                    "any size: resized to cover the video and centre-cropped, as in training")

@@ -330,6 +330,15 @@ def test_packed_equals_alone_patch_t(eager_flex):
         assert [o.shape for o in out] == [(8, *s) for s in shapes]
         diff = max((a - b).abs().max().item() for a, b in zip(out, alone))
         assert diff <= 1e-5, (mode, diff)
+    # several samples of one odd and one even shape across rows: each shape's samples are
+    # embedded and un-patched as one batch
+    lat = [torch.randn(16, *s, generator=g) for s in [(3, 8, 8), (4, 8, 12), (3, 8, 8), (4, 8, 12)]]
+    m.packed_attention = "auto"
+    with torch.no_grad():
+        out = m.forward_packed(lat, t[:4], text[:4], [0, 1, 1, 0], max_tokens=120)
+        alone = [m(z[None], t[i:i + 1], text[i:i + 1])[0] for i, z in enumerate(lat)]
+    assert [o.shape for o in out] == [(8, *z.shape[1:]) for z in lat]
+    assert max((a - b).abs().max().item() for a, b in zip(out, alone)) <= 1e-5
 
 
 def test_from_diffusers_key_errors(tmp_path):
@@ -493,7 +502,7 @@ def test_packed_equals_alone(pos, mode, eager_flex):
     assert diff <= 1e-5
 
 
-# Row layouts (latent shapes, row ids, max_tokens): samples of 60, 36, 28, 84, 44 tokens
+# Row layouts (latent shapes, row ids, max_tokens); "mixed": samples of 60, 36, 28, 84, 44 tokens
 LAYOUTS = {
     # several samples in a row, a row of one sample, padding, empty rows (ids 1, 3, 4)
     "mixed": ([(3, 8, 8), (1, 8, 12), (1, 8, 8), (3, 8, 12), (2, 8, 8)], [5, 2, 5, 2, 0], 130),
