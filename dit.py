@@ -681,13 +681,13 @@ class ExpertDiT(nn.Module):
                                         output_size=sum(nv))          # shapes on the host
                 out = self._final(x.flatten(0, 1)[vdst], m)              # (sum n, p*p*C_out)
             out = out.to(latents[0].dtype)
-        res, a = [None] * S, 0
-        for ss in kinds.values():  # un-patch the samples of one shape together
-            (T, gh, gw), Ts, k = grids[ss[0]], latents[ss[0]].shape[1], len(ss)
-            o = out[a:a + k * nv[ss[0]]].view(k, nv[ss[0]], -1)      # (k, n, pt*p*p*C_out)
-            a += k * nv[ss[0]]
-            o = rearrange(o, "k (t gh gw) (c pt ph pw) -> k c (t pt) (gh ph) (gw pw)", t=T,
-                          gh=gh, pt=pt, ph=p, pw=p)[:, :, -Ts:]      # (k, C_out, T_s, h_s, w_s)
+        res = [None] * S
+        per_kind = out.split([len(ss) * nv[ss[0]] for ss in kinds.values()])
+        for ss, o in zip(kinds.values(), per_kind):  # un-patch the samples of one shape together
+            (T, gh, gw), Ts = grids[ss[0]], latents[ss[0]].shape[1]
+            o = rearrange(o.view(len(ss), nv[ss[0]], -1),              # (k, n, pt*p*p*C_out)
+                          "k (t gh gw) (c pt ph pw) -> k c (t pt) (gh ph) (gw pw)", t=T, gh=gh,
+                          pt=pt, ph=p, pw=p)[:, :, -Ts:]             # (k, C_out, T_s, h_s, w_s)
             for s, u in zip(ss, o.unbind(0)):
                 res[s] = u
         return res
