@@ -597,6 +597,7 @@ class ExpertDiT(nn.Module):
         of every sample (list or LongTensor of S ids), as data.FramePackSampler packed them. The
         model makes no packing decision: a row's samples are laid out in list order; ids need not be
         contiguous. Rows are padded to the longest row, or to max_tokens when given (a fixed shape).
+        (Mode "auto" on a CPU instead lays every sample out in one unpadded row: flat_layout.)
         -> list of S (C_out, T_s, h_s, w_s)."""
         S, L, p = len(latents), text.shape[1], self.cfg.patch
         rows = [int(r) for r in rows]                                # ids on the host
@@ -614,6 +615,15 @@ class ExpertDiT(nn.Module):
         if max(used) > M:
             raise ValueError(f"a row holds {max(used)} tokens > max_tokens={max_tokens}")
         M = sp_row_length(self, M)  # SP: a multiple of the group size (more padding slots)
+        # The samples of one latent shape are embedded (and un-patched) as one batch: the same
+        # values in a few operations instead of a few per sample (speed).
+        kinds = {}                                                   # latent shape -> samples
+        for s, z in enumerate(latents):
+            kinds.setdefault(tuple(z.shape), []).append(s)
+        order = [s for ss in kinds.values() for s in ss]             # samples, shape after shape
+        flat = self.packed_attention == "auto" and flat_layout(dev, self.sp, groups)
+        if flat:  # speed: one row of every sample, shape after shape, no padding (flat_layout)
+            groups, R, M = [order], 1, sum(sizes)
         # Index plan, built on the host from shapes only. The token table holds each sample's
         # [L text; n video] tokens in sample order. For every slot of every row: which table token
         # fills it (src; the RoPE table has the same layout), which sample it belongs to (seg, for
@@ -621,13 +631,8 @@ class ExpertDiT(nn.Module):
         # segment -1: they see only each other, nobody sees them and their outputs are never read,
         # so their values do not matter.
         off = list(itertools.accumulate(sizes, initial=0))          # sample s: table rows off[s]..
-        # The samples of one latent shape are embedded (and un-patched) as one batch: the same
-        # values in a few operations instead of a few per sample (speed). The embeddings come out
-        # as [all text (S·L); video, shape after shape]; token table row i is their row new[i].
-        kinds = {}                                                   # latent shape -> samples
-        for s, z in enumerate(latents):
-            kinds.setdefault(tuple(z.shape), []).append(s)
-        order = [s for ss in kinds.values() for s in ss]             # samples, shape after shape
+        # The embeddings come out as [all text (S·L); video, shape after shape]; token table row i
+        # is their row new[i].
         vstart = dict(zip(order, itertools.accumulate([nv[s] for s in order], initial=S * L)))
         new = [i for s in range(S) for i in itertools.chain(range(s * L, (s + 1) * L),
                                                                range(vstart[s], vstart[s] + nv[s]))]
@@ -658,9 +663,11 @@ class ExpertDiT(nn.Module):
             # layout [L text; n video (+ padding)]: modulation broadcast per row, no per-token
             # gather (3 (R, M, D) tensors per sub-layer)
             one = [g[0] for g in groups] if all(len(g) == 1 for g in groups) else None
-            mask = packed_attention(self.packed_attention, seg, spans)
-            seq = Seq(L, None if one else idx, mask=mask,
-                      pieces=None if one or isinstance(mask, torch.Tensor) else runs(idx_rows))
+            mask = packed_attention("segments" if flat else self.packed_attention, seg, spans)
+            # modulation: per-token gathers (idx) for the dense mask and the flat row, per run of
+            # tokens (pieces) for the other Segments and flex rows (memory: see piecewise_sub)
+            piece = not (one or flat or isinstance(mask, torch.Tensor))
+            seq = Seq(L, None if one else idx, mask=mask, pieces=runs(idx_rows) if piece else None)
             if self.cfg.pos != "sincos":
                 # per-sample positions: every sample starts at (0, 0, 0), as if alone
                 rot = torch.cat([self._table("rope", L, *g, dev) for g in grids])  # (sum N, d/2)
@@ -1485,12 +1492,28 @@ def video_rows_block(blk, x, e, seq):
 # FlexPlan compute the same values with memory linear in the row length M.
 
 PACKED_ATTENTION = ("auto", "dense", "segments", "flex")
-# auto on CPU: rows of several samples up to this many tokens use the dense mask. Measured (tiny
-# DiT fwd+bwd, 1 thread on a busy 2-core VM, python tests/bench.py --only attn --threads 1):
-# segments / dense = 1.06-1.09 on the shapes demo's 12 rows of 96 tokens, 0.96-1.08 at 256 tokens
-# (the two demo stages; three runs), 0.84 at 512 and 0.64-0.67 at 1024 (2 rows of 4 samples).
-# Longer rows and every GPU run use Segments.
+# auto on CPU, where forward_packed keeps the sampler's rows (sequence parallel, the simulator; see
+# flat_layout): rows of several samples up to this many tokens use the dense mask. Measured (tiny
+# DiT fwd+bwd, 2 threads, python tests/bench.py --only attn): segments / dense = 3.2 on 12 rows of
+# 96 tokens, 3.0 at 168, 2.1 at 256 (many short runs of per-piece modulation), 1.1 at 512 and
+# 0.75 at 1024 (2 rows of 4 samples). Longer rows and every GPU run use Segments.
 DENSE_MAX_TOKENS = 256
+
+
+FLAT = True  # the CPU layout below; train.py's step simulator (a GPU run) turns it off
+
+
+def flat_layout(device, sp, groups):
+    """Should forward_packed (mode "auto") lay every sample out in ONE row, shape after shape,
+    with no padding, instead of in the sampler's rows (groups: each row's samples)? Speed only,
+    the same values (each sample attends to itself in any layout): on a CPU, when some row holds
+    several samples. Segments then attends each shape's samples as one batch of views: sum n²
+    instead of the dense mask's M² per row, no padding slots. Not under sequence parallelism
+    (each rank holds its slice of every row) nor in the step simulator, which runs a GPU's step.
+    Measured (tiny DiT fwd+bwd, 2 threads, python tests/bench.py --only attn): one row / dense
+    mask in the sampler's rows = 0.93, 0.90, 0.77 on 12 rows of 96, 168, 256 tokens (the demo's
+    two stages, and 32 px clips), 0.76 and 0.54 on 2 rows of 512, 1024."""
+    return FLAT and device.type == "cpu" and sp is None and any(len(g) > 1 for g in groups)
 
 
 def packed_attention(mode, seg, spans):
@@ -1502,7 +1525,8 @@ def packed_attention(mode, seg, spans):
       flex      FlexAttention with a BlockMask (FlexPlan): compiled once per row shape (R, M), so
                 pass max_tokens to forward_packed to keep M fixed
       auto      segments on GPU; on CPU dense for short rows of several samples
-                (DENSE_MAX_TOKENS), segments otherwise
+                (DENSE_MAX_TOKENS), segments otherwise (forward_packed on a CPU first lays
+                the samples out in one row, shape after shape: flat_layout)
     In every mode, rows that each hold one sample and no padding get plain SDPA without a mask."""
     if mode not in PACKED_ATTENTION:
         raise ValueError(f"packed attention {mode!r}: use one of {', '.join(PACKED_ATTENTION)}")
@@ -1522,23 +1546,42 @@ def packed_attention(mode, seg, spans):
 class Segments:
     """Varlen attention by segments: each sample's contiguous [text; video] span of its row runs
     SDPA alone, on views of q, k, v (no copies), with no mask, so the cost is sum n_i² instead of
-    M² per row and memory stays linear in M. Padding slots get 0 (nobody reads them)."""
+    M² per row and memory stays linear in M. Adjacent samples of one length (e.g. one latent
+    shape) run as one batch: the same views reshaped to (k, n, H, d), one call instead of k.
+    Padding slots get 0 (nobody reads them)."""
 
     def __init__(self, spans, R, M, device):
-        self.rows = [[(a, n) for r_, a, n in spans if r_ == r] for r in range(R)]
-        self.M = M
+        # per row its runs of adjacent equal-length samples: [first slot, samples k, tokens n]
+        self.rows = [[] for _ in range(R)]
+        for r, a, n in spans:
+            run = self.rows[r][-1] if self.rows[r] else None
+            if run and run[2] == n and run[0] + run[1] * n == a:
+                run[1] += 1
+            else:
+                self.rows[r].append([a, 1, n])
+        # each row cut into pieces [gap, run, gap, run, ..., tail]: slots no sample holds are gaps
+        self.cuts = []
+        for runs in self.rows:
+            cut, at = [], 0
+            for a, k, n in runs:
+                cut, at = cut + [a - at, k * n], a + k * n
+            self.cuts.append(cut + [M - at])
 
     def __call__(self, q, k, v):
         """q, k, v (R, M, H, d) -> (R, M, H, d)."""
         H, d = q.shape[2:]
         out = []
-        for r, spans in enumerate(self.rows):
-            parts = [F.scaled_dot_product_attention(*(z[r:r + 1, a:a + n].transpose(1, 2)
-                                                      for z in (q, k, v)))[0].transpose(0, 1)
-                     for a, n in spans]                              # each (n, H, d)
-            pad = self.M - sum(n for _, n in spans)
-            out.append(torch.cat(parts + [q.new_zeros(pad, H, d)] * (pad > 0)))  # (M, H, d)
-        return torch.stack(out)                                       # (R, M, H, d)
+        for r, zs in enumerate(zip(q.unbind(0), k.unbind(0), v.unbind(0))):
+            # split (not slicing): its backward is one cat, a slice's a zero (M, H, d) per piece
+            qs, ks, vs = (z.split(self.cuts[r]) for z in zs)          # each piece (m, H, d)
+            parts = [q.new_zeros(self.cuts[r][0], H, d)]
+            for i, (_, kn, n) in enumerate(self.rows[r]):
+                qkv = (z[2 * i + 1].view(kn, n, H, d).transpose(1, 2) for z in (qs, ks, vs))
+                o = F.scaled_dot_product_attention(*qkv)                # (k, H, n, d)
+                parts += [o.transpose(1, 2).reshape(kn * n, H, d),      # (k·n, H, d)
+                          q.new_zeros(self.cuts[r][2 * i + 2], H, d)]   # padding: 0
+            out.append(torch.cat(parts))                              # (M, H, d)
+        return torch.stack(out) if len(out) > 1 else out[0][None]     # (R, M, H, d)
 
 
 class FlexPlan:

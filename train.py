@@ -2480,6 +2480,7 @@ def simulate(args, fake=True):
     track = MemTracker(args.peak_tflops * 1e12)
     vae.ONEDNN = False  # a CPU-only kernel choice: not what a GPU runs (nor can fake tensors)
     dit.HOST = "meta"  # offloaded activations leave the (simulated) device
+    dit.FLAT = False  # the sampler's rows, as a GPU lays them out
     try:
         # The model is built in fake mode, and its forward, backward and optimizer step run in
         # it (every buffer FSDP allocates is fake too); the small data-side tensors (timesteps,
@@ -2495,7 +2496,7 @@ def simulate(args, fake=True):
         with track:
             step()
     finally:
-        vae.ONEDNN, dit.HOST = True, "cpu"
+        vae.ONEDNN, dit.HOST, dit.FLAT = True, "cpu", True
     args.fake = fake
     return report(args, track)
 

@@ -9,8 +9,9 @@ machine, the same random weights on both sides (a diffusers model is saved, ours
           the FLOP count is written out in `dit_flops` (matmuls of projections, MLP and attention, x3)
   pack    Frame Pack (`forward_packed`, §3.1) vs pad-to-longest (the released code's mode): real tokens/s
   attn    Frame Pack attention modes (dit.packed_attention): the dense (M, M) mask vs segments (each
-          sample's span alone), tiny DiT fwd+bwd, at the shapes demo's rows and at longer rows; this
-          sets dit.DENSE_MAX_TOKENS (not in the default --only)
+          sample's span alone, the sampler's rows) vs auto (on a CPU: every sample in one row, shape
+          after shape: dit.flat_layout), tiny DiT fwd+bwd, at the shapes demo's rows and at longer
+          rows; this sets dit.DENSE_MAX_TOKENS and flat_layout (not in the default --only)
   vae     encode+decode time (in this process, alternated) and peak memory (one fresh process per
           implementation and size: peak RSS minus RSS after the model is built) of our
           streaming mode vs diffusers' default frame-batched mode, at 17 and 49 frames
@@ -27,7 +28,7 @@ Run (about 3-5 minutes on 2 cores; timings are meaningless on a loaded machine, 
   python tests/bench.py --out bench.json
   python tests/bench.py --only dit,mfu --reps 15        # a subset
   python tests/bench.py --threads 1                     # what a shared machine can still measure
-  python tests/bench.py --only attn --threads 1 --reps 7  # dense mask vs segments (about 2 minutes)
+  python tests/bench.py --only attn --threads 1 --reps 7  # dense / segments / auto (about 3 minutes)
 Every number is printed in one table with its target; the JSON holds the same rows plus raw samples.
 
 Legend: ms = milliseconds (median over reps), MB = peak RSS above the post-build RSS, MFU = achieved
@@ -365,9 +366,10 @@ def run_json(cmd, env=None, timeout=600):
 
 def bench_attn(args, res, tmp):
     """The Frame Pack attention modes on the tiny DiT (forward+backward): the shapes demo's rows
-    (train.py's "shapes" preset: 12 rows of 96 / 256 tokens, first-fit packed by
-    data.FramePackSampler from that stage's clip lengths and sizes), then 2 rows of 4 samples at
-    512 and 1024 tokens. -> res["attn_M"] = dense and segments ms per batch."""
+    (12 rows of 96 / 168 tokens as train.py's "shapes" preset packs its two stages, and of 256,
+    first-fit packed by data.FramePackSampler from the stage's clip lengths and sizes), then 2 rows
+    of 4 samples at 512 and 1024 tokens. -> res["attn_M"] = dense, segments and auto ms per
+    batch."""
     import random
     import data
     import dit
@@ -375,6 +377,7 @@ def bench_attn(args, res, tmp):
     cfg, g = model.cfg, torch.Generator().manual_seed(0)
     cases = []
     for M, res_hw, frames in ((96, [(16, 16), (16, 24)], [1, 5, 9]),
+                              (168, [(24, 24), (24, 32)], [1, 9]),
                               (256, [(32, 32), (32, 48)], [1, 9])):
         rnd = random.Random(0)  # pixel (T, H, W) shapes; the tiny VAE: 4x in time and space
         shapes = [(rnd.choice(frames), *rnd.choice(res_hw)) for _ in range(200)]
@@ -396,15 +399,17 @@ def bench_attn(args, res, tmp):
             out = model.forward_packed(lat, t, text, rows, max_tokens=M)
             sum(o.square().mean() for o in out).backward()
 
-        s = alternate({m: (lambda m=m: step(m)) for m in ("dense", "segments")}, args.reps,
-                      before=lambda k: model.zero_grad(set_to_none=True))
-        row = dict(samples=S, rows=len(set(rows)), dense_ms=1e3 * med(s["dense"]),
-                   segments_ms=1e3 * med(s["segments"]), times=s)
+        s = alternate({m: (lambda m=m: step(m)) for m in ("dense", "segments", "auto")},
+                      args.reps, before=lambda k: model.zero_grad(set_to_none=True))
+        row = dict(samples=S, rows=len(set(rows)), times=s,
+                   **{f"{m}_ms": 1e3 * med(s[m]) for m in ("dense", "segments", "auto")})
         row["ratio"] = row["segments_ms"] / row["dense_ms"]
+        row["auto_ratio"] = row["auto_ms"] / row["dense_ms"]
         res[f"attn_{M}"] = row
         print(f"  attn: {row['rows']} rows of {M} tokens, {S / row['rows']:.1f} samples per row: "
-              f"dense {row['dense_ms']:.0f} ms, segments {row['segments_ms']:.0f} ms "
-              f"(segments / dense {row['ratio']:.2f})", flush=True)
+              f"dense {row['dense_ms']:.0f} ms, segments {row['segments_ms']:.0f} ms, auto (one "
+              f"row) {row['auto_ms']:.0f} ms (/ dense {row['ratio']:.2f}, "
+              f"{row['auto_ratio']:.2f})", flush=True)
 
 
 def bench_vae(args, res, tmp):
@@ -686,6 +691,10 @@ def table(res):
         rows.append((f"Frame Pack attention, {r['rows']} rows of {k[5:]} tok: segments vs dense",
                      f"{r['segments_ms']:.0f} ms", f"{r['dense_ms']:.0f} ms (dense mask)",
                      r["ratio"], "", None))
+        if "auto_ms" in r:
+            rows.append((f"Frame Pack attention, {r['rows']} rows of {k[5:]} tok: auto (one row) "
+                         f"vs dense", f"{r['auto_ms']:.0f} ms", f"{r['dense_ms']:.0f} ms (dense "
+                         f"mask)", r["auto_ratio"], "", None))
     for T in (17, 49):
         r = res.get(f"vae_T{T}")
         if r:

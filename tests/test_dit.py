@@ -642,6 +642,59 @@ def test_auto_picks_segments_on_gpu_and_for_long_rows():
         dit.packed_attention("varlen", torch.zeros(1, 100, dtype=torch.long), two)
 
 
+def test_auto_lays_cpu_samples_out_in_one_row(monkeypatch):
+    """auto on a CPU: every sample in ONE row, shape after shape, no padding, and Segments attends
+    each shape's samples in one SDPA call (speed only: test_packed_modes_forward_backward_equal_
+    alone checks the values in this layout). The step simulator (dit.FLAT off), sequence parallel
+    and the other modes keep the sampler's rows."""
+    m = randomize(ExpertDiT(small())).eval()
+    shapes, rows, max_tokens = LAYOUTS["shared"]  # clips 0, 2, 4 (60 tokens), images 1, 3 (28)
+    g = torch.Generator().manual_seed(2)
+    lat = [torch.randn(8, *s, generator=g) for s in shapes]
+    t, text = torch.tensor([999, 0, 500, 250, 742]), torch.randn(5, 12, 64, generator=g)
+    plans, real = [], dit.packed_attention
+    monkeypatch.setattr(dit, "packed_attention", lambda *a: plans.append(real(*a)) or plans[-1])
+    calls, sdpa = [], dit.F.scaled_dot_product_attention
+    monkeypatch.setattr(dit.F, "scaled_dot_product_attention",
+                        lambda q, *a, **k: calls.append(tuple(q.shape)) or sdpa(q, *a, **k))
+    with torch.no_grad():
+        m.forward_packed(lat, t, text, rows, max_tokens)
+        assert isinstance(plans[-1], dit.Segments)
+        assert plans[-1].rows == [[[0, 3, 60], [180, 2, 28]]]  # one row: 3 clips, then 2 images
+        assert calls == [(3, 4, 60, 32), (2, 4, 28, 32)] * 2    # per layer: one call per shape
+        monkeypatch.setattr(dit, "FLAT", False)
+        m.forward_packed(lat, t, text, rows, max_tokens)
+        assert plans[-1].shape == (3, 1, 100, 100)              # the sampler's 3 rows, dense
+        monkeypatch.setattr(dit, "FLAT", True)
+        m.packed_attention = "segments"
+        m.forward_packed(lat, t, text, rows, max_tokens)
+        assert [len(r) for r in plans[-1].rows] == [2, 2, 1]    # rows 0 and 1: a clip, an image
+
+
+def test_segments_equal_the_dense_rule_with_gaps():
+    """Segments on rows with equal-length neighbours (one call), a gap no sample holds and
+    padding: the dense mask's values and gradients on every sample's slots, 0 elsewhere."""
+    R, M, H, d = 2, 40, 2, 8
+    spans = [(0, 0, 10), (0, 10, 10), (0, 25, 5), (1, 0, 7), (1, 7, 7), (1, 14, 7)]
+    seg = torch.full((R, M), -1)
+    for i, (r, a, n) in enumerate(spans):
+        seg[r, a:a + n] = i
+    plan = dit.Segments(spans, R, M, "cpu")
+    assert plan.rows == [[[0, 2, 10], [25, 1, 5]], [[0, 3, 7]]]
+    assert plan.cuts == [[0, 20, 5, 5, 10], [0, 21, 19]]
+    g = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(R, M, H, d, generator=g, requires_grad=True) for _ in range(3)]
+    w = torch.randn(R, M, H, d, generator=g) * (seg >= 0)[..., None, None]  # samples' slots only
+    outs = []
+    for run in (plan, lambda *z: dit.attention(*z, dit.pack_mask(seg))):
+        o = run(*qkv)
+        outs.append([o.detach()] + list(torch.autograd.grad((o * w).sum(), qkv)))
+    held = (seg >= 0)[..., None, None]
+    assert (outs[0][0] * ~held).abs().max() == 0                    # gap and padding: 0
+    for a, b in zip(outs[0], outs[1]):
+        assert torch.allclose(a * held, b * held, atol=1e-6)
+
+
 @pytest.mark.parametrize("layout", ["full", "padded"])
 @pytest.mark.parametrize("mode", MODES)
 def test_one_sample_rows_use_sdpa_without_a_mask(mode, layout, monkeypatch, eager_flex):
