@@ -1496,7 +1496,8 @@ PACKED_ATTENTION = ("auto", "dense", "segments", "flex")
 # flat_layout): rows of several samples up to this many tokens use the dense mask. Measured (tiny
 # DiT fwd+bwd, 2 threads, python tests/bench.py --only attn): segments / dense = 3.2 on 12 rows of
 # 96 tokens, 3.0 at 168, 2.1 at 256 (many short runs of per-piece modulation), 1.1 at 512 and
-# 0.75 at 1024 (2 rows of 4 samples). Longer rows and every GPU run use Segments.
+# 0.75 at 1024 (2 rows of 4 samples). The bound stays at 256 where the mask is small (M² bools a
+# row); longer rows and every GPU run use Segments.
 DENSE_MAX_TOKENS = 256
 
 
@@ -1508,8 +1509,10 @@ def flat_layout(device, sp, groups):
     with no padding, instead of in the sampler's rows (groups: each row's samples)? Speed only,
     the same values (each sample attends to itself in any layout): on a CPU, when some row holds
     several samples. Segments then attends each shape's samples as one batch of views: sum n²
-    instead of the dense mask's M² per row, no padding slots. Not under sequence parallelism
-    (each rank holds its slice of every row) nor in the step simulator, which runs a GPU's step.
+    instead of the dense mask's M² per row, no padding slots; the modulation is gathered per
+    token (three (1, ΣN, D) tensors a sub-layer kept for backward, which the pieces of long rows
+    avoid: fine at a CPU's sizes). Not under sequence parallelism (each rank holds its slice of
+    every row) nor in the step simulator, which runs a GPU's step.
     Measured (tiny DiT fwd+bwd, 2 threads, python tests/bench.py --only attn): one row / dense
     mask in the sampler's rows = 0.93, 0.90, 0.77 on 12 rows of 96, 168, 256 tokens (the demo's
     two stages, and 32 px clips), 0.76 and 0.54 on 2 rows of 512, 1024."""
@@ -1525,8 +1528,9 @@ def packed_attention(mode, seg, spans):
       flex      FlexAttention with a BlockMask (FlexPlan): compiled once per row shape (R, M), so
                 pass max_tokens to forward_packed to keep M fixed
       auto      segments on GPU; on CPU dense for short rows of several samples
-                (DENSE_MAX_TOKENS), segments otherwise (forward_packed on a CPU first lays
-                the samples out in one row, shape after shape: flat_layout)
+                (DENSE_MAX_TOKENS), segments otherwise. forward_packed on a CPU first lays
+                the samples out in one row, shape after shape (flat_layout), which takes
+                segments; the CPU rows left here are sequence parallel's and the simulator's
     In every mode, rows that each hold one sample and no padding get plain SDPA without a mask."""
     if mode not in PACKED_ATTENTION:
         raise ValueError(f"packed attention {mode!r}: use one of {', '.join(PACKED_ATTENTION)}")

@@ -2480,7 +2480,7 @@ def simulate(args, fake=True):
     track = MemTracker(args.peak_tflops * 1e12)
     vae.ONEDNN = False  # a CPU-only kernel choice: not what a GPU runs (nor can fake tensors)
     dit.HOST = "meta"  # offloaded activations leave the (simulated) device
-    dit.FLAT = False  # the sampler's rows, as a GPU lays them out
+    dit.FLAT = False  # the sampler's rows (a GPU's layout; dit.flat_layout)
     try:
         # The model is built in fake mode, and its forward, backward and optimizer step run in
         # it (every buffer FSDP allocates is fake too); the small data-side tensors (timesteps,
@@ -3057,8 +3057,9 @@ def parser():
     a("--attn", default="auto", choices=dit.PACKED_ATTENTION,
       help="Frame Pack attention (§3.1, each sample attends to itself): segments = each sample's "
            "span alone (memory linear in the row), dense = an (M, M) mask, flex = FlexAttention "
-           "(GPU; rows padded to --max-tokens, compiled once), auto = segments on GPU and for long "
-           "rows, dense for short rows on CPU (faster there)")
+           "(GPU; rows padded to --max-tokens, compiled once), auto = segments on GPU; on CPU every "
+           "sample in one unpadded row, each shape's samples in one call (dit.flat_layout), or "
+           "with --sp dense for rows of <= 256 tokens")
     a("--offload-activations", action="store_true", help="with --grad-checkpoint: the saved "
       "block inputs wait in host memory (GPU memory for PCIe traffic)")
     a("--mlp-chunks", type=int, default=1, help="K > 1: each block's MLP runs its backward on K "

@@ -8,10 +8,11 @@ machine, the same random weights on both sides (a diffusers model is saved, ours
   mfu     our DiT training step's achieved FLOP/s against a measured fp32 2048^2 matmul rate ("MFU");
           the FLOP count is written out in `dit_flops` (matmuls of projections, MLP and attention, x3)
   pack    Frame Pack (`forward_packed`, §3.1) vs pad-to-longest (the released code's mode): real tokens/s
-  attn    Frame Pack attention modes (dit.packed_attention): the dense (M, M) mask vs segments (each
-          sample's span alone, the sampler's rows) vs auto (on a CPU: every sample in one row, shape
-          after shape: dit.flat_layout), tiny DiT fwd+bwd, at the shapes demo's rows and at longer
-          rows; this sets dit.DENSE_MAX_TOKENS and flat_layout (not in the default --only)
+  attn    Frame Pack attention modes (dit.packed_attention): the dense (M, M) mask vs segments
+          (each sample's span alone, the sampler's rows) vs auto (on a CPU: every sample in one
+          row, shape after shape: dit.flat_layout), tiny DiT fwd+bwd, at the shapes demo's rows
+          and at longer rows; this sets dit.DENSE_MAX_TOKENS and flat_layout (not in the default
+          --only)
   vae     encode+decode time (in this process, alternated) and peak memory (one fresh process per
           implementation and size: peak RSS minus RSS after the model is built) of our
           streaming mode vs diffusers' default frame-batched mode, at 17 and 49 frames

@@ -605,12 +605,14 @@ def test_segments_never_make_an_m_by_m_tensor(ck):
         assert bool(big) == (mode == "dense"), (mode, big)
 
 
+@pytest.mark.parametrize("flat", [False, True])
 @pytest.mark.parametrize("mode", ["segments", "auto"])
-def test_packed_on_fake_tensors_linear_memory(mode):
-    """What a step simulator runs: forward_packed + backward on fake CPU tensors (shapes only, so no
-    host read of a tensor's values) with the checkpointed blocks; two clips of 780 tokens in a row
-    make nothing (M, M) or (n, n)."""
+def test_packed_on_fake_tensors_linear_memory(mode, flat, monkeypatch):
+    """What a step simulator runs (dit.FLAT off; on: a CPU run's one row): forward_packed +
+    backward on fake CPU tensors (shapes only, so no host read of a tensor's values) with the
+    checkpointed blocks; two clips of 780 tokens in a row make nothing (M, M) or (n, n)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setattr(dit, "FLAT", flat)
     with FakeTensorMode():
         m = ExpertDiT(small())
         m.packed_attention, m.checkpointing = mode, True
@@ -644,9 +646,9 @@ def test_auto_picks_segments_on_gpu_and_for_long_rows():
 
 def test_auto_lays_cpu_samples_out_in_one_row(monkeypatch):
     """auto on a CPU: every sample in ONE row, shape after shape, no padding, and Segments attends
-    each shape's samples in one SDPA call (speed only: test_packed_modes_forward_backward_equal_
-    alone checks the values in this layout). The step simulator (dit.FLAT off), sequence parallel
-    and the other modes keep the sampler's rows."""
+    each shape's samples in one SDPA call (speed only: the values in this layout are checked by
+    test_packed_modes_forward_backward_equal_alone). The step simulator (dit.FLAT off), sequence
+    parallel and the other modes keep the sampler's rows."""
     m = randomize(ExpertDiT(small())).eval()
     shapes, rows, max_tokens = LAYOUTS["shared"]  # clips 0, 2, 4 (60 tokens), images 1, 3 (28)
     g = torch.Generator().manual_seed(2)
@@ -661,6 +663,7 @@ def test_auto_lays_cpu_samples_out_in_one_row(monkeypatch):
         m.forward_packed(lat, t, text, rows, max_tokens)
         assert isinstance(plans[-1], dit.Segments)
         assert plans[-1].rows == [[[0, 3, 60], [180, 2, 28]]]  # one row: 3 clips, then 2 images
+        assert plans[-1].cuts == [[0, 180, 0, 56, 0]]           # no gap, no padding
         assert calls == [(3, 4, 60, 32), (2, 4, 28, 32)] * 2    # per layer: one call per shape
         monkeypatch.setattr(dit, "FLAT", False)
         m.forward_packed(lat, t, text, rows, max_tokens)
@@ -675,13 +678,14 @@ def test_segments_equal_the_dense_rule_with_gaps():
     """Segments on rows with equal-length neighbours (one call), a gap no sample holds and
     padding: the dense mask's values and gradients on every sample's slots, 0 elsewhere."""
     R, M, H, d = 2, 40, 2, 8
-    spans = [(0, 0, 10), (0, 10, 10), (0, 25, 5), (1, 0, 7), (1, 7, 7), (1, 14, 7)]
+    # row 0: two samples of 10 tokens, a gap, a third of 10 (not in their run), padding
+    spans = [(0, 0, 10), (0, 10, 10), (0, 25, 10), (1, 0, 7), (1, 7, 7), (1, 14, 7)]
     seg = torch.full((R, M), -1)
     for i, (r, a, n) in enumerate(spans):
         seg[r, a:a + n] = i
     plan = dit.Segments(spans, R, M, "cpu")
-    assert plan.rows == [[[0, 2, 10], [25, 1, 5]], [[0, 3, 7]]]
-    assert plan.cuts == [[0, 20, 5, 5, 10], [0, 21, 19]]
+    assert plan.rows == [[[0, 2, 10], [25, 1, 10]], [[0, 3, 7]]]
+    assert plan.cuts == [[0, 20, 5, 10, 5], [0, 21, 19]]
     g = torch.Generator().manual_seed(0)
     qkv = [torch.randn(R, M, H, d, generator=g, requires_grad=True) for _ in range(3)]
     w = torch.randn(R, M, H, d, generator=g) * (seg >= 0)[..., None, None]  # samples' slots only
@@ -691,8 +695,21 @@ def test_segments_equal_the_dense_rule_with_gaps():
         outs.append([o.detach()] + list(torch.autograd.grad((o * w).sum(), qkv)))
     held = (seg >= 0)[..., None, None]
     assert (outs[0][0] * ~held).abs().max() == 0                    # gap and padding: 0
-    for a, b in zip(outs[0], outs[1]):
-        assert torch.allclose(a * held, b * held, atol=1e-6)
+    assert torch.allclose(outs[0][0] * held, outs[1][0] * held, atol=1e-6)
+    for a, b in zip(outs[0][1:], outs[1][1:]):                      # gradients: 0 off the samples
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_flat_layout_only_on_a_cpu_with_shared_rows(monkeypatch):
+    """flat_layout: a CPU whose rows hold several samples; never on a GPU, under sequence parallel,
+    for rows of one sample each, nor with dit.FLAT off (the step simulator)."""
+    cpu, gpu, sp = torch.device("cpu"), torch.device("cuda"), object()
+    assert dit.flat_layout(cpu, None, [[0, 1], [2]])
+    assert not dit.flat_layout(gpu, None, [[0, 1], [2]])
+    assert not dit.flat_layout(cpu, sp, [[0, 1], [2]])
+    assert not dit.flat_layout(cpu, None, [[0], [1], [2]])
+    monkeypatch.setattr(dit, "FLAT", False)
+    assert not dit.flat_layout(cpu, None, [[0, 1], [2]])
 
 
 @pytest.mark.parametrize("layout", ["full", "padded"])
