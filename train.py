@@ -71,6 +71,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -2792,23 +2793,42 @@ def matmul_rate(n=2048, reps=5):
     return 2 * n ** 3 / sorted(times)[reps // 2]
 
 
-def demo_threads(rate=None):
+def small_ops_seconds(n=100, reps=3):
+    """Seconds (median of reps) of n small elementwise operations at the current thread count, on
+    a (2016, 128) tensor: a stage-two DiT step's activations (12 rows of 168 tokens, width 128), the
+    kind of operation the demo is made of."""
+    x = torch.randn(2016, 128)
+
+    def once():
+        t0 = time.perf_counter()
+        y = x
+        for _ in range(n):
+            y = F.gelu(x + 0.5 * y)  # (2016, 128); bounded, so no denormals slow it down
+        return time.perf_counter() - t0
+    once()  # warm-up
+    return sorted(once() for _ in range(reps))[reps // 2]
+
+
+def demo_threads(rate=None, probe=None):
     """-> this machine's 2048^2 matmul GFLOP/s at the thread count the demo keeps. The time target
-    is for an idle machine. When another process keeps a core busy, OpenMP threads spin-wait on
-    each other and run 10-100x slower than one, so the demo times a small (1024^2) matmul at the
-    current thread count and at one thread and keeps the faster (a measurement, not the load
-    average, which lags by a minute; the small probe costs a second even when busy), then
-    measures the yardstick there. An explicit OMP_NUM_THREADS choice is left alone. rate:
-    matmul_rate or a stand-in (tests)."""
-    rate = rate or matmul_rate
+    is for an idle machine. When another process keeps a core busy, OpenMP threads wait on each
+    other after every operation, and the demo's small operations run several times slower on two
+    threads than on one (a step of the demo's DiT 2.5x, of its VAE 3.5x with one core kept busy
+    here). So the demo times small operations (small_ops_seconds) at the current thread count and
+    at one thread and keeps the faster (a measurement, not the load average, which lags by a
+    minute), then measures the yardstick there. A matmul does not tell the two apart: with one
+    core busy a 1024^2 matmul ran 0.98-1.85x as fast on one thread as on two (idle 0.69-0.79x),
+    the small operations 1.4-3.5x (idle 0.65-0.75x). An explicit OMP_NUM_THREADS choice is left
+    alone. rate: matmul_rate, probe: small_ops_seconds, or stand-ins (tests)."""
+    rate, probe = rate or matmul_rate, probe or small_ops_seconds
     n = torch.get_num_threads()
     if n > 1 and "OMP_NUM_THREADS" not in os.environ:
-        many = rate(n=1024, reps=3)
+        many = probe()
         torch.set_num_threads(1)
-        one = rate(n=1024, reps=3)
-        if one > many:
-            print(f"demo: one thread runs a matmul faster than {n} ({one / 1e9:.0f} vs "
-                  f"{many / 1e9:.0f} GFLOP/s: the machine is busy): one thread, expect it to run "
+        one = probe()
+        if one < many:
+            print(f"demo: one thread runs small operations faster than {n} ({one * 1e3:.0f} vs "
+                  f"{many * 1e3:.0f} ms: the machine is busy): one thread, expect it to run "
                   f"slower")
         else:
             torch.set_num_threads(n)

@@ -1789,32 +1789,45 @@ def test_demo_refuses_an_out_made_on_another_shapes_set(tmp_path, monkeypatch, c
 
 
 def test_demo_threads_keeps_the_faster(monkeypatch):
-    """The demo times a small matmul at its thread count and at one thread and keeps the faster:
+    """The demo times small operations at its thread count and at one thread and keeps the faster:
     one thread on a busy machine, all of them on an idle one, the user's OMP_NUM_THREADS always;
-    the yardstick (2048^2) is measured at the count it keeps."""
+    the yardstick (2048^2 matmul) is measured at the count it keeps."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     n = torch.get_num_threads()
     calls = []
 
-    def stand_in(one, many):
-        def rate(n=2048, reps=5):
-            calls.append((n, torch.get_num_threads()))
-            return 1e9 * (one if torch.get_num_threads() == 1 else many)
-        return rate
+    def rate(n=2048, reps=5):
+        calls.append(("rate", n, torch.get_num_threads()))
+        return 1e9 * (150 if torch.get_num_threads() == 1 else 290)
 
-    busy, idle = stand_in(150, 20), stand_in(150, 290)
+    def stand_in(one, many):  # seconds of the small operations at one / more threads
+        def probe():
+            calls.append(("probe", torch.get_num_threads()))
+            return one if torch.get_num_threads() == 1 else many
+        return probe
+
+    busy, idle = stand_in(0.07, 0.24), stand_in(0.07, 0.05)
     try:
         torch.set_num_threads(2)
-        assert train.demo_threads(busy) == 150 and torch.get_num_threads() == 1
-        assert calls == [(1024, 2), (1024, 1), (2048, 1)]
+        assert train.demo_threads(rate, busy) == 150 and torch.get_num_threads() == 1
+        assert calls == [("probe", 2), ("probe", 1), ("rate", 2048, 1)]
         torch.set_num_threads(2)
-        assert train.demo_threads(idle) == 290 and torch.get_num_threads() == 2
+        assert train.demo_threads(rate, idle) == 290 and torch.get_num_threads() == 2
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice stands
         calls.clear()
-        assert train.demo_threads(busy) == 20 and torch.get_num_threads() == 2
-        assert calls == [(2048, 2)]
+        assert train.demo_threads(rate, busy) == 290 and torch.get_num_threads() == 2
+        assert calls == [("rate", 2048, 2)]
     finally:
         torch.set_num_threads(n)
+
+
+def test_small_ops_probe_times_its_operations(monkeypatch):
+    """small_ops_seconds: the median of its repetitions, each n operations, after a warm-up."""
+    ops = []
+    real = train.F.gelu
+    monkeypatch.setattr(train.F, "gelu", lambda x: ops.append(x.shape) or real(x))
+    s = train.small_ops_seconds(n=7, reps=3)
+    assert ops == [(2016, 128)] * 7 * 4 and 0 < s < 5
 
 
 def test_demo_sample_names_and_grid(tmp_path):
