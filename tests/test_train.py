@@ -1789,8 +1789,9 @@ def test_demo_refuses_an_out_made_on_another_shapes_set(tmp_path, monkeypatch, c
 
 
 def test_demo_threads_keeps_the_faster(monkeypatch):
-    """The demo times small operations at its thread count and at one thread and keeps the faster:
-    one thread on a busy machine, all of them on an idle one, the user's OMP_NUM_THREADS always;
+    """The demo times small operations at its thread count and at one thread and keeps one thread
+    only when clearly faster: on a busy machine; all of them on an idle one, the user's
+    OMP_NUM_THREADS always;
     the yardstick (2048^2 matmul) is measured at the count it keeps."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     n = torch.get_num_threads()
@@ -1806,13 +1807,15 @@ def test_demo_threads_keeps_the_faster(monkeypatch):
             return one if torch.get_num_threads() == 1 else many
         return probe
 
-    busy, idle = stand_in(0.07, 0.24), stand_in(0.07, 0.05)
+    busy, idle, close = stand_in(0.07, 0.24), stand_in(0.07, 0.05), stand_in(0.063, 0.065)
     try:
         torch.set_num_threads(2)
         assert train.demo_threads(rate, busy) == 150 and torch.get_num_threads() == 1
         assert calls == [("probe", 2), ("probe", 1), ("rate", 2048, 1)]
         torch.set_num_threads(2)
         assert train.demo_threads(rate, idle) == 290 and torch.get_num_threads() == 2
+        # one thread a few % faster (a slow moment of an idle VM): two threads lose little
+        assert train.demo_threads(rate, close) == 290 and torch.get_num_threads() == 2
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice stands
         calls.clear()
         assert train.demo_threads(rate, busy) == 290 and torch.get_num_threads() == 2
