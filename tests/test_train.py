@@ -1790,9 +1790,8 @@ def test_demo_refuses_an_out_made_on_another_shapes_set(tmp_path, monkeypatch, c
 
 def test_demo_threads_keeps_the_faster(monkeypatch):
     """The demo times small operations at its thread count and at one thread and keeps one thread
-    only when clearly faster: on a busy machine; all of them on an idle one, the user's
-    OMP_NUM_THREADS always;
-    the yardstick (2048^2 matmul) is measured at the count it keeps."""
+    only when it is clearly faster (a busy machine), else all of them; the user's OMP_NUM_THREADS
+    always. The yardstick (2048^2 matmul) is measured at the count it keeps."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     n = torch.get_num_threads()
     calls = []
@@ -1827,8 +1826,8 @@ def test_demo_threads_keeps_the_faster(monkeypatch):
 def test_small_ops_probe_times_its_operations(monkeypatch):
     """small_ops_seconds: the median of its repetitions, each n operations, after a warm-up."""
     ops = []
-    real = train.F.gelu
-    monkeypatch.setattr(train.F, "gelu", lambda x: ops.append(x.shape) or real(x))
+    real = torch.nn.functional.gelu
+    monkeypatch.setattr(torch.nn.functional, "gelu", lambda x: ops.append(x.shape) or real(x))
     s = train.small_ops_seconds(n=7, reps=3)
     assert ops == [(2016, 128)] * 7 * 4 and 0 < s < 5
 
