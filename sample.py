@@ -75,6 +75,30 @@ class SampleConfig:
     snr_shift_scale: float = 1.0  # §3 SNR shift of the noise schedule the DiT was trained with
 
 
+def _rate_ok(fps):
+    try:  # the check write_video makes (a rate that rounds to 0 too)
+        return bool(data.video_rate(fps))
+    except ValueError:
+        return False
+
+
+# The valid values of SampleConfig's fields, in one place: field -> (test, what it must be).
+# sample.json (check_sample_json), the flags (check_args) and check_sample read them, each naming
+# its own source; what needs the models (4k+1 frames, sizes, the DiT's steps) is check_sample's.
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+RULES = {"num_frames": AT_LEAST_1, "height": AT_LEAST_1, "width": AT_LEAST_1,
+         "fps": (_rate_ok, "a frame rate > 0, e.g. 8"),
+         # (our checkpoints sample on the default 1000-step schedule, diffusion.alphas_cumprod)
+         "steps": (lambda v: 1 <= v <= 1000, "in [1, 1000], e.g. 50"),
+         "sampler": (lambda v: v in diffusion.SAMPLERS, f"one of {diffusion.SAMPLERS}"),
+         # diffusers' pipelines also run unguided for any w <= 1; refused so no run silently differs
+         "cfg": (lambda v: math.isfinite(v) and v >= 1,
+                 "a number >= 1 (1 = no guidance, released 6)"),
+         "cfg_min_t": (lambda v: 0 <= v <= 1000, "in [0, 1000] (0 = guide every step)"),
+         "uncond": (lambda v: v in ("zeros", "empty"), '"zeros" or "empty"'),
+         "snr_shift_scale": (lambda v: math.isfinite(v) and v > 0, "a number > 0 (1.0 = no shift)")}
+
+
 PRESETS = {
     # The toy DiTs (the shapes demo's sample.json sets its last stage's clip: 9 frames of 24x24 at
     # 8 fps): 20 DDIM steps (a toy model needs fewer steps and less guidance than the released 50 /
@@ -202,8 +226,9 @@ def check_sample(cfg, vae_cfg, dit_cfg, image=False, num_train=1000):
     timesteps."""
     sf, tf, patch = vae_cfg.spatial_factor, vae_cfg.temporal_factor, dit_cfg.patch
     T, H, W = cfg.num_frames, cfg.height, cfg.width
-    if T < 1 or H < 1 or W < 1:
-        raise ValueError(f"num_frames, height and width must be >= 1, got {T}, {H}, {W}")
+    for k in ("num_frames", "height", "width", "sampler", "cfg"):  # (steps: the DiT's own bound)
+        if not RULES[k][0](getattr(cfg, k)):
+            raise ValueError(f"{k} must be {RULES[k][1]}, got {getattr(cfg, k)!r}")
     if (T - 1) % tf:
         lo = (T - 1) // tf * tf + 1
         raise ValueError(f"num_frames must be {tf}k+1 for this VAE (e.g. {lo} or {lo + tf})")
@@ -218,14 +243,9 @@ def check_sample(cfg, vae_cfg, dit_cfg, image=False, num_train=1000):
                              f"<= {longest}")
     if image != (dit_cfg.in_channels == 2 * dit_cfg.out_channels):
         raise ValueError("--image needs an image-to-video model and an I2V model needs --image")
-    if cfg.sampler not in diffusion.SAMPLERS:
-        raise ValueError(f"sampler must be one of {diffusion.SAMPLERS}, not {cfg.sampler!r}")
     if not 1 <= cfg.steps <= num_train:
         raise ValueError(f"steps must be in [1, {num_train}] (the DiT's training timesteps), "
                          f"got {cfg.steps}")
-    # diffusers' pipelines also run unguided for any w <= 1; refused so no run silently differs
-    if not (math.isfinite(cfg.cfg) and cfg.cfg >= 1):
-        raise ValueError(f"cfg must be a number >= 1 (1 = no guidance, released 6), got {cfg.cfg}")
 
 
 @torch.no_grad()
@@ -344,24 +364,8 @@ def check_sample_json(cfg, given, path):
     when it is read: generate would only refuse an unknown uncond after the models load, and
     write_video a bad fps after the whole sampling run. given: the keys the file sets; the frame
     count and size against the VAE and DiT stay check_sample's (it needs their configs)."""
-    try:  # the check write_video makes (a rate that rounds to 0 too)
-        fps_ok = bool(data.video_rate(cfg.fps))
-    except ValueError:
-        fps_ok = False
-    need = {"num_frames": (cfg.num_frames >= 1, "a whole number >= 1 (4k+1)"),
-            "height": (cfg.height >= 1, "a whole number >= 1"),
-            "width": (cfg.width >= 1, "a whole number >= 1"),
-            "fps": (fps_ok, "a frame rate > 0, e.g. 8"),
-            # (generate samples on the default 1000-step schedule, diffusion.alphas_cumprod)
-            "steps": (1 <= cfg.steps <= 1000, "in [1, 1000], e.g. 50"),
-            "sampler": (cfg.sampler in diffusion.SAMPLERS, f"one of {diffusion.SAMPLERS}"),
-            "cfg": (math.isfinite(cfg.cfg) and cfg.cfg >= 1, "a number >= 1 (1 = no guidance)"),
-            "cfg_min_t": (0 <= cfg.cfg_min_t <= 1000, "in [0, 1000] (0 = guide every step)"),
-            "uncond": (cfg.uncond in ("zeros", "empty"), '"zeros" or "empty"'),
-            "snr_shift_scale": (math.isfinite(cfg.snr_shift_scale) and cfg.snr_shift_scale > 0,
-                                "a number > 0 (1.0 = no shift)")}
-    for k, (ok, what) in need.items():
-        if k in given and not ok:
+    for k, (ok, what) in RULES.items():
+        if k in given and not ok(getattr(cfg, k)):
             raise ValueError(f"{path}: {k} = {given[k]!r} must be {what}; fix it, or copy or "
                              "export the checkpoint again")
 
@@ -501,23 +505,20 @@ def out_paths(out, n, prompts, seed=0):
 def check_args(a, n=1):
     """Bad command-line values as one ValueError naming the fix, before any model is loaded.
     n: the number of prompts (prompt i is drawn with seed + i)."""
-    for k in ("num_frames", "height", "width", "steps", "batch_size"):
+    # steps' top bound is the DiT's own (check_sample, from its config); batch_size is the CLI's
+    rules = {**RULES, "steps": AT_LEAST_1, "batch_size": AT_LEAST_1}
+    for k in ("num_frames", "height", "width", "steps", "batch_size", "cfg", "cfg_min_t"):
         v = getattr(a, k)
-        if v is not None and v < 1:
-            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
-    if a.fps is not None:  # (a rate of 0 would print the fps given and write a 24 fps file)
-        try:
+        if v is not None and not rules[k][0](v):
+            raise ValueError(f"--{k.replace('_', '-')} must be {rules[k][1]}, got {v}")
+    if a.fps is not None:  # RULES' test, named by data.video_rate's own reason (a rate of 0 would
+        try:  # print the fps given and write a 24 fps file)
             data.video_rate(a.fps)
         except ValueError as e:
             raise ValueError(f"--{e}") from None
-    if a.cfg is not None and not (math.isfinite(a.cfg) and a.cfg >= 1):
-        raise ValueError(f"--cfg must be a number >= 1 (1 = no guidance, released 6), got {a.cfg}")
     if not -2**63 <= a.seed <= 2**64 - n:  # torch.Generator.manual_seed's range
         raise ValueError(f"--seed {a.seed}: prompt i uses seed + i, which must lie in "
                          f"[-2**63, 2**64 - 1]; pass a smaller seed")
-    if a.cfg_min_t is not None and not 0 <= a.cfg_min_t <= 1000:
-        raise ValueError(f"--cfg-min-t must be in [0, 1000] (0 = guide every step), got "
-                         f"{a.cfg_min_t}")
     data.check_device(a.device)
     # another video or image suffix was taken for a folder name (out.mkv/000_x.mp4)
     if a.out.lower().endswith(data.VIDEO_EXTS + data.IMAGE_EXTS) and \

@@ -829,6 +829,31 @@ def test_sample_json_bad_value_is_one_line_before_loading(ckpt, tmp_path, monkey
         sample.ckpt_sample_config(str(root))
 
 
+def test_flags_and_sample_json_refuse_the_same_values(tmp_path):
+    """--num-frames ... --cfg-min-t (check_args) and sample.json's keys (check_sample_json) read
+    one table, sample.RULES: each refuses exactly the values the other does (steps differ by
+    design: the flag's top bound is the DiT's own, check_sample's)."""
+    import argparse
+
+    def refused(check, *args):
+        try:
+            check(*args)
+        except ValueError:
+            return True
+        return False
+
+    flags = dict(num_frames=None, height=None, width=None, steps=None, batch_size=1, fps=None,
+                 cfg=None, cfg_min_t=None, seed=0, device="cpu", out=str(tmp_path / "o.mp4"),
+                 image=None, lora=None, lora_scale=1.0, lora_merge=False, sp=1,
+                 ckpt=str(tmp_path), model_dir=None)
+    probes = [-1, 0, 1e-9, 0.5, 1, 8, 29.97, 1000, 1001, float("nan"), float("inf")]
+    for k in ("num_frames", "height", "width", "fps", "cfg", "cfg_min_t"):
+        cli = [refused(sample.check_args, argparse.Namespace(**{**flags, k: v})) for v in probes]
+        js = [refused(sample.check_sample_json, replace(sample.PRESETS["tiny"], **{k: v}), {k: v},
+                      "sample.json") for v in probes]
+        assert cli == js and any(cli) and not all(cli), (k, cli, js)
+
+
 @pytest.mark.parametrize("part, text, words", [
     ("text_encoder/tokenizer.json", "", "(JSONDecodeError: "),  # was the bare "Expecting value: ..."
     ("text_encoder/config.json", None, "(StrictDataclassFieldValidationError: "),  # a traceback
