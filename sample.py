@@ -511,8 +511,10 @@ def check_args(a, n=1):
         v = getattr(a, k)
         if v is not None and not rules[k][0](v):
             raise ValueError(f"--{k.replace('_', '-')} must be {rules[k][1]}, got {v}")
-    if a.fps is not None:  # RULES' test, named by data.video_rate's own reason (a rate of 0 would
-        try:  # print the fps given and write a 24 fps file)
+    # fps: RULES' test is data.video_rate, whose own message is the more precise (a rate of 0
+    # would print the fps given and write a 24 fps file)
+    if a.fps is not None:
+        try:
             data.video_rate(a.fps)
         except ValueError as e:
             raise ValueError(f"--{e}") from None
