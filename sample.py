@@ -82,6 +82,8 @@ def _rate_ok(fps):
         return False
 
 
+UNCONDS = ("zeros", "empty")  # SampleConfig.uncond's names (embed_prompts: what each means)
+
 # The valid values of SampleConfig's fields, in one place: field -> (test, what it must be).
 # sample.json (check_sample_json), the flags (check_args) and check_sample read them, each naming
 # its own source; what needs the models (4k+1 frames, sizes, the DiT's steps) is check_sample's.
@@ -95,7 +97,7 @@ RULES = {"num_frames": AT_LEAST_1, "height": AT_LEAST_1, "width": AT_LEAST_1,
          "cfg": (lambda v: math.isfinite(v) and v >= 1,
                  "a number >= 1 (1 = no guidance, released 6)"),
          "cfg_min_t": (lambda v: 0 <= v <= 1000, "in [0, 1000] (0 = guide every step)"),
-         "uncond": (lambda v: v in ("zeros", "empty"), '"zeros" or "empty"'),
+         "uncond": (lambda v: v in UNCONDS, " or ".join(f'"{u}"' for u in UNCONDS)),
          "snr_shift_scale": (lambda v: math.isfinite(v) and v > 0, "a number > 0 (1.0 = no shift)")}
 
 
@@ -635,7 +637,7 @@ def main(argv=None):
     p.add_argument("--dynamic-cfg", action="store_true", help="the released cosine schedule of w")
     p.add_argument("--cfg-min-t", type=int, help="guidance only at timesteps >= this (0 = every "
                    "step, as released, and the tiny preset)")
-    p.add_argument("--uncond", choices=["zeros", "empty"], help='unconditional text: 0s or T5("")')
+    p.add_argument("--uncond", choices=UNCONDS, help='unconditional text: 0s or T5("")')
     p.add_argument("--image", help="first frame (PNG/JPEG) for an image-to-video model (App. A); "
                    "any size: resized to cover the video and centre-cropped, as in training")
     p.add_argument("--upsample-model", help="local LLM folder: rewrite each prompt first (App. B)")
